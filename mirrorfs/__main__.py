@@ -1,0 +1,3 @@
+from mirrorfs.cli import main
+
+raise SystemExit(main())

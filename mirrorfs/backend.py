@@ -1,0 +1,201 @@
+"""One side of the mirror: an NBD export reached with libnbd, and its capabilities.
+
+A libnbd handle serializes the commands of whoever drives it, so a backend keeps a pool of handles and
+lends one to each request: requests on different nbdkit threads run in parallel on different
+connections. That is only correct if a flush on one connection covers writes completed on the others,
+which is what the server's multi-conn flag promises; without it the pool holds a single handle.
+
+This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
+"""
+
+import errno
+import select
+import threading
+
+import nbd
+
+POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+class BackendError(Exception):
+    """A backend that cannot be reached (connect failed)."""
+
+
+def error_errno(exc, default=errno.EIO):
+    """The errno to give the client for a libnbd error."""
+    return getattr(exc, "errno", None) or default
+
+
+def describe(exc):
+    if isinstance(exc, nbd.Error):
+        return exc.string.removeprefix("nbd_") if exc.string else f"errno {exc.errno}"
+    return str(exc)
+
+
+class NbdBackend:
+    def __init__(self, uri, name):
+        self.uri = uri
+        self.name = name
+        self._lock = threading.Lock()
+        first = self._connect()
+        self.size = first.get_size()
+        self.read_only = first.is_read_only()
+        self.multi_conn = first.can_multi_conn()
+        self.can_flush = first.can_flush()
+        self.can_fua = first.can_fua()
+        self.can_trim = first.can_trim()
+        self.can_zero = first.can_zero()
+        self.can_fast_zero = first.can_fast_zero()
+        self.can_cache = first.can_cache()
+        self.is_rotational = first.is_rotational()
+        self.can_extents = first.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        self.block_size = tuple(first.get_block_size(k) for k in
+                                (nbd.SIZE_MINIMUM, nbd.SIZE_PREFERRED, nbd.SIZE_MAXIMUM))
+        self._idle = [first]
+        self._handles = {first}
+        # Without multi-conn, one connection is the only correct choice (see the module docstring).
+        self._single = None if self.multi_conn else threading.Semaphore(1)
+        self._closed = False
+
+    def _connect(self):
+        h = nbd.NBD()
+        h.set_handle_name(self.name)
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        try:
+            h.connect_uri(self.uri)
+        except nbd.Error as e:
+            raise BackendError(f"{self.name}: cannot connect to {self.uri}: {describe(e)}") from None
+        return h
+
+    def acquire(self):
+        """Lend a handle to the caller, who must `release()` it."""
+        if self._closed:
+            raise BackendError(f"{self.name}: closed")
+        if self._single is not None:
+            self._single.acquire()
+        try:
+            return self._idle.pop()        # list.pop/append are atomic under the GIL
+        except IndexError:
+            h = self._connect()
+            with self._lock:
+                self._handles.add(h)
+            return h
+        except BaseException:
+            if self._single is not None:
+                self._single.release()
+            raise
+
+    def release(self, h):
+        """Give a handle back; a handle whose connection died is dropped (the next request reconnects)."""
+        if h.aio_is_dead() or h.aio_is_closed() or self._closed:
+            with self._lock:
+                self._handles.discard(h)
+            _close_quietly(h)
+        else:
+            self._idle.append(h)
+        if self._single is not None:
+            self._single.release()
+
+    def close(self):
+        """Disconnect every handle. Callers must have drained their requests first."""
+        self._closed = True
+        with self._lock:
+            handles, self._handles = self._handles, set()
+        self._idle.clear()
+        for h in handles:
+            _close_quietly(h)
+
+    # Synchronous helpers, for calls that are rare or not on the data path.
+
+    def call(self, fn):
+        h = self.acquire()
+        try:
+            return fn(h)
+        finally:
+            self.release(h)
+
+    def extents(self, count, offset, req_one):
+        found = []
+
+        def collect(context, start, entries, err):
+            if context == nbd.CONTEXT_BASE_ALLOCATION:
+                pos = start
+                for i in range(0, len(entries), 2):
+                    found.append((pos, entries[i], entries[i + 1] & 3))
+                    pos += entries[i]
+            return 0
+
+        flags = nbd.CMD_FLAG_REQ_ONE if req_one else 0
+        self.call(lambda h: h.block_status(count, offset, collect, flags))
+        return found
+
+
+def _close_quietly(h):
+    """Say goodbye to the server. The handle itself closes when its last reference goes (libnbd's
+    Python binding closes in __del__ and has no close method in this version)."""
+    try:
+        h.shutdown()
+    except nbd.Error:
+        pass
+
+
+def wait_one(h, cookie):
+    """Drive `h` until `cookie` completes. Raises nbd.Error if the command failed."""
+    while not h.aio_command_completed(cookie):
+        h.poll(-1)
+
+
+def wait_all(commands):
+    """Drive several handles at once until all their commands complete.
+
+    `commands` is a list of (handle, cookie); returns a list of None (success) or the nbd.Error of each.
+    The handles are polled together so a large write to one side never waits for the other side's
+    write to finish before it can be sent.
+    """
+    results = [None] * len(commands)
+    pending = list(range(len(commands)))
+    poller = None
+    while True:
+        still = []
+        for i in pending:
+            h, cookie = commands[i]
+            try:
+                if not h.aio_command_completed(cookie):
+                    still.append(i)
+            except nbd.Error as e:
+                results[i] = e
+        if not still:
+            return results
+        if len(still) == 1:
+            h, cookie = commands[still[0]]
+            try:
+                wait_one(h, cookie)
+            except nbd.Error as e:
+                results[still[0]] = e
+            return results
+        if poller is None:
+            poller = select.poll()
+        by_fd = {}
+        for i in still:
+            h = commands[i][0]
+            fd = h.aio_get_fd()
+            direction = h.aio_get_direction()
+            events = 0
+            if direction & nbd.AIO_DIRECTION_READ:
+                events |= select.POLLIN
+            if direction & nbd.AIO_DIRECTION_WRITE:
+                events |= select.POLLOUT
+            poller.register(fd, events)
+            by_fd[fd] = h
+        for fd, revents in poller.poll():
+            h = by_fd[fd]
+            try:
+                if revents & POLLIN:
+                    h.aio_notify_read()
+                elif revents & select.POLLOUT:
+                    h.aio_notify_write()
+            except nbd.Error:
+                pass            # the command's own completion reports the failure
+        for fd in by_fd:
+            poller.unregister(fd)
+        pending = still

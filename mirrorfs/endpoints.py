@@ -1,0 +1,104 @@
+"""SOURCE and DEST as a user names them: an image file, or the URI of any NBD server.
+
+An image file is probed with qemu-img (format, size, backing chain) and later exported by a
+qemu-storage-daemon that mirrorfs owns; a URI is used as it is. Either way the data path only sees an
+NBD URI.
+"""
+
+import os
+import select
+import time
+from dataclasses import dataclass
+
+import nbd
+
+from mirrorfs import images
+from mirrorfs.errors import BackendError, UsageError
+
+URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class Endpoint:
+    label: str                  # "source" or "destination", for messages
+    spec: str                   # what the user gave
+    image: images.ImageInfo | None = None
+    uri: str | None = None      # set for URIs now, for images once their daemon runs
+    size: int | None = None
+
+    @property
+    def is_image(self):
+        return self.image is not None
+
+
+def is_uri(spec):
+    return spec.startswith(URI_SCHEMES)
+
+
+def resolve(label, spec, writable=True):
+    """Check what the user named: an image file (probed now) or an NBD URI (reached in `probe`)."""
+    if not spec:
+        raise UsageError(f"{label}: empty path")
+    if is_uri(spec):
+        return Endpoint(label, spec, uri=spec)
+    if "://" in spec:
+        raise UsageError(f"{label} {spec!r}: unsupported URI scheme (expected one of "
+                         f"{', '.join(s.rstrip('/:') for s in URI_SCHEMES[:4])})")
+    info = images.info(spec)
+    if writable and not os.access(info.path, os.W_OK):
+        raise UsageError(f"{label} {info.path}: not writable")
+    return Endpoint(label, spec, image=info, size=info.virtual_size)
+
+
+def check_distinct(source, dest):
+    """Source and destination must not share a file that mirrorfs writes."""
+    if source.is_image and dest.is_image:
+        if source.image.path == dest.image.path:
+            raise UsageError(f"source and destination are the same image: {source.image.path}")
+        if source.image.path in dest.image.chain:
+            raise UsageError(f"destination {dest.image.path} has the source {source.image.path} in its "
+                             "backing chain; mirrorfs writes the source, so that chain would change")
+        if dest.image.path in source.image.chain:
+            raise UsageError(f"source {source.image.path} has the destination {dest.image.path} in its "
+                             "backing chain")
+    elif not source.is_image and not dest.is_image and source.uri == dest.uri:
+        raise UsageError(f"source and destination are the same URI: {source.uri}")
+
+
+def probe(endpoint, timeout=CONNECT_TIMEOUT):
+    """Connect once to the endpoint's URI: is it reachable, how large, writable? Fills `size`."""
+    h = nbd.NBD()
+    try:
+        if not h.supports_uri():
+            raise BackendError("this libnbd cannot open NBD URIs")
+        h.aio_connect_uri(endpoint.uri)
+        deadline = time.monotonic() + timeout
+        while h.aio_is_connecting():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BackendError(f"{endpoint.label} {endpoint.spec}: no answer after {timeout:g}s")
+            _poll_once(h, left)
+        if not h.aio_is_ready():
+            raise BackendError(f"{endpoint.label} {endpoint.spec}: connection failed")
+        endpoint.size = h.get_size()
+        return {"size": endpoint.size, "read_only": h.is_read_only()}
+    except nbd.Error as e:
+        msg = (e.string or str(e)).removeprefix("nbd_aio_connect_uri: ").removeprefix("nbd_")
+        raise BackendError(f"{endpoint.label} {endpoint.spec}: {msg}") from None
+
+
+def _poll_once(h, timeout):
+    events = 0
+    direction = h.aio_get_direction()
+    if direction & nbd.AIO_DIRECTION_READ:
+        events |= select.POLLIN
+    if direction & nbd.AIO_DIRECTION_WRITE:
+        events |= select.POLLOUT
+    poller = select.poll()
+    poller.register(h.aio_get_fd(), events)
+    for _, revents in poller.poll(int(timeout * 1000) + 1):
+        if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            h.aio_notify_read()
+        elif revents & select.POLLOUT:
+            h.aio_notify_write()

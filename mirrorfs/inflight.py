@@ -1,0 +1,94 @@
+"""The requests in flight on the served disk: counted, ordered, and holdable.
+
+- Every request enters and leaves, so we know how many are in flight.
+- A request that changes data (write, zero, trim, and later the copier) holds its byte range: an
+  overlapping one waits until it is done on *both* sides. Two overlapping changes are therefore applied
+  in the same order on the source and the destination, whatever the client's concurrency; without this,
+  two racing writes could land A-then-B on one side and B-then-A on the other.
+- `pause()` holds new requests and waits for those in flight to drain; the switch to the destination
+  happens in that window and `resume()` lets the held requests go on, so clients never disconnect.
+
+One condition variable guards it all: a request costs one lock round-trip to enter and one to leave.
+"""
+
+import threading
+import time
+
+
+class DrainTimeout(Exception):
+    pass
+
+
+class InFlight:
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._count = 0
+        self._ranges = []        # [start, end) of changes in flight
+        self._paused = False
+        self._waiters = 0
+
+    @property
+    def count(self):
+        return self._count
+
+    def enter(self):
+        """A request that does not change data (read, extents, cache, flush)."""
+        with self._cond:
+            while self._paused:
+                self._wait()
+            self._count += 1
+
+    def enter_range(self, start, end):
+        """A request that changes [start, end). Returns a token for `leave()`."""
+        token = (start, end)
+        with self._cond:
+            while self._paused or self._overlaps(start, end):
+                self._wait()
+            self._count += 1
+            self._ranges.append(token)
+        return token
+
+    def leave(self, token=None):
+        with self._cond:
+            self._count -= 1
+            if token is not None:
+                self._ranges.remove(token)
+            if self._waiters:
+                self._cond.notify_all()
+
+    def _overlaps(self, start, end):
+        for s, e in self._ranges:
+            if s < end and start < e:
+                return True
+        return False
+
+    def _wait(self):
+        self._waiters += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiters -= 1
+
+    def pause(self, timeout):
+        """Hold new requests and wait until none is in flight. On timeout, resume and raise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._paused:
+                raise RuntimeError("already paused")
+            self._paused = True
+            while self._count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._paused = False
+                    self._cond.notify_all()
+                    raise DrainTimeout(f"{self._count} requests still in flight after {timeout}s")
+                self._waiters += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiters -= 1
+
+    def resume(self):
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()

@@ -1,0 +1,122 @@
+"""Child processes that mirrorfs owns: started, watched until ready, and always stopped.
+
+Every child:
+- writes its stderr to a log file (an unread pipe could block it), whose tail becomes part of the error a
+  user sees when the child fails;
+- runs in its own session, so a Ctrl-C on the terminal reaches only us and we stop children in order;
+- gets SIGTERM from the kernel if we die (PR_SET_PDEATHSIG), so even `kill -9` of mirrorfs leaves no
+  orphan; SIGTERM lets qemu-storage-daemon flush its qcow2 metadata on the way out;
+- is ready when its pidfile appears: both nbdkit and qemu-storage-daemon write it only after start-up
+  succeeded, so there is no sleep and no polling of sockets. While waiting we check that it is alive and
+  fail at once, with its log, if it died.
+"""
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from mirrorfs.errors import ProcessError
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(parent_pid, child_setup):
+    def preexec():
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The parent may have died between fork and prctl; then nobody would ever signal us.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        os.umask(0o077)
+        if child_setup is not None:
+            child_setup()
+    return preexec
+
+
+class Child:
+    """One child process. `start()` and `stop()` are safe to call more than once."""
+
+    def __init__(self, name, argv, log_path, pidfile=None, env=None, pass_fds=(), child_setup=None):
+        """`child_setup` runs in the child just before exec (after fork): for fd and environment
+        set-up that needs the child's own pid. subprocess closes stray fds only *after* it runs, so
+        with a `child_setup` we keep inheritable fds instead (Python opens every fd close-on-exec,
+        so only those the setup made inheritable reach the child)."""
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.log_path = Path(log_path)
+        self.pidfile = Path(pidfile) if pidfile else None
+        self.env = env
+        self.pass_fds = tuple(pass_fds)
+        self.child_setup = child_setup
+        self.proc = None
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def start(self, timeout=30):
+        if self.proc is not None:
+            return
+        if self.pidfile:
+            self.pidfile.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            try:
+                self.proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    env=self.env, pass_fds=self.pass_fds, start_new_session=True,
+                    close_fds=self.child_setup is None,
+                    preexec_fn=_die_with_parent(os.getpid(), self.child_setup))
+            except OSError as e:
+                raise ProcessError(f"cannot run {self.argv[0]}: {e.strerror}") from None
+        if self.pidfile:
+            self._wait_for_pidfile(timeout)
+
+    def _wait_for_pidfile(self, timeout):
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            if self.proc.poll() is not None:
+                raise self.failure(f"exited with status {self.proc.returncode} while starting")
+            try:
+                if self.pidfile.read_text().strip():
+                    return
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise self.failure(f"not ready after {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=10):
+        """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.pidfile:
+            self.pidfile.unlink(missing_ok=True)
+        return self.proc.returncode
+
+    def log_tail(self, lines=3):
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        useful = [line.strip() for line in text.splitlines() if line.strip()]
+        return " | ".join(useful[-lines:])
+
+    def failure(self, what):
+        tail = self.log_tail()
+        return ProcessError(f"{self.name} {what}" + (f": {tail}" if tail else ""))

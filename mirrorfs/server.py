@@ -1,0 +1,145 @@
+"""`mirrorfs serve`: the process tree behind one served disk.
+
+    clients ──NBD──▶ nbdkit + mirrorfs plugin ──NBD──▶ qemu-storage-daemon (source image)
+                                                └──NBD──▶ qemu-storage-daemon (destination image)
+
+Image files get a storage daemon each; NBD URIs are used as they are. Everything is checked before
+anything starts (a bad input leaves both sides untouched), and everything started is stopped on exit,
+on a signal and on failure, in order: nbdkit first (it flushes both sides), then the daemons.
+"""
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from mirrorfs import endpoints, sockets
+from mirrorfs.errors import ProcessError, UsageError
+from mirrorfs.frontend import Nbdkit
+from mirrorfs.storage import StorageDaemon
+
+
+def runtime_parent():
+    """Short paths for sockets: XDG_RUNTIME_DIR if the user has one, else /tmp."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return base if base and os.path.isdir(base) else tempfile.gettempdir()
+
+
+class MirrorServer:
+    def __init__(self, source, dest=None, socket=None, listen=None, readonly=False, threads=16):
+        if socket is None and listen is None:
+            raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
+        if readonly and dest is not None:
+            raise UsageError("--readonly serves the source alone; do not give a destination")
+        if not readonly and dest is None:
+            raise UsageError("a destination is required (or --readonly to serve the source alone)")
+        if not 1 <= threads <= 1024:
+            raise UsageError(f"--threads {threads}: expected 1 to 1024")
+        self.source_spec = source
+        self.dest_spec = dest
+        self.socket_path = Path(socket).absolute() if socket else None
+        self.listen = sockets.parse_listen(listen) if listen else None
+        self.readonly = readonly
+        self.threads = threads
+        self.rundir = None
+        self.daemons = []
+        self.nbdkit = None
+        self._listeners = []
+        self._own_socket = False
+
+    # Start and stop.
+
+    def start(self):
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self):
+        if self.socket_path:
+            sockets.check_unix_path(self.socket_path)
+        source = endpoints.resolve("source", self.source_spec, writable=not self.readonly)
+        dest = endpoints.resolve("destination", self.dest_spec) if self.dest_spec else None
+        if dest is not None:
+            endpoints.check_distinct(source, dest)
+        if shutil.which("nbdkit") is None:
+            raise ProcessError("nbdkit is not installed (run 'make setup')")
+
+        # The listening sockets first: a busy path or port fails before any daemon opens an image.
+        if self.socket_path:
+            self._listeners.append(sockets.bind_unix(self.socket_path))
+            self._own_socket = True
+        if self.listen:
+            self._listeners.append(sockets.bind_tcp(*self.listen))
+
+        self.rundir = Path(tempfile.mkdtemp(prefix="mirrorfs-", dir=runtime_parent()))
+        for ep, name in ((source, "src"), (dest, "dst")):
+            if ep is not None and ep.is_image:
+                daemon = StorageDaemon(ep.image, self.rundir, name,
+                                       readonly=self.readonly and ep is source)
+                self.daemons.append(daemon)
+                daemon.start()
+                ep.uri = daemon.uri
+        for ep in (source, dest):
+            if ep is not None:
+                endpoints.probe(ep)
+        if dest is not None and dest.size < source.size:
+            raise UsageError(f"destination {dest.spec} is smaller than source {source.spec} "
+                             f"({dest.size} < {source.size} bytes)")
+        self.source, self.dest = source, dest
+
+        params = {"source": source.uri}
+        if dest is not None:
+            params["dest"] = dest.uri
+        self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
+                             threads=self.threads)
+        self.nbdkit.start()
+        for s in self._listeners:           # nbdkit has them now
+            s.close()
+
+    def stop(self):
+        """Stop everything we started; safe to call at any point, and more than once."""
+        if self.nbdkit is not None:
+            self.nbdkit.stop()
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+        for s in self._listeners:
+            s.close()
+        self._listeners = []
+        if self._own_socket:
+            self.socket_path.unlink(missing_ok=True)
+            self._own_socket = False
+        if self.rundir is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            self.rundir = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # Running.
+
+    @property
+    def uris(self):
+        found = []
+        if self.socket_path:
+            found.append(f"nbd+unix:///?socket={self.socket_path}")
+        if self.listen:
+            host, port = self.listen
+            found.append(f"nbd://{'[' + host + ']' if ':' in host else host}:{port}/")
+        return found
+
+    def children(self):
+        return [c for c in [self.nbdkit, *self.daemons] if c is not None]
+
+    def wait(self, stop: threading.Event, interval=0.5):
+        """Serve until `stop` is set. A child that dies on its own is an error."""
+        while not stop.wait(interval):
+            for child in self.children():
+                if not child.alive():
+                    raise child.failure("exited unexpectedly")
