@@ -22,8 +22,12 @@ class BackendError(Exception):
 
 
 def error_errno(exc, default=errno.EIO):
-    """The errno to give the client for a libnbd error."""
-    return getattr(exc, "errno", None) or default
+    """The errno number to give the client for a libnbd error (whose .errno is the errno's *name*,
+    like "EIO", in this libnbd)."""
+    value = getattr(exc, "errno", None)
+    if isinstance(value, str):
+        value = getattr(errno, value, None)
+    return value or default
 
 
 def describe(exc):

@@ -9,6 +9,7 @@ connected to both sides.
 
 import fcntl
 import os
+import re
 from pathlib import Path
 
 import mirrorfs
@@ -16,6 +17,32 @@ from mirrorfs.processes import Child
 
 PLUGIN = Path(mirrorfs.__file__).resolve().parent.parent / "plugin" / "mirrorfs_nbdkit.py"
 FIRST_LISTEN_FD = 3
+
+# nbdkit's python plugin prints a traceback for every request a callback fails; mirrorfs has already
+# logged that failure in one line (side, offset, length, error), so the relay leaves the traceback in
+# the log file and out of the operator's terminal.
+_REQUEST_TRACEBACK = re.compile(
+    r"^nbdkit: python\.\d+: error: .*: (pread|pwrite|zero|trim|flush|cache|extents): error: ")
+
+
+class OperatorLines:
+    """Picks the lines of nbdkit's log worth showing live: all but per-request tracebacks. Keeps its
+    state between calls, as a traceback may arrive in two pieces."""
+
+    def __init__(self):
+        self._skipping = False
+
+    def __call__(self, lines):
+        shown = []
+        for line in lines:
+            if _REQUEST_TRACEBACK.match(line):
+                self._skipping = True
+            elif self._skipping and line[:1].isspace():
+                pass                # a traceback's continuation lines are indented
+            else:
+                self._skipping = False
+                shown.append(line)
+        return shown
 
 
 def _activation(fds, pythonpath):

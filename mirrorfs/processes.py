@@ -15,6 +15,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -120,3 +121,47 @@ class Child:
     def failure(self, what):
         tail = self.log_tail()
         return ProcessError(f"{self.name} {what}" + (f": {tail}" if tail else ""))
+
+
+class LogRelay:
+    """Copies the lines a child appends to its log file onto our stderr as they come, so the
+    operator sees the data path's errors live while the log file keeps them for failure reports."""
+
+    def __init__(self, path, out, interval=0.2, select=None):
+        """`select(lines)` returns the lines worth showing (default: all)."""
+        self.path = Path(path)
+        self.out = out
+        self.select = select or (lambda lines: lines)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"relay {self.path.name}", daemon=True)
+        self._pos = 0
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _copy(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1         # whole lines only; the rest comes next time
+        if end:
+            lines = data[:end].decode(errors="replace").splitlines(keepends=True)
+            self.out.write("".join(self.select(lines)))
+            self.out.flush()
+            self._pos += end
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._copy()
+
+    def stop(self):
+        """Copy what is left and stop."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self._copy()

@@ -10,13 +10,15 @@ on a signal and on failure, in order: nbdkit first (it flushes both sides), then
 
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
 
 from mirrorfs import endpoints, sockets
 from mirrorfs.errors import ProcessError, UsageError
-from mirrorfs.frontend import Nbdkit
+from mirrorfs.frontend import Nbdkit, OperatorLines
+from mirrorfs.processes import LogRelay
 from mirrorfs.storage import StorageDaemon
 
 
@@ -45,6 +47,7 @@ class MirrorServer:
         self.rundir = None
         self.daemons = []
         self.nbdkit = None
+        self._relay = None
         self._listeners = []
         self._own_socket = False
 
@@ -95,6 +98,7 @@ class MirrorServer:
             params["dest"] = dest.uri
         self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
                              threads=self.threads)
+        self._relay = LogRelay(self.nbdkit.log_path, sys.stderr, select=OperatorLines()).start()
         self.nbdkit.start()
         for s in self._listeners:           # nbdkit has them now
             s.close()
@@ -103,6 +107,9 @@ class MirrorServer:
         """Stop everything we started; safe to call at any point, and more than once."""
         if self.nbdkit is not None:
             self.nbdkit.stop()
+        if self._relay is not None:
+            self._relay.stop()
+            self._relay = None
         for daemon in reversed(self.daemons):
             daemon.stop()
         for s in self._listeners:

@@ -1,0 +1,224 @@
+"""Fixtures that start real processes: images made with qemu-img/qemu-io, `mirrorfs serve` run as the
+real CLI, qemu-nbd servers for URI endpoints. Every test is checked for leftover processes."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+MIRRORFS = [sys.executable, "-m", "mirrorfs"]
+CHILD_NAMES = ("nbdkit", "qemu-storage-daemon", "qemu-nbd")
+REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "fio")
+
+
+def pytest_sessionstart(session):
+    # A missing prerequisite is an error, not a silent skip.
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        raise pytest.UsageError(f"missing tools: {', '.join(missing)} (run 'make setup')")
+
+
+def run(*argv, check=True, **kw):
+    res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{argv[0]} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def qemu_io(target, *commands, fmt="raw"):
+    argv = ["qemu-io", "-f", fmt]
+    for c in commands:
+        argv += ["-c", c]
+    res = run(*argv, target)
+    # qemu-io reports failed commands on stdout and still exits 0.
+    assert "failed" not in res.stdout.lower() and "error" not in res.stdout.lower(), res.stdout
+    return res.stdout
+
+
+def images_identical(a, b):
+    res = run("qemu-img", "compare", a, b, check=False)
+    return res.returncode == 0, (res.stdout + res.stderr).strip()
+
+
+@pytest.fixture
+def workdir():
+    """A short directory (unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="mfs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def our_processes(marker):
+    """nbdkit / qemu-* processes whose command line mentions `marker` (a test's directory)."""
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if any(n in (p.info["name"] or "") or n in cmd for n in CHILD_NAMES) and marker in cmd:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes(workdir):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [p for p in psutil.Process().children(recursive=True)
+                  if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        leaked += [p for p in our_processes(str(workdir)) if p not in leaked]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for p in leaked:
+        p.kill()
+    assert not leaked, f"processes left running: {[' '.join(p.cmdline()) for p in leaked]}"
+
+
+# Images.
+
+MiB = 1024 * 1024
+
+
+def make_base(path, size=64 * MiB, fmt="qcow2"):
+    """A base image with recognizable data: a pattern per MiB in the first half, holes after."""
+    run("qemu-img", "create", "-q", "-f", fmt, path, str(size))
+    commands = [f"write -P {0x10 + i} {i * MiB} {MiB}" for i in range(0, size // MiB // 2, 3)]
+    qemu_io(path, *commands, fmt=fmt)
+    return Path(path)
+
+
+def make_overlay(path, backing, backing_fmt="qcow2"):
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path)
+    return Path(path)
+
+
+class Chains:
+    """src/base ← src/snap (source) and src/base ← dst/snap (destination), as during a migration."""
+
+    def __init__(self, root, size=64 * MiB):
+        (root / "src").mkdir()
+        (root / "dst").mkdir()
+        self.base = make_base(root / "src" / "base.qcow2", size)
+        self.source = make_overlay(root / "src" / "snap.qcow2", self.base)
+        self.dest = make_overlay(root / "dst" / "snap.qcow2", self.base)
+
+
+@pytest.fixture
+def chains(workdir):
+    return Chains(workdir)
+
+
+# `mirrorfs serve`, the real CLI.
+
+class Served:
+    def __init__(self, workdir, *args, name="disk"):
+        self.socket = workdir / f"{name}.sock"
+        self.out = workdir / f"{name}.out"
+        self.err = workdir / f"{name}.err"
+        argv = [*MIRRORFS, "serve", *map(str, args)]
+        if "--socket" not in args and "--listen" not in args:
+            argv += ["--socket", str(self.socket)]
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        self.uri = self._wait_ready()
+
+    def _wait_ready(self, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.out.read_text()
+            if "serving " in text:
+                return text.split("serving ", 1)[1].split()[0]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mirrorfs serve exited {self.proc.returncode}: {self.stderr}")
+            time.sleep(0.02)
+        self.proc.kill()
+        raise AssertionError(f"mirrorfs serve not ready: {self.stderr}")
+
+    @property
+    def stderr(self):
+        return self.err.read_text()
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(30)
+
+
+@pytest.fixture
+def serve(workdir):
+    started = []
+
+    def start(*args, **kw):
+        s = Served(workdir, *args, **kw)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.__exit__()
+
+
+# Independent NBD servers, for URI endpoints.
+
+class QemuNbd:
+    def __init__(self, image, socket, fmt="qcow2"):
+        self.socket = Path(socket)
+        self.pidfile = self.socket.with_suffix(".pid")
+        self.proc = subprocess.Popen(
+            ["qemu-nbd", "-f", fmt, "-k", str(self.socket), "--pid-file", str(self.pidfile),
+             "--persistent", "--shared=16", "--cache=writeback", "--discard=unmap", str(image)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not (self.pidfile.exists() and self.pidfile.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"qemu-nbd failed: {self.proc.stderr.read().decode()}")
+            time.sleep(0.01)
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def qemu_nbd(workdir):
+    started = []
+
+    def start(image, name, fmt="qcow2"):
+        s = QemuNbd(image, workdir / f"{name}.sock", fmt)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()

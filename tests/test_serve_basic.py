@@ -1,0 +1,55 @@
+"""The served disk, driven by QEMU's own clients: reads from the source, writes on both sides."""
+
+import nbd
+
+from conftest import MiB, images_identical, qemu_io, run
+
+
+def test_writes_reach_both_sides_and_reads_come_from_source(chains, serve):
+    disk = serve(chains.source, chains.dest)
+    qemu_io(disk.uri, "write -P 0xaa 512 7000", "write -P 0xbb 3M 1M", "write -z 10M 2M",
+            "discard 0 64k",
+            "read -P 0xbb 3M 1M")
+    # The base's data shows through where nothing was written.
+    qemu_io(disk.uri, f"read -P {0x10 + 6} {6 * MiB} {MiB}")
+    assert disk.stop() == 0
+    same, detail = images_identical(chains.source, chains.dest)
+    assert same, detail
+    # The base was not touched: both overlays hold the writes.
+    assert "0xaa" not in run("qemu-img", "map", chains.base).stdout
+
+
+def test_qemu_img_convert_through_the_disk_copies_the_source(chains, serve, workdir):
+    disk = serve(chains.source, chains.dest)
+    qemu_io(disk.uri, "write -P 0x42 20M 64k")
+    out = workdir / "copy.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", disk.uri, out)
+    disk.stop()
+    same, detail = images_identical(chains.source, out)
+    assert same, detail
+
+
+def test_extents_come_from_the_source(chains, serve):
+    disk = serve(chains.source, chains.dest)
+    lines = run("nbdinfo", "--map", disk.uri).stdout.splitlines()
+    disk.stop()
+    extents = [(int(a), int(b), int(c)) for a, b, c, *_ in (l.split() for l in lines)]
+    # make_base writes 1 MiB at every 3rd MiB of the first half and leaves the second half unallocated.
+    assert extents[0] == (0, MiB, 0)
+    assert extents[1] == (MiB, 2 * MiB, 3)
+    assert extents[-1][2] == 3 and extents[-1][0] + extents[-1][1] == 64 * MiB
+
+
+def test_capabilities_come_from_the_backends(chains, serve):
+    disk = serve(chains.source, chains.dest)
+    h = nbd.NBD()
+    h.connect_uri(disk.uri)
+    try:
+        assert h.get_size() == 64 * MiB
+        assert h.can_multi_conn()       # both qemu-storage-daemon exports allow it
+        assert h.can_fua() and h.can_trim() and h.can_zero() and h.can_fast_zero() and h.can_flush()
+        assert not h.is_read_only()
+        assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096
+    finally:
+        h.shutdown()
+    disk.stop()
