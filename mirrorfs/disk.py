@@ -22,6 +22,11 @@ from mirrorfs.inflight import InFlight
 
 log = logging.getLogger("mirrorfs")
 
+# Reads up to this size are copied out of libnbd's reply; larger ones land in nbdkit's buffer directly.
+COPY_READ_MAX = 256 * 1024
+# Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
+SEQUENTIAL_WAIT_MAX = 128 * 1024
+
 
 class RequestError(Exception):
     """A request failed; `errno` is what the client gets."""
@@ -95,7 +100,12 @@ class Disk:
             side = self.reader
             h = side.acquire()
             try:
-                wait_one(h, h.aio_pread(nbd.Buffer.from_buffer(buf), offset))
+                if len(buf) <= COPY_READ_MAX:
+                    # One libnbd call (one GIL release) beats three, and copying a few KiB is cheap.
+                    buf[:] = h.pread(len(buf), offset)
+                else:
+                    # Large: let libnbd read straight into nbdkit's buffer.
+                    wait_one(h, h.aio_pread(nbd.Buffer.from_buffer(buf), offset))
             except nbd.Error as e:
                 self.stats[side.name].failed("read", offset, len(buf), e)
                 raise RequestError(error_errno(e), describe(e)) from None
@@ -122,37 +132,42 @@ class Disk:
         finally:
             self.inflight.leave()
 
-    # Changes: to every write side at once, ordered against overlapping changes.
+    # Changes: to every write side at once, ordered against overlapping changes. Each command comes
+    # in two forms, `start` (libnbd aio: returns a cookie) and `run` (synchronous).
 
     def pwrite(self, buf, offset, fua):
         flags = nbd.CMD_FLAG_FUA if fua else 0
         # One shared view of the client's buffer: no copy per side.
         data = nbd.Buffer.from_buffer(buf)
         self._change("write", offset, len(buf),
-                     lambda h: h.aio_pwrite(data, offset, flags=flags))
+                     lambda h: h.aio_pwrite(data, offset, flags=flags),
+                     lambda h: h.pwrite(buf, offset, flags=flags))
 
     def zero(self, count, offset, may_trim, fua, fast):
         flags = (0 if may_trim else nbd.CMD_FLAG_NO_HOLE) | (nbd.CMD_FLAG_FUA if fua else 0)
         if fast:
             flags |= nbd.CMD_FLAG_FAST_ZERO
-        self._change("zero", offset, count, lambda h: h.aio_zero(count, offset, flags=flags),
-                     fast_zero=fast)
+        self._change("zero", offset, count,
+                     lambda h: h.aio_zero(count, offset, flags=flags),
+                     lambda h: h.zero(count, offset, flags=flags), fast_zero=fast)
 
     def trim(self, count, offset, fua):
         flags = nbd.CMD_FLAG_FUA if fua else 0
-        self._change("trim", offset, count, lambda h: h.aio_trim(count, offset, flags=flags))
+        self._change("trim", offset, count,
+                     lambda h: h.aio_trim(count, offset, flags=flags),
+                     lambda h: h.trim(count, offset, flags=flags))
 
     def flush(self):
         self.inflight.enter()
         try:
-            self._on_every_side("flush", 0, 0, lambda h: h.aio_flush())
+            self._on_every_side("flush", 0, 0, lambda h: h.aio_flush(), lambda h: h.flush())
         finally:
             self.inflight.leave()
 
-    def _change(self, op, offset, length, issue, fast_zero=False):
+    def _change(self, op, offset, length, start, run, fast_zero=False):
         token = self.inflight.enter_range(offset, offset + length)
         try:
-            failures = self._on_every_side(op, offset, length, issue, check=not fast_zero)
+            failures = self._on_every_side(op, offset, length, start, run, check=not fast_zero)
             if fast_zero and failures:
                 self._finish_fast_zero(offset, length, failures)
         finally:
@@ -168,12 +183,20 @@ class Disk:
         for side, e in failures:
             if side not in refused:
                 self._raise_first("zero", offset, length, [(side, e)])
+        flags = nbd.CMD_FLAG_NO_HOLE
         self._on_every_side("zero", offset, length,
-                            lambda h: h.aio_zero(length, offset, flags=nbd.CMD_FLAG_NO_HOLE),
-                            sides=refused)
+                            lambda h: h.aio_zero(length, offset, flags=flags),
+                            lambda h: h.zero(length, offset, flags=flags), sides=refused)
 
-    def _on_every_side(self, op, offset, length, issue, check=True, sides=None):
-        """Issue one command on each side at once and wait for all. Returns or raises the failures."""
+    def _on_every_side(self, op, offset, length, start, run, check=True, sides=None):
+        """Run one command on each side at once and wait for all. Returns or raises the failures.
+
+        The other sides' commands are started (aio) and the last side's runs synchronously, so the
+        sides work in parallel at the cost of few libnbd calls: each call releases and retakes the
+        GIL, which is what limits small requests. A small command is on the wire once started, so
+        waiting for the sides one after the other costs nothing; a large write may not be, so those
+        are driven together by one poll loop.
+        """
         sides = self.writers if sides is None else sides
         taken = []
         try:
@@ -184,23 +207,42 @@ class Disk:
                 side.release(h)
             log.error("%s failed at offset %d length %d: %s", op, offset, length, e)
             raise RequestError(errno.EIO, str(e)) from None
+        failures = []
         try:
-            commands, issued, failures = [], [], []
-            for side, h in taken:
+            if op == "write" and length > SEQUENTIAL_WAIT_MAX:
+                started, commands = [], []
+                for side, h in taken:
+                    try:
+                        commands.append((h, start(h)))
+                        started.append(side)
+                    except nbd.Error as e:
+                        failures.append((side, e))
+                for side, result in zip(started, wait_all(commands)):
+                    if result is not None:
+                        failures.append((side, result))
+            else:
+                started = []
+                for side, h in taken[:-1]:
+                    try:
+                        started.append((side, h, start(h)))
+                    except nbd.Error as e:
+                        failures.append((side, e))
+                last_side, last_h = taken[-1]
                 try:
-                    commands.append((h, issue(h)))
-                    issued.append(side)
+                    run(last_h)
                 except nbd.Error as e:
-                    failures.append((side, e))
-            for side, result in zip(issued, wait_all(commands)):
-                if result is not None:
-                    failures.append((side, result))
+                    failures.append((last_side, e))
+                for side, h, cookie in started:
+                    try:
+                        wait_one(h, cookie)
+                    except nbd.Error as e:
+                        failures.append((side, e))
         finally:
             for side, h in taken:
                 side.release(h)
-        # The source's failure first: it is the one the client's data depends on.
-        failures.sort(key=lambda f: self.writers.index(f[0]) if f[0] in self.writers else 0)
         if failures and check:
+            # The source's failure first: it is the one the client's data depends on.
+            failures.sort(key=lambda f: self.writers.index(f[0]) if f[0] in self.writers else 0)
             self._raise_first(op, offset, length, failures)
         return failures
 

@@ -20,7 +20,7 @@ def fio(uri, *args):
 def test_fio_random_writes_verify_and_sides_match(chains, serve, bs, depth):
     disk = serve(chains.source, chains.dest)
     job = fio(disk.uri, "--rw=randwrite", f"--bs={bs}", f"--iodepth={depth}", "--size=32m",
-              "--verify=crc32c", "--verify_fatal=1", "--randrepeat=0", "--do_verify=1")
+              "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--randrepeat=0", "--do_verify=1")
     assert job["write"]["io_bytes"] == 32 * 1024 * 1024
     assert job["read"]["io_bytes"] > 0          # the verify pass read it all back
     assert disk.stop() == 0
