@@ -2,12 +2,18 @@
 a non-zero exit; tracebacks only with --debug."""
 
 import argparse
+import json
+import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 
-from mirrorfs import __version__
+from mirrorfs import __version__, control, display, jsonlines
+from mirrorfs.copier import parse_rate
 from mirrorfs.errors import Error, UsageError
+from mirrorfs.migration import Migration
 from mirrorfs.server import MirrorServer
 
 EXIT_ERROR = 1
@@ -51,10 +57,60 @@ def build_parser():
     serve.add_argument("--threads", type=_positive_int, default=16,
                        help="nbdkit worker threads per connection (default 16)")
     serve.set_defaults(func=cmd_serve)
+
+    start = sub.add_parser(
+        "start", help="Step 3: snapshot SOURCE_TOP on both sides and serve it, mirrored",
+        description="Create the source overlay on SOURCE_TOP and the destination overlay in DEST_DIR, "
+                    "and serve one disk: reads from the source chain, writes to both overlays. Then "
+                    "copy the base (mirrorfs copy, or cp), and switch (mirrorfs pivot) or cancel. "
+                    "Runs until SIGINT/SIGTERM.")
+    start.add_argument("source_top", metavar="SOURCE_TOP",
+                       help="the top of the disk's chain now; read-only from here on")
+    start.add_argument("--dest-dir", required=True, metavar="DIR", help="where the disk moves to")
+    start.add_argument("--overlay-name", metavar="NAME",
+                       help="file name of the new overlays (default: <SOURCE_TOP stem>-snap.qcow2)")
+    start.add_argument("--socket", metavar="PATH", help="serve on this unix socket (mode 0600)")
+    start.add_argument("--listen", metavar="HOST:PORT", help="serve on this TCP address")
+    start.add_argument("--control", metavar="PATH",
+                       help="control socket (default: the --socket path + .ctl)")
+    start.add_argument("--threads", type=_positive_int, default=16,
+                       help="nbdkit worker threads per connection (default 16)")
+    start.set_defaults(func=cmd_start)
+
+    def client(name, help_, description):
+        p = sub.add_parser(name, help=help_, description=description)
+        p.add_argument("--control", "-c", metavar="PATH", default=os.environ.get("MIRRORFS_CONTROL"),
+                       help="the migration's control socket (default: $MIRRORFS_CONTROL)")
+        return p
+
+    copy = client("copy", "Step 4: copy the source base to the destination",
+                  "Copy the read-only base below the overlays to the destination with qemu-img "
+                  "convert (sparse, extent-aware), showing progress until it is done.")
+    copy.add_argument("--rate", metavar="BYTES/S", help="limit the copy, e.g. 100M or 1G")
+    copy.add_argument("--json", action="store_true", help="progress as JSON lines")
+    copy.add_argument("--background", action="store_true", help="start the copy and return")
+    copy.set_defaults(func=cmd_copy)
+
+    status = client("status", "show the migration's phase and progress", "Show the migration's "
+                    "phase, copy progress, requests in flight and per-side errors and latencies.")
+    status.add_argument("--json", action="store_true", help="the full status as JSON")
+    status.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    status.set_defaults(func=cmd_status)
+
+    pivot = client("pivot", "Step 5: switch the disk to the destination chain",
+                   "Verify that the destination base matches the source base, then switch reads "
+                   "and writes to the destination chain without disconnecting clients.")
+    pivot.add_argument("--force", action="store_true", help="switch without verifying the base")
+    pivot.set_defaults(func=cmd_pivot)
+
+    cancel = client("cancel", "stop mirroring; the source stays authoritative",
+                    "Stop mirroring, keep serving the source chain, and remove the destination "
+                    "overlay (and a base copy mirrorfs made).")
+    cancel.set_defaults(func=cmd_cancel)
     return parser
 
 
-def cmd_serve(args):
+def _stop_on_signals():
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -62,6 +118,11 @@ def cmd_serve(args):
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    return stop
+
+
+def cmd_serve(args):
+    stop = _stop_on_signals()
     server = MirrorServer(args.source, args.dest, socket=args.socket, listen=args.listen,
                           readonly=args.readonly, threads=args.threads)
     with server:
@@ -69,6 +130,93 @@ def cmd_serve(args):
             print(f"serving {uri}", flush=True)
         server.wait(stop)
     print("stopped", flush=True)
+    return 0
+
+
+def cmd_start(args):
+    stop = _stop_on_signals()
+    control_path = args.control or (args.socket + ".ctl" if args.socket else None)
+    if control_path is None:
+        raise UsageError("give --control PATH (there is no --socket to put it next to)")
+    migration = Migration(args.source_top, args.dest_dir, socket=args.socket, listen=args.listen,
+                          overlay_name=args.overlay_name, threads=args.threads)
+    ctl = control.serve(control_path, migration)
+    try:
+        migration.start()
+        for uri in migration.server.uris:
+            print(f"serving {uri}", flush=True)
+        print(f"control {control_path}", flush=True)
+        migration.wait(stop)
+    finally:
+        migration.stop()
+        ctl.stop()
+        Path(control_path).unlink(missing_ok=True)
+    print("stopped", flush=True)
+    return 0
+
+
+def _control(args):
+    if not args.control:
+        raise UsageError("give --control PATH (or set MIRRORFS_CONTROL)")
+    return args.control
+
+
+def _call(args, cmd, **fields):
+    try:
+        return jsonlines.call(_control(args), {"cmd": cmd, **fields}, timeout=600)
+    except jsonlines.ControlError as e:
+        raise Error(str(e)) from None
+
+
+def cmd_copy(args):
+    rate = parse_rate(args.rate) if args.rate else None
+    _call(args, "copy", rate=rate)
+    if args.background:
+        print("copy started", flush=True)
+        return 0
+    tty = sys.stdout.isatty() and not args.json
+    while True:
+        copy = _call(args, "status")["status"].get("copy", {})
+        if args.json:
+            print(json.dumps(copy), flush=True)
+        elif tty:
+            print(display.progress_bar(copy["bytes_copied"] / max(copy["bytes_total"], 1),
+                                       display.copy_line(copy)), end="", flush=True)
+        if not copy.get("running"):
+            break
+        time.sleep(0.5)
+    if tty:
+        print()
+    if copy.get("error"):
+        raise Error(f"base copy failed: {copy['error']}")
+    if not args.json:
+        print(f"base copied: {display.copy_line(copy)} in {copy['seconds']:.1f}s", flush=True)
+    return 0
+
+
+def cmd_status(args):
+    while True:
+        status = _call(args, "status")["status"]
+        if args.json:
+            print(json.dumps(status, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[J", end="")
+            print(display.status_text(status), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(1)
+
+
+def cmd_pivot(args):
+    reply = _call(args, "pivot", force=args.force)
+    print(f"switched to the destination; clients held {reply['stall_ms']:.1f} ms", flush=True)
+    return 0
+
+
+def cmd_cancel(args):
+    _call(args, "cancel")
+    print("cancelled; serving the source chain", flush=True)
     return 0
 
 

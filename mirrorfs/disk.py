@@ -11,9 +11,12 @@
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
 
+import collections
 import errno
+import itertools
 import logging
 import threading
+import time
 
 import nbd
 
@@ -26,6 +29,8 @@ log = logging.getLogger("mirrorfs")
 COPY_READ_MAX = 256 * 1024
 # Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
 SEQUENTIAL_WAIT_MAX = 128 * 1024
+# Latencies kept per side for status percentiles.
+LATENCY_SAMPLES = 2048
 
 
 class RequestError(Exception):
@@ -37,11 +42,12 @@ class RequestError(Exception):
 
 
 class SideStats:
-    """Per-side counters, for status and for the logs."""
+    """Per-side counters for status: errors and recent latencies."""
 
     def __init__(self, name):
         self.name = name
         self.errors = 0
+        self.latencies = collections.deque(maxlen=LATENCY_SAMPLES)   # append is atomic
         self._lock = threading.Lock()
 
     def failed(self, op, offset, length, exc):
@@ -50,52 +56,117 @@ class SideStats:
         log.error("%s %s failed at offset %d length %d: %s", self.name, op, offset, length,
                   describe(exc))
 
+    def snapshot(self):
+        recent = sorted(self.latencies)
+
+        def pct(p):
+            return round(recent[min(len(recent) - 1, int(len(recent) * p))] * 1000, 3) if recent else None
+
+        return {"errors": self.errors,
+                "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0),
+                               "samples": len(recent)}}
+
 
 class Disk:
     def __init__(self, source, dest=None):
-        self.source = source
-        self.dest = dest
         self.size = source.size
         self.inflight = InFlight()
+        # Every backend this disk may use, now or after a switch: capabilities are what all can do,
+        # because nbdkit tells a client its capabilities once, at connect time.
+        self.backends = (source, dest) if dest is not None else (source,)
         self.reader = source
-        self.writers = (source, dest) if dest is not None else (source,)
-        self.stats = {b.name: SideStats(b.name) for b in self.writers}
+        self.writers = self.backends
+        self.stats = {b.name: SideStats(b.name) for b in self.backends}
+        self._turn = itertools.count()
+        self.switches = []
 
-    # Capabilities: what both write sides can do, so a request never needs emulation on one side only.
+    # Capabilities.
 
     def can_write(self):
-        return all(not b.read_only for b in self.writers)
+        return all(not b.read_only for b in self.backends)
 
     def can_flush(self):
-        return all(b.can_flush for b in self.writers)
+        return all(b.can_flush for b in self.backends)
 
     def can_fua(self):
-        return all(b.can_fua for b in self.writers)
+        return all(b.can_fua for b in self.backends)
 
     def can_trim(self):
-        return all(b.can_trim for b in self.writers)
+        return all(b.can_trim for b in self.backends)
 
     def can_zero(self):
-        return all(b.can_zero for b in self.writers)
+        return all(b.can_zero for b in self.backends)
 
     def can_fast_zero(self):
-        return all(b.can_fast_zero for b in self.writers)
+        return all(b.can_fast_zero for b in self.backends)
 
     def can_multi_conn(self):
-        return all(b.multi_conn for b in self.writers) and self.reader.multi_conn
+        return all(b.multi_conn for b in self.backends)
+
+    def can_extents(self):
+        return all(b.can_extents for b in self.backends)
+
+    def can_cache(self):
+        return all(b.can_cache for b in self.backends)
+
+    def is_rotational(self):
+        return any(b.is_rotational for b in self.backends)
 
     def block_size(self):
-        sides = [b.block_size for b in self.writers]
+        sides = [b.block_size for b in self.backends]
         minimum = max(s[0] for s in sides) or 1
         preferred = max(max(s[1] for s in sides), minimum, 4096)
         maximums = [s[2] for s in sides if s[2]]
         maximum = min(maximums) if maximums else 32 * 1024 * 1024
         return minimum, min(preferred, maximum), maximum
 
+    # Switching sides, without disconnecting clients.
+
+    def switch(self, reader, writers, timeout=10.0):
+        """Make `reader` the read side and `writers` the write sides.
+
+        New requests wait, those in flight drain, the sides change, the waiting requests go on.
+        Backends no longer used are flushed and closed after requests resume. Returns the stall in
+        seconds: how long new requests were held.
+        """
+        writers = tuple(writers)
+        for b in (reader, *writers):
+            if b not in self.backends:
+                raise ValueError(f"unknown backend {b.name}")
+        started = time.monotonic()
+        self.inflight.pause(timeout)
+        try:
+            retired = set(self.writers) | {self.reader}
+            self.reader, self.writers = reader, writers
+        finally:
+            self.inflight.resume()
+        stall = time.monotonic() - started
+        self.switches.append(stall)
+        for b in retired - set(writers) - {reader}:
+            try:
+                if b.can_flush:
+                    b.call(lambda h: h.flush())
+            except Exception as e:      # the switch is done; report and go on closing
+                log.error("%s: flush after switch failed: %s", b.name, e)
+            b.close()
+            log.info("%s released", b.name)
+        return stall
+
+    def status(self):
+        return {
+            "size": self.size,
+            "in_flight": self.inflight.count,
+            "requests": dict(self.inflight.started),
+            "reader": self.reader.name,
+            "writers": [b.name for b in self.writers],
+            "sides": {name: st.snapshot() for name, st in self.stats.items()},
+            "switch_stalls_ms": [round(s * 1000, 3) for s in self.switches],
+        }
+
     # Reads.
 
     def pread(self, buf, offset):
-        self.inflight.enter()
+        self.inflight.enter("read")
         try:
             side = self.reader
             h = side.acquire()
@@ -115,7 +186,7 @@ class Disk:
             self.inflight.leave()
 
     def extents(self, count, offset, req_one):
-        self.inflight.enter()
+        self.inflight.enter("extents")
         try:
             return self.reader.extents(count, offset, req_one)
         except nbd.Error as e:
@@ -124,7 +195,7 @@ class Disk:
             self.inflight.leave()
 
     def cache(self, count, offset):
-        self.inflight.enter()
+        self.inflight.enter("cache")
         try:
             self.reader.call(lambda h: h.cache(count, offset))
         except nbd.Error as e:
@@ -158,14 +229,14 @@ class Disk:
                      lambda h: h.trim(count, offset, flags=flags))
 
     def flush(self):
-        self.inflight.enter()
+        self.inflight.enter("flush")
         try:
             self._on_every_side("flush", 0, 0, lambda h: h.aio_flush(), lambda h: h.flush())
         finally:
             self.inflight.leave()
 
     def _change(self, op, offset, length, start, run, fast_zero=False):
-        token = self.inflight.enter_range(offset, offset + length)
+        token = self.inflight.enter_range(op, offset, offset + length)
         try:
             failures = self._on_every_side(op, offset, length, start, run, check=not fast_zero)
             if fast_zero and failures:
@@ -221,6 +292,10 @@ class Disk:
                     if result is not None:
                         failures.append((side, result))
             else:
+                # Take turns at being the side that runs synchronously: its latency is measured
+                # exactly, so each side's latency is sampled on every other request.
+                if len(taken) > 1 and next(self._turn) & 1:
+                    taken.reverse()
                 started = []
                 for side, h in taken[:-1]:
                     try:
@@ -228,10 +303,13 @@ class Disk:
                     except nbd.Error as e:
                         failures.append((side, e))
                 last_side, last_h = taken[-1]
+                t0 = time.monotonic()
                 try:
                     run(last_h)
                 except nbd.Error as e:
                     failures.append((last_side, e))
+                stats = self.stats[last_side.name]
+                stats.latencies.append(time.monotonic() - t0)
                 for side, h, cookie in started:
                     try:
                         wait_one(h, cookie)

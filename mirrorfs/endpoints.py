@@ -51,15 +51,23 @@ def resolve(label, spec, writable=True):
     return Endpoint(label, spec, image=info, size=info.virtual_size)
 
 
+def _same_file(a, b):
+    """Compared by inode, not by name: a hard link is the same image under another path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a == b
+
+
 def check_distinct(source, dest):
     """Source and destination must not share a file that mirrorfs writes."""
     if source.is_image and dest.is_image:
-        if source.image.path == dest.image.path:
+        if _same_file(source.image.path, dest.image.path):
             raise UsageError(f"source and destination are the same image: {source.image.path}")
-        if source.image.path in dest.image.chain:
+        if any(_same_file(source.image.path, p) for p in dest.image.chain):
             raise UsageError(f"destination {dest.image.path} has the source {source.image.path} in its "
                              "backing chain; mirrorfs writes the source, so that chain would change")
-        if dest.image.path in source.image.chain:
+        if any(_same_file(dest.image.path, p) for p in source.image.chain):
             raise UsageError(f"source {source.image.path} has the destination {dest.image.path} in its "
                              "backing chain")
     elif not source.is_image and not dest.is_image and source.uri == dest.uri:

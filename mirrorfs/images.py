@@ -36,9 +36,10 @@ def _run(argv, what):
     except FileNotFoundError:
         raise ImageError(f"{argv[0]} is not installed (run 'make setup')") from None
     if res.returncode != 0:
-        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
-        msg = lines[-1] if lines else f"exit status {res.returncode}"
-        msg = msg.removeprefix("qemu-img: ")
+        # The last few lines, joined: a lock failure's last line is only the question "Is another
+        # process using the image?", and the cause ('Failed to get shared "write" lock') is the line before.
+        lines = [line.strip().removeprefix("qemu-img: ") for line in res.stderr.splitlines() if line.strip()]
+        msg = " | ".join(lines[-3:]) if lines else f"exit status {res.returncode}"
         raise ImageError(f"{what}: {msg}")
     return res.stdout
 
@@ -50,6 +51,10 @@ def info(path):
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
+    # Only regular files: qemu-img would block forever opening a fifo, and the storage daemon's 'file'
+    # driver refuses devices anyway (after the other side's daemon has already been started).
+    if not path.is_file():
+        raise ImageError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise ImageError(f"{path}: permission denied")
     out = _run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)], str(path))
@@ -61,3 +66,37 @@ def info(path):
     chain = tuple(Path(layer["filename"]).resolve() for layer in layers)
     return ImageInfo(path=path.resolve(), format=fmt, virtual_size=top["virtual-size"], chain=chain,
                      cluster_size=top.get("cluster-size"))
+
+
+def create_overlay(path, backing):
+    """A new qcow2 overlay at `path` on top of the image `backing` (an ImageInfo).
+
+    The backing is named by its absolute path and format, so the overlay never depends on the
+    directory it is opened from or on format probing. -u: the backing may be open in a storage
+    daemon, and its size is already known.
+    """
+    path = Path(path)
+    if path.exists():
+        raise ImageError(f"{path}: already exists; remove it or choose another overlay name")
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", os.fspath(backing.path),
+          "-F", backing.format, os.fspath(path), str(backing.virtual_size)], str(path))
+    return info(path)
+
+
+def compare(a, b):
+    """Compare the guest-visible content of two images (ImageInfo), chains included.
+
+    qemu-img compare walks both chains' allocation, so holes and zeros cost nothing. Returns
+    (identical, detail).
+    """
+    if a.virtual_size != b.virtual_size:
+        return False, f"sizes differ: {a.path} is {a.virtual_size} bytes, {b.path} is {b.virtual_size}"
+    res = subprocess.run(["qemu-img", "compare", "-f", a.format, "-F", b.format,
+                          os.fspath(a.path), os.fspath(b.path)],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if res.returncode == 0:
+        return True, "identical"
+    if res.returncode == 1:
+        return False, res.stdout.strip().splitlines()[-1] if res.stdout.strip() else "content differs"
+    lines = [l.strip().removeprefix("qemu-img: ") for l in res.stderr.splitlines() if l.strip()]
+    raise ImageError(f"cannot compare {a.path} and {b.path}: {lines[-1] if lines else res.returncode}")

@@ -11,6 +11,7 @@
 One condition variable guards it all: a request costs one lock round-trip to enter and one to leave.
 """
 
+import collections
 import threading
 import time
 
@@ -26,25 +27,28 @@ class InFlight:
         self._ranges = []        # [start, end) of changes in flight
         self._paused = False
         self._waiters = 0
+        self.started = collections.Counter()     # requests by kind, counted under the lock
 
     @property
     def count(self):
         return self._count
 
-    def enter(self):
+    def enter(self, kind):
         """A request that does not change data (read, extents, cache, flush)."""
         with self._cond:
             while self._paused:
                 self._wait()
             self._count += 1
+            self.started[kind] += 1
 
-    def enter_range(self, start, end):
+    def enter_range(self, kind, start, end):
         """A request that changes [start, end). Returns a token for `leave()`."""
         token = (start, end)
         with self._cond:
             while self._paused or self._overlaps(start, end):
                 self._wait()
             self._count += 1
+            self.started[kind] += 1
             self._ranges.append(token)
         return token
 

@@ -7,16 +7,20 @@ these functions by name, so this module holds the only state nbdkit needs betwee
 Configuration (all given by `mirrorfs serve`, which also starts the storage daemons):
   source=URI    the read side and first write side (required)
   dest=URI      the mirror's destination (optional: without it, a plain proxy of the source)
+  control=PATH  a unix socket for mirrorfs's supervisor: status, and switching sides (optional)
 """
 
-import errno
 import logging
+import os
+import socket
 import sys
 
 import nbdkit
 
+from mirrorfs import jsonlines
 from mirrorfs.backend import BackendError, NbdBackend
 from mirrorfs.disk import Disk, RequestError
+from mirrorfs.inflight import DrainTimeout
 
 API_VERSION = 2
 
@@ -24,11 +28,12 @@ log = logging.getLogger("mirrorfs")
 
 
 class Plugin:
-    KEYS = ("source", "dest")
+    KEYS = ("source", "dest", "control")
 
     def __init__(self):
         self.config = {}
         self.disk = None
+        self.control = None
 
     def configure(self, key, value):
         if key not in self.KEYS:
@@ -49,10 +54,47 @@ class Plugin:
             raise RuntimeError(f"destination is smaller than source ({dest.size} < {source.size} bytes)")
         self.disk = Disk(source, dest)
 
+    def serve_control(self):
+        path = self.config.get("control")
+        if path is None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)            # a socket file is created 0777 & ~umask: 0600
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(8)
+        self.control = jsonlines.Server(sock, self.handle, "datapath control").start()
+
+    def handle(self, request):
+        """The data path's control commands (see mirrorfs.datapath for the client side)."""
+        cmd = request["cmd"]
+        if cmd == "status":
+            return {"status": self.disk.status()}
+        if cmd == "switch":
+            by_name = {b.name: b for b in self.disk.backends}
+            try:
+                reader = by_name[request["reader"]]
+                writers = [by_name[name] for name in request["writers"]]
+                timeout = float(request.get("timeout", 10))
+            except (KeyError, TypeError, ValueError) as e:
+                raise jsonlines.ControlError(f"switch: bad arguments: {e}") from None
+            try:
+                stall = self.disk.switch(reader, writers, timeout)
+            except DrainTimeout as e:
+                raise jsonlines.ControlError(f"switch refused: {e}") from None
+            log.info("switched: reads from %s, writes to %s; clients held %.1f ms", reader.name,
+                     ", ".join(w.name for w in writers), stall * 1000)
+            return {"stall_ms": stall * 1000}
+        raise jsonlines.ControlError(f"unknown command {cmd!r}")
+
     def close(self):
+        if self.control is not None:
+            self.control.stop()
         if self.disk is None:
             return
-        for side in self.disk.writers:
+        for side in set(self.disk.writers):
             try:
                 if side.can_flush:
                     side.call(lambda h: h.flush())
@@ -89,6 +131,11 @@ def get_ready():
     _plugin.connect()
 
 
+def after_fork():
+    # Threads must start after nbdkit's fork (if it forks), so the control socket starts here.
+    _plugin.serve_control()
+
+
 def cleanup():
     _plugin.close()
 
@@ -108,7 +155,7 @@ def block_size(disk):
 
 
 def is_rotational(disk):
-    return disk.reader.is_rotational
+    return disk.is_rotational()
 
 
 def can_write(disk):
@@ -142,11 +189,11 @@ def can_multi_conn(disk):
 
 
 def can_cache(disk):
-    return nbdkit.CACHE_NATIVE if disk.reader.can_cache else nbdkit.CACHE_NONE
+    return nbdkit.CACHE_NATIVE if disk.can_cache() else nbdkit.CACHE_NONE
 
 
 def can_extents(disk):
-    return disk.reader.can_extents
+    return disk.can_extents()
 
 
 # Data.
@@ -203,7 +250,8 @@ def extents(disk, count, offset, flags):
 
 # What the entry script re-exports: exactly the callbacks nbdkit looks up by name.
 __all__ = [
-    "API_VERSION", "thread_model", "config", "config_complete", "get_ready", "cleanup", "open",
+    "API_VERSION", "thread_model", "config", "config_complete", "get_ready", "after_fork", "cleanup",
+    "open",
     "get_size", "block_size", "is_rotational", "can_write", "can_flush", "can_fua", "can_trim",
     "can_zero", "can_fast_zero", "can_multi_conn", "can_cache", "can_extents", "pread", "pwrite",
     "zero", "trim", "flush", "cache", "extents",

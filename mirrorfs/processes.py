@@ -11,6 +11,7 @@ Every child:
   fail at once, with its log, if it died.
 """
 
+import concurrent.futures
 import ctypes
 import os
 import signal
@@ -26,6 +27,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _die_with_parent(parent_pid, child_setup):
+    """The preexec function of every child: see the module docstring."""
     def preexec():
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         # The parent may have died between fork and prctl; then nobody would ever signal us.
@@ -35,6 +37,20 @@ def _die_with_parent(parent_pid, child_setup):
         if child_setup is not None:
             child_setup()
     return preexec
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. Children
+# started from a short-lived thread (a control request's) would be killed when it returns, so every
+# child is forked by this one thread, which lives as long as the process.
+_spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
+
+
+def popen(argv, child_setup=None, **kwargs):
+    """subprocess.Popen with the guarantees of the module docstring (own session, SIGTERM when we
+    die, umask 077), forked by the long-lived spawner thread."""
+    preexec = _die_with_parent(os.getpid(), child_setup)
+    return _spawner.submit(subprocess.Popen, argv, start_new_session=True, preexec_fn=preexec,
+                           **kwargs).result()
 
 
 class Child:
@@ -65,11 +81,10 @@ class Child:
             self.pidfile.unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             try:
-                self.proc = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    env=self.env, pass_fds=self.pass_fds, start_new_session=True,
-                    close_fds=self.child_setup is None,
-                    preexec_fn=_die_with_parent(os.getpid(), self.child_setup))
+                self.proc = popen(
+                    self.argv, child_setup=self.child_setup, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=log, env=self.env, pass_fds=self.pass_fds,
+                    close_fds=self.child_setup is None)
             except OSError as e:
                 raise ProcessError(f"cannot run {self.argv[0]}: {e.strerror}") from None
         if self.pidfile:

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from mirrorfs import endpoints, sockets
+from mirrorfs import endpoints, jsonlines, sockets
 from mirrorfs.errors import ProcessError, UsageError
 from mirrorfs.frontend import Nbdkit, OperatorLines
 from mirrorfs.processes import LogRelay
@@ -93,7 +93,7 @@ class MirrorServer:
                              f"({dest.size} < {source.size} bytes)")
         self.source, self.dest = source, dest
 
-        params = {"source": source.uri}
+        params = {"source": source.uri, "control": self.datapath_socket}
         if dest is not None:
             params["dest"] = dest.uri
         self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
@@ -130,6 +130,25 @@ class MirrorServer:
         self.stop()
 
     # Running.
+
+    @property
+    def datapath_socket(self):
+        return self.rundir / "datapath.ctl"
+
+    def datapath(self, cmd, **args):
+        """A request to the data path inside nbdkit (status, switch); raises ControlError."""
+        return jsonlines.call(self.datapath_socket, {"cmd": cmd, **args}, timeout=120)
+
+    def daemon(self, name):
+        """The storage daemon of "src" or "dst", or None if that side is an NBD URI."""
+        return next((d for d in self.daemons if d.name == name), None)
+
+    def retire_daemon(self, name):
+        """Stop a side's storage daemon once the data path no longer uses it."""
+        daemon = self.daemon(name)
+        if daemon is not None:
+            daemon.stop()
+            self.daemons.remove(daemon)
 
     @property
     def uris(self):

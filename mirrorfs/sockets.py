@@ -1,7 +1,7 @@
 """Listening sockets that mirrorfs binds itself and hands to its children.
 
 Binding in our own process means: the path or port is known to be free before any child starts, the
-permissions are right before anyone can connect (umask 077 → 0600), and the child is reachable the moment
+permissions are right before anyone can connect (umask 177 → 0600), and the child is reachable the moment
 it is started (connections queue in the backlog), so nobody polls for a socket to appear.
 """
 
@@ -48,7 +48,9 @@ def bind_unix(path, backlog=128):
     if not path.parent.is_dir():
         raise UsageError(f"socket path {path}: directory {path.parent} does not exist")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o077)
+    # bind() creates the socket file with mode 0777 & ~umask (not 0666 like open()), so umask 077 would
+    # leave 0700: 177 is what gives the documented 0600.
+    old = os.umask(0o177)
     try:
         sock.bind(os.fspath(path))
     except OSError as e:

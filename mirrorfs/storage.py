@@ -9,10 +9,16 @@ import json
 import os
 from pathlib import Path
 
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
 from mirrorfs import sockets
+from mirrorfs.errors import ImageError, ProcessError
 from mirrorfs.processes import Child
 
 NODE = "top"
+FILE_NODE = "top-file"
+BACKING_NODE = "new-backing"
 
 
 class StorageDaemon:
@@ -37,14 +43,14 @@ class StorageDaemon:
     def pid(self):
         return self._child.pid
 
-    def _blockdev(self):
-        # discard=unmap on both layers so a client's trim really deallocates, identically on both sides.
-        node = {
-            "driver": self.image.format, "node-name": NODE, "discard": "unmap",
-            "read-only": self.readonly,
-            "file": {"driver": "file", "filename": os.fspath(self.image.path), "discard": "unmap"},
-        }
-        return json.dumps(node)
+    def _blockdevs(self):
+        # Both layers named, so that QMP can later reopen the image node with another backing.
+        # discard=unmap on both so a client's trim really deallocates, identically on both sides.
+        file_node = {"driver": "file", "node-name": FILE_NODE, "filename": os.fspath(self.image.path),
+                     "discard": "unmap", "read-only": self.readonly}
+        node = {"driver": self.image.format, "node-name": NODE, "file": FILE_NODE,
+                "discard": "unmap", "read-only": self.readonly}
+        return ["--blockdev", json.dumps(file_node), "--blockdev", json.dumps(node)]
 
     def start(self):
         nbd = sockets.bind_unix(self.nbd_socket)
@@ -53,8 +59,7 @@ class StorageDaemon:
             export = {"type": "nbd", "id": "export0", "node-name": NODE, "name": "",
                       "writable": not self.readonly}
             self._child.argv = [
-                "qemu-storage-daemon",
-                "--blockdev", self._blockdev(),
+                "qemu-storage-daemon", *self._blockdevs(),
                 "--nbd-server", f"addr.type=fd,addr.str={nbd.fileno()}",
                 "--export", json.dumps(export),
                 "--chardev", f"socket,id=qmp0,fd={qmp.fileno()},server=on,wait=off",
@@ -72,6 +77,33 @@ class StorageDaemon:
 
     def alive(self):
         return self._child.alive()
+
+    def qmp(self, command, **arguments):
+        """Run one QMP command on this daemon; a refusal becomes an ImageError naming the command."""
+        monitor = QEMUMonitorProtocol(os.fspath(self.qmp_socket))
+        try:
+            monitor.connect()
+            reply = monitor.cmd_raw(command, arguments or None)
+        except (OSError, QMPError) as e:
+            raise ProcessError(f"{self._child.name}: QMP {command}: {e}") from None
+        finally:
+            monitor.close()
+        if "error" in reply:
+            raise ImageError(f"{self.image.path}: {command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def rebase(self, backing):
+        """Point the open image at another backing image with the same content: the new backing is
+        opened, the image node reopened on it, and the new name written to the image's header, all
+        while the export keeps serving. The caller must have checked that the contents are equal."""
+        self.qmp("blockdev-add", **{
+            "driver": backing.format, "node-name": BACKING_NODE, "read-only": True,
+            "file": {"driver": "file", "filename": os.fspath(backing.path)}})
+        self.qmp("blockdev-reopen", options=[{
+            "driver": self.image.format, "node-name": NODE, "file": FILE_NODE,
+            "backing": BACKING_NODE, "discard": "unmap"}])
+        self.qmp("change-backing-file", device=NODE, **{
+            "image-node-name": NODE, "backing-file": os.fspath(backing.path)})
 
     def failure(self, what):
         return self._child.failure(what)

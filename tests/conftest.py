@@ -131,11 +131,14 @@ def chains(workdir):
 # `mirrorfs serve`, the real CLI.
 
 class Served:
-    def __init__(self, workdir, *args, name="disk"):
+    """`mirrorfs serve ...` (or `start ...`) running, ready when it prints its URI."""
+
+    def __init__(self, workdir, *args, name="disk", command="serve"):
         self.socket = workdir / f"{name}.sock"
+        self.control = Path(f"{self.socket}.ctl")
         self.out = workdir / f"{name}.out"
         self.err = workdir / f"{name}.err"
-        argv = [*MIRRORFS, "serve", *map(str, args)]
+        argv = [*MIRRORFS, command, *map(str, args)]
         if "--socket" not in args and "--listen" not in args:
             argv += ["--socket", str(self.socket)]
         with open(self.out, "w") as out, open(self.err, "w") as err:
@@ -222,3 +225,36 @@ def qemu_nbd(workdir):
     yield start
     for s in started:
         s.stop()
+
+
+# The migration workflow (`mirrorfs start` and the control commands), through the real CLI.
+
+class MigrationSetup:
+    """src/base.qcow2 with data, an empty dst/, and helpers to drive `mirrorfs start`."""
+
+    def __init__(self, workdir, serve, size=64 * MiB):
+        self.workdir = workdir
+        self._serve = serve
+        (workdir / "src").mkdir()
+        (workdir / "dst").mkdir()
+        self.base = make_base(workdir / "src" / "base.qcow2", size)
+        self.source_overlay = workdir / "src" / "base-snap.qcow2"
+        self.dest_overlay = workdir / "dst" / "base-snap.qcow2"
+        self.dest_base = workdir / "dst" / "base.qcow2"
+        self.disk = None
+
+    def start(self, *extra):
+        self.disk = self._serve(self.base, "--dest-dir", self.workdir / "dst", *extra, command="start")
+        return self.disk
+
+    def ctl(self, *args, check=True):
+        """Run `mirrorfs <args> --control <socket>`; returns the CompletedProcess."""
+        res = run(*MIRRORFS, *args, "--control", self.disk.control, check=False)
+        if check:
+            assert res.returncode == 0, res.stderr
+        return res
+
+
+@pytest.fixture
+def migration(workdir, serve):
+    return MigrationSetup(workdir, serve)

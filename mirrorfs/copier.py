@@ -1,0 +1,115 @@
+"""Step 4, the base copy: the read-only chain below the overlays, copied to the destination.
+
+The base does not change during the mirror, so a well-kept copier does the work: `qemu-img convert`
+reads the chain's allocation, skips holes and zeros (the copy stays sparse), and reports progress with
+-p, which we parse. It writes to `<target>.partial` and renames on success, so a half-copied base is
+never mistaken for a whole one.
+"""
+
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from mirrorfs.errors import ImageError, UsageError
+from mirrorfs.processes import popen
+
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgGtT]?)(?:i?[bB])?(?:/s)?$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_rate(text):
+    """'50M', '1G', '800k', '1048576' → bytes per second."""
+    m = _SIZE.match(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"--rate {text!r}: expected a positive size per second, like 50M or 1G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class BaseCopy:
+    def __init__(self, source, target, rate=None):
+        """`source`: ImageInfo of the chain's top (read-only); `target`: the destination base path."""
+        self.source = source
+        self.target = Path(target)
+        self.partial = self.target.with_name(self.target.name + ".partial")
+        self.rate = rate
+        self.total = source.virtual_size
+        self.fraction = 0.0
+        self.started = None
+        self.finished = None
+        self.error = None
+        self._proc = None
+        self._reader = None
+        self._stderr = b""
+
+    @property
+    def copied(self):
+        return int(self.total * self.fraction)
+
+    @property
+    def running(self):
+        return self._proc is not None and self.finished is None
+
+    def start(self):
+        if self.target.exists():
+            raise UsageError(f"destination base {self.target} already exists")
+        self.partial.unlink(missing_ok=True)
+        argv = ["qemu-img", "convert", "-p", "-W", "-f", self.source.format,
+                "-O", self.source.format, str(self.source.path), str(self.partial)]
+        if self.rate:
+            argv[2:2] = ["-r", str(self.rate)]
+        self.started = time.monotonic()
+        self._proc = popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+        self._reader = threading.Thread(target=self._read, name="base copy progress", daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        # stderr is small (only errors); read it after stdout closes.
+        buf = b""
+        for chunk in iter(lambda: self._proc.stdout.read1(4096), b""):
+            buf += chunk
+            found = _PROGRESS.findall(buf)
+            if found:
+                self.fraction = float(found[-1]) / 100
+            buf = buf[-64:]
+        self._stderr = self._proc.stderr.read()
+
+    def wait(self, timeout=None):
+        """Wait for the copy. Returns True when done; raises ImageError if it failed."""
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self._reader.join()
+        if self.finished is None:
+            self.finished = time.monotonic()
+            if self._proc.returncode == 0:
+                # Children run with umask 077; give the copy the source's mode, as cp -a would.
+                os.chmod(self.partial, self.source.path.stat().st_mode & 0o7777)
+                self.partial.rename(self.target)
+                self.fraction = 1.0
+            else:
+                lines = [l.strip() for l in self._stderr.decode(errors="replace").splitlines() if l.strip()]
+                self.error = (lines[-1].removeprefix("qemu-img: ") if lines
+                              else f"qemu-img exited with status {self._proc.returncode}")
+                self.partial.unlink(missing_ok=True)
+        if self.error:
+            raise ImageError(f"base copy failed: {self.error}")
+        return True
+
+    def cancel(self):
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._reader.join()
+            self.finished = time.monotonic()
+            self.error = "cancelled"
+        self.partial.unlink(missing_ok=True)

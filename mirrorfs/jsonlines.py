@@ -1,0 +1,132 @@
+"""A tiny JSON-lines protocol over unix sockets, for mirrorfs's control sockets.
+
+One request per line, a JSON object with a "cmd"; one reply per line: {"ok": true, ...} or
+{"ok": false, "error": "..."}. A handler may instead return an iterator, whose items are sent as
+lines until it ends or the client goes away (used for event streams).
+
+Used in two places: the data path's socket inside nbdkit (standard library only) and the public
+control socket of `mirrorfs start`.
+"""
+
+import json
+import logging
+import os
+import socket
+import threading
+
+MAX_LINE = 64 * 1024
+
+log = logging.getLogger("mirrorfs")
+
+
+class ControlError(Exception):
+    """The other end refused a request, or could not be reached."""
+
+
+class Server:
+    """Serves `handler(request) -> dict | iterator` on an already listening unix socket."""
+
+    def __init__(self, sock, handler, name="control"):
+        self.sock = sock
+        self.handler = handler
+        self.name = name
+        self._stopping = False
+        self._thread = threading.Thread(target=self._accept, name=name, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _accept(self):
+        while not self._stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name=f"{self.name} client",
+                             daemon=True).start()
+
+    def _serve(self, conn):
+        with conn, conn.makefile("rwb") as f:
+            while True:
+                line = f.readline(MAX_LINE + 1)
+                if not line:
+                    return
+                if len(line) > MAX_LINE:
+                    _send(f, {"ok": False, "error": f"request longer than {MAX_LINE} bytes"})
+                    return
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                        raise ValueError("expected a JSON object with a \"cmd\" string")
+                except ValueError as e:
+                    _send(f, {"ok": False, "error": f"bad request: {e}"})
+                    continue
+                try:
+                    reply = self.handler(request)
+                    if isinstance(reply, dict):
+                        _send(f, {"ok": True, **reply})
+                        continue
+                    for item in reply:
+                        _send(f, {"ok": True, **item})
+                    return
+                except ControlError as e:
+                    _send(f, {"ok": False, "error": str(e)})
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                except Exception as e:     # a bug: say so, keep serving
+                    log.exception("control request %r failed", request.get("cmd"))
+                    _send(f, {"ok": False, "error": f"internal error: {e}"})
+
+
+def _send(f, message):
+    f.write(json.dumps(message).encode() + b"\n")
+    f.flush()
+
+
+def _connect(path, timeout):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(os.fspath(path))
+    except FileNotFoundError:
+        s.close()
+        raise ControlError(f"no control socket at {path} (is mirrorfs running?)") from None
+    except ConnectionRefusedError:
+        s.close()
+        raise ControlError(f"nothing listens on {path} (mirrorfs is not running)") from None
+    except OSError as e:
+        s.close()
+        raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
+    return s
+
+
+def call(path, request, timeout=60.0):
+    """Send one request and return its reply; a refusal raises ControlError with the reason."""
+    for reply in stream(path, request, timeout):
+        return reply
+    raise ControlError(f"{path}: no reply")
+
+
+def stream(path, request, timeout=None):
+    """Send one request and yield every reply line (for event streams)."""
+    with _connect(path, timeout) as s, s.makefile("rwb") as f:
+        try:
+            _send(f, request)
+            for line in f:
+                reply = json.loads(line)
+                if not reply.pop("ok", False):
+                    raise ControlError(reply.get("error", "request refused"))
+                yield reply
+        except socket.timeout:
+            raise ControlError(f"{path}: no reply after {timeout}s") from None
+        except (ConnectionResetError, BrokenPipeError):
+            raise ControlError(f"{path}: connection lost") from None

@@ -1,0 +1,228 @@
+"""The Mirrored-Snapshot workflow end to end (oVirt's Steps 3–5), modelled on qemu-iotests 156."""
+
+import json
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from conftest import MIRRORFS, MiB, images_identical, qemu_io, run, sha256
+
+
+def chain_of(image):
+    info = json.loads(run("qemu-img", "info", "-U", "--output=json", "--backing-chain", image).stdout)
+    return [layer["filename"] for layer in info]
+
+
+def test_seed_flow_start_copy_pivot(migration):
+    disk = migration.start()
+    assert migration.source_overlay.exists() and migration.dest_overlay.exists()
+    # Until the switch, the destination overlay is backed by the *source* base (sub-cluster hazard).
+    assert chain_of(migration.dest_overlay)[1] == str(migration.base)
+    qemu_io(disk.uri, "write -P 0xa1 0 1M", "write -P 0xa2 5M 3M")
+    migration.ctl("copy")
+    assert migration.dest_base.exists()
+    qemu_io(disk.uri, "write -P 0xa3 40M 2M")            # after the copy, before the switch
+    out = migration.ctl("pivot").stdout
+    assert "switched" in out
+    status = json.loads(migration.ctl("status", "--json").stdout)
+    assert status["phase"] == "switched"
+    assert status["datapath"]["reader"] == "destination"
+    assert isinstance(status["switch"]["stall_ms"], float)
+    # Reads now come from the destination chain and see everything.
+    qemu_io(disk.uri, "read -P 0xa1 0 1M", "read -P 0xa2 5M 3M", "read -P 0xa3 40M 2M",
+            f"read -P {0x10 + 3} {3 * MiB} {MiB}")
+    assert disk.stop() == 0
+    # The destination chain stands alone and holds what the source chain held at the switch.
+    assert chain_of(migration.dest_overlay) == [str(migration.dest_overlay), str(migration.dest_base)]
+    same, detail = images_identical(migration.source_overlay, migration.dest_overlay)
+    assert same, detail
+
+
+def test_writes_after_the_switch_go_to_the_destination_only(migration):
+    disk = migration.start()
+    migration.ctl("copy")
+    migration.ctl("pivot")
+    before = sha256(migration.source_overlay)
+    qemu_io(disk.uri, "write -P 0xb7 7M 1M")
+    assert disk.stop() == 0
+    assert sha256(migration.source_overlay) == before    # released: nothing writes it
+    qemu_io(migration.dest_overlay, "read -P 0xb7 7M 1M", fmt="qcow2")
+
+
+def test_sub_cluster_writes_before_the_base_exists_survive_the_switch(migration):
+    """512-byte and 4 KiB writes at odd offsets, while dst/base does not exist yet: a qcow2 overlay
+    on a missing backing would zero the rest of each cluster and hide the base after the switch."""
+    disk = migration.start()
+    writes = []
+    for i, (offset, length) in enumerate([(512, 512), (65536 + 4096, 4096), (3 * MiB + 1536, 512),
+                                          (6 * MiB + 12288, 4096), (31 * MiB - 512, 512)]):
+        writes.append(f"write -P {0xc0 + i} {offset} {length}")
+    qemu_io(disk.uri, *writes)
+    assert not migration.dest_base.exists()
+    migration.ctl("copy")
+    migration.ctl("pivot")
+    assert disk.stop() == 0
+    same, detail = images_identical(migration.source_overlay, migration.dest_overlay)
+    assert same, detail
+    # And the base's data around each small write is intact on the destination chain.
+    qemu_io(migration.dest_overlay, "read -P 0x10 0 512", "read -P 0x10 1024 64512",
+            f"read -P {0x13} {3 * MiB} 1536", fmt="qcow2")
+
+
+def test_external_copy_by_a_manager(migration):
+    """Step 4 as in the seed: the manager copies the base with cp -a while the disk is mirrored."""
+    disk = migration.start()
+    qemu_io(disk.uri, "write -P 0xd1 2M 2M")
+    subprocess.run(["cp", "-a", migration.base, migration.dest_base], check=True)
+    migration.ctl("pivot")
+    qemu_io(disk.uri, "read -P 0xd1 2M 2M", "read -P 0x10 0 1M")
+    assert disk.stop() == 0
+    assert chain_of(migration.dest_overlay) == [str(migration.dest_overlay), str(migration.dest_base)]
+
+
+def test_switch_is_refused_until_the_base_is_a_faithful_copy(migration):
+    disk = migration.start()
+    res = migration.ctl("pivot", check=False)
+    assert res.returncode != 0 and "does not exist" in res.stderr
+    # A copy that differs from the source base.
+    shutil.copy(migration.base, migration.dest_base)
+    qemu_io(migration.dest_base, "write -P 0xee 9M 4k", fmt="qcow2")
+    res = migration.ctl("pivot", check=False)
+    assert res.returncode != 0
+    assert res.stderr.count("\n") == 1 and "differs" in res.stderr
+    status = json.loads(migration.ctl("status", "--json").stdout)
+    assert status["phase"] == "mirroring" and status["datapath"]["reader"] == "source"
+    # --force switches anyway: the operator's call.
+    migration.ctl("pivot", "--force")
+    assert disk.stop() == 0
+
+
+def test_cancel_keeps_the_source_authoritative(migration):
+    disk = migration.start()
+    qemu_io(disk.uri, "write -P 0xf1 1M 1M")
+    migration.ctl("copy")
+    out = migration.ctl("cancel").stdout
+    assert "cancelled" in out
+    assert not migration.dest_overlay.exists() and not migration.dest_base.exists()
+    qemu_io(disk.uri, "write -P 0xf2 3M 1M", "read -P 0xf1 1M 1M", "read -P 0x10 0 1M")
+    status = json.loads(migration.ctl("status", "--json").stdout)
+    assert status["phase"] == "cancelled" and status["datapath"]["writers"] == ["source"]
+    assert disk.stop() == 0
+    run("qemu-img", "check", migration.source_overlay)
+    qemu_io(migration.source_overlay, "read -P 0xf1 1M 1M", "read -P 0xf2 3M 1M", fmt="qcow2")
+
+
+def fio_verify(uri, seconds_of_io):
+    return subprocess.run(
+        ["fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k-64k",
+         "--iodepth=8", "--size=24m", f"--io_size={seconds_of_io}", "--verify=crc32c",
+         "--verify_backlog=64", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"],
+        capture_output=True, text=True)
+
+
+def test_switch_under_continuous_writes_loses_nothing(migration):
+    disk = migration.start()
+    result = {}
+    load = threading.Thread(target=lambda: result.update(fio=fio_verify(disk.uri, "300m")))
+    load.start()
+    migration.ctl("copy")
+    migration.ctl("pivot")
+    assert load.is_alive(), "the load ended before the switch: make it longer"
+    load.join()
+    fio = result["fio"]
+    assert fio.returncode == 0, fio.stderr + fio.stdout[-2000:]
+    job = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"][0]
+    # No error, and fio read back and checked what it wrote, before and after the switch.
+    assert job["error"] == 0 and job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+    status = json.loads(migration.ctl("status", "--json").stdout)
+    assert status["phase"] == "switched"
+    print("switch stall", status["switch"])
+    assert disk.stop() == 0
+
+
+@pytest.mark.parametrize("command,phase_setup,message", [
+    ("pivot", "switched", "cannot pivot while switched"),
+    ("cancel", "switched", "cannot cancel while switched"),
+    ("copy", "switched", "cannot copy while switched"),
+    ("pivot", "cancelled", "cannot pivot while cancelled"),
+    ("copy", "copied", "already exists"),
+])
+def test_control_commands_in_the_wrong_phase_are_refused(migration, command, phase_setup, message):
+    disk = migration.start()
+    if phase_setup in ("switched", "copied"):
+        migration.ctl("copy")
+    if phase_setup == "switched":
+        migration.ctl("pivot")
+    if phase_setup == "cancelled":
+        migration.ctl("cancel")
+    files = {p: sha256(p) for p in (migration.source_overlay, migration.base)}
+    res = migration.ctl(command, check=False)
+    assert res.returncode != 0
+    assert res.stderr.startswith("mirrorfs: error:") and res.stderr.count("\n") == 1
+    assert message in res.stderr
+    assert {p: sha256(p) for p in files} == files
+    assert disk.stop() == 0
+
+
+def start_fails(migration, *extra):
+    res = run(*MIRRORFS, "start", migration.base, "--dest-dir", migration.workdir / "dst",
+              "--socket", migration.workdir / "x.sock", *extra, check=False)
+    assert res.returncode != 0
+    assert res.stderr.startswith("mirrorfs: error:") and res.stderr.count("\n") == 1, res.stderr
+    assert not (migration.workdir / "x.sock").exists()
+    return res.stderr
+
+
+def test_start_refuses_an_existing_overlay(migration):
+    migration.source_overlay.write_bytes(b"somebody's data")
+    err = start_fails(migration)
+    assert "already exists" in err
+    assert migration.source_overlay.read_bytes() == b"somebody's data"
+    assert not migration.dest_overlay.exists()
+
+
+def test_start_refuses_a_source_whose_backing_is_missing(migration, workdir):
+    top = workdir / "src" / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", workdir / "src" / "gone.qcow2", "-F", "qcow2",
+        "-u", top, "64M")
+    res = run(*MIRRORFS, "start", top, "--dest-dir", workdir / "dst", "--socket", workdir / "x.sock",
+              check=False)
+    assert res.returncode != 0 and "gone.qcow2" in res.stderr and res.stderr.count("\n") == 1
+    assert not (workdir / "src" / "top-snap.qcow2").exists()
+
+
+def test_start_refuses_a_missing_destination_directory(migration, workdir):
+    res = run(*MIRRORFS, "start", migration.base, "--dest-dir", workdir / "nowhere",
+              "--socket", workdir / "x.sock", check=False)
+    assert res.returncode != 0 and "does not exist" in res.stderr
+    assert not migration.source_overlay.exists()
+
+
+def test_a_destination_base_that_uses_the_source_is_refused(migration):
+    disk = migration.start()
+    # A "copy" that is only an overlay on the source base: same content, but still on the source.
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", migration.base, "-F", "qcow2",
+        migration.dest_base)
+    res = migration.ctl("pivot", check=False)
+    assert res.returncode != 0 and "as backing" in res.stderr
+    assert disk.stop() == 0
+
+
+def test_python_api_drives_the_workflow(migration):
+    from mirrorfs.migration import Migration
+    m = Migration(migration.base, migration.workdir / "dst", socket=migration.workdir / "api.sock")
+    m.start()
+    try:
+        qemu_io(m.server.uris[0], "write -P 0x99 4M 1M")
+        m.copy(rate=512 * MiB)
+        stall = m.pivot()
+        assert stall >= 0
+        assert m.status()["phase"] == "switched"
+        events = [e["phase"] for e in m.events(timeout=0) if e["event"] == "phase"]
+        assert events == ["mirroring", "copying", "mirroring", "switching", "switched"]
+    finally:
+        m.stop()
+    same, detail = images_identical(migration.source_overlay, migration.dest_overlay)
+    assert same, detail
