@@ -152,6 +152,17 @@ class Disk:
             log.info("%s released", b.name)
         return stall
 
+    def quiesce(self, timeout=10.0):
+        """Before the process stops: hold every new request for good, let those in flight finish
+        on every side, flush every side. Afterwards nothing is between the sides."""
+        self.inflight.pause(timeout)
+        for b in set(self.writers):
+            try:
+                if b.can_flush:
+                    b.call(lambda h: h.flush())
+            except Exception as e:      # a dead side: nothing more can be done for it here
+                log.error("%s: flush before stopping failed: %s", b.name, describe(e))
+
     def status(self):
         return {
             "size": self.size,

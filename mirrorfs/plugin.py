@@ -87,6 +87,12 @@ class Plugin:
             log.info("switched: reads from %s, writes to %s; clients held %.1f ms", reader.name,
                      ", ".join(w.name for w in writers), stall * 1000)
             return {"stall_ms": stall * 1000}
+        if cmd == "quiesce":
+            try:
+                self.disk.quiesce(float(request.get("timeout", 10)))
+            except DrainTimeout as e:
+                raise jsonlines.ControlError(f"quiesce: {e}") from None
+            return {}
         raise jsonlines.ControlError(f"unknown command {cmd!r}")
 
     def close(self):

@@ -8,6 +8,7 @@ anything starts (a bad input leaves both sides untouched), and everything starte
 on a signal and on failure, in order: nbdkit first (it flushes both sides), then the daemons.
 """
 
+import logging
 import os
 import shutil
 import sys
@@ -21,11 +22,24 @@ from mirrorfs.frontend import Nbdkit, OperatorLines
 from mirrorfs.processes import LogRelay
 from mirrorfs.storage import StorageDaemon
 
+log = logging.getLogger("mirrorfs")
+
 
 def runtime_parent():
     """Short paths for sockets: XDG_RUNTIME_DIR if the user has one, else /tmp."""
     base = os.environ.get("XDG_RUNTIME_DIR")
     return base if base and os.path.isdir(base) else tempfile.gettempdir()
+
+
+def make_rundir():
+    """A private directory for sockets, pidfiles and logs, named after our pid so that one left by
+    a mirrorfs that was killed (nobody was left to remove it) can be recognized and removed."""
+    parent = Path(runtime_parent())
+    for old in parent.glob("mirrorfs-*-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"mirrorfs-{os.getpid()}-", dir=parent))
 
 
 class MirrorServer:
@@ -77,7 +91,7 @@ class MirrorServer:
         if self.listen:
             self._listeners.append(sockets.bind_tcp(*self.listen))
 
-        self.rundir = Path(tempfile.mkdtemp(prefix="mirrorfs-", dir=runtime_parent()))
+        self.rundir = make_rundir()
         for ep, name in ((source, "src"), (dest, "dst")):
             if ep is not None and ep.is_image:
                 daemon = StorageDaemon(ep.image, self.rundir, name,
@@ -106,7 +120,7 @@ class MirrorServer:
     def stop(self):
         """Stop everything we started; safe to call at any point, and more than once."""
         if self.nbdkit is not None:
-            self.nbdkit.stop()
+            self._stop_nbdkit()
         if self._relay is not None:
             self._relay.stop()
             self._relay = None
@@ -121,6 +135,21 @@ class MirrorServer:
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
+
+    def _stop_nbdkit(self):
+        """nbdkit 1.32's python plugin does not exit on SIGTERM while a client stays connected and
+        idle (a VM always is): it waits for the client to go. So the data path is first quiesced:
+        new requests held, those in flight finished on both sides, both sides flushed. After that
+        no request is between the sides, and killing nbdkit loses nothing and cannot leave the
+        sides different; clients see the server go away, as with any shutdown."""
+        grace = 10
+        if self.nbdkit.alive():
+            try:
+                self.datapath("quiesce")
+                grace = 1
+            except jsonlines.ControlError as e:
+                log.warning("could not quiesce the data path before stopping: %s", e)
+        self.nbdkit.stop(timeout=grace)
 
     def __enter__(self):
         self.start()
