@@ -11,10 +11,15 @@ This module runs inside nbdkit's embedded interpreter: standard library and libn
 import errno
 import select
 import threading
+import time
 
 import nbd
 
 POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
+# After a failed connect, wait this long before trying again, doubling up to the maximum: a dead
+# destination must not cost every request a connect timeout.
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
 
 
 class BackendError(Exception):
@@ -60,6 +65,13 @@ class NbdBackend:
         # Without multi-conn, one connection is the only correct choice (see the module docstring).
         self._single = None if self.multi_conn else threading.Semaphore(1)
         self._closed = False
+        self.down_until = 0.0           # monotonic time before which we do not try to connect
+        self._backoff = BACKOFF_FIRST
+        self.reconnects = 0
+
+    @property
+    def available(self):
+        return time.monotonic() >= self.down_until
 
     def _connect(self):
         h = nbd.NBD()
@@ -71,6 +83,22 @@ class NbdBackend:
             raise BackendError(f"{self.name}: cannot connect to {self.uri}: {describe(e)}") from None
         return h
 
+    def _connect_with_backoff(self):
+        now = time.monotonic()
+        if now < self.down_until:
+            raise BackendError(f"{self.name}: unavailable, next attempt in "
+                               f"{self.down_until - now:.1f}s")
+        try:
+            h = self._connect()
+        except BackendError:
+            self.down_until = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            raise
+        if self._backoff > BACKOFF_FIRST:
+            self.reconnects += 1
+        self._backoff = BACKOFF_FIRST
+        return h
+
     def acquire(self):
         """Lend a handle to the caller, who must `release()` it."""
         if self._closed:
@@ -80,7 +108,7 @@ class NbdBackend:
         try:
             return self._idle.pop()        # list.pop/append are atomic under the GIL
         except IndexError:
-            h = self._connect()
+            h = self._connect_with_backoff()
             with self._lock:
                 self._handles.add(h)
             return h

@@ -3,6 +3,7 @@ a non-zero exit; tracebacks only with --debug."""
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -56,6 +57,19 @@ def build_parser():
     serve.add_argument("--readonly", action="store_true", help="serve SOURCE read-only, no mirror")
     serve.add_argument("--threads", type=_positive_int, default=16,
                        help="nbdkit worker threads per connection (default 16)")
+    serve.add_argument("--copy", choices=("none", "full"), default="none",
+                       help="none: DEST already equals SOURCE (default); full: copy all of SOURCE "
+                            "to DEST in the background while mirroring writes")
+    serve.add_argument("--state-dir", metavar="DIR",
+                       help="keep the mirror's state here, so a restart resumes after a crash")
+    serve.add_argument("--on-dest-error", choices=("fail", "degrade"),
+                       help="a destination failure fails the client's request (fail), or is "
+                            "recorded and copied again later (degrade; the default with --state-dir)")
+    serve.add_argument("--rate", metavar="BYTES/S", help="limit the background copy, e.g. 100M")
+    serve.add_argument("--region", metavar="BYTES", type=lambda t: parse_rate(t, "--region"),
+                       help="the dirty map's region size: a power of two from 1M (default 64M)")
+    serve.add_argument("--control", metavar="PATH",
+                       help="control socket (default: the --socket path + .ctl)")
     serve.set_defaults(func=cmd_serve)
 
     start = sub.add_parser(
@@ -124,11 +138,22 @@ def _stop_on_signals():
 def cmd_serve(args):
     stop = _stop_on_signals()
     server = MirrorServer(args.source, args.dest, socket=args.socket, listen=args.listen,
-                          readonly=args.readonly, threads=args.threads)
-    with server:
-        for uri in server.uris:
-            print(f"serving {uri}", flush=True)
-        server.wait(stop)
+                          readonly=args.readonly, threads=args.threads, copy=args.copy,
+                          state_dir=args.state_dir, policy=args.on_dest_error,
+                          rate=parse_rate(args.rate) if args.rate else None, region=args.region)
+    control_path = args.control or (args.socket + ".ctl" if args.socket else None)
+    ctl = control.serve(control_path, server) if control_path else None
+    try:
+        with server:
+            for uri in server.uris:
+                print(f"serving {uri}", flush=True)
+            if control_path:
+                print(f"control {control_path}", flush=True)
+            server.wait(stop)
+    finally:
+        if ctl is not None:
+            ctl.stop()
+            Path(control_path).unlink(missing_ok=True)
     print("stopped", flush=True)
     return 0
 
@@ -221,6 +246,7 @@ def cmd_cancel(args):
 
 
 def main(argv=None):
+    logging.basicConfig(format="mirrorfs: %(message)s")
     parser = build_parser()
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:

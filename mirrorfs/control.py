@@ -26,6 +26,8 @@ def _number(request, key, kind, default=None):
 
 
 def handler(migration):
+    """`migration`: a Migration, or a MirrorServer (serve): both have status, copy, verify, pivot,
+    cancel and events."""
     def handle(request):
         cmd = request["cmd"]
         try:

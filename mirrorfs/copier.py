@@ -21,11 +21,11 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgGtT]?)(?:i?[bB])?(?:/s)?$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def parse_rate(text):
-    """'50M', '1G', '800k', '1048576' → bytes per second."""
+def parse_rate(text, option="--rate"):
+    """'50M', '1G', '800k', '1048576' → bytes (per second, for a rate)."""
     m = _SIZE.match(text.strip())
     if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"--rate {text!r}: expected a positive size per second, like 50M or 1G")
+        raise UsageError(f"{option} {text!r}: expected a positive size, like 50M or 1G")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

@@ -20,7 +20,8 @@ import time
 
 import nbd
 
-from mirrorfs.backend import describe, error_errno, wait_all, wait_one
+from mirrorfs.backend import BackendError, describe, error_errno, wait_all, wait_one
+from mirrorfs.dirtymap import DirtyMap
 from mirrorfs.inflight import InFlight
 
 log = logging.getLogger("mirrorfs")
@@ -29,6 +30,8 @@ log = logging.getLogger("mirrorfs")
 COPY_READ_MAX = 256 * 1024
 # Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
 SEQUENTIAL_WAIT_MAX = 128 * 1024
+# Regions of the dirty map: the unit of write intent and of copying again after a failure.
+DEFAULT_REGION = 64 * 1024 * 1024
 # Latencies kept per side for status percentiles.
 LATENCY_SAMPLES = 2048
 
@@ -41,20 +44,35 @@ class RequestError(Exception):
         self.errno = err
 
 
+class NotSynchronized(Exception):
+    """A switch to the destination while some region may still differ."""
+
+
 class SideStats:
     """Per-side counters for status: errors and recent latencies."""
 
     def __init__(self, name):
         self.name = name
         self.errors = 0
+        self.degraded = 0               # changes acknowledged without this side (degrade policy)
         self.latencies = collections.deque(maxlen=LATENCY_SAMPLES)   # append is atomic
         self._lock = threading.Lock()
+        self._logged_at = 0.0
+        self._unlogged = 0
 
     def failed(self, op, offset, length, exc):
+        """Count a failure and log it: every one, unless they come faster than one a second (a
+        dead side would fill the log), then one a second with the number left out."""
+        now = time.monotonic()
         with self._lock:
             self.errors += 1
-        log.error("%s %s failed at offset %d length %d: %s", self.name, op, offset, length,
-                  describe(exc))
+            if now - self._logged_at < 1.0:
+                self._unlogged += 1
+                return
+            self._logged_at, skipped, self._unlogged = now, self._unlogged, 0
+        more = f" ({skipped} more failures not logged)" if skipped else ""
+        log.error("%s %s failed at offset %d length %d: %s%s", self.name, op, offset, length,
+                  describe(exc), more)
 
     def snapshot(self):
         recent = sorted(self.latencies)
@@ -62,20 +80,23 @@ class SideStats:
         def pct(p):
             return round(recent[min(len(recent) - 1, int(len(recent) * p))] * 1000, 3) if recent else None
 
-        return {"errors": self.errors,
+        return {"errors": self.errors, "degraded": self.degraded,
                 "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0),
                                "samples": len(recent)}}
 
 
 class Disk:
-    def __init__(self, source, dest=None):
+    def __init__(self, source, dest=None, dirty=None, policy="fail"):
         self.size = source.size
         self.inflight = InFlight()
         # Every backend this disk may use, now or after a switch: capabilities are what all can do,
         # because nbdkit tells a client its capabilities once, at connect time.
         self.backends = (source, dest) if dest is not None else (source,)
-        self.reader = source
+        self.source, self.dest = source, dest
+        self.reader = source            # the authoritative side: reads, and its errors fail requests
         self.writers = self.backends
+        self.dirty = dirty if dirty is not None else DirtyMap(self.size, DEFAULT_REGION)
+        self.policy = policy            # a destination failure: "fail" the request, or "degrade"
         self.stats = {b.name: SideStats(b.name) for b in self.backends}
         self._turn = itertools.count()
         self.switches = []
@@ -122,12 +143,15 @@ class Disk:
 
     # Switching sides, without disconnecting clients.
 
-    def switch(self, reader, writers, timeout=10.0):
+    def switch(self, reader, writers, timeout=10.0, phase=None, require_synchronized=False):
         """Make `reader` the read side and `writers` the write sides.
 
-        New requests wait, those in flight drain, the sides change, the waiting requests go on.
-        Backends no longer used are flushed and closed after requests resume. Returns the stall in
-        seconds: how long new requests were held.
+        New requests wait, those in flight (the copier's too) drain, the sides change, the waiting
+        requests go on. With `require_synchronized`, refuse if any region may still differ: checked
+        while nothing is in flight, so nothing can slip in between. `phase` is saved in the state
+        before anything changes, so a crash at any point restarts on the right side. Backends no
+        longer used are flushed and closed after requests resume. Returns the stall in seconds: how
+        long new requests were held.
         """
         writers = tuple(writers)
         for b in (reader, *writers):
@@ -136,6 +160,11 @@ class Disk:
         started = time.monotonic()
         self.inflight.pause(timeout)
         try:
+            if require_synchronized and not self.dirty.synchronized():
+                raise NotSynchronized(f"{self.dirty.dirty_bytes()} bytes may still differ between "
+                                      "the sides; wait until synchronized")
+            if phase is not None:
+                self.dirty.save_phase(phase)
             retired = set(self.writers) | {self.reader}
             self.reader, self.writers = reader, writers
         finally:
@@ -172,6 +201,9 @@ class Disk:
             "writers": [b.name for b in self.writers],
             "sides": {name: st.snapshot() for name, st in self.stats.items()},
             "switch_stalls_ms": [round(s * 1000, 3) for s in self.switches],
+            "policy": self.policy,
+            "synchronized": self.dirty.synchronized(),
+            "dirty_bytes": self.dirty.dirty_bytes(),
         }
 
     # Reads.
@@ -242,36 +274,64 @@ class Disk:
     def flush(self):
         self.inflight.enter("flush")
         try:
-            self._on_every_side("flush", 0, 0, lambda h: h.aio_flush(), lambda h: h.flush())
+            failures = self._on_every_side("flush", 0, 0, lambda h: h.aio_flush(), lambda h: h.flush())
+            if failures:
+                self._settle("flush", 0, 0, failures)
         finally:
             self.inflight.leave()
 
     def _change(self, op, offset, length, start, run, fast_zero=False):
         token = self.inflight.enter_range(op, offset, offset + length)
         try:
-            failures = self._on_every_side(op, offset, length, start, run, check=not fast_zero)
-            if fast_zero and failures:
-                self._finish_fast_zero(offset, length, failures)
+            intent = self.dirty.before_change(offset, offset + length)
+            failures = []
+            try:
+                failures = self._on_every_side(op, offset, length, start, run)
+                if fast_zero and failures:
+                    failures = self._finish_fast_zero(offset, length, failures)
+            finally:
+                # Anything short of success on every side may leave the sides different.
+                self.dirty.after_change(intent, both_sides=not failures)
+            if failures:
+                self._settle(op, offset, length, failures)
         finally:
             self.inflight.leave(token)
 
+    def _settle(self, op, offset, length, failures):
+        """Decide what the client hears when some side failed. The authoritative side's failure
+        always fails the request. A mirror side's failure fails it under the "fail" policy; under
+        "degrade" the request succeeds: the region is already marked to be copied again (durably,
+        before this answer), so nothing diverges silently."""
+        for side, e in failures:
+            self.stats[side.name].failed(op, offset, length, e)
+        primary = [(side, e) for side, e in failures if side is self.reader]
+        if op == "flush" and not primary:
+            # A mirror that failed a flush may have lost writes it acknowledged: copy them again.
+            self.dirty.mark_all()
+        if primary or self.policy == "fail":
+            side, e = (primary or failures)[0]
+            raise RequestError(error_errno(e), f"{side.name} {op}: {describe(e)}")
+        for side, _ in failures:
+            with self.stats[side.name]._lock:
+                self.stats[side.name].degraded += 1
+
     def _finish_fast_zero(self, offset, length, failures):
         """A fast zero that one side refused would leave the sides different. The side that refused
-        zeroes the slow way, so both hold zeros; the client gets success (if both refused, the client
-        gets ENOTSUP and writes zeros itself, as the protocol intends)."""
+        zeroes the slow way, so both hold zeros; the client gets success (if every side refused, the
+        client gets ENOTSUP and writes zeros itself, as the protocol intends). Returns the failures
+        that remain."""
         refused = [side for side, e in failures if error_errno(e) == errno.ENOTSUP]
-        if len(failures) == len(self.writers) and len(refused) == len(failures):
+        if len(refused) == len(self.writers):
             raise RequestError(errno.ENOTSUP, "fast zero not supported")
-        for side, e in failures:
-            if side not in refused:
-                self._raise_first("zero", offset, length, [(side, e)])
+        others = [(side, e) for side, e in failures if side not in refused]
         flags = nbd.CMD_FLAG_NO_HOLE
-        self._on_every_side("zero", offset, length,
-                            lambda h: h.aio_zero(length, offset, flags=flags),
-                            lambda h: h.zero(length, offset, flags=flags), sides=refused)
+        return others + self._on_every_side(
+            "zero", offset, length, lambda h: h.aio_zero(length, offset, flags=flags),
+            lambda h: h.zero(length, offset, flags=flags), sides=refused)
 
-    def _on_every_side(self, op, offset, length, start, run, check=True, sides=None):
-        """Run one command on each side at once and wait for all. Returns or raises the failures.
+    def _on_every_side(self, op, offset, length, start, run, sides=None):
+        """Run one command on each side at once and wait for all. Returns the failures, as
+        (side, exception) pairs: a side that cannot even be reached is one of them.
 
         The other sides' commands are started (aio) and the last side's runs synchronously, so the
         sides work in parallel at the cost of few libnbd calls: each call releases and retakes the
@@ -280,16 +340,14 @@ class Disk:
         are driven together by one poll loop.
         """
         sides = self.writers if sides is None else sides
-        taken = []
-        try:
-            for side in sides:
+        taken, failures = [], []
+        for side in sides:
+            try:
                 taken.append((side, side.acquire()))
-        except Exception as e:
-            for side, h in taken:
-                side.release(h)
-            log.error("%s failed at offset %d length %d: %s", op, offset, length, e)
-            raise RequestError(errno.EIO, str(e)) from None
-        failures = []
+            except BackendError as e:
+                failures.append((side, e))
+        if not taken:
+            return failures
         try:
             if op == "write" and length > SEQUENTIAL_WAIT_MAX:
                 started, commands = [], []
@@ -319,8 +377,7 @@ class Disk:
                     run(last_h)
                 except nbd.Error as e:
                     failures.append((last_side, e))
-                stats = self.stats[last_side.name]
-                stats.latencies.append(time.monotonic() - t0)
+                self.stats[last_side.name].latencies.append(time.monotonic() - t0)
                 for side, h, cookie in started:
                     try:
                         wait_one(h, cookie)
@@ -329,14 +386,4 @@ class Disk:
         finally:
             for side, h in taken:
                 side.release(h)
-        if failures and check:
-            # The source's failure first: it is the one the client's data depends on.
-            failures.sort(key=lambda f: self.writers.index(f[0]) if f[0] in self.writers else 0)
-            self._raise_first(op, offset, length, failures)
         return failures
-
-    def _raise_first(self, op, offset, length, failures):
-        for side, e in failures:
-            self.stats[side.name].failed(op, offset, length, e)
-        side, e = failures[0]
-        raise RequestError(error_errno(e), f"{side.name} {op}: {describe(e)}")

@@ -25,6 +25,7 @@ from pathlib import Path
 from mirrorfs import images, jsonlines
 from mirrorfs.copier import BaseCopy
 from mirrorfs.errors import Error, ImageError, UsageError
+from mirrorfs.events import EventLog
 from mirrorfs.server import MirrorServer
 
 
@@ -61,16 +62,12 @@ class Migration:
         self.last_switch = None
         self._created = []              # files this migration made, removed again by cancel
         self._lock = threading.RLock()
-        self._events = []
-        self._events_changed = threading.Condition(self._lock)
+        self.log = EventLog()
 
     # Events and phases.
 
     def _event(self, kind, **details):
-        with self._lock:
-            self._events.append({"seq": len(self._events) + 1, "time": time.time(),
-                                 "event": kind, **details})
-            self._events_changed.notify_all()
+        self.log.add(kind, **details)
 
     def _enter(self, phase, **details):
         with self._lock:
@@ -84,17 +81,8 @@ class Migration:
                              f" (possible when {' or '.join(phases)})")
 
     def events(self, since=0, timeout=None):
-        """Yield events after sequence number `since`, waiting for new ones; ends `timeout` seconds
-        after the last event, or when the migration stops."""
-        while True:
-            with self._lock:
-                fresh = self._events[since:]
-                if not fresh:
-                    if self.phase == "stopped" or not self._events_changed.wait(timeout):
-                        return
-                    continue
-            yield from fresh
-            since = fresh[-1]["seq"]
+        """Yield events after sequence number `since`, waiting for new ones (see EventLog)."""
+        return self.log.follow(since, timeout)
 
     # Step 3.
 
@@ -283,3 +271,4 @@ class Migration:
                 self.server.stop()
             if self.phase != "new":
                 self._enter("stopped")
+            self.log.close()

@@ -14,12 +14,17 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from mirrorfs import endpoints, jsonlines, sockets
-from mirrorfs.errors import ProcessError, UsageError
+from mirrorfs.disk import DEFAULT_REGION
+from mirrorfs.errors import Error, ProcessError, UsageError
+from mirrorfs.events import EventLog
 from mirrorfs.frontend import Nbdkit, OperatorLines
 from mirrorfs.processes import LogRelay
+from mirrorfs.state import StateError
+from mirrorfs.state import open_for as open_state
 from mirrorfs.storage import StorageDaemon
 
 log = logging.getLogger("mirrorfs")
@@ -42,8 +47,24 @@ def make_rundir():
     return Path(tempfile.mkdtemp(prefix=f"mirrorfs-{os.getpid()}-", dir=parent))
 
 
+POLICIES = ("fail", "degrade")
+COPY_MODES = ("none", "full")
+
+
+def identity(endpoint):
+    """How the state names an endpoint: the image file, or the URI; and its size."""
+    if endpoint.is_image:
+        return {"image": str(endpoint.image.path), "format": endpoint.image.format,
+                "size": endpoint.size}
+    return {"uri": endpoint.uri, "size": endpoint.size}
+
+
 class MirrorServer:
-    def __init__(self, source, dest=None, socket=None, listen=None, readonly=False, threads=16):
+    """The process tree of `mirrorfs serve`, and the controls of the mirror it serves (the same
+    interface as Migration, for the control socket): status, pivot, cancel, events."""
+
+    def __init__(self, source, dest=None, socket=None, listen=None, readonly=False, threads=16,
+                 copy="none", state_dir=None, policy=None, rate=None, region=None):
         if socket is None and listen is None:
             raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
         if readonly and dest is not None:
@@ -52,6 +73,26 @@ class MirrorServer:
             raise UsageError("a destination is required (or --readonly to serve the source alone)")
         if not 1 <= threads <= 1024:
             raise UsageError(f"--threads {threads}: expected 1 to 1024")
+        if copy not in COPY_MODES:
+            raise UsageError(f"--copy {copy!r}: expected one of {', '.join(COPY_MODES)}")
+        if copy == "full" and dest is None:
+            raise UsageError("--copy full needs a destination")
+        # degrade is only safe when what a degraded write leaves behind survives a crash: with a
+        # state directory. Without one, a failing destination fails the client's request.
+        policy = policy or ("degrade" if state_dir else "fail")
+        if policy not in POLICIES:
+            raise UsageError(f"--on-dest-error {policy!r}: expected one of {', '.join(POLICIES)}")
+        if state_dir is not None and dest is None:
+            raise UsageError("--state-dir keeps a mirror's state; it needs a destination")
+        if region is not None and (region < 1 << 20 or region & (region - 1)):
+            raise UsageError("--region: expected a power of two of at least 1 MiB")
+        self.copy_mode, self.policy, self.rate = copy, policy, rate
+        self.state_dir = Path(state_dir).absolute() if state_dir else None
+        self.region = region
+        self.log = EventLog()
+        self.phase = "new"
+        self.phase_since = time.monotonic()
+        self.resumed = False
         self.source_spec = source
         self.dest_spec = dest
         self.socket_path = Path(socket).absolute() if socket else None
@@ -108,8 +149,49 @@ class MirrorServer:
         self.source, self.dest = source, dest
 
         params = {"source": source.uri, "control": self.datapath_socket}
+        phase = "serving" if dest is None else "mirroring"
         if dest is not None:
-            params["dest"] = dest.uri
+            params.update(dest=dest.uri, policy=self.policy,
+                          mode="full" if self.copy_mode == "full" else "mirror")
+            if self.rate:
+                params["rate"] = self.rate
+            if self.state_dir is not None:
+                phase = self._open_state(source, dest, params)
+        self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
+                             threads=self.threads)
+        self._relay = LogRelay(self.nbdkit.log_path, sys.stderr, select=OperatorLines()).start()
+        self.nbdkit.start()
+        for s in self._listeners:           # nbdkit has them now
+            s.close()
+        self._enter(phase)
+
+    def _open_state(self, source, dest, params):
+        """Load or create the state; a restart after a switch or a cancel serves one side alone.
+        Returns the phase to serve in."""
+        try:
+            state, self.resumed = open_state(
+                self.state_dir, mode="full" if self.copy_mode == "full" else "mirror",
+                source=identity(source), dest=identity(dest), size=source.size,
+                region_size=self.region or DEFAULT_REGION)
+        except StateError as e:
+            raise UsageError(str(e)) from None
+        if state.phase == "switched":
+            log.warning("the state says this disk switched to the destination: serving %s alone",
+                        dest.spec)
+            params.clear()
+            params.update(source=dest.uri, control=self.datapath_socket)
+            self.retire_daemon("src")
+            return "switched"
+        if state.phase == "cancelled":
+            log.warning("the state says this mirror was cancelled: serving %s alone", source.spec)
+            for key in ("dest", "mode", "policy", "rate"):
+                params.pop(key, None)
+            self.retire_daemon("dst")
+            return "cancelled"
+        params["state"] = self.state_dir
+        if self.region:
+            params["region"] = self.region
+        return "mirroring"
         self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
                              threads=self.threads)
         self._relay = LogRelay(self.nbdkit.log_path, sys.stderr, select=OperatorLines()).start()
@@ -135,6 +217,9 @@ class MirrorServer:
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
+        if self.phase not in ("new", "stopped"):
+            self._enter("stopped")
+        self.log.close()
 
     def _stop_nbdkit(self):
         """nbdkit 1.32's python plugin does not exit on SIGTERM while a client stays connected and
@@ -193,8 +278,83 @@ class MirrorServer:
         return [c for c in [self.nbdkit, *self.daemons] if c is not None]
 
     def wait(self, stop: threading.Event, interval=0.5):
-        """Serve until `stop` is set. A child that dies on its own is an error."""
+        """Serve until `stop` is set. A child that dies on its own is an error. Watches the data
+        path meanwhile, turning what changes (synchronized, errors) into events."""
+        seen = {}
         while not stop.wait(interval):
             for child in self.children():
                 if not child.alive():
                     raise child.failure("exited unexpectedly")
+            self._watch(seen)
+
+    def _watch(self, seen):
+        try:
+            dp = self.datapath("status")["status"]
+        except jsonlines.ControlError:
+            return
+        if dp.get("synchronized") and not seen.get("synchronized") and self.dest is not None:
+            self.log.add("synchronized", dirty_bytes=0)
+        seen["synchronized"] = dp.get("synchronized")
+        for name, side in dp.get("sides", {}).items():
+            if side["errors"] > seen.get(name, 0):
+                self.log.add("error", side=name, errors=side["errors"], degraded=side["degraded"])
+            seen[name] = side["errors"]
+
+    # Controls (the control socket's commands).
+
+    def _enter(self, phase, **details):
+        self.phase = phase
+        self.phase_since = time.monotonic()
+        self.log.add("phase", phase=phase, **details)
+
+    def events(self, since=0, timeout=None):
+        return self.log.follow(since, timeout)
+
+    def status(self):
+        status = {"phase": self.phase, "phase_seconds": round(time.monotonic() - self.phase_since, 3),
+                  "source": self.source_spec, "destination": self.dest_spec, "uris": self.uris,
+                  "copy_mode": self.copy_mode, "policy": self.policy,
+                  "state_dir": str(self.state_dir) if self.state_dir else None,
+                  "resumed": self.resumed, "events": self.log.recent(5)}
+        try:
+            status["datapath"] = dp = self.datapath("status")["status"]
+        except jsonlines.ControlError as e:
+            status["datapath"] = {"error": str(e)}
+            return status
+        if self.phase == "mirroring":
+            # The issue's phases: copying until the destination holds everything, then synchronized.
+            status["phase"] = "synchronized" if dp.get("synchronized") else "copying"
+        return status
+
+    def copy(self, rate=None, wait=False):
+        raise UsageError("serve has no base to copy: --copy full copies the whole disk by itself")
+
+    def verify(self):
+        dp = self.datapath("status")["status"]
+        if dp.get("synchronized"):
+            return True, "the destination holds the whole disk"
+        return False, f"{dp.get('dirty_bytes')} bytes may still differ"
+
+    def pivot(self, force=False, timeout=10.0):
+        if self.phase != "mirroring":
+            raise UsageError(f"cannot pivot while {self.phase} (possible when mirroring)")
+        try:
+            reply = self.datapath("switch", reader="destination", writers=["destination"],
+                                  phase="switched", timeout=timeout)
+        except jsonlines.ControlError as e:
+            raise Error(str(e)) from None
+        self.retire_daemon("src")
+        stall = reply["stall_ms"] / 1000
+        self._enter("switched", stall_ms=round(stall * 1000, 3))
+        return stall
+
+    def cancel(self, timeout=10.0):
+        if self.phase != "mirroring":
+            raise UsageError(f"cannot cancel while {self.phase} (possible when mirroring)")
+        try:
+            self.datapath("switch", reader="source", writers=["source"], phase="cancelled",
+                          timeout=timeout)
+        except jsonlines.ControlError as e:
+            raise Error(str(e)) from None
+        self.retire_daemon("dst")
+        self._enter("cancelled")

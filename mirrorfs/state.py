@@ -1,0 +1,142 @@
+"""The persistent state of a mirror, in its state directory: what must survive `kill -9`.
+
+One file, `state.json`, replaced atomically (write a temporary file, fsync it, rename it over the old
+one, fsync the directory), so a crash leaves either the old state or the new one, never a mixture. It
+holds:
+
+- which source and destination it belongs to (a restart with other endpoints is refused);
+- the phase: copying, synchronized, switched, cancelled;
+- `cursor`: in full mode, the first pass has copied everything below this offset (and the destination
+  was flushed before the cursor was saved);
+- `dirty`: the regions that may differ between the sides. A region is saved here *before* a write to
+  it is issued (write intent), or before a write that reached only one side is acknowledged, and is
+  removed only after both sides were flushed with no write to it in flight.
+
+After a crash, a region may differ between the sides only if it is at or above the cursor or in
+`dirty`; resuming copies exactly those from the source. A checksum guards against a file damaged on
+disk: a corrupt state is refused, never silently reset.
+
+This module runs in nbdkit's embedded interpreter too: standard library only.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+FORMAT = 1
+FILE = "state.json"
+PHASES = ("copying", "synchronized", "switched", "cancelled")
+
+
+class StateError(Exception):
+    """A state directory that cannot be used: corrupt, foreign, or unreadable."""
+
+
+def _checksum(fields):
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class State:
+    def __init__(self, directory, *, mode, source, dest, size, region_size, phase="copying",
+                 cursor=0, dirty=()):
+        self.directory = Path(directory)
+        self.mode = mode                # "full": copy everything first; "mirror": sides start equal
+        self.source = source            # identities: {"spec": ..., "size": ...}
+        self.dest = dest
+        self.size = size
+        self.region_size = region_size
+        self.phase = phase
+        self.cursor = cursor
+        self.dirty = set(dirty)         # region numbers
+
+    @property
+    def path(self):
+        return self.directory / FILE
+
+    def fields(self):
+        return {"format": FORMAT, "mode": self.mode, "source": self.source, "dest": self.dest,
+                "size": self.size, "region_size": self.region_size, "phase": self.phase,
+                "cursor": self.cursor, "dirty": sorted(self.dirty)}
+
+    def save(self):
+        fields = self.fields()
+        data = json.dumps({**fields, "checksum": _checksum(fields)}, indent=1).encode()
+        tmp = self.directory / (FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    @classmethod
+    def load(cls, directory):
+        """The saved state, or None if the directory holds none."""
+        path = Path(directory) / FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"cannot read {path}: {e.strerror}") from None
+        try:
+            saved = json.loads(raw)
+            checksum = saved.pop("checksum")
+            if checksum != _checksum(saved):
+                raise ValueError("checksum mismatch")
+            if saved["format"] != FORMAT:
+                raise ValueError(f"unknown format {saved['format']}")
+            if saved["phase"] not in PHASES or saved["mode"] not in ("full", "mirror"):
+                raise ValueError("unknown phase or mode")
+            state = cls(directory, mode=saved["mode"], source=saved["source"], dest=saved["dest"],
+                        size=int(saved["size"]), region_size=int(saved["region_size"]),
+                        phase=saved["phase"], cursor=int(saved["cursor"]),
+                        dirty=[int(r) for r in saved["dirty"]])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StateError(f"{path} is corrupt ({e}); refusing to guess. Inspect it, or move it "
+                             "away to start over with a full copy") from None
+        return state
+
+    def regions(self):
+        return (self.size + self.region_size - 1) // self.region_size
+
+
+def open_for(directory, *, mode, source, dest, size, region_size):
+    """The state for this source and destination: loaded if the directory has one (and it is theirs),
+    created otherwise. `source` and `dest` are identities (dicts) as the supervisor names them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        if not directory.parent.is_dir():
+            raise StateError(f"state directory {directory}: {directory.parent} does not exist")
+        directory.mkdir(mode=0o700)
+    state = State.load(directory)
+    if state is None:
+        state = State(directory, mode=mode, source=source, dest=dest, size=size,
+                      region_size=region_size, phase="copying" if mode == "full" else "synchronized",
+                      cursor=0)
+        state.save()
+        return state, False
+    for label, saved, given in (("source", state.source, source), ("destination", state.dest, dest)):
+        if saved != given:
+            raise StateError(f"the state in {directory} belongs to another {label}: "
+                             f"{_describe(saved)}, not {_describe(given)}")
+    if state.mode != mode:
+        raise StateError(f"the state in {directory} is for --copy {_copy_option(state.mode)}, "
+                         f"not --copy {_copy_option(mode)}")
+    return state, True
+
+
+def _copy_option(mode):
+    return "none" if mode == "mirror" else mode
+
+
+def _describe(identity):
+    name = identity.get("image") or identity.get("uri")
+    return f"{name} ({identity.get('size')} bytes)"
