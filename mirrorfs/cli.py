@@ -89,6 +89,10 @@ def build_parser():
                        help="control socket (default: the --socket path + .ctl)")
     start.add_argument("--threads", type=_positive_int, default=16,
                        help="nbdkit worker threads per connection (default 16)")
+    start.add_argument("--state-dir", metavar="DIR",
+                       help="keep the migration's state here; start again with it to resume")
+    start.add_argument("--on-dest-error", choices=("fail", "degrade"),
+                       help="as for serve (default: degrade with --state-dir, else fail)")
     start.set_defaults(func=cmd_start)
 
     def client(name, help_, description):
@@ -164,7 +168,8 @@ def cmd_start(args):
     if control_path is None:
         raise UsageError("give --control PATH (there is no --socket to put it next to)")
     migration = Migration(args.source_top, args.dest_dir, socket=args.socket, listen=args.listen,
-                          overlay_name=args.overlay_name, threads=args.threads)
+                          overlay_name=args.overlay_name, threads=args.threads,
+                          state_dir=args.state_dir, policy=args.on_dest_error)
     ctl = control.serve(control_path, migration)
     try:
         migration.start()

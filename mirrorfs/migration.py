@@ -27,6 +27,7 @@ from mirrorfs.copier import BaseCopy
 from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.events import EventLog
 from mirrorfs.server import MirrorServer
+from mirrorfs.state import State, StateError
 
 
 class PhaseError(UsageError):
@@ -44,7 +45,7 @@ class Migration:
     """
 
     def __init__(self, source_top, dest_dir, *, socket=None, listen=None, overlay_name=None,
-                 threads=16):
+                 threads=16, state_dir=None, policy=None):
         self.source_top = Path(source_top).absolute()
         self.dest_dir = Path(dest_dir).absolute()
         name = overlay_name or f"{self.source_top.stem}-snap.qcow2"
@@ -54,6 +55,8 @@ class Migration:
         self.dest_overlay = self.dest_dir / name
         self.dest_base = self.dest_dir / self.source_top.name
         self._socket, self._listen, self._threads = socket, listen, threads
+        self.state_dir = Path(state_dir).absolute() if state_dir else None
+        self._policy = policy
         self.server = None
         self.base = None                # ImageInfo of source_top
         self.phase = "new"
@@ -87,8 +90,12 @@ class Migration:
     # Step 3.
 
     def start(self):
+        """Step 3; or, when the state directory holds this migration's state, resume it."""
         with self._lock:
             self._require("start", "new")
+            saved = self._saved_state()
+            if saved is not None:
+                return self._resume(saved)
             self._check_paths()
             self.base = images.info(self.source_top)
             try:
@@ -96,15 +103,45 @@ class Migration:
                 self._created.append(self.source_overlay)
                 images.create_overlay(self.dest_overlay, self.base)
                 self._created.append(self.dest_overlay)
-                self.server = MirrorServer(str(self.source_overlay), str(self.dest_overlay),
-                                           socket=self._socket, listen=self._listen,
-                                           threads=self._threads)
+                self.server = self._server()
                 self.server.start()
             except BaseException:
                 self._undo_start()
                 raise
             self._enter("mirroring", source_overlay=str(self.source_overlay),
                         dest_overlay=str(self.dest_overlay))
+
+    def _server(self):
+        return MirrorServer(str(self.source_overlay), str(self.dest_overlay), socket=self._socket,
+                            listen=self._listen, threads=self._threads, state_dir=self.state_dir,
+                            policy=self._policy)
+
+    def _saved_state(self):
+        if self.state_dir is None:
+            return None
+        try:
+            return State.load(self.state_dir)
+        except StateError as e:
+            raise UsageError(str(e)) from None
+
+    def _resume(self, saved):
+        """After a crash or a stop: serve the overlays again; the data path copies whatever the
+        state says may differ."""
+        if saved.phase == "cancelled":
+            raise UsageError(f"the migration in {self.state_dir} was cancelled; the disk is "
+                             f"{self.source_overlay}")
+        for path in (self.source_overlay, self.dest_overlay):
+            if not path.exists():
+                raise UsageError(f"the state in {self.state_dir} is for a migration whose overlay "
+                                 f"{path} is missing")
+        self.base = images.info(self.source_top)
+        self.dest_base.with_name(self.dest_base.name + ".partial").unlink(missing_ok=True)
+        self.server = self._server()
+        self.server.start()
+        if saved.phase == "switched":
+            self._enter("switched", resumed=True)
+        else:
+            self._enter("mirroring", resumed=True, dirty_regions=len(saved.dirty))
 
     def _check_paths(self):
         if not self.dest_dir.is_dir():
@@ -198,7 +235,8 @@ class Migration:
                 self.server.daemon("dst").rebase(images.info(self.dest_base))
                 rebase = time.monotonic() - started
                 reply = self.server.datapath("switch", reader="destination",
-                                             writers=["destination"], timeout=timeout)
+                                             writers=["destination"], phase="switched",
+                                             timeout=timeout)
             except (Error, jsonlines.ControlError) as e:
                 self._enter("mirroring")
                 self._event("error", what="switch failed", detail=str(e))
@@ -218,7 +256,8 @@ class Migration:
             if self.copier is not None and self.copier.running:
                 self.copier.cancel()
             try:
-                self.server.datapath("switch", reader="source", writers=["source"], timeout=timeout)
+                self.server.datapath("switch", reader="source", writers=["source"],
+                                     phase="cancelled", timeout=timeout)
             except jsonlines.ControlError as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
             self.server.retire_daemon("dst")

@@ -115,7 +115,10 @@ def kill_group(proc, sig=signal.SIGKILL):
     except ProcessLookupError:
         pass
     if sig == signal.SIGKILL:
-        proc.communicate()
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:   # a grandchild in another session holds the pipes
+            pass
 
 
 def qemu_img(*args):
@@ -395,12 +398,12 @@ TARGETS = (MirrorfsTarget, DirectTarget, QemuMirrorTarget, NbdProxyTarget)
 
 # fio.
 
-def fio_argv(uri, size, job_args, runtime, ramp, time_based=True):
-    argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
-            f"--runtime={runtime}", f"--ramp_time={ramp}", "--output-format=json", *job_args]
-    if time_based:
-        argv.append("--time_based")
-    return argv
+def fio_argv(uri, size, job_args, runtime, ramp):
+    """A time-based fio run over the whole disk. --thread: fio's job processes would call setsid(),
+    escape the process group we kill, and keep a stopped run's pipes open; threads die with fio."""
+    return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={size}", "--thread",
+            "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}", "--output-format=json",
+            *job_args]
 
 
 def parse_fio(output):
@@ -732,13 +735,18 @@ def machine():
 
 
 def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+    """`value` formatted by `spec`, or a dash as wide when there is no value."""
+    if value is None:
+        return format("-", f">{re.match(r'[0-9]*', spec).group()}")
+    return format(value, spec)
 
 
 def print_report(report, config):
     m = report["machine"]
     print(f"machine: {m['nproc']} x {m['cpu']}, {m['memory_gib']} GiB, Linux {m['kernel']}")
     print(f"         {m['nbdkit']}, {m['qemu']}, {m['libnbd']}, {m['fio']}")
+    print(f"         load average {report['load'][0]:.2f} before, {report['load'][1]:.2f} after "
+          "(1 min; anything else running skews every number)")
     print(f"\nfio --ioengine=nbd over the whole {config.size // MiB} MiB disk, {config.runtime} s "
           f"per job after {config.ramp} s ramp; median of {config.runs} run(s)")
     print(f"\n{'job':32} {'target':12} {'IOPS':>9} {'MB/s':>8} {'p50 us':>9} {'p99 us':>9} {'spread':>7}")
@@ -872,7 +880,7 @@ def run_extras(report, base, workdir, config, log):
     if "switch" in report:
         copy = report.setdefault("copy", {})
         seconds = report["switch"]["base_copy_seconds"]
-        copy["mirrorfs copy (migration, qemu-img convert)"] = {
+        copy["mirrorfs copy (file to file: qemu-img convert)"] = {
             "tool": "qemu-img convert", "bytes": config.size, "seconds": seconds,
             "mbps": config.size / seconds / MB}
 
@@ -884,7 +892,7 @@ def bench(config, log):
               "config": {"size": config.size, "runtime": config.runtime, "ramp": config.ramp,
                          "runs": config.runs, "targets": [k.name for k in config.targets],
                          "jobs": [j.label for j in config.jobs]},
-              "errors": []}
+              "errors": [], "load": [os.getloadavg()[0], None]}
     try:
         log(f"work directory {workdir}; writing the {config.size // MiB} MiB base")
         base = make_base(workdir / "base.qcow2", config.size)
@@ -900,6 +908,7 @@ def bench(config, log):
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     report["elapsed_s"] = time.monotonic() - started
+    report["load"][1] = os.getloadavg()[0]
     return report
 
 

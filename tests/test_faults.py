@@ -1,0 +1,253 @@
+"""A failing, slow or vanishing destination during a full copy (nbdkit's error and delay filters in
+front of a qemu-nbd export), the degrade and fail policies, convergence under load, and the bad
+inputs of the full-mode options."""
+
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import nbd
+import pytest
+
+from conftest import MIRRORFS, MiB, QemuNbd, images_identical, qemu_io, run, sha256
+
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def pair(workdir):
+    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
+    qemu_io(src, *[f"write -P {0x40 + i} {i * 2 * MiB} {MiB}" for i in range(SIZE // (2 * MiB))],
+            fmt="qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", dst, str(SIZE))
+    return src, dst
+
+
+class Faulty:
+    """nbdkit's nbd plugin in front of the destination's qemu-nbd, injecting EIO into writes while
+    `trigger` exists, and delaying every write."""
+
+    def __init__(self, workdir, target_socket, rate="10%", delay="2ms"):
+        self.trigger = workdir / "inject-errors"
+        self.socket = workdir / "faulty.sock"
+        pidfile = workdir / "faulty.pid"
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, "--filter=error",
+             "--filter=delay", "nbd", f"socket={target_socket}", "error-pwrite=EIO",
+             f"error-pwrite-rate={rate}", f"error-pwrite-file={self.trigger}",
+             f"delay-write={delay}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not pidfile.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def status(disk):
+    return json.loads(run(*MIRRORFS, "status", "--json", "--control", disk.control).stdout)
+
+
+def wait_for(disk, phase, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = status(disk)
+        if s["phase"] == phase:
+            return s
+        time.sleep(0.1)
+    raise AssertionError(f"never {phase}: {s}")
+
+
+def write_load(uri, seconds, seed, errors):
+    """Random 4-64 KiB writes for `seconds`; errors the client sees are collected."""
+    rng = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        length = rng.choice([4096, 16384, 65536])
+        offset = rng.randrange(0, SIZE - length, 4096)
+        try:
+            h.pwrite(rng.randbytes(length), offset)
+        except nbd.Error as e:
+            errors.append(e)
+    h.shutdown()
+
+
+def test_degrade_hides_destination_errors_and_resyncs(pair, workdir, serve, qemu_nbd):
+    src, dst = pair
+    export = qemu_nbd(dst, "dst-export")
+    faulty = Faulty(workdir, export.socket)
+    try:
+        faulty.trigger.touch()
+        disk = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
+                     "--on-dest-error", "degrade", src, faulty.uri)
+        errors = []
+        write_load(disk.uri, 3, seed=1, errors=errors)
+        assert errors == []                              # the client never saw the failures
+        s = status(disk)
+        assert s["datapath"]["sides"]["destination"]["errors"] > 0
+        assert s["datapath"]["sides"]["destination"]["degraded"] > 0
+        assert any(e["event"] == "error" for e in s["events"])
+        faulty.trigger.unlink()                          # the destination heals
+        wait_for(disk, "synchronized")
+        assert disk.stop() == 0
+    finally:
+        faulty.stop()
+    export.stop()
+    same, detail = images_identical(src, dst)
+    assert same, detail
+
+
+def test_fail_policy_returns_errors_and_nothing_diverges_silently(pair, workdir, serve, qemu_nbd):
+    src, dst = pair
+    export = qemu_nbd(dst, "dst-export")
+    faulty = Faulty(workdir, export.socket, rate="30%")
+    try:
+        disk = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
+                     "--on-dest-error", "fail", src, faulty.uri)
+        wait_for(disk, "synchronized")
+        faulty.trigger.touch()
+        errors = []
+        write_load(disk.uri, 2, seed=2, errors=errors)
+        assert errors, "the fail policy must return the destination's errors"
+        s = status(disk)
+        # The failed writes reached the source: counted, and their regions copied again below.
+        assert s["datapath"]["sides"]["destination"]["errors"] >= len(errors)
+        faulty.trigger.unlink()
+        wait_for(disk, "synchronized")
+        assert disk.stop() == 0
+    finally:
+        faulty.stop()
+    export.stop()
+    same, detail = images_identical(src, dst)
+    assert same, detail
+
+
+def test_destination_disconnects_and_comes_back(pair, workdir, serve):
+    src, dst = pair
+    export = QemuNbd(dst, workdir / "dst-export.sock")
+    disk = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
+                 "--rate", "16M", src, export.uri)
+    time.sleep(0.7)
+    export.stop()                                        # mid-copy: the destination is gone
+    errors = []
+    write_load(disk.uri, 1.5, seed=3, errors=errors)
+    assert errors == []                                  # degrade (default with a state dir)
+    assert status(disk)["phase"] == "copying"
+    export = QemuNbd(dst, workdir / "dst-export.sock")   # back, same address
+    s = wait_for(disk, "synchronized")
+    assert s["datapath"]["copy"]["failures"] > 0         # it noticed, waited, and came back
+    assert disk.stop() == 0
+    export.stop()
+    same, detail = images_identical(src, dst)
+    assert same, detail
+
+
+def test_copy_converges_under_a_full_speed_write_load(pair, workdir, serve):
+    src, dst = pair
+    disk = serve("--copy", "full", "--state-dir", workdir / "state", "--rate", "32M", src, dst)
+    fio = subprocess.Popen(
+        ["fio", "--name=load", "--ioengine=nbd", f"--uri={disk.uri}", "--rw=randwrite", "--bs=4k",
+         "--iodepth=16", "--time_based", "--runtime=8", f"--size={SIZE}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        s = wait_for(disk, "synchronized", timeout=8)
+        assert fio.poll() is None, "the load ended before the copy converged"
+        assert s["datapath"]["requests"].get("write", 0) > 0
+    finally:
+        fio.wait(30)
+    assert fio.returncode == 0, fio.stderr
+    assert disk.stop() == 0
+    same, detail = images_identical(src, dst)
+    assert same, detail
+
+
+def test_pivot_in_full_mode_switches_once_synchronized(pair, workdir, serve):
+    src, dst = pair
+    disk = serve("--copy", "full", "--state-dir", workdir / "state", src, dst)
+    wait_for(disk, "synchronized")
+    qemu_io(disk.uri, "write -P 0x99 3M 1M")
+    out = run(*MIRRORFS, "pivot", "--control", disk.control).stdout
+    assert "switched" in out
+    qemu_io(disk.uri, "read -P 0x99 3M 1M", f"read -P {0x41} {2 * MiB} {MiB}")
+    before = sha256(src)
+    qemu_io(disk.uri, "write -P 0x9a 5M 1M")
+    assert disk.stop() == 0
+    assert sha256(src) == before                         # released at the switch
+    # A restart serves the destination, as the state says.
+    again = serve("--copy", "full", "--state-dir", workdir / "state", src, dst)
+    qemu_io(again.uri, "read -P 0x9a 5M 1M")
+    assert status(again)["phase"] == "switched"
+    assert again.stop() == 0
+
+
+def test_pivot_refused_while_copying(pair, workdir, serve):
+    src, dst = pair
+    disk = serve("--copy", "full", "--state-dir", workdir / "state", "--rate", "4M", src, dst)
+    res = run(*MIRRORFS, "pivot", "--control", disk.control, check=False)
+    assert res.returncode != 0 and "may still differ" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert status(disk)["datapath"]["reader"] == "source"
+    res = run(*MIRRORFS, "cancel", "--control", disk.control)
+    assert disk.stop() == 0
+
+
+def start_fails(*args):
+    res = run(*MIRRORFS, "serve", *args, check=False)
+    assert res.returncode != 0
+    assert res.stderr.startswith("mirrorfs: error:") and res.stderr.count("\n") == 1, res.stderr
+    return res.stderr
+
+
+def test_state_of_another_destination_is_refused(pair, workdir, serve):
+    src, dst = pair
+    disk = serve("--copy", "full", "--state-dir", workdir / "state", src, dst)
+    wait_for(disk, "synchronized")
+    assert disk.stop() == 0
+    other = workdir / "other.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", other, str(SIZE))
+    state = (workdir / "state" / "state.json").read_bytes()
+    err = start_fails("--copy", "full", "--state-dir", workdir / "state", src, other,
+                      "--socket", workdir / "x.sock")
+    assert "belongs to another destination" in err
+    assert (workdir / "state" / "state.json").read_bytes() == state
+
+
+def test_corrupt_state_is_refused_not_reset(pair, workdir):
+    src, dst = pair
+    (workdir / "state").mkdir()
+    (workdir / "state" / "state.json").write_text('{"format": 1, "mode": "full", "cursor": 5}')
+    before = sha256(dst)
+    err = start_fails("--copy", "full", "--state-dir", workdir / "state", src, dst,
+                      "--socket", workdir / "x.sock")
+    assert "corrupt" in err
+    assert sha256(dst) == before
+    assert (workdir / "state" / "state.json").read_text().endswith('"cursor": 5}')
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--copy", "bogus"], "invalid choice"),
+    (["--on-dest-error", "maybe"], "invalid choice"),
+    (["--rate", "0"], "--rate"),
+    (["--rate", "fast"], "--rate"),
+    (["--region", "3M"], "power of two"),
+    (["--state-dir", "/nonexistent/dir/state"], "does not exist"),
+])
+def test_bad_full_mode_options(pair, workdir, args, message):
+    src, dst = pair
+    before = sha256(dst)
+    err = start_fails("--copy", "full", src, dst, "--socket", workdir / "x.sock", *args)
+    assert message in err
+    assert sha256(dst) == before
