@@ -117,9 +117,11 @@ class NbdBackend:
                 self._single.release()
             raise
 
-    def release(self, h):
-        """Give a handle back; a handle whose connection died is dropped (the next request reconnects)."""
-        if h.aio_is_dead() or h.aio_is_closed() or self._closed:
+    def release(self, h, failed=False):
+        """Give a handle back. After a failure (`failed`), a handle whose connection died is dropped
+        and the next request reconnects. The connection is only examined then: every libnbd call
+        releases and retakes the GIL, which is what a small request pays most for."""
+        if self._closed or (failed and (h.aio_is_dead() or h.aio_is_closed())):
             with self._lock:
                 self._handles.discard(h)
             _close_quietly(h)
@@ -141,10 +143,13 @@ class NbdBackend:
 
     def call(self, fn):
         h = self.acquire()
+        failed = True
         try:
-            return fn(h)
+            result = fn(h)
+            failed = False
+            return result
         finally:
-            self.release(h)
+            self.release(h, failed)
 
     def extents(self, count, offset, req_one):
         found = []

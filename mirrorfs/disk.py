@@ -212,7 +212,11 @@ class Disk:
         self.inflight.enter("read")
         try:
             side = self.reader
-            h = side.acquire()
+            try:
+                h = side.acquire()
+            except BackendError as e:
+                raise RequestError(errno.EIO, str(e)) from None
+            failed = False
             try:
                 if len(buf) <= COPY_READ_MAX:
                     # One libnbd call (one GIL release) beats three, and copying a few KiB is cheap.
@@ -221,10 +225,11 @@ class Disk:
                     # Large: let libnbd read straight into nbdkit's buffer.
                     wait_one(h, h.aio_pread(nbd.Buffer.from_buffer(buf), offset))
             except nbd.Error as e:
+                failed = True
                 self.stats[side.name].failed("read", offset, len(buf), e)
                 raise RequestError(error_errno(e), describe(e)) from None
             finally:
-                side.release(h)
+                side.release(h, failed)
         finally:
             self.inflight.leave()
 
@@ -384,6 +389,7 @@ class Disk:
                     except nbd.Error as e:
                         failures.append((side, e))
         finally:
+            failed = {side for side, _ in failures}
             for side, h in taken:
-                side.release(h)
+                side.release(h, side in failed)
         return failures

@@ -150,13 +150,13 @@ class MirrorServer:
 
         params = {"source": source.uri, "control": self.datapath_socket}
         phase = "serving" if dest is None else "mirroring"
+        mode = "full" if self.copy_mode == "full" else "mirror"
         if dest is not None:
-            params.update(dest=dest.uri, policy=self.policy,
-                          mode="full" if self.copy_mode == "full" else "mirror")
+            params.update(dest=dest.uri, policy=self.policy, mode=mode)
             if self.rate:
                 params["rate"] = self.rate
             if self.state_dir is not None:
-                phase = self._open_state(source, dest, params)
+                phase = self._open_state(source, dest, mode, params)
         self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
                              threads=self.threads)
         self._relay = LogRelay(self.nbdkit.log_path, sys.stderr, select=OperatorLines()).start()
@@ -165,12 +165,12 @@ class MirrorServer:
             s.close()
         self._enter(phase)
 
-    def _open_state(self, source, dest, params):
+    def _open_state(self, source, dest, mode, params):
         """Load or create the state; a restart after a switch or a cancel serves one side alone.
         Returns the phase to serve in."""
         try:
             state, self.resumed = open_state(
-                self.state_dir, mode="full" if self.copy_mode == "full" else "mirror",
+                self.state_dir, mode=mode,
                 source=identity(source), dest=identity(dest), size=source.size,
                 region_size=self.region or DEFAULT_REGION)
         except StateError as e:
@@ -192,12 +192,6 @@ class MirrorServer:
         if self.region:
             params["region"] = self.region
         return "mirroring"
-        self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
-                             threads=self.threads)
-        self._relay = LogRelay(self.nbdkit.log_path, sys.stderr, select=OperatorLines()).start()
-        self.nbdkit.start()
-        for s in self._listeners:           # nbdkit has them now
-            s.close()
 
     def stop(self):
         """Stop everything we started; safe to call at any point, and more than once."""

@@ -2,7 +2,6 @@
 real CLI, qemu-nbd servers for URI endpoints. Every test is checked for leftover processes."""
 
 import hashlib
-import os
 import shutil
 import signal
 import subprocess
@@ -110,6 +109,17 @@ def make_base(path, size=64 * MiB, fmt="qcow2"):
 def make_overlay(path, backing, backing_fmt="qcow2"):
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path)
     return Path(path)
+
+
+def make_full_pair(workdir, size):
+    """src.qcow2 with a pattern in every other MiB (0x30, 0x31, ...), and an empty dst.qcow2 of the
+    same size: the endpoints of a full copy."""
+    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", src, str(size))
+    qemu_io(src, *[f"write -P {0x30 + i} {i * 2 * MiB} {MiB}" for i in range(size // (2 * MiB))],
+            fmt="qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", dst, str(size))
+    return src, dst
 
 
 class Chains:

@@ -119,10 +119,12 @@ def test_cancel_keeps_the_source_authoritative(migration):
     qemu_io(migration.source_overlay, "read -P 0xf1 1M 1M", "read -P 0xf2 3M 1M", fmt="qcow2")
 
 
-def fio_verify(uri, seconds_of_io):
+def fio_verify(uri, seconds):
+    """Random writes for `seconds`, each block read back and checked (verify_backlog) while the
+    load runs, before and after the switch."""
     return subprocess.run(
         ["fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k-64k",
-         "--iodepth=8", "--size=24m", f"--io_size={seconds_of_io}", "--verify=crc32c",
+         "--iodepth=8", "--size=24m", "--time_based", f"--runtime={seconds}", "--verify=crc32c",
          "--verify_backlog=64", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"],
         capture_output=True, text=True)
 
@@ -130,7 +132,7 @@ def fio_verify(uri, seconds_of_io):
 def test_switch_under_continuous_writes_loses_nothing(migration):
     disk = migration.start()
     result = {}
-    load = threading.Thread(target=lambda: result.update(fio=fio_verify(disk.uri, "300m")))
+    load = threading.Thread(target=lambda: result.update(fio=fio_verify(disk.uri, 8)))
     load.start()
     migration.ctl("copy")
     migration.ctl("pivot")

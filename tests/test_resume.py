@@ -5,7 +5,6 @@ Property style, seeded: `pytest tests/test_resume.py -k 'seed-3'` reruns one cas
 """
 
 import json
-import os
 import random
 import signal
 import threading
@@ -15,7 +14,7 @@ import nbd
 import psutil
 import pytest
 
-from conftest import MIRRORFS, MiB, images_identical, qemu_io, run
+from conftest import MIRRORFS, MiB, images_identical, make_full_pair, run
 
 SIZE = 64 * MiB
 BLOCK = 4096
@@ -23,12 +22,7 @@ WRITERS = 3
 
 
 def make_pair(workdir):
-    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
-    qemu_io(src, *[f"write -P {0x30 + i} {i * 2 * MiB} {MiB}" for i in range(SIZE // (2 * MiB))],
-            fmt="qcow2")
-    run("qemu-img", "create", "-q", "-f", "qcow2", dst, str(SIZE))
-    return src, dst
+    return make_full_pair(workdir, SIZE)
 
 
 class Model:
@@ -79,6 +73,10 @@ def serve(workdir, src, dst, *extra):
     raise AssertionError("not ready")
 
 
+def uri_of(workdir):
+    return f"nbd+unix:///?socket={workdir / 'd.sock'}"
+
+
 def status(workdir):
     res = run(*MIRRORFS, "status", "--json", "--control", workdir / "d.sock.ctl")
     return json.loads(res.stdout)
@@ -92,6 +90,21 @@ def wait_synchronized(workdir, timeout=60):
             return s
         time.sleep(0.1)
     raise AssertionError(f"not synchronized: {s}")
+
+
+def writers_then_kill(uri, proc, seed, model, seconds):
+    """Writers on `uri` for `seconds`, then kill -9 of mirrorfs and nbdkit while they write."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=writer, args=(uri, random.Random(seed * 10 + i), i, model, stop))
+               for i in range(WRITERS)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    kill_everything(proc)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert model.acked, "no write was acknowledged before the kill"
 
 
 def kill_everything(proc):
@@ -126,18 +139,7 @@ def test_kill_during_copy_and_writes_then_resume(workdir, seed):
     model = Model()
     # Slow the copy so the kill lands in the middle of it, with writes racing it.
     proc = serve(workdir, src, dst, "--rate", "24M")
-    stop = threading.Event()
-    threads = [threading.Thread(target=writer, args=(f"nbd+unix:///?socket={workdir / 'd.sock'}",
-                                                     random.Random(seed * 10 + i), i, model, stop))
-               for i in range(WRITERS)]
-    for t in threads:
-        t.start()
-    time.sleep(rng.uniform(0.3, 2.0))
-    kill_everything(proc)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert model.acked, "no write was acknowledged before the kill"
+    writers_then_kill(uri_of(workdir), proc, seed, model, rng.uniform(0.3, 2.0))
 
     proc = serve(workdir, src, dst)
     s = status(workdir)
@@ -157,17 +159,7 @@ def test_kill_while_mirroring_after_the_copy_then_resume(workdir, seed):
     model = Model()
     proc = serve(workdir, src, dst)
     wait_synchronized(workdir)
-    stop = threading.Event()
-    threads = [threading.Thread(target=writer, args=(f"nbd+unix:///?socket={workdir / 'd.sock'}",
-                                                     random.Random(seed * 10 + i), i, model, stop))
-               for i in range(WRITERS)]
-    for t in threads:
-        t.start()
-    time.sleep(rng.uniform(0.2, 1.0))
-    kill_everything(proc)
-    stop.set()
-    for t in threads:
-        t.join()
+    writers_then_kill(uri_of(workdir), proc, seed, model, rng.uniform(0.2, 1.0))
     state = json.loads((workdir / "state" / "state.json").read_text())
     assert state["dirty"], "writes were in flight, yet no region was marked"
 
