@@ -4,6 +4,10 @@
 
 DEB_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils qemu-system-common \
                 fio python3-venv
+# Real clients (tests/test_guest.py): QEMU, a Debian kernel, and what the guest's initramfs holds
+# (busybox, mkfs.ext4, nbd-client); e2fsck/debugfs check its file system; psktool and openssl make
+# the TLS tests' keys. Installed without recommends: qemu-system-x86 would bring a desktop.
+GUEST_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static nbd-client e2fsprogs gnutls-bin openssl
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -12,14 +16,18 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
-	    | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages: $$missing"; \
+$(STAMP): pyproject.toml Makefile
+	@missing() { for p in "$$@"; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q 'install ok installed' || echo $$p; done; }; \
+	main=$$(missing $(DEB_PACKAGES)); guest=$$(missing $(GUEST_PACKAGES)); \
+	if [ -n "$$main$$guest" ]; then \
+	    echo "installing Debian packages:" $$main $$guest; \
 	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	    $$SUDO apt-get update -q && \
-	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	    $$SUDO apt-get update -q || exit 1; \
+	    if [ -n "$$main" ]; then \
+	        DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$main || exit 1; fi; \
+	    if [ -n "$$guest" ]; then DEBIAN_FRONTEND=noninteractive \
+	        $$SUDO apt-get install -y -q --no-install-recommends $$guest || exit 1; fi; \
 	fi
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'

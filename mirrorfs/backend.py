@@ -76,6 +76,7 @@ class NbdBackend:
     def _connect(self):
         h = nbd.NBD()
         h.set_handle_name(self.name)
+        h.set_uri_allow_local_file(True)   # tls-psk-file=, tls-certificates= in a DEST URI
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         try:
             h.connect_uri(self.uri)

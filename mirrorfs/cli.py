@@ -11,7 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import __version__, control, display, jsonlines
+from mirrorfs import __version__, control, display, jsonlines, sockets
+from mirrorfs.access import TLS_MODES, Access
 from mirrorfs.copier import parse_rate
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.migration import Migration
@@ -36,6 +37,26 @@ def _positive_int(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def _access_options(p):
+    g = p.add_argument_group("who can connect")
+    g.add_argument("--tls", choices=TLS_MODES,
+                   help="TLS on every socket served: require (refuse clients without it), on (offer "
+                        "it), off (default; require when credentials are given)")
+    g.add_argument("--tls-certificates", metavar="DIR",
+                   help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem")
+    g.add_argument("--tls-psk", metavar="FILE", help="pre-shared keys, USERNAME:HEXKEY lines "
+                   "(psktool -u NAME -p FILE)")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow --listen on an address other machines can reach without --tls require")
+    g.add_argument("--group", metavar="NAME",
+                   help="unix sockets (disk and control) are 0660 and owned by this group, not 0600")
+
+
+def _access(args):
+    return Access(tls=args.tls, certificates=args.tls_certificates, psk=args.tls_psk,
+                  group=args.group, insecure=args.insecure)
 
 
 def build_parser():
@@ -70,6 +91,7 @@ def build_parser():
                        help="the dirty map's region size: a power of two from 1M (default 64M)")
     serve.add_argument("--control", metavar="PATH",
                        help="control socket (default: the --socket path + .ctl)")
+    _access_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     start = sub.add_parser(
@@ -93,6 +115,7 @@ def build_parser():
                        help="keep the migration's state here; start again with it to resume")
     start.add_argument("--on-dest-error", choices=("fail", "degrade"),
                        help="as for serve (default: degrade with --state-dir, else fail)")
+    _access_options(start)
     start.set_defaults(func=cmd_start)
 
     def client(name, help_, description):
@@ -141,13 +164,18 @@ def _stop_on_signals():
 
 def cmd_serve(args):
     stop = _stop_on_signals()
+    access = _access(args)
     server = MirrorServer(args.source, args.dest, socket=args.socket, listen=args.listen,
                           readonly=args.readonly, threads=args.threads, copy=args.copy,
                           state_dir=args.state_dir, policy=args.on_dest_error,
-                          rate=parse_rate(args.rate) if args.rate else None, region=args.region)
+                          rate=parse_rate(args.rate) if args.rate else None, region=args.region,
+                          access=access)
     control_path = args.control or (args.socket + ".ctl" if args.socket else None)
+    access.check(server.listen)             # before the control socket exists
     ctl = control.serve(control_path, server) if control_path else None
     try:
+        if ctl is not None:
+            access.share(control_path)
         with server:
             for uri in server.uris:
                 print(f"serving {uri}", flush=True)
@@ -167,11 +195,14 @@ def cmd_start(args):
     control_path = args.control or (args.socket + ".ctl" if args.socket else None)
     if control_path is None:
         raise UsageError("give --control PATH (there is no --socket to put it next to)")
+    access = _access(args)
+    access.check(sockets.parse_listen(args.listen) if args.listen else None)
     migration = Migration(args.source_top, args.dest_dir, socket=args.socket, listen=args.listen,
                           overlay_name=args.overlay_name, threads=args.threads,
-                          state_dir=args.state_dir, policy=args.on_dest_error)
+                          state_dir=args.state_dir, policy=args.on_dest_error, access=access)
     ctl = control.serve(control_path, migration)
     try:
+        access.share(control_path)
         migration.start()
         for uri in migration.server.uris:
             print(f"serving {uri}", flush=True)

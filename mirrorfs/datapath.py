@@ -9,6 +9,8 @@ Parameters (all given by mirrorfs's supervisor, which also starts the storage da
   policy=fail|degrade   what a destination failure does to the client's request (default fail)
   rate=BYTES        limit the copier to BYTES per second
   region=BYTES      the dirty map's region size (default 64 MiB)
+  granularity=BYTES changes within one such unit are serialized: the largest qcow2 cluster size
+                    of the sides (default 64 KiB; see inflight)
 
 The supervisor checks the state against the endpoints before starting nbdkit; this module trusts it
 but still refuses a state whose size disagrees with the source.
@@ -23,14 +25,14 @@ import socket
 from mirrorfs import jsonlines
 from mirrorfs.backend import BackendError, NbdBackend
 from mirrorfs.dirtymap import DirtyMap
-from mirrorfs.disk import DEFAULT_REGION, Disk, NotSynchronized
+from mirrorfs.disk import DEFAULT_REGION, LOCK_GRANULARITY, Disk, NotSynchronized
 from mirrorfs.inflight import DrainTimeout
 from mirrorfs.resync import Copier
 from mirrorfs.state import State, StateError
 
 log = logging.getLogger("mirrorfs")
 
-KEYS = ("source", "dest", "control", "mode", "state", "policy", "rate", "region")
+KEYS = ("source", "dest", "control", "mode", "state", "policy", "rate", "region", "granularity")
 
 
 class DataPath:
@@ -71,7 +73,8 @@ class DataPath:
         if state is not None:
             region = state.region_size
         dirty = DirtyMap(source.size, region, state, full=full)
-        self.disk = Disk(source, dest, dirty, policy=c.get("policy", "fail"))
+        self.disk = Disk(source, dest, dirty, policy=c.get("policy", "fail"),
+                         granularity=int(c.get("granularity", LOCK_GRANULARITY)))
         if dest is not None and (full or dirty.needs_copy):
             rate = int(c["rate"]) if c.get("rate") else None
             self.copier = Copier(self.disk, rate=rate)

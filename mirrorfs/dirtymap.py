@@ -29,6 +29,7 @@ class DirtyMap:
         self._save_lock = threading.Lock()
         resumed = set(state.dirty) if state else set()
         self.needs_copy = set(resumed)
+        self.copying = set()                    # taken from needs_copy, being copied right now
         self.intent = set(resumed)
         self.saved = set(resumed)
         self.active = collections.Counter()     # changes in flight, per region
@@ -98,19 +99,29 @@ class DirtyMap:
         """The first pass copied everything below `end`."""
         with self._lock:
             self.cursor = max(self.cursor, min(end, self.size))
+            done = self.cursor >= self.size
+        if done:
+            self.changed.set()          # the copier that watches for synchronized may be idle
 
     def take_region(self):
-        """A region to copy again, removed from needs_copy (a failure while copying it puts it back);
-        None if there is none."""
+        """A region to copy again, moved from needs_copy to copying; None if there is none. The
+        copier ends it with `region_done` or, after a failure, `give_back`. Until then the region
+        still counts as differing: a switch between two of its chunks must be refused."""
         with self._lock:
             if not self.needs_copy:
                 return None
             r = min(self.needs_copy)
             self.needs_copy.discard(r)
+            self.copying.add(r)
             return r
+
+    def region_done(self, region):
+        with self._lock:
+            self.copying.discard(region)
 
     def give_back(self, region):
         with self._lock:
+            self.copying.discard(region)
             self.needs_copy.add(region)
 
     def mark_all(self, regions=None):
@@ -127,11 +138,12 @@ class DirtyMap:
 
     def dirty_bytes(self):
         with self._lock:
-            return len(self.needs_copy) * self.region_size + (self.size - self.cursor)
+            return ((len(self.needs_copy) + len(self.copying)) * self.region_size
+                    + (self.size - self.cursor))
 
     def synchronized(self):
         with self._lock:
-            return self.cursor >= self.size and not self.needs_copy
+            return self.cursor >= self.size and not self.needs_copy and not self.copying
 
     # Keeping the saved state small and current.
 
@@ -153,14 +165,15 @@ class DirtyMap:
         if not self.durable:
             return
         with self._lock:
-            idle = {r for r in self.intent if r not in self.active and r not in self.needs_copy}
+            idle = {r for r in self.intent
+                    if r not in self.active and r not in self.needs_copy and r not in self.copying}
             self.written = set()
         if not idle:
             return
         flush_sides()
         with self._lock:
             cleared = {r for r in idle if r not in self.written and r not in self.active
-                       and r not in self.needs_copy}
+                       and r not in self.needs_copy and r not in self.copying}
             self.intent -= cleared
         if cleared:
             self._save(())
@@ -176,7 +189,7 @@ class DirtyMap:
             with self._lock:
                 if need and all(r in self.saved for r in need) and cursor is None and phase is None:
                     return          # another thread's save already holds them
-                snapshot = set(self.intent) | set(self.needs_copy)
+                snapshot = self.intent | self.needs_copy | self.copying
             if cursor is not None:
                 self.state.cursor = cursor
             if phase is not None:

@@ -30,6 +30,8 @@ log = logging.getLogger("mirrorfs")
 COPY_READ_MAX = 256 * 1024
 # Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
 SEQUENTIAL_WAIT_MAX = 128 * 1024
+# Changes to the same unit never run at once (see InFlight): qcow2's default cluster size.
+LOCK_GRANULARITY = 64 * 1024
 # Regions of the dirty map: the unit of write intent and of copying again after a failure.
 DEFAULT_REGION = 64 * 1024 * 1024
 # Latencies kept per side for status percentiles.
@@ -86,9 +88,9 @@ class SideStats:
 
 
 class Disk:
-    def __init__(self, source, dest=None, dirty=None, policy="fail"):
+    def __init__(self, source, dest=None, dirty=None, policy="fail", granularity=LOCK_GRANULARITY):
         self.size = source.size
-        self.inflight = InFlight()
+        self.inflight = InFlight(granularity)
         # Every backend this disk may use, now or after a switch: capabilities are what all can do,
         # because nbdkit tells a client its capabilities once, at connect time.
         self.backends = (source, dest) if dest is not None else (source,)

@@ -9,10 +9,11 @@ import os
 import select
 import time
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 import nbd
 
-from mirrorfs import images
+from mirrorfs import access, images
 from mirrorfs.errors import BackendError, UsageError
 
 URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
@@ -41,6 +42,7 @@ def resolve(label, spec, writable=True):
     if not spec:
         raise UsageError(f"{label}: empty path")
     if is_uri(spec):
+        _check_tls_files(label, spec)
         return Endpoint(label, spec, uri=spec)
     if "://" in spec:
         raise UsageError(f"{label} {spec!r}: unsupported URI scheme (expected one of "
@@ -49,6 +51,19 @@ def resolve(label, spec, writable=True):
     if writable and not os.access(info.path, os.W_OK):
         raise UsageError(f"{label} {info.path}: not writable")
     return Endpoint(label, spec, image=info, size=info.virtual_size)
+
+
+def _check_tls_files(label, uri):
+    """The files an nbds:// URI names for its TLS credentials (libnbd reads them when connecting):
+    checked now, so that a typo is one clear line rather than a failed handshake."""
+    query = parse_qs(urlsplit(uri).query)
+    for path in query.get("tls-psk-file", []):
+        access.check_psk_file(path, option=f"{label}: tls-psk-file")
+    for path in query.get("tls-certificates", []):
+        access.check_certificates(path, names=("ca-cert.pem",), option=f"{label}: tls-certificates")
+    if (query.get("tls-psk-file") or query.get("tls-certificates")) and not uri.startswith("nbds"):
+        raise UsageError(f"{label} {uri}: TLS credentials in a URI without TLS (nbds:// or "
+                         "nbds+unix://)")
 
 
 def _same_file(a, b):
@@ -80,6 +95,9 @@ def probe(endpoint, timeout=CONNECT_TIMEOUT):
     try:
         if not h.supports_uri():
             raise BackendError("this libnbd cannot open NBD URIs")
+        # tls-psk-file=, tls-certificates=: files the user named on our command line (libnbd
+        # 1.14 refuses both in a URI unless allowed).
+        h.set_uri_allow_local_file(True)
         h.aio_connect_uri(endpoint.uri)
         deadline = time.monotonic() + timeout
         while h.aio_is_connecting():

@@ -4,7 +4,7 @@ nbdkit cannot listen on a unix socket and a TCP port at once from its command li
 the listening sockets itself and hands them over with systemd-style socket activation (LISTEN_FDS):
 permissions are set before anyone can connect, a busy path or port fails before anything starts, and
 clients may connect the moment the sockets exist. The pidfile tells when the plugin is loaded and
-connected to both sides.
+connected to both sides. TLS and the export-name check are nbdkit's own (see mirrorfs/access.py).
 """
 
 import fcntl
@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import mirrorfs
+from mirrorfs.access import EXPORT_PARAMS, Access
 from mirrorfs.processes import Child
 
 PLUGIN = Path(mirrorfs.__file__).resolve().parent.parent / "plugin" / "mirrorfs_nbdkit.py"
@@ -63,14 +64,16 @@ def _activation(fds, pythonpath):
 class Nbdkit(Child):
     """nbdkit with the mirrorfs plugin, serving on the given listening sockets."""
 
-    def __init__(self, rundir, listeners, params, readonly=False, threads=16):
+    def __init__(self, rundir, listeners, params, readonly=False, threads=16, access=None):
+        """`access`: TLS and export-name options (mirrorfs.access.Access); default: no TLS."""
         rundir = Path(rundir)
         pidfile = rundir / "nbdkit.pid"
+        access = access or Access()
         argv = ["nbdkit", "--foreground", "--exit-with-parent", "--pidfile", pidfile,
-                "--threads", threads]
+                "--threads", threads, *access.nbdkit_options()]
         if readonly:
             argv.append("--readonly")
-        argv += ["python", PLUGIN] + [f"{k}={v}" for k, v in params.items()]
+        argv += ["python", PLUGIN] + [f"{k}={v}" for k, v in params.items()] + EXPORT_PARAMS
         # nbdkit's embedded interpreter is /usr/bin/python3, not our venv: show it where we live.
         pythonpath = os.pathsep.join(
             p for p in (os.fspath(PLUGIN.parent.parent), os.environ.get("PYTHONPATH")) if p)

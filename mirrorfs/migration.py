@@ -45,7 +45,7 @@ class Migration:
     """
 
     def __init__(self, source_top, dest_dir, *, socket=None, listen=None, overlay_name=None,
-                 threads=16, state_dir=None, policy=None):
+                 threads=16, state_dir=None, policy=None, access=None):
         self.source_top = Path(source_top).absolute()
         self.dest_dir = Path(dest_dir).absolute()
         name = overlay_name or f"{self.source_top.stem}-snap.qcow2"
@@ -57,6 +57,7 @@ class Migration:
         self._socket, self._listen, self._threads = socket, listen, threads
         self.state_dir = Path(state_dir).absolute() if state_dir else None
         self._policy = policy
+        self._access = access
         self.server = None
         self.base = None                # ImageInfo of source_top
         self.phase = "new"
@@ -114,7 +115,7 @@ class Migration:
     def _server(self):
         return MirrorServer(str(self.source_overlay), str(self.dest_overlay), socket=self._socket,
                             listen=self._listen, threads=self._threads, state_dir=self.state_dir,
-                            policy=self._policy)
+                            policy=self._policy, access=self._access)
 
     def _saved_state(self):
         if self.state_dir is None:
@@ -231,6 +232,9 @@ class Migration:
                     raise UsageError(f"switch refused: {detail}")
             self._enter("switching")
             try:
+                # QEMU flushes the overlay inside the reopen, with its I/O held: under write load
+                # that hold (100-300 ms here) is what clients notice, not the data path's switch.
+                # A flush just before does not help: it holds qcow2's lock about as long.
                 started = time.monotonic()
                 self.server.daemon("dst").rebase(images.info(self.dest_base))
                 rebase = time.monotonic() - started

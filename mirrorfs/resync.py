@@ -26,7 +26,9 @@ from mirrorfs.backend import BackendError, describe
 
 log = logging.getLogger("mirrorfs")
 
-CHUNK = 1024 * 1024             # held under the range lock at a time: what a client write may wait for
+CHUNK = 4 * 1024 * 1024         # held under the range lock at a time: what a client write may wait for
+PIECE = 1024 * 1024             # the requests a chunk's data is read and written in
+WORKERS = 3
 MAINTENANCE_INTERVAL = 2.0      # how often the cursor is saved and quiet regions are cleared
 RETRY_DELAY = 1.0
 
@@ -36,7 +38,7 @@ class CopyFailed(Exception):
 
 
 class Copier:
-    def __init__(self, disk, rate=None, chunk=CHUNK):
+    def __init__(self, disk, rate=None, chunk=CHUNK, workers=WORKERS):
         self.disk = disk
         self.dirty = disk.dirty
         self.rate = rate                # bytes per second, or None
@@ -47,10 +49,18 @@ class Copier:
         self.started = time.monotonic()
         self.synchronized_at = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="copier", daemon=True)
+        # Several workers copy different chunks at once, so one chunk's reads overlap another's
+        # writes. The cursor only moves over chunks that are all done (see _chunk_done).
+        self._lock = threading.Lock()
+        self._next = self.dirty.cursor  # the next first-pass chunk to hand out
+        self._retry = []                # first-pass chunks whose copy failed
+        self._finished = set()          # first-pass chunks done, above the cursor
+        self._threads = [threading.Thread(target=self._run, args=(i == 0,), name=f"copier {i}",
+                                          daemon=True) for i in range(workers)]
 
     def start(self):
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self):
@@ -73,7 +83,7 @@ class Copier:
         d = self.disk
         return d.dest is not None and d.reader is d.source and d.dest in d.writers
 
-    def _run(self):
+    def _run(self, maintains):
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
         while not self._stop.is_set() and self._mirroring():
             try:
@@ -82,11 +92,11 @@ class Copier:
                 self.failures += 1
                 self._stop.wait(max(RETRY_DELAY, self.disk.dest.down_until - time.monotonic()))
                 continue
-            if time.monotonic() >= next_maintenance:
+            if maintains and time.monotonic() >= next_maintenance:
                 self._maintain()
                 next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
             if not worked:
-                if self.synchronized_at is None and self.dirty.synchronized():
+                if maintains and self.synchronized_at is None and self.dirty.synchronized():
                     self.synchronized_at = time.monotonic()
                     log.info("synchronized: the destination holds the whole disk (%.1fs)",
                              self.synchronized_at - self.started)
@@ -96,11 +106,15 @@ class Copier:
 
     def _step(self):
         """Copy one chunk or one region; False if there was nothing to copy."""
-        if not self.dirty.first_pass_done():
-            start = self.dirty.cursor
-            end = min(start + self.chunk, self.disk.size)
-            self._copy(start, end)
-            self.dirty.advance(end)
+        start = self._take_chunk()
+        if start is not None:
+            try:
+                self._copy(start, min(start + self.chunk, self.disk.size))
+            except CopyFailed:
+                with self._lock:
+                    self._retry.append(start)
+                raise
+            self._chunk_done(start)
             return True
         region = self.dirty.take_region()
         if region is None:
@@ -114,7 +128,28 @@ class Copier:
         except CopyFailed:
             self.dirty.give_back(region)
             raise
+        self.dirty.region_done(region)
         return True
+
+    def _take_chunk(self):
+        with self._lock:
+            if self._retry:
+                return self._retry.pop()
+            if self._next < self.disk.size:
+                start, self._next = self._next, self._next + self.chunk
+                return start
+            return None
+
+    def _chunk_done(self, start):
+        """Move the cursor over every chunk done, up to the first one still being copied: the
+        cursor promises that everything below it is copied."""
+        with self._lock:
+            self._finished.add(start)
+            cursor = self.dirty.cursor
+            while cursor in self._finished:
+                self._finished.discard(cursor)
+                cursor += self.chunk
+        self.dirty.advance(cursor)
 
     def _maintain(self):
         try:
@@ -136,14 +171,7 @@ class Copier:
             intent = self.dirty.before_change(start, end)
             ok = False
             try:
-                for offset, length, zero in self._extents(start, end):
-                    if zero:
-                        disk.dest.call(lambda h: h.zero(length, offset))
-                        self.bytes_zeroed += length
-                    else:
-                        data = disk.source.call(lambda h: h.pread(length, offset))
-                        disk.dest.call(lambda h: h.pwrite(data, offset))
-                        self.bytes_read += length
+                self._copy_extents(start, end)
                 ok = True
             except (nbd.Error, BackendError) as e:
                 log.warning("copy of [%d, %d) failed, will retry: %s", start, end, describe(e))
@@ -153,6 +181,37 @@ class Copier:
         finally:
             disk.inflight.leave(token)
         self._throttle()
+
+    def _copy_extents(self, start, end):
+        """All the chunk's reads in flight at once on one source connection, then all its writes
+        and zeroes at once on one destination connection: the servers see a queue, not one
+        request at a time."""
+        source, dest = self.disk.source, self.disk.dest
+        pieces, zeroes = [], []
+        for offset, length, zero in self._extents(start, end):
+            if zero:
+                zeroes.append((offset, length))
+            else:
+                for pos in range(offset, offset + length, PIECE):
+                    pieces.append((pos, nbd.Buffer(min(PIECE, offset + length - pos))))
+        if pieces:
+            h = source.acquire()
+            failed = True
+            try:
+                _wait(h, [h.aio_pread(buf, pos) for pos, buf in pieces])
+                failed = False
+            finally:
+                source.release(h, failed)
+        h = dest.acquire()
+        failed = True
+        try:
+            _wait(h, [h.aio_pwrite(buf, pos) for pos, buf in pieces]
+                  + [h.aio_zero(length, offset) for offset, length in zeroes])
+            failed = False
+        finally:
+            dest.release(h, failed)
+        self.bytes_read += sum(len(buf) for _, buf in pieces)
+        self.bytes_zeroed += sum(length for _, length in zeroes)
 
     def _extents(self, start, end):
         """(offset, length, reads_as_zero) covering [start, end), from the source's block status."""
@@ -180,3 +239,23 @@ class Copier:
         ahead = self.bytes_read / self.rate - (time.monotonic() - self.started)
         if ahead > 0:
             self._stop.wait(ahead)
+
+
+def _wait(h, cookies):
+    """Drive `h` until every command completes, then raise the first failure (nbd.Error). All of
+    them, even after one failed: a write still in flight after the chunk's range lock is released
+    could land after a newer client write to the same bytes."""
+    pending, failure = list(cookies), None
+    while pending:
+        still = []
+        for c in pending:
+            try:
+                if not h.aio_command_completed(c):
+                    still.append(c)
+            except nbd.Error as e:
+                failure = failure or e
+        pending = still
+        if pending:
+            h.poll(-1)
+    if failure is not None:
+        raise failure

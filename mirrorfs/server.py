@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from mirrorfs import endpoints, jsonlines, sockets
+from mirrorfs.access import Access
 from mirrorfs.disk import DEFAULT_REGION
 from mirrorfs.errors import Error, ProcessError, UsageError
 from mirrorfs.events import EventLog
@@ -48,6 +49,7 @@ def make_rundir():
 
 
 POLICIES = ("fail", "degrade")
+DEFAULT_CLUSTER = 64 * 1024
 COPY_MODES = ("none", "full")
 
 
@@ -59,12 +61,21 @@ def identity(endpoint):
     return {"uri": endpoint.uri, "size": endpoint.size}
 
 
+def lock_granularity(*sides):
+    """The unit in which the data path serializes changes: the largest qcow2 cluster among the
+    image sides (64 KiB, qcow2's default, for NBD URIs, whose format we cannot know)."""
+    sizes = [ep.image.cluster_size if ep.is_image else DEFAULT_CLUSTER
+             for ep in sides if ep is not None]
+    return max([s for s in sizes if s] + [4096])
+
+
 class MirrorServer:
     """The process tree of `mirrorfs serve`, and the controls of the mirror it serves (the same
     interface as Migration, for the control socket): status, pivot, cancel, events."""
 
     def __init__(self, source, dest=None, socket=None, listen=None, readonly=False, threads=16,
-                 copy="none", state_dir=None, policy=None, rate=None, region=None):
+                 copy="none", state_dir=None, policy=None, rate=None, region=None, access=None):
+        """`access`: TLS, the sockets' group, --insecure (mirrorfs.access.Access); default: none."""
         if socket is None and listen is None:
             raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
         if readonly and dest is not None:
@@ -99,6 +110,7 @@ class MirrorServer:
         self.listen = sockets.parse_listen(listen) if listen else None
         self.readonly = readonly
         self.threads = threads
+        self.access = access or Access()
         self.rundir = None
         self.daemons = []
         self.nbdkit = None
@@ -118,6 +130,7 @@ class MirrorServer:
     def _start(self):
         if self.socket_path:
             sockets.check_unix_path(self.socket_path)
+        self.access.check(self.listen)
         source = endpoints.resolve("source", self.source_spec, writable=not self.readonly)
         dest = endpoints.resolve("destination", self.dest_spec) if self.dest_spec else None
         if dest is not None:
@@ -129,6 +142,7 @@ class MirrorServer:
         if self.socket_path:
             self._listeners.append(sockets.bind_unix(self.socket_path))
             self._own_socket = True
+            self.access.share(self.socket_path)
         if self.listen:
             self._listeners.append(sockets.bind_tcp(*self.listen))
 
@@ -148,7 +162,8 @@ class MirrorServer:
                              f"({dest.size} < {source.size} bytes)")
         self.source, self.dest = source, dest
 
-        params = {"source": source.uri, "control": self.datapath_socket}
+        params = {"source": source.uri, "control": self.datapath_socket,
+                  "granularity": lock_granularity(source, dest)}
         phase = "serving" if dest is None else "mirroring"
         mode = "full" if self.copy_mode == "full" else "mirror"
         if dest is not None:
@@ -158,7 +173,7 @@ class MirrorServer:
             if self.state_dir is not None:
                 phase = self._open_state(source, dest, mode, params)
         self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
-                             threads=self.threads)
+                             threads=self.threads, access=self.access)
         self._relay = LogRelay(self.nbdkit.log_path, sys.stderr, select=OperatorLines()).start()
         self.nbdkit.start()
         for s in self._listeners:           # nbdkit has them now
@@ -261,11 +276,12 @@ class MirrorServer:
     @property
     def uris(self):
         found = []
+        s = "s" if self.access.tls_required else ""
         if self.socket_path:
-            found.append(f"nbd+unix:///?socket={self.socket_path}")
+            found.append(f"nbd{s}+unix:///?socket={self.socket_path}")
         if self.listen:
             host, port = self.listen
-            found.append(f"nbd://{'[' + host + ']' if ':' in host else host}:{port}/")
+            found.append(f"nbd{s}://{'[' + host + ']' if ':' in host else host}:{port}/")
         return found
 
     def children(self):

@@ -12,8 +12,8 @@ fio jobs over NBD, in the same run, on the same machine:
 Then, outside the matrix: the base copy (nbdcopy between two exports), the switch stall of
 `mirrorfs pivot` under fio load, and nbdkit's memory serving a 1 GiB and a 1 TiB disk.
 
-    make bench                                  # 1 GiB, 5 s per job, 3 runs: about 9 minutes
-    make bench BENCH_ARGS=--quick               # a smoke run of a few seconds
+    make bench                                  # 1 GiB, 5 s per job, 3 runs: about 8 minutes
+    make bench BENCH_ARGS=--quick               # a smoke run of about 20 seconds
     .venv/bin/python scripts/bench.py --targets mirrorfs,direct --jobs 4k-randwrite --runs 1
 """
 
@@ -37,7 +37,6 @@ from pathlib import Path
 
 import nbd
 import psutil
-from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from mirrorfs import jsonlines, processes, sockets
@@ -243,6 +242,11 @@ class Target:
     def check(self):
         pass
 
+    def diagnose(self):
+        """After a failed job: save what could explain it somewhere that outlives the work
+        directory, and return that path (or None)."""
+        return None
+
     def __enter__(self):
         try:
             self.start()
@@ -281,6 +285,19 @@ class MirrorfsTarget(Target):
     def nbdkit_processes(self):
         return [p for p in psutil.Process(self.server.pid).children(recursive=True)
                 if p.name() == "nbdkit"]
+
+    def diagnose(self):
+        """A job that overstays its runtime means requests stuck in the data path: where nbdkit's
+        Python threads wait (py-spy, installed in the venv) tells which lock or side holds them."""
+        py_spy = Path(sys.executable).parent / "py-spy"
+        if not self.server.alive() or not py_spy.exists():
+            return None
+        stacks = [run_tool([py_spy, "dump", "--pid", p.pid], timeout=30, check=False)
+                  for p in self.nbdkit_processes()]
+        saved = Path(tempfile.gettempdir()) / f"mfsbench-{os.getpid()}-{self.disk.dir.name}.txt"
+        saved.write_text("\n".join(stacks) + "\n--- mirrorfs serve's log ---\n"
+                         + self.server.log_path.read_text(errors="replace"))
+        return saved
 
 
 class DirectTarget(Target):
@@ -449,8 +466,10 @@ def measure_target(kind, disk, config, log):
                 try:
                     found = run_job(target.uri, job, config)
                 except BenchError as e:
-                    errors.append(f"{kind.name} {job.label}: {e}")
-                    log(f"  {job.label:28} FAILED: {e}")
+                    saved = target.diagnose()
+                    detail = f"{e}" + (f" (stacks and log saved in {saved})" if saved else "")
+                    errors.append(f"{kind.name} {job.label}: {detail}")
+                    log(f"  {job.label:28} FAILED: {detail}")
                     continue
                 rows.update(found)
                 log(f"  {job.label:28} " + ", ".join(f"{m['iops']:,.0f} IOPS" for m in found.values()))
@@ -546,11 +565,41 @@ def measure_nbdcopy(base, workdir, size):
 
 
 def measure_mirrorfs_copy(base, workdir, size):
-    """HOOK (issue #5): mirrorfs's own full copy, `mirrorfs serve --copy full`, is being written.
-    When it lands, measure it here like measure_nbdcopy (same base, same empty qcow2 destination)
-    and return the same dict; the report prints whatever this returns."""
-    print("mirrorfs serve --copy full: not available yet", file=sys.stderr)
-    return None
+    """mirrorfs's own full copy, `mirrorfs serve --copy full`, between the same two kinds of export
+    as measure_nbdcopy: the copier's time to synchronized, from its status."""
+    rundir = workdir / "mcopy"
+    rundir.mkdir()
+    target_image = rundir / "copy.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", target_image, size)
+    source = StorageExport(rundir, "from", [qcow2_node("base", base, readonly=True)], "base",
+                           writable=False)
+    dest = StorageExport(rundir, "to", [qcow2_node("copy", target_image)], "copy")
+    socket_path = sockets.check_unix_path(rundir / "m.sock")
+    server = Child("mirrorfs serve --copy full",
+                   [*MIRRORFS, "serve", "--copy", "full", source.uri, dest.uri,
+                    "--socket", socket_path], rundir / "mirrorfs.log")
+    try:
+        source.start()
+        dest.start()
+        server.start()
+        wait_for_output(server, "control ")
+        deadline = time.monotonic() + 600
+        while True:
+            status = json.loads(mirrorfs_cli("status", "--json", "--control", f"{socket_path}.ctl"))
+            copy = status["datapath"]["copy"]
+            if copy["synchronized_seconds"] is not None:
+                seconds = copy["synchronized_seconds"]
+                break
+            if time.monotonic() > deadline:
+                raise BenchError("mirrorfs's copy did not finish in 600 s")
+            time.sleep(0.1)
+    finally:
+        server.stop()
+        dest.stop()
+        source.stop()
+        shutil.rmtree(rundir, ignore_errors=True)
+    return {"tool": "mirrorfs serve --copy full", "bytes": size, "seconds": seconds,
+            "mbps": size / seconds / MB}
 
 
 # Outside the matrix (ii): the switch stall under load.
@@ -620,31 +669,54 @@ def mirrorfs_cli(*args, timeout=600):
     return run_tool([*MIRRORFS, *args], timeout=timeout)
 
 
-def measure_switch(base, workdir, size, log, settle=2.0, after=1.5):
-    """`mirrorfs start` on an overlay of the base, `mirrorfs copy`, then fio 4k randwrite qd16 plus
-    the probe while `mirrorfs pivot` verifies and switches. Reports the stall the data path measured
-    (status), what fio saw, and the probe's latencies within 1 s either side of the switch."""
+def measure_switch(base, workdir, size, log):
+    """`mirrorfs start` on an overlay of the base, `mirrorfs copy`, then `mirrorfs pivot` under
+    load. Reports the stall the data path measured (status), what fio saw, and the probe's
+    latencies within 1 s either side of the switch."""
     root = workdir / "switch"
     (root / "dst").mkdir(parents=True)
     (root / "src").mkdir()
     top = make_overlay(root / "src" / "disk.qcow2", base)
     socket_path = sockets.check_unix_path(root / "disk.sock")
     control = f"{socket_path}.ctl"
-    uri = f"nbd+unix:///?socket={socket_path}"
     server = Child("mirrorfs start", [*MIRRORFS, "start", top, "--dest-dir", root / "dst",
                                       "--socket", socket_path], root / "mirrorfs.log")
-    load = probe = None
     try:
         server.start()
         wait_for_output(server, "control ")
         mirrorfs_cli("copy", "--json", "--control", control)
         # The copier's own time: the CLI polls the status every 0.5 s, so its run time is coarser.
-        copy_seconds = json.loads(mirrorfs_cli("status", "--json", "--control", control))["copy"]["seconds"]
+        status = json.loads(mirrorfs_cli("status", "--json", "--control", control))
+        copy_seconds = status["copy"]["seconds"]
         log(f"  base copied by `mirrorfs copy` in {copy_seconds:.1f}s; pivot under load")
+        fio, probe = pivot_under_load(f"nbd+unix:///?socket={socket_path}", size, control)
+        check_alive(server)
+        status = json.loads(mirrorfs_cli("status", "--json", "--control", control))
+        switching, switched = switch_times(control)
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    window = [s for s in probe.samples if s[1] >= switching - 1 and s[0] <= switched + 1]
+    before = [s for s in probe.samples if s[1] < switching - 1]
+    # Where in the switch the worst write fell: during the rebase (QMP on the destination daemon)
+    # or the data path's hold, which are the two steps between "switching" and "switched".
+    slowest = max(window, key=lambda s: s[1] - s[0], default=None)
+    return {"stall_ms": status["switch"]["stall_ms"], "rebase_ms": status["switch"]["rebase_ms"],
+            "switching_to_switched_ms": (switched - switching) * 1000,
+            "slowest_probe_started_ms": (slowest[0] - switching) * 1000 if slowest else None,
+            "base_copy_seconds": copy_seconds,
+            "fio": {"iops": fio["write"]["iops"], "clat_max_ms": fio["write"]["clat_ns"]["max"] / 1e6},
+            "probe_around_switch": latency_stats(window), "probe_before": latency_stats(before)}
 
-        load = processes.popen(fio_argv(uri, size, JOBS[0].args, runtime=3600, ramp=0),
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+
+def pivot_under_load(uri, size, control, settle=2.0, after=1.5):
+    """fio 4k randwrite qd16 and the probe run from `settle` seconds before `mirrorfs pivot` to
+    `after` seconds after it returns. Returns fio's job result and the stopped probe."""
+    load = processes.popen(fio_argv(uri, size, JOBS[0].args, runtime=3600, ramp=0),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    probe = None
+    try:
         probe = Probe(uri, size)
         probe.start()
         time.sleep(settle)
@@ -652,26 +724,14 @@ def measure_switch(base, workdir, size, log, settle=2.0, after=1.5):
         time.sleep(after)
         probe.stop()
         fio = stop_fio(load)
-        load = None
-        check_alive(server)
-        status = json.loads(mirrorfs_cli("status", "--json", "--control", control))
-        switching, switched = switch_times(control)
     finally:
         if probe is not None and probe.is_alive():
             probe.stop()
-        if load is not None:
+        if load.poll() is None:     # interrupted or failed before fio was stopped
             kill_group(load)
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
     if probe.error:
         raise BenchError(f"a probe write failed during the switch: {probe.error}")
-    window = [s for s in probe.samples if s[1] >= switching - 1 and s[0] <= switched + 1]
-    before = [s for s in probe.samples if s[1] < switching - 1]
-    return {"stall_ms": status["switch"]["stall_ms"], "rebase_ms": status["switch"]["rebase_ms"],
-            "switching_to_switched_ms": (switched - switching) * 1000,
-            "base_copy_seconds": copy_seconds,
-            "fio": {"iops": fio["write"]["iops"], "clat_max_ms": fio["write"]["clat_ns"]["max"] / 1e6},
-            "probe_around_switch": latency_stats(window), "probe_before": latency_stats(before)}
+    return fio, probe
 
 
 def stop_fio(proc):
@@ -791,6 +851,8 @@ def print_extras(report):
               f"{fmt(around.get('p50_ms'), '.2f')} ms, p99 {fmt(around.get('p99_ms'), '.2f')} ms, "
               f"max {fmt(around.get('max_ms'), '.1f')} ms, longest gap "
               f"{fmt(around.get('max_gap_ms'), '.1f')} ms")
+        print(f"  the slowest probe write started  {fmt(switch['slowest_probe_started_ms'], '.0f')} ms "
+              "after `switching` (0: rebase starts; the data path hold is at the end)")
         print(f"  probe before (steady, mirrored): p50 {fmt(before.get('p50_ms'), '.2f')} ms, "
               f"p99 {fmt(before.get('p99_ms'), '.2f')} ms, max {fmt(before.get('max_ms'), '.1f')} ms")
     if "rss" in report:

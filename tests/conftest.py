@@ -2,6 +2,7 @@
 real CLI, qemu-nbd servers for URI endpoints. Every test is checked for leftover processes."""
 
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,9 @@ import pytest
 
 MIRRORFS = [sys.executable, "-m", "mirrorfs"]
 CHILD_NAMES = ("nbdkit", "qemu-storage-daemon", "qemu-nbd")
-REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "fio")
+REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "fio",
+                  # the guest tests (QEMU, checking the guest's file system) and the TLS tests' keys
+                  "qemu-system-x86_64", "e2fsck", "debugfs", "psktool", "openssl")
 
 
 def pytest_sessionstart(session):
@@ -55,11 +58,23 @@ def images_identical(a, b):
     return res.returncode == 0, (res.stdout + res.stderr).strip()
 
 
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def workdir():
-    """A short directory (unix socket paths are limited to 107 bytes)."""
+def workdir(request):
+    """A short directory (unix socket paths are limited to 107 bytes). MIRRORFS_KEEP_FAILED=1
+    keeps the directory of a failed test, images and logs, for a post-mortem."""
     path = Path(tempfile.mkdtemp(prefix="mfs-", dir="/tmp"))
     yield path
+    report = getattr(request.node, "report_call", None)
+    if os.environ.get("MIRRORFS_KEEP_FAILED") and report is not None and report.failed:
+        print(f"kept {path}")
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -151,6 +166,7 @@ class Served:
         argv = [*MIRRORFS, command, *map(str, args)]
         if "--socket" not in args and "--listen" not in args:
             argv += ["--socket", str(self.socket)]
+        self.argv = argv
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         self.uri = self._wait_ready()

@@ -1,0 +1,133 @@
+"""Real clients: a Linux guest under QEMU whose disk is mirrorfs, migrating while it writes; and the
+guest's kernel attached to mirrorfs with nbd-client. The commands are the README's ("Using it with
+QEMU", "Using it with nbd-client"): each test checks that what it runs is written there.
+
+The guest is built from Debian's packages (tests/guest.py) and runs under TCG; the tests take about a
+minute each. The host checks the images with e2fsck and reads the files back with debugfs.
+"""
+
+import hashlib
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import MIRRORFS, MiB, MigrationSetup, images_identical, make_base, make_overlay, run
+from guest import Guest, build, checksums
+from readme import check_commands, guest_commands
+
+pytestmark = pytest.mark.guest
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    """Build (or find) the guest once; a missing package is an error, not a skip."""
+    return build()
+
+
+def mirrorfs_argv(argv):
+    """The argv a test ran, as the README writes it: `mirrorfs ...` for the module's command."""
+    argv = [str(a) for a in argv]
+    n = len(MIRRORFS)
+    return ["mirrorfs", *argv[n:]] if argv[:n] == MIRRORFS else argv
+
+
+def check_filesystem(image, fmt, workdir, expected):
+    """The chain `image` as raw bytes: a clean ext4 (e2fsck -fn) holding the files the guest wrote
+    (read with debugfs, not mounted). Returns the commands it ran for the first file."""
+    raw = workdir / "check.raw"
+    convert = ["qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw]
+    run(*convert)
+    fsck = ["e2fsck", "-fn", raw]
+    res = subprocess.run(fsck, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ran = [convert, fsck]
+    found = {}
+    for name in sorted(expected):
+        cat = ["debugfs", "-R", f"cat /{name}", raw]
+        res = subprocess.run(cat, capture_output=True)
+        assert res.returncode == 0, res.stderr.decode()
+        found[name] = hashlib.sha256(res.stdout).hexdigest()
+        if len(ran) == 2:
+            ran.append(cat)
+    assert found == expected
+    raw.unlink()
+    return ran
+
+
+def test_guest_writes_while_its_disk_migrates(guest_image, workdir, serve):
+    m = MigrationSetup(workdir, serve, size=128 * MiB)
+    disk = m.start()
+    socket = disk.socket
+    qemu = ["-drive", f"file=nbd+unix:///?socket={socket},format=raw,if=virtio"]
+    started = time.monotonic()
+    with Guest(workdir, "disk", qemu) as guest:
+        guest.wait_for(lambda lines: guest.count("FILE") >= 5, "writes")
+        # Step 4 while the guest writes: rate-limited, so that writes land during the copy too.
+        before_copy = guest.count("FILE")
+        copy = [*MIRRORFS, "copy", "--control", disk.control, "--rate", "8M"]
+        run(*copy, timeout=120)
+        after_copy = guest.count("FILE")
+        pivot = [*MIRRORFS, "pivot", "--control", disk.control]
+        assert "switched" in run(*pivot, timeout=60).stdout
+        after_pivot = guest.count("FILE")
+        # Ten writes after the switch at least, and enough that every file name (f0..f23) was used.
+        guest.wait_for(lambda lines: guest.count("FILE") >= max(after_pivot + 10, 30),
+                       "writes after the switch")
+        guest.send("stop")
+        lines = guest.wait_exit()
+    print(f"guest: {guest.seconds:.1f}s, {guest.count('FILE')} files written; "
+          f"{after_copy - before_copy} during the copy, {guest.count('FILE') - after_pivot} after "
+          f"the switch; test {time.monotonic() - started:.1f}s")
+    assert after_copy > before_copy, "no write landed during the copy"
+    status = json.loads(m.ctl("status", "--json").stdout)
+    assert status["phase"] == "switched" and status["datapath"]["reader"] == "destination"
+    assert disk.stop() == 0
+
+    # What the guest read back at the end (page cache dropped) is what it wrote last.
+    written, final = checksums(lines, "FILE"), checksums(lines, "FINAL")
+    assert final == written and len(final) == 24
+    # The destination chain stands alone, is a clean file system, and holds every file.
+    info = json.loads(run("qemu-img", "info", "-U", "--output=json", "--backing-chain",
+                          m.dest_overlay).stdout)
+    assert [layer["filename"] for layer in info] == [str(m.dest_overlay), str(m.dest_base)]
+    checked = check_filesystem(m.dest_overlay, "qcow2", workdir, final)
+
+    check_commands("Using it with QEMU", {
+        "/srv/vm1": str(workdir / "src"), "/srv/new": str(workdir / "dst"), "/run/vm1.sock": str(socket),
+        "$KERNEL": str(guest.kernel), "$INITRD": str(guest.initrd),
+        "vm1-console.log": str(guest.console), "vm1-guest.ctl": str(guest.ctl_path),
+        "vm1.raw": str(workdir / "check.raw")},
+        [mirrorfs_argv(disk.argv), guest.argv, mirrorfs_argv(copy), mirrorfs_argv(pivot), *checked])
+
+
+def test_nbd_client_in_the_guest_kernel(guest_image, workdir, serve):
+    (workdir / "src").mkdir()
+    (workdir / "dst").mkdir()
+    base = make_base(workdir / "src" / "base.qcow2", 128 * MiB)
+    source = make_overlay(workdir / "src" / "disk.qcow2", base)
+    dest = make_overlay(workdir / "dst" / "disk.qcow2", base)
+    disk = serve(source, dest)
+    socket = disk.socket
+    # No network but one forwarded port: 10.0.2.100:10809 in the guest is mirrorfs's unix socket.
+    qemu = ["-netdev", "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:10809-chardev:nbd",
+            "-chardev", f"socket,id=nbd,path={socket}", "-device", "virtio-net-pci,netdev=net0"]
+    with Guest(workdir, "nbd", qemu, control=False) as guest:
+        lines = guest.wait_exit()
+    print(f"guest: {guest.seconds:.1f}s")
+    assert f"ATTACHED {128 * MiB // 512}" in lines
+    assert disk.stop() == 0
+
+    written, final = checksums(lines, "FILE"), checksums(lines, "FINAL")
+    assert final == written and len(final) == 24
+    same, detail = images_identical(source, dest)
+    assert same, detail
+    checked = check_filesystem(dest, "qcow2", workdir, final)
+
+    check_commands("Using it with nbd-client", {
+        "/srv/vm2": str(workdir / "src"), "/srv/new": str(workdir / "dst"), "/run/vm2.sock": str(socket),
+        "$KERNEL": str(guest.kernel), "$INITRD": str(guest.initrd),
+        "vm2-console.log": str(guest.console),
+        "vm2.raw": str(workdir / "check.raw")},
+        [mirrorfs_argv(disk.argv), guest.argv, *checked], guest=guest_commands())
