@@ -540,17 +540,23 @@ def row_labels(config):
 
 # Outside the matrix (i): the base copy.
 
-def measure_nbdcopy(base, workdir, size):
-    """nbdcopy from a read-only export of the fully written base to an export of an empty qcow2:
-    the copy rate of a good NBD copier between two storage daemons, what mirrorfs's own copy is
-    to be compared with."""
-    rundir = workdir / "copy"
+def copy_endpoints(base, rundir, size):
+    """What every copier copies between: a read-only export of the fully written base and an
+    export of an empty qcow2 of the same size (not started)."""
     rundir.mkdir()
     target_image = rundir / "copy.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", target_image, size)
     source = StorageExport(rundir, "from", [qcow2_node("base", base, readonly=True)], "base",
                            writable=False)
     dest = StorageExport(rundir, "to", [qcow2_node("copy", target_image)], "copy")
+    return rundir, source, dest
+
+
+def measure_nbdcopy(base, workdir, size):
+    """nbdcopy from a read-only export of the fully written base to an export of an empty qcow2:
+    the copy rate of a good NBD copier between two storage daemons, what mirrorfs's own copy is
+    to be compared with."""
+    rundir, source, dest = copy_endpoints(base, workdir / "copy", size)
     try:
         source.start()
         dest.start()
@@ -567,13 +573,7 @@ def measure_nbdcopy(base, workdir, size):
 def measure_mirrorfs_copy(base, workdir, size):
     """mirrorfs's own full copy, `mirrorfs serve --copy full`, between the same two kinds of export
     as measure_nbdcopy: the copier's time to synchronized, from its status."""
-    rundir = workdir / "mcopy"
-    rundir.mkdir()
-    target_image = rundir / "copy.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", target_image, size)
-    source = StorageExport(rundir, "from", [qcow2_node("base", base, readonly=True)], "base",
-                           writable=False)
-    dest = StorageExport(rundir, "to", [qcow2_node("copy", target_image)], "copy")
+    rundir, source, dest = copy_endpoints(base, workdir / "mcopy", size)
     socket_path = sockets.check_unix_path(rundir / "m.sock")
     server = Child("mirrorfs serve --copy full",
                    [*MIRRORFS, "serve", "--copy", "full", source.uri, dest.uri,
