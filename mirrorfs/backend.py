@@ -9,17 +9,23 @@ This module runs inside nbdkit's embedded interpreter: standard library and libn
 """
 
 import errno
+import logging
+import os
 import select
+import socket
 import threading
 import time
 
 import nbd
+
+log = logging.getLogger("mirrorfs")
 
 POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 # After a failed connect, wait this long before trying again, doubling up to the maximum: a dead
 # destination must not cost every request a connect timeout.
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+CONNECT_TIMEOUT = 10.0
 
 
 class BackendError(Exception):
@@ -65,6 +71,8 @@ class NbdBackend:
         # Without multi-conn, one connection is the only correct choice (see the module docstring).
         self._single = None if self.multi_conn else threading.Semaphore(1)
         self._closed = False
+        self._busy = {}                 # handle -> when it was lent: see expire()
+        self.timeouts = 0
         self.down_until = 0.0           # monotonic time before which we do not try to connect
         self._backoff = BACKOFF_FIRST
         self.reconnects = 0
@@ -79,9 +87,12 @@ class NbdBackend:
         h.set_uri_allow_local_file(True)   # tls-psk-file=, tls-certificates= in a DEST URI
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         try:
-            h.connect_uri(self.uri)
+            connect(h, self.uri, CONNECT_TIMEOUT)
+            h.connection_fd = h.aio_get_fd()
         except nbd.Error as e:
             raise BackendError(f"{self.name}: cannot connect to {self.uri}: {describe(e)}") from None
+        except TimeoutError:
+            raise BackendError(f"{self.name}: {self.uri}: no answer after {CONNECT_TIMEOUT:g}s") from None
         return h
 
     def _connect_with_backoff(self):
@@ -107,21 +118,24 @@ class NbdBackend:
         if self._single is not None:
             self._single.acquire()
         try:
-            return self._idle.pop()        # list.pop/append are atomic under the GIL
+            h = self._idle.pop()           # list.pop/append are atomic under the GIL
         except IndexError:
-            h = self._connect_with_backoff()
+            try:
+                h = self._connect_with_backoff()
+            except BaseException:
+                if self._single is not None:
+                    self._single.release()
+                raise
             with self._lock:
                 self._handles.add(h)
-            return h
-        except BaseException:
-            if self._single is not None:
-                self._single.release()
-            raise
+        self._busy[h] = time.monotonic()
+        return h
 
     def release(self, h, failed=False):
         """Give a handle back. After a failure (`failed`), a handle whose connection died is dropped
         and the next request reconnects. The connection is only examined then: every libnbd call
         releases and retakes the GIL, which is what a small request pays most for."""
+        self._busy.pop(h, None)
         if self._closed or (failed and (h.aio_is_dead() or h.aio_is_closed())):
             with self._lock:
                 self._handles.discard(h)
@@ -130,6 +144,28 @@ class NbdBackend:
             self._idle.append(h)
         if self._single is not None:
             self._single.release()
+
+    def expire(self, timeout):
+        """Cut the connection of every handle lent for longer than `timeout` seconds: a side that
+        stops answering (a hung server, a stalled network) would otherwise hold its requests, and
+        the client's, forever. shutdown(2) makes the blocked libnbd call fail at once; the request
+        then fails on this side like any other error (and the degrade policy records it)."""
+        now = time.monotonic()
+        for h, since in list(self._busy.items()):
+            if now - since > timeout:
+                try:
+                    # The fd saved at connect: libnbd's own calls would wait for the handle's lock,
+                    # which the stuck request holds. Holding `h` keeps the fd open meanwhile.
+                    sock = socket.socket(fileno=os.dup(h.connection_fd))
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        sock.close()
+                except (nbd.Error, OSError):
+                    continue
+                self._busy.pop(h, None)
+                self.timeouts += 1
+                log.error("%s: no answer for %.0f s, connection cut", self.name, now - since)
 
     def close(self):
         """Disconnect every handle. Callers must have drained their requests first."""
@@ -166,6 +202,32 @@ class NbdBackend:
         flags = nbd.CMD_FLAG_REQ_ONE if req_one else 0
         self.call(lambda h: h.block_status(count, offset, collect, flags))
         return found
+
+
+def connect(h, uri, timeout):
+    """h.connect_uri with a deadline: a server that accepts but never answers the handshake (a
+    stopped process) would block a plain connect_uri forever. Raises TimeoutError or nbd.Error."""
+    h.aio_connect_uri(uri)
+    deadline = time.monotonic() + timeout
+    while h.aio_is_connecting():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer after {timeout:g}s")
+        events = 0
+        direction = h.aio_get_direction()
+        if direction & nbd.AIO_DIRECTION_READ:
+            events |= select.POLLIN
+        if direction & nbd.AIO_DIRECTION_WRITE:
+            events |= select.POLLOUT
+        poller = select.poll()
+        poller.register(h.aio_get_fd(), events)
+        for _, revents in poller.poll(int(left * 1000) + 1):
+            if revents & POLLIN:
+                h.aio_notify_read()
+            elif revents & select.POLLOUT:
+                h.aio_notify_write()
+    if not h.aio_is_ready():
+        raise nbd.Error("connection failed", errno.ECONNREFUSED)
 
 
 def _close_quietly(h):

@@ -87,6 +87,9 @@ def build_parser():
                        help="a destination failure fails the client's request (fail), or is "
                             "recorded and copied again later (degrade; the default with --state-dir)")
     serve.add_argument("--rate", metavar="BYTES/S", help="limit the background copy, e.g. 100M")
+    serve.add_argument("--io-timeout", metavar="SECONDS", type=float,
+                       help="cut a side's connection when a request waits longer (default 30; "
+                            "0: never); the request then fails on that side")
     serve.add_argument("--region", metavar="BYTES", type=lambda t: parse_rate(t, "--region"),
                        help="the dirty map's region size: a power of two from 1M (default 64M)")
     serve.add_argument("--control", metavar="PATH",
@@ -169,7 +172,7 @@ def cmd_serve(args):
                           readonly=args.readonly, threads=args.threads, copy=args.copy,
                           state_dir=args.state_dir, policy=args.on_dest_error,
                           rate=parse_rate(args.rate) if args.rate else None, region=args.region,
-                          access=access)
+                          access=access, io_timeout=args.io_timeout)
     control_path = args.control or (args.socket + ".ctl" if args.socket else None)
     access.check(server.listen)             # before the control socket exists
     ctl = control.serve(control_path, server) if control_path else None

@@ -11,6 +11,7 @@ Parameters (all given by mirrorfs's supervisor, which also starts the storage da
   region=BYTES      the dirty map's region size (default 64 MiB)
   granularity=BYTES changes within one such unit are serialized: the largest qcow2 cluster size
                     of the sides (default 64 KiB; see inflight)
+  timeout=SECONDS   cut a mirror side's connection when a request waits longer (default 30; 0: never)
 
 The supervisor checks the state against the endpoints before starting nbdkit; this module trusts it
 but still refuses a state whose size disagrees with the source.
@@ -21,6 +22,8 @@ This module runs inside nbdkit's embedded interpreter: standard library and libn
 import logging
 import os
 import socket
+import threading
+import time
 
 from mirrorfs import jsonlines
 from mirrorfs.backend import BackendError, NbdBackend
@@ -32,7 +35,9 @@ from mirrorfs.state import State, StateError
 
 log = logging.getLogger("mirrorfs")
 
-KEYS = ("source", "dest", "control", "mode", "state", "policy", "rate", "region", "granularity")
+KEYS = ("source", "dest", "control", "mode", "state", "policy", "rate", "region", "granularity",
+        "timeout")
+DEFAULT_TIMEOUT = 30.0
 
 
 class DataPath:
@@ -114,6 +119,21 @@ class DataPath:
             self.control = jsonlines.Server(sock, self.handle, "datapath control").start()
         if self.copier is not None:
             self.copier.start()
+        timeout = float(self.config.get("timeout", DEFAULT_TIMEOUT))
+        if timeout > 0:
+            threading.Thread(target=self._watch, args=(timeout,), name="request watchdog",
+                             daemon=True).start()
+
+    def _watch(self, timeout):
+        """Once a second: cut the connections of a mirror side whose request has waited too long.
+        Only mirror sides: a handle of the authoritative side is lent for the whole request, so it
+        looks as old as the slowest side; and a slow source is what the client would wait for
+        without mirrorfs too."""
+        while True:
+            time.sleep(1.0)
+            for side in self.disk.writers:
+                if side is not self.disk.reader:
+                    side.expire(timeout)
 
     def status(self):
         status = self.disk.status()

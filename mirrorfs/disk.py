@@ -76,6 +76,11 @@ class SideStats:
         log.error("%s %s failed at offset %d length %d: %s%s", self.name, op, offset, length,
                   describe(exc), more)
 
+    def degrade(self):
+        """A change acknowledged to the client without this side (degrade policy)."""
+        with self._lock:
+            self.degraded += 1
+
     def snapshot(self):
         recent = sorted(self.latencies)
 
@@ -201,7 +206,8 @@ class Disk:
             "requests": dict(self.inflight.started),
             "reader": self.reader.name,
             "writers": [b.name for b in self.writers],
-            "sides": {name: st.snapshot() for name, st in self.stats.items()},
+            "sides": {b.name: {**self.stats[b.name].snapshot(), "timeouts": b.timeouts,
+                               "available": b.available} for b in self.backends},
             "switch_stalls_ms": [round(s * 1000, 3) for s in self.switches],
             "policy": self.policy,
             "synchronized": self.dirty.synchronized(),
@@ -319,8 +325,7 @@ class Disk:
             side, e = (primary or failures)[0]
             raise RequestError(error_errno(e), f"{side.name} {op}: {describe(e)}")
         for side, _ in failures:
-            with self.stats[side.name]._lock:
-                self.stats[side.name].degraded += 1
+            self.stats[side.name].degrade()
 
     def _finish_fast_zero(self, offset, length, failures):
         """A fast zero that one side refused would leave the sides different. The side that refused

@@ -6,14 +6,13 @@ NBD URI.
 """
 
 import os
-import select
-import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import nbd
 
 from mirrorfs import access, images
+from mirrorfs.backend import connect
 from mirrorfs.errors import BackendError, UsageError
 
 URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
@@ -98,33 +97,12 @@ def probe(endpoint, timeout=CONNECT_TIMEOUT):
         # tls-psk-file=, tls-certificates=: files the user named on our command line (libnbd
         # 1.14 refuses both in a URI unless allowed).
         h.set_uri_allow_local_file(True)
-        h.aio_connect_uri(endpoint.uri)
-        deadline = time.monotonic() + timeout
-        while h.aio_is_connecting():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BackendError(f"{endpoint.label} {endpoint.spec}: no answer after {timeout:g}s")
-            _poll_once(h, left)
-        if not h.aio_is_ready():
-            raise BackendError(f"{endpoint.label} {endpoint.spec}: connection failed")
+        try:
+            connect(h, endpoint.uri, timeout)
+        except TimeoutError:
+            raise BackendError(f"{endpoint.label} {endpoint.spec}: no answer after {timeout:g}s") from None
         endpoint.size = h.get_size()
         return {"size": endpoint.size, "read_only": h.is_read_only()}
     except nbd.Error as e:
         msg = (e.string or str(e)).removeprefix("nbd_aio_connect_uri: ").removeprefix("nbd_")
         raise BackendError(f"{endpoint.label} {endpoint.spec}: {msg}") from None
-
-
-def _poll_once(h, timeout):
-    events = 0
-    direction = h.aio_get_direction()
-    if direction & nbd.AIO_DIRECTION_READ:
-        events |= select.POLLIN
-    if direction & nbd.AIO_DIRECTION_WRITE:
-        events |= select.POLLOUT
-    poller = select.poll()
-    poller.register(h.aio_get_fd(), events)
-    for _, revents in poller.poll(int(timeout * 1000) + 1):
-        if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
-            h.aio_notify_read()
-        elif revents & select.POLLOUT:
-            h.aio_notify_write()

@@ -74,7 +74,8 @@ class MirrorServer:
     interface as Migration, for the control socket): status, pivot, cancel, events."""
 
     def __init__(self, source, dest=None, socket=None, listen=None, readonly=False, threads=16,
-                 copy="none", state_dir=None, policy=None, rate=None, region=None, access=None):
+                 copy="none", state_dir=None, policy=None, rate=None, region=None, access=None,
+                 io_timeout=None):
         """`access`: TLS, the sockets' group, --insecure (mirrorfs.access.Access); default: none."""
         if socket is None and listen is None:
             raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
@@ -97,6 +98,9 @@ class MirrorServer:
             raise UsageError("--state-dir keeps a mirror's state; it needs a destination")
         if region is not None and (region < 1 << 20 or region & (region - 1)):
             raise UsageError("--region: expected a power of two of at least 1 MiB")
+        if io_timeout is not None and io_timeout < 0:
+            raise UsageError(f"--io-timeout {io_timeout}: expected seconds, 0 for none")
+        self.io_timeout = io_timeout
         self.copy_mode, self.policy, self.rate = copy, policy, rate
         self.state_dir = Path(state_dir).absolute() if state_dir else None
         self.region = region
@@ -164,6 +168,8 @@ class MirrorServer:
 
         params = {"source": source.uri, "control": self.datapath_socket,
                   "granularity": lock_granularity(source, dest)}
+        if self.io_timeout is not None:
+            params["timeout"] = self.io_timeout
         phase = "serving" if dest is None else "mirroring"
         mode = "full" if self.copy_mode == "full" else "mirror"
         if dest is not None:

@@ -4,6 +4,7 @@ inputs of the full-mode options."""
 
 import json
 import random
+import signal
 import subprocess
 import time
 
@@ -244,3 +245,29 @@ def test_bad_full_mode_options(pair, workdir, args, message):
     err = start_fails("--copy", "full", src, dst, "--socket", workdir / "x.sock", *args)
     assert message in err
     assert sha256(dst) == before
+
+
+def test_a_destination_that_stops_answering_is_cut_off(pair, workdir, serve):
+    """SIGSTOP the destination's server: without a timeout every mirrored write would wait for it
+    forever. With --io-timeout, its connections are cut, the writes are recorded (degrade) and the
+    client goes on; once the server answers again the copier makes the sides identical."""
+    src, dst = pair
+    export = QemuNbd(dst, workdir / "dst-export.sock")
+    disk = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
+                 "--io-timeout", "2", src, export.uri)
+    wait_for(disk, "synchronized")
+    export.proc.send_signal(signal.SIGSTOP)
+    try:
+        errors = []
+        write_load(disk.uri, 4, seed=4, errors=errors)
+        assert errors == []
+        s = status(disk)
+        assert s["datapath"]["sides"]["destination"]["timeouts"] > 0
+        assert s["phase"] == "copying"                   # the stalled writes are to be copied
+    finally:
+        export.proc.send_signal(signal.SIGCONT)
+    wait_for(disk, "synchronized")
+    assert disk.stop() == 0
+    export.stop()
+    same, detail = images_identical(src, dst)
+    assert same, detail
