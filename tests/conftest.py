@@ -239,6 +239,34 @@ class QemuNbd:
         self.proc.stderr.close()
 
 
+class NbdkitFilter:
+    """nbdkit's nbd plugin in front of another export, with filters (error, delay) on the way:
+    `args` are nbdkit's --filter=... options and the filters' key=value parameters."""
+
+    def __init__(self, workdir, name, target_socket, *args):
+        self.socket = workdir / f"{name}.sock"
+        pidfile = workdir / f"{name}.pid"
+        filters = [a for a in args if a.startswith("--filter=")]
+        params = [a for a in args if not a.startswith("--filter=")]
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, *filters,
+             "nbd", f"socket={target_socket}", *params],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not pidfile.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "nbdkit failed"
+            time.sleep(0.01)
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture
 def qemu_nbd(workdir):
     started = []

@@ -1,40 +1,11 @@
 """Endpoints other than image files, failures of one side, and requests the server must refuse."""
 
 import errno
-import subprocess
-import time
 
 import nbd
 import pytest
 
-from conftest import MiB, images_identical, qemu_io, run, sha256
-
-
-class NbdkitFilter:
-    """nbdkit's nbd plugin in front of another export, with filters (error, delay) on the way."""
-
-    def __init__(self, workdir, name, target_socket, *filter_args):
-        self.socket = workdir / f"{name}.sock"
-        pidfile = workdir / f"{name}.pid"
-        args = [a for f in filter_args if f.startswith("--filter=") for a in (f,)]
-        params = [f for f in filter_args if not f.startswith("--filter=")]
-        self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, *args,
-             "nbd", f"socket={target_socket}", *params],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not pidfile.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "nbdkit failed"
-            time.sleep(0.01)
-        self.uri = f"nbd+unix:///?socket={self.socket}"
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+from conftest import MiB, NbdkitFilter, images_identical, qemu_io, run, sha256
 
 
 def errno_of(e):

@@ -11,7 +11,7 @@ import time
 import nbd
 import pytest
 
-from conftest import MIRRORFS, MiB, QemuNbd, images_identical, make_full_pair, qemu_io, run, sha256
+from conftest import MIRRORFS, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair, qemu_io, run, sha256
 
 SIZE = 64 * MiB
 
@@ -21,32 +21,15 @@ def pair(workdir):
     return make_full_pair(workdir, SIZE)
 
 
-class Faulty:
-    """nbdkit's nbd plugin in front of the destination's qemu-nbd, injecting EIO into writes while
-    `trigger` exists, and delaying every write."""
+class Faulty(NbdkitFilter):
+    """nbdkit in front of the destination's qemu-nbd, injecting EIO into writes while `trigger`
+    exists, and delaying every write."""
 
     def __init__(self, workdir, target_socket, rate="10%", delay="2ms"):
         self.trigger = workdir / "inject-errors"
-        self.socket = workdir / "faulty.sock"
-        pidfile = workdir / "faulty.pid"
-        self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, "--filter=error",
-             "--filter=delay", "nbd", f"socket={target_socket}", "error-pwrite=EIO",
-             f"error-pwrite-rate={rate}", f"error-pwrite-file={self.trigger}",
-             f"delay-write={delay}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not pidfile.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        self.uri = f"nbd+unix:///?socket={self.socket}"
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(workdir, "faulty", target_socket, "--filter=error", "--filter=delay",
+                         "error-pwrite=EIO", f"error-pwrite-rate={rate}",
+                         f"error-pwrite-file={self.trigger}", f"delay-write={delay}")
 
 
 def status(disk):
