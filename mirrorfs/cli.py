@@ -17,6 +17,7 @@ from mirrorfs.copier import parse_rate
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.migration import Migration
 from mirrorfs.server import MirrorServer
+from mirrorfs.storage import CACHE_MODES
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -37,6 +38,16 @@ def _positive_int(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def _storage_options(p):
+    p.add_argument("--io-timeout", metavar="SECONDS", type=float,
+                   help="cut a side's connection when a request waits longer (default 30; "
+                        "0: never); the request then fails on that side")
+    p.add_argument("--cache", choices=CACHE_MODES, default="auto",
+                   help="how the storage daemons use the host's page cache for image files: none "
+                        "(O_DIRECT), writeback, or auto: none where the file system allows it "
+                        "(default)")
 
 
 def _access_options(p):
@@ -87,13 +98,11 @@ def build_parser():
                        help="a destination failure fails the client's request (fail), or is "
                             "recorded and copied again later (degrade; the default with --state-dir)")
     serve.add_argument("--rate", metavar="BYTES/S", help="limit the background copy, e.g. 100M")
-    serve.add_argument("--io-timeout", metavar="SECONDS", type=float,
-                       help="cut a side's connection when a request waits longer (default 30; "
-                            "0: never); the request then fails on that side")
     serve.add_argument("--region", metavar="BYTES", type=lambda t: parse_rate(t, "--region"),
                        help="the dirty map's region size: a power of two from 1M (default 64M)")
     serve.add_argument("--control", metavar="PATH",
                        help="control socket (default: the --socket path + .ctl)")
+    _storage_options(serve)
     _access_options(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -118,6 +127,7 @@ def build_parser():
                        help="keep the migration's state here; start again with it to resume")
     start.add_argument("--on-dest-error", choices=("fail", "degrade"),
                        help="as for serve (default: degrade with --state-dir, else fail)")
+    _storage_options(start)
     _access_options(start)
     start.set_defaults(func=cmd_start)
 
@@ -172,7 +182,7 @@ def cmd_serve(args):
                           readonly=args.readonly, threads=args.threads, copy=args.copy,
                           state_dir=args.state_dir, policy=args.on_dest_error,
                           rate=parse_rate(args.rate) if args.rate else None, region=args.region,
-                          access=access, io_timeout=args.io_timeout)
+                          access=access, io_timeout=args.io_timeout, cache=args.cache)
     control_path = args.control or (args.socket + ".ctl" if args.socket else None)
     access.check(server.listen)             # before the control socket exists
     ctl = control.serve(control_path, server) if control_path else None
@@ -202,7 +212,8 @@ def cmd_start(args):
     access.check(sockets.parse_listen(args.listen) if args.listen else None)
     migration = Migration(args.source_top, args.dest_dir, socket=args.socket, listen=args.listen,
                           overlay_name=args.overlay_name, threads=args.threads,
-                          state_dir=args.state_dir, policy=args.on_dest_error, access=access)
+                          state_dir=args.state_dir, policy=args.on_dest_error, access=access,
+                          io_timeout=args.io_timeout, cache=args.cache)
     ctl = control.serve(control_path, migration)
     try:
         access.share(control_path)

@@ -45,7 +45,7 @@ class Migration:
     """
 
     def __init__(self, source_top, dest_dir, *, socket=None, listen=None, overlay_name=None,
-                 threads=16, state_dir=None, policy=None, access=None):
+                 threads=16, state_dir=None, policy=None, access=None, io_timeout=None, cache="auto"):
         self.source_top = Path(source_top).absolute()
         self.dest_dir = Path(dest_dir).absolute()
         name = overlay_name or f"{self.source_top.stem}-snap.qcow2"
@@ -58,6 +58,7 @@ class Migration:
         self.state_dir = Path(state_dir).absolute() if state_dir else None
         self._policy = policy
         self._access = access
+        self._io_timeout, self._cache = io_timeout, cache
         self.server = None
         self.base = None                # ImageInfo of source_top
         self.phase = "new"
@@ -115,7 +116,8 @@ class Migration:
     def _server(self):
         return MirrorServer(str(self.source_overlay), str(self.dest_overlay), socket=self._socket,
                             listen=self._listen, threads=self._threads, state_dir=self.state_dir,
-                            policy=self._policy, access=self._access)
+                            policy=self._policy, access=self._access, io_timeout=self._io_timeout,
+                            cache=self._cache)
 
     def _saved_state(self):
         if self.state_dir is None:

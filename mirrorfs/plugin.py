@@ -12,6 +12,7 @@ import nbdkit
 
 from mirrorfs.datapath import DataPath
 from mirrorfs.disk import RequestError
+from mirrorfs.threadstate import ThreadStates
 
 API_VERSION = 2
 
@@ -53,110 +54,130 @@ def cleanup():
     _plugin.close()
 
 
-# Per connection. The handle is the shared disk: all state lives there.
+# Per connection. The handle holds the shared disk, where all state lives, and the thread states of
+# the connection's worker threads (see mirrorfs.threadstate: the first line of each data callback).
+
+class Connection:
+    __slots__ = ("disk", "threads")
+
+    def __init__(self, disk):
+        self.disk = disk
+        self.threads = ThreadStates()
+
 
 def open(readonly):
-    return _plugin.disk
+    return Connection(_plugin.disk)
 
 
-def get_size(disk):
-    return disk.size
+def close(conn):
+    conn.threads.release()
 
 
-def block_size(disk):
-    return disk.block_size()
+def get_size(conn):
+    return conn.disk.size
 
 
-def is_rotational(disk):
-    return disk.is_rotational()
+def block_size(conn):
+    return conn.disk.block_size()
 
 
-def can_write(disk):
-    return disk.can_write()
+def is_rotational(conn):
+    return conn.disk.is_rotational()
 
 
-def can_flush(disk):
-    return disk.can_flush()
+def can_write(conn):
+    return conn.disk.can_write()
 
 
-def can_fua(disk):
-    if disk.can_fua():
+def can_flush(conn):
+    return conn.disk.can_flush()
+
+
+def can_fua(conn):
+    if conn.disk.can_fua():
         return nbdkit.FUA_NATIVE
-    return nbdkit.FUA_EMULATE if disk.can_flush() else nbdkit.FUA_NONE
+    return nbdkit.FUA_EMULATE if conn.disk.can_flush() else nbdkit.FUA_NONE
 
 
-def can_trim(disk):
-    return disk.can_trim()
+def can_trim(conn):
+    return conn.disk.can_trim()
 
 
-def can_zero(disk):
-    return disk.can_zero()
+def can_zero(conn):
+    return conn.disk.can_zero()
 
 
-def can_fast_zero(disk):
-    return disk.can_fast_zero()
+def can_fast_zero(conn):
+    return conn.disk.can_fast_zero()
 
 
-def can_multi_conn(disk):
-    return disk.can_multi_conn()
+def can_multi_conn(conn):
+    return conn.disk.can_multi_conn()
 
 
-def can_cache(disk):
-    return nbdkit.CACHE_NATIVE if disk.can_cache() else nbdkit.CACHE_NONE
+def can_cache(conn):
+    return nbdkit.CACHE_NATIVE if conn.disk.can_cache() else nbdkit.CACHE_NONE
 
 
-def can_extents(disk):
-    return disk.can_extents()
+def can_extents(conn):
+    return conn.disk.can_extents()
 
 
 # Data.
 
-def pread(disk, buf, offset, flags):
+def pread(conn, buf, offset, flags):
+    conn.threads.keep()
     try:
-        disk.pread(buf, offset)
+        conn.disk.pread(buf, offset)
     except RequestError as e:
         _fail(e)
 
 
-def pwrite(disk, buf, offset, flags):
+def pwrite(conn, buf, offset, flags):
+    conn.threads.keep()
     try:
-        disk.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+        conn.disk.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except RequestError as e:
         _fail(e)
 
 
-def zero(disk, count, offset, flags):
+def zero(conn, count, offset, flags):
+    conn.threads.keep()
     try:
-        disk.zero(count, offset, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
-                  fua=bool(flags & nbdkit.FLAG_FUA), fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
+        conn.disk.zero(count, offset, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+                       fua=bool(flags & nbdkit.FLAG_FUA), fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
     except RequestError as e:
         _fail(e)
 
 
-def trim(disk, count, offset, flags):
+def trim(conn, count, offset, flags):
+    conn.threads.keep()
     try:
-        disk.trim(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+        conn.disk.trim(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except RequestError as e:
         _fail(e)
 
 
-def flush(disk, flags):
+def flush(conn, flags):
+    conn.threads.keep()
     try:
-        disk.flush()
+        conn.disk.flush()
     except RequestError as e:
         _fail(e)
 
 
-def cache(disk, count, offset, flags):
+def cache(conn, count, offset, flags):
+    conn.threads.keep()
     try:
-        disk.cache(count, offset)
+        conn.disk.cache(count, offset)
     except RequestError as e:
         _fail(e)
 
 
-def extents(disk, count, offset, flags):
+def extents(conn, count, offset, flags):
+    conn.threads.keep()
     try:
-        return disk.extents(count, offset, req_one=bool(flags & nbdkit.FLAG_REQ_ONE))
+        return conn.disk.extents(count, offset, req_one=bool(flags & nbdkit.FLAG_REQ_ONE))
     except RequestError as e:
         _fail(e)
 
@@ -164,7 +185,7 @@ def extents(disk, count, offset, flags):
 # What the entry script re-exports: exactly the callbacks nbdkit looks up by name.
 __all__ = [
     "API_VERSION", "thread_model", "config", "config_complete", "get_ready", "after_fork", "cleanup",
-    "open",
+    "open", "close",
     "get_size", "block_size", "is_rotational", "can_write", "can_flush", "can_fua", "can_trim",
     "can_zero", "can_fast_zero", "can_multi_conn", "can_cache", "can_extents", "pread", "pwrite",
     "zero", "trim", "flush", "cache", "extents",

@@ -26,7 +26,7 @@ from mirrorfs.frontend import Nbdkit, OperatorLines
 from mirrorfs.processes import LogRelay
 from mirrorfs.state import StateError
 from mirrorfs.state import open_for as open_state
-from mirrorfs.storage import StorageDaemon
+from mirrorfs.storage import CACHE_MODES, StorageDaemon
 
 log = logging.getLogger("mirrorfs")
 
@@ -75,8 +75,9 @@ class MirrorServer:
 
     def __init__(self, source, dest=None, socket=None, listen=None, readonly=False, threads=16,
                  copy="none", state_dir=None, policy=None, rate=None, region=None, access=None,
-                 io_timeout=None):
-        """`access`: TLS, the sockets' group, --insecure (mirrorfs.access.Access); default: none."""
+                 io_timeout=None, cache="auto"):
+        """`access`: TLS, the sockets' group, --insecure (mirrorfs.access.Access); default: none.
+        `cache`: the storage daemons' use of the host page cache (mirrorfs.storage.CACHE_MODES)."""
         if socket is None and listen is None:
             raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
         if readonly and dest is not None:
@@ -101,6 +102,9 @@ class MirrorServer:
         if io_timeout is not None and io_timeout < 0:
             raise UsageError(f"--io-timeout {io_timeout}: expected seconds, 0 for none")
         self.io_timeout = io_timeout
+        if cache not in CACHE_MODES:
+            raise UsageError(f"--cache {cache!r}: expected one of {', '.join(CACHE_MODES)}")
+        self.cache = cache
         self.copy_mode, self.policy, self.rate = copy, policy, rate
         self.state_dir = Path(state_dir).absolute() if state_dir else None
         self.region = region
@@ -154,7 +158,7 @@ class MirrorServer:
         for ep, name in ((source, "src"), (dest, "dst")):
             if ep is not None and ep.is_image:
                 daemon = StorageDaemon(ep.image, self.rundir, name,
-                                       readonly=self.readonly and ep is source)
+                                       readonly=self.readonly and ep is source, cache=self.cache)
                 self.daemons.append(daemon)
                 daemon.start()
                 ep.uri = daemon.uri

@@ -3,8 +3,20 @@
 QEMU owns qcow2: every image mirrorfs serves or writes goes through a storage daemon it starts here, and
 the data path only ever speaks NBD to it. Each daemon also has a QMP monitor, used by the migration
 workflow to change an overlay's backing file while it is open.
+
+How a daemon uses the host's page cache (`--cache`):
+- `none`: O_DIRECT with Linux native AIO (QEMU's cache=none,aio=native), what VM hosts run
+  production disks with. A migration then does not fill the host's memory with hundreds of GiB read
+  once, and each write costs the daemon one io_submit instead of a hand-off to a worker thread that
+  then queues on the file's inode lock behind its siblings: on the project's 2-core machine, two
+  daemons mirroring 4 KiB random writes spend 2.5x the CPU per write through the page cache (see
+  docs/PERFORMANCE.md).
+- `writeback`: through the host's page cache (QEMU's default): for file systems without O_DIRECT.
+- `auto` (the default): `none` when every file of the image's chain can be opened with O_DIRECT.
+Durability is the same in every mode: the data path flushes both sides, and a flush reaches the disk.
 """
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -19,15 +31,53 @@ from mirrorfs.processes import Child
 NODE = "top"
 FILE_NODE = "top-file"
 BACKING_NODE = "new-backing"
+CACHE_MODES = ("auto", "none", "writeback")
+
+
+def direct_io_supported(path):
+    """Whether the file system holding `path` accepts O_DIRECT (tmpfs before Linux 6.6 does not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+def cache_mode(image, requested="auto"):
+    """The mode a daemon serving `image` (an ImageInfo) runs in: `requested`, with auto resolved."""
+    if requested not in CACHE_MODES:
+        raise ValueError(f"cache mode {requested!r}: expected one of {', '.join(CACHE_MODES)}")
+    if requested != "auto":
+        return requested
+    return "none" if all(direct_io_supported(p) for p in image.chain) else "writeback"
+
+
+def format_options(cache):
+    """Options of an image's format node (qcow2, raw) in cache mode `cache` (none or writeback):
+    the backing files QEMU opens from the image's header inherit cache.direct from this node, and
+    use QEMU's default thread pool for their I/O."""
+    return {"cache": {"direct": True}} if cache == "none" else {}
+
+
+def file_node(path, cache, **options):
+    """A `file` block node for `path` in cache mode `cache` (none or writeback)."""
+    node = {"driver": "file", "filename": os.fspath(path), **options}
+    if cache == "none":
+        node.update({"cache": {"direct": True}, "aio": "native"})
+    return node
 
 
 class StorageDaemon:
     """`with StorageDaemon(image_info, rundir, "src") as d:` exports `d.uri` until the block ends."""
 
-    def __init__(self, image, rundir, name, readonly=False):
+    def __init__(self, image, rundir, name, readonly=False, cache="auto"):
         self.image = image
         self.name = name
         self.readonly = readonly
+        self.cache = cache_mode(image, cache)
         rundir = Path(rundir)
         self.nbd_socket = rundir / f"{name}.sock"
         self.qmp_socket = rundir / f"{name}.qmp"
@@ -46,11 +96,11 @@ class StorageDaemon:
     def _blockdevs(self):
         # Both layers named, so that QMP can later reopen the image node with another backing.
         # discard=unmap on both so a client's trim really deallocates, identically on both sides.
-        file_node = {"driver": "file", "node-name": FILE_NODE, "filename": os.fspath(self.image.path),
-                     "discard": "unmap", "read-only": self.readonly}
+        image_file = file_node(self.image.path, self.cache, **{
+            "node-name": FILE_NODE, "discard": "unmap", "read-only": self.readonly})
         node = {"driver": self.image.format, "node-name": NODE, "file": FILE_NODE,
-                "discard": "unmap", "read-only": self.readonly}
-        return ["--blockdev", json.dumps(file_node), "--blockdev", json.dumps(node)]
+                "discard": "unmap", "read-only": self.readonly, **format_options(self.cache)}
+        return ["--blockdev", json.dumps(image_file), "--blockdev", json.dumps(node)]
 
     def start(self):
         nbd = sockets.bind_unix(self.nbd_socket)
@@ -96,12 +146,13 @@ class StorageDaemon:
         """Point the open image at another backing image with the same content: the new backing is
         opened, the image node reopened on it, and the new name written to the image's header, all
         while the export keeps serving. The caller must have checked that the contents are equal."""
+        cache = cache_mode(backing) if self.cache == "none" else "writeback"
         self.qmp("blockdev-add", **{
             "driver": backing.format, "node-name": BACKING_NODE, "read-only": True,
-            "file": {"driver": "file", "filename": os.fspath(backing.path)}})
+            **format_options(cache), "file": file_node(backing.path, cache, **{"read-only": True})})
         self.qmp("blockdev-reopen", options=[{
             "driver": self.image.format, "node-name": NODE, "file": FILE_NODE,
-            "backing": BACKING_NODE, "discard": "unmap"}])
+            "backing": BACKING_NODE, "discard": "unmap", **format_options(self.cache)}])
         self.qmp("change-backing-file", device=NODE, **{
             "image-node-name": NODE, "backing-file": os.fspath(backing.path)})
 

@@ -39,7 +39,7 @@ import nbd
 import psutil
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from mirrorfs import jsonlines, processes, sockets
+from mirrorfs import jsonlines, processes, sockets, storage
 from mirrorfs.processes import Child
 
 MiB = 1 << 20
@@ -47,6 +47,7 @@ GiB = 1 << 30
 TiB = 1 << 40
 MB = 1e6                    # throughput is reported in MB/s (10^6 bytes), as fio's bw_bytes is
 MIRRORFS = [sys.executable, "-m", "mirrorfs"]
+WORK_PARENT = "/tmp"        # short unix socket paths
 FIO_GRACE = 60              # seconds a fio run may overstay its runtime before it is killed
 
 
@@ -159,13 +160,17 @@ class Disk:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# The host cache mode of every storage daemon in the run (--cache): mirrorfs's daemons get it too.
+HOST_CACHE = "none"
+
+
 def qcow2_node(name, path, backing=None, readonly=False):
-    """A qcow2 block node with the options mirrorfs's own daemons use (mirrorfs/storage.py), so
-    that the targets differ only in what sits between the client and qcow2. Without `backing`
-    the chain in the image header is opened."""
+    """A qcow2 block node with the options mirrorfs's own daemons use (mirrorfs/storage.py), in
+    the run's cache mode, so that the targets differ only in what sits between the client and
+    qcow2. Without `backing` the chain in the image header is opened."""
     node = {"driver": "qcow2", "node-name": name, "discard": "unmap", "read-only": readonly,
-            "file": {"driver": "file", "filename": str(path), "discard": "unmap",
-                     "read-only": readonly}}
+            **storage.format_options(HOST_CACHE),
+            "file": storage.file_node(path, HOST_CACHE, discard="unmap", **{"read-only": readonly})}
     if backing is not None:
         node["backing"] = backing
     return node
@@ -266,7 +271,8 @@ class MirrorfsTarget(Target):
         super().__init__(disk)
         self.socket = sockets.check_unix_path(disk.dir / "mirrorfs.sock")
         self.server = Child("mirrorfs serve", [*MIRRORFS, "serve", disk.source, disk.dest,
-                                               "--socket", self.socket], disk.dir / "mirrorfs.log")
+                                               "--socket", self.socket, "--cache", HOST_CACHE],
+                            disk.dir / "mirrorfs.log")
 
     @property
     def uri(self):
@@ -680,7 +686,8 @@ def measure_switch(base, workdir, size, log):
     socket_path = sockets.check_unix_path(root / "disk.sock")
     control = f"{socket_path}.ctl"
     server = Child("mirrorfs start", [*MIRRORFS, "start", top, "--dest-dir", root / "dst",
-                                      "--socket", socket_path], root / "mirrorfs.log")
+                                      "--socket", socket_path, "--cache", HOST_CACHE],
+                   root / "mirrorfs.log")
     try:
         server.start()
         wait_for_output(server, "control ")
@@ -808,7 +815,8 @@ def print_report(report, config):
     print(f"         load average {report['load'][0]:.2f} before, {report['load'][1]:.2f} after "
           "(1 min; anything else running skews every number)")
     print(f"\nfio --ioengine=nbd over the whole {config.size // MiB} MiB disk, {config.runtime} s "
-          f"per job after {config.ramp} s ramp; median of {config.runs} run(s)")
+          f"per job after {config.ramp} s ramp; median of {config.runs} run(s); storage daemons "
+          f"with cache={report['config']['cache']}")
     print(f"\n{'job':32} {'target':12} {'IOPS':>9} {'MB/s':>8} {'p50 us':>9} {'p99 us':>9} {'spread':>7}")
     for label in row_labels(config):
         for i, kind in enumerate(config.targets):
@@ -896,6 +904,9 @@ def parse_args(argv=None):
                    + ",".join(j.key for j in JOBS))
     p.add_argument("--no-extras", action="store_true",
                    help="only the matrix: no copy, switch or memory measurements")
+    p.add_argument("--cache", choices=("auto", "none", "writeback"), default="auto",
+                   help="every storage daemon's use of the host page cache, as mirrorfs serve "
+                        "--cache (default auto: none where the work directory allows O_DIRECT)")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -949,11 +960,11 @@ def run_extras(report, base, workdir, config, log):
 
 def bench(config, log):
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="mfsbench-", dir="/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix="mfsbench-", dir=WORK_PARENT))
     report = {"machine": machine(),
               "config": {"size": config.size, "runtime": config.runtime, "ramp": config.ramp,
                          "runs": config.runs, "targets": [k.name for k in config.targets],
-                         "jobs": [j.label for j in config.jobs]},
+                         "jobs": [j.label for j in config.jobs], "cache": HOST_CACHE},
               "errors": [], "load": [os.getloadavg()[0], None]}
     try:
         log(f"work directory {workdir}; writing the {config.size // MiB} MiB base")
@@ -975,7 +986,12 @@ def bench(config, log):
 
 
 def main():
+    global HOST_CACHE
     config = parse_args()
+    HOST_CACHE = config.cache
+    if HOST_CACHE == "auto":
+        with tempfile.NamedTemporaryFile(dir=WORK_PARENT) as probe:
+            HOST_CACHE = "none" if storage.direct_io_supported(probe.name) else "writeback"
     interrupt_on_signals()
 
     def log(line):

@@ -1,8 +1,14 @@
 """The served disk, driven by QEMU's own clients: reads from the source, writes on both sides."""
 
+import os
+from pathlib import Path
+
 import nbd
+import psutil
+import pytest
 
 from conftest import MiB, images_identical, qemu_io, run
+from mirrorfs import storage
 
 
 def test_writes_reach_both_sides_and_reads_come_from_source(chains, serve):
@@ -53,3 +59,33 @@ def test_capabilities_come_from_the_backends(chains, serve):
     finally:
         h.shutdown()
     disk.stop()
+
+
+def image_fd_flags(disk, image):
+    """{qemu-storage-daemon pid: the open flags of its fds on `image`} (from /proc/PID/fdinfo)."""
+    found = {}
+    for p in psutil.Process(disk.proc.pid).children(recursive=True):
+        if p.name() != "qemu-storage-daemon":
+            continue
+        for f in p.open_files():
+            if f.path == str(image):
+                fdinfo = Path(f"/proc/{p.pid}/fdinfo/{f.fd}").read_text()
+                found.setdefault(p.pid, []).append(int(fdinfo.split("flags:")[1].split()[0], 8))
+    return found
+
+
+@pytest.mark.parametrize("cache", ["auto", "none", "writeback"])
+def test_cache_mode_reaches_the_storage_daemons(chains, serve, cache):
+    """--cache none opens every image file of both chains with O_DIRECT; writeback never; auto is
+    none on a file system that accepts O_DIRECT (this one does: the test checks that first)."""
+    disk = serve(chains.source, chains.dest, "--cache", cache)
+    qemu_io(disk.uri, "write -P 0x5c 1000 70000", "read -P 0x5c 1000 70000")
+    direct = cache == "none" or (cache == "auto" and storage.direct_io_supported(chains.source))
+    for image in (chains.source, chains.dest, chains.base):
+        flags = image_fd_flags(disk, image)
+        assert flags, f"no storage daemon has {image} open"
+        for pid, fds in flags.items():
+            assert all(bool(f & os.O_DIRECT) == direct for f in fds), (image, pid, [oct(f) for f in fds])
+    assert disk.stop() == 0
+    same, detail = images_identical(chains.source, chains.dest)
+    assert same, detail
