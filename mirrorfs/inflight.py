@@ -28,7 +28,10 @@ class DrainTimeout(Exception):
 class InFlight:
     def __init__(self, granularity=1):
         self.granularity = granularity
-        self._cond = threading.Condition(threading.Lock())
+        # Entering and leaving take the lock itself: the Condition's own `with` is a Python-level
+        # call, twice per request. Waits go through the Condition, which shares the lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._count = 0
         self._ranges = []        # [start, end) of changes in flight
         self._paused = False
@@ -41,7 +44,7 @@ class InFlight:
 
     def enter(self, kind):
         """A request that does not change data (read, extents, cache, flush)."""
-        with self._cond:
+        with self._lock:
             while self._paused:
                 self._wait()
             self._count += 1
@@ -52,7 +55,7 @@ class InFlight:
         g = self.granularity
         start, end = start - start % g, end + (-end % g)
         token = (start, end)
-        with self._cond:
+        with self._lock:
             while self._paused or self._overlaps(start, end):
                 self._wait()
             self._count += 1
@@ -61,7 +64,7 @@ class InFlight:
         return token
 
     def leave(self, token=None):
-        with self._cond:
+        with self._lock:
             self._count -= 1
             if token is not None:
                 self._ranges.remove(token)

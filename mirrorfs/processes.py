@@ -69,6 +69,7 @@ class Child:
         self.pass_fds = tuple(pass_fds)
         self.child_setup = child_setup
         self.proc = None
+        self.stopping = False           # stop() was called: an exit from now on is expected
 
     @property
     def pid(self):
@@ -110,8 +111,13 @@ class Child:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def died(self):
+        """It exited without being asked to."""
+        return not self.stopping and self.proc is not None and self.proc.poll() is not None
+
     def stop(self, timeout=10):
         """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit status."""
+        self.stopping = True
         if self.proc is None:
             return None
         if self.proc.poll() is None:

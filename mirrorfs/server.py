@@ -280,8 +280,8 @@ class MirrorServer:
         """Stop a side's storage daemon once the data path no longer uses it."""
         daemon = self.daemon(name)
         if daemon is not None:
-            daemon.stop()
             self.daemons.remove(daemon)
+            daemon.stop()
 
     @property
     def uris(self):
@@ -303,7 +303,9 @@ class MirrorServer:
         seen = {}
         while not stop.wait(interval):
             for child in self.children():
-                if not child.alive():
+                # Not one being stopped: a side's daemon is retired after a switch while this
+                # loop runs (in another thread), and its exit is then expected.
+                if child.died():
                     raise child.failure("exited unexpectedly")
             self._watch(seen)
 

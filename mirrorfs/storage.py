@@ -128,6 +128,9 @@ class StorageDaemon:
     def alive(self):
         return self._child.alive()
 
+    def died(self):
+        return self._child.died()
+
     def qmp(self, command, **arguments):
         """Run one QMP command on this daemon; a refusal becomes an ImageError naming the command."""
         monitor = QEMUMonitorProtocol(os.fspath(self.qmp_socket))

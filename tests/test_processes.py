@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from conftest import MiB, images_identical, qemu_io, run
+from mirrorfs.processes import Child
 
 GONE_TIMEOUT = 5
 
@@ -236,3 +237,23 @@ def test_sigterm_with_an_idle_client_connected(chains, serve):
     del h
     same, detail = images_identical(chains.source, chains.dest)
     assert same, detail
+
+
+def test_a_child_stopped_on_purpose_has_not_died(workdir):
+    """The supervisor's watch loop treats a child's exit as fatal unless the child is being
+    stopped: after a switch the retired side's daemon is stopped while that loop runs in another
+    thread (it once took a whole migration down right after a successful pivot)."""
+    stopped = Child("sleep", ["sleep", "60"], workdir / "stopped.log")
+    killed = Child("sleep", ["sleep", "60"], workdir / "killed.log")
+    stopped.start()
+    killed.start()
+    try:
+        assert not stopped.died() and not killed.died()
+        stopped.stop()
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.proc.wait(10)
+        assert not stopped.alive() and not stopped.died()
+        assert not killed.alive() and killed.died()
+    finally:
+        stopped.stop()
+        killed.stop()
