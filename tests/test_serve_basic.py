@@ -1,5 +1,6 @@
 """The served disk, driven by QEMU's own clients: reads from the source, writes on both sides."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import psutil
 import pytest
 
 from conftest import MiB, images_identical, qemu_io, run
-from mirrorfs import storage
+from mirrorfs import images, storage
 
 
 def test_writes_reach_both_sides_and_reads_come_from_source(chains, serve):
@@ -89,3 +90,15 @@ def test_cache_mode_reaches_the_storage_daemons(chains, serve, cache):
     assert disk.stop() == 0
     same, detail = images_identical(chains.source, chains.dest)
     assert same, detail
+
+
+def test_auto_cache_falls_back_where_o_direct_is_refused(chains):
+    """auto picks writeback when any file of the chain refuses O_DIRECT (tmpfs before Linux 6.6;
+    here a procfs file, which refuses it on every kernel)."""
+    assert not storage.direct_io_supported("/proc/version")
+    assert storage.direct_io_supported(chains.source)
+    image = images.info(chains.source)
+    assert storage.cache_mode(image) == "none"
+    refused = dataclasses.replace(image, chain=(*image.chain, Path("/proc/version")))
+    assert storage.cache_mode(refused) == "writeback"
+    assert storage.cache_mode(refused, "none") == "none"        # asked for explicitly: kept
