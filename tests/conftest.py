@@ -217,6 +217,17 @@ def serve(workdir):
 
 # Independent NBD servers, for URI endpoints.
 
+def wait_for_pidfile(proc, pidfile, timeout=10):
+    """Wait until `proc` has written its pid to `pidfile` (servers write it once they accept
+    connections). False if `proc` exits first or `timeout` seconds pass: the caller says why."""
+    deadline = time.monotonic() + timeout
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class QemuNbd:
     def __init__(self, image, socket, fmt="qcow2"):
         self.socket = Path(socket)
@@ -225,11 +236,8 @@ class QemuNbd:
             ["qemu-nbd", "-f", fmt, "-k", str(self.socket), "--pid-file", str(self.pidfile),
              "--persistent", "--shared=16", "--cache=writeback", "--discard=unmap", str(image)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while not (self.pidfile.exists() and self.pidfile.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"qemu-nbd failed: {self.proc.stderr.read().decode()}")
-            time.sleep(0.01)
+        if not wait_for_pidfile(self.proc, self.pidfile):
+            raise AssertionError(f"qemu-nbd failed: {self.proc.stderr.read().decode()}")
         self.uri = f"nbd+unix:///?socket={self.socket}"
 
     def stop(self):
@@ -252,10 +260,7 @@ class NbdkitFilter:
             ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, *filters,
              "nbd", f"socket={target_socket}", *params],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not pidfile.exists():
-            assert self.proc.poll() is None and time.monotonic() < deadline, "nbdkit failed"
-            time.sleep(0.01)
+        assert wait_for_pidfile(self.proc, pidfile), "nbdkit failed"
         self.uri = f"nbd+unix:///?socket={self.socket}"
 
     def stop(self):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MIRRORFS, MiB, our_processes, run, sha256
+from conftest import MIRRORFS, MiB, our_processes, run, sha256, wait_for_pidfile
 
 # A case that hangs is a failure, not a stuck test run.
 TIMEOUT = 10
@@ -360,12 +360,9 @@ class Blocker:
         with open(log, "w") as f:
             self.proc = subprocess.Popen([os.fspath(a) for a in argv], stdin=subprocess.DEVNULL,
                                          stdout=f, stderr=f)
-        deadline = time.monotonic() + 10
-        while not (self.pidfile.exists() and self.pidfile.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"{tool} failed: {log.read_text()}")
-            time.sleep(0.01)
+        if not wait_for_pidfile(self.proc, self.pidfile):
+            self.stop()
+            raise AssertionError(f"{tool} failed: {log.read_text()}")
 
     def stop(self):
         if self.proc.poll() is None:

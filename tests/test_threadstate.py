@@ -8,7 +8,7 @@ import time
 import nbd
 import psutil
 
-from conftest import MiB
+from conftest import MiB, wait_for_pidfile
 from mirrorfs.frontend import PLUGIN
 
 
@@ -72,10 +72,7 @@ def test_one_worker_thread_per_connection(chains, qemu_nbd, workdir):
          f"source={source.uri}", f"dest={dest.uri}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not pidfile.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.02)
+        assert wait_for_pidfile(proc, pidfile, timeout=30), proc.stderr.read()
         uri = f"nbd+unix:///?socket={socket}"
         digests = set()
         for i in range(5):

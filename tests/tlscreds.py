@@ -5,10 +5,9 @@ libnbd read."""
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-from conftest import run
+from conftest import run, wait_for_pidfile
 
 PSK_USER = "alice"
 
@@ -85,12 +84,9 @@ class TlsQemuNbd:
                  "--tls-creds", "tls0", "--pid-file", str(self.pidfile), "--persistent",
                  "--shared=16", "--cache=writeback", "--discard=unmap", str(image)],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not (self.pidfile.exists() and self.pidfile.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"qemu-nbd failed: {self.log.read_text()}")
-            time.sleep(0.01)
+        if not wait_for_pidfile(self.proc, self.pidfile):
+            self.stop()
+            raise AssertionError(f"qemu-nbd failed: {self.log.read_text()}")
 
     def stop(self):
         if self.proc.poll() is None:
