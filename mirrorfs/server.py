@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mirrorfs import endpoints, jsonlines, sockets
 from mirrorfs.access import Access
-from mirrorfs.disk import DEFAULT_REGION
+from mirrorfs.disk import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.errors import Error, ProcessError, UsageError
 from mirrorfs.events import EventLog
 from mirrorfs.frontend import Nbdkit, OperatorLines
@@ -49,7 +49,6 @@ def make_rundir():
 
 
 POLICIES = ("fail", "degrade")
-DEFAULT_CLUSTER = 64 * 1024
 COPY_MODES = ("none", "full")
 
 
@@ -64,7 +63,7 @@ def identity(endpoint):
 def lock_granularity(*sides):
     """The unit in which the data path serializes changes: the largest qcow2 cluster among the
     image sides (64 KiB, qcow2's default, for NBD URIs, whose format we cannot know)."""
-    sizes = [ep.image.cluster_size if ep.is_image else DEFAULT_CLUSTER
+    sizes = [ep.image.cluster_size if ep.is_image else LOCK_GRANULARITY
              for ep in sides if ep is not None]
     return max([s for s in sizes if s] + [4096])
 

@@ -904,7 +904,7 @@ def parse_args(argv=None):
                    + ",".join(j.key for j in JOBS))
     p.add_argument("--no-extras", action="store_true",
                    help="only the matrix: no copy, switch or memory measurements")
-    p.add_argument("--cache", choices=("auto", "none", "writeback"), default="auto",
+    p.add_argument("--cache", choices=storage.CACHE_MODES, default="auto",
                    help="every storage daemon's use of the host page cache, as mirrorfs serve "
                         "--cache (default auto: none where the work directory allows O_DIRECT)")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
