@@ -11,12 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import __version__, control, display, jsonlines, sockets
+from mirrorfs import __version__, control, display, sockets
+from mirrorfs.datapath import jsonlines
 from mirrorfs.access import TLS_MODES, Access
-from mirrorfs.copier import parse_rate
+from mirrorfs.basecopy import parse_rate
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.migration import Migration
-from mirrorfs.server import MirrorServer
+from mirrorfs.tree import MirrorServer
 from mirrorfs.storage import CACHE_MODES
 
 EXIT_ERROR = 1

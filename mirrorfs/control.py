@@ -10,7 +10,8 @@ Requests, one JSON object per line:
 A refused request answers {"ok": false, "error": "..."}: the same sentence the CLI prints.
 """
 
-from mirrorfs import jsonlines, sockets
+from mirrorfs import sockets
+from mirrorfs.datapath import jsonlines
 from mirrorfs.errors import Error
 
 COMMANDS = ("status", "copy", "verify", "pivot", "cancel", "events")

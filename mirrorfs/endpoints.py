@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import nbd
 
 from mirrorfs import access, images
-from mirrorfs.backend import connect
+from mirrorfs.datapath.backend import connect
 from mirrorfs.errors import BackendError, UsageError
 
 URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")

@@ -12,11 +12,10 @@ import os
 import re
 from pathlib import Path
 
-import mirrorfs
 from mirrorfs.access import EXPORT_PARAMS, Access
+from mirrorfs.datapath import NBDKIT_SCRIPT
 from mirrorfs.processes import Child
 
-PLUGIN = Path(mirrorfs.__file__).resolve().parent.parent / "plugin" / "mirrorfs_nbdkit.py"
 FIRST_LISTEN_FD = 3
 
 # nbdkit's python plugin prints a traceback for every request a callback fails; mirrorfs has already
@@ -73,9 +72,9 @@ class Nbdkit(Child):
                 "--threads", threads, *access.nbdkit_options()]
         if readonly:
             argv.append("--readonly")
-        argv += ["python", PLUGIN] + [f"{k}={v}" for k, v in params.items()] + EXPORT_PARAMS
+        argv += ["python", NBDKIT_SCRIPT] + [f"{k}={v}" for k, v in params.items()] + EXPORT_PARAMS
         # nbdkit's embedded interpreter is /usr/bin/python3, not our venv: show it where we live.
         pythonpath = os.pathsep.join(
-            p for p in (os.fspath(PLUGIN.parent.parent), os.environ.get("PYTHONPATH")) if p)
+            p for p in (os.fspath(NBDKIT_SCRIPT.parents[2]), os.environ.get("PYTHONPATH")) if p)
         super().__init__("nbdkit", argv, rundir / "nbdkit.log", pidfile=pidfile,
                          child_setup=_activation([s.fileno() for s in listeners], pythonpath))

@@ -22,12 +22,13 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import images, jsonlines
-from mirrorfs.copier import BaseCopy
+from mirrorfs import images
+from mirrorfs.datapath import jsonlines
+from mirrorfs.basecopy import BaseCopy
 from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.events import EventLog
-from mirrorfs.server import MirrorServer
-from mirrorfs.state import State, StateError
+from mirrorfs.tree import MirrorServer
+from mirrorfs.datapath.state import State, StateError
 
 
 class PhaseError(UsageError):

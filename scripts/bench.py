@@ -39,7 +39,8 @@ import nbd
 import psutil
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from mirrorfs import jsonlines, processes, sockets, storage
+from mirrorfs import processes, sockets, storage
+from mirrorfs.datapath import jsonlines
 from mirrorfs.processes import Child
 
 MiB = 1 << 20

@@ -9,7 +9,7 @@ import nbd
 import psutil
 
 from conftest import MiB, wait_for_pidfile
-from mirrorfs.frontend import PLUGIN
+from mirrorfs.datapath import NBDKIT_SCRIPT as PLUGIN
 
 
 def parallel_reads(uri, requests=64, length=64 * 1024):

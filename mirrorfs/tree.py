@@ -17,15 +17,16 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import endpoints, jsonlines, sockets
+from mirrorfs import endpoints, sockets
+from mirrorfs.datapath import jsonlines
 from mirrorfs.access import Access
-from mirrorfs.disk import DEFAULT_REGION, LOCK_GRANULARITY
+from mirrorfs.datapath.disk import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.errors import Error, ProcessError, UsageError
 from mirrorfs.events import EventLog
 from mirrorfs.frontend import Nbdkit, OperatorLines
 from mirrorfs.processes import LogRelay
-from mirrorfs.state import StateError
-from mirrorfs.state import open_for as open_state
+from mirrorfs.datapath.state import StateError
+from mirrorfs.datapath.state import open_for as open_state
 from mirrorfs.storage import CACHE_MODES, StorageDaemon
 
 log = logging.getLogger("mirrorfs")

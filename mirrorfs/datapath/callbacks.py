@@ -10,9 +10,9 @@ import sys
 
 import nbdkit
 
-from mirrorfs.datapath import DataPath
-from mirrorfs.disk import RequestError
-from mirrorfs.threadstate import ThreadStates
+from mirrorfs.datapath.service import DataPath
+from mirrorfs.datapath.disk import RequestError
+from mirrorfs.datapath.threadstate import ThreadStates
 
 API_VERSION = 2
 

@@ -22,7 +22,7 @@ import time
 
 import nbd
 
-from mirrorfs.backend import BackendError, describe
+from mirrorfs.datapath.backend import BackendError, describe
 
 log = logging.getLogger("mirrorfs")
 

@@ -20,9 +20,9 @@ import time
 
 import nbd
 
-from mirrorfs.backend import BackendError, describe, error_errno, wait_all, wait_one
-from mirrorfs.dirtymap import DirtyMap
-from mirrorfs.inflight import InFlight
+from mirrorfs.datapath.backend import BackendError, describe, error_errno, wait_all, wait_one
+from mirrorfs.datapath.dirtymap import DirtyMap
+from mirrorfs.datapath.inflight import InFlight
 
 log = logging.getLogger("mirrorfs")
 

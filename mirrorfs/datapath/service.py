@@ -25,13 +25,13 @@ import socket
 import threading
 import time
 
-from mirrorfs import jsonlines
-from mirrorfs.backend import BackendError, NbdBackend
-from mirrorfs.dirtymap import DirtyMap
-from mirrorfs.disk import DEFAULT_REGION, LOCK_GRANULARITY, Disk, NotSynchronized
-from mirrorfs.inflight import DrainTimeout
-from mirrorfs.resync import Copier
-from mirrorfs.state import State, StateError
+from mirrorfs.datapath import jsonlines
+from mirrorfs.datapath.backend import BackendError, NbdBackend
+from mirrorfs.datapath.dirtymap import DirtyMap
+from mirrorfs.datapath.disk import DEFAULT_REGION, LOCK_GRANULARITY, Disk, NotSynchronized
+from mirrorfs.datapath.inflight import DrainTimeout
+from mirrorfs.datapath.copier import Copier
+from mirrorfs.datapath.state import State, StateError
 
 log = logging.getLogger("mirrorfs")
 

@@ -1,0 +1,25 @@
+"""What runs inside nbdkit: the served disk's request routing, its backends, the copier, the state.
+
+Everything in this subpackage is loaded by nbdkit's embedded interpreter (Debian's /usr/bin/python3)
+and imports only the standard library, `nbd` (libnbd) and `nbdkit`: never the supervisor beside it,
+never a PyPI package (tests/test_layers.py checks it in a clean interpreter). The supervisor may import
+from here: the constants both halves must agree on live here, once.
+
+    nbdkit_script.py   the file nbdkit's python plugin loads (part of the installed package)
+    callbacks.py       nbdkit's callbacks, mapped onto the service
+    service.py         the data path assembled from its parameters; its control socket
+    options.py         those parameters: validated once, to_params / from_params side by side
+    disk.py            what happens to each request (read this to know what happens to a write)
+    backend.py         one side: a pool of libnbd handles, and the verbs on it
+    inflight.py        requests in flight: counted, range-locked, holdable for a switch
+    dirtymap.py        what may differ between the sides, and the write-intent rule
+    copier.py          copies what may differ (full mode's first pass, regions to copy again)
+    state.py           the state journal in the state directory: what survives kill -9
+    jsonlines.py       the JSON-lines protocol of both control sockets
+    threadstate.py     one Python thread state per nbdkit worker thread (speed)
+"""
+
+from pathlib import Path
+
+# The script nbdkit's python plugin loads (`nbdkit python SCRIPT key=value...`).
+NBDKIT_SCRIPT = Path(__file__).resolve().parent / "nbdkit_script.py"
