@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from mirrorfs import images
 from mirrorfs.errors import ImageError, UsageError
 from mirrorfs.processes import popen
 
@@ -36,7 +37,9 @@ class BaseCopy:
         self.target = Path(target)
         self.partial = self.target.with_name(self.target.name + ".partial")
         self.rate = rate
-        self.total = source.virtual_size
+        # qemu-img convert -p reports its progress as a share of the data it copies, not of the
+        # virtual size: 200 MiB of data on a 1 GiB disk is 100% at 200 MiB.
+        self.total = images.data_bytes(source)
         self.fraction = 0.0
         self.started = None
         self.finished = None
@@ -52,6 +55,18 @@ class BaseCopy:
     @property
     def running(self):
         return self._proc is not None and self.finished is None
+
+    def progress(self):
+        """The common `copy` section of a status: bytes done of bytes to copy, the real rate, an ETA."""
+        end = self.finished or time.monotonic()
+        seconds = end - self.started if self.started else 0.0
+        done = self.copied
+        rate = done / seconds if seconds > 0 else 0.0
+        return {"bytes_done": done, "bytes_total": self.total,
+                "percent": round(self.fraction * 100, 2), "running": self.running,
+                "seconds": round(seconds, 3), "rate": round(rate), "rate_limit": self.rate,
+                "eta_seconds": round((self.total - done) / rate) if self.running and rate else None,
+                "error": self.error}
 
     def start(self):
         if self.target.exists():

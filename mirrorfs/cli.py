@@ -1,5 +1,8 @@
 """The `mirrorfs` command: a thin layer over the package. Every `Error` becomes one line on stderr and
-a non-zero exit; tracebacks only with --debug."""
+a non-zero exit; tracebacks only with --debug.
+
+Signals: SIGINT and SIGTERM stop a server in order (clients' requests drained and flushed first).
+SIGHUP is ignored: a served disk must not go away because the terminal that started it closed."""
 
 import argparse
 import json
@@ -11,13 +14,15 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import __version__, control, display, sockets
-from mirrorfs.datapath import jsonlines
+from mirrorfs import __version__, control, display
 from mirrorfs.access import TLS_MODES, Access
 from mirrorfs.basecopy import parse_rate
+from mirrorfs.datapath import jsonlines
+from mirrorfs.datapath.options import COPY_MODES, POLICIES
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.migration import Migration
-from mirrorfs.tree import MirrorServer
+from mirrorfs.mirror import Mirror
+from mirrorfs.options import ServeOptions
 from mirrorfs.storage import CACHE_MODES
 
 EXIT_ERROR = 1
@@ -90,12 +95,12 @@ def build_parser():
     serve.add_argument("--readonly", action="store_true", help="serve SOURCE read-only, no mirror")
     serve.add_argument("--threads", type=_positive_int, default=16,
                        help="nbdkit worker threads per connection (default 16)")
-    serve.add_argument("--copy", choices=("none", "full"), default="none",
+    serve.add_argument("--copy", choices=COPY_MODES, default="none",
                        help="none: DEST already equals SOURCE (default); full: copy all of SOURCE "
                             "to DEST in the background while mirroring writes")
     serve.add_argument("--state-dir", metavar="DIR",
                        help="keep the mirror's state here, so a restart resumes after a crash")
-    serve.add_argument("--on-dest-error", choices=("fail", "degrade"),
+    serve.add_argument("--on-dest-error", choices=POLICIES,
                        help="a destination failure fails the client's request (fail), or is "
                             "recorded and copied again later (degrade; the default with --state-dir)")
     serve.add_argument("--rate", metavar="BYTES/S", help="limit the background copy, e.g. 100M")
@@ -126,7 +131,7 @@ def build_parser():
                        help="nbdkit worker threads per connection (default 16)")
     start.add_argument("--state-dir", metavar="DIR",
                        help="keep the migration's state here; start again with it to resume")
-    start.add_argument("--on-dest-error", choices=("fail", "degrade"),
+    start.add_argument("--on-dest-error", choices=POLICIES,
                        help="as for serve (default: degrade with --state-dir, else fail)")
     _storage_options(start)
     _access_options(start)
@@ -171,32 +176,42 @@ def _stop_on_signals():
     def on_signal(signum, frame):
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return stop
 
 
-def cmd_serve(args):
+def _serve_options(args, **extra):
+    return ServeOptions(socket=args.socket, listen=args.listen, threads=args.threads,
+                        state_dir=args.state_dir, policy=args.on_dest_error,
+                        io_timeout=args.io_timeout, cache=args.cache, access=_access(args), **extra)
+
+
+def _control_path(args):
+    path = args.control or (args.socket + ".ctl" if args.socket else None)
+    if path is None:
+        raise UsageError("give --control PATH (there is no --socket to put it next to)")
+    return path
+
+
+def _run_controller(controller, control_path, uris):
+    """Serve the control socket and the disk until SIGINT/SIGTERM; stop everything after."""
     stop = _stop_on_signals()
-    access = _access(args)
-    server = MirrorServer(args.source, args.dest, socket=args.socket, listen=args.listen,
-                          readonly=args.readonly, threads=args.threads, copy=args.copy,
-                          state_dir=args.state_dir, policy=args.on_dest_error,
-                          rate=parse_rate(args.rate) if args.rate else None, region=args.region,
-                          access=access, io_timeout=args.io_timeout, cache=args.cache)
-    control_path = args.control or (args.socket + ".ctl" if args.socket else None)
-    access.check(server.listen)             # before the control socket exists
-    ctl = control.serve(control_path, server) if control_path else None
+    access = controller.options.access
+    access.check(controller.options.listen_address)     # before the control socket exists
+    ctl = control.serve(control_path, controller) if control_path else None
     try:
         if ctl is not None:
             access.share(control_path)
-        with server:
-            for uri in server.uris:
-                print(f"serving {uri}", flush=True)
-            if control_path:
-                print(f"control {control_path}", flush=True)
-            server.wait(stop)
+        controller.start()
+        for uri in uris():
+            print(f"serving {uri}", flush=True)
+        if ctl is not None:
+            print(f"control {control_path}", flush=True)
+        controller.run(stop)
     finally:
+        controller.stop()
         if ctl is not None:
             ctl.stop()
             Path(control_path).unlink(missing_ok=True)
@@ -204,31 +219,19 @@ def cmd_serve(args):
     return 0
 
 
-def cmd_start(args):
-    stop = _stop_on_signals()
+def cmd_serve(args):
+    options = _serve_options(args, readonly=args.readonly, copy=args.copy,
+                             rate=parse_rate(args.rate) if args.rate else None, region=args.region)
+    mirror = Mirror(args.source, args.dest, options)
     control_path = args.control or (args.socket + ".ctl" if args.socket else None)
-    if control_path is None:
-        raise UsageError("give --control PATH (there is no --socket to put it next to)")
-    access = _access(args)
-    access.check(sockets.parse_listen(args.listen) if args.listen else None)
-    migration = Migration(args.source_top, args.dest_dir, socket=args.socket, listen=args.listen,
-                          overlay_name=args.overlay_name, threads=args.threads,
-                          state_dir=args.state_dir, policy=args.on_dest_error, access=access,
-                          io_timeout=args.io_timeout, cache=args.cache)
-    ctl = control.serve(control_path, migration)
-    try:
-        access.share(control_path)
-        migration.start()
-        for uri in migration.server.uris:
-            print(f"serving {uri}", flush=True)
-        print(f"control {control_path}", flush=True)
-        migration.wait(stop)
-    finally:
-        migration.stop()
-        ctl.stop()
-        Path(control_path).unlink(missing_ok=True)
-    print("stopped", flush=True)
-    return 0
+    return _run_controller(mirror, control_path, lambda: mirror.tree.uris)
+
+
+def cmd_start(args):
+    control_path = _control_path(args)
+    migration = Migration(args.source_top, args.dest_dir, _serve_options(args),
+                          overlay_name=args.overlay_name)
+    return _run_controller(migration, control_path, lambda: migration.tree.uris)
 
 
 def _control(args):
@@ -256,8 +259,8 @@ def cmd_copy(args):
         if args.json:
             print(json.dumps(copy), flush=True)
         elif tty:
-            print(display.progress_bar(copy["bytes_copied"] / max(copy["bytes_total"], 1),
-                                       display.copy_line(copy)), end="", flush=True)
+            print(display.progress_bar(copy["percent"] / 100, display.copy_line(copy)), end="",
+                  flush=True)
         if not copy.get("running"):
             break
         time.sleep(0.5)
@@ -266,7 +269,8 @@ def cmd_copy(args):
     if copy.get("error"):
         raise Error(f"base copy failed: {copy['error']}")
     if not args.json:
-        print(f"base copied: {display.copy_line(copy)} in {copy['seconds']:.1f}s", flush=True)
+        print(f"base copied: {display.copy_line(copy)} in {display.duration(copy['seconds'])}; "
+              "ready to pivot", flush=True)
     return 0
 
 
@@ -316,3 +320,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("mirrorfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `mirrorfs status | head -1`: the reader is gone, which is no error of ours. Point stdout
+        # at /dev/null so that the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,54 +1,106 @@
-"""What the CLI shows a person: sizes, a progress bar, a one-screen status."""
+"""What the CLI shows a person: sizes, a progress bar, a one-screen status.
 
-import shutil
+The status is the controllers' one schema (mirrorfs.controller): the common fields always, and a line
+for each optional section (copy, switch, state, mirror) only when it is there.
+"""
+
+from mirrorfs.datapath import human_size as size
+
+BAR_WIDTH = 30
 
 
-def size(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+def duration(seconds):
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
-def progress_bar(fraction, label="", width=None):
-    width = width or min(50, max(10, shutil.get_terminal_size((80, 20)).columns - len(label) - 12))
-    done = int(fraction * width)
-    return f"\r[{'#' * done}{'.' * (width - done)}] {fraction * 100:5.1f}% {label}"
+def progress_bar(fraction, label=""):
+    """One line, redrawn in place: the bar keeps its width whatever the label says."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    done = int(fraction * BAR_WIDTH)
+    return f"\r[{'#' * done}{'.' * (BAR_WIDTH - done)}] {fraction * 100:5.1f}% {label}\033[K"
 
 
 def copy_line(copy):
-    rate = ""
-    if copy.get("seconds"):
-        rate = f", {size(copy['bytes_copied'] / copy['seconds'])}/s"
-    return f"{size(copy['bytes_copied'])} of {size(copy['bytes_total'])}{rate}"
+    """'200.0 MiB of 1.0 GiB, 40.0 MiB/s, 20s left'."""
+    text = f"{size(copy['bytes_done'])} of {size(copy['bytes_total'])}"
+    if copy.get("rate"):
+        text += f", {size(copy['rate'])}/s"
+    if copy.get("eta_seconds") is not None:
+        text += f", {duration(copy['eta_seconds'])} left"
+    return text
+
+
+def _side(side):
+    if side is None:
+        return "-"
+    if side.get("removed"):
+        return f"{side['overlay']} (removed by cancel)"
+    if "overlay" in side:
+        text = f"{side['overlay']} on {side['base']}"
+        if side.get("base_exists") is False:
+            text += " (base not copied yet)"
+        return text
+    return side["spec"]
 
 
 def status_text(status):
-    lines = [f"phase:        {status['phase']} (for {status['phase_seconds']:.0f}s)"]
+    lines = [f"phase:        {status['phase']} (for {duration(status['phase_seconds'])})"]
     for uri in status.get("uris", []):
         lines.append(f"serving:      {uri}")
-    src, dst = status["source"], status["destination"]
-    lines.append(f"source:       {src['overlay']} on {src['base']}")
-    lines.append(f"destination:  {dst['overlay']} on {dst['base']}"
-                 f"{'' if dst['base_exists'] else ' (base not copied yet)'}")
+    serving = status.get("serving")
+    lines.append(f"source:       {_side(status.get('source'))}"
+                 + (" <= serves the disk" if serving == "source" else ""))
+    if status.get("destination") is not None:
+        lines.append(f"destination:  {_side(status['destination'])}"
+                     + (" <= serves the disk" if serving == "destination" else ""))
+    mirror = status.get("mirror")
+    if mirror:
+        lines.append(f"mirror:       copy {mirror['copy_mode']}, on destination error "
+                     f"{mirror['policy']}{', resumed' if mirror['resumed'] else ''}")
+    state = status.get("state")
+    if state:
+        lines.append(f"state:        {state['directory']}")
     copy = status.get("copy")
     if copy:
-        state = "running" if copy["running"] else ("failed: " + copy["error"] if copy["error"] else "done")
-        lines.append(f"base copy:    {copy['percent']:.1f}% {state} ({copy_line(copy)})")
+        if copy["running"]:
+            what = "running"
+        elif copy["error"]:
+            what = f"failed: {copy['error']}"
+        else:
+            what = "done" + (" - ready to pivot (mirrorfs pivot)" if copy.get("ready_to_pivot") else "")
+        lines.append(f"copy:         {copy['percent']:.1f}% {what} ({copy_line(copy)})")
     switch = status.get("switch")
     if switch:
-        lines.append(f"switch:       clients held {switch['stall_ms']:.1f} ms "
-                     f"(backing change {switch['rebase_ms']:.1f} ms)")
-    dp = status.get("datapath") or {}
-    if "error" in dp:
-        lines.append(f"data path:    unavailable ({dp['error']})")
-    elif dp:
-        req = ", ".join(f"{k} {v}" for k, v in sorted(dp.get("requests", {}).items())) or "none"
-        lines.append(f"requests:     {req}; {dp['in_flight']} in flight")
-        lines.append(f"reads from:   {dp['reader']}; writes to: {', '.join(dp['writers'])}")
-        for name, side in dp.get("sides", {}).items():
-            lat = side["latency_ms"]
-            lat_text = (f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms" if lat["samples"]
-                        else "no samples")
-            lines.append(f"  {name + ':':13} {side['errors']} errors; write latency {lat_text}")
+        rebase = f" (backing change {switch['rebase_ms']:.1f} ms)" if "rebase_ms" in switch else ""
+        lines.append(f"switch:       clients held {switch['stall_ms']:.1f} ms{rebase}")
+    lines += _datapath_lines(status.get("datapath"))
     return "\n".join(lines)
+
+
+def _datapath_lines(dp):
+    if not dp:
+        return []
+    if "error" in dp:
+        return [f"data path:    unavailable ({dp['error']})"]
+    req = ", ".join(f"{k} {v}" for k, v in sorted(dp.get("requests", {}).items())) or "none"
+    lines = [f"requests:     {req}; {dp['in_flight']} in flight",
+             f"reads from:   {dp['reader']}; writes to: {', '.join(dp['writers'])}"]
+    if dp.get("dirty_bytes"):
+        lines.append(f"may differ:   {size(dp['dirty_bytes'])}")
+    for name, side in dp.get("sides", {}).items():
+        lat = side["latency_ms"]
+        lat_text = (f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms" if lat["samples"]
+                    else "no samples")
+        text = f"  {name + ':':13} {side['errors']} errors"
+        if side.get("degraded"):
+            text += f", {side['degraded']} degraded writes"
+        lines.append(f"{text}; write latency {lat_text}")
+        last = side.get("last_error")
+        if last:
+            lines.append(f"  {'':13} last error: {last.get('error')} at offset {last.get('offset')}")
+    return lines

@@ -12,11 +12,10 @@ from urllib.parse import parse_qs, urlsplit
 import nbd
 
 from mirrorfs import access, images
-from mirrorfs.datapath.backend import connect
+from mirrorfs.datapath import backend
 from mirrorfs.errors import BackendError, UsageError
 
 URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
-CONNECT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -88,21 +87,15 @@ def check_distinct(source, dest):
         raise UsageError(f"source and destination are the same URI: {source.uri}")
 
 
-def probe(endpoint, timeout=CONNECT_TIMEOUT):
-    """Connect once to the endpoint's URI: is it reachable, how large, writable? Fills `size`."""
-    h = nbd.NBD()
+def probe(endpoint):
+    """Connect once to the endpoint's URI, the way the data path will: is it reachable, how large,
+    writable? Fills `size`."""
     try:
-        if not h.supports_uri():
-            raise BackendError("this libnbd cannot open NBD URIs")
-        # tls-psk-file=, tls-certificates=: files the user named on our command line (libnbd
-        # 1.14 refuses both in a URI unless allowed).
-        h.set_uri_allow_local_file(True)
-        try:
-            connect(h, endpoint.uri, timeout)
-        except TimeoutError:
-            raise BackendError(f"{endpoint.label} {endpoint.spec}: no answer after {timeout:g}s") from None
+        h = backend.open_handle(endpoint.uri, endpoint.label, allocation=False)
+    except backend.BackendError as e:
+        raise BackendError(f"{endpoint.label} {endpoint.spec}: {e.reason}") from None
+    try:
         endpoint.size = h.get_size()
         return {"size": endpoint.size, "read_only": h.is_read_only()}
-    except nbd.Error as e:
-        msg = (e.string or str(e)).removeprefix("nbd_aio_connect_uri: ").removeprefix("nbd_")
-        raise BackendError(f"{endpoint.label} {endpoint.spec}: {msg}") from None
+    finally:
+        h.shutdown()

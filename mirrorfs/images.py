@@ -25,9 +25,6 @@ class ImageInfo:
     chain: tuple        # absolute paths, this image first, then its backing files down to the base
     cluster_size: int | None = None
 
-    @property
-    def backing(self):
-        return self.chain[1] if len(self.chain) > 1 else None
 
 
 def _run(argv, what):
@@ -66,6 +63,15 @@ def info(path):
     chain = tuple(Path(layer["filename"]).resolve() for layer in layers)
     return ImageInfo(path=path.resolve(), format=fmt, virtual_size=top["virtual-size"], chain=chain,
                      cluster_size=top.get("cluster-size"))
+
+
+def data_bytes(image):
+    """How many bytes of the image's chain hold data (allocated and not known to read as zeros):
+    what a sparse copy reads and writes, and what `qemu-img convert -p`'s percentage is a share of."""
+    out = _run(["qemu-img", "map", "-U", "--output=json", "-f", image.format, os.fspath(image.path)],
+               str(image.path))
+    return sum(extent["length"] for extent in json.loads(out)
+               if extent.get("data") and not extent.get("zero"))
 
 
 def create_overlay(path, backing):

@@ -23,30 +23,36 @@ import time
 from pathlib import Path
 
 from mirrorfs import images
-from mirrorfs.datapath import jsonlines
 from mirrorfs.basecopy import BaseCopy
-from mirrorfs.errors import Error, ImageError, UsageError
-from mirrorfs.events import EventLog
-from mirrorfs.tree import MirrorServer
+from mirrorfs.controller import Controller, PhaseError, number
 from mirrorfs.datapath.state import State, StateError
+from mirrorfs.errors import Error, ImageError, UsageError
+from mirrorfs.options import ServeOptions
+from mirrorfs.tree import ProcessTree
+
+__all__ = ["Migration", "PhaseError"]
 
 
-class PhaseError(UsageError):
-    """A command that does not fit the migration's current phase."""
-
-
-class Migration:
+class Migration(Controller):
     """One migration of one disk. The CLI and the control socket are thin layers over this class.
 
-        m = Migration("/src/base.qcow2", "/dst", socket="/run/vm1.sock")
+        m = Migration("/src/base.qcow2", "/dst", ServeOptions(socket="/run/vm1.sock"))
         m.start()                   # Step 3: overlays created, disk served, writes mirrored
         m.copy(rate=200 << 20)      # Step 4: blocks until the base is copied (or wait=False)
         m.pivot()                   # Step 5: verified, switched; returns the client-visible stall
         m.stop()                    # stop serving (images stay as they are)
-    """
 
-    def __init__(self, source_top, dest_dir, *, socket=None, listen=None, overlay_name=None,
-                 threads=16, state_dir=None, policy=None, access=None, io_timeout=None, cache="auto"):
+    Phases: mirroring (writes go to both overlays), copying-base (Step 4 running), switching,
+    switched, cancelled, stopped.
+    """
+    kind = "migration"
+
+    def __init__(self, source_top, dest_dir, options=None, *, overlay_name=None, **serve_options):
+        """`options`: ServeOptions (or its fields as keyword arguments: socket=, state_dir=, ...)."""
+        super().__init__()
+        self.options = options or ServeOptions(**serve_options)
+        if self.options.copy != "none" or self.options.readonly:
+            raise UsageError("a migration mirrors two overlays that start equal: no --copy, no --readonly")
         self.source_top = Path(source_top).absolute()
         self.dest_dir = Path(dest_dir).absolute()
         name = overlay_name or f"{self.source_top.stem}-snap.qcow2"
@@ -55,47 +61,18 @@ class Migration:
         self.source_overlay = self.source_top.parent / name
         self.dest_overlay = self.dest_dir / name
         self.dest_base = self.dest_dir / self.source_top.name
-        self._socket, self._listen, self._threads = socket, listen, threads
-        self.state_dir = Path(state_dir).absolute() if state_dir else None
-        self._policy = policy
-        self._access = access
-        self._io_timeout, self._cache = io_timeout, cache
-        self.server = None
+        self.state_dir = self.options.state_path
         self.base = None                # ImageInfo of source_top
-        self.phase = "new"
-        self.phase_since = time.monotonic()
         self.copier = None
         self.last_switch = None
         self._created = []              # files this migration made, removed again by cancel
-        self._lock = threading.RLock()
-        self.log = EventLog()
-
-    # Events and phases.
-
-    def _event(self, kind, **details):
-        self.log.add(kind, **details)
-
-    def _enter(self, phase, **details):
-        with self._lock:
-            self.phase = phase
-            self.phase_since = time.monotonic()
-            self._event("phase", phase=phase, **details)
-
-    def _require(self, command, *phases):
-        if self.phase not in phases:
-            raise PhaseError(f"cannot {command} while {self.phase}"
-                             f" (possible when {' or '.join(phases)})")
-
-    def events(self, since=0, timeout=None):
-        """Yield events after sequence number `since`, waiting for new ones (see EventLog)."""
-        return self.log.follow(since, timeout)
+        self._removed = False           # cancel removed the destination's files
 
     # Step 3.
 
     def start(self):
         """Step 3; or, when the state directory holds this migration's state, resume it."""
-        with self._lock:
-            self._require("start", "new")
+        with self.changing("start", "new"):
             saved = self._saved_state()
             if saved is not None:
                 return self._resume(saved)
@@ -106,19 +83,16 @@ class Migration:
                 self._created.append(self.source_overlay)
                 images.create_overlay(self.dest_overlay, self.base)
                 self._created.append(self.dest_overlay)
-                self.server = self._server()
-                self.server.start()
+                self.tree = self._tree()
+                self.tree.start()
             except BaseException:
                 self._undo_start()
                 raise
-            self._enter("mirroring", source_overlay=str(self.source_overlay),
+            self.enter("mirroring", source_overlay=str(self.source_overlay),
                         dest_overlay=str(self.dest_overlay))
 
-    def _server(self):
-        return MirrorServer(str(self.source_overlay), str(self.dest_overlay), socket=self._socket,
-                            listen=self._listen, threads=self._threads, state_dir=self.state_dir,
-                            policy=self._policy, access=self._access, io_timeout=self._io_timeout,
-                            cache=self._cache)
+    def _tree(self):
+        return ProcessTree(str(self.source_overlay), str(self.dest_overlay), self.options)
 
     def _saved_state(self):
         if self.state_dir is None:
@@ -140,12 +114,12 @@ class Migration:
                                  f"{path} is missing")
         self.base = images.info(self.source_top)
         self.dest_base.with_name(self.dest_base.name + ".partial").unlink(missing_ok=True)
-        self.server = self._server()
-        self.server.start()
+        self.tree = self._tree()
+        self.tree.start()
         if saved.phase == "switched":
-            self._enter("switched", resumed=True)
+            self.enter("switched", resumed=True)
         else:
-            self._enter("mirroring", resumed=True, dirty_regions=len(saved.dirty))
+            self.enter("mirroring", resumed=True, dirty_regions=len(saved.dirty))
 
     def _check_paths(self):
         if not self.dest_dir.is_dir():
@@ -157,8 +131,8 @@ class Migration:
                 raise UsageError(f"overlay {path} already exists (a migration already started?)")
 
     def _undo_start(self):
-        if self.server is not None:
-            self.server.stop()
+        if self.tree is not None:
+            self.tree.stop()
         # The source overlay is removed only if nothing was ever served from it.
         for path in self._created:
             path.unlink(missing_ok=True)
@@ -169,15 +143,14 @@ class Migration:
     def copy(self, rate=None, wait=True):
         """Copy the source base to the destination with qemu-img convert. With wait=False it runs in
         the background; follow it with status() or events()."""
-        with self._lock:
-            self._require("copy", "mirroring")
+        with self.changing("copy", "mirroring"):
             if self.dest_base.exists():
                 raise UsageError(f"destination base {self.dest_base} already exists "
                                  "(copied by a manager? then pivot verifies it)")
             self.copier = BaseCopy(self.base, self.dest_base, rate=rate)
             self.copier.start()
             self._created.append(self.dest_base)
-            self._enter("copying", bytes_total=self.copier.total, rate=rate)
+            self.enter("copying-base", bytes_total=self.copier.total, rate=rate)
         watcher = threading.Thread(target=self._finish_copy, name="base copy", daemon=True)
         watcher.start()
         if wait:
@@ -191,21 +164,27 @@ class Migration:
             copier.wait()
         except ImageError:
             pass
-        with self._lock:
-            if self.phase != "copying":
+        with self.internal_change():
+            if self.phase != "copying-base":
                 return                      # cancelled or stopped meanwhile
             seconds = round(copier.finished - copier.started, 3)
             if copier.error:
-                self._event("error", what="base copy failed", detail=copier.error)
-            self._enter("mirroring", copied=not copier.error, seconds=seconds)
+                self.log.add("error", what="base copy failed", detail=copier.error)
+            self.enter("mirroring", copied=not copier.error, seconds=seconds)
 
     # Step 5.
 
     def verify(self):
         """Is the destination base a faithful copy of the source base? Returns (ok, detail)."""
+        with self.changing("verify", "mirroring", "copying-base"):
+            return self._verify()
+
+    def _verify(self):
         if not self.dest_base.exists():
             return False, (f"destination base {self.dest_base} does not exist: run 'mirrorfs copy' "
                            "or copy it there")
+        if self.copier is not None and self.copier.running:
+            return False, f"destination base {self.dest_base} is still being copied"
         copy = images.info(self.dest_base)
         shared = set(copy.chain) & set(self.base.chain)
         if shared:
@@ -222,99 +201,94 @@ class Migration:
     def pivot(self, force=False, timeout=10.0):
         """Switch the disk to the destination chain without disconnecting clients. Returns the
         stall clients saw, in seconds."""
-        with self._lock:
-            self._require("pivot", "mirroring")
+        with self.changing("pivot", "mirroring"):
             if not self.dest_base.exists():
                 raise UsageError(f"destination base {self.dest_base} does not exist: run "
                                  "'mirrorfs copy' or copy it there first")
             if force:
-                self._event("warning", what="switching without verification (forced)")
+                self.log.add("warning", what="switching without verification (forced)")
             else:
-                ok, detail = self.verify()
+                ok, detail = self._verify()
                 if not ok:
                     raise UsageError(f"switch refused: {detail}")
-            self._enter("switching")
+            self.enter("switching", forced=force)
             try:
                 # QEMU flushes the overlay inside the reopen, with its I/O held: under write load
                 # that hold (100-300 ms here) is what clients notice, not the data path's switch.
                 # A flush just before does not help: it holds qcow2's lock about as long.
+                # A crash after the rebase and before the switch is harmless: the destination
+                # overlay's new backing holds the same bytes as the old one.
                 started = time.monotonic()
-                self.server.daemon("dst").rebase(images.info(self.dest_base))
+                self.tree.daemon("destination").rebase(images.info(self.dest_base))
                 rebase = time.monotonic() - started
-                reply = self.server.datapath("switch", reader="destination",
-                                             writers=["destination"], phase="switched",
-                                             timeout=timeout)
-            except (Error, jsonlines.ControlError) as e:
-                self._enter("mirroring")
-                self._event("error", what="switch failed", detail=str(e))
+                stall = self.tree.switch("destination", "switched", timeout)
+            except Error as e:
+                self.enter("mirroring")
+                self.log.add("error", what="switch failed", detail=str(e))
                 raise Error(f"switch failed, still mirroring: {e}") from None
-            stall = reply["stall_ms"] / 1000
-            self.server.retire_daemon("src")
-            self.last_switch = {"stall_ms": round(stall * 1000, 3), "rebase_ms": round(rebase * 1000, 3)}
+            self.last_switch = {"stall_ms": round(stall * 1000, 3),
+                                "rebase_ms": round(rebase * 1000, 3), "forced": force}
             self._created.clear()           # nothing is ours to remove any more
-            self._enter("switched", **self.last_switch)
+            self.enter("switched", **self.last_switch)
             return stall
 
     def cancel(self, timeout=10.0):
         """Stop mirroring and keep serving the source; remove what the migration made on the
         destination."""
-        with self._lock:
-            self._require("cancel", "mirroring", "copying")
+        with self.changing("cancel", "mirroring", "copying-base"):
             if self.copier is not None and self.copier.running:
                 self.copier.cancel()
             try:
-                self.server.datapath("switch", reader="source", writers=["source"],
-                                     phase="cancelled", timeout=timeout)
-            except jsonlines.ControlError as e:
+                self.tree.switch("source", "cancelled", timeout)
+            except Error as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
-            self.server.retire_daemon("dst")
             for path in self._created:
                 if path != self.source_overlay:
                     path.unlink(missing_ok=True)
             self._created.clear()
-            self._enter("cancelled", serving=str(self.source_overlay))
+            self._removed = True
+            self.enter("cancelled", serving=str(self.source_overlay))
 
     # Running.
 
     def status(self):
-        with self._lock:
-            status = {
-                "phase": self.phase,
-                "phase_seconds": round(time.monotonic() - self.phase_since, 3),
-                "source": {"base": str(self.source_top), "overlay": str(self.source_overlay)},
-                "destination": {"base": str(self.dest_base), "overlay": str(self.dest_overlay),
-                                "base_exists": self.dest_base.exists()},
-                "uris": self.server.uris if self.server else [],
-            }
-            if self.copier is not None:
-                c = self.copier
-                end = c.finished or time.monotonic()
-                status["copy"] = {"bytes_copied": c.copied, "bytes_total": c.total,
-                                  "percent": round(c.fraction * 100, 2), "running": c.running,
-                                  "seconds": round(end - c.started, 3), "rate_limit": c.rate,
-                                  "error": c.error}
-            if self.last_switch:
-                status["switch"] = self.last_switch
-        if self.server is not None and self.phase != "stopped":
-            try:
-                status["datapath"] = self.server.datapath("status")["status"]
-            except jsonlines.ControlError as e:
-                status["datapath"] = {"error": str(e)}
+        status = super().status()
+        status["source"] = {"base": str(self.source_top), "overlay": str(self.source_overlay)}
+        if self._removed or (self.phase == "cancelled" and not self.dest_overlay.exists()):
+            status["destination"] = {"removed": True, "overlay": str(self.dest_overlay)}
+        else:
+            status["destination"] = {"base": str(self.dest_base), "overlay": str(self.dest_overlay),
+                                     "base_exists": self.dest_base.exists()}
+        if self.state_dir:
+            status["state"] = {"directory": str(self.state_dir)}
+        if self.copier is not None:
+            status["copy"] = self.copier.progress()
+            status["copy"]["ready_to_pivot"] = (not self.copier.running and not self.copier.error
+                                                and self.phase == "mirroring")
+        if self.last_switch:
+            status["switch"] = self.last_switch
         return status
 
-    def wait(self, stop, interval=0.5):
-        """Serve until `stop` is set; a child dying on its own raises."""
-        self.server.wait(stop, interval)
+    def commands(self):
+        table = super().commands()
+        table.update({
+            "copy": lambda r: self.copy(rate=int(number(r, "rate") or 0) or None, wait=False)
+            or {"started": True},
+            "verify": lambda r: dict(zip(("identical", "detail"), self.verify())),
+            "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3)},
+            "cancel": lambda r: self.cancel() or {},
+        })
+        return table
 
     def stop(self):
         """Stop serving. Images stay as they are: both chains are consistent at every phase."""
-        with self._lock:
+        with self.internal_change():
             if self.copier is not None and self.copier.running:
                 self.copier.cancel()
                 if self.dest_base in self._created:
                     self._created.remove(self.dest_base)
-            if self.server is not None:
-                self.server.stop()
+            if self.tree is not None:
+                self.tree.stop()
             if self.phase != "new":
-                self._enter("stopped")
+                self.enter("stopped")
             self.log.close()

@@ -1,11 +1,17 @@
-"""`mirrorfs serve`: the process tree behind one served disk.
+"""The process tree behind one served disk, and its one switch primitive.
 
-    clients ──NBD──▶ nbdkit + mirrorfs plugin ──NBD──▶ qemu-storage-daemon (source image)
-                                                └──NBD──▶ qemu-storage-daemon (destination image)
+    clients ──NBD──▶ nbdkit + mirrorfs data path ──NBD──▶ qemu-storage-daemon (source image)
+                                                   └──NBD──▶ qemu-storage-daemon (destination image)
 
 Image files get a storage daemon each; NBD URIs are used as they are. Everything is checked before
 anything starts (a bad input leaves both sides untouched), and everything started is stopped on exit,
-on a signal and on failure, in order: nbdkit first (it flushes both sides), then the daemons.
+on a signal and on failure, in order: nbdkit first (its data path flushes both sides), then the daemons.
+
+The tree knows processes, not phases: what the disk is doing, and which commands are allowed when, is
+the business of the controller on top (mirrorfs.controller: `serve`'s Mirror, the Migration). The one
+thing it does to the disk is `switch`: serve one side alone under a drain (the data path refuses a
+second switch, and one to a destination that is not synchronized or does not answer), then retire the
+side no longer used.
 """
 
 import logging
@@ -13,23 +19,23 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from mirrorfs import endpoints, sockets
 from mirrorfs.datapath import jsonlines
-from mirrorfs.access import Access
-from mirrorfs.datapath.disk import DEFAULT_REGION, LOCK_GRANULARITY
-from mirrorfs.errors import Error, ProcessError, UsageError
-from mirrorfs.events import EventLog
-from mirrorfs.frontend import Nbdkit, OperatorLines
-from mirrorfs.processes import LogRelay
+from mirrorfs.datapath.options import LOCK_GRANULARITY
 from mirrorfs.datapath.state import StateError
 from mirrorfs.datapath.state import open_for as open_state
-from mirrorfs.storage import CACHE_MODES, StorageDaemon
+from mirrorfs.errors import Error, ProcessError, UsageError
+from mirrorfs.frontend import Nbdkit, OperatorLines
+from mirrorfs.processes import LogRelay
+from mirrorfs.storage import StorageDaemon
 
 log = logging.getLogger("mirrorfs")
+
+# The sides, by the names the data path and the state use.
+SIDES = ("source", "destination")
+_DAEMON = {"source": "src", "destination": "dst"}
 
 
 def runtime_parent():
@@ -49,10 +55,6 @@ def make_rundir():
     return Path(tempfile.mkdtemp(prefix=f"mirrorfs-{os.getpid()}-", dir=parent))
 
 
-POLICIES = ("fail", "degrade")
-COPY_MODES = ("none", "full")
-
-
 def identity(endpoint):
     """How the state names an endpoint: the image file, or the URI; and its size."""
     if endpoint.is_image:
@@ -69,58 +71,25 @@ def lock_granularity(*sides):
     return max([s for s in sizes if s] + [4096])
 
 
-class MirrorServer:
-    """The process tree of `mirrorfs serve`, and the controls of the mirror it serves (the same
-    interface as Migration, for the control socket): status, pivot, cancel, events."""
+class ProcessTree:
+    """Storage daemons, nbdkit and the listening sockets of one served disk.
 
-    def __init__(self, source, dest=None, socket=None, listen=None, readonly=False, threads=16,
-                 copy="none", state_dir=None, policy=None, rate=None, region=None, access=None,
-                 io_timeout=None, cache="auto"):
-        """`access`: TLS, the sockets' group, --insecure (mirrorfs.access.Access); default: none.
-        `cache`: the storage daemons' use of the host page cache (mirrorfs.storage.CACHE_MODES)."""
-        if socket is None and listen is None:
-            raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
-        if readonly and dest is not None:
-            raise UsageError("--readonly serves the source alone; do not give a destination")
-        if not readonly and dest is None:
-            raise UsageError("a destination is required (or --readonly to serve the source alone)")
-        if not 1 <= threads <= 1024:
-            raise UsageError(f"--threads {threads}: expected 1 to 1024")
-        if copy not in COPY_MODES:
-            raise UsageError(f"--copy {copy!r}: expected one of {', '.join(COPY_MODES)}")
-        if copy == "full" and dest is None:
-            raise UsageError("--copy full needs a destination")
-        # degrade is only safe when what a degraded write leaves behind survives a crash: with a
-        # state directory. Without one, a failing destination fails the client's request.
-        policy = policy or ("degrade" if state_dir else "fail")
-        if policy not in POLICIES:
-            raise UsageError(f"--on-dest-error {policy!r}: expected one of {', '.join(POLICIES)}")
-        if state_dir is not None and dest is None:
-            raise UsageError("--state-dir keeps a mirror's state; it needs a destination")
-        if region is not None and (region < 1 << 20 or region & (region - 1)):
-            raise UsageError("--region: expected a power of two of at least 1 MiB")
-        if io_timeout is not None and io_timeout < 0:
-            raise UsageError(f"--io-timeout {io_timeout}: expected seconds, 0 for none")
-        self.io_timeout = io_timeout
-        if cache not in CACHE_MODES:
-            raise UsageError(f"--cache {cache!r}: expected one of {', '.join(CACHE_MODES)}")
-        self.cache = cache
-        self.copy_mode, self.policy, self.rate = copy, policy, rate
-        self.state_dir = Path(state_dir).absolute() if state_dir else None
-        self.region = region
-        self.log = EventLog()
-        self.phase = "new"
-        self.phase_since = time.monotonic()
+    After `start()`, `serving` says which side the data path serves alone ("source" or
+    "destination"), or None while it mirrors; `state` is the mirror's state (None without a state
+    directory), and `resumed` whether it was found rather than created."""
+
+    def __init__(self, source, dest, options):
+        """`source`, `dest`: what the user named (image files or NBD URIs); `options`: ServeOptions."""
+        options.check_sides(dest is not None)
+        self.source_spec, self.dest_spec = source, dest
+        self.options = options
+        self.access = options.access
+        self.source = self.dest = None
+        self.state = None
         self.resumed = False
-        self.source_spec = source
-        self.dest_spec = dest
-        self.socket_path = Path(socket).absolute() if socket else None
-        self.listen = sockets.parse_listen(listen) if listen else None
-        self.readonly = readonly
-        self.threads = threads
-        self.access = access or Access()
+        self.serving = None
         self.rundir = None
-        self.daemons = []
+        self.daemons = {}               # side -> StorageDaemon, for image sides
         self.nbdkit = None
         self._relay = None
         self._listeners = []
@@ -136,10 +105,9 @@ class MirrorServer:
             raise
 
     def _start(self):
-        if self.socket_path:
-            sockets.check_unix_path(self.socket_path)
-        self.access.check(self.listen)
-        source = endpoints.resolve("source", self.source_spec, writable=not self.readonly)
+        o = self.options
+        self.access.check(o.listen_address)
+        source = endpoints.resolve("source", self.source_spec, writable=not o.readonly)
         dest = endpoints.resolve("destination", self.dest_spec) if self.dest_spec else None
         if dest is not None:
             endpoints.check_distinct(source, dest)
@@ -147,19 +115,19 @@ class MirrorServer:
             raise ProcessError("nbdkit is not installed (run 'make setup')")
 
         # The listening sockets first: a busy path or port fails before any daemon opens an image.
-        if self.socket_path:
-            self._listeners.append(sockets.bind_unix(self.socket_path))
+        if o.socket_path:
+            self._listeners.append(sockets.bind_unix(o.socket_path))
             self._own_socket = True
-            self.access.share(self.socket_path)
-        if self.listen:
-            self._listeners.append(sockets.bind_tcp(*self.listen))
+            self.access.share(o.socket_path)
+        if o.listen_address:
+            self._listeners.append(sockets.bind_tcp(*o.listen_address))
 
         self.rundir = make_rundir()
-        for ep, name in ((source, "src"), (dest, "dst")):
+        for side, ep in (("source", source), ("destination", dest)):
             if ep is not None and ep.is_image:
-                daemon = StorageDaemon(ep.image, self.rundir, name,
-                                       readonly=self.readonly and ep is source, cache=self.cache)
-                self.daemons.append(daemon)
+                daemon = StorageDaemon(ep.image, self.rundir, _DAEMON[side],
+                                       readonly=o.readonly and side == "source", cache=o.cache)
+                self.daemons[side] = daemon
                 daemon.start()
                 ep.uri = daemon.uri
         for ep in (source, dest):
@@ -170,53 +138,43 @@ class MirrorServer:
                              f"({dest.size} < {source.size} bytes)")
         self.source, self.dest = source, dest
 
-        params = {"source": source.uri, "control": self.datapath_socket,
-                  "granularity": lock_granularity(source, dest)}
-        if self.io_timeout is not None:
-            params["timeout"] = self.io_timeout
-        phase = "serving" if dest is None else "mirroring"
-        mode = "full" if self.copy_mode == "full" else "mirror"
-        if dest is not None:
-            params.update(dest=dest.uri, policy=self.policy, mode=mode)
-            if self.rate:
-                params["rate"] = self.rate
-            if self.state_dir is not None:
-                phase = self._open_state(source, dest, mode, params)
-        self.nbdkit = Nbdkit(self.rundir, self._listeners, params, readonly=self.readonly,
-                             threads=self.threads, access=self.access)
+        datapath = o.datapath(source.uri, dest.uri if dest else None, self.datapath_socket,
+                              lock_granularity(source, dest))
+        if dest is None:
+            self.serving = "source"
+        elif o.state_path is not None:
+            datapath = self._open_state(datapath)
+        self.nbdkit = Nbdkit(self.rundir, self._listeners, datapath.to_params(),
+                             readonly=o.readonly, threads=o.threads, access=self.access)
         self._relay = LogRelay(self.nbdkit.log_path, sys.stderr, select=OperatorLines()).start()
         self.nbdkit.start()
         for s in self._listeners:           # nbdkit has them now
             s.close()
-        self._enter(phase)
+        self._listeners = []
 
-    def _open_state(self, source, dest, mode, params):
+    def _open_state(self, datapath):
         """Load or create the state; a restart after a switch or a cancel serves one side alone.
-        Returns the phase to serve in."""
+        Returns the data path's options."""
+        source, dest = self.source, self.dest
         try:
-            state, self.resumed = open_state(
-                self.state_dir, mode=mode,
+            self.state, self.resumed = open_state(
+                self.options.state_path, copy=self.options.copy,
                 source=identity(source), dest=identity(dest), size=source.size,
-                region_size=self.region or DEFAULT_REGION)
+                region_size=datapath.region)
         except StateError as e:
             raise UsageError(str(e)) from None
-        if state.phase == "switched":
+        if self.state.phase == "switched":
             log.warning("the state says this disk switched to the destination: serving %s alone",
                         dest.spec)
-            params.clear()
-            params.update(source=dest.uri, control=self.datapath_socket)
-            self.retire_daemon("src")
-            return "switched"
-        if state.phase == "cancelled":
+            self._retire_daemon("source")
+            self.serving = "destination"
+            return datapath.alone(dest.uri, "destination")
+        if self.state.phase == "cancelled":
             log.warning("the state says this mirror was cancelled: serving %s alone", source.spec)
-            for key in ("dest", "mode", "policy", "rate"):
-                params.pop(key, None)
-            self.retire_daemon("dst")
-            return "cancelled"
-        params["state"] = self.state_dir
-        if self.region:
-            params["region"] = self.region
-        return "mirroring"
+            self._retire_daemon("destination")
+            self.serving = "source"
+            return datapath.alone(source.uri, "source")
+        return datapath
 
     def stop(self):
         """Stop everything we started; safe to call at any point, and more than once."""
@@ -225,20 +183,17 @@ class MirrorServer:
         if self._relay is not None:
             self._relay.stop()
             self._relay = None
-        for daemon in reversed(self.daemons):
-            daemon.stop()
+        for side in list(self.daemons)[::-1]:
+            self._retire_daemon(side)
         for s in self._listeners:
             s.close()
         self._listeners = []
         if self._own_socket:
-            self.socket_path.unlink(missing_ok=True)
+            self.options.socket_path.unlink(missing_ok=True)
             self._own_socket = False
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
-        if self.phase not in ("new", "stopped"):
-            self._enter("stopped")
-        self.log.close()
 
     def _stop_nbdkit(self):
         """nbdkit 1.32's python plugin does not exit on SIGTERM while a client stays connected and
@@ -255,12 +210,12 @@ class MirrorServer:
                 log.warning("could not quiesce the data path before stopping: %s", e)
         self.nbdkit.stop(timeout=grace)
 
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+    def _retire_daemon(self, side):
+        """Stop a side's storage daemon once the data path no longer uses it. It leaves the list
+        first: the controller's watch (another thread) must not take its exit for a crash."""
+        daemon = self.daemons.pop(side, None)
+        if daemon is not None:
+            daemon.stop()
 
     # Running.
 
@@ -268,115 +223,47 @@ class MirrorServer:
     def datapath_socket(self):
         return self.rundir / "datapath.ctl"
 
-    def datapath(self, cmd, **args):
-        """A request to the data path inside nbdkit (status, switch); raises ControlError."""
-        return jsonlines.call(self.datapath_socket, {"cmd": cmd, **args}, timeout=120)
+    def datapath(self, cmd, timeout=120, **args):
+        """A request to the data path inside nbdkit (status, switch, quiesce); raises ControlError."""
+        return jsonlines.call(self.datapath_socket, {"cmd": cmd, **args}, timeout=timeout)
 
-    def daemon(self, name):
-        """The storage daemon of "src" or "dst", or None if that side is an NBD URI."""
-        return next((d for d in self.daemons if d.name == name), None)
+    def datapath_status(self):
+        """The data path's status, or {"error": why} when it cannot be asked."""
+        try:
+            return self.datapath("status", timeout=10)["status"]
+        except jsonlines.ControlError as e:
+            return {"error": str(e)}
 
-    def retire_daemon(self, name):
-        """Stop a side's storage daemon once the data path no longer uses it."""
-        daemon = self.daemon(name)
-        if daemon is not None:
-            self.daemons.remove(daemon)
-            daemon.stop()
+    def daemon(self, side):
+        """The storage daemon of a side, or None if that side is an NBD URI (or retired)."""
+        return self.daemons.get(side)
+
+    def switch(self, to, end, timeout=10.0):
+        """Serve side `to` alone from now on, recording `end` ("switched", "cancelled") in the
+        state; then retire the other side's daemon. Returns the stall clients saw, in seconds.
+        Raises Error with the data path's reason when it refuses (nothing changed then)."""
+        try:
+            reply = self.datapath("switch", to=to, end=end, timeout=timeout)
+        except jsonlines.ControlError as e:
+            raise Error(str(e)) from None
+        self.serving = to
+        self._retire_daemon(SIDES[1 - SIDES.index(to)])
+        return reply["stall_ms"] / 1000
 
     @property
     def uris(self):
         found = []
         s = "s" if self.access.tls_required else ""
-        if self.socket_path:
-            found.append(f"nbd{s}+unix:///?socket={self.socket_path}")
-        if self.listen:
-            host, port = self.listen
+        o = self.options
+        if o.socket_path:
+            found.append(f"nbd{s}+unix:///?socket={o.socket_path}")
+        if o.listen_address:
+            host, port = o.listen_address
             found.append(f"nbd{s}://{'[' + host + ']' if ':' in host else host}:{port}/")
         return found
 
-    def children(self):
-        return [c for c in [self.nbdkit, *self.daemons] if c is not None]
-
-    def wait(self, stop: threading.Event, interval=0.5):
-        """Serve until `stop` is set. A child that dies on its own is an error. Watches the data
-        path meanwhile, turning what changes (synchronized, errors) into events."""
-        seen = {}
-        while not stop.wait(interval):
-            for child in self.children():
-                # Not one being stopped: a side's daemon is retired after a switch while this
-                # loop runs (in another thread), and its exit is then expected.
-                if child.died():
-                    raise child.failure("exited unexpectedly")
-            self._watch(seen)
-
-    def _watch(self, seen):
-        try:
-            dp = self.datapath("status")["status"]
-        except jsonlines.ControlError:
-            return
-        if dp.get("synchronized") and not seen.get("synchronized") and self.dest is not None:
-            self.log.add("synchronized", dirty_bytes=0)
-        seen["synchronized"] = dp.get("synchronized")
-        for name, side in dp.get("sides", {}).items():
-            if side["errors"] > seen.get(name, 0):
-                self.log.add("error", side=name, errors=side["errors"], degraded=side["degraded"])
-            seen[name] = side["errors"]
-
-    # Controls (the control socket's commands).
-
-    def _enter(self, phase, **details):
-        self.phase = phase
-        self.phase_since = time.monotonic()
-        self.log.add("phase", phase=phase, **details)
-
-    def events(self, since=0, timeout=None):
-        return self.log.follow(since, timeout)
-
-    def status(self):
-        status = {"phase": self.phase, "phase_seconds": round(time.monotonic() - self.phase_since, 3),
-                  "source": self.source_spec, "destination": self.dest_spec, "uris": self.uris,
-                  "copy_mode": self.copy_mode, "policy": self.policy,
-                  "state_dir": str(self.state_dir) if self.state_dir else None,
-                  "resumed": self.resumed, "events": self.log.recent(5)}
-        try:
-            status["datapath"] = dp = self.datapath("status")["status"]
-        except jsonlines.ControlError as e:
-            status["datapath"] = {"error": str(e)}
-            return status
-        if self.phase == "mirroring":
-            # The issue's phases: copying until the destination holds everything, then synchronized.
-            status["phase"] = "synchronized" if dp.get("synchronized") else "copying"
-        return status
-
-    def copy(self, rate=None, wait=False):
-        raise UsageError("serve has no base to copy: --copy full copies the whole disk by itself")
-
-    def verify(self):
-        dp = self.datapath("status")["status"]
-        if dp.get("synchronized"):
-            return True, "the destination holds the whole disk"
-        return False, f"{dp.get('dirty_bytes')} bytes may still differ"
-
-    def pivot(self, force=False, timeout=10.0):
-        if self.phase != "mirroring":
-            raise UsageError(f"cannot pivot while {self.phase} (possible when mirroring)")
-        try:
-            reply = self.datapath("switch", reader="destination", writers=["destination"],
-                                  phase="switched", timeout=timeout)
-        except jsonlines.ControlError as e:
-            raise Error(str(e)) from None
-        self.retire_daemon("src")
-        stall = reply["stall_ms"] / 1000
-        self._enter("switched", stall_ms=round(stall * 1000, 3))
-        return stall
-
-    def cancel(self, timeout=10.0):
-        if self.phase != "mirroring":
-            raise UsageError(f"cannot cancel while {self.phase} (possible when mirroring)")
-        try:
-            self.datapath("switch", reader="source", writers=["source"], phase="cancelled",
-                          timeout=timeout)
-        except jsonlines.ControlError as e:
-            raise Error(str(e)) from None
-        self.retire_daemon("dst")
-        self._enter("cancelled")
+    def check_children(self):
+        """Raise ProcessError if a child exited without being asked to."""
+        for child in [self.nbdkit, *list(self.daemons.values())]:
+            if child is not None and child.died():
+                raise child.failure("exited unexpectedly")

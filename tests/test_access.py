@@ -136,9 +136,9 @@ def control_call(path, payload):
     (b'{"command": "status"}\n', "bad request"),
     (b'{"cmd": 7}\n', "bad request"),
     (b'{"cmd": "rm -rf /"}\n', "unknown command"),
-    (b'{"cmd": "copy", "rate": "fast"}\n', "rate must be a non-negative number"),
-    (b'{"cmd": "copy", "rate": -1}\n', "rate must be a non-negative number"),
-    (b'{"cmd": "events", "since": "0; rm"}\n', "since must be a non-negative number"),
+    (b'{"cmd": "copy", "rate": "fast"}\n', "rate must be a non-negative finite number"),
+    (b'{"cmd": "copy", "rate": -1}\n', "rate must be a non-negative finite number"),
+    (b'{"cmd": "events", "since": "0; rm"}\n', "since must be a non-negative finite number"),
     (b'{"cmd": "status", "pad": "' + b"x" * (70 * 1024) + b'"}\n', "longer than"),
 ])
 def test_control_requests_are_checked(payload, error, migration):

@@ -222,13 +222,13 @@ def test_python_api_drives_the_workflow(migration):
     m = Migration(migration.base, migration.workdir / "dst", socket=migration.workdir / "api.sock")
     m.start()
     try:
-        qemu_io(m.server.uris[0], "write -P 0x99 4M 1M")
+        qemu_io(m.uris[0], "write -P 0x99 4M 1M")
         m.copy(rate=512 * MiB)
         stall = m.pivot()
         assert stall >= 0
         assert m.status()["phase"] == "switched"
         events = [e["phase"] for e in m.events(timeout=0) if e["event"] == "phase"]
-        assert events == ["mirroring", "copying", "mirroring", "switching", "switched"]
+        assert events == ["mirroring", "copying-base", "mirroring", "switching", "switched"]
     finally:
         m.stop()
     same, detail = images_identical(migration.source_overlay, migration.dest_overlay)

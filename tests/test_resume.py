@@ -143,7 +143,7 @@ def test_kill_during_copy_and_writes_then_resume(workdir, seed):
 
     proc = serve(workdir, src, dst)
     s = status(workdir)
-    assert s["resumed"] is True
+    assert s["mirror"]["resumed"] is True
     wait_synchronized(workdir)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0

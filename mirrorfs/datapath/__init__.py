@@ -23,3 +23,11 @@ from pathlib import Path
 
 # The script nbdkit's python plugin loads (`nbdkit python SCRIPT key=value...`).
 NBDKIT_SCRIPT = Path(__file__).resolve().parent / "nbdkit_script.py"
+
+
+def human_size(n):
+    """1536 -> '1.5 KiB': sizes as the operator reads them (the CLI's display uses it too)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

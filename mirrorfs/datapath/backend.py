@@ -25,11 +25,17 @@ POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 # destination must not cost every request a connect timeout.
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+# How long a connect may take, here and in the supervisor's probe (mirrorfs.endpoints): a server
+# that accepts but never finishes the handshake (a stopped process) is given up on after this.
 CONNECT_TIMEOUT = 10.0
 
 
 class BackendError(Exception):
-    """A backend that cannot be reached (connect failed)."""
+    """A backend that cannot be reached (connect failed). `reason` says why, without the names."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def error_errno(exc, default=errno.EIO):
@@ -75,24 +81,14 @@ class NbdBackend:
         self.timeouts = 0
         self.down_until = 0.0           # monotonic time before which we do not try to connect
         self._backoff = BACKOFF_FIRST
-        self.reconnects = 0
 
     @property
     def available(self):
         return time.monotonic() >= self.down_until
 
     def _connect(self):
-        h = nbd.NBD()
-        h.set_handle_name(self.name)
-        h.set_uri_allow_local_file(True)   # tls-psk-file=, tls-certificates= in a DEST URI
-        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        try:
-            connect(h, self.uri, CONNECT_TIMEOUT)
-            h.connection_fd = h.aio_get_fd()
-        except nbd.Error as e:
-            raise BackendError(f"{self.name}: cannot connect to {self.uri}: {describe(e)}") from None
-        except TimeoutError:
-            raise BackendError(f"{self.name}: {self.uri}: no answer after {CONNECT_TIMEOUT:g}s") from None
+        h = open_handle(self.uri, self.name)
+        h.connection_fd = h.aio_get_fd()
         return h
 
     def _connect_with_backoff(self):
@@ -106,8 +102,6 @@ class NbdBackend:
             self.down_until = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
             raise
-        if self._backoff > BACKOFF_FIRST:
-            self.reconnects += 1
         self._backoff = BACKOFF_FIRST
         return h
 
@@ -167,6 +161,58 @@ class NbdBackend:
                 self.timeouts += 1
                 log.error("%s: no answer for %.0f s, connection cut", self.name, now - since)
 
+    # Verbs: what the data path asks of a side besides requests.
+
+    def flush(self):
+        """Flush the side (on one connection: with multi-conn, a flush covers them all)."""
+        if self.can_flush:
+            self.call(lambda h: h.flush())
+
+    def retire(self):
+        """No longer used (after a switch, on exit): flush what it holds, then disconnect. Callers
+        must have drained their requests first. A failing flush is reported, not raised: the
+        side is being let go either way."""
+        try:
+            self.flush()
+        except (nbd.Error, BackendError) as e:
+            log.error("%s: flush before release failed: %s", self.name, describe(e))
+        self.close()
+
+    def check(self, timeout):
+        """Prove the side answers, on every connection it will use (a flush each, or a one-byte
+        read where flush is not offered), within `timeout` seconds. Callers must have drained their
+        requests (a switch does this under its pause). Raises BackendError naming the problem; a
+        connection that failed or did not answer in time is dropped."""
+        handles = list(self._idle)
+        if not handles:
+            handles = [self.acquire()]
+            self.release(handles[0])
+        commands = []
+        for h in handles:
+            try:
+                commands.append((h, h.aio_flush() if self.can_flush else h.aio_pread(1, 0)))
+            except nbd.Error as e:
+                self._drop(h)
+                raise BackendError(f"{self.name}: {describe(e)}") from None
+        results = drive(commands, deadline=time.monotonic() + timeout)
+        failed = [(h, r) for (h, _), r in zip(commands, results) if r is not None]
+        for h, _ in failed:
+            self._drop(h)
+        if failed:
+            problem = failed[0][1]
+            reason = (f"no answer after {timeout:g}s" if isinstance(problem, TimeoutError)
+                      else describe(problem))
+            raise BackendError(f"{self.name}: {reason}")
+
+    def _drop(self, h):
+        with self._lock:
+            self._handles.discard(h)
+        try:
+            self._idle.remove(h)
+        except ValueError:
+            pass
+        _close_quietly(h)
+
     def close(self):
         """Disconnect every handle. Callers must have drained their requests first."""
         self._closed = True
@@ -204,30 +250,57 @@ class NbdBackend:
         return found
 
 
-def connect(h, uri, timeout):
-    """h.connect_uri with a deadline: a server that accepts but never answers the handshake (a
-    stopped process) would block a plain connect_uri forever. Raises TimeoutError or nbd.Error."""
-    h.aio_connect_uri(uri)
-    deadline = time.monotonic() + timeout
-    while h.aio_is_connecting():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no answer after {timeout:g}s")
-        events = 0
-        direction = h.aio_get_direction()
-        if direction & nbd.AIO_DIRECTION_READ:
-            events |= select.POLLIN
-        if direction & nbd.AIO_DIRECTION_WRITE:
-            events |= select.POLLOUT
-        poller = select.poll()
-        poller.register(h.aio_get_fd(), events)
-        for _, revents in poller.poll(int(left * 1000) + 1):
-            if revents & POLLIN:
-                h.aio_notify_read()
-            elif revents & select.POLLOUT:
-                h.aio_notify_write()
-    if not h.aio_is_ready():
-        raise nbd.Error("connection failed", errno.ECONNREFUSED)
+def open_handle(uri, name, timeout=CONNECT_TIMEOUT, allocation=True):
+    """The one way mirrorfs connects to an NBD server: a libnbd handle connected to `uri` within
+    `timeout` seconds (a server that accepts but never answers the handshake, a stopped process,
+    would block a plain connect_uri forever). Raises BackendError naming the side and the problem."""
+    h = nbd.NBD()
+    h.set_handle_name(name)
+    h.set_uri_allow_local_file(True)   # tls-psk-file=, tls-certificates= in a URI the user gave
+    if allocation:
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    try:
+        h.aio_connect_uri(uri)
+        deadline = time.monotonic() + timeout
+        while h.aio_is_connecting():
+            if not _step(h, deadline):
+                reason = f"no answer after {timeout:g}s"
+                raise BackendError(f"{name}: {uri}: {reason}", reason)
+        if not h.aio_is_ready():
+            raise nbd.Error("connection failed", errno.ECONNREFUSED)
+    except nbd.Error as e:
+        reason = (e.string or str(e)).removeprefix("nbd_aio_connect_uri: ").removeprefix("nbd_")
+        raise BackendError(f"{name}: cannot connect to {uri}: {reason}", reason) from None
+    return h
+
+
+def _events(h):
+    direction = h.aio_get_direction()
+    events = 0
+    if direction & nbd.AIO_DIRECTION_READ:
+        events |= select.POLLIN
+    if direction & nbd.AIO_DIRECTION_WRITE:
+        events |= select.POLLOUT
+    return events
+
+
+def _notify(h, revents):
+    if revents & POLLIN:
+        h.aio_notify_read()
+    elif revents & select.POLLOUT:
+        h.aio_notify_write()
+
+
+def _step(h, deadline):
+    """Wait for `h`'s socket once and let libnbd act on it; False if `deadline` passed first."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return False
+    poller = select.poll()
+    poller.register(h.aio_get_fd(), _events(h))
+    for _, revents in poller.poll(int(left * 1000) + 1):
+        _notify(h, revents)
+    return True
 
 
 def _close_quietly(h):
@@ -245,16 +318,18 @@ def wait_one(h, cookie):
         h.poll(-1)
 
 
-def wait_all(commands):
-    """Drive several handles at once until all their commands complete.
+def drive(commands, deadline=None):
+    """Drive commands on one or several handles until all complete: the one loop for "these
+    commands, to completion". `commands` is a list of (handle, cookie), several may share a handle;
+    returns a list of None (success) or the nbd.Error of each. Every command is waited for even
+    after another failed: a write still in flight after its range lock is released could land
+    after a newer client write to the same bytes. With a `deadline` (time.monotonic()), commands
+    still running then get a TimeoutError (their connection must then be dropped by the caller).
 
-    `commands` is a list of (handle, cookie); returns a list of None (success) or the nbd.Error of each.
-    The handles are polled together so a large write to one side never waits for the other side's
-    write to finish before it can be sent.
-    """
+    The handles are polled together, so a large write to one side never waits for the other side's
+    write to finish before it can be sent."""
     results = [None] * len(commands)
     pending = list(range(len(commands)))
-    poller = None
     while True:
         still = []
         for i in pending:
@@ -266,36 +341,26 @@ def wait_all(commands):
                 results[i] = e
         if not still:
             return results
-        if len(still) == 1:
-            h, cookie = commands[still[0]]
-            try:
-                wait_one(h, cookie)
-            except nbd.Error as e:
-                results[still[0]] = e
+        handles = {commands[i][0] for i in still}
+        if len(handles) == 1 and deadline is None:
+            (h,) = handles
+            h.poll(-1)          # one libnbd call, the GIL released while it waits
+            pending = still
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            for i in still:
+                results[i] = TimeoutError()
             return results
-        if poller is None:
-            poller = select.poll()
+        poller = select.poll()
         by_fd = {}
-        for i in still:
-            h = commands[i][0]
+        for h in handles:
             fd = h.aio_get_fd()
-            direction = h.aio_get_direction()
-            events = 0
-            if direction & nbd.AIO_DIRECTION_READ:
-                events |= select.POLLIN
-            if direction & nbd.AIO_DIRECTION_WRITE:
-                events |= select.POLLOUT
-            poller.register(fd, events)
+            poller.register(fd, _events(h))
             by_fd[fd] = h
-        for fd, revents in poller.poll():
-            h = by_fd[fd]
+        wait = -1 if deadline is None else max(1, int((deadline - time.monotonic()) * 1000) + 1)
+        for fd, revents in poller.poll(wait):
             try:
-                if revents & POLLIN:
-                    h.aio_notify_read()
-                elif revents & select.POLLOUT:
-                    h.aio_notify_write()
+                _notify(by_fd[fd], revents)
             except nbd.Error:
                 pass            # the command's own completion reports the failure
-        for fd in by_fd:
-            poller.unregister(fd)
         pending = still

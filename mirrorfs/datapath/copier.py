@@ -22,7 +22,7 @@ import time
 
 import nbd
 
-from mirrorfs.datapath.backend import BackendError, describe
+from mirrorfs.datapath.backend import BackendError, describe, drive
 
 log = logging.getLogger("mirrorfs")
 
@@ -47,7 +47,8 @@ class Copier:
         self.bytes_zeroed = 0           # zero/unallocated extents written as zero requests
         self.failures = 0
         self.started = time.monotonic()
-        self.synchronized_at = None
+        # Copy mode none starts synchronized: nothing to announce until something needs copying.
+        self.synchronized_at = self.started if self.dirty.synchronized() else None
         self._stop = threading.Event()
         # Several workers copy different chunks at once, so one chunk's reads overlap another's
         # writes. The cursor only moves over chunks that are all done (see _chunk_done).
@@ -100,7 +101,7 @@ class Copier:
                     self.synchronized_at = time.monotonic()
                     log.info("synchronized: the destination holds the whole disk (%.1fs)",
                              self.synchronized_at - self.started)
-                    self.dirty.save_phase("synchronized")
+                    self.dirty.save()
                 self.dirty.changed.wait(MAINTENANCE_INTERVAL)
                 self.dirty.changed.clear()
 
@@ -153,14 +154,14 @@ class Copier:
 
     def _maintain(self):
         try:
-            self.dirty.save_cursor(lambda: self.disk.dest.call(lambda h: h.flush()))
+            self.dirty.save_cursor(self.disk.dest.flush)
             self.dirty.clean(self._flush_sides)
         except (nbd.Error, BackendError) as e:
             log.warning("saving the copy's progress failed (will retry): %s", describe(e))
 
     def _flush_sides(self):
         for side in self.disk.writers:
-            side.call(lambda h: h.flush())
+            side.flush()
 
     # One chunk.
 
@@ -242,20 +243,8 @@ class Copier:
 
 
 def _wait(h, cookies):
-    """Drive `h` until every command completes, then raise the first failure (nbd.Error). All of
-    them, even after one failed: a write still in flight after the chunk's range lock is released
-    could land after a newer client write to the same bytes."""
-    pending, failure = list(cookies), None
-    while pending:
-        still = []
-        for c in pending:
-            try:
-                if not h.aio_command_completed(c):
-                    still.append(c)
-            except nbd.Error as e:
-                failure = failure or e
-        pending = still
-        if pending:
-            h.poll(-1)
-    if failure is not None:
-        raise failure
+    """Drive `h` until every command completes (all of them, see backend.drive), then raise the
+    first failure (nbd.Error)."""
+    failures = [r for r in drive([(h, c) for c in cookies]) if r is not None]
+    if failures:
+        raise failures[0]

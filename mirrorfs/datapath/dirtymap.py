@@ -22,6 +22,8 @@ import threading
 
 class DirtyMap:
     def __init__(self, size, region_size, state=None, full=False):
+        """`state`: the loaded state (mirrorfs.datapath.state), whose regions and cursor resume;
+        `full`: the first pass starts at the state's cursor (0 without a state)."""
         self.size = size
         self.region_size = region_size
         self.state = state
@@ -92,9 +94,6 @@ class DirtyMap:
 
     # The copier's side.
 
-    def first_pass_done(self):
-        return self.cursor >= self.size
-
     def advance(self, end):
         """The first pass copied everything below `end`."""
         with self._lock:
@@ -124,12 +123,12 @@ class DirtyMap:
             self.copying.discard(region)
             self.needs_copy.add(region)
 
-    def mark_all(self, regions=None):
-        """Everything (or `regions`) must be copied again: a side lost writes it had acknowledged."""
+    def mark_all(self):
+        """Every region that may have been written must be copied again: a side lost writes it had
+        acknowledged (a failed flush). Without a state, that is every region."""
         with self._lock:
-            if regions is None:
-                regions = self.intent | self.written if self.durable else range(
-                    (self.size + self.region_size - 1) // self.region_size)
+            regions = self.intent | self.written if self.durable else range(
+                (self.size + self.region_size - 1) // self.region_size)
             self.needs_copy.update(regions)
             self.intent.update(regions)
         if self.durable:
@@ -137,13 +136,22 @@ class DirtyMap:
         self.changed.set()
 
     def dirty_bytes(self):
+        """How many bytes may still differ: what the first pass has not reached, and the regions
+        to copy again below it (each counted once, the last one only up to the disk's end)."""
         with self._lock:
-            return ((len(self.needs_copy) + len(self.copying)) * self.region_size
-                    + (self.size - self.cursor))
+            cursor, regions = self.cursor, self.needs_copy | self.copying
+        total = self.size - cursor
+        for r in regions:
+            start = r * self.region_size
+            total += max(0, min(start + self.region_size, cursor) - start)
+        return total
 
     def synchronized(self):
         with self._lock:
-            return self.cursor >= self.size and not self.needs_copy and not self.copying
+            return self._synchronized()
+
+    def _synchronized(self):
+        return self.cursor >= self.size and not self.needs_copy and not self.copying
 
     # Keeping the saved state small and current.
 
@@ -178,24 +186,24 @@ class DirtyMap:
         if cleared:
             self._save(())
 
-    def save_phase(self, phase):
+    def save(self):
+        """Save the current picture: the copier calls this when it finds the sides synchronized, so
+        that the saved phase says so."""
         if self.durable:
-            self._save((), phase=phase)
+            self._save(())
 
-    def _save(self, need, cursor=None, phase=None):
-        """Save the current intent (and cursor, phase). Snapshots are taken under the save lock,
-        so a later save never writes an older picture over a newer one."""
+    def _save(self, need, cursor=None):
+        """Save the current intent (and cursor); the state derives its phase from `synchronized`.
+        Snapshots are taken under the save lock, so a later save never writes an older picture
+        over a newer one."""
         with self._save_lock:
             with self._lock:
-                if need and all(r in self.saved for r in need) and cursor is None and phase is None:
+                if need and all(r in self.saved for r in need) and cursor is None:
                     return          # another thread's save already holds them
                 snapshot = self.intent | self.needs_copy | self.copying
-            if cursor is not None:
-                self.state.cursor = cursor
-            if phase is not None:
-                self.state.phase = phase
-            self.state.dirty = snapshot
-            self.state.save()
+                synchronized = not self.needs_copy and not self.copying and (
+                    (cursor if cursor is not None else self.saved_cursor) >= self.size)
+            self.state.record(dirty=snapshot, cursor=cursor, synchronized=synchronized)
             with self._lock:
                 self.saved = snapshot
                 if cursor is not None:

@@ -20,9 +20,11 @@ import time
 
 import nbd
 
-from mirrorfs.datapath.backend import BackendError, describe, error_errno, wait_all, wait_one
+from mirrorfs.datapath.backend import BackendError, describe, drive, error_errno, wait_one
 from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.inflight import InFlight
+from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
+from mirrorfs.datapath import human_size
+from mirrorfs.datapath.inflight import DrainTimeout, InFlight
 
 log = logging.getLogger("mirrorfs")
 
@@ -30,10 +32,6 @@ log = logging.getLogger("mirrorfs")
 COPY_READ_MAX = 256 * 1024
 # Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
 SEQUENTIAL_WAIT_MAX = 128 * 1024
-# Changes to the same unit never run at once (see InFlight): qcow2's default cluster size.
-LOCK_GRANULARITY = 64 * 1024
-# Regions of the dirty map: the unit of write intent and of copying again after a failure.
-DEFAULT_REGION = 64 * 1024 * 1024
 # Latencies kept per side for status percentiles.
 LATENCY_SAMPLES = 2048
 
@@ -46,8 +44,9 @@ class RequestError(Exception):
         self.errno = err
 
 
-class NotSynchronized(Exception):
-    """A switch to the destination while some region may still differ."""
+class SwitchRefused(Exception):
+    """A switch that must not happen: another one runs or already happened, the sides may still
+    differ, or the destination does not answer. Nothing changed."""
 
 
 class SideStats:
@@ -107,6 +106,9 @@ class Disk:
         self.stats = {b.name: SideStats(b.name) for b in self.backends}
         self._turn = itertools.count()
         self.switches = []
+        self.ended = dirty.state.phase if dirty is not None and dirty.state is not None and \
+            dirty.state.ended else None
+        self._switching = threading.Lock()
 
     # Capabilities.
 
@@ -150,52 +152,67 @@ class Disk:
 
     # Switching sides, without disconnecting clients.
 
-    def switch(self, reader, writers, timeout=10.0, phase=None, require_synchronized=False):
-        """Make `reader` the read side and `writers` the write sides.
+    def switch(self, to, end, timeout=10.0):
+        """End the mirror: serve side `to` ("source" or "destination") alone, without disconnecting
+        clients, and record `end` ("switched" or "cancelled") in the state.
 
-        New requests wait, those in flight (the copier's too) drain, the sides change, the waiting
-        requests go on. With `require_synchronized`, refuse if any region may still differ: checked
-        while nothing is in flight, so nothing can slip in between. `phase` is saved in the state
-        before anything changes, so a crash at any point restarts on the right side. Backends no
-        longer used are flushed and closed after requests resume. Returns the stall in seconds: how
-        long new requests were held.
-        """
-        writers = tuple(writers)
-        for b in (reader, *writers):
-            if b not in self.backends:
-                raise ValueError(f"unknown backend {b.name}")
-        started = time.monotonic()
-        self.inflight.pause(timeout)
+        One switch at a time, and only one ever: a second one is refused (SwitchRefused) whether it
+        comes during the first or after it, so a pivot and a cancel cannot both win. New requests
+        wait, those in flight (the copier's too) drain; then, while nothing is in flight:
+        - to the destination: refused unless the sides are synchronized, and unless the destination
+          answers on the connections it will serve with (a dead destination keeps the source
+          serving);
+        - the end is saved in the state *before* the sides change, so a crash at any point
+          restarts on the right side; the sides change, and the held requests go on.
+        The side no longer used is flushed and disconnected after requests resume. Returns the
+        stall in seconds: how long new requests were held."""
+        side = {b.name: b for b in self.backends}.get(to)
+        if side is None:
+            raise ValueError(f"unknown side {to!r}")
+        if not self._switching.acquire(blocking=False):
+            raise SwitchRefused("another switch is in progress")
         try:
-            if require_synchronized and not self.dirty.synchronized():
-                raise NotSynchronized(f"{self.dirty.dirty_bytes()} bytes may still differ between "
-                                      "the sides; wait until synchronized")
-            if phase is not None:
-                self.dirty.save_phase(phase)
-            retired = set(self.writers) | {self.reader}
-            self.reader, self.writers = reader, writers
+            if self.ended:
+                raise SwitchRefused(f"the mirror already ended ({self.ended})")
+            started = time.monotonic()
+            self.inflight.pause(timeout)
+            try:
+                if side is self.dest:
+                    if not self.dirty.synchronized():
+                        raise SwitchRefused(
+                            f"{human_size(self.dirty.dirty_bytes())} may still differ between "
+                            "the sides; wait until synchronized")
+                    try:
+                        side.check(timeout)
+                    except BackendError as e:
+                        raise SwitchRefused(f"the destination does not answer ({e}); still "
+                                            "serving the source") from None
+                if self.dirty.state is not None:
+                    self.dirty.state.record(end=end)
+                self.ended = end
+                retired = [b for b in self.backends if b is not side]
+                self.reader, self.writers = side, (side,)
+            finally:
+                self.inflight.resume()
         finally:
-            self.inflight.resume()
+            self._switching.release()
         stall = time.monotonic() - started
         self.switches.append(stall)
-        for b in retired - set(writers) - {reader}:
-            try:
-                if b.can_flush:
-                    b.call(lambda h: h.flush())
-            except Exception as e:      # the switch is done; report and go on closing
-                log.error("%s: flush after switch failed: %s", b.name, e)
-            b.close()
+        for b in retired:
+            b.retire()
             log.info("%s released", b.name)
         return stall
 
     def quiesce(self, timeout=10.0):
         """Before the process stops: hold every new request for good, let those in flight finish
-        on every side, flush every side. Afterwards nothing is between the sides."""
+        on every side, flush every side. Afterwards nothing is between the sides. Waits for a
+        switch in progress to end first."""
+        if not self._switching.acquire(timeout=timeout):
+            raise DrainTimeout(f"a switch still runs after {timeout}s")
         self.inflight.pause(timeout)
         for b in set(self.writers):
             try:
-                if b.can_flush:
-                    b.call(lambda h: h.flush())
+                b.flush()
             except Exception as e:      # a dead side: nothing more can be done for it here
                 log.error("%s: flush before stopping failed: %s", b.name, describe(e))
 
@@ -210,6 +227,7 @@ class Disk:
                                "available": b.available} for b in self.backends},
             "switch_stalls_ms": [round(s * 1000, 3) for s in self.switches],
             "policy": self.policy,
+            "ended": self.ended,
             "synchronized": self.dirty.synchronized(),
             "dirty_bytes": self.dirty.dirty_bytes(),
         }
@@ -369,7 +387,7 @@ class Disk:
                         started.append(side)
                     except nbd.Error as e:
                         failures.append((side, e))
-                for side, result in zip(started, wait_all(commands)):
+                for side, result in zip(started, drive(commands)):
                     if result is not None:
                         failures.append((side, result))
             else:

@@ -55,36 +55,47 @@ class Server:
                              daemon=True).start()
 
     def _serve(self, conn):
-        with conn, conn.makefile("rwb") as f:
-            while True:
-                line = f.readline(MAX_LINE + 1)
-                if not line:
-                    return
-                if len(line) > MAX_LINE:
-                    _send(f, {"ok": False, "error": f"request longer than {MAX_LINE} bytes"})
-                    return
-                try:
-                    request = json.loads(line)
-                    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-                        raise ValueError("expected a JSON object with a \"cmd\" string")
-                except ValueError as e:
-                    _send(f, {"ok": False, "error": f"bad request: {e}"})
+        try:
+            with conn, conn.makefile("rwb") as f:
+                self._converse(f)
+        except (BrokenPipeError, ConnectionResetError):
+            pass                # the client went away (an `events` follower that stopped, say)
+
+    def _converse(self, f):
+        while True:
+            line = f.readline(MAX_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE:
+                _send(f, {"ok": False, "error": f"request longer than {MAX_LINE} bytes"})
+                return
+            try:
+                request = json.loads(line, parse_constant=_refuse_constant)
+                if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                    raise ValueError("expected a JSON object with a \"cmd\" string")
+            except ValueError as e:
+                _send(f, {"ok": False, "error": f"bad request: {e}"})
+                continue
+            try:
+                reply = self.handler(request)
+                if isinstance(reply, dict):
+                    _send(f, {"ok": True, **reply})
                     continue
-                try:
-                    reply = self.handler(request)
-                    if isinstance(reply, dict):
-                        _send(f, {"ok": True, **reply})
-                        continue
-                    for item in reply:
-                        _send(f, {"ok": True, **item})
-                    return
-                except ControlError as e:
-                    _send(f, {"ok": False, "error": str(e)})
-                except (BrokenPipeError, ConnectionResetError):
-                    return
-                except Exception as e:     # a bug: say so, keep serving
-                    log.exception("control request %r failed", request.get("cmd"))
-                    _send(f, {"ok": False, "error": f"internal error: {e}"})
+                for item in reply:
+                    _send(f, {"ok": True, **item})
+                return
+            except ControlError as e:
+                _send(f, {"ok": False, "error": str(e)})
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as e:     # a bug: say so, keep serving
+                log.exception("control request %r failed", request.get("cmd"))
+                _send(f, {"ok": False, "error": f"internal error: {e}"})
+
+
+def _refuse_constant(name):
+    """JSON has no Infinity or NaN; Python's parser accepts them unless told otherwise."""
+    raise ValueError(f"{name} is not a number this protocol accepts")
 
 
 def _send(f, message):

@@ -1,20 +1,14 @@
-"""The data path inside nbdkit, assembled from its `key=value` parameters, and its control socket.
+"""The data path inside nbdkit, assembled from its options, and its control socket.
 
-Parameters (all given by mirrorfs's supervisor, which also starts the storage daemons):
-  source=URI        the authoritative side: reads, and the first write side (required)
-  dest=URI          the mirror's destination (without it: the source alone)
-  control=PATH      a unix socket for the supervisor: status, switch, quiesce
-  mode=mirror|full  mirror: the sides start equal; full: copy the whole source first (default mirror)
-  state=DIR         keep the state there (write intent, copy cursor, phase) so a restart resumes
-  policy=fail|degrade   what a destination failure does to the client's request (default fail)
-  rate=BYTES        limit the copier to BYTES per second
-  region=BYTES      the dirty map's region size (default 64 MiB)
-  granularity=BYTES changes within one such unit are serialized: the largest qcow2 cluster size
-                    of the sides (default 64 KiB; see inflight)
-  timeout=SECONDS   cut a mirror side's connection when a request waits longer (default 30; 0: never)
+The options (mirrorfs.datapath.options) come from nbdkit's `key=value` parameters, written by the
+supervisor, which also starts the storage daemons and creates the state directory: this module only
+loads a state, it never creates one, and refuses one whose size disagrees with the source.
 
-The supervisor checks the state against the endpoints before starting nbdkit; this module trusts it
-but still refuses a state whose size disagrees with the source.
+The control socket (the supervisor is its only client) takes:
+    {"cmd": "status"}                                   the disk, the sides, the copier
+    {"cmd": "switch", "to": "destination", "end": "switched", "timeout": 10}
+    {"cmd": "switch", "to": "source", "end": "cancelled"}
+    {"cmd": "quiesce"}                                  before the process stops
 
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
@@ -27,87 +21,75 @@ import time
 
 from mirrorfs.datapath import jsonlines
 from mirrorfs.datapath.backend import BackendError, NbdBackend
-from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.disk import DEFAULT_REGION, LOCK_GRANULARITY, Disk, NotSynchronized
-from mirrorfs.datapath.inflight import DrainTimeout
 from mirrorfs.datapath.copier import Copier
-from mirrorfs.datapath.state import State, StateError
+from mirrorfs.datapath.dirtymap import DirtyMap
+from mirrorfs.datapath.disk import Disk, SwitchRefused
+from mirrorfs.datapath.inflight import DrainTimeout
+from mirrorfs.datapath.options import DataPathOptions
+from mirrorfs.datapath.state import ENDS, State, StateError
 
 log = logging.getLogger("mirrorfs")
 
-KEYS = ("source", "dest", "control", "mode", "state", "policy", "rate", "region", "granularity",
-        "timeout")
-DEFAULT_TIMEOUT = 30.0
+# How often the watchdog looks for a mirror side's request that waits too long: a fraction of the
+# timeout, so that a request is cut within about a tenth of it past the limit.
+WATCH_FRACTION = 0.1
 
 
 class DataPath:
     def __init__(self):
-        self.config = {}
+        self.params = {}
+        self.options = None
         self.disk = None
         self.copier = None
         self.control = None
 
     def configure(self, key, value):
-        if key not in KEYS:
-            raise ValueError(f"unknown parameter {key!r} (expected one of {', '.join(KEYS)})")
-        self.config[key] = value
+        self.params[key] = value
 
     def check(self):
-        c = self.config
-        if "source" not in c:
-            raise ValueError("missing parameter: source=URI")
-        if c.get("mode", "mirror") not in ("mirror", "full"):
-            raise ValueError("mode must be mirror or full")
-        if c.get("policy", "fail") not in ("fail", "degrade"):
-            raise ValueError("policy must be fail or degrade")
-        if c.get("mode") == "full" and "dest" not in c:
-            raise ValueError("mode=full needs dest=URI")
+        self.options = DataPathOptions.from_params(self.params)
 
     def connect(self):
-        c = self.config
+        o = self.options
         try:
-            source = NbdBackend(c["source"], "source")
-            dest = NbdBackend(c["dest"], "destination") if "dest" in c else None
+            source = NbdBackend(o.source, o.source_label)
+            dest = NbdBackend(o.dest, "destination") if o.dest else None
         except BackendError as e:
             raise RuntimeError(str(e)) from None
         if dest is not None and dest.size < source.size:
             raise RuntimeError(f"destination is smaller than source ({dest.size} < {source.size} bytes)")
-        full = c.get("mode") == "full"
-        region = int(c.get("region", DEFAULT_REGION))
-        state = self._state(source, dest, full, region) if "state" in c and dest is not None else None
-        if state is not None:
-            region = state.region_size
-        dirty = DirtyMap(source.size, region, state, full=full)
-        self.disk = Disk(source, dest, dirty, policy=c.get("policy", "fail"),
-                         granularity=int(c.get("granularity", LOCK_GRANULARITY)))
-        if dest is not None and (full or dirty.needs_copy):
-            rate = int(c["rate"]) if c.get("rate") else None
-            self.copier = Copier(self.disk, rate=rate)
+        state = self._state(source) if o.state and dest is not None else None
+        region = state.region_size if state is not None else o.region
+        dirty = DirtyMap(source.size, region, state, full=o.copy == "full")
+        self.disk = Disk(source, dest, dirty, policy=o.policy, granularity=o.granularity)
+        if dest is not None:
+            # In every mode: a change that reached only the source (degrade) is copied again by it.
+            self.copier = Copier(self.disk, rate=o.rate)
             if dirty.needs_copy:
                 log.info("resuming: %d regions may differ and will be copied again",
                          len(dirty.needs_copy))
-            if full and dirty.cursor:
+            if o.copy == "full" and dirty.cursor:
                 log.info("resuming the full copy at %d of %d bytes", dirty.cursor, source.size)
 
-    def _state(self, source, dest, full, region):
+    def _state(self, source):
+        directory = self.options.state
         try:
-            state = State.load(self.config["state"])
+            state = State.load(directory)
         except StateError as e:
             raise RuntimeError(str(e)) from None
         if state is None:
-            state = State(self.config["state"], mode="full" if full else "mirror",
-                          source={"uri": source.uri, "size": source.size},
-                          dest={"uri": dest.uri, "size": dest.size}, size=source.size,
-                          region_size=region, phase="copying" if full else "synchronized")
-            state.save()
-        elif state.size != source.size:
-            raise RuntimeError(f"the state in {self.config['state']} is for a {state.size}-byte "
-                               f"disk, the source has {source.size} bytes")
+            raise RuntimeError(f"no state in {directory}: the supervisor creates it")
+        if state.phase in ENDS:
+            raise RuntimeError(f"the state in {directory} says the mirror {state.phase}; "
+                               "serve one side alone")
+        if state.size != source.size:
+            raise RuntimeError(f"the state in {directory} is for a {state.size}-byte disk, the "
+                               f"source has {source.size} bytes")
         return state
 
     def start_threads(self):
         """After nbdkit's fork (if it forks): the control socket and the copier."""
-        path = self.config.get("control")
+        path = self.options.control
         if path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old = os.umask(0o177)            # a socket file is created 0777 & ~umask: 0600
@@ -119,18 +101,19 @@ class DataPath:
             self.control = jsonlines.Server(sock, self.handle, "datapath control").start()
         if self.copier is not None:
             self.copier.start()
-        timeout = float(self.config.get("timeout", DEFAULT_TIMEOUT))
-        if timeout > 0:
+        timeout = self.options.io_timeout
+        if timeout > 0 and self.disk.dest is not None:
             threading.Thread(target=self._watch, args=(timeout,), name="request watchdog",
                              daemon=True).start()
 
     def _watch(self, timeout):
-        """Once a second: cut the connections of a mirror side whose request has waited too long.
+        """Every tenth of the timeout (at most a second apart): cut the connections of a mirror side
+        whose request has waited too long, so that no request waits much past the timeout.
         Only mirror sides: a handle of the authoritative side is lent for the whole request, so it
         looks as old as the slowest side; and a slow source is what the client would wait for
         without mirrorfs too."""
         while True:
-            time.sleep(1.0)
+            time.sleep(max(0.05, min(1.0, timeout * WATCH_FRACTION)))
             for side in self.disk.writers:
                 if side is not self.disk.reader:
                     side.expire(timeout)
@@ -150,23 +133,20 @@ class DataPath:
         if cmd == "status":
             return {"status": self.status()}
         if cmd == "switch":
-            by_name = {b.name: b for b in self.disk.backends}
             try:
-                reader = by_name[request["reader"]]
-                writers = [by_name[name] for name in request["writers"]]
+                to, end = request["to"], request["end"]
                 timeout = float(request.get("timeout", 10))
-                phase = request.get("phase")
+                if end not in ENDS:
+                    raise ValueError(f"end must be one of {', '.join(ENDS)}")
             except (KeyError, TypeError, ValueError) as e:
                 raise jsonlines.ControlError(f"switch: bad arguments: {e}") from None
             try:
-                stall = self.disk.switch(reader, writers, timeout, phase=phase,
-                                         require_synchronized=reader is self.disk.dest)
-            except (DrainTimeout, NotSynchronized) as e:
+                stall = self.disk.switch(to, end, timeout)
+            except (DrainTimeout, SwitchRefused, StateError, ValueError) as e:
                 raise jsonlines.ControlError(f"switch refused: {e}") from None
-            if self.copier is not None and reader is not self.disk.source:
+            if self.copier is not None:
                 self.copier.stop()
-            log.info("switched: reads from %s, writes to %s; clients held %.1f ms", reader.name,
-                     ", ".join(w.name for w in writers), stall * 1000)
+            log.info("%s: serving the %s alone; clients held %.1f ms", end, to, stall * 1000)
             return {"stall_ms": stall * 1000}
         if cmd == "quiesce":
             try:
@@ -181,12 +161,6 @@ class DataPath:
             self.copier.stop()
         if self.control is not None:
             self.control.stop()
-        if self.disk is None:
-            return
-        for side in set(self.disk.writers):
-            try:
-                if side.can_flush:
-                    side.call(lambda h: h.flush())
-            except Exception as e:      # shutting down: report, go on closing the others
-                log.error("%s: flush on exit failed: %s", side.name, e)
-            side.close()
+        if self.disk is not None:
+            for side in set(self.disk.writers):
+                side.retire()

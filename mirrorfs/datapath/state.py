@@ -5,7 +5,11 @@ one, fsync the directory), so a crash leaves either the old state or the new one
 holds:
 
 - which source and destination it belongs to (a restart with other endpoints is refused);
-- the phase: copying, synchronized, switched, cancelled;
+- the phase: copying (something may still differ), synchronized, switched, cancelled. The first two
+  are not decided by anyone: every save computes them from the cursor and the regions known to
+  differ, so the saved phase is always true. The last two end the mirror: once saved, nothing changes
+  the phase again (`record` refuses), so a late save from the copier can never turn a switched disk
+  back into a mirror whose source is authoritative;
 - `cursor`: in full mode, the first pass has copied everything below this offset (and the destination
   was flushed before the cursor was saved);
 - `dirty`: the regions that may differ between the sides. A region is saved here *before* a write to
@@ -16,17 +20,28 @@ After a crash, a region may differ between the sides only if it is at or above t
 `dirty`; resuming copies exactly those from the source. A checksum guards against a file damaged on
 disk: a corrupt state is refused, never silently reset.
 
+One owner: the supervisor creates the state (`open_for`, which checks it belongs to these
+endpoints); inside nbdkit the data path loads it and changes it only through `record`, under one
+lock, from the dirty map (intent, cursor) and the switch (the end of the mirror).
+
 This module runs in nbdkit's embedded interpreter too: standard library only.
 """
 
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
+
+from mirrorfs.datapath.options import COPY_MODES
 
 FORMAT = 1
 FILE = "state.json"
-PHASES = ("copying", "synchronized", "switched", "cancelled")
+MIRRORING = ("copying", "synchronized")
+ENDS = ("switched", "cancelled")
+PHASES = MIRRORING + ENDS
+# Format 1 spelled copy mode none as "mirror".
+_LEGACY_COPY = {"mirror": "none"}
 
 
 class StateError(Exception):
@@ -38,10 +53,10 @@ def _checksum(fields):
 
 
 class State:
-    def __init__(self, directory, *, mode, source, dest, size, region_size, phase="copying",
+    def __init__(self, directory, *, copy, source, dest, size, region_size, phase="copying",
                  cursor=0, dirty=()):
         self.directory = Path(directory)
-        self.mode = mode                # "full": copy everything first; "mirror": sides start equal
+        self.copy = copy                # "full": copy everything first; "none": sides start equal
         self.source = source            # identities: {"spec": ..., "size": ...}
         self.dest = dest
         self.size = size
@@ -49,13 +64,40 @@ class State:
         self.phase = phase
         self.cursor = cursor
         self.dirty = set(dirty)         # region numbers
+        self._lock = threading.Lock()
+
+    @property
+    def ended(self):
+        return self.phase in ENDS
+
+    def record(self, *, dirty=None, cursor=None, synchronized=None, end=None):
+        """Change the state and save it before returning: the regions that may differ, the first
+        pass's cursor, whether anything is known to differ (`synchronized`, from the dirty map,
+        which tells regions being written from regions to copy again), or the end of the mirror
+        (switched, cancelled). Raises StateError if the mirror already ended otherwise: a pivot and
+        a cancel cannot both win. Once ended, the phase stays."""
+        with self._lock:
+            if end is not None:
+                if end not in ENDS:
+                    raise ValueError(f"not an end of a mirror: {end}")
+                if self.ended and self.phase != end:
+                    raise StateError(f"the mirror was already {self.phase}")
+                self.phase = end
+            if dirty is not None:
+                self.dirty = set(dirty)
+            if cursor is not None:
+                self.cursor = cursor
+            if not self.ended and synchronized is not None:
+                self.phase = ("synchronized" if synchronized and self.cursor >= self.size
+                              else "copying")
+            self.save()
 
     @property
     def path(self):
         return self.directory / FILE
 
     def fields(self):
-        return {"format": FORMAT, "mode": self.mode, "source": self.source, "dest": self.dest,
+        return {"format": FORMAT, "copy": self.copy, "source": self.source, "dest": self.dest,
                 "size": self.size, "region_size": self.region_size, "phase": self.phase,
                 "cursor": self.cursor, "dirty": sorted(self.dirty)}
 
@@ -93,11 +135,13 @@ class State:
                 raise ValueError("checksum mismatch")
             if saved["format"] != FORMAT:
                 raise ValueError(f"unknown format {saved['format']}")
-            if saved["phase"] not in PHASES or saved["mode"] not in ("full", "mirror"):
-                raise ValueError("unknown phase or mode")
-            state = cls(directory, mode=saved["mode"], source=saved["source"], dest=saved["dest"],
+            copy = saved.get("copy") or _LEGACY_COPY.get(saved.get("mode"), saved.get("mode"))
+            if saved["phase"] not in PHASES or copy not in COPY_MODES:
+                raise ValueError("unknown phase or copy mode")
+            state = cls(directory, copy=copy, source=saved["source"], dest=saved["dest"],
                         size=int(saved["size"]), region_size=int(saved["region_size"]),
-                        phase=saved["phase"], cursor=int(saved["cursor"]),
+                        phase=saved["phase"],
+                        cursor=int(saved["cursor"]) if copy == "full" else int(saved["size"]),
                         dirty=[int(r) for r in saved["dirty"]])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StateError(f"{path} is corrupt ({e}); refusing to guess. Inspect it, or move it "
@@ -108,7 +152,7 @@ class State:
         return (self.size + self.region_size - 1) // self.region_size
 
 
-def open_for(directory, *, mode, source, dest, size, region_size):
+def open_for(directory, *, copy, source, dest, size, region_size):
     """The state for this source and destination: loaded if the directory has one (and it is theirs),
     created otherwise. `source` and `dest` are identities (dicts) as the supervisor names them."""
     directory = Path(directory)
@@ -118,23 +162,18 @@ def open_for(directory, *, mode, source, dest, size, region_size):
         directory.mkdir(mode=0o700)
     state = State.load(directory)
     if state is None:
-        state = State(directory, mode=mode, source=source, dest=dest, size=size,
-                      region_size=region_size, phase="copying" if mode == "full" else "synchronized",
-                      cursor=0)
+        state = State(directory, copy=copy, source=source, dest=dest, size=size,
+                      region_size=region_size, phase="copying" if copy == "full" else "synchronized",
+                      cursor=0 if copy == "full" else size)
         state.save()
         return state, False
     for label, saved, given in (("source", state.source, source), ("destination", state.dest, dest)):
         if saved != given:
             raise StateError(f"the state in {directory} belongs to another {label}: "
                              f"{_describe(saved)}, not {_describe(given)}")
-    if state.mode != mode:
-        raise StateError(f"the state in {directory} is for --copy {_copy_option(state.mode)}, "
-                         f"not --copy {_copy_option(mode)}")
+    if state.copy != copy:
+        raise StateError(f"the state in {directory} is for --copy {state.copy}, not --copy {copy}")
     return state, True
-
-
-def _copy_option(mode):
-    return "none" if mode == "mirror" else mode
 
 
 def _describe(identity):

@@ -1,0 +1,152 @@
+"""What a served disk is doing now, and who may change it: the part every controller shares.
+
+A controller sits on top of one process tree (mirrorfs.tree) and owns:
+- **the phase**, changed only under one lock. Every command that changes it (copy, pivot, cancel;
+  verify too, as it must not run beside a switch) takes the lock for its whole length; a second
+  command meanwhile is refused at once with the reason ("cannot cancel: pivot is in progress"), and
+  once the first is done the phase itself refuses what no longer fits ("cannot cancel while
+  switched"). The data path refuses a second switch on its own as well, and the state journal a
+  second end: the loser of a race is refused at every layer, never half-applied.
+- **the event log**: phase changes, and the data path's own events (synchronized, errors, degraded
+  writes), watched while serving;
+- **the status**, in one schema: kind, phase, uris, serving, source, destination, events, datapath,
+  and optional sections (copy, switch, state) that the display shows only when present;
+- **the command table** the control socket serves (mirrorfs.control): only the commands this
+  controller really has.
+
+Two controllers exist: `serve`'s Mirror (mirrorfs.mirror) and the Mirrored-Snapshot Migration
+(mirrorfs.migration).
+"""
+
+import contextlib
+import math
+import threading
+import time
+
+from mirrorfs.errors import UsageError
+from mirrorfs.events import EventLog
+
+
+class PhaseError(UsageError):
+    """A command that does not fit the current phase, or that came while another one runs."""
+
+
+def number(request, key, default=None):
+    """A non-negative, finite number from a control request (None when absent)."""
+    value = request.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+            or not math.isfinite(value):
+        raise UsageError(f"{request['cmd']}: {key} must be a non-negative finite number")
+    return value
+
+
+class Controller:
+    kind = "?"
+
+    def __init__(self):
+        self.log = EventLog()
+        self.tree = None
+        self.phase = "new"
+        self.phase_since = time.monotonic()
+        self._change = threading.Lock()
+        self._busy = None               # the command holding the lock, for refusals
+
+    # The phase machine.
+
+    @contextlib.contextmanager
+    def changing(self, command, *phases):
+        """Run a phase-changing command: refused if another one runs, or if the phase is not one
+        of `phases`."""
+        if not self._change.acquire(blocking=False):
+            raise PhaseError(f"cannot {command}: {self._busy or 'another command'} is in progress")
+        try:
+            self._busy = command
+            self.require(command, *phases)
+            yield
+        finally:
+            self._busy = None
+            self._change.release()
+
+    @contextlib.contextmanager
+    def internal_change(self):
+        """A change the controller makes on its own (a copy that finished, stopping): it waits for
+        a command in progress instead of being refused."""
+        with self._change:
+            yield
+
+    def require(self, command, *phases):
+        if self.phase not in phases:
+            raise PhaseError(f"cannot {command} while {self.shown_phase()}"
+                             f" (possible when {' or '.join(phases)})")
+
+    def enter(self, phase, **details):
+        self.phase = phase
+        self.phase_since = time.monotonic()
+        self.log.add("phase", phase=phase, **details)
+
+    @property
+    def uris(self):
+        """Where clients connect (after start)."""
+        return self.tree.uris if self.tree else []
+
+    def shown_phase(self):
+        """The phase as status shows it (a controller may refine it from the data path's)."""
+        return self.phase
+
+    # Events.
+
+    def events(self, since=0, timeout=None):
+        """Yield events after sequence number `since`, waiting for new ones (see EventLog)."""
+        return self.log.follow(since, timeout)
+
+    def run(self, stop, interval=0.5):
+        """Serve until `stop` (a threading.Event) is set. A child that dies on its own raises
+        ProcessError. Meanwhile the data path's own events become events of this log."""
+        seen = {}
+        while not stop.wait(interval):
+            self.tree.check_children()
+            self._watch(seen)
+
+    def _watch(self, seen):
+        dp = self.tree.datapath_status()
+        if "error" in dp:
+            return
+        synced = dp.get("synchronized") and dp.get("ended") is None and self.tree.dest is not None
+        if synced and not seen.get("synchronized"):
+            self.log.add("synchronized", dirty_bytes=0)
+            self.on_synchronized()
+        seen["synchronized"] = synced
+        for name, side in dp.get("sides", {}).items():
+            before = seen.get(name, {"errors": 0, "degraded": 0})
+            if side["errors"] > before["errors"]:
+                self.log.add("error", side=name, errors=side["errors"],
+                             last_error=side.get("last_error"))
+            if side["degraded"] > before["degraded"]:
+                self.log.add("degraded", side=name, degraded=side["degraded"])
+            seen[name] = {"errors": side["errors"], "degraded": side["degraded"]}
+
+    def on_synchronized(self):
+        """The data path just reported the sides synchronized."""
+
+    # Status and commands.
+
+    def status(self):
+        tree = self.tree
+        status = {"kind": self.kind, "phase": self.shown_phase(),
+                  "phase_seconds": round(time.monotonic() - self.phase_since, 3),
+                  "uris": tree.uris if tree else [],
+                  "serving": tree.serving if tree else None,
+                  "source": None, "destination": None,
+                  "events": self.log.recent(5)}
+        if tree is not None and tree.nbdkit is not None and self.phase != "stopped":
+            status["datapath"] = tree.datapath_status()
+        return status
+
+    def commands(self):
+        """The control socket's table: name -> handler(request) -> dict, or an iterator of dicts."""
+        return {
+            "status": lambda r: {"status": self.status()},
+            "events": lambda r: ({"event": e} for e in self.events(since=int(number(r, "since", 0)))),
+        }

@@ -1,0 +1,102 @@
+"""The data path's options: one object from the supervisor to nbdkit's `key=value` parameters and
+back, validated once, with the allowed values stated here and nowhere else.
+
+The supervisor builds `DataPathOptions` from what the operator asked for (mirrorfs.tree), turns it into
+nbdkit's parameters with `to_params()`; inside nbdkit, `from_params()` rebuilds the same object from
+them. Both directions sit side by side so a new option cannot be added to one and forgotten in the
+other (tests/test_core.py round-trips every field).
+
+This module runs inside nbdkit's embedded interpreter: standard library only.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+# What `--copy` may be: none, the sides start equal (the Mirrored-Snapshot overlays, or a destination
+# the operator already filled); full, the data path copies the whole source first.
+COPY_MODES = ("none", "full")
+# What a destination failure does to the client's request (see disk.Disk._settle).
+POLICIES = ("fail", "degrade")
+# Changes within one such unit are serialized (inflight.InFlight): qcow2's default cluster size,
+# used for NBD URIs whose format cannot be known.
+LOCK_GRANULARITY = 64 * 1024
+# Regions of the dirty map: the unit of write intent and of copying again after a failure.
+DEFAULT_REGION = 64 * 1024 * 1024
+MIN_REGION = 1 << 20
+# A mirror side's request that waits longer is cut (backend.NbdBackend.expire); 0: never.
+DEFAULT_IO_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class DataPathOptions:
+    source: str                         # NBD URI of the authoritative side
+    # Which side `source` is: "destination" when a restart after a switch serves it alone.
+    source_label: str = "source"
+    dest: str | None = None             # NBD URI of the mirror's destination
+    control: str | None = None          # the data path's control socket (the supervisor's)
+    copy: str = "none"
+    state: str | None = None            # state directory (created by the supervisor)
+    policy: str = "fail"
+    rate: int | None = None             # the copier's limit, bytes per second
+    region: int = DEFAULT_REGION
+    granularity: int = LOCK_GRANULARITY
+    io_timeout: float = DEFAULT_IO_TIMEOUT
+
+    def __post_init__(self):
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def problem(self):
+        """What is wrong with these options, in the operator's words; None if nothing."""
+        if not self.source:
+            return "a source is required"
+        if self.source_label not in ("source", "destination"):
+            return f"source_label {self.source_label!r}: expected source or destination"
+        if self.copy not in COPY_MODES:
+            return f"--copy {self.copy!r}: expected one of {', '.join(COPY_MODES)}"
+        if self.policy not in POLICIES:
+            return f"--on-dest-error {self.policy!r}: expected one of {', '.join(POLICIES)}"
+        if self.dest is None and (self.copy == "full" or self.state is not None):
+            return "--copy full and --state-dir need a destination"
+        if self.rate is not None and self.rate <= 0:
+            return f"--rate {self.rate}: expected a positive number of bytes per second"
+        if self.region < MIN_REGION or self.region & (self.region - 1):
+            return "--region: expected a power of two of at least 1 MiB"
+        if self.granularity < 512 or self.granularity & (self.granularity - 1):
+            return f"granularity {self.granularity}: expected a power of two of at least 512"
+        if not math.isfinite(self.io_timeout) or self.io_timeout < 0:
+            return f"--io-timeout {self.io_timeout}: expected seconds, 0 for none"
+        return None
+
+    def to_params(self):
+        """nbdkit's `key=value` parameters: every field that is set."""
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_params(cls, params):
+        """The options from nbdkit's parameters (a dict); ValueError names what is wrong."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(f"unknown parameter {unknown[0]!r} (expected one of {', '.join(known)})")
+        values = {}
+        for name, text in params.items():
+            kind = _KINDS.get(name, str)
+            try:
+                values[name] = kind(text)
+            except ValueError:
+                raise ValueError(f"parameter {name}={text!r}: expected a {kind.__name__}") from None
+        if "source" not in values:
+            raise ValueError("missing parameter: source=URI")
+        return cls(**values)
+
+    def alone(self, uri, label):
+        """The same disk served from one side alone (after a switch or a cancel): nothing to mirror,
+        copy or keep."""
+        return DataPathOptions(source=uri, source_label=label, control=self.control,
+                               granularity=self.granularity, io_timeout=self.io_timeout)
+
+
+_KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float}
