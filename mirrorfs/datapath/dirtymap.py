@@ -117,6 +117,9 @@ class DirtyMap:
     def region_done(self, region):
         with self._lock:
             self.copying.discard(region)
+            synchronized = self._synchronized()
+        if synchronized and self.durable:
+            self._save(())          # the saved phase says synchronized as soon as it is true
 
     def give_back(self, region):
         with self._lock:
