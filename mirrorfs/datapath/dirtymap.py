@@ -90,6 +90,10 @@ class DirtyMap:
                 self.needs_copy.update(regions)
                 self.intent.update(regions)
         if not both_sides:
+            # The regions were in the saved intent before the change was issued (below the
+            # cursor); saving again keeps the saved phase true: something is known to differ now.
+            if self.durable:
+                self._save(())
             self.changed.set()
 
     # The copier's side.

@@ -1,0 +1,375 @@
+"""The data path's core, driven in this process, the way libnbd tests itself: range locks, the
+dirty map's write-intent rule, the state journal, the options, and `Disk` plus the copier against two
+real `nbdkit memory` servers (with nbdkit's error and delay filters where a side must misbehave).
+
+No mocks: the backends are real NBD servers, the state is a real directory.
+"""
+
+import json
+import subprocess
+import threading
+import time
+
+import nbd
+import pytest
+
+from conftest import wait_for_pidfile
+from mirrorfs.datapath.backend import NbdBackend
+from mirrorfs.datapath.copier import Copier
+from mirrorfs.datapath.dirtymap import DirtyMap
+from mirrorfs.datapath.disk import Disk, RequestError, SwitchRefused
+from mirrorfs.datapath.inflight import DrainTimeout, InFlight
+from mirrorfs.datapath.options import DataPathOptions
+from mirrorfs.datapath.state import State, StateError, open_for
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+REGION = MiB
+
+
+class Memory:
+    """`nbdkit memory` (optionally behind filters) on a unix socket."""
+
+    def __init__(self, workdir, name, *filters, size=SIZE):
+        self.socket = workdir / f"{name}.sock"
+        pidfile = workdir / f"{name}.pid"
+        names = [f for f in filters if f.startswith("--filter=")]
+        params = [f for f in filters if not f.startswith("--filter=")]
+        self.proc = subprocess.Popen(["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile,
+                                      *names, "memory", str(size), *params],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_for_pidfile(self.proc, pidfile), "nbdkit memory did not start"
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+
+    def read(self, offset, length):
+        h = nbd.NBD()
+        h.connect_uri(self.uri)
+        try:
+            return h.pread(length, offset)
+        finally:
+            h.shutdown()
+
+    def write(self, data, offset):
+        h = nbd.NBD()
+        h.connect_uri(self.uri)
+        h.pwrite(data, offset)
+        h.shutdown()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self):
+        """Die as a crashed server does: connections dropped, nothing answered."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def memory(workdir):
+    started = []
+
+    def start(name, *filters, size=SIZE):
+        m = Memory(workdir, name, *filters, size=size)
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        m.stop()
+
+
+def new_state(directory, copy="full", size=SIZE):
+    state, resumed = open_for(directory, copy=copy, source={"uri": "s", "size": size},
+                              dest={"uri": "d", "size": size}, size=size, region_size=REGION)
+    assert not resumed
+    return state
+
+
+def saved(directory):
+    return json.loads((directory / "state.json").read_text())
+
+
+# Range locks.
+
+def test_overlapping_changes_wait_for_each_other():
+    flight = InFlight(granularity=4096)
+    first = flight.enter_range("write", 0, 8192)
+    entered = threading.Event()
+
+    def second():
+        token = flight.enter_range("write", 4096, 12288)
+        entered.set()
+        flight.leave(token)
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not entered.wait(0.3)            # held while the first change is in flight
+    flight.leave(first)
+    assert entered.wait(10)
+    t.join()
+
+
+def test_changes_in_one_cluster_are_serialized_even_when_bytes_do_not_overlap():
+    """The cluster-wide lock (qemu-storage-daemon 7.2 corrupts qcow2 refcounts otherwise)."""
+    flight = InFlight(granularity=65536)
+    first = flight.enter_range("write", 0, 4096)
+    entered = threading.Event()
+    t = threading.Thread(target=lambda: (flight.leave(flight.enter_range("trim", 60000, 61000)),
+                                         entered.set()))
+    t.start()
+    assert not entered.wait(0.3)
+    flight.leave(first)
+    assert entered.wait(10)
+    t.join()
+    # Other clusters are not held.
+    a = flight.enter_range("write", 0, 4096)
+    b = flight.enter_range("write", 65536, 65536 + 4096)
+    flight.leave(a)
+    flight.leave(b)
+
+
+def test_pause_holds_new_requests_and_drains_those_in_flight():
+    flight = InFlight()
+    flight.enter("read")
+    with pytest.raises(DrainTimeout):
+        flight.pause(0.2)                   # one request never leaves: the pause gives up
+    flight.leave()
+    flight.pause(1)
+    entered = threading.Event()
+    t = threading.Thread(target=lambda: (flight.enter("read"), entered.set(), flight.leave()))
+    t.start()
+    assert not entered.wait(0.3)            # held while paused
+    flight.resume()
+    assert entered.wait(10)
+    t.join()
+
+
+# The write-intent rule.
+
+def test_intent_is_saved_before_a_write_below_the_cursor_is_issued(tmp_path):
+    state = new_state(tmp_path)
+    dirty = DirtyMap(SIZE, REGION, state, full=True)
+    dirty.advance(8 * MiB)                  # the first pass copied [0, 8 MiB)
+    token = dirty.before_change(3 * MiB, 3 * MiB + 4096)
+    # When before_change returns the write may be issued: the region must already be on disk.
+    assert 3 in saved(tmp_path)["dirty"]
+    dirty.after_change(token, both_sides=True)
+    assert 3 in saved(tmp_path)["dirty"]    # still: not flushed on both sides yet
+
+
+def test_intent_is_not_needed_above_the_cursor(tmp_path):
+    state = new_state(tmp_path)
+    dirty = DirtyMap(SIZE, REGION, state, full=True)
+    dirty.advance(4 * MiB)
+    dirty.after_change(dirty.before_change(10 * MiB, 10 * MiB + 4096), both_sides=True)
+    assert saved(tmp_path)["dirty"] == []   # the copier will copy it when it gets there
+
+
+def test_intent_is_cleared_only_after_both_sides_flushed_with_nothing_in_flight(tmp_path):
+    state = new_state(tmp_path, copy="none")
+    dirty = DirtyMap(SIZE, REGION, state)
+    flushes = []
+    idle = dirty.before_change(MiB, MiB + 4096)
+    dirty.after_change(idle, both_sides=True)
+    busy = dirty.before_change(2 * MiB, 2 * MiB + 4096)        # still in flight
+    dirty.clean(lambda: flushes.append(saved(tmp_path)["dirty"]))
+    assert flushes == [[1, 2]]              # the flush came before anything was cleared
+    assert saved(tmp_path)["dirty"] == [2]  # the busy region keeps its intent
+    dirty.after_change(busy, both_sides=True)
+    dirty.clean(lambda: flushes.append("flush"))
+    assert saved(tmp_path)["dirty"] == []
+
+
+def test_a_write_during_clean_keeps_its_region(tmp_path):
+    """A region written between clean()'s snapshot and its flush is not cleared by that flush."""
+    state = new_state(tmp_path, copy="none")
+    dirty = DirtyMap(SIZE, REGION, state)
+    dirty.after_change(dirty.before_change(MiB, MiB + 4096), both_sides=True)
+
+    def flush_while_another_write_completes():
+        dirty.after_change(dirty.before_change(MiB + 8192, MiB + 12288), both_sides=True)
+
+    dirty.clean(flush_while_another_write_completes)
+    assert saved(tmp_path)["dirty"] == [1]
+
+
+def test_a_write_that_reached_one_side_is_copied_again_and_the_phase_says_so(tmp_path):
+    state = new_state(tmp_path, copy="none")
+    dirty = DirtyMap(SIZE, REGION, state)
+    assert saved(tmp_path)["phase"] == "synchronized"
+    dirty.after_change(dirty.before_change(5 * MiB, 5 * MiB + 4096), both_sides=False)
+    assert dirty.needs_copy == {5} and not dirty.synchronized()
+    assert saved(tmp_path)["phase"] == "copying" and 5 in saved(tmp_path)["dirty"]
+    region = dirty.take_region()
+    dirty.region_done(region)
+    assert saved(tmp_path)["phase"] == "synchronized"
+
+
+def test_dirty_bytes_count_each_byte_once():
+    dirty = DirtyMap(SIZE + 4096, REGION, full=True)     # a last region shorter than the others
+    dirty.advance(8 * MiB)
+    dirty.needs_copy.update({2, 9, 16})                  # 9 and 16 are above the cursor
+    assert dirty.dirty_bytes() == (SIZE + 4096 - 8 * MiB) + MiB
+    assert dirty.dirty_bytes() <= dirty.size
+
+
+# The state journal.
+
+def test_the_state_ends_once(tmp_path):
+    state = new_state(tmp_path)
+    state.record(end="switched")
+    with pytest.raises(StateError, match="already switched"):
+        state.record(end="cancelled")
+    state.record(dirty={1, 2}, synchronized=False)       # a late save of the dirty map
+    assert saved(tmp_path)["phase"] == "switched"
+    assert State.load(tmp_path).phase == "switched"
+
+
+def test_a_corrupt_state_is_refused(tmp_path):
+    new_state(tmp_path)
+    data = saved(tmp_path)
+    data["cursor"] = 12345                               # the checksum no longer matches
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    with pytest.raises(StateError, match="corrupt"):
+        State.load(tmp_path)
+
+
+def test_a_state_of_the_first_format_is_read():
+    """Format 1 of the state spelled copy mode none as mode "mirror"."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+    fields = {"format": 1, "mode": "mirror", "source": {"uri": "s", "size": SIZE},
+              "dest": {"uri": "d", "size": SIZE}, "size": SIZE, "region_size": REGION,
+              "phase": "synchronized", "cursor": 0, "dirty": [3]}
+    checksum = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "state.json").write_text(json.dumps({**fields, "checksum": checksum}))
+        state = State.load(d)
+    assert state.copy == "none" and state.cursor == SIZE and state.dirty == {3}
+
+
+# Options.
+
+def test_options_round_trip_through_nbdkit_parameters():
+    o = DataPathOptions(source="nbd+unix:///?socket=/s", dest="nbd://h/", control="/c", copy="full",
+                        state="/st", policy="degrade", rate=1 << 20, region=2 * MiB,
+                        granularity=65536, io_timeout=2.5)
+    assert DataPathOptions.from_params(o.to_params()) == o
+    alone = o.alone("nbd://h/", "destination")
+    assert DataPathOptions.from_params(alone.to_params()) == alone
+
+
+@pytest.mark.parametrize("params,problem", [
+    ({"dest": "d"}, "missing parameter: source"),
+    ({"source": "s", "mode": "full"}, "unknown parameter 'mode'"),
+    ({"source": "s", "dest": "d", "copy": "mirror"}, "--copy 'mirror'"),
+    ({"source": "s", "copy": "full"}, "need a destination"),
+    ({"source": "s", "dest": "d", "region": "3000000"}, "power of two"),
+    ({"source": "s", "dest": "d", "io_timeout": "inf"}, "--io-timeout"),
+    ({"source": "s", "dest": "d", "rate": "fast"}, "expected a int"),
+])
+def test_bad_options_are_refused(params, problem):
+    with pytest.raises(ValueError, match=problem.replace("(", r"\(")):
+        DataPathOptions.from_params(params)
+
+
+# Disk and copier against real servers.
+
+@pytest.fixture
+def disk_on(memory):
+    """disk_on(source, dest, ...): a Disk on two Memory servers; its connections are closed at the
+    end (before the servers stop: nbdkit waits for connected clients)."""
+    made = []
+
+    def make(source, dest, state=None, full=False, policy="fail"):
+        src = NbdBackend(source.uri, "source")
+        dst = NbdBackend(dest.uri, "destination")
+        made.extend((src, dst))
+        return Disk(src, dst, DirtyMap(SIZE, REGION, state, full=full), policy=policy,
+                    granularity=65536)
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def test_a_write_reaches_both_sides_before_it_completes(memory, disk_on):
+    source, dest = memory("src"), memory("dst")
+    disk = disk_on(source, dest)
+    disk.pwrite(bytearray(b"\x5a" * 8192), MiB, fua=False)
+    assert source.read(MiB, 8192) == dest.read(MiB, 8192) == b"\x5a" * 8192
+
+
+def test_a_failing_destination_fails_the_request_or_degrades(memory, disk_on):
+    source = memory("src")
+    dest = memory("dst", "--filter=error", "error-pwrite=ENOSPC", "error-pwrite-rate=100%")
+    with pytest.raises(RequestError) as failed:
+        disk_on(source, dest).pwrite(bytearray(4096), 0, fua=False)
+    import errno
+    assert failed.value.errno == errno.ENOSPC
+    degrading = disk_on(source, dest, policy="degrade")
+    degrading.pwrite(bytearray(b"\x11" * 4096), 3 * MiB, fua=False)     # succeeds for the client
+    assert degrading.dirty.needs_copy == {3}
+    assert degrading.stats["destination"].degraded == 1
+
+
+def test_the_copier_cursor_never_passes_a_chunk_not_copied(memory, disk_on):
+    """The cursor promises that everything below it is on the destination: sampled while a slow
+    destination takes the chunks of three workers, the promise holds every time."""
+    source = memory("src")
+    for i in range(0, SIZE, 2 * MiB):
+        source.write(bytes([1 + i // MiB]) * MiB, i)
+    dest = memory("dst", "--filter=delay", "delay-write=20ms")
+    disk = disk_on(source, dest, full=True)
+    copier = Copier(disk, chunk=MiB).start()
+    samples = 0
+    try:
+        while not disk.dirty.synchronized():
+            cursor = disk.dirty.cursor
+            if 0 < cursor < SIZE:
+                assert dest.read(0, cursor) == source.read(0, cursor), f"cursor {cursor}"
+                samples += 1
+            time.sleep(0.05)
+    finally:
+        copier.stop()
+    assert samples > 0, "the copy finished before the cursor could be sampled"
+    assert dest.read(0, SIZE) == source.read(0, SIZE)
+
+
+def test_a_switch_to_a_destination_that_does_not_answer_is_refused(memory, disk_on):
+    source, dest = memory("src"), memory("dst")
+    disk = disk_on(source, dest)
+    disk.pwrite(bytearray(4096), 0, fua=False)                      # the pool holds a connection
+    dest.kill()
+    with pytest.raises(SwitchRefused, match="does not answer"):
+        disk.switch("destination", "switched", timeout=5)
+    assert disk.reader is disk.source and disk.ended is None
+    buf = bytearray(4096)
+    disk.pread(buf, 0)                                   # the source still serves
+    disk.switch("source", "cancelled")                   # the other end is still possible
+    with pytest.raises(SwitchRefused, match="already ended"):
+        disk.switch("source", "cancelled")
+
+
+def test_a_write_in_flight_below_the_cursor_is_in_the_saved_intent(tmp_path, memory, disk_on):
+    """The rule through Disk itself: while a write has reached the source and not the destination
+    (held by the delay filter), the saved state names its region. Saving the intent after issuing
+    the write (or not at all) fails this every time."""
+    source = memory("src")
+    dest = memory("dst", "--filter=delay", "delay-write=3")
+    state = new_state(tmp_path, copy="none")
+    disk = disk_on(source, dest, state=state)
+    writer = threading.Thread(target=disk.pwrite, args=(bytearray(b"\x77" * 4096), 6 * MiB),
+                              kwargs={"fua": False})
+    writer.start()
+    deadline = time.monotonic() + 10
+    while source.read(6 * MiB, 4096) != b"\x77" * 4096:
+        assert time.monotonic() < deadline, "the write never reached the source"
+        time.sleep(0.01)
+    assert writer.is_alive(), "the destination's write was not held"
+    assert dest.read(6 * MiB, 4096) == bytes(4096)
+    assert 6 in saved(tmp_path)["dirty"]
+    writer.join(30)
