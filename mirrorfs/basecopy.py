@@ -6,6 +6,7 @@ reads the chain's allocation, skips holes and zeros (the copy stays sparse), and
 never mistaken for a whole one.
 """
 
+import collections
 import os
 import re
 import subprocess
@@ -20,6 +21,10 @@ from mirrorfs.processes import popen
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgGtT]?)(?:i?[bB])?(?:/s)?$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# The rate shown is measured over the last this many seconds: qemu-img convert starts with a burst
+# (its first buffers fill before its rate limit applies), which an average since the start would
+# carry for the whole copy.
+RATE_WINDOW = 2.0
 
 
 def parse_rate(text, option="--rate"):
@@ -47,6 +52,7 @@ class BaseCopy:
         self._proc = None
         self._reader = None
         self._stderr = b""
+        self._samples = collections.deque(maxlen=256)     # (monotonic time, bytes done)
 
     @property
     def copied(self):
@@ -58,10 +64,18 @@ class BaseCopy:
 
     def progress(self):
         """The common `copy` section of a status: bytes done of bytes to copy, the real rate, an ETA."""
-        end = self.finished or time.monotonic()
+        now = time.monotonic()
+        end = self.finished or now
         seconds = end - self.started if self.started else 0.0
         done = self.copied
-        rate = done / seconds if seconds > 0 else 0.0
+        if self.running:
+            since, then = next(((t, d) for t, d in list(self._samples) if now - t <= RATE_WINDOW),
+                               (self.started, 0))
+            if now - since < RATE_WINDOW / 2 and self.started:
+                since, then = self.started, 0           # too short a window: since the start
+            rate = (done - then) / (now - since) if now > since else 0.0
+        else:
+            rate = done / seconds if seconds > 0 else 0.0
         return {"bytes_done": done, "bytes_total": self.total,
                 "percent": round(self.fraction * 100, 2), "running": self.running,
                 "seconds": round(seconds, 3), "rate": round(rate), "rate_limit": self.rate,
@@ -90,6 +104,7 @@ class BaseCopy:
             found = _PROGRESS.findall(buf)
             if found:
                 self.fraction = float(found[-1]) / 100
+                self._samples.append((time.monotonic(), self.copied))
             buf = buf[-64:]
         self._stderr = self._proc.stderr.read()
 
