@@ -56,7 +56,7 @@ def popen(argv, child_setup=None, **kwargs):
 class Child:
     """One child process. `start()` and `stop()` are safe to call more than once."""
 
-    def __init__(self, name, argv, log_path, pidfile=None, env=None, pass_fds=(), child_setup=None):
+    def __init__(self, name, argv, log_path, pidfile=None, pass_fds=(), child_setup=None):
         """`child_setup` runs in the child just before exec (after fork): for fd and environment
         set-up that needs the child's own pid. subprocess closes stray fds only *after* it runs, so
         with a `child_setup` we keep inheritable fds instead (Python opens every fd close-on-exec,
@@ -65,7 +65,6 @@ class Child:
         self.argv = [str(a) for a in argv]
         self.log_path = Path(log_path)
         self.pidfile = Path(pidfile) if pidfile else None
-        self.env = env
         self.pass_fds = tuple(pass_fds)
         self.child_setup = child_setup
         self.proc = None
@@ -84,7 +83,7 @@ class Child:
             try:
                 self.proc = popen(
                     self.argv, child_setup=self.child_setup, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=log, env=self.env, pass_fds=self.pass_fds,
+                    stderr=log, pass_fds=self.pass_fds,
                     close_fds=self.child_setup is None)
             except OSError as e:
                 raise ProcessError(f"cannot run {self.argv[0]}: {e.strerror}") from None

@@ -71,7 +71,7 @@ def file_node(path, cache, **options):
 
 
 class StorageDaemon:
-    """`with StorageDaemon(image_info, rundir, "src") as d:` exports `d.uri` until the block ends."""
+    """One image exported at `uri` from `start()` until `stop()` (which is safe to call twice)."""
 
     def __init__(self, image, rundir, name, readonly=False, cache="auto"):
         self.image = image
@@ -88,10 +88,6 @@ class StorageDaemon:
     @property
     def uri(self):
         return f"nbd+unix:///?socket={self.nbd_socket}"
-
-    @property
-    def pid(self):
-        return self._child.pid
 
     def _blockdevs(self):
         # Both layers named, so that QMP can later reopen the image node with another backing.
@@ -124,9 +120,6 @@ class StorageDaemon:
         finally:
             nbd.close()
             qmp.close()
-
-    def alive(self):
-        return self._child.alive()
 
     def died(self):
         return self._child.died()
@@ -166,10 +159,3 @@ class StorageDaemon:
         self._child.stop()
         for path in (self.nbd_socket, self.qmp_socket):
             path.unlink(missing_ok=True)
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()

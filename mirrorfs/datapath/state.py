@@ -148,9 +148,6 @@ class State:
                              "away to start over with a full copy") from None
         return state
 
-    def regions(self):
-        return (self.size + self.region_size - 1) // self.region_size
-
 
 def open_for(directory, *, copy, source, dest, size, region_size):
     """The state for this source and destination: loaded if the directory has one (and it is theirs),
