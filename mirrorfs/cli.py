@@ -14,12 +14,13 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import __version__, control, display
+from mirrorfs import __version__, control, display, notify
 from mirrorfs.access import TLS_MODES, Access
 from mirrorfs.basecopy import parse_rate
 from mirrorfs.datapath import jsonlines
 from mirrorfs.datapath.options import COPY_MODES, POLICIES
 from mirrorfs.errors import Error, UsageError
+from mirrorfs.export import Export
 from mirrorfs.migration import Migration
 from mirrorfs.mirror import Mirror
 from mirrorfs.options import ServeOptions
@@ -118,8 +119,12 @@ def build_parser():
                     "and serve one disk: reads from the source chain, writes to both overlays. Then "
                     "copy the base (mirrorfs copy, or cp), and switch (mirrorfs pivot) or cancel. "
                     "Runs until SIGINT/SIGTERM.")
-    start.add_argument("source_top", metavar="SOURCE_TOP",
-                       help="the top of the disk's chain now; read-only from here on")
+    start.add_argument("source_top", metavar="SOURCE_TOP", nargs="?",
+                       help="the top of the disk's chain now; read-only from here on (with "
+                            "--take-over: what the export serves)")
+    start.add_argument("--take-over", metavar="EXPORT_CONTROL",
+                       help="take the disk over from a running `mirrorfs export` (its control "
+                            "socket): its clients reconnect to this migration on the same socket")
     start.add_argument("--dest-dir", required=True, metavar="DIR", help="where the disk moves to")
     start.add_argument("--overlay-name", metavar="NAME",
                        help="file name of the new overlays (default: <SOURCE_TOP stem>-snap.qcow2)")
@@ -163,6 +168,28 @@ def build_parser():
     pivot.add_argument("--force", action="store_true", help="switch without verifying the base")
     pivot.set_defaults(func=cmd_pivot)
 
+    hand_back = client("hand-back", "after pivot or cancel: give the disk back to its export",
+                       "Give the disk back to the `mirrorfs export` it was taken over from, on the "
+                       "chain that now holds it (the destination after pivot, the source after "
+                       "cancel); the migration then exits. Clients reconnect to the export.")
+    hand_back.set_defaults(func=cmd_hand_back)
+
+    export_ = sub.add_parser(
+        "export", help="serve a disk for its life, between migrations",
+        description="Serve DISK over NBD with a plain qemu-storage-daemon on --socket, and keep that "
+                    "socket for the disk's life: `mirrorfs start --take-over` borrows it for a "
+                    "migration, and `mirrorfs hand-back` returns the disk. Runs until SIGINT/SIGTERM.")
+    export_.add_argument("disk", metavar="DISK", help="the image (raw or qcow2) at the top of the chain")
+    export_.add_argument("--socket", required=True, metavar="PATH",
+                         help="the disk's unix socket (mode 0600, or 0660 with --group)")
+    export_.add_argument("--control", metavar="PATH",
+                         help="control socket (default: the --socket path + .ctl)")
+    export_.add_argument("--cache", choices=CACHE_MODES, default="auto",
+                         help="the storage daemon's use of the host page cache (as for serve)")
+    export_.add_argument("--group", metavar="NAME",
+                         help="the sockets are 0660 and owned by this group, not 0600")
+    export_.set_defaults(func=cmd_export)
+
     cancel = client("cancel", "stop mirroring; the source stays authoritative",
                     "Stop mirroring, keep serving the source chain, and remove the destination "
                     "overlay (and a base copy mirrorfs made).")
@@ -190,6 +217,10 @@ def _serve_options(args, **extra):
 
 def _control_path(args):
     path = args.control or (args.socket + ".ctl" if args.socket else None)
+    take_over = getattr(args, "take_over", None)
+    if path is None and take_over:
+        # The export's control socket is <socket>.ctl: the migration's sits beside it.
+        path = take_over.removesuffix(".ctl") + ".migration.ctl"
     if path is None:
         raise UsageError("give --control PATH (there is no --socket to put it next to)")
     return path
@@ -198,8 +229,10 @@ def _control_path(args):
 def _run_controller(controller, control_path, uris):
     """Serve the control socket and the disk until SIGINT/SIGTERM; stop everything after."""
     stop = _stop_on_signals()
-    access = controller.options.access
-    access.check(controller.options.listen_address)     # before the control socket exists
+    options = getattr(controller, "options", None)      # an Export has no ServeOptions
+    access = options.access if options else controller.access
+    if options is not None:
+        access.check(options.listen_address)            # before the control socket exists
     ctl = control.serve(control_path, controller) if control_path else None
     try:
         if ctl is not None:
@@ -209,8 +242,12 @@ def _run_controller(controller, control_path, uris):
             print(f"serving {uri}", flush=True)
         if ctl is not None:
             print(f"control {control_path}", flush=True)
+        notify.ready(f"{controller.kind} {controller.phase}: {', '.join(uris())}")
         controller.run(stop)
+        if not stop.is_set():
+            print(f"{controller.phase}; stopping", flush=True)
     finally:
+        notify.stopping()
         controller.stop()
         if ctl is not None:
             ctl.stop()
@@ -229,7 +266,8 @@ def cmd_serve(args):
 
 def cmd_start(args):
     control_path = _control_path(args)
-    migration = Migration(args.source_top, args.dest_dir, _serve_options(args),
+    migration = Migration(args.source_top, args.dest_dir,
+                          _serve_options(args, take_over=args.take_over),
                           overlay_name=args.overlay_name)
     return _run_controller(migration, control_path, lambda: migration.tree.uris)
 
@@ -291,6 +329,17 @@ def cmd_status(args):
 def cmd_pivot(args):
     reply = _call(args, "pivot", force=args.force)
     print(f"switched to the destination; clients held {reply['stall_ms']:.1f} ms", flush=True)
+    return 0
+
+
+def cmd_export(args):
+    exported = Export(args.disk, args.socket, cache=args.cache, access=Access(group=args.group))
+    return _run_controller(exported, args.control or args.socket + ".ctl", lambda: exported.uris)
+
+
+def cmd_hand_back(args):
+    reply = _call(args, "hand-back")
+    print(f"handed back: the export serves {reply['image']}", flush=True)
     return 0
 
 

@@ -52,6 +52,7 @@ class Controller:
         self.phase_since = time.monotonic()
         self._change = threading.Lock()
         self._busy = None               # the command holding the lock, for refusals
+        self.finished = threading.Event()   # the controller's work is over (a hand-back): stop
 
     # The phase machine.
 
@@ -105,7 +106,7 @@ class Controller:
         """Serve until `stop` (a threading.Event) is set. A child that dies on its own raises
         ProcessError. Meanwhile the data path's own events become events of this log."""
         seen = {}
-        while not stop.wait(interval):
+        while not stop.wait(interval) and not self.finished.is_set():
             self.tree.check_children()
             self._watch(seen)
 

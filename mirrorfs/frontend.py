@@ -10,6 +10,7 @@ connected to both sides. TLS and the export-name check are nbdkit's own (see mir
 import fcntl
 import os
 import re
+import signal
 from pathlib import Path
 
 from mirrorfs.access import EXPORT_PARAMS, Access
@@ -68,7 +69,7 @@ class Nbdkit(Child):
         rundir = Path(rundir)
         pidfile = rundir / "nbdkit.pid"
         access = access or Access()
-        argv = ["nbdkit", "--foreground", "--exit-with-parent", "--pidfile", pidfile,
+        argv = ["nbdkit", "--foreground", "--pidfile", pidfile,
                 "--threads", threads, *access.nbdkit_options()]
         if readonly:
             argv.append("--readonly")
@@ -76,5 +77,13 @@ class Nbdkit(Child):
         # nbdkit's embedded interpreter is /usr/bin/python3, not our venv: show it where we live.
         pythonpath = os.pathsep.join(
             p for p in (os.fspath(NBDKIT_SCRIPT.parents[2]), os.environ.get("PYTHONPATH")) if p)
+        # If the supervisor dies, nbdkit gets SIGKILL, not SIGTERM: on SIGTERM nbdkit 1.32 answers
+        # the requests it holds with ESHUTDOWN, which a reconnecting client (QEMU's reconnect-delay)
+        # passes on to its guest instead of sending them again; and with an idle client connected
+        # it does not exit at all (then the restarted supervisor finds the socket "in use").
+        # Killed, it answers nothing, and the restart serves what the clients send again. A write
+        # that reached one side only is covered by the write intent (with a state directory).
+        # (nbdkit's own --exit-with-parent is not used: it sets the same kernel hook to SIGTERM.)
         super().__init__("nbdkit", argv, rundir / "nbdkit.log", pidfile=pidfile,
-                         child_setup=_activation([s.fileno() for s in listeners], pythonpath))
+                         child_setup=_activation([s.fileno() for s in listeners], pythonpath),
+                         pdeathsig=signal.SIGKILL)

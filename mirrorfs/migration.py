@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import images
+from mirrorfs import export, images
 from mirrorfs.basecopy import BaseCopy
 from mirrorfs.controller import Controller, PhaseError, number
 from mirrorfs.datapath.state import State, StateError
@@ -48,51 +48,113 @@ class Migration(Controller):
     kind = "migration"
 
     def __init__(self, source_top, dest_dir, options=None, *, overlay_name=None, **serve_options):
-        """`options`: ServeOptions (or its fields as keyword arguments: socket=, state_dir=, ...)."""
+        """`options`: ServeOptions (or its fields as keyword arguments: socket=, state_dir=, ...).
+        With `options.take_over` (a `mirrorfs export`'s control socket) the disk is borrowed from
+        that export at start, and `source_top` may be None: the export says what it serves."""
         super().__init__()
         self.options = options or ServeOptions(**serve_options)
         if self.options.copy != "none" or self.options.readonly:
             raise UsageError("a migration mirrors two overlays that start equal: no --copy, no --readonly")
-        self.source_top = Path(source_top).absolute()
+        self.take_over = self.options.take_over
+        if source_top is None and self.take_over is None:
+            raise UsageError("give SOURCE_TOP, or --take-over the control socket of an export")
+        if overlay_name is not None and ("/" in overlay_name or overlay_name in ("", ".", "..")):
+            raise UsageError(f"--overlay-name {overlay_name!r}: expected a file name, not a path")
+        self._overlay_name = overlay_name
         self.dest_dir = Path(dest_dir).absolute()
-        name = overlay_name or f"{self.source_top.stem}-snap.qcow2"
-        if "/" in name or name in ("", ".", ".."):
-            raise UsageError(f"--overlay-name {name!r}: expected a file name, not a path")
-        self.source_overlay = self.source_top.parent / name
-        self.dest_overlay = self.dest_dir / name
-        self.dest_base = self.dest_dir / self.source_top.name
+        self.source_top = self.source_overlay = self.dest_overlay = self.dest_base = None
+        if source_top is not None:
+            self._locate(source_top)
         self.state_dir = self.options.state_path
         self.base = None                # ImageInfo of source_top
         self.copier = None
         self.last_switch = None
         self._created = []              # files this migration made, removed again by cancel
         self._removed = False           # cancel removed the destination's files
+        self._listener = None           # the disk's socket, borrowed from an export (take-over)
+
+    def _locate(self, source_top):
+        """Where the migration's files are, from the top of the source chain."""
+        self.source_top = Path(source_top).absolute()
+        name = self._overlay_name or f"{self.source_top.stem}-snap.qcow2"
+        self.source_overlay = self.source_top.parent / name
+        self.dest_overlay = self.dest_dir / name
+        self.dest_base = self.dest_dir / self.source_top.name
 
     # Step 3.
 
     def start(self):
-        """Step 3; or, when the state directory holds this migration's state, resume it."""
+        """Step 3; or, when the state directory holds this migration's state, resume it. With a
+        take-over, everything is checked before the export stops serving, and a failure after that
+        gives the disk back to it as it was."""
         with self.changing("start", "new"):
             saved = self._saved_state()
-            if saved is not None:
-                return self._resume(saved)
-            self._check_paths()
-            self.base = images.info(self.source_top)
+            if self.take_over is not None:
+                self._locate_export()
+            if saved is None:
+                self._check_paths()
+            if self.take_over is not None:
+                self._borrow()
             try:
-                images.create_overlay(self.source_overlay, self.base)
-                self._created.append(self.source_overlay)
-                images.create_overlay(self.dest_overlay, self.base)
-                self._created.append(self.dest_overlay)
-                self.tree = self._tree()
-                self.tree.start()
+                if saved is not None:
+                    self._resume(saved)
+                else:
+                    self._start_new()
             except BaseException:
-                self._undo_start()
+                if self._listener is not None:
+                    self._listener.close()
+                    self._listener = None
+                    export.give_back(self.take_over, self._authoritative_top(saved))
                 raise
-            self.enter("mirroring", source_overlay=str(self.source_overlay),
-                        dest_overlay=str(self.dest_overlay))
+
+    def _authoritative_top(self, saved=None):
+        """The top of the chain that holds every acknowledged write: the destination overlay once
+        switched; the source overlay once anything was served from it; else the source's top."""
+        phase = self.phase if self.phase not in ("new", "stopped") else (saved.phase if saved
+                                                                          else "new")
+        if phase == "switched":
+            return self.dest_overlay
+        if phase == "new" and self.source_overlay not in self._created and saved is None:
+            return self.source_top
+        return self.source_overlay
+
+    def _locate_export(self):
+        """What the export serves: the top of the source chain."""
+        served = export.served_image(self.take_over)
+        if self.source_top is not None and Path(served) != self.source_top.resolve():
+            raise UsageError(f"the export serves {served}, not {self.source_top}")
+        self._locate(served)
+
+    def _borrow(self):
+        """Take the disk over from its export: the export stops serving (its clients' requests in
+        flight finish, nothing is answered with an error) and passes its listening socket."""
+        self._listener, reply = export.borrow(self.take_over)
+        if Path(reply["image"]) != self.source_top:
+            self._listener.close()
+            self._listener = None
+            export.give_back(self.take_over, reply["image"])
+            raise UsageError(f"the export's disk changed meanwhile: {reply['image']}")
+        self.options.socket_path = Path(reply["socket"])
+        self.log.add("taken-over", image=reply["image"], socket=reply["socket"])
+
+    def _start_new(self):
+        self.base = images.info(self.source_top)
+        try:
+            images.create_overlay(self.source_overlay, self.base)
+            self._created.append(self.source_overlay)
+            images.create_overlay(self.dest_overlay, self.base)
+            self._created.append(self.dest_overlay)
+            self.tree = self._tree()
+            self.tree.start()
+        except BaseException:
+            self._undo_start()
+            raise
+        self.enter("mirroring", source_overlay=str(self.source_overlay),
+                   dest_overlay=str(self.dest_overlay))
 
     def _tree(self):
-        return ProcessTree(str(self.source_overlay), str(self.dest_overlay), self.options)
+        return ProcessTree(str(self.source_overlay), str(self.dest_overlay), self.options,
+                           listener=self._listener)
 
     def _saved_state(self):
         if self.state_dir is None:
@@ -249,6 +311,31 @@ class Migration(Controller):
             self._removed = True
             self.enter("cancelled", serving=str(self.source_overlay))
 
+    # After Step 5: the disk goes back to a plain export.
+
+    def hand_back(self):
+        """Give the disk back to the export it was taken over from, on the chain that now holds it
+        (the destination after a pivot, the source after a cancel), and end this migration. The
+        data path is quiesced and killed (held requests stay unanswered; clients send them again to
+        the export), the storage daemons flush and close the images, then the export serves the
+        chain on the same socket. The chain does not grow from one migration to the next: the base
+        copy flattens the source's chain, so the destination is always its copy plus one overlay."""
+        with self.changing("hand-back", "switched", "cancelled"):
+            if self.take_over is None:
+                raise UsageError("this migration did not take the disk over from an export "
+                                 "(start --take-over): there is nothing to hand it back to")
+            top = self._authoritative_top()
+            self.tree.stop()
+            export.give_back(self.take_over, top)
+            if self.state_dir is not None:
+                # The migration is over: a restart must not take the disk again for it.
+                state = self.state_dir / "state.json"
+                if state.exists():
+                    state.rename(state.with_name("state.json.handed-back"))
+            self.enter("handed-back", image=str(top))
+            self.finished.set()
+            return {"image": str(top)}
+
     # Running.
 
     def status(self):
@@ -277,6 +364,7 @@ class Migration(Controller):
             "verify": lambda r: dict(zip(("identical", "detail"), self.verify())),
             "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3)},
             "cancel": lambda r: self.cancel() or {},
+            "hand-back": lambda r: self.hand_back(),
         })
         return table
 

@@ -34,9 +34,13 @@ class ServeOptions:
     io_timeout: float | None = None
     cache: str = "auto"
     access: Access = field(default_factory=Access)
+    # The control socket of a `mirrorfs export` whose disk this serves (its socket is borrowed).
+    take_over: str | None = None
 
     def __post_init__(self):
-        if self.socket is None and self.listen is None:
+        if self.take_over is not None and self.socket is not None:
+            raise UsageError("--take-over serves the export's own socket; do not give --socket")
+        if self.socket is None and self.listen is None and self.take_over is None:
             raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
         if not 1 <= self.threads <= MAX_THREADS:
             raise UsageError(f"--threads {self.threads}: expected 1 to {MAX_THREADS}")

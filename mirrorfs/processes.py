@@ -4,8 +4,9 @@ Every child:
 - writes its stderr to a log file (an unread pipe could block it), whose tail becomes part of the error a
   user sees when the child fails;
 - runs in its own session, so a Ctrl-C on the terminal reaches only us and we stop children in order;
-- gets SIGTERM from the kernel if we die (PR_SET_PDEATHSIG), so even `kill -9` of mirrorfs leaves no
-  orphan; SIGTERM lets qemu-storage-daemon flush its qcow2 metadata on the way out;
+- gets a signal from the kernel if we die (PR_SET_PDEATHSIG), so even `kill -9` of mirrorfs leaves no
+  orphan: SIGTERM by default, which lets qemu-storage-daemon flush its qcow2 metadata on the way
+  out; SIGKILL for nbdkit (see mirrorfs.frontend);
 - is ready when its pidfile appears: both nbdkit and qemu-storage-daemon write it only after start-up
   succeeded, so there is no sleep and no polling of sockets. While waiting we check that it is alive and
   fail at once, with its log, if it died.
@@ -26,10 +27,10 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent(parent_pid, child_setup):
+def _die_with_parent(parent_pid, child_setup, pdeathsig=signal.SIGTERM):
     """The preexec function of every child: see the module docstring."""
     def preexec():
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _libc.prctl(_PR_SET_PDEATHSIG, pdeathsig)
         # The parent may have died between fork and prctl; then nobody would ever signal us.
         if os.getppid() != parent_pid:
             os._exit(1)
@@ -45,10 +46,10 @@ def _die_with_parent(parent_pid, child_setup):
 _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
 
 
-def popen(argv, child_setup=None, **kwargs):
-    """subprocess.Popen with the guarantees of the module docstring (own session, SIGTERM when we
-    die, umask 077), forked by the long-lived spawner thread."""
-    preexec = _die_with_parent(os.getpid(), child_setup)
+def popen(argv, child_setup=None, pdeathsig=signal.SIGTERM, **kwargs):
+    """subprocess.Popen with the guarantees of the module docstring (own session, `pdeathsig` when
+    we die, umask 077), forked by the long-lived spawner thread."""
+    preexec = _die_with_parent(os.getpid(), child_setup, pdeathsig)
     return _spawner.submit(subprocess.Popen, argv, start_new_session=True, preexec_fn=preexec,
                            **kwargs).result()
 
@@ -56,7 +57,8 @@ def popen(argv, child_setup=None, **kwargs):
 class Child:
     """One child process. `start()` and `stop()` are safe to call more than once."""
 
-    def __init__(self, name, argv, log_path, pidfile=None, pass_fds=(), child_setup=None):
+    def __init__(self, name, argv, log_path, pidfile=None, pass_fds=(), child_setup=None,
+                 pdeathsig=signal.SIGTERM):
         """`child_setup` runs in the child just before exec (after fork): for fd and environment
         set-up that needs the child's own pid. subprocess closes stray fds only *after* it runs, so
         with a `child_setup` we keep inheritable fds instead (Python opens every fd close-on-exec,
@@ -67,6 +69,7 @@ class Child:
         self.pidfile = Path(pidfile) if pidfile else None
         self.pass_fds = tuple(pass_fds)
         self.child_setup = child_setup
+        self.pdeathsig = pdeathsig
         self.proc = None
         self.stopping = False           # stop() was called: an exit from now on is expected
 
@@ -82,7 +85,8 @@ class Child:
         with open(self.log_path, "ab") as log:
             try:
                 self.proc = popen(
-                    self.argv, child_setup=self.child_setup, stdin=subprocess.DEVNULL, stdout=log,
+                    self.argv, child_setup=self.child_setup, pdeathsig=self.pdeathsig,
+                    stdin=subprocess.DEVNULL, stdout=log,
                     stderr=log, pass_fds=self.pass_fds,
                     close_fds=self.child_setup is None)
             except OSError as e:
@@ -114,14 +118,14 @@ class Child:
         """It exited without being asked to."""
         return not self.stopping and self.proc is not None and self.proc.poll() is not None
 
-    def stop(self, timeout=10):
-        """SIGTERM, then SIGKILL if it does not exit in time. Returns the exit status."""
+    def stop(self, timeout=10, sig=signal.SIGTERM):
+        """`sig` (SIGTERM), then SIGKILL if it does not exit in time. Returns the exit status."""
         self.stopping = True
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             try:
-                self.proc.send_signal(signal.SIGTERM)
+                self.proc.send_signal(sig)
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()

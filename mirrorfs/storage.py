@@ -73,13 +73,16 @@ def file_node(path, cache, **options):
 class StorageDaemon:
     """One image exported at `uri` from `start()` until `stop()` (which is safe to call twice)."""
 
-    def __init__(self, image, rundir, name, readonly=False, cache="auto"):
+    def __init__(self, image, rundir, name, readonly=False, cache="auto", listener=None):
+        """`listener`: a listening socket to export on (a disk's own socket, which outlives this
+        daemon: `mirrorfs export`); by default the daemon gets a socket of its own in `rundir`."""
         self.image = image
         self.name = name
         self.readonly = readonly
         self.cache = cache_mode(image, cache)
+        self.listener = listener
         rundir = Path(rundir)
-        self.nbd_socket = rundir / f"{name}.sock"
+        self.nbd_socket = Path(listener.getsockname()) if listener else rundir / f"{name}.sock"
         self.qmp_socket = rundir / f"{name}.qmp"
         self._child = Child(
             f"qemu-storage-daemon ({name}: {image.path})", [], rundir / f"{name}.log",
@@ -99,7 +102,7 @@ class StorageDaemon:
         return ["--blockdev", json.dumps(image_file), "--blockdev", json.dumps(node)]
 
     def start(self):
-        nbd = sockets.bind_unix(self.nbd_socket)
+        nbd = self.listener or sockets.bind_unix(self.nbd_socket)
         qmp = sockets.bind_unix(self.qmp_socket)
         try:
             export = {"type": "nbd", "id": "export0", "node-name": NODE, "name": "",
@@ -118,7 +121,8 @@ class StorageDaemon:
             self.stop()
             raise
         finally:
-            nbd.close()
+            if nbd is not self.listener:
+                nbd.close()
             qmp.close()
 
     def died(self):
@@ -156,6 +160,9 @@ class StorageDaemon:
         return self._child.failure(what)
 
     def stop(self):
+        """SIGTERM: qemu-storage-daemon drops its clients' connections without answering what they
+        wait for (a reconnecting client sends it again), drains, flushes and closes the images."""
         self._child.stop()
-        for path in (self.nbd_socket, self.qmp_socket):
-            path.unlink(missing_ok=True)
+        self.qmp_socket.unlink(missing_ok=True)
+        if self.listener is None:
+            self.nbd_socket.unlink(missing_ok=True)

@@ -2,7 +2,9 @@
 
 One request per line, a JSON object with a "cmd"; one reply per line: {"ok": true, ...} or
 {"ok": false, "error": "..."}. A handler may instead return an iterator, whose items are sent as
-lines until it ends or the client goes away (used for event streams).
+lines until it ends or the client goes away (used for event streams). A reply may carry open file
+descriptors (a listening socket handed from one mirrorfs process to another): the handler puts them
+under "_fds", and they travel with the reply line as SCM_RIGHTS; `call_with_fds` receives them.
 
 Used in two places: the data path's socket inside nbdkit (standard library only) and the public
 control socket of `mirrorfs start`.
@@ -57,11 +59,11 @@ class Server:
     def _serve(self, conn):
         try:
             with conn, conn.makefile("rwb") as f:
-                self._converse(f)
+                self._converse(conn, f)
         except (BrokenPipeError, ConnectionResetError):
             pass                # the client went away (an `events` follower that stopped, say)
 
-    def _converse(self, f):
+    def _converse(self, conn, f):
         while True:
             line = f.readline(MAX_LINE + 1)
             if not line:
@@ -79,7 +81,13 @@ class Server:
             try:
                 reply = self.handler(request)
                 if isinstance(reply, dict):
-                    _send(f, {"ok": True, **reply})
+                    fds = reply.pop("_fds", None)
+                    if fds:
+                        f.flush()
+                        line = json.dumps({"ok": True, **reply}).encode() + b"\n"
+                        socket.send_fds(conn, [line], fds)
+                    else:
+                        _send(f, {"ok": True, **reply})
                     continue
                 for item in reply:
                     _send(f, {"ok": True, **item})
@@ -125,6 +133,32 @@ def call(path, request, timeout=60.0):
     for reply in stream(path, request, timeout):
         return reply
     raise ControlError(f"{path}: no reply")
+
+
+def call_with_fds(path, request, timeout=60.0, max_fds=4):
+    """Send one request; return (reply, fds): the file descriptors that came with the reply (the
+    caller owns them). A refusal raises ControlError with the reason."""
+    with _connect(path, timeout) as s:
+        try:
+            s.sendall(json.dumps(request).encode() + b"\n")
+            data, fds, _, _ = socket.recv_fds(s, MAX_LINE, max_fds)
+            while data and not data.endswith(b"\n"):
+                more = s.recv(MAX_LINE)
+                if not more:
+                    break
+                data += more
+        except socket.timeout:
+            raise ControlError(f"{path}: no reply after {timeout}s") from None
+        except (ConnectionResetError, BrokenPipeError):
+            raise ControlError(f"{path}: connection lost") from None
+    if not data:
+        raise ControlError(f"{path}: no reply")
+    reply = json.loads(data)
+    if not reply.pop("ok", False):
+        for fd in fds:
+            os.close(fd)
+        raise ControlError(reply.get("error", "request refused"))
+    return reply, fds
 
 
 def stream(path, request, timeout=None):
