@@ -2,9 +2,11 @@
 real CLI, qemu-nbd servers for URI endpoints. Every test is checked for leftover processes."""
 
 import hashlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -249,11 +251,14 @@ class QemuNbd:
 
 class NbdkitFilter:
     """nbdkit's nbd plugin in front of another export, with filters (error, delay) on the way:
-    `args` are nbdkit's --filter=... options and the filters' key=value parameters."""
+    `args` are nbdkit's --filter=... options and the filters' key=value parameters. Started again
+    with the same `name`, it serves the same URI (a state directory knows a destination by it)."""
 
     def __init__(self, workdir, name, target_socket, *args):
         self.socket = workdir / f"{name}.sock"
         pidfile = workdir / f"{name}.pid"
+        pidfile.unlink(missing_ok=True)         # left by an instance that was killed
+        self.socket.unlink(missing_ok=True)
         filters = [a for a in args if a.startswith("--filter=")]
         params = [a for a in args if not a.startswith("--filter=")]
         self.proc = subprocess.Popen(
@@ -270,6 +275,35 @@ class NbdkitFilter:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def kill(self):
+        """kill -9: requests it holds (paused, delayed) never reach the export behind it."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+class PausableFront(NbdkitFilter):
+    """nbdkit's pause filter in front of an export: after `pause()`, every request that arrives is
+    held (those already in flight finish first) until `resume()`, or for good if it is killed."""
+
+    def __init__(self, workdir, name, target_socket, *args):
+        self.control = workdir / f"{name}-pause.ctl"
+        self.control.unlink(missing_ok=True)
+        super().__init__(workdir, name, target_socket, "--filter=pause",
+                         f"pause-control={self.control}", *args)
+
+    def _command(self, letter):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)
+            s.connect(os.fspath(self.control))
+            s.sendall(letter)
+            assert s.recv(1) == letter.upper(), "the pause filter did not acknowledge"
+
+    def pause(self):
+        self._command(b"p")
+
+    def resume(self):
+        self._command(b"r")
 
 
 @pytest.fixture
@@ -317,3 +351,43 @@ class MigrationSetup:
 @pytest.fixture
 def migration(workdir, serve):
     return MigrationSetup(workdir, serve)
+
+
+# Waiting for a state, and crashing on purpose.
+
+def wait_until(check, what, timeout=120, interval=0.05):
+    """Call `check` until it returns something true, and return that. Tests wait for the state
+    they need (a phase, bytes copied), never for a time: the deadline is generous and only turns a
+    hang into a failure, so a slow or busy machine makes a test slower, not wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never {what} (waited {timeout}s; last: {found!r})")
+        time.sleep(interval)
+
+
+def status_of(control):
+    """`mirrorfs status --json` through the real CLI."""
+    return json.loads(run(*MIRRORFS, "status", "--json", "--control", control).stdout)
+
+
+def saved_state(state_dir):
+    """The state.json mirrorfs saved (phase, cursor, dirty regions): what a restart will read."""
+    return json.loads((Path(state_dir) / "state.json").read_text())
+
+
+def kill_mirrorfs(pid, also=()):
+    """kill -9 of mirrorfs and its nbdkit (the data path first), as in a crash, plus the processes
+    in `also`. Waits until all of them and every child of mirrorfs are gone: the storage daemons
+    exit on the SIGTERM the kernel sends them (PR_SET_PDEATHSIG)."""
+    proc = psutil.Process(pid)
+    victims = [proc] + proc.children(recursive=True)
+    nbdkit = [p for p in victims if p.name() == "nbdkit"]
+    assert nbdkit, "mirrorfs has no nbdkit child"
+    for p in [*nbdkit, proc, *also]:
+        p.send_signal(signal.SIGKILL)
+    gone, alive = psutil.wait_procs(victims + list(also), timeout=30)
+    assert not alive, f"still running after kill -9: {alive}"
