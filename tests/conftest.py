@@ -105,9 +105,14 @@ def no_leaked_processes(workdir):
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.1)
+    described = []
     for p in leaked:
-        p.kill()
-    assert not leaked, f"processes left running: {[' '.join(p.cmdline()) for p in leaked]}"
+        try:
+            described.append(" ".join(p.cmdline()))
+            p.kill()
+        except psutil.Error:            # gone (or a zombie) meanwhile
+            described.append(f"pid {p.pid}")
+    assert not leaked, f"processes left running: {described}"
 
 
 # Images.

@@ -87,6 +87,7 @@ def test_readonly_serves_the_source_and_refuses_writes(chains, serve):
 
 
 def test_requests_past_the_end_are_refused(chains, serve):
+    before = {p: sha256(p) for p in (chains.source, chains.dest, chains.base)}
     disk = serve(chains.source, chains.dest)
     h = nbd.NBD()
     h.set_strict_mode(0)            # let the requests reach the server, which must refuse them
@@ -98,9 +99,8 @@ def test_requests_past_the_end_are_refused(chains, serve):
             request()
     h.shutdown()
     assert disk.stop() == 0
-    assert "0x7a" not in run("qemu-img", "map", "--output=json", chains.dest).stdout
-    same, detail = images_identical(chains.source, chains.dest)
-    assert same, detail
+    # Nothing reached any image: not a byte of the header, the tables or the data changed.
+    assert {p: sha256(p) for p in before} == before
 
 
 def test_destination_larger_than_source_serves_the_source_size(chains, serve, workdir):
