@@ -5,13 +5,13 @@ inputs of the full-mode options."""
 import json
 import random
 import signal
-import subprocess
 import time
 
 import nbd
 import pytest
 
-from conftest import MIRRORFS, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair, qemu_io, run, sha256
+from conftest import (MIRRORFS, FioLoad, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair,
+                      qemu_io, run, sha256, wait_until)
 
 SIZE = 64 * MiB
 
@@ -36,7 +36,7 @@ def status(disk):
     return json.loads(run(*MIRRORFS, "status", "--json", "--control", disk.control).stdout)
 
 
-def wait_for(disk, phase, timeout=60):
+def wait_for(disk, phase, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         s = status(disk)
@@ -117,8 +117,10 @@ def test_destination_disconnects_and_comes_back(pair, workdir, serve):
     export = QemuNbd(dst, workdir / "dst-export.sock")
     disk = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
                  "--rate", "16M", src, export.uri)
-    time.sleep(0.7)
+    wait_until(lambda: status(disk)["datapath"]["copy"]["first_pass_bytes"] >= 8 * MiB,
+               "8 MiB copied")
     export.stop()                                        # mid-copy: the destination is gone
+    assert status(disk)["datapath"]["copy"]["first_pass_bytes"] < SIZE
     errors = []
     write_load(disk.uri, 1.5, seed=3, errors=errors)
     assert errors == []                                  # degrade (default with a state dir)
@@ -133,19 +135,18 @@ def test_destination_disconnects_and_comes_back(pair, workdir, serve):
 
 
 def test_copy_converges_under_a_full_speed_write_load(pair, workdir, serve):
+    """fio writes as fast as it can from before the copy starts until the copy has converged:
+    the copy must reach synchronized while the load goes on (the load stops only after)."""
     src, dst = pair
     disk = serve("--copy", "full", "--state-dir", workdir / "state", "--rate", "32M", src, dst)
-    fio = subprocess.Popen(
-        ["fio", "--name=load", "--ioengine=nbd", f"--uri={disk.uri}", "--rw=randwrite", "--bs=4k",
-         "--iodepth=16", "--time_based", "--runtime=8", f"--size={SIZE}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    fio = FioLoad(workdir, disk.uri, "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={SIZE}")
     try:
-        s = wait_for(disk, "synchronized", timeout=8)
-        assert fio.poll() is None, "the load ended before the copy converged"
+        s = wait_for(disk, "synchronized", timeout=300)
+        assert fio.running(), f"the load ended before the copy converged: {fio.err.read_text()}"
         assert s["datapath"]["requests"].get("write", 0) > 0
     finally:
-        fio.wait(30)
-    assert fio.returncode == 0, fio.stderr
+        job = fio.stop()
+    assert job["error"] == 0 and job["write"]["io_bytes"] > 0, job
     assert disk.stop() == 0
     same, detail = images_identical(src, dst)
     assert same, detail

@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from conftest import (MIRRORFS, MiB, images_identical, kill_mirrorfs, qemu_io, run, saved_state,
-                      sha256, status_of, wait_until)
+from conftest import (MIRRORFS, FioLoad, MiB, images_identical, kill_mirrorfs, qemu_io, run,
+                      saved_state, sha256, status_of, wait_until)
 from mirrorfs import jsonlines
 from test_resume import Model, writer
 
@@ -141,30 +141,27 @@ def test_cancel_keeps_the_source_authoritative(migration):
     qemu_io(migration.source_overlay, "read -P 0xf1 1M 1M", "read -P 0xf2 3M 1M", fmt="qcow2")
 
 
-def fio_verify(uri, seconds):
-    """Random writes for `seconds`, each block read back and checked (verify_backlog) while the
-    load runs, before and after the switch."""
-    return subprocess.run(
-        ["fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k-64k",
-         "--iodepth=8", "--size=24m", "--time_based", f"--runtime={seconds}", "--verify=crc32c",
-         "--verify_backlog=64", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json"],
-        capture_output=True, text=True)
-
-
-def test_switch_under_continuous_writes_loses_nothing(migration):
+def test_switch_under_continuous_writes_loses_nothing(migration, workdir):
+    """Random writes, each block read back and checked (verify_backlog) while the load runs,
+    through the copy, the switch, and a thousand writes after it."""
     disk = migration.start()
-    result = {}
-    load = threading.Thread(target=lambda: result.update(fio=fio_verify(disk.uri, 8)))
-    load.start()
-    migration.ctl("copy")
-    migration.ctl("pivot")
-    assert load.is_alive(), "the load ended before the switch: make it longer"
-    load.join()
-    fio = result["fio"]
-    assert fio.returncode == 0, fio.stderr + fio.stdout[-2000:]
-    job = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"][0]
+    fio = FioLoad(workdir, disk.uri, "--rw=randwrite", "--bs=4k-64k", "--iodepth=8", "--size=24m",
+                  "--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1",
+                  "--verify_state_save=0")
+    try:
+        writes = lambda: status_of(disk.control)["datapath"]["requests"].get("write", 0)
+        wait_until(lambda: writes() >= 200 or not fio.running(), "fio writing")
+        migration.ctl("copy")
+        migration.ctl("pivot")
+        assert fio.running(), fio.err.read_text()
+        switched_at = writes()
+        wait_until(lambda: writes() >= switched_at + 1000 or not fio.running(),
+                   "writes after the switch")
+        assert fio.running(), fio.err.read_text()
+    finally:
+        job = fio.stop()
     # No error, and fio read back and checked what it wrote, before and after the switch.
-    assert job["error"] == 0 and job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+    assert job["error"] == 0 and job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0, job
     status = json.loads(migration.ctl("status", "--json").stdout)
     assert status["phase"] == "switched"
     print("switch stall", status["switch"])
