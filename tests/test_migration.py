@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from conftest import (MIRRORFS, FioLoad, MiB, images_identical, kill_mirrorfs, qemu_io, run,
-                      saved_state, sha256, status_of, wait_until)
+from conftest import (MIRRORFS, FioLoad, MiB, images_identical, kill_mirrorfs, make_base, make_overlay,
+                      qemu_io, run, saved_state, sha256, status_of, wait_until)
 from mirrorfs import jsonlines
 from test_resume import Model, writer
 
@@ -297,3 +297,71 @@ def test_migration_resumes_after_kill_9(migration, workdir):
             if data[b * 4096:(b + 1) * 4096] not in (bytes([v]) * 4096,
                                                       bytes([model.maybe.get(b, v)]) * 4096)]
     assert not lost, f"{len(lost)} acknowledged writes lost, e.g. blocks {lost[:5]}"
+
+
+def test_a_destination_base_in_another_format_is_refused(migration):
+    """A raw dst/base with the very bytes of the qcow2 source base: qemu-img compare calls them
+    identical, but the destination overlay's header names its backing as qcow2, so the switch is
+    refused on the format alone, with the reason, and nothing changes."""
+    disk = migration.start()
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", migration.base, migration.dest_base)
+    assert images_identical(migration.base, migration.dest_base)[0]
+    before = sha256(migration.dest_base)
+    verify = jsonlines.call(disk.control, {"cmd": "verify"})
+    assert verify["identical"] is False and "is raw" in verify["detail"], verify
+    res = migration.ctl("pivot", check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert "is raw, the source base is qcow2" in res.stderr, res.stderr
+    status = json.loads(migration.ctl("status", "--json").stdout)
+    assert status["phase"] == "mirroring" and status["datapath"]["reader"] == "source"
+    assert chain_of(migration.dest_overlay)[1] == str(migration.base)
+    assert sha256(migration.dest_base) == before
+    assert disk.stop() == 0
+
+
+def test_a_source_base_with_its_own_backing_chain(workdir, serve):
+    """src/base.qcow2 is itself an overlay on src/older.qcow2: the copy flattens the chain into one
+    dst/base.qcow2 that needs nothing from the source, and the switch keeps every byte."""
+    (workdir / "src").mkdir()
+    (workdir / "dst").mkdir()
+    older = make_base(workdir / "src" / "older.qcow2")           # 0x10, 0x13, ... every 3rd MiB
+    base = make_overlay(workdir / "src" / "base.qcow2", older)
+    qemu_io(base, "write -P 0x44 3M 512k", "write -P 0x45 40M 1M", fmt="qcow2")
+    disk = serve(base, "--dest-dir", workdir / "dst", command="start")
+    qemu_io(disk.uri, "write -P 0x46 3M 4k", "write -P 0x47 50M 64k")
+    res = run(*MIRRORFS, "copy", "--control", disk.control)
+    assert "base copied" in res.stdout
+    dest_base = workdir / "dst" / "base.qcow2"
+    assert chain_of(dest_base) == [str(dest_base)]                  # flattened: stands alone
+    run(*MIRRORFS, "pivot", "--control", disk.control)
+    qemu_io(disk.uri, "read -P 0x46 3M 4k", f"read -P 0x44 {3 * MiB + 4096} {512 * 1024 - 4096}",
+            "read -P 0x10 0 1M", f"read -P {0x10 + 6} {6 * MiB} {MiB}", "read -P 0x45 40M 1M",
+            "read -P 0x47 50M 64k")
+    assert disk.stop() == 0
+    dest_overlay, source_overlay = workdir / "dst" / "base-snap.qcow2", workdir / "src" / "base-snap.qcow2"
+    assert chain_of(dest_overlay) == [str(dest_overlay), str(dest_base)]
+    same, detail = images_identical(source_overlay, dest_overlay)
+    assert same, detail
+
+
+def test_cancel_during_the_base_copy(migration):
+    """cancel while qemu-img convert is copying the base: the copy stops, its partial file and the
+    destination overlay are removed, and the source chain keeps serving every write."""
+    disk = migration.start()
+    qemu_io(disk.uri, "write -P 0x61 2M 1M")
+    res = migration.ctl("copy", "--background", "--rate", "2M")
+    assert res.stdout.strip() == "copy started"
+    copying = wait_until(lambda: (s := json.loads(migration.ctl("status", "--json").stdout))
+                         ["copy"]["bytes_copied"] > 0 and s, "some of the base copied")
+    assert copying["phase"] == "copying" and copying["copy"]["running"], copying
+    assert "cancelled" in migration.ctl("cancel").stdout
+    status = json.loads(migration.ctl("status", "--json").stdout)
+    assert status["phase"] == "cancelled" and not status["copy"]["running"], status
+    assert status["datapath"]["writers"] == ["source"]
+    left = sorted(p.name for p in migration.dest_overlay.parent.iterdir())
+    assert left == [], left                     # no overlay, no base, no .partial
+    qemu_io(disk.uri, "write -P 0x62 5M 1M", "read -P 0x61 2M 1M")
+    assert disk.stop() == 0
+    run("qemu-img", "check", migration.source_overlay)
+    qemu_io(migration.source_overlay, "read -P 0x61 2M 1M", "read -P 0x62 5M 1M",
+            f"read -P {0x10 + 3} {3 * MiB} {MiB}", fmt="qcow2")
