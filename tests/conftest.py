@@ -309,11 +309,13 @@ class NbdkitFilter:
         self.socket.unlink(missing_ok=True)
         filters = [a for a in args if a.startswith("--filter=")]
         params = [a for a in args if not a.startswith("--filter=")]
-        self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, *filters,
-             "nbd", f"socket={target_socket}", *params],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_for_pidfile(self.proc, pidfile), "nbdkit failed"
+        log = workdir / f"{name}.err"
+        with open(log, "a") as err:
+            self.proc = subprocess.Popen(
+                ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, *filters,
+                 "nbd", f"socket={target_socket}", *params],
+                stdout=subprocess.DEVNULL, stderr=err)
+        assert wait_for_pidfile(self.proc, pidfile), f"nbdkit failed: {log.read_text()[-2000:]}"
         self.uri = f"nbd+unix:///?socket={self.socket}"
 
     def stop(self):
