@@ -11,7 +11,8 @@ import nbd
 import pytest
 
 from conftest import (MIRRORFS, FioLoad, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair,
-                      qemu_io, run, sha256, wait_until)
+                      qemu_io, run, saved_state, sha256, wait_until)
+from mirrorfs import jsonlines
 
 SIZE = 64 * MiB
 
@@ -255,3 +256,35 @@ def test_a_destination_that_stops_answering_is_cut_off(pair, workdir, serve):
     export.stop()
     same, detail = images_identical(src, dst)
     assert same, detail
+
+
+def test_restart_after_a_cancel_serves_the_source_alone(pair, workdir, serve):
+    """After `cancel` the state says the source is the disk: a restart serves it alone and never
+    writes the destination again. An operator follows it on the events stream: synchronized,
+    then (after the cancel) cancelled, in order."""
+    src, dst = pair
+    state = workdir / "state"
+    disk = serve("--copy", "full", "--state-dir", state, src, dst)
+    events = jsonlines.stream(disk.control, {"cmd": "events", "since": 0}, timeout=120)
+    seen = [next(events)["event"]]
+    while seen[-1]["event"] != "synchronized":
+        seen.append(next(events)["event"])
+    assert "cancelled" in run(*MIRRORFS, "cancel", "--control", disk.control).stdout
+    seen.append(next(events)["event"])
+    events.close()
+    assert [e.get("phase") or e["event"] for e in seen] == ["mirroring", "synchronized", "cancelled"]
+    assert [e["seq"] for e in seen] == [1, 2, 3]
+    s = status(disk)
+    assert s["phase"] == "cancelled" and s["datapath"]["writers"] == ["source"]
+    dst_after_cancel = sha256(dst)
+    qemu_io(disk.uri, "write -P 0x9b 5M 1M")
+    assert disk.stop() == 0
+    assert saved_state(state)["phase"] == "cancelled"
+
+    again = serve("--copy", "full", "--state-dir", state, src, dst)
+    s = status(again)
+    assert s["phase"] == "cancelled" and s["datapath"]["writers"] == ["source"], s
+    qemu_io(again.uri, "read -P 0x9b 5M 1M", "write -P 0x9c 7M 1M")
+    assert again.stop() == 0
+    assert sha256(dst) == dst_after_cancel
+    qemu_io(src, "read -P 0x9b 5M 1M", "read -P 0x9c 7M 1M", fmt="qcow2")

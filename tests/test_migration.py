@@ -1,6 +1,7 @@
 """The Mirrored-Snapshot workflow end to end (oVirt's Steps 3–5), modelled on qemu-iotests 156."""
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -365,3 +366,62 @@ def test_cancel_during_the_base_copy(migration):
     run("qemu-img", "check", migration.source_overlay)
     qemu_io(migration.source_overlay, "read -P 0x61 2M 1M", "read -P 0x62 5M 1M",
             f"read -P {0x10 + 3} {3 * MiB} {MiB}", fmt="qcow2")
+
+
+def test_the_commands_as_an_operator_types_them(migration, workdir):
+    """--overlay-name, MIRRORFS_CONTROL instead of --control, copy --json (progress lines until
+    done), status --watch --json (a line a second until stopped), and the refusal without either."""
+    disk = migration.start("--overlay-name", "vm1-next.qcow2")
+    source_overlay = migration.base.parent / "vm1-next.qcow2"
+    dest_overlay = workdir / "dst" / "vm1-next.qcow2"
+    assert source_overlay.exists() and dest_overlay.exists()
+    assert not migration.source_overlay.exists() and not migration.dest_overlay.exists()
+    qemu_io(disk.uri, "write -P 0x81 1M 64k")
+
+    env = dict(os.environ, MIRRORFS_CONTROL=str(disk.control))
+    bare = {k: v for k, v in os.environ.items() if k != "MIRRORFS_CONTROL"}
+    res = subprocess.run([*MIRRORFS, "status"], env=bare, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "MIRRORFS_CONTROL" in res.stderr, res.stderr
+
+    res = subprocess.run([*MIRRORFS, "copy", "--json", "--rate", "64M"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    progress = [json.loads(line) for line in res.stdout.splitlines()]
+    assert progress and not progress[-1]["running"] and progress[-1]["error"] is None, progress
+    assert progress[-1]["bytes_copied"] == progress[-1]["bytes_total"] > 0
+    copied = [p["bytes_copied"] for p in progress]
+    assert copied == sorted(copied)
+
+    watch = subprocess.Popen([*MIRRORFS, "status", "--watch", "--json"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(120, watch.kill)       # a hang fails below instead of blocking
+    timer.start()
+    try:
+        first, second = json.loads(watch.stdout.readline()), json.loads(watch.stdout.readline())
+    finally:
+        timer.cancel()
+        watch.terminate()
+        watch.communicate(timeout=30)
+    assert first["phase"] == second["phase"] == "mirroring"
+    assert second["phase_seconds"] > first["phase_seconds"]
+    assert first["destination"]["overlay"] == str(dest_overlay)
+
+    res = subprocess.run([*MIRRORFS, "pivot"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "switched" in res.stdout, res.stderr
+    assert disk.stop() == 0
+    assert chain_of(dest_overlay) == [str(dest_overlay), str(migration.dest_base)]
+    same, detail = images_identical(source_overlay, dest_overlay)
+    assert same, detail
+
+
+def test_start_again_after_a_cancel_is_refused(migration, workdir):
+    state = workdir / "state"
+    disk = migration.start("--state-dir", state)
+    migration.ctl("cancel")
+    assert disk.stop() == 0
+    assert saved_state(state)["phase"] == "cancelled"
+    res = run(*MIRRORFS, "start", migration.base, "--dest-dir", workdir / "dst", "--state-dir", state,
+              "--socket", workdir / "x.sock", check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert "was cancelled" in res.stderr and str(migration.source_overlay) in res.stderr
+    assert not migration.dest_overlay.exists()
