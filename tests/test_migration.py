@@ -425,3 +425,25 @@ def test_start_again_after_a_cancel_is_refused(migration, workdir):
     assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
     assert "was cancelled" in res.stderr and str(migration.source_overlay) in res.stderr
     assert not migration.dest_overlay.exists()
+
+
+def test_start_again_after_the_switch_serves_the_destination(migration, workdir):
+    state = workdir / "state"
+    disk = migration.start("--state-dir", state)
+    migration.ctl("copy")
+    migration.ctl("pivot")
+    qemu_io(disk.uri, "write -P 0x82 6M 1M")
+    assert disk.stop() == 0
+    source = sha256(migration.source_overlay)
+    assert saved_state(state)["phase"] == "switched"
+
+    again = migration.start("--state-dir", state)
+    status = json.loads(migration.ctl("status", "--json").stdout)
+    # (The data path then holds one side, which its status calls "source": it is the destination
+    # chain, as the bytes below show.)
+    assert status["phase"] == "switched" and len(status["datapath"]["writers"]) == 1, status
+    qemu_io(again.uri, "read -P 0x82 6M 1M", "write -P 0x83 8M 1M")
+    assert again.stop() == 0
+    assert sha256(migration.source_overlay) == source          # released for good
+    qemu_io(migration.dest_overlay, "read -P 0x82 6M 1M", "read -P 0x83 8M 1M",
+            f"read -P {0x10 + 9} {9 * MiB} {MiB}", fmt="qcow2")
