@@ -204,6 +204,19 @@ def test_state_of_another_destination_is_refused(pair, workdir, serve):
     assert (workdir / "state" / "state.json").read_bytes() == state
 
 
+def test_state_of_another_copy_mode_is_refused(pair, workdir, serve):
+    """A state saved by --copy full is not silently reused by --copy none (which would take the
+    destination as already equal): refused with the reason, the state left as it was."""
+    src, dst = pair
+    disk = serve("--copy", "full", "--state-dir", workdir / "state", src, dst)
+    assert disk.stop() == 0
+    state = (workdir / "state" / "state.json").read_bytes()
+    err = start_fails("--copy", "none", "--state-dir", workdir / "state", src, dst,
+                      "--socket", workdir / "x.sock")
+    assert "is for --copy full, not --copy none" in err
+    assert (workdir / "state" / "state.json").read_bytes() == state
+
+
 def test_corrupt_state_is_refused_not_reset(pair, workdir):
     src, dst = pair
     (workdir / "state").mkdir()
