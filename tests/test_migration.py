@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 
+import psutil
 import pytest
 
 from conftest import (MIRRORFS, FioLoad, MiB, images_identical, kill_mirrorfs, make_base, make_overlay,
@@ -447,3 +448,39 @@ def test_start_again_after_the_switch_serves_the_destination(migration, workdir)
     assert sha256(migration.source_overlay) == source          # released for good
     qemu_io(migration.dest_overlay, "read -P 0x82 6M 1M", "read -P 0x83 8M 1M",
             f"read -P {0x10 + 9} {9 * MiB} {MiB}", fmt="qcow2")
+
+
+def test_kill_9_between_the_rebase_and_the_switch(migration, workdir):
+    """GUARANTEES.md: a crash of `start`'s pivot after the destination overlay was rebased onto the
+    verified copy and before the data path switched leaves a mirror that serves again, and `pivot`
+    works again. The data path is SIGSTOPped so the pivot stops exactly there: the rebase (in the
+    storage daemon) completes, the switch (in nbdkit) cannot start."""
+    state = workdir / "state"
+    disk = migration.start("--state-dir", state)
+    qemu_io(disk.uri, "write -P 0x91 1M 1M")
+    migration.ctl("copy")
+    [nbdkit] = [p for p in psutil.Process(disk.proc.pid).children() if p.name() == "nbdkit"]
+    nbdkit.suspend()
+    pivot = subprocess.Popen([*MIRRORFS, "pivot", "--control", disk.control],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: chain_of(migration.dest_overlay)[1] == str(migration.dest_base),
+                   "the destination overlay rebased onto the copy")
+        assert pivot.poll() is None                 # waiting for the data path's switch
+        assert saved_state(state)["phase"] == "synchronized"
+    finally:
+        kill_mirrorfs(disk.proc.pid)
+    disk.proc.wait()
+    assert pivot.wait(60) != 0
+    pivot.communicate()
+
+    again = migration.start("--state-dir", state)
+    status = json.loads(migration.ctl("status", "--json").stdout)
+    assert status["phase"] == "mirroring" and status["datapath"]["writers"] == ["source", "destination"]
+    qemu_io(again.uri, "write -P 0x92 3M 1M", "read -P 0x91 1M 1M")
+    assert "switched" in migration.ctl("pivot").stdout
+    qemu_io(again.uri, "read -P 0x92 3M 1M", f"read -P {0x10 + 6} {6 * MiB} {MiB}")
+    assert again.stop() == 0
+    assert chain_of(migration.dest_overlay) == [str(migration.dest_overlay), str(migration.dest_base)]
+    same, detail = images_identical(migration.source_overlay, migration.dest_overlay)
+    assert same, detail
