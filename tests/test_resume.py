@@ -137,18 +137,16 @@ def test_kill_during_copy_and_writes_then_resume(workdir, seed):
     src, dst = make_pair(workdir)
     model = Model()
     # The kill lands once the first pass has copied a seeded part of the disk, with writes racing
-    # it; the rate limit keeps the copy from finishing before the test gets there.
-    proc = serve(workdir, src, dst, "--rate", "24M")
-    point = int(SIZE * rng.uniform(0.05, 0.6))
+    # it. The rate limit leaves the test a second or more to get there before the copy ends; if a
+    # busy machine takes longer, the saved state says so below and the test fails, never passes
+    # without having killed mid-copy.
+    proc = serve(workdir, src, dst, "--rate", "12M")
+    point = int(SIZE * rng.uniform(0.05, 0.5))
 
     def copied_enough():
         return status(workdir)["datapath"]["copy"]["first_pass_bytes"] >= point
 
-    def mid_copy():
-        s = status(workdir)
-        assert s["phase"] == "copying" and s["datapath"]["copy"]["first_pass_bytes"] < SIZE, s
-
-    writers_then_kill(uri_of(workdir), proc.pid, seed, model, copied_enough, mid_copy)
+    writers_then_kill(uri_of(workdir), proc.pid, seed, model, copied_enough)
     proc.wait()
     state = saved_state(workdir / "state")
     assert state["phase"] == "copying" and state["cursor"] < SIZE, "the kill was not mid-copy"
