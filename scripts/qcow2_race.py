@@ -6,7 +6,11 @@ four connections sending writes, write-zeroes without unmap (NO_HOLE) and trims 
 4 MiB region of a qcow2 overlay leave refcount errors (`qemu-img check`) in about a third of runs,
 against a bare export, without mirrorfs. Any pair of those operations alone does not.
 
-    .venv/bin/python scripts/qcow2_race.py [--runs 20]
+`--pattern cluster` needs no overlapping bytes and no luck: clusters written whole, zeroed keeping
+their allocation, then a 4 KiB write and a 4 KiB zero that may unmap, at once, in each; every run
+is damaged (tests/test_races.py sends the same through mirrorfs, which must keep them apart).
+
+    .venv/bin/python scripts/qcow2_race.py [--runs 20] [--pattern random|cluster]
 """
 
 import argparse
@@ -46,7 +50,26 @@ def client(uri, rng):
     h.shutdown()
 
 
-def one_run(seed):
+def cluster_client(uri, rng):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    cluster = 64 * 1024
+
+    def wait(cookies):
+        for c in cookies:
+            while not h.aio_command_completed(c):
+                h.poll(-1)
+
+    for r in range(20):
+        clusters = range(512 + r * 16, 512 + (r + 1) * 16)
+        wait([h.aio_pwrite(b"\x55" * cluster, c * cluster) for c in clusters])
+        wait([h.aio_zero(cluster, c * cluster, flags=nbd.CMD_FLAG_NO_HOLE) for c in clusters])
+        wait([cookie for c in clusters for cookie in (
+            h.aio_pwrite(b"\x66" * 4096, c * cluster), h.aio_zero(4096, c * cluster + cluster // 2))])
+    h.shutdown()
+
+
+def one_run(seed, pattern="random"):
     work = Path(tempfile.mkdtemp(prefix="qcow2-race-"))
     try:
         base, top, sock = work / "base.qcow2", work / "top.qcow2", work / "nbd.sock"
@@ -68,8 +91,10 @@ def one_run(seed):
             while not (work / "pid").exists():
                 time.sleep(0.01)
             uri = f"nbd+unix:///?socket={sock}"
-            threads = [threading.Thread(target=client, args=(uri, random.Random(seed * 100 + i)))
-                       for i in range(4)]
+            clients = 4 if pattern == "random" else 1
+            target = client if pattern == "random" else cluster_client
+            threads = [threading.Thread(target=target, args=(uri, random.Random(seed * 100 + i)))
+                       for i in range(clients)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -86,8 +111,9 @@ def one_run(seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--pattern", choices=("random", "cluster"), default="random")
     args = parser.parse_args()
-    bad = sum(not one_run(seed) for seed in range(args.runs))
+    bad = sum(not one_run(seed, args.pattern) for seed in range(args.runs))
     print(f"qcow2 image damaged in {bad} of {args.runs} runs (qemu-img check)")
     return 0
 

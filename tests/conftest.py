@@ -2,9 +2,11 @@
 real CLI, qemu-nbd servers for URI endpoints. Every test is checked for leftover processes."""
 
 import hashlib
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,49 @@ def pytest_sessionstart(session):
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
     if missing:
         raise pytest.UsageError(f"missing tools: {', '.join(missing)} (run 'make setup')")
+
+
+# `make test` is the whole suite: a marker group it is meant to run that is deselected (say
+# PYTEST_ARGS='-m "not guest"') or that passes nothing (all skipped) fails the run, so a green
+# `make test` always includes them. MIRRORFS_ALLOW_PARTIAL=1 says a partial run is meant.
+SUITE_GROUPS = ("guest",)
+
+
+def _enforce_groups(config):
+    return (os.environ.get("MIRRORFS_SUITE") == "full" and not os.environ.get("MIRRORFS_ALLOW_PARTIAL")
+            and not config.option.collectonly)
+
+
+@pytest.hookimpl(trylast=True)          # after -m and -k have deselected
+def pytest_collection_modifyitems(session, config, items):
+    if not _enforce_groups(config):
+        return
+    empty = [g for g in SUITE_GROUPS if not any(item.get_closest_marker(g) for item in items)]
+    if empty:
+        args = " ".join(config.invocation_params.args)
+        raise pytest.UsageError(
+            f"make test selected no {', '.join(empty)} tests (pytest arguments: {args!r}); "
+            "set MIRRORFS_ALLOW_PARTIAL=1 to run part of the suite on purpose")
+
+
+_group_passed = {g: 0 for g in SUITE_GROUPS}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        for g in SUITE_GROUPS:
+            if g in report.keywords:
+                _group_passed[g] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _enforce_groups(session.config) or exitstatus != pytest.ExitCode.OK:
+        return
+    empty = [g for g, n in _group_passed.items() if not n]
+    if empty:
+        session.config.get_terminal_writer().line(
+            f"make test: no {', '.join(empty)} test passed (skipped?): the run does not count", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def run(*argv, check=True, **kw):
@@ -103,9 +148,14 @@ def no_leaked_processes(workdir):
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.1)
+    described = []
     for p in leaked:
-        p.kill()
-    assert not leaked, f"processes left running: {[' '.join(p.cmdline()) for p in leaked]}"
+        try:
+            described.append(" ".join(p.cmdline()))
+            p.kill()
+        except psutil.Error:            # gone (or a zombie) meanwhile
+            described.append(f"pid {p.pid}")
+    assert not leaked, f"processes left running: {described}"
 
 
 # Images.
@@ -249,18 +299,23 @@ class QemuNbd:
 
 class NbdkitFilter:
     """nbdkit's nbd plugin in front of another export, with filters (error, delay) on the way:
-    `args` are nbdkit's --filter=... options and the filters' key=value parameters."""
+    `args` are nbdkit's --filter=... options and the filters' key=value parameters. Started again
+    with the same `name`, it serves the same URI (a state directory knows a destination by it)."""
 
     def __init__(self, workdir, name, target_socket, *args):
         self.socket = workdir / f"{name}.sock"
         pidfile = workdir / f"{name}.pid"
+        pidfile.unlink(missing_ok=True)         # left by an instance that was killed
+        self.socket.unlink(missing_ok=True)
         filters = [a for a in args if a.startswith("--filter=")]
         params = [a for a in args if not a.startswith("--filter=")]
-        self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, *filters,
-             "nbd", f"socket={target_socket}", *params],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert wait_for_pidfile(self.proc, pidfile), "nbdkit failed"
+        log = workdir / f"{name}.err"
+        with open(log, "a") as err:
+            self.proc = subprocess.Popen(
+                ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, *filters,
+                 "nbd", f"socket={target_socket}", *params],
+                stdout=subprocess.DEVNULL, stderr=err)
+        assert wait_for_pidfile(self.proc, pidfile), f"nbdkit failed: {log.read_text()[-2000:]}"
         self.uri = f"nbd+unix:///?socket={self.socket}"
 
     def stop(self):
@@ -270,6 +325,61 @@ class NbdkitFilter:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def kill(self):
+        """kill -9: requests it holds (paused, delayed) never reach the export behind it."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+class PausableFront(NbdkitFilter):
+    """nbdkit's pause filter in front of an export: after `pause()`, every request that arrives is
+    held (those already in flight finish first) until `resume()`, or for good if it is killed."""
+
+    def __init__(self, workdir, name, target_socket, *args):
+        self.control = workdir / f"{name}-pause.ctl"
+        self.control.unlink(missing_ok=True)
+        super().__init__(workdir, name, target_socket, "--filter=pause",
+                         f"pause-control={self.control}", *args)
+
+    def _command(self, letter):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)
+            s.connect(os.fspath(self.control))
+            s.sendall(letter)
+            assert s.recv(1) == letter.upper(), "the pause filter did not acknowledge"
+
+    def pause(self):
+        self._command(b"p")
+
+    def resume(self):
+        self._command(b"r")
+
+
+class FioLoad:
+    """fio's nbd engine on `uri` until stopped (time_based, with a runtime no test reaches): a test
+    stops it once it has seen what it needs, instead of hoping a fixed run is long enough."""
+
+    def __init__(self, workdir, uri, *args):
+        self.out, self.err = workdir / "fio.json", workdir / "fio.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(
+                ["fio", "--name=load", "--ioengine=nbd", f"--uri={uri}", "--time_based",
+                 "--runtime=3600", "--output-format=json", *args],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        """SIGINT: fio ends its jobs and prints its report. Returns the job's report; fio's own
+        failures (a verify error ends it early) are the report's `error`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(60)
+        text = self.out.read_text()
+        assert "{" in text, f"fio exited {self.proc.returncode}: {self.err.read_text()}"
+        return json.loads(text[text.index("{"):])["jobs"][0]
 
 
 @pytest.fixture
@@ -317,3 +427,43 @@ class MigrationSetup:
 @pytest.fixture
 def migration(workdir, serve):
     return MigrationSetup(workdir, serve)
+
+
+# Waiting for a state, and crashing on purpose.
+
+def wait_until(check, what, timeout=120, interval=0.05):
+    """Call `check` until it returns something true, and return that. Tests wait for the state
+    they need (a phase, bytes copied), never for a time: the deadline is generous and only turns a
+    hang into a failure, so a slow or busy machine makes a test slower, not wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never {what} (waited {timeout}s; last: {found!r})")
+        time.sleep(interval)
+
+
+def status_of(control):
+    """`mirrorfs status --json` through the real CLI."""
+    return json.loads(run(*MIRRORFS, "status", "--json", "--control", control).stdout)
+
+
+def saved_state(state_dir):
+    """The state.json mirrorfs saved (phase, cursor, dirty regions): what a restart will read."""
+    return json.loads((Path(state_dir) / "state.json").read_text())
+
+
+def kill_mirrorfs(pid, also=()):
+    """kill -9 of mirrorfs and its nbdkit (the data path first), as in a crash, plus the processes
+    in `also`. Waits until all of them and every child of mirrorfs are gone: the storage daemons
+    exit on the SIGTERM the kernel sends them (PR_SET_PDEATHSIG)."""
+    proc = psutil.Process(pid)
+    victims = [proc] + proc.children(recursive=True)
+    nbdkit = [p for p in victims if p.name() == "nbdkit"]
+    assert nbdkit, "mirrorfs has no nbdkit child"
+    for p in [*nbdkit, proc, *also]:
+        p.send_signal(signal.SIGKILL)
+    gone, alive = psutil.wait_procs(victims + list(also), timeout=30)
+    assert not alive, f"still running after kill -9: {alive}"

@@ -5,13 +5,14 @@ inputs of the full-mode options."""
 import json
 import random
 import signal
-import subprocess
 import time
 
 import nbd
 import pytest
 
-from conftest import MIRRORFS, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair, qemu_io, run, sha256
+from conftest import (MIRRORFS, FioLoad, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair,
+                      qemu_io, run, saved_state, sha256, wait_until)
+from mirrorfs import jsonlines
 
 SIZE = 64 * MiB
 
@@ -36,7 +37,7 @@ def status(disk):
     return json.loads(run(*MIRRORFS, "status", "--json", "--control", disk.control).stdout)
 
 
-def wait_for(disk, phase, timeout=60):
+def wait_for(disk, phase, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         s = status(disk)
@@ -117,8 +118,10 @@ def test_destination_disconnects_and_comes_back(pair, workdir, serve):
     export = QemuNbd(dst, workdir / "dst-export.sock")
     disk = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
                  "--rate", "16M", src, export.uri)
-    time.sleep(0.7)
+    wait_until(lambda: status(disk)["datapath"]["copy"]["first_pass_bytes"] >= 8 * MiB,
+               "8 MiB copied")
     export.stop()                                        # mid-copy: the destination is gone
+    assert status(disk)["datapath"]["copy"]["first_pass_bytes"] < SIZE
     errors = []
     write_load(disk.uri, 1.5, seed=3, errors=errors)
     assert errors == []                                  # degrade (default with a state dir)
@@ -133,19 +136,18 @@ def test_destination_disconnects_and_comes_back(pair, workdir, serve):
 
 
 def test_copy_converges_under_a_full_speed_write_load(pair, workdir, serve):
+    """fio writes as fast as it can from before the copy starts until the copy has converged:
+    the copy must reach synchronized while the load goes on (the load stops only after)."""
     src, dst = pair
     disk = serve("--copy", "full", "--state-dir", workdir / "state", "--rate", "32M", src, dst)
-    fio = subprocess.Popen(
-        ["fio", "--name=load", "--ioengine=nbd", f"--uri={disk.uri}", "--rw=randwrite", "--bs=4k",
-         "--iodepth=16", "--time_based", "--runtime=8", f"--size={SIZE}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    fio = FioLoad(workdir, disk.uri, "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={SIZE}")
     try:
-        s = wait_for(disk, "synchronized", timeout=8)
-        assert fio.poll() is None, "the load ended before the copy converged"
+        s = wait_for(disk, "synchronized", timeout=300)
+        assert fio.running(), f"the load ended before the copy converged: {fio.err.read_text()}"
         assert s["datapath"]["requests"].get("write", 0) > 0
     finally:
-        fio.wait(30)
-    assert fio.returncode == 0, fio.stderr
+        job = fio.stop()
+    assert job["error"] == 0 and job["write"]["io_bytes"] > 0, job
     assert disk.stop() == 0
     same, detail = images_identical(src, dst)
     assert same, detail
@@ -202,6 +204,19 @@ def test_state_of_another_destination_is_refused(pair, workdir, serve):
     assert (workdir / "state" / "state.json").read_bytes() == state
 
 
+def test_state_of_another_copy_mode_is_refused(pair, workdir, serve):
+    """A state saved by --copy full is not silently reused by --copy none (which would take the
+    destination as already equal): refused with the reason, the state left as it was."""
+    src, dst = pair
+    disk = serve("--copy", "full", "--state-dir", workdir / "state", src, dst)
+    assert disk.stop() == 0
+    state = (workdir / "state" / "state.json").read_bytes()
+    err = start_fails("--copy", "none", "--state-dir", workdir / "state", src, dst,
+                      "--socket", workdir / "x.sock")
+    assert "is for --copy full, not --copy none" in err
+    assert (workdir / "state" / "state.json").read_bytes() == state
+
+
 def test_corrupt_state_is_refused_not_reset(pair, workdir):
     src, dst = pair
     (workdir / "state").mkdir()
@@ -254,3 +269,35 @@ def test_a_destination_that_stops_answering_is_cut_off(pair, workdir, serve):
     export.stop()
     same, detail = images_identical(src, dst)
     assert same, detail
+
+
+def test_restart_after_a_cancel_serves_the_source_alone(pair, workdir, serve):
+    """After `cancel` the state says the source is the disk: a restart serves it alone and never
+    writes the destination again. An operator follows it on the events stream: synchronized,
+    then (after the cancel) cancelled, in order."""
+    src, dst = pair
+    state = workdir / "state"
+    disk = serve("--copy", "full", "--state-dir", state, src, dst)
+    events = jsonlines.stream(disk.control, {"cmd": "events", "since": 0}, timeout=120)
+    seen = [next(events)["event"]]
+    while seen[-1]["event"] != "synchronized":
+        seen.append(next(events)["event"])
+    assert "cancelled" in run(*MIRRORFS, "cancel", "--control", disk.control).stdout
+    seen.append(next(events)["event"])
+    events.close()
+    assert [e.get("phase") or e["event"] for e in seen] == ["mirroring", "synchronized", "cancelled"]
+    assert [e["seq"] for e in seen] == [1, 2, 3]
+    s = status(disk)
+    assert s["phase"] == "cancelled" and s["datapath"]["writers"] == ["source"]
+    dst_after_cancel = sha256(dst)
+    qemu_io(disk.uri, "write -P 0x9b 5M 1M")
+    assert disk.stop() == 0
+    assert saved_state(state)["phase"] == "cancelled"
+
+    again = serve("--copy", "full", "--state-dir", state, src, dst)
+    s = status(again)
+    assert s["phase"] == "cancelled" and s["datapath"]["writers"] == ["source"], s
+    qemu_io(again.uri, "read -P 0x9b 5M 1M", "write -P 0x9c 7M 1M")
+    assert again.stop() == 0
+    assert sha256(dst) == dst_after_cancel
+    qemu_io(src, "read -P 0x9b 5M 1M", "read -P 0x9c 7M 1M", fmt="qcow2")

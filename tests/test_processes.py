@@ -14,7 +14,8 @@ import pytest
 from conftest import MiB, images_identical, qemu_io, run
 from mirrorfs.processes import Child
 
-GONE_TIMEOUT = 5
+# Deadlines only: a hang fails, a busy machine does not.
+GONE_TIMEOUT = 30
 
 
 @pytest.fixture(autouse=True)
@@ -126,20 +127,18 @@ def test_sigterm_while_a_client_writes(chains, serve, workdir):
     with open(workdir / "fio.log", "w") as log:
         fio = subprocess.Popen(
             ["fio", "--name=vm", "--ioengine=nbd", f"--uri={disk.uri}", "--rw=randwrite", "--bs=4k-64k",
-             "--iodepth=8", "--size=32m", "--time_based", "--runtime=30", "--randrepeat=0"],
+             "--iodepth=8", "--size=32m", "--time_based", "--runtime=3600", "--randrepeat=0"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         # Stop it in the middle of the I/O: once nbdkit has received a few MiB from fio (nbdkit read()s
         # its clients' requests, so they count in its read_chars).
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120
         before = kids["nbdkit"].io_counters().read_chars
         while kids["nbdkit"].io_counters().read_chars - before < 4 * MiB:
             assert fio.poll() is None and time.monotonic() < deadline, (workdir / "fio.log").read_text()
             time.sleep(0.02)
-        start = time.monotonic()
+        # fio would write for an hour: stopping must not wait for the client to go.
         assert disk.stop(signal.SIGTERM, timeout=GONE_TIMEOUT * 4) == 0, disk.stderr
-        took = time.monotonic() - start
-        assert took < GONE_TIMEOUT, f"took {took:.1f}s to stop"
     finally:
         if fio.poll() is None:
             fio.kill()
@@ -245,7 +244,7 @@ def test_sigterm_with_an_idle_client_connected(chains, serve):
     h.connect_uri(disk.uri)
     h.pwrite(b"i" * 65536, 4096)
     disk.proc.send_signal(signal.SIGTERM)
-    assert disk.proc.wait(8) == 0            # nbdkit alone would wait for the client forever
+    assert disk.proc.wait(GONE_TIMEOUT) == 0     # nbdkit alone would wait for the client forever
     del h
     same, detail = images_identical(chains.source, chains.dest)
     assert same, detail

@@ -19,10 +19,12 @@ BATCH = 8                   # commands in flight per connection
 ROUNDS = 25
 
 
-def hammer(uri, rng, errors):
+def hammer(uri, rng, errors, served):
+    """One connection's rounds. Anything that goes wrong, connecting included, is reported in
+    `errors`; each command the server completed successfully is counted in `served`."""
     h = nbd.NBD()
-    h.connect_uri(uri)
     try:
+        h.connect_uri(uri)
         for _ in range(ROUNDS):
             cookies = []
             for _ in range(BATCH):
@@ -40,23 +42,25 @@ def hammer(uri, rng, errors):
                 else:
                     cookies.append(h.aio_flush())
             for c in cookies:
-                while not h.aio_command_completed(c):
+                while not h.aio_command_completed(c):     # raises if the command failed
                     h.poll(-1)
+                served.append(c)
+        h.shutdown()
     except Exception as e:             # reported to the main thread, which fails the test
         errors.append(e)
-    finally:
-        h.shutdown()
 
 
 def hammer_from_all_connections(uri, seed):
-    errors = []
-    threads = [threading.Thread(target=hammer, args=(uri, random.Random(seed * 100 + i), errors))
+    errors, served = [], []
+    threads = [threading.Thread(target=hammer, args=(uri, random.Random(seed * 100 + i), errors,
+                                                     served))
                for i in range(CONNECTIONS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
+    assert len(served) == CONNECTIONS * ROUNDS * BATCH, "not every request was served"
 
 
 @pytest.mark.parametrize("seed", range(12), ids=lambda s: f"seed-{s}")
