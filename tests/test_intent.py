@@ -92,7 +92,7 @@ def test_a_write_only_the_source_has_when_killed_is_copied_by_the_restart(workdi
 
         front = PausableFront(workdir, "dst-front", export.socket)   # the same URI, answering
         again = serve(*args)
-        assert status_of(again.control)["resumed"] is True
+        assert status_of(again.control)["mirror"]["resumed"] is True
         wait_until(lambda: status_of(again.control)["datapath"]["synchronized"], "synchronized")
         assert again.stop() == 0
     finally:

@@ -354,8 +354,8 @@ def test_cancel_during_the_base_copy(migration):
     res = migration.ctl("copy", "--background", "--rate", "2M")
     assert res.stdout.strip() == "copy started"
     copying = wait_until(lambda: (s := json.loads(migration.ctl("status", "--json").stdout))
-                         ["copy"]["bytes_copied"] > 0 and s, "some of the base copied")
-    assert copying["phase"] == "copying" and copying["copy"]["running"], copying
+                         ["copy"]["bytes_done"] > 0 and s, "some of the base copied")
+    assert copying["phase"] == "copying-base" and copying["copy"]["running"], copying
     assert "cancelled" in migration.ctl("cancel").stdout
     status = json.loads(migration.ctl("status", "--json").stdout)
     assert status["phase"] == "cancelled" and not status["copy"]["running"], status
@@ -389,8 +389,8 @@ def test_the_commands_as_an_operator_types_them(migration, workdir):
     assert res.returncode == 0, res.stderr
     progress = [json.loads(line) for line in res.stdout.splitlines()]
     assert progress and not progress[-1]["running"] and progress[-1]["error"] is None, progress
-    assert progress[-1]["bytes_copied"] == progress[-1]["bytes_total"] > 0
-    copied = [p["bytes_copied"] for p in progress]
+    assert progress[-1]["bytes_done"] == progress[-1]["bytes_total"] > 0
+    copied = [p["bytes_done"] for p in progress]
     assert copied == sorted(copied)
 
     watch = subprocess.Popen([*MIRRORFS, "status", "--watch", "--json"], env=env,
