@@ -57,7 +57,10 @@ def _access_options(p):
                    help="TLS on every socket served: require (refuse clients without it), on (offer "
                         "it), off (default; require when credentials are given)")
     g.add_argument("--tls-certificates", metavar="DIR",
-                   help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem")
+                   help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem; "
+                        "clients must present a certificate signed by that CA")
+    g.add_argument("--tls-no-verify-peer", action="store_true",
+                   help="X.509: let in clients without a CA-signed certificate (encryption only)")
     g.add_argument("--tls-psk", metavar="FILE", help="pre-shared keys, USERNAME:HEXKEY lines "
                    "(psktool -u NAME -p FILE)")
     g.add_argument("--insecure", action="store_true",
@@ -68,7 +71,8 @@ def _access_options(p):
 
 def _access(args):
     return Access(tls=args.tls, certificates=args.tls_certificates, psk=args.tls_psk,
-                  group=args.group, insecure=args.insecure)
+                  group=args.group, insecure=args.insecure,
+                  verify_peer=not args.tls_no_verify_peer)
 
 
 def build_parser():
