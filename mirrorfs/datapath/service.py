@@ -12,6 +12,7 @@ Parameters (all given by mirrorfs's supervisor, which also starts the storage da
   granularity=BYTES changes within one such unit are serialized: the largest qcow2 cluster size
                     of the sides (default 64 KiB; see inflight)
   timeout=SECONDS   cut a mirror side's connection when a request waits longer (default 30; 0: never)
+  parent=PID        the supervisor: when it exits, so does the data path (see lifeline)
 
 The supervisor checks the state against the endpoints before starting nbdkit; this module trusts it
 but still refuses a state whose size disagrees with the source.
@@ -25,7 +26,7 @@ import socket
 import threading
 import time
 
-from mirrorfs.datapath import jsonlines
+from mirrorfs.datapath import jsonlines, lifeline
 from mirrorfs.datapath.backend import BackendError, NbdBackend
 from mirrorfs.datapath.dirtymap import DirtyMap
 from mirrorfs.datapath.disk import DEFAULT_REGION, LOCK_GRANULARITY, Disk, NotSynchronized
@@ -36,7 +37,7 @@ from mirrorfs.datapath.state import State, StateError
 log = logging.getLogger("mirrorfs")
 
 KEYS = ("source", "dest", "control", "mode", "state", "policy", "rate", "region", "granularity",
-        "timeout")
+        "timeout", "parent")
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -123,6 +124,13 @@ class DataPath:
         if timeout > 0:
             threading.Thread(target=self._watch, args=(timeout,), name="request watchdog",
                              daemon=True).start()
+        if "parent" in self.config:
+            lifeline.watch(int(self.config["parent"]), self._orphaned)
+
+    def _orphaned(self):
+        """The supervisor died: what it would have done before stopping nbdkit (quiesce)."""
+        if self.disk is not None:
+            self.disk.quiesce(timeout=2.0)
 
     def _watch(self, timeout):
         """Once a second: cut the connections of a mirror side whose request has waited too long.
