@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import __version__, control, display, sockets
+from mirrorfs import __version__, control, display, sockets, stopreport
 from mirrorfs.datapath import jsonlines
 from mirrorfs.access import TLS_MODES, Access
 from mirrorfs.basecopy import parse_rate
@@ -204,8 +204,19 @@ def cmd_serve(args):
         if ctl is not None:
             ctl.stop()
             Path(control_path).unlink(missing_ok=True)
-    print("stopped", flush=True)
-    return 0
+    return _stopped(server)
+
+
+def _stopped(server):
+    """The last words of serve and start: "stopped", or, when the sides may differ, a line saying
+    so (stopreport.py) and its exit status."""
+    report = stopreport.divergence(server) if server is not None else None
+    if report is None:
+        print("stopped", flush=True)
+        return 0
+    line, status = report
+    print(line, file=sys.stderr, flush=True)
+    return status
 
 
 def cmd_start(args):
@@ -231,8 +242,7 @@ def cmd_start(args):
         migration.stop()
         ctl.stop()
         Path(control_path).unlink(missing_ok=True)
-    print("stopped", flush=True)
-    return 0
+    return _stopped(migration.server)
 
 
 def _control(args):

@@ -122,6 +122,7 @@ class MirrorServer:
         self.rundir = None
         self.daemons = []
         self.nbdkit = None
+        self.final_status = None        # the data path's status once quiesced, at stop
         self._relay = None
         self._listeners = []
         self._own_socket = False
@@ -251,6 +252,8 @@ class MirrorServer:
             try:
                 self.datapath("quiesce")
                 grace = 1
+                # Nothing is in flight now: what may differ between the sides is final.
+                self.final_status = self.datapath("status")["status"]
             except jsonlines.ControlError as e:
                 log.warning("could not quiesce the data path before stopping: %s", e)
         self.nbdkit.stop(timeout=grace)
