@@ -1,6 +1,7 @@
 """What the CLI shows a person: sizes, a progress bar, a one-screen status."""
 
 import shutil
+import time
 
 
 def size(n):
@@ -51,4 +52,9 @@ def status_text(status):
             lat_text = (f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms" if lat["samples"]
                         else "no samples")
             lines.append(f"  {name + ':':13} {side['errors']} errors; write latency {lat_text}")
+            last = side.get("last_error")
+            if last:
+                when = time.strftime("%H:%M:%S", time.localtime(last["time"]))
+                lines.append(f"  {'':13} last error {when}: {last['op']} at {last['offset']} "
+                             f"length {last['length']}: {last['error']}")
     return "\n".join(lines)

@@ -51,6 +51,7 @@ class NbdBackend:
     def __init__(self, uri, name):
         self.uri = uri
         self.name = name
+        self.connect_timeout = CONNECT_TIMEOUT
         self._lock = threading.Lock()
         first = self._connect()
         self.size = first.get_size()
@@ -87,12 +88,13 @@ class NbdBackend:
         h.set_uri_allow_local_file(True)   # tls-psk-file=, tls-certificates= in a DEST URI
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         try:
-            connect(h, self.uri, CONNECT_TIMEOUT)
+            connect(h, self.uri, self.connect_timeout)
             h.connection_fd = h.aio_get_fd()
         except nbd.Error as e:
             raise BackendError(f"{self.name}: cannot connect to {self.uri}: {describe(e)}") from None
         except TimeoutError:
-            raise BackendError(f"{self.name}: {self.uri}: no answer after {CONNECT_TIMEOUT:g}s") from None
+            raise BackendError(f"{self.name}: {self.uri}: no answer after "
+                               f"{self.connect_timeout:g}s") from None
         return h
 
     def _connect_with_backoff(self):
@@ -146,13 +148,19 @@ class NbdBackend:
             self._single.release()
 
     def expire(self, timeout):
-        """Cut the connection of every handle lent for longer than `timeout` seconds: a side that
+        """Cut the connection of every handle lent for `timeout` seconds or more: a side that
         stops answering (a hung server, a stalled network) would otherwise hold its requests, and
         the client's, forever. shutdown(2) makes the blocked libnbd call fail at once; the request
-        then fails on this side like any other error (and the degrade policy records it)."""
+        then fails on this side like any other error (and the degrade policy records it).
+
+        Returns the seconds until the next handle lent now would be due, so the caller can sleep
+        exactly that long (at most `timeout`: a handle lent after this call is due later)."""
         now = time.monotonic()
+        due = timeout
         for h, since in list(self._busy.items()):
-            if now - since > timeout:
+            if now - since < timeout:
+                due = min(due, since + timeout - now)
+            else:
                 try:
                     # The fd saved at connect: libnbd's own calls would wait for the handle's lock,
                     # which the stuck request holds. Holding `h` keeps the fd open meanwhile.
@@ -165,7 +173,8 @@ class NbdBackend:
                     continue
                 self._busy.pop(h, None)
                 self.timeouts += 1
-                log.error("%s: no answer for %.0f s, connection cut", self.name, now - since)
+                log.error("%s: no answer for %.1f s, connection cut", self.name, now - since)
+        return due
 
     def close(self):
         """Disconnect every handle. Callers must have drained their requests first."""

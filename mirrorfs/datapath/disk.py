@@ -51,13 +51,17 @@ class NotSynchronized(Exception):
 
 
 class SideStats:
-    """Per-side counters for status: errors and recent latencies."""
+    """Per-side counters for status: errors, the last error, and recent latencies.
+
+    The last error (what, where, when) is kept because an operator looking at a failing side
+    needs the reason ("No space left on device"), not just a count; the log has every one."""
 
     def __init__(self, name):
         self.name = name
         self.errors = 0
         self.degraded = 0               # changes acknowledged without this side (degrade policy)
         self.latencies = collections.deque(maxlen=LATENCY_SAMPLES)   # append is atomic
+        self.last_error = None          # a dict, replaced whole (readers never see half of one)
         self._lock = threading.Lock()
         self._logged_at = 0.0
         self._unlogged = 0
@@ -66,6 +70,9 @@ class SideStats:
         """Count a failure and log it: every one, unless they come faster than one a second (a
         dead side would fill the log), then one a second with the number left out."""
         now = time.monotonic()
+        number = error_errno(exc)
+        self.last_error = {"op": op, "offset": offset, "length": length, "error": describe(exc),
+                           "errno": errno.errorcode.get(number, str(number)), "time": time.time()}
         with self._lock:
             self.errors += 1
             if now - self._logged_at < 1.0:
@@ -87,7 +94,7 @@ class SideStats:
         def pct(p):
             return round(recent[min(len(recent) - 1, int(len(recent) * p))] * 1000, 3) if recent else None
 
-        return {"errors": self.errors, "degraded": self.degraded,
+        return {"errors": self.errors, "degraded": self.degraded, "last_error": self.last_error,
                 "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0),
                                "samples": len(recent)}}
 

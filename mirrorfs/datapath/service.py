@@ -39,6 +39,7 @@ log = logging.getLogger("mirrorfs")
 KEYS = ("source", "dest", "control", "mode", "state", "policy", "rate", "region", "granularity",
         "timeout", "parent")
 DEFAULT_TIMEOUT = 30.0
+WATCH_MIN = 0.02                # the watchdog's shortest sleep, seconds
 
 
 class DataPath:
@@ -71,6 +72,11 @@ class DataPath:
             dest = NbdBackend(c["dest"], "destination") if "dest" in c else None
         except BackendError as e:
             raise RuntimeError(str(e)) from None
+        timeout = float(c.get("timeout", DEFAULT_TIMEOUT))
+        if dest is not None and timeout > 0:
+            # Reconnecting to a destination that stopped answering is bounded like its requests:
+            # a client's write must not wait the full connect timeout after its cut.
+            dest.connect_timeout = min(dest.connect_timeout, timeout)
         if dest is not None and dest.size < source.size:
             raise RuntimeError(f"destination is smaller than source ({dest.size} < {source.size} bytes)")
         full = c.get("mode") == "full"
@@ -133,15 +139,19 @@ class DataPath:
             self.disk.quiesce(timeout=2.0)
 
     def _watch(self, timeout):
-        """Once a second: cut the connections of a mirror side whose request has waited too long.
-        Only mirror sides: a handle of the authoritative side is lent for the whole request, so it
-        looks as old as the slowest side; and a slow source is what the client would wait for
-        without mirrorfs too."""
+        """Cut the connections of a mirror side whose request has waited `timeout` seconds, waking
+        when the oldest request falls due rather than on a fixed period (once a second let a
+        request wait up to a second more, and more than that after a cut). Only mirror sides: a
+        handle of the authoritative side is lent for the whole request, so it looks as old as the
+        slowest side; and a slow source is what the client would wait for without mirrorfs too."""
         while True:
-            time.sleep(1.0)
+            due = timeout
             for side in self.disk.writers:
                 if side is not self.disk.reader:
-                    side.expire(timeout)
+                    due = min(due, side.expire(timeout))
+            # Not less than WATCH_MIN: a handle due "now" is cut in this pass, and a busy side
+            # must not turn the watchdog into a spinning thread that competes for the GIL.
+            time.sleep(max(due, WATCH_MIN))
 
     def status(self):
         status = self.disk.status()
