@@ -5,6 +5,13 @@ lends one to each request: requests on different nbdkit threads run in parallel 
 connections. That is only correct if a flush on one connection covers writes completed on the others,
 which is what the server's multi-conn flag promises; without it the pool holds a single handle.
 
+The pool is bounded (MAX_HANDLES): when every handle is lent, a request waits for one to come back
+instead of opening another connection. Clients bring nbdkit threads (16 per connection), not storage
+capacity: qemu-storage-daemon serves all its connections from one thread, and with more than ~100
+connections opening at once its handshakes fell behind the connect timeout, so client writes failed
+and, the source missing a write the destination had, the sides differed. 32 handles keep one client's
+16 threads and the copier fully parallel; beyond that, requests queue.
+
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
 
@@ -26,6 +33,8 @@ POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = 10.0
+# Connections per side at most (see the module docstring).
+MAX_HANDLES = 32
 
 
 class BackendError(Exception):
@@ -70,7 +79,10 @@ class NbdBackend:
         self._idle = [first]
         self._handles = {first}
         # Without multi-conn, one connection is the only correct choice (see the module docstring).
-        self._single = None if self.multi_conn else threading.Semaphore(1)
+        self.max_handles = MAX_HANDLES if self.multi_conn else 1
+        self._opening = 0               # connects under way: they count towards max_handles
+        self._waiters = 0               # requests waiting for a handle (read without the lock)
+        self._freed = threading.Condition(self._lock)
         self._closed = False
         self._busy = {}                 # handle -> when it was lent: see expire()
         self.timeouts = 0
@@ -114,23 +126,50 @@ class NbdBackend:
         return h
 
     def acquire(self):
-        """Lend a handle to the caller, who must `release()` it."""
+        """Lend a handle to the caller, who must `release()` it. Waits while every handle allowed
+        is lent."""
         if self._closed:
             raise BackendError(f"{self.name}: closed")
-        if self._single is not None:
-            self._single.acquire()
         try:
             h = self._idle.pop()           # list.pop/append are atomic under the GIL
         except IndexError:
-            try:
-                h = self._connect_with_backoff()
-            except BaseException:
-                if self._single is not None:
-                    self._single.release()
-                raise
-            with self._lock:
-                self._handles.add(h)
+            h = self._acquire_slow()
         self._busy[h] = time.monotonic()
+        return h
+
+    def _acquire_slow(self):
+        """No idle handle: connect a new one if the pool may grow, else wait for one to come back.
+
+        No wakeup is lost although release() appends without the lock: a waiter counts itself in
+        `_waiters` *before* it looks at the idle list, and release() looks at `_waiters` *after* it
+        appended, so either the waiter sees the handle or release() sees the waiter and notifies
+        (under the lock, which the waiter holds until it waits)."""
+        with self._lock:
+            self._waiters += 1
+            try:
+                while True:
+                    if self._closed:
+                        raise BackendError(f"{self.name}: closed")
+                    try:
+                        return self._idle.pop()
+                    except IndexError:
+                        pass
+                    if len(self._handles) + self._opening < self.max_handles:
+                        self._opening += 1
+                        break
+                    self._freed.wait()
+            finally:
+                self._waiters -= 1
+        try:
+            h = self._connect_with_backoff()
+        except BaseException:
+            with self._lock:
+                self._opening -= 1
+                self._freed.notify()        # the slot is free again: a waiter may try
+            raise
+        with self._lock:
+            self._opening -= 1
+            self._handles.add(h)
         return h
 
     def release(self, h, failed=False):
@@ -141,11 +180,13 @@ class NbdBackend:
         if self._closed or (failed and (h.aio_is_dead() or h.aio_is_closed())):
             with self._lock:
                 self._handles.discard(h)
+                self._freed.notify()        # a slot for a new connection
             _close_quietly(h)
         else:
             self._idle.append(h)
-        if self._single is not None:
-            self._single.release()
+            if self._waiters:
+                with self._lock:
+                    self._freed.notify()
 
     def expire(self, timeout):
         """Cut the connection of every handle lent for `timeout` seconds or more: a side that
@@ -181,6 +222,7 @@ class NbdBackend:
         self._closed = True
         with self._lock:
             handles, self._handles = self._handles, set()
+            self._freed.notify_all()        # waiters see `_closed` and give up
         self._idle.clear()
         for h in handles:
             _close_quietly(h)
