@@ -15,7 +15,11 @@ CHUNK = 64 * 1024
 def client(uri, number, ready, errors):
     h = nbd.NBD()
     try:
-        h.connect_uri(uri)
+        try:
+            h.connect_uri(uri)
+        except nbd.Error:
+            ready.abort()               # the others would wait for this one in vain
+            raise
         ready.wait()                    # every client connected: now all write at once
         cookies = [h.aio_pwrite(bytes([number % 251 + 1]) * CHUNK, (number * WRITES + k) * CHUNK)
                    for k in range(WRITES)]
