@@ -3,7 +3,9 @@
 - **TLS** on every socket nbdkit serves, with nbdkit's own options: X.509 certificates
   (`--tls-certificates DIR`: ca-cert.pem, server-cert.pem, server-key.pem) or a pre-shared key file
   (`--tls-psk FILE`, lines of `username:hexkey`, as `psktool` writes them). `require` refuses every
-  client that does not start TLS; `on` offers it.
+  client that does not start TLS; `on` offers it. With X.509, a client must present a certificate
+  the CA signed (nbdkit's `--tls-verify-peer`): encryption alone would let anyone who can reach the
+  socket write the disk. `--tls-no-verify-peer` is the operator's explicit way out of that.
 - **A TCP address other machines can reach** (`--listen` on anything but loopback) is refused without
   `--tls require`, unless the operator says `--insecure`.
 - **Unix sockets** (the disk's and the control socket) are 0600: only the user running mirrorfs can
@@ -81,6 +83,7 @@ class Access:
     psk: str | None = None
     group: str | None = None
     insecure: bool = False
+    verify_peer: bool = True        # X.509: only clients with a certificate the CA signed
 
     def __post_init__(self):
         if self.certificates and self.psk:
@@ -95,6 +98,9 @@ class Access:
                              "would not be used")
         if self.tls != "off" and not credentials:
             raise UsageError(f"--tls {self.tls} needs --tls-certificates DIR or --tls-psk FILE")
+        if not self.verify_peer and not self.certificates:
+            raise UsageError("--tls-no-verify-peer is about X.509 client certificates: it needs "
+                             "--tls-certificates DIR")
         # nbdkit reads them again for each connection, maybe from another working directory.
         self.certificates = os.path.abspath(self.certificates) if self.certificates else None
         self.psk = os.path.abspath(self.psk) if self.psk else None
@@ -149,6 +155,8 @@ class Access:
             options.append(f"--tls={self.tls}")
             if self.certificates:
                 options.append(f"--tls-certificates={self.certificates}")
+                if self.verify_peer:
+                    options.append("--tls-verify-peer")
             else:
                 options.append(f"--tls-psk={self.psk}")
         return options

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import __version__, control, display, notify
+from mirrorfs import __version__, control, display, notify, stopreport
 from mirrorfs.access import TLS_MODES, Access
 from mirrorfs.basecopy import parse_rate
 from mirrorfs.datapath import jsonlines
@@ -63,7 +63,10 @@ def _access_options(p):
                    help="TLS on every socket served: require (refuse clients without it), on (offer "
                         "it), off (default; require when credentials are given)")
     g.add_argument("--tls-certificates", metavar="DIR",
-                   help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem")
+                   help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem; "
+                        "clients must present a certificate signed by that CA")
+    g.add_argument("--tls-no-verify-peer", action="store_true",
+                   help="X.509: let in clients without a CA-signed certificate (encryption only)")
     g.add_argument("--tls-psk", metavar="FILE", help="pre-shared keys, USERNAME:HEXKEY lines "
                    "(psktool -u NAME -p FILE)")
     g.add_argument("--insecure", action="store_true",
@@ -74,7 +77,8 @@ def _access_options(p):
 
 def _access(args):
     return Access(tls=args.tls, certificates=args.tls_certificates, psk=args.tls_psk,
-                  group=args.group, insecure=args.insecure)
+                  group=args.group, insecure=args.insecure,
+                  verify_peer=not args.tls_no_verify_peer)
 
 
 def build_parser():
@@ -252,8 +256,20 @@ def _run_controller(controller, control_path, uris):
         if ctl is not None:
             ctl.stop()
             Path(control_path).unlink(missing_ok=True)
-    print("stopped", flush=True)
-    return 0
+    return _stopped(controller)
+
+
+def _stopped(controller):
+    """The last words of a server: "stopped", or, when the sides may differ, a line saying so
+    (stopreport.py) and its exit status."""
+    tree = controller.tree
+    report = stopreport.divergence(tree) if tree is not None else None
+    if report is None:
+        print("stopped", flush=True)
+        return 0
+    line, status = report
+    print(line, file=sys.stderr, flush=True)
+    return status
 
 
 def cmd_serve(args):

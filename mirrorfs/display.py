@@ -4,6 +4,8 @@ The status is the controllers' one schema (mirrorfs.controller): the common fiel
 for each optional section (copy, switch, state, mirror) only when it is there.
 """
 
+import time
+
 from mirrorfs.datapath import human_size as size
 
 BAR_WIDTH = 30
@@ -102,5 +104,7 @@ def _datapath_lines(dp):
         lines.append(f"{text}; write latency {lat_text}")
         last = side.get("last_error")
         if last:
-            lines.append(f"  {'':13} last error: {last.get('error')} at offset {last.get('offset')}")
+            when = time.strftime("%H:%M:%S", time.localtime(last["time"]))
+            lines.append(f"  {'':13} last error {when}: {last['op']} at {last['offset']} "
+                         f"length {last['length']}: {last['error']}")
     return lines

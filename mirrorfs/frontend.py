@@ -73,6 +73,9 @@ class Nbdkit(Child):
                 "--threads", threads, *access.nbdkit_options()]
         if readonly:
             argv.append("--readonly")
+        # parent=: the data path exits with us even while an idle client holds nbdkit on SIGTERM
+        # (mirrorfs/datapath/lifeline.py).
+        params = {**params, "parent": os.getpid()}
         argv += ["python", NBDKIT_SCRIPT] + [f"{k}={v}" for k, v in params.items()] + EXPORT_PARAMS
         # nbdkit's embedded interpreter is /usr/bin/python3, not our venv: show it where we live.
         pythonpath = os.pathsep.join(

@@ -27,9 +27,10 @@ class ImageInfo:
 
 
 
-def _run(argv, what):
+def _run(argv, what, pass_fds=()):
     try:
-        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             pass_fds=pass_fds)
     except FileNotFoundError:
         raise ImageError(f"{argv[0]} is not installed (run 'make setup')") from None
     if res.returncode != 0:
@@ -72,20 +73,50 @@ def data_bytes(image):
                str(image.path))
     return sum(extent["length"] for extent in json.loads(out)
                if extent.get("data") and not extent.get("zero"))
+# A new overlay holds whatever the guest writes from now on: readable by its owner alone (the user
+# running mirrorfs and its storage daemons), whatever the umask. An operator can share it afterwards.
+OVERLAY_MODE = 0o600
+
+
+def refuse_symlink(path, what):
+    """A symbolic link where we are about to create a file is refused, dangling or not: following it
+    would create or write a file outside the directory the operator named."""
+    if Path(path).is_symlink():
+        raise ImageError(f"{what} {path} is a symbolic link; mirrorfs creates it itself and does "
+                         "not follow links there")
 
 
 def create_overlay(path, backing):
     """A new qcow2 overlay at `path` on top of the image `backing` (an ImageInfo).
 
-    The backing is named by its absolute path and format, so the overlay never depends on the
-    directory it is opened from or on format probing. -u: the backing may be open in a storage
-    daemon, and its size is already known.
+    The file is created here, exclusively and without following a symlink (O_EXCL | O_NOFOLLOW),
+    mode OVERLAY_MODE; qemu-img then writes the image into that very file through /dev/fd/N, so a
+    path swapped meanwhile cannot redirect it. The backing is named by its absolute path and format,
+    so the overlay never depends on the directory it is opened from or on format probing. -u: the
+    backing may be open in a storage daemon, and its size is already known.
     """
     path = Path(path)
-    if path.exists():
-        raise ImageError(f"{path}: already exists; remove it or choose another overlay name")
-    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", os.fspath(backing.path),
-          "-F", backing.format, os.fspath(path), str(backing.virtual_size)], str(path))
+    refuse_symlink(path, "overlay")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     OVERLAY_MODE)
+    except FileExistsError:
+        raise ImageError(f"{path}: already exists; remove it or choose another overlay name") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot create: {e.strerror}") from None
+    try:
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", os.fspath(backing.path),
+              "-F", backing.format, f"/dev/fd/{fd}", str(backing.virtual_size)], str(path),
+             pass_fds=(fd,))
+        ours = os.fstat(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    now = os.lstat(path)
+    if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+        raise ImageError(f"{path}: replaced by something else while it was being created")
     return info(path)
 
 

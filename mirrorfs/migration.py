@@ -189,8 +189,12 @@ class Migration(Controller):
         if self.dest_dir.resolve() == self.source_top.parent.resolve():
             raise UsageError(f"destination directory {self.dest_dir} is the source's directory")
         for path in (self.source_overlay, self.dest_overlay):
+            images.refuse_symlink(path, "overlay")
             if path.exists():
                 raise UsageError(f"overlay {path} already exists (a migration already started?)")
+        # `copy` creates the base there later (qemu-img convert follows links): refuse it now, while
+        # nothing has been created yet.
+        images.refuse_symlink(self.dest_base, "destination base")
 
     def _undo_start(self):
         if self.tree is not None:

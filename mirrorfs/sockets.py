@@ -24,7 +24,13 @@ def check_unix_path(path):
     return path
 
 
-def bind_unix(path, backlog=128):
+# Connections waiting to be accepted. A burst of clients (a host's VMs starting at once) while nbdkit
+# is busy must queue here: once the backlog is full, a unix socket refuses connects with EAGAIN
+# (200 clients at once overflowed 128 on a loaded machine). The kernel caps it at net.core.somaxconn.
+BACKLOG = socket.SOMAXCONN
+
+
+def bind_unix(path, backlog=BACKLOG):
     """Bind and listen on a new unix socket at `path`, mode 0600.
 
     A live socket at `path` is "in use"; a stale one (nobody listening) is replaced; anything else at
@@ -71,7 +77,7 @@ def parse_listen(value):
     return host, int(port)
 
 
-def bind_tcp(host, port, backlog=128):
+def bind_tcp(host, port, backlog=BACKLOG):
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:

@@ -96,6 +96,7 @@ class ProcessTree:
         self.rundir = None
         self.daemons = {}               # side -> StorageDaemon, for image sides
         self.nbdkit = None
+        self.final_status = None        # the data path's status once quiesced, at stop
         self._relay = None
         self._listeners = []
         self._own_socket = False
@@ -222,6 +223,8 @@ class ProcessTree:
         if self.nbdkit.alive():
             try:
                 self.datapath("quiesce")
+                # Nothing is in flight now: what may differ between the sides is final.
+                self.final_status = self.datapath("status")["status"]
             except jsonlines.ControlError as e:
                 log.warning("could not quiesce the data path before stopping: %s", e)
                 self.nbdkit.stop(timeout=10)

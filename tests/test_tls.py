@@ -172,6 +172,9 @@ BAD = {
         ["--tls-certificates", _certs(w, "ca-cert.pem", "server-cert.pem") and
          _certs(w, "server-key.pem", content="garbage")],
         ["server-key.pem", "not a PEM file"]),
+    "no_verify_peer_with_psk": lambda w: (["--tls-psk", _psk(w), "--tls-no-verify-peer"],
+                                          ["--tls-no-verify-peer", "needs --tls-certificates"]),
+    "no_verify_peer_without_tls": lambda w: (["--tls-no-verify-peer"], ["--tls-no-verify-peer"]),
     "group_unknown": lambda w: (["--group", "no-such-group-here"], ["--group no-such-group-here"]),
 }
 
@@ -221,3 +224,51 @@ def test_start_refuses_bad_tls_options(migration):
     assert "no such file" in res.stderr
     assert not migration.source_overlay.exists() and not migration.dest_overlay.exists()
     assert not (migration.workdir / "x.sock").exists() and not (migration.workdir / "x.sock.ctl").exists()
+
+
+# Client certificates (X.509): only clients whose certificate the CA signed get in.
+
+def stranger_clients(x509, root):
+    """Two client directories that trust the server's CA but have no CA-signed certificate of
+    their own: one with no certificate, one with a self-signed one."""
+    _, client = x509
+    none, selfsigned = root / "no-cert", root / "self-signed"
+    for d in (none, selfsigned):
+        d.mkdir()
+        (d / "ca-cert.pem").write_bytes((client / "ca-cert.pem").read_bytes())
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", selfsigned / "client-key.pem", "-out", selfsigned / "client-cert.pem",
+        "-days", "2", "-subj", "/CN=mirrorfs test client", "-addext", "extendedKeyUsage=clientAuth")
+    return none, selfsigned
+
+
+def only_signed_clients_get_in(disk, x509, workdir, pattern):
+    _, client = x509
+    uri = f"nbds+unix:///?socket={disk.socket}&tls-certificates="
+    for stranger in stranger_clients(x509, workdir):
+        refused(uri + str(stranger))
+    write_and_read(uri + str(client), pattern, 4 * MiB)
+
+
+def test_x509_refuses_clients_without_a_signed_certificate(chains, serve, x509, workdir):
+    disk = serve(chains.source, chains.dest, "--tls-certificates", x509[0])
+    only_signed_clients_get_in(disk, x509, workdir, 0x91)
+    assert disk.stop() == 0
+    same, detail = images_identical(chains.source, chains.dest)
+    assert same, detail
+    qemu_io(chains.dest, f"read -P 0x91 {4 * MiB} {MiB}", fmt="qcow2")
+
+
+def test_start_x509_refuses_clients_without_a_signed_certificate(migration, x509):
+    disk = migration.start("--tls-certificates", x509[0])
+    only_signed_clients_get_in(disk, x509, migration.workdir, 0x92)
+    assert disk.stop() == 0
+    qemu_io(migration.dest_overlay, f"read -P 0x92 {4 * MiB} {MiB}", fmt="qcow2")
+
+
+def test_x509_no_verify_peer_lets_any_tls_client_in(chains, serve, x509, workdir):
+    """The explicit way back to encryption without client authentication."""
+    disk = serve(chains.source, chains.dest, "--tls-certificates", x509[0], "--tls-no-verify-peer")
+    none, _ = stranger_clients(x509, workdir)
+    write_and_read(f"nbds+unix:///?socket={disk.socket}&tls-certificates={none}", 0x93, 0)
+    assert disk.stop() == 0

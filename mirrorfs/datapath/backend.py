@@ -5,6 +5,13 @@ lends one to each request: requests on different nbdkit threads run in parallel 
 connections. That is only correct if a flush on one connection covers writes completed on the others,
 which is what the server's multi-conn flag promises; without it the pool holds a single handle.
 
+The pool is bounded (MAX_HANDLES): when every handle is lent, a request waits for one to come back
+instead of opening another connection. Clients bring nbdkit threads (16 per connection), not storage
+capacity: qemu-storage-daemon serves all its connections from one thread, and with more than ~100
+connections opening at once its handshakes fell behind the connect timeout, so client writes failed
+and, the source missing a write the destination had, the sides differed. 32 handles keep one client's
+16 threads and the copier fully parallel; beyond that, requests queue.
+
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
 
@@ -28,6 +35,8 @@ BACKOFF_MAX = 30.0
 # How long a connect may take, here and in the supervisor's probe (mirrorfs.endpoints): a server
 # that accepts but never finishes the handshake (a stopped process) is given up on after this.
 CONNECT_TIMEOUT = 10.0
+# Connections per side at most (see the module docstring).
+MAX_HANDLES = 32
 
 
 class BackendError(Exception):
@@ -57,6 +66,7 @@ class NbdBackend:
     def __init__(self, uri, name):
         self.uri = uri
         self.name = name
+        self.connect_timeout = CONNECT_TIMEOUT
         self._lock = threading.Lock()
         first = self._connect()
         self.size = first.get_size()
@@ -75,7 +85,10 @@ class NbdBackend:
         self._idle = [first]
         self._handles = {first}
         # Without multi-conn, one connection is the only correct choice (see the module docstring).
-        self._single = None if self.multi_conn else threading.Semaphore(1)
+        self.max_handles = MAX_HANDLES if self.multi_conn else 1
+        self._opening = 0               # connects under way: they count towards max_handles
+        self._waiters = 0               # requests waiting for a handle (read without the lock)
+        self._freed = threading.Condition(self._lock)
         self._closed = False
         self._busy = {}                 # handle -> when it was lent: see expire()
         self.timeouts = 0
@@ -87,7 +100,7 @@ class NbdBackend:
         return time.monotonic() >= self.down_until
 
     def _connect(self):
-        h = open_handle(self.uri, self.name)
+        h = open_handle(self.uri, self.name, timeout=self.connect_timeout)
         h.connection_fd = h.aio_get_fd()
         return h
 
@@ -106,23 +119,50 @@ class NbdBackend:
         return h
 
     def acquire(self):
-        """Lend a handle to the caller, who must `release()` it."""
+        """Lend a handle to the caller, who must `release()` it. Waits while every handle allowed
+        is lent."""
         if self._closed:
             raise BackendError(f"{self.name}: closed")
-        if self._single is not None:
-            self._single.acquire()
         try:
             h = self._idle.pop()           # list.pop/append are atomic under the GIL
         except IndexError:
-            try:
-                h = self._connect_with_backoff()
-            except BaseException:
-                if self._single is not None:
-                    self._single.release()
-                raise
-            with self._lock:
-                self._handles.add(h)
+            h = self._acquire_slow()
         self._busy[h] = time.monotonic()
+        return h
+
+    def _acquire_slow(self):
+        """No idle handle: connect a new one if the pool may grow, else wait for one to come back.
+
+        No wakeup is lost although release() appends without the lock: a waiter counts itself in
+        `_waiters` *before* it looks at the idle list, and release() looks at `_waiters` *after* it
+        appended, so either the waiter sees the handle or release() sees the waiter and notifies
+        (under the lock, which the waiter holds until it waits)."""
+        with self._lock:
+            self._waiters += 1
+            try:
+                while True:
+                    if self._closed:
+                        raise BackendError(f"{self.name}: closed")
+                    try:
+                        return self._idle.pop()
+                    except IndexError:
+                        pass
+                    if len(self._handles) + self._opening < self.max_handles:
+                        self._opening += 1
+                        break
+                    self._freed.wait()
+            finally:
+                self._waiters -= 1
+        try:
+            h = self._connect_with_backoff()
+        except BaseException:
+            with self._lock:
+                self._opening -= 1
+                self._freed.notify()        # the slot is free again: a waiter may try
+            raise
+        with self._lock:
+            self._opening -= 1
+            self._handles.add(h)
         return h
 
     def release(self, h, failed=False):
@@ -133,20 +173,28 @@ class NbdBackend:
         if self._closed or (failed and (h.aio_is_dead() or h.aio_is_closed())):
             with self._lock:
                 self._handles.discard(h)
+                self._freed.notify()        # a slot for a new connection
             _close_quietly(h)
         else:
             self._idle.append(h)
-        if self._single is not None:
-            self._single.release()
+            if self._waiters:
+                with self._lock:
+                    self._freed.notify()
 
     def expire(self, timeout):
-        """Cut the connection of every handle lent for longer than `timeout` seconds: a side that
+        """Cut the connection of every handle lent for `timeout` seconds or more: a side that
         stops answering (a hung server, a stalled network) would otherwise hold its requests, and
         the client's, forever. shutdown(2) makes the blocked libnbd call fail at once; the request
-        then fails on this side like any other error (and the degrade policy records it)."""
+        then fails on this side like any other error (and the degrade policy records it).
+
+        Returns the seconds until the next handle lent now would be due, so the caller can sleep
+        exactly that long (at most `timeout`: a handle lent after this call is due later)."""
         now = time.monotonic()
+        due = timeout
         for h, since in list(self._busy.items()):
-            if now - since > timeout:
+            if now - since < timeout:
+                due = min(due, since + timeout - now)
+            else:
                 try:
                     # The fd saved at connect: libnbd's own calls would wait for the handle's lock,
                     # which the stuck request holds. Holding `h` keeps the fd open meanwhile.
@@ -159,7 +207,8 @@ class NbdBackend:
                     continue
                 self._busy.pop(h, None)
                 self.timeouts += 1
-                log.error("%s: no answer for %.0f s, connection cut", self.name, now - since)
+                log.error("%s: no answer for %.1f s, connection cut", self.name, now - since)
+        return due
 
     # Verbs: what the data path asks of a side besides requests.
 
@@ -207,6 +256,7 @@ class NbdBackend:
     def _drop(self, h):
         with self._lock:
             self._handles.discard(h)
+            self._freed.notify()            # a slot for a new connection
         try:
             self._idle.remove(h)
         except ValueError:
@@ -218,6 +268,7 @@ class NbdBackend:
         self._closed = True
         with self._lock:
             handles, self._handles = self._handles, set()
+            self._freed.notify_all()        # waiters see `_closed` and give up
         self._idle.clear()
         for h in handles:
             _close_quietly(h)

@@ -32,6 +32,11 @@ log = logging.getLogger("mirrorfs")
 COPY_READ_MAX = 256 * 1024
 # Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
 SEQUENTIAL_WAIT_MAX = 128 * 1024
+# Zeroes and trims carry no payload: the advertised maximum (a payload limit, nbdkit's blocksize
+# filter's "maxdata" as against "maxlen") does not bind them, qemu-storage-daemon takes them at any
+# 32-bit length, and QEMU's own NBD client sends discards of up to 2 GiB, which pieces of 32 MiB would
+# turn into 64 round trips. They are split at this larger unit instead.
+MAX_EFFECT = 1 << 30
 # Latencies kept per side for status percentiles.
 LATENCY_SAMPLES = 2048
 
@@ -50,13 +55,17 @@ class SwitchRefused(Exception):
 
 
 class SideStats:
-    """Per-side counters for status: errors and recent latencies."""
+    """Per-side counters for status: errors, the last error, and recent latencies.
+
+    The last error (what, where, when) is kept because an operator looking at a failing side
+    needs the reason ("No space left on device"), not just a count; the log has every one."""
 
     def __init__(self, name):
         self.name = name
         self.errors = 0
         self.degraded = 0               # changes acknowledged without this side (degrade policy)
         self.latencies = collections.deque(maxlen=LATENCY_SAMPLES)   # append is atomic
+        self.last_error = None          # a dict, replaced whole (readers never see half of one)
         self._lock = threading.Lock()
         self._logged_at = 0.0
         self._unlogged = 0
@@ -65,6 +74,9 @@ class SideStats:
         """Count a failure and log it: every one, unless they come faster than one a second (a
         dead side would fill the log), then one a second with the number left out."""
         now = time.monotonic()
+        number = error_errno(exc)
+        self.last_error = {"op": op, "offset": offset, "length": length, "error": describe(exc),
+                           "errno": errno.errorcode.get(number, str(number)), "time": time.time()}
         with self._lock:
             self.errors += 1
             if now - self._logged_at < 1.0:
@@ -86,7 +98,7 @@ class SideStats:
         def pct(p):
             return round(recent[min(len(recent) - 1, int(len(recent) * p))] * 1000, 3) if recent else None
 
-        return {"errors": self.errors, "degraded": self.degraded,
+        return {"errors": self.errors, "degraded": self.degraded, "last_error": self.last_error,
                 "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0),
                                "samples": len(recent)}}
 
@@ -109,6 +121,11 @@ class Disk:
         self.ended = dirty.state.phase if dirty is not None and dirty.state is not None and \
             dirty.state.ended else None
         self._switching = threading.Lock()
+        # The largest request every side accepts (the maximum clients are told). nbdkit 1.32 does
+        # not enforce it on clients that did not negotiate block sizes; larger requests are split
+        # (see _change_in_pieces), and one comparison is all they cost a request of ordinary size.
+        self.max_request = self.block_size()[2]
+        self.max_effect = max(MAX_EFFECT, self.max_request)
 
     # Capabilities.
 
@@ -235,6 +252,8 @@ class Disk:
     # Reads.
 
     def pread(self, buf, offset):
+        if len(buf) > self.max_request:
+            return self._pread_in_pieces(buf, offset)
         self.inflight.enter("read")
         try:
             side = self.reader
@@ -281,6 +300,8 @@ class Disk:
     # in two forms, `start` (libnbd aio: returns a cookie) and `run` (synchronous).
 
     def pwrite(self, buf, offset, fua):
+        if len(buf) > self.max_request:
+            return self._pwrite_in_pieces(buf, offset, fua)
         flags = nbd.CMD_FLAG_FUA if fua else 0
         # One shared view of the client's buffer: no copy per side.
         data = nbd.Buffer.from_buffer(buf)
@@ -292,12 +313,22 @@ class Disk:
         flags = (0 if may_trim else nbd.CMD_FLAG_NO_HOLE) | (nbd.CMD_FLAG_FUA if fua else 0)
         if fast:
             flags |= nbd.CMD_FLAG_FAST_ZERO
+        if count > self.max_effect:
+            return self._change_in_pieces(
+                "zero", offset, count, lambda o, n: (lambda h: h.aio_zero(n, o, flags=flags),
+                                                     lambda h: h.zero(n, o, flags=flags)),
+                fast_zero=fast, step=self.max_effect)
         self._change("zero", offset, count,
                      lambda h: h.aio_zero(count, offset, flags=flags),
                      lambda h: h.zero(count, offset, flags=flags), fast_zero=fast)
 
     def trim(self, count, offset, fua):
         flags = nbd.CMD_FLAG_FUA if fua else 0
+        if count > self.max_effect:
+            return self._change_in_pieces(
+                "trim", offset, count, lambda o, n: (lambda h: h.aio_trim(n, o, flags=flags),
+                                                     lambda h: h.trim(n, o, flags=flags)),
+                step=self.max_effect)
         self._change("trim", offset, count,
                      lambda h: h.aio_trim(count, offset, flags=flags),
                      lambda h: h.trim(count, offset, flags=flags))
@@ -322,6 +353,54 @@ class Disk:
                     failures = self._finish_fast_zero(offset, length, failures)
             finally:
                 # Anything short of success on every side may leave the sides different.
+                self.dirty.after_change(intent, both_sides=not failures)
+            if failures:
+                self._settle(op, offset, length, failures)
+        finally:
+            self.inflight.leave(token)
+
+    # Requests larger than the sides accept (max_request; max_effect for zero and trim): split into
+    # pieces they accept. A change
+    # holds one range lock and one write intent over the whole of it, so no other change gets in
+    # between its pieces on either side, and the client's request completes once, after the last.
+
+    def _pieces(self, offset, length, step):
+        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+
+    def _pwrite_in_pieces(self, buf, offset, fua):
+        flags = nbd.CMD_FLAG_FUA if fua else 0
+        view = memoryview(buf)
+
+        def commands(o, n):
+            piece = view[o - offset:o - offset + n]
+            data = nbd.Buffer.from_buffer(piece)
+            return (lambda h: h.aio_pwrite(data, o, flags=flags),
+                    lambda h: h.pwrite(piece, o, flags=flags))
+        self._change_in_pieces("write", offset, len(buf), commands, step=self.max_request)
+
+    def _pread_in_pieces(self, buf, offset):
+        view = memoryview(buf)
+        for o, n in self._pieces(offset, len(buf), self.max_request):
+            self.pread(view[o - offset:o - offset + n], o)
+
+    def _change_in_pieces(self, op, offset, length, commands, step, fast_zero=False):
+        """`_change` for a request larger than max_request; `commands(offset, length)` returns the
+        (start, run) pair of one piece. After the read side failed a piece, the rest is not sent:
+        the request fails anyway, and the region is marked as possibly different."""
+        token = self.inflight.enter_range(op, offset, offset + length)
+        try:
+            intent = self.dirty.before_change(offset, offset + length)
+            failures = []
+            try:
+                for o, n in self._pieces(offset, length, step):
+                    start, run = commands(o, n)
+                    failed = self._on_every_side(op, o, n, start, run)
+                    if fast_zero and failed:
+                        failed = self._finish_fast_zero(o, n, failed)
+                    failures += failed
+                    if any(side is self.reader for side, _ in failed):
+                        break
+            finally:
                 self.dirty.after_change(intent, both_sides=not failures)
             if failures:
                 self._settle(op, offset, length, failures)

@@ -41,6 +41,7 @@ class DataPathOptions:
     region: int = DEFAULT_REGION
     granularity: int = LOCK_GRANULARITY
     io_timeout: float = DEFAULT_IO_TIMEOUT
+    parent: int | None = None           # the supervisor's pid: the data path ends with it (lifeline)
 
     def __post_init__(self):
         problem = self.problem()
@@ -96,7 +97,8 @@ class DataPathOptions:
         """The same disk served from one side alone (after a switch or a cancel): nothing to mirror,
         copy or keep."""
         return DataPathOptions(source=uri, source_label=label, control=self.control,
-                               granularity=self.granularity, io_timeout=self.io_timeout)
+                               granularity=self.granularity, io_timeout=self.io_timeout,
+                               parent=self.parent)
 
 
-_KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float}
+_KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int}

@@ -10,6 +10,8 @@ The control socket (the supervisor is its only client) takes:
     {"cmd": "switch", "to": "source", "end": "cancelled"}
     {"cmd": "quiesce"}                                  before the process stops
 
+When the supervisor dies (`parent`), the data path ends itself the same way (see lifeline).
+
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
 
@@ -19,7 +21,7 @@ import socket
 import threading
 import time
 
-from mirrorfs.datapath import jsonlines
+from mirrorfs.datapath import jsonlines, lifeline
 from mirrorfs.datapath.backend import BackendError, NbdBackend
 from mirrorfs.datapath.copier import Copier
 from mirrorfs.datapath.dirtymap import DirtyMap
@@ -30,9 +32,7 @@ from mirrorfs.datapath.state import ENDS, State, StateError
 
 log = logging.getLogger("mirrorfs")
 
-# How often the watchdog looks for a mirror side's request that waits too long: a fraction of the
-# timeout, so that a request is cut within about a tenth of it past the limit.
-WATCH_FRACTION = 0.1
+WATCH_MIN = 0.02                # the watchdog's shortest sleep, seconds
 
 
 class DataPath:
@@ -56,6 +56,11 @@ class DataPath:
             dest = NbdBackend(o.dest, "destination") if o.dest else None
         except BackendError as e:
             raise RuntimeError(str(e)) from None
+        timeout = o.io_timeout
+        if dest is not None and timeout > 0:
+            # Reconnecting to a destination that stopped answering is bounded like its requests:
+            # a client's write must not wait the full connect timeout after its cut.
+            dest.connect_timeout = min(dest.connect_timeout, timeout)
         if dest is not None and dest.size < source.size:
             raise RuntimeError(f"destination is smaller than source ({dest.size} < {source.size} bytes)")
         state = self._state(source) if o.state and dest is not None else None
@@ -105,18 +110,28 @@ class DataPath:
         if timeout > 0 and self.disk.dest is not None:
             threading.Thread(target=self._watch, args=(timeout,), name="request watchdog",
                              daemon=True).start()
+        if self.options.parent is not None:
+            lifeline.watch(self.options.parent, self._orphaned)
+
+    def _orphaned(self):
+        """The supervisor died: what it would have done before stopping nbdkit (quiesce)."""
+        if self.disk is not None:
+            self.disk.quiesce(timeout=2.0)
 
     def _watch(self, timeout):
-        """Every tenth of the timeout (at most a second apart): cut the connections of a mirror side
-        whose request has waited too long, so that no request waits much past the timeout.
-        Only mirror sides: a handle of the authoritative side is lent for the whole request, so it
-        looks as old as the slowest side; and a slow source is what the client would wait for
-        without mirrorfs too."""
+        """Cut the connections of a mirror side whose request has waited `timeout` seconds, waking
+        when the oldest request falls due rather than on a fixed period (once a second let a
+        request wait up to a second more, and more than that after a cut). Only mirror sides: a
+        handle of the authoritative side is lent for the whole request, so it looks as old as the
+        slowest side; and a slow source is what the client would wait for without mirrorfs too."""
         while True:
-            time.sleep(max(0.05, min(1.0, timeout * WATCH_FRACTION)))
+            due = timeout
             for side in self.disk.writers:
                 if side is not self.disk.reader:
-                    side.expire(timeout)
+                    due = min(due, side.expire(timeout))
+            # Not less than WATCH_MIN: a handle due "now" is cut in this pass, and a busy side
+            # must not turn the watchdog into a spinning thread that competes for the GIL.
+            time.sleep(max(due, WATCH_MIN))
 
     def status(self):
         status = self.disk.status()
