@@ -14,6 +14,7 @@ systemd: each is started in the foreground (-f) as our child, with SIGTERM from 
 Clients need the configuration: `conf=` in an `rbd:` spec, or CEPH_CONF (`cluster.env`).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,10 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 mon warn on pool no redundancy = false
 mon warn on insecure global id reclaim allowed = false
+# Pool usage reaches the monitor every `mgr stats period` and quotas are checked every tick (5 s
+# each by default): a test of a full pool should not wait for them.
+mgr stats period = 1
+mon tick interval = 1
 auth allow insecure global id reclaim = false
 # The host disk may be under 30 % free: the default warning would keep the cluster in HEALTH_WARN.
 mon data avail warn = 1
@@ -138,6 +143,17 @@ class CephCluster:
 
     def rbd(self, *args, timeout=60):
         return self.run("rbd", "-c", self.conf, *args, timeout=timeout).stdout
+
+    def digest(self, image, pool=POOL):
+        """SHA-256 of an image's whole content (rbd export), to show that nothing changed it."""
+        res = subprocess.run(["rbd", "-c", str(self.conf), "export", f"{pool}/{image}", "-"],
+                             capture_output=True, env=self.env, stdin=subprocess.DEVNULL, timeout=120)
+        if res.returncode != 0:
+            raise CephError(f"rbd export {pool}/{image} failed: {res.stderr.decode().strip()}")
+        return hashlib.sha256(res.stdout).hexdigest()
+
+    def pids(self):
+        return {child.pid for child in self.daemons.values() if child.alive()}
 
     # Start and stop.
 
