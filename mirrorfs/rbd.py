@@ -25,6 +25,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from mirrorfs import processes
 from mirrorfs.errors import ImageError, UsageError
 
 PREFIX = "rbd:"
@@ -135,16 +136,22 @@ def probe(label, image):
     answer, do the pool and the image exist, may we use them, how large is it. Returns the image
     with its size; raises ImageError with one line."""
     argv = ["qemu-img", "info", "--output=json", image.spec]
+    limit = 3 * MON_TIMEOUT + 10
     try:
-        # qemu-img is bounded by MON_TIMEOUT through CEPH_ARGS; this is the backstop should a
-        # library ignore it.
-        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                             env=environment(), timeout=3 * MON_TIMEOUT + 10)
+        # Forked like every child of ours (processes.popen: SIGTERM when we die): a read that
+        # RADOS holds (an OSD gone) must not outlive a mirrorfs that was killed meanwhile.
+        proc = processes.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL, env=environment())
     except FileNotFoundError:
         raise ImageError("qemu-img is not installed (run 'make setup')") from None
+    try:
+        # qemu-img's monitor waits are bounded by CEPH_ARGS; this bounds the rest.
+        stdout, stderr = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        raise ImageError(f"{label} {image}: no answer from the cluster in {3 * MON_TIMEOUT + 10}s") \
-            from None
+        proc.kill()
+        proc.communicate()
+        raise ImageError(f"{label} {image}: no answer from the cluster in {limit}s") from None
+    res = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     if res.returncode != 0:
         lines = [line.strip() for line in res.stderr.splitlines() if line.startswith("qemu-img:")]
         message = lines[-1].removeprefix("qemu-img: ") if lines else f"exit status {res.returncode}"
