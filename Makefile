@@ -8,6 +8,10 @@ DEB_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils
 # (busybox, mkfs.ext4, nbd-client); e2fsck/debugfs check its file system; psktool and openssl make
 # the TLS tests' keys. Installed without recommends: qemu-system-x86 would bring a desktop.
 GUEST_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static nbd-client e2fsprogs gnutls-bin openssl
+# Ceph (tests/ceph.py: a one-node cluster without systemd, for tests/test_ceph.py and the remote
+# bench), and QEMU's rbd driver, which mirrorfs's storage daemons use for rbd: SOURCE and DEST.
+# Without recommends: ceph-mgr's would bring the dashboard and its Python stack.
+CEPH_PACKAGES := ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -19,15 +23,15 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@missing() { for p in "$$@"; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 	    | grep -q 'install ok installed' || echo $$p; done; }; \
-	main=$$(missing $(DEB_PACKAGES)); guest=$$(missing $(GUEST_PACKAGES)); \
-	if [ -n "$$main$$guest" ]; then \
-	    echo "installing Debian packages:" $$main $$guest; \
+	main=$$(missing $(DEB_PACKAGES)); norec=$$(missing $(GUEST_PACKAGES) $(CEPH_PACKAGES)); \
+	if [ -n "$$main$$norec" ]; then \
+	    echo "installing Debian packages:" $$main $$norec; \
 	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	    $$SUDO apt-get update -q || exit 1; \
 	    if [ -n "$$main" ]; then \
 	        DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$main || exit 1; fi; \
-	    if [ -n "$$guest" ]; then DEBIAN_FRONTEND=noninteractive \
-	        $$SUDO apt-get install -y -q --no-install-recommends $$guest || exit 1; fi; \
+	    if [ -n "$$norec" ]; then DEBIAN_FRONTEND=noninteractive \
+	        $$SUDO apt-get install -y -q --no-install-recommends $$norec || exit 1; fi; \
 	fi
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
@@ -44,6 +48,7 @@ demo: setup
 
 bench: setup
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) scripts/bench_remote.py $(BENCH_REMOTE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

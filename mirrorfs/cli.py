@@ -92,7 +92,8 @@ def build_parser():
         "serve", help="serve SOURCE, mirroring every change to DEST",
         description="Serve one disk over NBD: reads come from SOURCE; writes, zeroes and trims go to "
                     "SOURCE and DEST and complete when both have them. SOURCE and DEST are image files "
-                    "(raw or qcow2, backing chains followed) or NBD URIs. Runs until SIGINT/SIGTERM.")
+                    "(raw or qcow2, backing chains followed), RBD images "
+                    "(rbd:POOL/IMAGE[:conf=FILE][:id=USER]) or NBD URIs. Runs until SIGINT/SIGTERM.")
     serve.add_argument("source", metavar="SOURCE")
     serve.add_argument("dest", metavar="DEST", nargs="?")
     serve.add_argument("--socket", metavar="PATH", help="serve on this unix socket (mode 0600)")

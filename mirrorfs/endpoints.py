@@ -1,7 +1,8 @@
-"""SOURCE and DEST as a user names them: an image file, or the URI of any NBD server.
+"""SOURCE and DEST as a user names them: an image file, an RBD image, or the URI of any NBD server.
 
-An image file is probed with qemu-img (format, size, backing chain) and later exported by a
-qemu-storage-daemon that mirrorfs owns; a URI is used as it is. Either way the data path only sees an
+An image file or an RBD image (`rbd:POOL/IMAGE...`, mirrorfs/rbd.py) is probed with qemu-img
+(format, size, backing chain) and later exported by a qemu-storage-daemon that mirrorfs owns; a URI
+is used as it is. Either way the data path only sees an
 NBD URI.
 """
 
@@ -9,9 +10,8 @@ import os
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-import nbd
 
-from mirrorfs import access, images
+from mirrorfs import access, images, rbd
 from mirrorfs.datapath import backend
 from mirrorfs.errors import BackendError, UsageError
 
@@ -42,6 +42,9 @@ def resolve(label, spec, writable=True):
     if is_uri(spec):
         _check_tls_files(label, spec)
         return Endpoint(label, spec, uri=spec)
+    if rbd.is_spec(spec):
+        image = rbd.probe(label, rbd.parse(label, spec))
+        return Endpoint(label, spec, image=image, size=image.virtual_size)
     if "://" in spec:
         raise UsageError(f"{label} {spec!r}: unsupported URI scheme (expected one of "
                          f"{', '.join(s.rstrip('/:') for s in URI_SCHEMES[:4])})")

@@ -45,6 +45,12 @@ def _run(argv, what, pass_fds=()):
 def info(path):
     """Probe an image file and its backing chain. Fails if any file in the chain is missing."""
     path = Path(path)
+    if "rbd:" in str(path) and not path.exists():
+        # Only `serve` takes RBD images (mirrorfs/rbd.py); the overlay workflow is built on qcow2
+        # files and their backing chains. (`start` has made the spec an absolute path by now.)
+        spec = str(path)[str(path).index("rbd:"):]
+        raise ImageError(f"{spec}: an RBD image, not a file; to move a disk to or from Ceph use "
+                         "'mirrorfs serve --copy full SOURCE DEST' (README: Moving a disk to Ceph)")
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_dir():

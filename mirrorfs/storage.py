@@ -24,7 +24,7 @@ from pathlib import Path
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from mirrorfs import sockets
+from mirrorfs import rbd, sockets
 from mirrorfs.errors import ImageError, ProcessError
 from mirrorfs.processes import Child
 
@@ -52,6 +52,8 @@ def cache_mode(image, requested="auto"):
         raise ValueError(f"cache mode {requested!r}: expected one of {', '.join(CACHE_MODES)}")
     if requested != "auto":
         return requested
+    if isinstance(image, rbd.RbdImage):
+        return "none"       # no host page cache on the way; librbd's own cache off (rbd.file_node)
     return "none" if all(direct_io_supported(p) for p in image.chain) else "writeback"
 
 
@@ -86,7 +88,8 @@ class StorageDaemon:
         self.qmp_socket = rundir / f"{name}.qmp"
         self._child = Child(
             f"qemu-storage-daemon ({name}: {image.path})", [], rundir / f"{name}.log",
-            pidfile=rundir / f"{name}.pid")
+            pidfile=rundir / f"{name}.pid",
+            env=rbd.environment() if isinstance(image, rbd.RbdImage) else None)
 
     @property
     def uri(self):
@@ -95,8 +98,11 @@ class StorageDaemon:
     def _blockdevs(self):
         # Both layers named, so that QMP can later reopen the image node with another backing.
         # discard=unmap on both so a client's trim really deallocates, identically on both sides.
-        image_file = file_node(self.image.path, self.cache, **{
-            "node-name": FILE_NODE, "discard": "unmap", "read-only": self.readonly})
+        options = {"node-name": FILE_NODE, "discard": "unmap", "read-only": self.readonly}
+        if isinstance(self.image, rbd.RbdImage):
+            image_file = rbd.file_node(self.image, self.cache, **options)
+        else:
+            image_file = file_node(self.image.path, self.cache, **options)
         node = {"driver": self.image.format, "node-name": NODE, "file": FILE_NODE,
                 "discard": "unmap", "read-only": self.readonly, **format_options(self.cache)}
         return ["--blockdev", json.dumps(image_file), "--blockdev", json.dumps(node)]

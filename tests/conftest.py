@@ -16,16 +16,23 @@ from pathlib import Path
 import psutil
 import pytest
 
+import ceph
+
 MIRRORFS = [sys.executable, "-m", "mirrorfs"]
 CHILD_NAMES = ("nbdkit", "qemu-storage-daemon", "qemu-nbd")
 REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "fio",
                   # the guest tests (QEMU, checking the guest's file system) and the TLS tests' keys
-                  "qemu-system-x86_64", "e2fsck", "debugfs", "psktool", "openssl")
+                  "qemu-system-x86_64", "e2fsck", "debugfs", "psktool", "openssl",
+                  # the Ceph tests' cluster (tests/ceph.py)
+                  *ceph.TOOLS)
 
 
 def pytest_sessionstart(session):
     # A missing prerequisite is an error, not a silent skip.
     missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    formats = subprocess.run(["qemu-img", "--help"], capture_output=True, text=True).stdout
+    if " rbd " not in formats:
+        missing.append("QEMU's rbd block driver (qemu-block-extra)")
     if missing:
         raise pytest.UsageError(f"missing tools: {', '.join(missing)} (run 'make setup')")
 
@@ -136,14 +143,37 @@ def our_processes(marker):
     return found
 
 
+# The Ceph cluster of the session, if a test asked for one: its daemons outlive every test (one
+# restarts the OSD), and are stopped when the session ends.
+_clusters = []
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():
+    """One Ceph cluster for every test of the session that needs it (about 15-20 s to start)."""
+    root = Path(tempfile.mkdtemp(prefix="mfsceph-", dir="/tmp"))
+    cluster = ceph.CephCluster(root)
+    try:
+        cluster.start()
+        _clusters.append(cluster)
+        yield cluster
+    finally:
+        cluster.stop()
+        if cluster in _clusters:
+            _clusters.remove(cluster)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_processes(workdir):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
     deadline = time.monotonic() + 5
     while True:
+        cluster_pids = {pid for c in _clusters for pid in c.pids()}
         leaked = [p for p in psutil.Process().children(recursive=True)
-                  if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+                  if p.pid not in before and p.pid not in cluster_pids and p.is_running()
+                  and p.status() != psutil.STATUS_ZOMBIE]
         leaked += [p for p in our_processes(str(workdir)) if p not in leaked]
         if not leaked or time.monotonic() > deadline:
             break

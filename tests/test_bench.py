@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import run
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
@@ -24,3 +26,21 @@ def test_quick_bench_measures_every_target():
     assert report["copy"]["nbdcopy"]["mbps"] > 0
     assert report["switch"]["probe_around_switch"]["requests"] > 0
     assert set(report["rss"]) == {"64 MiB", "1 TiB sparse"}
+
+
+REMOTE = Path(__file__).resolve().parent.parent / "scripts" / "bench_remote.py"
+
+
+@pytest.mark.ceph
+def test_quick_remote_bench_measures_both_mirrors_on_both_remotes():
+    """`scripts/bench_remote.py --quick --json`: a delayed NBD export and an RBD image on the
+    script's own one-node cluster, both mirrors, and both copies."""
+    res = run(sys.executable, REMOTE, "--quick", "--json", check=False, timeout=600)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["errors"] == []
+    for remote in ("nbd-1ms", "rbd"):
+        for target in ("mirrorfs", "qemu-mirror"):
+            rows = report["results"][remote][target]
+            assert len(rows) == 3 and all(r["iops"] > 0 for r in rows.values()), rows
+        assert set(report["copy"][remote]) == {"mirrorfs serve --copy full", "qemu-img convert -n"}

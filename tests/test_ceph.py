@@ -1,0 +1,261 @@
+"""A disk moves to Ceph and back (issue #13): `rbd:` SOURCE and DEST against a real one-node cluster
+(tests/ceph.py, the session's `ceph_cluster`), bad input on the Ceph side, an OSD that goes away
+during the copy, and a pool that fills up. Bytes are compared with qemu-img compare on the `rbd:`
+specs; nothing here reads mirrorfs's logs to decide whether data arrived."""
+
+import json
+import os
+import subprocess
+import time
+
+import nbd
+import pytest
+
+from conftest import MIRRORFS, MiB, images_identical, our_processes, qemu_io, run, sha256
+from readme import check_commands
+from test_bad_input import snapshot
+
+pytestmark = pytest.mark.ceph
+
+SIZE = 64 * MiB
+
+
+def make_source(path, size=SIZE, every=2):
+    """A qcow2 with a pattern in every `every`-th MiB of its first half (0x30, 0x31, ...)."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, str(size))
+    qemu_io(path, *[f"write -P {0x30 + i % 0x40} {i * every * MiB} {MiB}"
+                    for i in range(size // (2 * every * MiB))], fmt="qcow2")
+    return path
+
+
+def status(control):
+    return json.loads(run(*MIRRORFS, "status", "--json", "--control", control).stdout)
+
+
+def wait_for(control, done, what, timeout=90):
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(control)
+        if done(s):
+            return s
+        assert time.monotonic() < deadline, f"never {what}: {s}"
+        time.sleep(0.2)
+
+
+def synchronized(control, timeout=90):
+    return wait_for(control, lambda s: s["phase"] == "synchronized", "synchronized", timeout)
+
+
+def write(uri, *writes):
+    """(offset, length, byte) writes through the served disk, as a client would."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for offset, length, byte in writes:
+        h.pwrite(bytes([byte]) * length, offset)
+    h.flush()
+    h.shutdown()
+
+
+def apply(image, *writes, fmt="qcow2"):
+    """The same writes on an image file, to build the content the other side must now have."""
+    qemu_io(image, *[f"write -P {byte} {offset} {length}" for offset, length, byte in writes],
+            fmt=fmt)
+
+
+def mirrorfs_argv(argv):
+    argv = [str(a) for a in argv]
+    return ["mirrorfs", *argv[len(MIRRORFS):]] if argv[:len(MIRRORFS)] == MIRRORFS else argv
+
+
+# The README's section, as it is written.
+
+def test_a_disk_moves_to_ceph_and_back(ceph_cluster, workdir, serve, monkeypatch):
+    # The README relies on librados's default configuration; here that is CEPH_CONF.
+    monkeypatch.setenv("CEPH_CONF", str(ceph_cluster.conf))
+    disk_file = make_source(workdir / "disk.qcow2")
+    ran = []
+
+    create = ["rbd", "create", "--size", "64M", "rbd/vm1"]
+    run(*create)
+    served = serve("--copy", "full", "--state-dir", workdir / "state", "--rate", "32M",
+                   disk_file, "rbd:rbd/vm1", name="vm1")
+    during = [(3 * MiB + 512, 8192, 0x61), (40 * MiB, MiB, 0x62)]
+    write(served.uri, *during)                    # while the copier runs (2 s at 32M/s)
+    status_cmd = [*MIRRORFS, "status", "--json", "--control", served.control]
+    s = synchronized(served.control)
+    assert json.loads(run(*status_cmd).stdout)["phase"] == "synchronized"
+    pivot = [*MIRRORFS, "pivot", "--control", served.control]
+    assert "switched" in run(*pivot).stdout
+    after = [(5 * MiB, 4096, 0x63), (63 * MiB, MiB, 0x64)]
+    write(served.uri, *after)                     # only the RBD image has these now
+    assert served.stop() == 0
+    assert s["datapath"]["requests"].get("write", 0) >= 2
+    ran += [create, served.argv, status_cmd, pivot]
+
+    apply(disk_file, *after)                      # `during` reached both sides through mirrorfs
+    same, detail = images_identical(disk_file, "rbd:rbd/vm1")
+    assert same, detail
+
+    # And back: the RBD image is the source, a new qcow2 file the destination.
+    back = workdir / "back" / "disk.qcow2"
+    back.parent.mkdir()
+    create_back = ["qemu-img", "create", "-f", "qcow2", back, "64M"]
+    run(*create_back)
+    served = serve("--copy", "full", "rbd:rbd/vm1", back, name="vm1")
+    synchronized(served.control)
+    pivot_back = [*MIRRORFS, "pivot", "--control", served.control]
+    assert "switched" in run(*pivot_back).stdout
+    assert served.stop() == 0
+    ran += [create_back, served.argv, pivot_back]
+    same, detail = images_identical(disk_file, back)
+    assert same, detail
+
+    check_commands("Moving a disk to Ceph", {
+        "/srv/vm1/disk.qcow2": str(disk_file), "/var/lib/mirrorfs/vm1": str(workdir / "state"),
+        "/run/vm1.sock": str(workdir / "vm1.sock"), "/srv/back": str(back.parent), "10G": "64M",
+        "500M": "32M"}, [mirrorfs_argv(a) for a in ran])
+
+
+def test_rbd_specs_with_conf_and_id(ceph_cluster, workdir, serve):
+    """conf= and id= in the spec, no CEPH_CONF: RBD on both sides, the copy and a pivot."""
+    for name in ("pair-src", "pair-dst"):
+        ceph_cluster.rbd("create", "--size", "64M", f"rbd/{name}")
+    source = f"{ceph_cluster.spec('pair-src')}:id=admin"
+    dest = f"{ceph_cluster.spec('pair-dst')}:id=admin"
+    assert "CEPH_CONF" not in os.environ
+    qemu_io(source, "write -P 0x71 0 3M", "write -P 0x72 20M 1M")
+    served = serve("--copy", "full", source, dest)
+    synchronized(served.control)
+    write(served.uri, (2 * MiB, 4096, 0x73))
+    assert "switched" in run(*MIRRORFS, "pivot", "--control", served.control).stdout
+    assert served.stop() == 0
+    qemu_io(source, "write -P 0x73 2M 4k")
+    same, detail = images_identical(source, dest)
+    assert same, detail
+
+
+# Bad input on the Ceph side: one line, non-zero exit, nothing changed, nothing left running.
+
+@pytest.fixture(scope="module")
+def bad_input_images(ceph_cluster):
+    ceph_cluster.rbd("create", "--size", "32M", "rbd/small")
+    ceph_cluster.rbd("create", "--size", "64M", "rbd/fine")
+    # client.bob has a keyring, but not the key the cluster knows (it knows no bob at all).
+    ceph_cluster.run("ceph-authtool", "--create-keyring",
+                     ceph_cluster.root / "keyrings" / "client.bob.keyring", "--gen-key",
+                     "-n", "client.bob")
+    # A configuration whose monitor address nobody answers on.
+    dead = ceph_cluster.root / "dead.conf"
+    dead.write_text(ceph_cluster.conf.read_text().replace(f":{ceph_cluster.port}", ":9"))
+    return {"small": "small", "fine": "fine", "dead": dead}
+
+
+BAD_RBD = {
+    "missing_pool": (lambda c, i: f"rbd:nopool/fine:conf={c.conf}",
+                     "pool nopool does not exist"),
+    "missing_image": (lambda c, i: c.spec("nothing"), "image rbd/nothing does not exist"),
+    "wrong_key": (lambda c, i: f"{c.spec('fine')}:id=bob",
+                  "the cluster refused the credentials of client.bob"),
+    "no_keyring": (lambda c, i: f"{c.spec('fine')}:id=carol", "no keyring for client.carol"),
+    "dest_smaller": (lambda c, i: c.spec("small"), "is smaller than source"),
+    "monitor_unreachable": (lambda c, i: f"rbd:rbd/fine:conf={i['dead']}",
+                            "no Ceph monitor answered in 10s"),
+    "conf_missing": (lambda c, i: "rbd:rbd/fine:conf=/nonexistent/ceph.conf", "no such file"),
+    "bad_spec": (lambda c, i: "rbd:fine", "expected rbd:POOL/IMAGE"),
+    "unknown_option": (lambda c, i: f"{c.spec('fine')}:mon_host=1.2.3.4",
+                       "unknown or empty option 'mon_host=1.2.3.4'"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_RBD)
+def test_bad_rbd_destination(name, ceph_cluster, bad_input_images, workdir):
+    build, expect = BAD_RBD[name]
+    dest = build(ceph_cluster, bad_input_images)
+    source = make_source(workdir / "src.qcow2")
+    digests = {i: ceph_cluster.digest(i) for i in ("small", "fine")}
+    before = snapshot(workdir)
+    env = dict(os.environ, XDG_RUNTIME_DIR=os.fspath(workdir))
+    started = time.monotonic()
+    res = subprocess.run([*MIRRORFS, "serve", "--copy", "full", str(source), dest,
+                          "--socket", str(workdir / "d.sock")], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, env=env, timeout=60)
+    elapsed = time.monotonic() - started
+    err = res.stderr
+    assert res.returncode > 0 and "Traceback" not in err, err
+    assert err.startswith("mirrorfs: error: ") and err.count("\n") == 1, f"not one line: {err!r}"
+    assert expect in err, err
+    # The monitor's wait is bounded (rbd.MON_TIMEOUT, 10 s): well under librados's 300 s.
+    assert elapsed < 30, f"took {elapsed:.1f}s"
+    assert not our_processes(os.fspath(workdir))
+    assert snapshot(workdir) == before
+    assert {i: ceph_cluster.digest(i) for i in digests} == digests
+
+
+def test_start_refuses_rbd_with_the_command_to_use(ceph_cluster, workdir):
+    res = run(*MIRRORFS, "start", ceph_cluster.spec("fine"), "--dest-dir", workdir,
+              "--socket", workdir / "d.sock", check=False)
+    assert res.returncode > 0 and res.stderr.count("\n") == 1, res.stderr
+    assert "mirrorfs serve --copy full" in res.stderr
+
+
+# Faults of the Ceph side during the copy.
+
+def test_osd_stopped_during_the_copy_degrades_then_resyncs(ceph_cluster, workdir, serve):
+    source = make_source(workdir / "src.qcow2", every=1)
+    ceph_cluster.rbd("create", "--size", "64M", "rbd/osd-gone")
+    dest = ceph_cluster.spec("osd-gone")
+    served = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
+                   "--on-dest-error", "degrade", "--io-timeout", "2", "--rate", "16M",
+                   source, dest)
+    writes = []
+    try:
+        time.sleep(0.5)
+        ceph_cluster.stop_osd()           # RADOS now holds every write to the pool
+        for i in range(4):                # each waits for --io-timeout, then is recorded
+            w = (i * 7 * MiB + 4096, 65536, 0x41 + i)
+            write(served.uri, w)
+            writes.append(w)
+        s = wait_for(served.control,
+                     lambda s: s["datapath"]["sides"]["destination"]["errors"] > 0,
+                     "a destination error")
+        assert s["phase"] == "copying"
+        assert s["datapath"]["sides"]["destination"]["degraded"] > 0
+    finally:
+        if "osd.0" not in ceph_cluster.daemons:
+            ceph_cluster.start_osd()
+    synchronized(served.control, timeout=120)
+    assert served.stop() == 0
+    same, detail = images_identical(source, dest)
+    assert same, detail
+
+
+def test_full_pool_degrades_then_resyncs_when_the_quota_is_raised(ceph_cluster, workdir, serve):
+    """A pool at its quota does not fail writes: RADOS holds them until there is room (a Ceph client
+    never sees ENOSPC for a full pool). So what reaches mirrorfs is a destination that stops
+    answering: --io-timeout cuts it, the regions are recorded, and the copy resumes once the pool
+    has room again."""
+    ceph_cluster.ceph("osd", "pool", "create", "quota", "8")
+    ceph_cluster.rbd("pool", "init", "quota")
+    ceph_cluster.rbd("create", "--size", "64M", "quota/full")
+    # The pool fills during the copy. (Full before mirrorfs starts, the storage daemon could not
+    # even open the image: librbd's watch on the image header is a write, held like the others.)
+    ceph_cluster.ceph("osd", "pool", "set-quota", "quota", "max_bytes", str(8 * MiB))
+    dest = ceph_cluster.spec("full", pool="quota")
+    source = make_source(workdir / "src.qcow2", every=1)
+    served = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
+                   "--io-timeout", "2", "--rate", "4M", source, dest)    # 32 MiB of data: 8 s
+    try:
+        # The copier's writes are the first to be held: cut after --io-timeout, counted as the
+        # side's timeouts and the copy's failures, and retried with backoff.
+        s = wait_for(served.control,
+                     lambda s: s["datapath"]["sides"]["destination"]["timeouts"] > 0,
+                     "a destination timeout", timeout=60)
+        assert s["phase"] == "copying" and s["datapath"]["copy"]["failures"] > 0
+        write(served.uri, (50 * MiB, MiB, 0x5f))            # the client is not held by the full pool
+        assert "POOL_FULL" in ceph_cluster.ceph("health", "detail")
+    finally:
+        ceph_cluster.ceph("osd", "pool", "set-quota", "quota", "max_bytes", "0")
+    synchronized(served.control, timeout=120)
+    assert served.stop() == 0
+    same, detail = images_identical(source, dest)
+    assert same, detail
