@@ -58,7 +58,7 @@ class Child:
     """One child process. `start()` and `stop()` are safe to call more than once."""
 
     def __init__(self, name, argv, log_path, pidfile=None, pass_fds=(), child_setup=None,
-                 pdeathsig=signal.SIGTERM):
+                 pdeathsig=signal.SIGTERM, env=None):
         """`child_setup` runs in the child just before exec (after fork): for fd and environment
         set-up that needs the child's own pid. subprocess closes stray fds only *after* it runs, so
         with a `child_setup` we keep inheritable fds instead (Python opens every fd close-on-exec,
@@ -70,6 +70,7 @@ class Child:
         self.pass_fds = tuple(pass_fds)
         self.child_setup = child_setup
         self.pdeathsig = pdeathsig
+        self.env = env                  # None: ours (an RBD side adds librados's timeouts)
         self.proc = None
         self.stopping = False           # stop() was called: an exit from now on is expected
 
@@ -86,7 +87,7 @@ class Child:
             try:
                 self.proc = popen(
                     self.argv, child_setup=self.child_setup, pdeathsig=self.pdeathsig,
-                    stdin=subprocess.DEVNULL, stdout=log,
+                    stdin=subprocess.DEVNULL, stdout=log, env=self.env,
                     stderr=log, pass_fds=self.pass_fds,
                     close_fds=self.child_setup is None)
             except OSError as e:

@@ -219,7 +219,9 @@ class ProcessTree:
         exit at all. Killed, it drops every connection; the held requests stay unanswered and the
         client sends them again to whatever serves the socket next. Nothing is lost: every request
         that reached a side was finished and flushed before the kill.
-        If the data path cannot be quiesced (it is hung, or already gone), SIGTERM it is."""
+        If the data path cannot be quiesced (it is hung, or a side is gone), it is killed all the
+        same (nbdkit ignores SIGTERM, see mirrorfs.datapath.callbacks): a request that reached one
+        side only is then covered by the write intent, with a state directory."""
         if self.nbdkit.alive():
             try:
                 self.datapath("quiesce")
@@ -227,8 +229,6 @@ class ProcessTree:
                 self.final_status = self.datapath("status")["status"]
             except jsonlines.ControlError as e:
                 log.warning("could not quiesce the data path before stopping: %s", e)
-                self.nbdkit.stop(timeout=10)
-                return
         self.nbdkit.stop(timeout=10, sig=signal.SIGKILL)
 
     def _retire_daemon(self, side):

@@ -6,6 +6,7 @@ these functions by name, so this module holds the only state nbdkit needs betwee
 """
 
 import logging
+import signal
 import sys
 
 import nbdkit
@@ -38,6 +39,11 @@ def config(key, value):
 def config_complete():
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="mirrorfs[nbdkit]: %(levelname)s: %(message)s")
+    # nbdkit ends only by its supervisor's SIGKILL once the data path is quiesced, or by the
+    # lifeline when the supervisor is gone. SIGTERM, which nbdkit also asks the kernel for when its
+    # parent dies, would make nbdkit answer the requests it holds with ESHUTDOWN: a reconnecting
+    # client passes that to its guest, where an unanswered request is simply sent again.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _plugin.check()
 
 

@@ -37,8 +37,23 @@ SEQUENTIAL_WAIT_MAX = 128 * 1024
 # 32-bit length, and QEMU's own NBD client sends discards of up to 2 GiB, which pieces of 32 MiB would
 # turn into 64 round trips. They are split at this larger unit instead.
 MAX_EFFECT = 1 << 30
+# A request whose authoritative side lost its connection (not: refused the request) is sent again on
+# a new connection for this long before the client hears of it. The side may be restarting; or the
+# whole process tree is going down (a restart, the supervisor's death), and then the client must get
+# no answer at all rather than an error: a reconnecting client sends the request again to whatever
+# serves the socket next (QEMU's reconnect-delay), but passes an error on to its guest.
+RESEND_FOR = 30.0
+RESEND_EVERY = 0.2
+# libnbd's errors that mean the connection went away.
+_CONNECTION_LOST = {errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNRESET, errno.EPIPE,
+                    errno.ECONNREFUSED, errno.ECONNABORTED}
 # Latencies kept per side for status percentiles.
 LATENCY_SAMPLES = 2048
+
+
+def connection_lost(exc):
+    """Whether a side's failure is the loss of its connection rather than a refused request."""
+    return isinstance(exc, BackendError) or error_errno(exc, None) in _CONNECTION_LOST
 
 
 class RequestError(Exception):
@@ -271,10 +286,13 @@ class Disk:
                     wait_one(h, h.aio_pread(nbd.Buffer.from_buffer(buf), offset))
             except nbd.Error as e:
                 failed = True
-                self.stats[side.name].failed("read", offset, len(buf), e)
-                raise RequestError(error_errno(e), describe(e)) from None
+                error = e
             finally:
                 side.release(h, failed)
+            if failed and not (connection_lost(error) and self._resend(
+                    side, lambda h: buf.__setitem__(slice(None), h.pread(len(buf), offset)))):
+                self.stats[side.name].failed("read", offset, len(buf), error)
+                raise RequestError(error_errno(error), describe(error))
         finally:
             self.inflight.leave()
 
@@ -351,6 +369,8 @@ class Disk:
                 failures = self._on_every_side(op, offset, length, start, run)
                 if fast_zero and failures:
                     failures = self._finish_fast_zero(offset, length, failures)
+                if failures:
+                    failures = self._resend_lost(failures, run)
             finally:
                 # Anything short of success on every side may leave the sides different.
                 self.dirty.after_change(intent, both_sides=not failures)
@@ -358,6 +378,30 @@ class Disk:
                 self._settle(op, offset, length, failures)
         finally:
             self.inflight.leave(token)
+
+    def _resend_lost(self, failures, run):
+        """The failures left once a change the authoritative side lost with its connection was
+        sent again on a new one (see RESEND_FOR). Sending a write, zero or trim twice is harmless:
+        the change still holds its range lock, so nothing else touched those bytes meanwhile."""
+        for side, e in failures:
+            if side is self.reader and connection_lost(e) and self._resend(side, run):
+                return [(s, x) for s, x in failures if s is not side]
+        return failures
+
+    def _resend(self, side, run):
+        """Run `run(handle)` on `side` again, on a new connection, until it succeeds (True), the side
+        refuses it (False), or RESEND_FOR passes (False)."""
+        log.warning("%s: connection lost; sending the request again", side.name)
+        deadline = time.monotonic() + RESEND_FOR
+        while time.monotonic() < deadline:
+            time.sleep(max(RESEND_EVERY, side.down_until - time.monotonic()))
+            try:
+                side.call(run)
+                return True
+            except (nbd.Error, BackendError) as e:
+                if not connection_lost(e):
+                    return False
+        return False
 
     # Requests larger than the sides accept (max_request; max_effect for zero and trim): split into
     # pieces they accept. A change
