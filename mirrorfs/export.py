@@ -185,6 +185,10 @@ def served_image(control_path):
     if status.get("kind") != "export":
         raise UsageError(f"{control_path} is not the control socket of a mirrorfs export "
                          f"(it controls a {status.get('kind')})")
+    lent = status.get("lent")
+    if status["phase"] == "lent" and lent and lent["alive"]:
+        raise UsageError(f"cannot take the disk over from {control_path}: it is lent to a "
+                         f"migration already (pid {lent['pid']})")
     return status["source"]["spec"]
 
 

@@ -250,6 +250,8 @@ class ProcessTree:
 
     def datapath_status(self):
         """The data path's status, or {"error": why} when it cannot be asked."""
+        if self.rundir is None:
+            return {"error": "not running"}
         try:
             return self.datapath("status", timeout=10)["status"]
         except jsonlines.ControlError as e:

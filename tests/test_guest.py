@@ -131,3 +131,63 @@ def test_nbd_client_in_the_guest_kernel(guest_image, workdir, serve):
         "vm2-console.log": str(guest.console),
         "vm2.raw": str(workdir / "check.raw")},
         [mirrorfs_argv(disk.argv), guest.argv, *checked], guest=guest_commands())
+
+
+def test_guest_through_the_life_of_its_disk(guest_image, workdir):
+    """Issue #12's guest: its disk is a socket with reconnect-delay, written with fsync all along
+    through: plain export -> take over -> kill -9 of the migration's supervisor during the copy ->
+    restart -> copy -> pivot -> hand back -> a second migration -> hand back. The guest reports no
+    I/O error; every file's hash matches on the final chain; e2fsck -fn is clean."""
+    from test_lifecycle import Process, ctl, status, wait_for
+    started = []
+
+    def background(name, *args):
+        p = Process(workdir, name, *args)
+        started.append(p)
+        return p
+
+    for d in ("a", "b", "c"):
+        (workdir / d).mkdir()
+    run("qemu-img", "create", "-q", "-f", "qcow2", workdir / "a" / "vm.qcow2", str(128 * MiB))
+    sock = workdir / "vm.sock"
+    try:
+        exported = background("export", "export", workdir / "a" / "vm.qcow2", "--socket", sock)
+        qemu = ["-drive", f"file.driver=nbd,file.server.type=unix,file.server.path={sock},"
+                          "file.reconnect-delay=60,format=raw,if=virtio"]
+        with Guest(workdir, "disk", qemu, timeout=300) as guest:
+            guest.wait_for(lambda lines: guest.count("FILE") >= 3, "writes")
+            take_over = ("start", "--take-over", exported.control, "--dest-dir", workdir / "b",
+                         "--state-dir", workdir / "state")
+            first = background("first", *take_over)
+            ctl(first.control, "copy", "--background", "--rate", "8M")
+            wait_for(lambda: (status(first.control).get("copy") or {}).get("bytes_done"), "copying")
+            n = guest.count("FILE")
+            guest.wait_for(lambda lines: guest.count("FILE") >= n + 2, "writes during the copy")
+            first.kill_tree()
+            again = background("again", *take_over)
+            ctl(again.control, "copy")
+            assert "switched" in ctl(again.control, "pivot").stdout
+            ctl(again.control, "hand-back")
+            assert again.proc.wait(60) == 0
+            n = guest.count("FILE")
+            guest.wait_for(lambda lines: guest.count("FILE") >= n + 3, "writes after hand-back")
+            second = background("second", "start", "--take-over", exported.control,
+                                "--dest-dir", workdir / "c")
+            ctl(second.control, "copy")
+            assert "switched" in ctl(second.control, "pivot").stdout
+            ctl(second.control, "hand-back")
+            assert second.proc.wait(60) == 0
+            n = guest.count("FILE")
+            guest.wait_for(lambda lines: guest.count("FILE") >= max(n + 3, 30), "writes at the end")
+            guest.send("stop")
+            lines = guest.wait_exit()
+        final_image = status(exported.control)["source"]["spec"]
+        assert exported.stop() == 0
+    finally:
+        for p in started:
+            p.stop()
+    assert not [line for line in lines if line.startswith("FAIL")], lines
+    written, final = checksums(lines, "FILE"), checksums(lines, "FINAL")
+    assert final == written and len(final) == 24
+    assert final_image == str(workdir / "c" / "vm-snap-snap.qcow2")
+    check_filesystem(final_image, "qcow2", workdir, final)

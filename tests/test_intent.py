@@ -34,7 +34,7 @@ def synchronized_and_saved(control, state_dir):
         saved = saved_state(state_dir)
         done = (s["phase"] in ("mirroring", "synchronized") and s["datapath"]["synchronized"]
                 and saved["phase"] == "synchronized" and saved["dirty"] == []
-                and (saved["mode"] == "mirror" or saved["cursor"] == saved["size"]))
+                and (saved["copy"] == "none" or saved["cursor"] == saved["size"]))
         return s if done else None
     return check
 

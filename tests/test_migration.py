@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (MIRRORFS, FioLoad, MiB, images_identical, kill_mirrorfs, make_base, make_overlay,
                       qemu_io, run, saved_state, sha256, status_of, wait_until)
-from mirrorfs import jsonlines
+from mirrorfs.datapath import jsonlines
 from test_resume import Model, writer
 
 

@@ -155,7 +155,8 @@ def test_sigkill_of_mirrorfs_takes_its_children_along(chains, serve):
 
     disk.proc.kill()
     disk.proc.wait(GONE_TIMEOUT)
-    # The kernel sends them SIGTERM (PR_SET_PDEATHSIG; nbdkit also has --exit-with-parent).
+    # The kernel sends the storage daemons SIGTERM (PR_SET_PDEATHSIG); nbdkit ignores it and ends
+    # by its lifeline (mirrorfs/datapath/lifeline.py) once it has quiesced.
     left = still_running(kids.values(), timeout=GONE_TIMEOUT)
     assert not left, f"orphans: {[' '.join(p.cmdline()) for p in left]}"
     # SIGTERM let each storage daemon close its image properly: both are consistent and identical.

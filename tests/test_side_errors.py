@@ -44,10 +44,11 @@ def test_stopping_with_the_sides_different_says_so(chains, workdir, serve, qemu_
     failing = FailingWrites(workdir, export.socket)
     try:
         disk = serve(chains.source, failing.uri)            # no state dir: --on-dest-error fail
+        qemu_io(disk.uri, "write -P 0x78 5M 64k")           # both sides: fine
         failing.trigger.touch()
         failed_write(disk.uri, 3 * MiB)                     # on the source, not on the destination
-        failing.trigger.unlink()
-        qemu_io(disk.uri, "write -P 0x78 5M 64k")           # both sides: fine
+        # Stopped while the destination still fails: the copier, which copies such regions again
+        # in every mode, could not repair it (once the destination heals it does).
         assert disk.stop() == EXIT_DIVERGED, disk.stderr
     finally:
         failing.stop()

@@ -89,6 +89,6 @@ def test_one_worker_thread_per_connection(chains, qemu_nbd, workdir):
         assert proc.poll() is None, proc.stderr.read()
         assert len(digests) == 5    # each pass saw the previous writes
     finally:
-        proc.terminate()
+        proc.kill()             # nbdkit ignores SIGTERM (mirrorfs.datapath.callbacks.after_fork)
         proc.wait(30)
         proc.stderr.close()

@@ -181,6 +181,11 @@ class NbdBackend:
                 with self._lock:
                     self._freed.notify()
 
+    def oldest_wait(self):
+        """How long the longest-waiting request lent a handle has waited, in seconds."""
+        lent = list(self._busy.values())
+        return time.monotonic() - min(lent) if lent else 0.0
+
     def expire(self, timeout):
         """Cut the connection of every handle lent for `timeout` seconds or more: a side that
         stops answering (a hung server, a stalled network) would otherwise hold its requests, and

@@ -39,11 +39,6 @@ def config(key, value):
 def config_complete():
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="mirrorfs[nbdkit]: %(levelname)s: %(message)s")
-    # nbdkit ends only by its supervisor's SIGKILL once the data path is quiesced, or by the
-    # lifeline when the supervisor is gone. SIGTERM, which nbdkit also asks the kernel for when its
-    # parent dies, would make nbdkit answer the requests it holds with ESHUTDOWN: a reconnecting
-    # client passes that to its guest, where an unanswered request is simply sent again.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _plugin.check()
 
 
@@ -52,6 +47,12 @@ def get_ready():
 
 
 def after_fork():
+    # nbdkit ends only by its supervisor's SIGKILL once the data path is quiesced, or by the
+    # lifeline when the supervisor is gone. SIGTERM, which nbdkit also asks the kernel for when its
+    # parent dies, would make nbdkit answer the requests it holds with ESHUTDOWN: a reconnecting
+    # client passes that to its guest, where an unanswered request is simply sent again. (Here,
+    # not earlier: nbdkit installs its own handlers after config_complete.)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Threads must start after nbdkit's fork (if it forks).
     _plugin.start_threads()
 

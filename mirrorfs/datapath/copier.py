@@ -31,6 +31,12 @@ PIECE = 1024 * 1024             # the requests a chunk's data is read and writte
 WORKERS = 3
 MAINTENANCE_INTERVAL = 2.0      # how often the cursor is saved and quiet regions are cleared
 RETRY_DELAY = 1.0
+# A chunk holds its range lock while the destination takes it, so copying to a destination that
+# fails (or hangs until --io-timeout cuts it) would hold the client's writes to those bytes too. The
+# copier therefore lets a failing destination settle: it copies only once the destination went this
+# long without a failure, doubling after each failed chunk, back to the first value after a success.
+SETTLE_FIRST = 2.0
+SETTLE_MAX = 60.0
 
 
 class CopyFailed(Exception):
@@ -50,6 +56,7 @@ class Copier:
         # Copy mode none starts synchronized: nothing to announce until something needs copying.
         self.synchronized_at = self.started if self.dirty.synchronized() else None
         self._stop = threading.Event()
+        self._settle = SETTLE_FIRST
         # Several workers copy different chunks at once, so one chunk's reads overlap another's
         # writes. The cursor only moves over chunks that are all done (see _chunk_done).
         self._lock = threading.Lock()
@@ -87,12 +94,19 @@ class Copier:
     def _run(self, maintains):
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
         while not self._stop.is_set() and self._mirroring():
+            unsettled = self._unsettled()
+            if unsettled > 0:
+                self._stop.wait(unsettled)
+                continue
             try:
                 worked = self._step()
             except CopyFailed:
                 self.failures += 1
+                self._settle = min(self._settle * 2, SETTLE_MAX)
                 self._stop.wait(max(RETRY_DELAY, self.disk.dest.down_until - time.monotonic()))
                 continue
+            if worked:
+                self._settle = SETTLE_FIRST
             if maintains and time.monotonic() >= next_maintenance:
                 self._maintain()
                 next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
@@ -101,9 +115,18 @@ class Copier:
                     self.synchronized_at = time.monotonic()
                     log.info("synchronized: the destination holds the whole disk (%.1fs)",
                              self.synchronized_at - self.started)
-                    self.dirty.save()
+                    self._maintain()        # the cursor saved (after a flush) and the phase with it
                 self.dirty.changed.wait(MAINTENANCE_INTERVAL)
                 self.dirty.changed.clear()
+
+    def _unsettled(self):
+        """Seconds to wait before the destination has gone `_settle` seconds without a failure,
+        and has no request waiting for a second or more (a hang the watchdog has not cut yet)."""
+        dest = self.disk.dest
+        if dest.oldest_wait() >= 1.0:
+            return RETRY_DELAY
+        last = self.disk.stats[dest.name].last_error
+        return 0.0 if last is None else self._settle - (time.time() - last["time"])
 
     def _step(self):
         """Copy one chunk or one region; False if there was nothing to copy."""

@@ -1,0 +1,352 @@
+"""The life of a disk (issue #12): served by a plain export, taken over by a migration, copied,
+switched, handed back, migrated again; and restarts of mirrorfs in every way it can end. The client
+is QEMU's own NBD client with reconnection on (qemu-io, `reconnect-delay`): the question each test
+asks is whether any of its writes failed, and whether every one of them is on the disk afterwards.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from conftest import MIRRORFS, MiB, images_identical, make_base, qemu_io, run
+
+BLOCK = 16 * 1024
+BLOCKS = 3000              # 48 MiB at most: a writer never runs out before the test stops it
+RECONNECT_DELAY = 30
+
+
+class ReconnectingWriter:
+    """qemu-io with QEMU's NBD client and reconnect-delay, fed one write at a time on its standard
+    input until stopped: block i gets pattern (i % 250) + 1. Every write it was told failed is
+    counted; `stop()` returns the blocks written."""
+
+    live = []                   # for the fixture that stops them whatever happens
+
+    def __init__(self, socket_path, blocks=BLOCKS, spacing=0.01):
+        self.blocks = blocks
+        self.proc = subprocess.Popen(
+            ["qemu-io", "--image-opts",
+             f"driver=nbd,server.type=unix,server.path={socket_path},reconnect-delay={RECONNECT_DELAY}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._spacing = spacing
+        self._thread = threading.Thread(target=self._feed, daemon=True)
+        self._thread.start()
+        ReconnectingWriter.live.append(self)
+
+    def _feed(self):
+        while not self._stop.is_set() and self.sent < self.blocks:
+            i = self.sent
+            self.proc.stdin.write(f"write -P {i % 250 + 1} {i * BLOCK} {BLOCK}\n")
+            self.proc.stdin.flush()
+            self.sent += 1
+            time.sleep(self._spacing)
+
+    def wait_sent(self, n, timeout=60):
+        deadline = time.monotonic() + timeout
+        while self.sent < n:
+            assert time.monotonic() < deadline, f"only {self.sent} writes sent"
+            time.sleep(0.01)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+        out, _ = self.proc.communicate("quit\n", timeout=RECONNECT_DELAY + 60)
+        lines = [line.removeprefix("qemu-io> ") for line in out.splitlines()]
+        failed = [line for line in lines if "failed" in line or "error" in line.lower()]
+        assert failed == [], f"{len(failed)} writes failed, e.g. {failed[:3]}"
+        wrote = sum(line.startswith("wrote ") for line in lines)
+        assert wrote == self.sent, f"{wrote} of {self.sent} writes acknowledged"
+        return self.sent
+
+    def check(self, target, fmt="raw"):
+        """Every block written reads back from `target` (a URI or an image file)."""
+        count = self.sent
+        for first in range(0, count, 200):
+            qemu_io(target, *[f"read -P {i % 250 + 1} {i * BLOCK} {BLOCK}"
+                              for i in range(first, min(first + 200, count))], fmt=fmt)
+
+
+def control(path, request, timeout=60):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        return json.loads(s.makefile().readline())
+
+
+def status(path):
+    reply = control(path, {"cmd": "status"})
+    assert reply["ok"], reply
+    return reply["status"]
+
+
+def wait_for(check, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"never {what}")
+
+
+class Process:
+    """A mirrorfs command in the background, ready once it printed its control socket."""
+
+    def __init__(self, workdir, name, *args, env=None):
+        self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
+        self.proc = psutil.Popen([*MIRRORFS, *map(str, args)], stdout=open(self.out, "w"),
+                                 stderr=open(self.err, "w"), stdin=subprocess.DEVNULL, env=env)
+        wait_for(lambda: "control " in self.out.read_text() or self.proc.poll() is not None,
+                 "ready", timeout=60)
+        assert self.proc.poll() is None, self.err.read_text()
+        self.control = self.out.read_text().split("control ", 1)[1].split()[0]
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(60)
+
+    def kill_tree(self):
+        """kill -9 of the supervisor alone: its children go the way the kernel sends them."""
+        kids = self.proc.children()
+        self.proc.kill()
+        self.proc.wait(10)
+        psutil.wait_procs(kids, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def no_writer_left():
+    yield
+    for writer in ReconnectingWriter.live:
+        writer._stop.set()
+        if writer.proc.poll() is None:
+            writer.proc.kill()
+            writer.proc.wait()
+    ReconnectingWriter.live.clear()
+
+
+@pytest.fixture
+def processes():
+    started = []
+
+    def start(*args, **kw):
+        p = Process(*args, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def ctl(path, *args, check=True):
+    res = run(*MIRRORFS, *args, "--control", path, check=False)
+    if check:
+        assert res.returncode == 0, res.stderr
+    return res
+
+
+# Restarts.
+
+@pytest.mark.parametrize("how", ["sigterm", "kill-9-supervisor", "kill-9-nbdkit"])
+def test_a_restart_fails_no_request(how, workdir, processes):
+    """A client with reconnection writes while mirrorfs is stopped (or killed) and started again
+    on the same socket and state: no write fails, and every one is on both sides."""
+    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
+    for image in (src, dst):
+        run("qemu-img", "create", "-q", "-f", "qcow2", image, str(64 * MiB))
+    argv = ("serve", src, dst, "--socket", workdir / "d.sock", "--state-dir", workdir / "state")
+    disk = processes(workdir, "serve1", *argv)
+    writer = ReconnectingWriter(workdir / "d.sock")
+    writer.wait_sent(100)
+    if how == "sigterm":
+        assert disk.stop() == 0
+    elif how == "kill-9-supervisor":
+        disk.kill_tree()
+    else:
+        nbdkit = next(p for p in disk.proc.children() if p.name() == "nbdkit")
+        nbdkit.kill()
+        assert disk.proc.wait(30) != 0                  # a child died: the supervisor says so
+    again = processes(workdir, "serve2", *argv)
+    wait_for(lambda: status(again.control)["phase"] == "synchronized", "synchronized")
+    writer.wait_sent(200)
+    writer.stop()
+    writer.check(f"nbd+unix:///?socket={workdir / 'd.sock'}")
+    assert again.stop() == 0
+    identical, detail = images_identical(src, dst)
+    assert identical, detail
+
+
+# The life of a disk.
+
+def migrate(workdir, processes, export_ctl, dest_dir, name, *extra):
+    """Take the disk over from its export, copy, pivot, hand back; returns the migration."""
+    dest_dir.mkdir()
+    m = processes(workdir, name, "start", "--take-over", export_ctl, "--dest-dir", dest_dir, *extra)
+    assert status(export_ctl)["phase"] == "lent"
+    ctl(m.control, "copy")
+    assert "switched" in ctl(m.control, "pivot").stdout
+    out = ctl(m.control, "hand-back").stdout
+    assert "handed back" in out
+    assert m.proc.wait(30) == 0
+    assert status(export_ctl)["phase"] == "exporting"
+    return m
+
+
+def chain_of(image):
+    info = json.loads(run("qemu-img", "info", "-U", "--output=json", "--backing-chain", image).stdout)
+    return [layer["filename"] for layer in info]
+
+
+def test_export_take_over_hand_back_and_migrate_again(workdir, processes):
+    """A → B → C on one running client: export, take over, copy, pivot, hand back, twice. No write
+    fails; every write is on the final chain; the chain does not grow."""
+    (workdir / "a").mkdir()
+    base = make_base(workdir / "a" / "disk.qcow2", 128 * MiB)
+    sock = workdir / "vm.sock"
+    exported = processes(workdir, "export", "export", base, "--socket", sock)
+    writer = ReconnectingWriter(sock)
+    writer.wait_sent(50)
+    migrate(workdir, processes, exported.control, workdir / "b", "to-b")
+    served = status(exported.control)["source"]["spec"]
+    assert served == str(workdir / "b" / "disk-snap.qcow2")
+    writer.wait_sent(writer.sent + 50)
+    migrate(workdir, processes, exported.control, workdir / "c", "to-c")
+    final = status(exported.control)["source"]["spec"]
+    assert final == str(workdir / "c" / "disk-snap-snap.qcow2")
+    writer.wait_sent(writer.sent + 50)
+    writer.stop()
+    writer.check(f"nbd+unix:///?socket={sock}")
+    qemu_io(f"nbd+unix:///?socket={sock}", f"read -P {0x10 + 63} {63 * MiB} {MiB}")   # the base's
+    assert exported.stop() == 0
+    # The destination is always the flattened copy plus one overlay.
+    assert chain_of(final) == [final, str(workdir / "c" / "disk-snap.qcow2")]
+    assert not any(str(workdir / d) in p for p in chain_of(final) for d in ("a", "b"))
+    writer.check(final, fmt="qcow2")
+
+
+def test_a_migration_killed_during_the_copy_resumes_on_the_same_socket(workdir, processes):
+    """kill -9 of the migration's supervisor while the base is copied: the export keeps the socket,
+    a restart with the same state borrows it again and resumes; copy, pivot, hand back."""
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    base = make_base(workdir / "a" / "disk.qcow2", 64 * MiB)
+    sock = workdir / "vm.sock"
+    exported = processes(workdir, "export", "export", base, "--socket", sock)
+    writer = ReconnectingWriter(sock)
+    argv = ("start", "--take-over", exported.control, "--dest-dir", workdir / "b",
+            "--state-dir", workdir / "state")
+    first = processes(workdir, "first", *argv)
+    ctl(first.control, "copy", "--background", "--rate", "4M")
+    wait_for(lambda: (status(first.control).get("copy") or {}).get("bytes_done"), "copying")
+    assert status(first.control)["phase"] == "copying-base"
+    writer.wait_sent(100)
+    first.kill_tree()
+    lent = status(exported.control)
+    assert lent["phase"] == "lent" and lent["lent"]["alive"] is False
+    again = processes(workdir, "again", *argv)
+    assert status(again.control)["phase"] == "mirroring"
+    ctl(again.control, "copy")
+    ctl(again.control, "pivot")
+    writer.wait_sent(writer.sent + 50)
+    ctl(again.control, "hand-back")
+    assert again.proc.wait(30) == 0
+    writer.wait_sent(writer.sent + 50)
+    writer.stop()
+    writer.check(f"nbd+unix:///?socket={sock}")
+    assert status(exported.control)["source"]["spec"] == str(workdir / "b" / "disk-snap.qcow2")
+
+
+# Bad input.
+
+def test_taking_over_what_is_not_an_export_changes_nothing(workdir, processes, chains):
+    (workdir / "b").mkdir()
+    res = run(*MIRRORFS, "start", "--take-over", workdir / "nothing.ctl", "--dest-dir", workdir / "b",
+              check=False)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "cannot take the disk over" in res.stderr and "no control socket" in res.stderr
+
+    served = processes(workdir, "serve", "serve", chains.source, chains.dest,
+                       "--socket", workdir / "s.sock")
+    res = run(*MIRRORFS, "start", "--take-over", served.control, "--dest-dir", workdir / "b",
+              check=False)
+    assert res.returncode == 2 and "not the control socket of a mirrorfs export" in res.stderr
+    assert status(served.control)["phase"] == "synchronized"
+
+
+def test_a_failed_take_over_leaves_the_export_serving(workdir, processes):
+    (workdir / "a").mkdir()
+    base = make_base(workdir / "a" / "disk.qcow2", 16 * MiB)
+    sock = workdir / "vm.sock"
+    exported = processes(workdir, "export", "export", base, "--socket", sock)
+    qemu_io(f"nbd+unix:///?socket={sock}", "write -P 0x42 0 64k")
+    res = run(*MIRRORFS, "start", "--take-over", exported.control, "--dest-dir",
+              workdir / "missing", check=False)
+    assert res.returncode == 2 and "does not exist" in res.stderr, res.stderr
+    assert status(exported.control)["phase"] == "exporting"
+    assert sorted(p.name for p in (workdir / "a").iterdir()) == ["disk.qcow2"]
+    qemu_io(f"nbd+unix:///?socket={sock}", "read -P 0x42 0 64k")
+    # Lent to a live migration: a second one is refused, the first goes on.
+    (workdir / "b").mkdir()
+    (workdir / "c").mkdir()
+    first = processes(workdir, "first", "start", "--take-over", exported.control,
+                      "--dest-dir", workdir / "b")
+    res = run(*MIRRORFS, "start", "--take-over", exported.control, "--dest-dir", workdir / "c",
+              "--control", workdir / "second.ctl", check=False)
+    assert res.returncode == 2 and "lent to a migration already" in res.stderr, res.stderr
+    assert status(first.control)["phase"] == "mirroring"
+
+
+def test_hand_back_only_after_the_end_of_a_taken_over_migration(workdir, processes, migration):
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    base = make_base(workdir / "a" / "disk.qcow2", 16 * MiB)
+    exported = processes(workdir, "export", "export", base, "--socket", workdir / "vm.sock")
+    m = processes(workdir, "m", "start", "--take-over", exported.control, "--dest-dir", workdir / "b")
+    res = ctl(m.control, "hand-back", check=False)
+    assert res.returncode == 1 and "cannot hand-back while mirroring" in res.stderr, res.stderr
+    ctl(m.control, "copy", "--background", "--rate", "1M")
+    res = ctl(m.control, "hand-back", check=False)
+    assert res.returncode == 1 and "cannot hand-back while copying-base" in res.stderr, res.stderr
+    assert status(exported.control)["phase"] == "lent"
+
+    plain = migration.start()                           # not taken over from an export
+    migration.ctl("copy")
+    migration.ctl("pivot")
+    res = migration.ctl("hand-back", check=False)
+    assert res.returncode == 1 and "did not take the disk over" in res.stderr, res.stderr
+    assert json.loads(migration.ctl("status", "--json").stdout)["phase"] == "switched"
+    assert plain.proc.poll() is None
+
+
+# Running it as a service.
+
+def test_the_readiness_protocol(workdir, processes):
+    """Type=notify: READY=1 once clients can connect, STATUS= as the disk changes hands, and
+    STOPPING=1, as datagrams to $NOTIFY_SOCKET (a real datagram socket: no systemd here)."""
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    base = make_base(workdir / "a" / "disk.qcow2", 16 * MiB)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(workdir / "notify"))
+    listener.settimeout(30)
+    env = dict(os.environ, NOTIFY_SOCKET=str(workdir / "notify"))
+    exported = processes(workdir, "export", "export", base, "--socket", workdir / "vm.sock", env=env)
+    ready = dict(line.split("=", 1) for line in listener.recv(4096).decode().splitlines())
+    assert ready["READY"] == "1" and ready["MAINPID"] == str(exported.proc.pid)
+    assert "exporting" in ready["STATUS"]
+    processes(workdir, "m", "start", "--take-over", exported.control, "--dest-dir", workdir / "b")
+    assert listener.recv(4096).decode().startswith("STATUS=lent to migration pid")
+    exported.stop()
+    assert b"STOPPING=1" in listener.recv(4096)
+    listener.close()
