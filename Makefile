@@ -49,6 +49,7 @@ demo: setup
 bench: setup
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_remote.py $(BENCH_REMOTE_ARGS)
+	$(PY) scripts/bench_lifecycle.py $(BENCH_LIFECYCLE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
