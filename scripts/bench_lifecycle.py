@@ -11,7 +11,6 @@ time with 5 ms between them; a request's wait is from sending it to its "wrote" 
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import statistics

@@ -475,6 +475,16 @@ def wait_until(check, what, timeout=120, interval=0.05):
         time.sleep(interval)
 
 
+def control_request(path, request, timeout=60):
+    """One JSON request on a control socket (a supervisor's or the data path's), straight over the
+    socket (no CLI: two of them can race); the reply, parsed."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps(request).encode() + b"\n")
+        return json.loads(s.makefile().readline())
+
+
 def status_of(control):
     """`mirrorfs status --json` through the real CLI."""
     return json.loads(run(*MIRRORFS, "status", "--json", "--control", control).stdout)

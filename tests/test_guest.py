@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import MIRRORFS, MiB, MigrationSetup, images_identical, make_base, make_overlay, run
+from conftest import (MIRRORFS, MiB, MigrationSetup, images_identical, make_base, make_overlay, run,
+                      wait_until)
 from guest import Guest, build, checksums
 from readme import check_commands, guest_commands
 
@@ -138,7 +139,7 @@ def test_guest_through_the_life_of_its_disk(guest_image, workdir):
     through: plain export -> take over -> kill -9 of the migration's supervisor during the copy ->
     restart -> copy -> pivot -> hand back -> a second migration -> hand back. The guest reports no
     I/O error; every file's hash matches on the final chain; e2fsck -fn is clean."""
-    from test_lifecycle import Process, ctl, status, wait_for
+    from test_lifecycle import Process, ctl, status
     started = []
 
     def background(name, *args):
@@ -162,7 +163,7 @@ def test_guest_through_the_life_of_its_disk(guest_image, workdir):
                          "--state-dir", workdir / "state")
             first = background("first", *take_over)
             ctl(first.control, "copy", "--background", "--rate", "4M")
-            wait_for(lambda: (status(first.control).get("copy") or {}).get("bytes_done"), "copying")
+            wait_until(lambda: (status(first.control).get("copy") or {}).get("bytes_done"), "copying")
             n = guest.count("FILE")
             guest.wait_for(lambda lines: guest.count("FILE") >= n + 1, "writes during the copy")
             assert status(first.control)["phase"] == "copying-base"

@@ -15,7 +15,8 @@ import time
 import psutil
 import pytest
 
-from conftest import MIRRORFS, MiB, images_identical, make_base, qemu_io, run
+from conftest import (MIRRORFS, MiB, control_request, images_identical, make_base, qemu_io, run,
+                      wait_until)
 
 BLOCK = 16 * 1024
 BLOCKS = 3000              # 48 MiB at most: a writer never runs out before the test stops it
@@ -75,28 +76,10 @@ class ReconnectingWriter:
                               for i in range(first, min(first + 200, count))], fmt=fmt)
 
 
-def control(path, request, timeout=60):
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        return json.loads(s.makefile().readline())
-
-
 def status(path):
-    reply = control(path, {"cmd": "status"})
+    reply = control_request(path, {"cmd": "status"})
     assert reply["ok"], reply
     return reply["status"]
-
-
-def wait_for(check, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"never {what}")
 
 
 class Process:
@@ -106,7 +89,7 @@ class Process:
         self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
         self.proc = psutil.Popen([*MIRRORFS, *map(str, args)], stdout=open(self.out, "w"),
                                  stderr=open(self.err, "w"), stdin=subprocess.DEVNULL, env=env)
-        wait_for(lambda: "control " in self.out.read_text() or self.proc.poll() is not None,
+        wait_until(lambda: "control " in self.out.read_text() or self.proc.poll() is not None,
                  "ready", timeout=60)
         assert self.proc.poll() is None, self.err.read_text()
         self.control = self.out.read_text().split("control ", 1)[1].split()[0]
@@ -178,7 +161,7 @@ def test_a_restart_fails_no_request(how, workdir, processes):
         nbdkit.kill()
         assert disk.proc.wait(30) != 0                  # a child died: the supervisor says so
     again = processes(workdir, "serve2", *argv)
-    wait_for(lambda: status(again.control)["phase"] == "synchronized", "synchronized")
+    wait_until(lambda: status(again.control)["phase"] == "synchronized", "synchronized")
     writer.wait_sent(200)
     writer.stop()
     writer.check(f"nbd+unix:///?socket={workdir / 'd.sock'}")
@@ -248,7 +231,7 @@ def test_a_migration_killed_during_the_copy_resumes_on_the_same_socket(workdir, 
             "--state-dir", workdir / "state")
     first = processes(workdir, "first", *argv)
     ctl(first.control, "copy", "--background", "--rate", "4M")
-    wait_for(lambda: (status(first.control).get("copy") or {}).get("bytes_done"), "copying")
+    wait_until(lambda: (status(first.control).get("copy") or {}).get("bytes_done"), "copying")
     assert status(first.control)["phase"] == "copying-base"
     writer.wait_sent(100)
     first.kill_tree()

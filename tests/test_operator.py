@@ -5,23 +5,12 @@ that goes away). Each test here was a bug a new user hit (issue #10)."""
 import json
 import socket
 import subprocess
-import time
 
-from conftest import MIRRORFS, MiB, make_full_pair, qemu_io, run
+from conftest import MIRRORFS, MiB, make_full_pair, qemu_io, run, wait_until
 
 
 def status_json(control):
     return json.loads(run(*MIRRORFS, "status", "--json", "--control", control).stdout)
-
-
-def wait_until(check, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"never {what}")
 
 
 def test_status_text_for_serve_and_start(workdir, serve, migration):

@@ -15,24 +15,15 @@ import nbd
 import psutil
 import pytest
 
-from conftest import (MIRRORFS, MiB, NbdkitFilter, images_identical, make_full_pair, qemu_io, run)
+from conftest import (MIRRORFS, MiB, NbdkitFilter, control_request, images_identical,
+                      make_full_pair, qemu_io, run)
 
 SIZE = 32 * MiB
 BLOCK = 4096
 
 
-def control(path, request, timeout=60):
-    """One request on a control socket (the supervisor's or the data path's); the reply."""
-    import socket
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        return json.loads(s.makefile().readline())
-
-
 def status(disk):
-    return control(disk.control, {"cmd": "status"})["status"]
+    return control_request(disk.control, {"cmd": "status"})["status"]
 
 
 def wait_phase(disk, phase, timeout=120):
@@ -118,7 +109,7 @@ def test_pivot_and_cancel_racing_one_wins_the_state_agrees(gap_ms, workdir, serv
 
     def send(cmd, delay):
         time.sleep(delay)
-        replies[cmd] = control(disk.control, {"cmd": cmd})
+        replies[cmd] = control_request(disk.control, {"cmd": cmd})
 
     threads = [threading.Thread(target=send, args=(first, 0)),
                threading.Thread(target=send, args=(second, gap_ms / 1000))]
@@ -166,7 +157,7 @@ def test_the_data_path_allows_one_switch_ever(workdir, serve):
 
     def send(to, end):
         barrier.wait()
-        replies.append(control(ctl, {"cmd": "switch", "to": to, "end": end}))
+        replies.append(control_request(ctl, {"cmd": "switch", "to": to, "end": end}))
 
     threads = [threading.Thread(target=send, args=a)
                for a in (("destination", "switched"), ("source", "cancelled"))]
@@ -177,9 +168,9 @@ def test_the_data_path_allows_one_switch_ever(workdir, serve):
     assert sorted(r["ok"] for r in replies) == [False, True], replies
     refused = next(r for r in replies if not r["ok"])
     assert "switch refused" in refused["error"], refused
-    late = control(ctl, {"cmd": "switch", "to": "source", "end": "cancelled"})
+    late = control_request(ctl, {"cmd": "switch", "to": "source", "end": "cancelled"})
     assert not late["ok"] and "already ended" in late["error"], late
-    dp = control(ctl, {"cmd": "status"})["status"]
+    dp = control_request(ctl, {"cmd": "status"})["status"]
     assert saved_phase(state) == dp["ended"]
 
 
@@ -192,7 +183,7 @@ def test_kill_9_during_a_switch_restarts_on_the_right_side(command, delay_ms, wo
     writer = Writer(disk.uri, seed=delay_ms)
     time.sleep(0.1)
     nbdkit, _ = nbdkit_of(disk)
-    sender = threading.Thread(target=lambda: _quietly(control, disk.control, {"cmd": command}))
+    sender = threading.Thread(target=lambda: _quietly(control_request, disk.control, {"cmd": command}))
     sender.start()
     time.sleep(delay_ms / 1000)
     disk.proc.send_signal(signal.SIGKILL)
@@ -234,7 +225,7 @@ def test_pivot_to_a_dead_destination_is_refused(workdir, serve, qemu_nbd):
     disk = serve("--copy", "full", "--io-timeout", "0", src, export.uri)
     wait_phase(disk, "synchronized")
     export.stop()
-    reply = control(disk.control, {"cmd": "pivot"})
+    reply = control_request(disk.control, {"cmd": "pivot"})
     assert not reply["ok"] and "does not answer" in reply["error"], reply
     s = status(disk)
     assert s["phase"] != "switched" and s["datapath"]["reader"] == "source"
