@@ -17,6 +17,7 @@ import pytest
 
 from conftest import (MIRRORFS, MiB, control_request, images_identical, make_base, qemu_io, run,
                       wait_until)
+from readme import check_commands
 
 BLOCK = 16 * 1024
 BLOCKS = 3000              # 48 MiB at most: a writer never runs out before the test stops it
@@ -86,6 +87,7 @@ class Process:
     """A mirrorfs command in the background, ready once it printed its control socket."""
 
     def __init__(self, workdir, name, *args, env=None):
+        self.argv = ["mirrorfs", *map(str, args)]
         self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
         self.proc = psutil.Popen([*MIRRORFS, *map(str, args)], stdout=open(self.out, "w"),
                                  stderr=open(self.err, "w"), stdin=subprocess.DEVNULL, env=env)
@@ -132,8 +134,12 @@ def processes():
         p.stop()
 
 
+RAN = []                        # the commands ctl() ran, as the README writes them
+
+
 def ctl(path, *args, check=True):
     res = run(*MIRRORFS, *args, "--control", path, check=False)
+    RAN.append(["mirrorfs", *map(str, args), "--control", str(path)])
     if check:
         assert res.returncode == 0, res.stderr
     return res
@@ -141,7 +147,8 @@ def ctl(path, *args, check=True):
 
 # Restarts.
 
-@pytest.mark.parametrize("how", ["sigterm", "kill-9-supervisor", "kill-9-nbdkit"])
+@pytest.mark.parametrize("how", ["sigterm", "kill-9-supervisor", "kill-9-nbdkit",
+                                 "kill-9-source-daemon", "kill-9-destination-daemon"])
 def test_a_restart_fails_no_request(how, workdir, processes):
     """A client with reconnection writes while mirrorfs is stopped (or killed) and started again
     on the same socket and state: no write fails, and every one is on both sides."""
@@ -157,9 +164,15 @@ def test_a_restart_fails_no_request(how, workdir, processes):
     elif how == "kill-9-supervisor":
         disk.kill_tree()
     else:
-        nbdkit = next(p for p in disk.proc.children() if p.name() == "nbdkit")
-        nbdkit.kill()
-        assert disk.proc.wait(30) != 0                  # a child died: the supervisor says so
+        # A child of the supervisor killed: it says so and stops everything, leaving requests
+        # unanswered (a request that lost its source is held, not failed); the restart serves them.
+        program, mark = {"kill-9-nbdkit": ("nbdkit", ""),
+                         "kill-9-source-daemon": ("qemu-storage-daemon", "src.pid"),
+                         "kill-9-destination-daemon": ("qemu-storage-daemon", "dst.pid")}[how]
+        child = next(p for p in disk.proc.children()
+                     if p.name().startswith(program[:15]) and mark in " ".join(p.cmdline()))
+        child.kill()
+        assert disk.proc.wait(60) != 0
     again = processes(workdir, "serve2", *argv)
     wait_until(lambda: status(again.control)["phase"] == "synchronized", "synchronized")
     writer.wait_sent(200)
@@ -173,7 +186,8 @@ def test_a_restart_fails_no_request(how, workdir, processes):
 # The life of a disk.
 
 def migrate(workdir, processes, export_ctl, dest_dir, name, *extra):
-    """Take the disk over from its export, copy, pivot, hand back; returns the migration."""
+    """Take the disk over from its export, copy, pivot, hand back (with ctl: RAN has them);
+    returns the migration."""
     dest_dir.mkdir()
     m = processes(workdir, name, "start", "--take-over", export_ctl, "--dest-dir", dest_dir, *extra)
     assert status(export_ctl)["phase"] == "lent"
@@ -193,29 +207,34 @@ def chain_of(image):
 
 def test_export_take_over_hand_back_and_migrate_again(workdir, processes):
     """A → B → C on one running client: export, take over, copy, pivot, hand back, twice. No write
-    fails; every write is on the final chain; the chain does not grow."""
+    fails; every write is on the final chain; the chain does not grow. The commands are the
+    README's ("The life of a disk")."""
     (workdir / "a").mkdir()
-    base = make_base(workdir / "a" / "disk.qcow2", 128 * MiB)
-    sock = workdir / "vm.sock"
+    base = make_base(workdir / "a" / "vm1.qcow2", 128 * MiB)
+    sock = workdir / "vm1.sock"
     exported = processes(workdir, "export", "export", base, "--socket", sock)
     writer = ReconnectingWriter(sock)
     writer.wait_sent(50)
-    migrate(workdir, processes, exported.control, workdir / "b", "to-b")
+    RAN.clear()
+    to_b = migrate(workdir, processes, exported.control, workdir / "b", "to-b")
     served = status(exported.control)["source"]["spec"]
-    assert served == str(workdir / "b" / "disk-snap.qcow2")
+    assert served == str(workdir / "b" / "vm1-snap.qcow2")
     writer.wait_sent(writer.sent + 50)
-    migrate(workdir, processes, exported.control, workdir / "c", "to-c")
+    to_c = migrate(workdir, processes, exported.control, workdir / "c", "to-c")
     final = status(exported.control)["source"]["spec"]
-    assert final == str(workdir / "c" / "disk-snap-snap.qcow2")
+    assert final == str(workdir / "c" / "vm1-snap-snap.qcow2")
     writer.wait_sent(writer.sent + 50)
     writer.stop()
     writer.check(f"nbd+unix:///?socket={sock}")
     qemu_io(f"nbd+unix:///?socket={sock}", f"read -P {0x10 + 63} {63 * MiB} {MiB}")   # the base's
     assert exported.stop() == 0
     # The destination is always the flattened copy plus one overlay.
-    assert chain_of(final) == [final, str(workdir / "c" / "disk-snap.qcow2")]
+    assert chain_of(final) == [final, str(workdir / "c" / "vm1-snap.qcow2")]
     assert not any(str(workdir / d) in p for p in chain_of(final) for d in ("a", "b"))
     writer.check(final, fmt="qcow2")
+    check_commands("The life of a disk: export, take over, hand back, migrate again", {
+        "/srv/a": str(workdir / "a"), "/srv/b": str(workdir / "b"), "/srv/c": str(workdir / "c"),
+        "/run/vm1.sock": str(sock)}, [exported.argv, to_b.argv, to_c.argv, *RAN])
 
 
 def test_a_migration_killed_during_the_copy_resumes_on_the_same_socket(workdir, processes):
