@@ -352,3 +352,50 @@ def test_the_readiness_protocol(workdir, processes):
     exported.stop()
     assert b"STOPPING=1" in listener.recv(4096)
     listener.close()
+
+
+def test_take_over_and_hand_back_under_fio_verify(workdir, processes):
+    """fio with verify=crc32c writes all along through a take-over, copy, pivot and hand-back. fio's
+    nbd engine does not reconnect, so it talks to QEMU's NBD client, which does: a qemu-nbd whose
+    image is the disk's socket with reconnect-delay. fio must finish with no error and every block
+    it wrote verified."""
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    run("qemu-img", "create", "-q", "-f", "qcow2", workdir / "a" / "vm1.qcow2", str(128 * MiB))
+    sock, proxy_sock = workdir / "vm1.sock", workdir / "proxy.sock"
+    exported = processes(workdir, "export", "export", workdir / "a" / "vm1.qcow2", "--socket", sock)
+    proxy = subprocess.Popen(
+        ["qemu-nbd", "--image-opts",
+         f"driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={sock},"
+         f"file.reconnect-delay={RECONNECT_DELAY}", "-k", proxy_sock, "--persistent", "--shared=8",
+         "--pid-file", workdir / "proxy.pid"], stderr=subprocess.DEVNULL)
+    fio = None
+    try:
+        wait_until(lambda: (workdir / "proxy.pid").exists(), "the proxy up")
+        fio = subprocess.Popen(
+            ["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={proxy_sock}",
+             "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=64M", "--verify=crc32c",
+             "--verify_backlog=256", "--time_based", "--runtime=600", "--thread"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(1)                   # fio is writing (it runs until told to stop)
+        m = processes(workdir, "m", "start", "--take-over", exported.control,
+                      "--dest-dir", workdir / "b")
+        ctl(m.control, "copy")
+        ctl(m.control, "pivot")
+        ctl(m.control, "hand-back")
+        assert m.proc.wait(30) == 0
+        assert fio.poll() is None, fio.stdout.read()
+        fio.send_signal(signal.SIGINT)  # stop: fio ends its job and reports
+        out, _ = fio.communicate(timeout=120)
+        # An I/O error or a block that fails its checksum makes fio report err= (non-zero) and
+        # print what it found ("verify: bad ...", "crc32c: verify failed").
+        assert "err= 0" in out and " bad " not in out and "failed" not in out, out[-2000:]
+        iops = out.split("write: IOPS=")[1].split(",")[0]        # "5190" or "5.2k"
+        assert float(iops.rstrip("k")) > 0, out
+    finally:
+        if fio is not None and fio.poll() is None:
+            fio.kill()
+            fio.wait()
+        proxy.terminate()
+        proxy.wait(30)
+    assert status(exported.control)["source"]["spec"] == str(workdir / "b" / "vm1-snap.qcow2")
