@@ -375,8 +375,9 @@ def test_take_over_and_hand_back_under_fio_verify(workdir, processes):
         fio = subprocess.Popen(
             ["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={proxy_sock}",
              "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=64M", "--verify=crc32c",
-             "--verify_backlog=256", "--time_based", "--runtime=600", "--thread"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "--verify_backlog=256", "--verify_state_save=0", "--time_based", "--runtime=600",
+             "--thread"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir)
         time.sleep(1)                   # fio is writing (it runs until told to stop)
         m = processes(workdir, "m", "start", "--take-over", exported.control,
                       "--dest-dir", workdir / "b")
