@@ -17,6 +17,7 @@ from here: the constants both halves must agree on live here, once.
     state.py           the state journal in the state directory: what survives kill -9
     jsonlines.py       the JSON-lines protocol of both control sockets
     threadstate.py     one Python thread state per nbdkit worker thread (speed)
+    lifeline.py        the data path ends, quiesced, when its supervisor dies
 """
 
 from pathlib import Path
