@@ -6,18 +6,14 @@ import json
 import socket
 import subprocess
 
-from conftest import MIRRORFS, MiB, make_full_pair, qemu_io, run, wait_until
-
-
-def status_json(control):
-    return json.loads(run(*MIRRORFS, "status", "--json", "--control", control).stdout)
+from conftest import MIRRORFS, MiB, make_full_pair, qemu_io, run, status_of, wait_until
 
 
 def test_status_text_for_serve_and_start(workdir, serve, migration):
     """`mirrorfs status` (text) once crashed with TypeError against any serve control socket."""
     src, dst = make_full_pair(workdir, 16 * MiB)
     disk = serve("--copy", "full", src, dst, name="full")
-    wait_until(lambda: status_json(disk.control)["phase"] == "synchronized", "synchronized")
+    wait_until(lambda: status_of(disk.control)["phase"] == "synchronized", "synchronized")
     text = run(*MIRRORFS, "status", "--control", disk.control).stdout
     assert text.startswith("phase:        synchronized")
     assert f"source:       {src}" in text and f"destination:  {dst}" in text
@@ -62,7 +58,7 @@ def test_an_events_follower_that_goes_away_leaves_no_traceback(migration):
             s.recv(10)                     # the first event is on its way; go away mid-stream
     qemu_io(disk.uri, "write -P 0x11 0 64k")
     migration.ctl("pivot", check=False)    # more events for the followers that left
-    assert status_json(disk.control)["phase"] == "mirroring"
+    assert status_of(disk.control)["phase"] == "mirroring"
     assert disk.stop() == 0
     assert "Traceback" not in disk.stderr, disk.stderr
 
@@ -78,14 +74,14 @@ def test_copy_progress_counts_the_data_and_the_real_rate(workdir, serve):
     qemu_io(setup.base, "write -P 0x40 0 48M", fmt="qcow2")
     disk = setup.start()
     run(*MIRRORFS, "copy", "--background", "--rate", "8M", "--control", disk.control)
-    copy = wait_until(lambda: (c := status_json(disk.control).get("copy")) and c["running"]
+    copy = wait_until(lambda: (c := status_of(disk.control).get("copy")) and c["running"]
                       and c["bytes_done"] >= 40 * MiB and c, "40 MiB copied")
     assert copy["bytes_total"] == 48 * MiB
     assert 4 * MiB <= copy["rate"] <= 12 * MiB, copy        # the limit's, not 5x it
     assert copy["eta_seconds"] is not None
     text = run(*MIRRORFS, "status", "--control", disk.control).stdout
     assert "MiB of 48.0 MiB" in text and "left" in text, text
-    done = wait_until(lambda: (c := status_json(disk.control)["copy"]) and not c["running"] and c,
+    done = wait_until(lambda: (c := status_of(disk.control)["copy"]) and not c["running"] and c,
                       "copied", timeout=120)
     assert done["bytes_done"] == 48 * MiB and done["ready_to_pivot"] is True
     assert "ready to pivot" in run(*MIRRORFS, "status", "--control", disk.control).stdout
@@ -112,7 +108,7 @@ def test_status_after_a_cancel_does_not_list_removed_files(migration):
     disk = migration.start()
     migration.ctl("cancel")
     assert not migration.dest_overlay.exists()
-    s = status_json(disk.control)
+    s = status_of(disk.control)
     assert s["destination"]["removed"] is True and s["serving"] == "source"
     assert "(removed by cancel)" in migration.ctl("status").stdout
 
@@ -123,5 +119,5 @@ def test_a_refusal_speaks_in_human_sizes(workdir, serve):
     res = run(*MIRRORFS, "pivot", "--control", disk.control, check=False)
     assert res.returncode != 0
     assert "MiB may still differ" in res.stderr and "bytes" not in res.stderr, res.stderr
-    dp = status_json(disk.control)["datapath"]
+    dp = status_of(disk.control)["datapath"]
     assert 0 < dp["dirty_bytes"] <= 64 * MiB             # exact bytes in --json, counted once

@@ -5,7 +5,6 @@ The question each test asks: is every acknowledged write on the side the state s
 and did the loser of a race get a refusal with a reason rather than a half-applied change?
 """
 
-import json
 import random
 import signal
 import threading
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import (MIRRORFS, MiB, NbdkitFilter, control_request, images_identical,
-                      make_full_pair, qemu_io, run)
+                      make_full_pair, qemu_io, run, saved_state, wait_until)
 
 SIZE = 32 * MiB
 BLOCK = 4096
@@ -27,18 +26,11 @@ def status(disk):
 
 
 def wait_phase(disk, phase, timeout=120):
-    deadline = time.monotonic() + timeout
-    s = None
-    while time.monotonic() < deadline:
-        s = status(disk)
-        if s["phase"] == phase:
-            return s
-        time.sleep(0.05)
-    raise AssertionError(f"never {phase}: {s}")
+    return wait_until(lambda: (s := status(disk))["phase"] == phase and s, phase, timeout=timeout)
 
 
 def saved_phase(state_dir):
-    return json.loads((state_dir / "state.json").read_text())["phase"]
+    return saved_state(state_dir)["phase"]
 
 
 class Writer:
