@@ -24,7 +24,6 @@ written qcow2 to the remote: `mirrorfs serve --copy full` (time to synchronized)
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
