@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mirrorfs import processes
+from mirrorfs.datapath import human_size
 from mirrorfs.errors import ImageError, UsageError
 
 PREFIX = "rbd:"
@@ -131,10 +132,50 @@ def _explain(image, message):
     return message
 
 
+def full_pool(image):
+    """Why the image's pool takes no writes now, or None: a pool at its quota, or a cluster whose
+    OSDs are full. Ceph does not fail a write to a full pool, it holds it until there is room, and
+    opening an image for use writes to it (librbd's watch on the image header): the probe and the
+    storage daemon would wait, not fail. The monitor says it in the pool's flags, at once.
+
+    Asked with the `ceph` tool (ceph-common) and the same conf and user as the image; where that
+    tool is missing or the user may not read the OSD map, the answer is None and the probe's own
+    bounded wait is what stops us."""
+    argv = ["ceph", "--connect-timeout", str(MON_TIMEOUT), "osd", "pool", "ls", "detail",
+            "--format=json"]
+    if image.conf:
+        argv[1:1] = ["--conf", os.fspath(image.conf)]
+    if image.user:
+        argv[1:1] = ["--id", image.user]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             env=environment(), timeout=MON_TIMEOUT + 5)
+        pools = json.loads(res.stdout) if res.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    for pool in pools if isinstance(pools, list) else ():
+        if isinstance(pool, dict) and pool.get("pool_name") == image.pool:
+            flags = str(pool.get("flags_names", "")).split(",")
+            if "full_quota" in flags:
+                quota = (human_size(pool["quota_max_bytes"]) if pool.get("quota_max_bytes")
+                         else f"{pool.get('quota_max_objects')} objects")
+                return (f"pool {image.pool} is full (its quota of {quota} is reached): Ceph "
+                        "holds every write to it, and opening an image is one; raise the quota "
+                        f"('ceph osd pool set-quota {image.pool} ...') or free space")
+            if "full" in flags:
+                return (f"pool {image.pool} is full (the cluster's OSDs reached their full "
+                        "ratio): Ceph holds every write to it, and opening an image is one; "
+                        "free space or add OSDs")
+    return None
+
+
 def probe(label, image):
     """Open the image once with qemu-img (the library the storage daemon uses): does the cluster
     answer, do the pool and the image exist, may we use them, how large is it. Returns the image
     with its size; raises ImageError with one line."""
+    reason = full_pool(image)
+    if reason:
+        raise ImageError(f"{label} {image}: {reason}")
     argv = ["qemu-img", "info", "--output=json", image.spec]
     limit = 3 * MON_TIMEOUT + 10
     try:
@@ -150,7 +191,10 @@ def probe(label, image):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise ImageError(f"{label} {image}: no answer from the cluster in {limit}s") from None
+        # The monitor answered the pool check (if we could ask it): what is left is an image that
+        # does not open, an OSD that holds its header's requests (down, or full since the check).
+        raise ImageError(f"{label} {image}: the image did not open in {limit}s (no monitor "
+                         "answered, or an OSD holding the image's header is down or full)") from None
     res = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     if res.returncode != 0:
         lines = [line.strip() for line in res.stderr.splitlines() if line.startswith("qemu-img:")]

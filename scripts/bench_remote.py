@@ -193,7 +193,7 @@ def measure(remote, kind, workdir, config, log):
         image.start()
         target = kind(d, source, image)
         target.start()
-        for job in JOBS:
+        for job in config.jobs:
             found = run_job(target.uri, job, config)
             rows.update(found)
             log(f"  {remote.name:8} {kind.name:12} {job.label:20} "
@@ -289,6 +289,9 @@ def parse_args(argv=None):
     p.add_argument("--runtime", type=int, help="seconds per fio job (default 5; --quick 1)")
     p.add_argument("--runs", type=int, help="runs per target, medians reported (default 3)")
     p.add_argument("--remotes", default="nbd-1ms,rbd", help="comma-separated: %(default)s")
+    p.add_argument("--jobs", help="comma-separated fio jobs to run (default all: "
+                   + ",".join(job.key for job in JOBS) + "); 'none' runs only the copy")
+    p.add_argument("--no-copy", action="store_true", help="skip the full copy")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -299,6 +302,13 @@ def parse_args(argv=None):
     args.remotes = [r.strip() for r in args.remotes.split(",") if r.strip()]
     if not args.remotes or set(args.remotes) - {"nbd-1ms", "rbd"}:
         p.error("--remotes: expected some of nbd-1ms,rbd")
+    known = {job.key: job for job in JOBS}
+    names = [n.strip() for n in (args.jobs or ",".join(known)).split(",") if n.strip()]
+    if names == ["none"]:
+        names = []
+    if set(names) - set(known):
+        p.error(f"--jobs: expected some of {','.join(known)}, or none")
+    args.jobs = [known[n] for n in names]
     return args
 
 
@@ -322,7 +332,7 @@ def main():
             log("starting a one-node Ceph cluster")
             cluster = ceph.CephCluster(workdir / "ceph").start()
             remotes.append(Rbd(cluster, config.size))
-        for remote in remotes:
+        for remote in remotes if config.jobs else ():
             samples = {}
             for run in range(config.runs):
                 for kind in (Mirrorfs, QemuMirror):
@@ -337,9 +347,11 @@ def main():
             report["results"][remote.name] = {
                 kind: {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                        for label, runs in rows.items()} for kind, rows in samples.items()}
-        log("writing the base for the copy")
-        base = bench.make_base(workdir / "base.qcow2", config.size)
-        for remote in remotes:
+        base = None
+        for remote in remotes if not config.no_copy else ():
+            if base is None:
+                log("writing the base for the copy")
+                base = bench.make_base(workdir / "base.qcow2", config.size)
             try:
                 report["copy"][remote.name] = measure_copy(remote, base, workdir, config.size, log)
             except Exception as e:

@@ -152,6 +152,18 @@ class CephCluster:
             raise CephError(f"rbd export {pool}/{image} failed: {res.stderr.decode().strip()}")
         return hashlib.sha256(res.stdout).hexdigest()
 
+    def pool_flags(self, pool):
+        """The flags the OSD map gives `pool` ("full", "full_quota", ...)."""
+        for found in json.loads(self.ceph("osd", "pool", "ls", "detail", "-f", "json")):
+            if found["pool_name"] == pool:
+                return set(found["flags_names"].split(","))
+        raise CephError(f"no pool {pool}")
+
+    def wait_pool(self, pool, full, timeout=60):
+        """Until the monitor has marked `pool` full (or, full=False, no longer full)."""
+        self._wait(lambda: ("full" in self.pool_flags(pool)) == full,
+                   f"pool {pool} {'full' if full else 'not full'}", timeout)
+
     def pids(self):
         return {child.pid for child in self.daemons.values() if child.alive()}
 

@@ -3,6 +3,7 @@
 during the copy, and a pool that fills up. Bytes are compared with qemu-img compare on the `rbd:`
 specs; nothing here reads mirrorfs's logs to decide whether data arrived."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -191,6 +192,63 @@ def test_bad_rbd_destination(name, ceph_cluster, bad_input_images, workdir):
     assert {i: ceph_cluster.digest(i) for i in digests} == digests
 
 
+FULL_RATIOS = {"nearfull": "0.0005", "backfillfull": "0.0008", "full": "0.001"}
+NORMAL_RATIOS = {"full": "0.97", "backfillfull": "0.95", "nearfull": "0.9"}
+
+
+def make_full(ceph_cluster, how):
+    """A pool `how` full, with an image in it: its quota reached, or the cluster's OSDs over their
+    full ratio. Returns the pool, and the function that gives the room back."""
+    if how == "quota":
+        pool = "fullquota"
+        ceph_cluster.ceph("osd", "pool", "create", pool, "8")
+        ceph_cluster.rbd("pool", "init", pool)
+        ceph_cluster.rbd("create", "--size", "64M", f"{pool}/img")
+        ceph_cluster.ceph("osd", "pool", "set-quota", pool, "max_objects", "1")
+
+        def room():
+            ceph_cluster.ceph("osd", "pool", "set-quota", pool, "max_objects", "0")
+    else:
+        pool = "rbd"
+        ceph_cluster.rbd("create", "--size", "64M", f"{pool}/img")
+        for name, ratio in FULL_RATIOS.items():
+            ceph_cluster.ceph("osd", f"set-{name}-ratio", ratio)
+
+        def room():
+            for name, ratio in NORMAL_RATIOS.items():
+                ceph_cluster.ceph("osd", f"set-{name}-ratio", ratio)
+    return pool, room
+
+
+@pytest.mark.parametrize("how", ["quota", "cluster"])
+def test_a_pool_full_before_serve_starts_is_refused_at_once(how, ceph_cluster, workdir):
+    """Ceph holds a write to a full pool instead of failing it, and opening an image is a write:
+    without asking the monitor first, `serve` would wait for its probe's bound and then blame the
+    cluster for not answering. Either side's image: one line naming the pool and what is full,
+    nothing served, nothing changed."""
+    source = make_source(workdir / "src.qcow2")
+    pool, room = make_full(ceph_cluster, how)
+    try:
+        ceph_cluster.wait_pool(pool, full=True)
+        spec = ceph_cluster.spec("img", pool=pool)
+        before = snapshot(workdir)
+        for label, argv in (("destination", [source, spec]), ("source", [spec, source])):
+            res = subprocess.run([*MIRRORFS, "serve", "--copy", "full", *map(str, argv),
+                                  "--socket", str(workdir / "d.sock")], capture_output=True,
+                                 text=True, stdin=subprocess.DEVNULL, timeout=120)
+            err = res.stderr
+            assert res.returncode > 0 and err.count("\n") == 1 and "Traceback" not in err, err
+            assert f"{label} {ceph_cluster.spec('img', pool=pool)}: pool {pool} is full (" in err, err
+            assert ("quota" in err) == (how == "quota"), err
+        assert not our_processes(os.fspath(workdir))
+        assert snapshot(workdir) == before
+    finally:
+        room()
+    ceph_cluster.wait_pool(pool, full=False)
+    # (Not read while full: a reader opening the image would be held too.) Still all zeros.
+    assert ceph_cluster.digest("img", pool=pool) == hashlib.sha256(bytes(SIZE)).hexdigest()
+
+
 def test_start_refuses_rbd_with_the_command_to_use(ceph_cluster, workdir):
     res = run(*MIRRORFS, "start", ceph_cluster.spec("fine"), "--dest-dir", workdir,
               "--socket", workdir / "d.sock", check=False)
@@ -237,8 +295,8 @@ def test_full_pool_degrades_then_resyncs_when_the_quota_is_raised(ceph_cluster, 
     ceph_cluster.ceph("osd", "pool", "create", "quota", "8")
     ceph_cluster.rbd("pool", "init", "quota")
     ceph_cluster.rbd("create", "--size", "64M", "quota/full")
-    # The pool fills during the copy. (Full before mirrorfs starts, the storage daemon could not
-    # even open the image: librbd's watch on the image header is a write, held like the others.)
+    # The pool fills during the copy. (Full before mirrorfs starts, it is refused at once: see
+    # test_a_pool_full_before_serve_starts_is_refused_at_once.)
     ceph_cluster.ceph("osd", "pool", "set-quota", "quota", "max_bytes", str(8 * MiB))
     dest = ceph_cluster.spec("full", pool="quota")
     source = make_source(workdir / "src.qcow2", every=1)
