@@ -4,7 +4,8 @@
 The source is a local qcow2 (a storage daemon, cache=none, as in bench.py); the destination is
 
     nbd-1ms   a qcow2 exported by a qemu-storage-daemon behind nbdkit's delay filter, 1 ms per
-              read/write/zero/trim request (whole milliseconds: nbdkit reads "0.5ms" as zero)
+              read/write/zero/trim request (whole milliseconds: nbdkit reads "0.5ms" as zero);
+              nbd-Nms the same with N ms
     rbd       an RBD image on a one-node Ceph cluster started for the run (tests/ceph.py)
 
 and two mirrors write to it, each target fresh on empty images:
@@ -23,6 +24,7 @@ written qcow2 to the remote: `mirrorfs serve --copy full` (time to synchronized)
 """
 
 import argparse
+import re
 import json
 import shutil
 import statistics
@@ -42,7 +44,7 @@ from bench import (MIRRORFS, BenchError, Job, MiB, GiB, MB, StorageExport, check
 from mirrorfs import sockets                     # noqa: E402
 from mirrorfs.processes import Child             # noqa: E402
 
-DELAY = "1ms"
+DELAY_MS = 1            # the default remote's delay, nbd-1ms
 JOBS = (
     Job("4k-randwrite-qd1", "4k randwrite qd1", ("--rw=randwrite", "--bs=4k", "--iodepth=1"),
         ("write",)),
@@ -56,10 +58,10 @@ JOBS = (
 class DelayedNbd:
     """A qcow2 exported by a storage daemon, behind nbdkit's delay filter: every request waits 1 ms
     before it is passed on, like a network round trip."""
-    name = "nbd-1ms"
-
-    def __init__(self, workdir, size):
+    def __init__(self, workdir, size, delay_ms=DELAY_MS):
         self.workdir, self.size, self.count = workdir, size, 0
+        self.delay_ms = delay_ms
+        self.name = f"nbd-{delay_ms}ms"
 
     def make(self):
         self.count += 1
@@ -67,16 +69,16 @@ class DelayedNbd:
         d.mkdir()
         image = d / "dst.qcow2"
         bench.qemu_img("create", "-q", "-f", "qcow2", image, self.size)
-        return DelayedNbdImage(d, image)
+        return DelayedNbdImage(d, image, self.delay_ms)
 
 
 class DelayedNbdImage:
-    def __init__(self, d, image):
+    def __init__(self, d, image, delay_ms):
         self.dir = d
         self.export = StorageExport(d, "remote", [qcow2_node("dst", image)], "dst")
         self.socket = sockets.check_unix_path(d / "delay.sock")
         pidfile = d / "delay.pid"
-        delays = [f"delay-{kind}={DELAY}" for kind in ("read", "write", "zero", "trim")]
+        delays = [f"delay-{kind}={delay_ms}ms" for kind in ("read", "write", "zero", "trim")]
         self.nbdkit = Child("nbdkit (delay filter)", [
             "nbdkit", "--foreground", "--exit-with-parent", "--pidfile", pidfile, "--threads", 16,
             "--unix", self.socket, "--filter=delay", "nbd", f"socket={self.export.socket}",
@@ -288,7 +290,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=bench.parse_size, help="virtual disk size (default 1G; --quick 64M)")
     p.add_argument("--runtime", type=int, help="seconds per fio job (default 5; --quick 1)")
     p.add_argument("--runs", type=int, help="runs per target, medians reported (default 3)")
-    p.add_argument("--remotes", default="nbd-1ms,rbd", help="comma-separated: %(default)s")
+    p.add_argument("--remotes", default="nbd-1ms,rbd",
+                   help="comma-separated: %(default)s (nbd-Nms: any whole N)")
     p.add_argument("--jobs", help="comma-separated fio jobs to run (default all: "
                    + ",".join(job.key for job in JOBS) + "); 'none' runs only the copy")
     p.add_argument("--no-copy", action="store_true", help="skip the full copy")
@@ -300,8 +303,9 @@ def parse_args(argv=None):
     args.runs = args.runs or (1 if args.quick else 3)
     args.ramp = 0 if args.quick else 1
     args.remotes = [r.strip() for r in args.remotes.split(",") if r.strip()]
-    if not args.remotes or set(args.remotes) - {"nbd-1ms", "rbd"}:
-        p.error("--remotes: expected some of nbd-1ms,rbd")
+    if not args.remotes or any(r != "rbd" and not re.fullmatch(r"nbd-[1-9][0-9]*ms", r)
+                               for r in args.remotes):
+        p.error("--remotes: expected some of nbd-Nms (N whole milliseconds), rbd")
     known = {job.key: job for job in JOBS}
     names = [n.strip() for n in (args.jobs or ",".join(known)).split(",") if n.strip()]
     if names == ["none"]:
@@ -326,8 +330,9 @@ def main():
     cluster = None
     try:
         remotes = []
-        if "nbd-1ms" in config.remotes:
-            remotes.append(DelayedNbd(workdir, config.size))
+        for name in config.remotes:
+            if name.startswith("nbd-"):
+                remotes.append(DelayedNbd(workdir, config.size, int(name[4:-2])))
         if "rbd" in config.remotes:
             log("starting a one-node Ceph cluster")
             cluster = ceph.CephCluster(workdir / "ceph").start()
