@@ -17,13 +17,14 @@ and two mirrors write to it, each target fresh on empty images:
 
 fio jobs: 4k randwrite qd1, 4k randwrite qd16, 1M seq write qd4. Then the full copy of a fully
 written qcow2 to the remote: `mirrorfs serve --copy full` (time to synchronized) next to
-`qemu-img convert -n` into the same kind of fresh image.
+`qemu-img convert -n -T none` into the same kind of fresh image (both read the base with O_DIRECT).
 
     make bench                                       # runs this after scripts/bench.py
     .venv/bin/python scripts/bench_remote.py --quick # smoke run
 """
 
 import argparse
+import os
 import re
 import json
 import shutil
@@ -214,6 +215,11 @@ def measure_copy(remote, base, workdir, size, log):
     """The full copy of the fully written `base` to a fresh remote image: mirrorfs's copier (to
     synchronized, from its status) and qemu-img convert -n (wall time)."""
     found = {}
+    # Both copies read the base as mirrorfs's source daemon does (cache=none: O_DIRECT, so
+    # `qemu-img convert -T none`), with nothing of it dirty in the page cache: an O_DIRECT read
+    # first writes back the dirty pages it covers, which would charge the base's writing to
+    # whichever copy came first.
+    os.sync()
     image = remote.make()
     d = workdir / f"copy-{remote.name}"
     d.mkdir()
@@ -247,7 +253,8 @@ def measure_copy(remote, base, workdir, size, log):
     try:
         image.start()
         started = time.monotonic()
-        run_tool(["qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw", base, image.spec],
+        run_tool(["qemu-img", "convert", "-n", "-T", "none", "-f", "qcow2", "-O", "raw", base,
+                  image.spec],
                  timeout=900)
         found["qemu-img convert -n"] = time.monotonic() - started
         log(f"  {remote.name:8} qemu-img convert {found['qemu-img convert -n']:.2f} s")
