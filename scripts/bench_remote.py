@@ -211,7 +211,7 @@ def measure(remote, kind, workdir, config, log):
     return rows
 
 
-def measure_copy(remote, base, workdir, size, log):
+def measure_copy(remote, base, workdir, size, log, run=0):
     """The full copy of the fully written `base` to a fresh remote image: mirrorfs's copier (to
     synchronized, from its status) and qemu-img convert -n (wall time)."""
     found = {}
@@ -221,7 +221,7 @@ def measure_copy(remote, base, workdir, size, log):
     # whichever copy came first.
     os.sync()
     image = remote.make()
-    d = workdir / f"copy-{remote.name}"
+    d = workdir / f"copy-{remote.name}-{run}"
     d.mkdir()
     try:
         image.start()
@@ -278,7 +278,8 @@ def print_report(report, config):
             print(f"{remote:12} {job.label:22} {bench.fmt(m and m['iops'], '14,.0f')} "
                   f"{bench.fmt(q and q['iops'], '17,.0f')} {bench.fmt(ratio, '6.2f')} "
                   f"{bench.fmt(m and m['p50_us'], '16,.0f')} {bench.fmt(q and q['p50_us'], '12,.0f')}")
-    print(f"\nfull copy of a fully written {config.size // MiB} MiB qcow2 to a fresh remote image:")
+    print(f"\nfull copy of a fully written {config.size // MiB} MiB qcow2 to a fresh remote image "
+          f"(median of {config.runs} run(s)):")
     for remote, found in report.get("copy", {}).items():
         m, q = found.get("mirrorfs serve --copy full"), found.get("qemu-img convert -n")
         ratio = q["seconds"] / m["seconds"] if m and q else None
@@ -365,7 +366,12 @@ def main():
                 log("writing the base for the copy")
                 base = bench.make_base(workdir / "base.qcow2", config.size)
             try:
-                report["copy"][remote.name] = measure_copy(remote, base, workdir, config.size, log)
+                # Each copy takes seconds: one run is at the mercy of the machine's other work.
+                runs = [measure_copy(remote, base, workdir, config.size, log, run)
+                        for run in range(config.runs)]
+                report["copy"][remote.name] = {
+                    name: {k: statistics.median(r[name][k] for r in runs) for k in runs[0][name]}
+                    for name in runs[0]}
             except Exception as e:
                 report["errors"].append(f"{remote.name} copy: {type(e).__name__}: {e}")
                 log(f"  FAILED: {e}")
