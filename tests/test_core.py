@@ -324,7 +324,7 @@ def test_the_copier_cursor_never_passes_a_chunk_not_copied(memory, disk_on):
         source.write(bytes([1 + i // MiB]) * MiB, i)
     dest = memory("dst", "--filter=delay", "delay-write=20ms")
     disk = disk_on(source, dest, full=True)
-    copier = Copier(disk, chunk=MiB).start()
+    copier = Copier(disk, chunk=MiB, workers=3).start()
     samples = 0
     try:
         while not disk.dirty.synchronized():
