@@ -132,15 +132,16 @@ def _explain(image, message):
     return message
 
 
-def full_pool(image):
-    """Why the image's pool takes no writes now, or None: a pool at its quota, or a cluster whose
-    OSDs are full. Ceph does not fail a write to a full pool, it holds it until there is room, and
+def unusable_pool(image):
+    """Why the image's pool takes no writes now, or None: a pool at its quota, a cluster whose
+    OSDs are full, or no monitor answering. Ceph does not fail a write to a full pool, it holds it until there is room, and
     opening an image for use writes to it (librbd's watch on the image header): the probe and the
     storage daemon would wait, not fail. The monitor says it in the pool's flags, at once.
 
     Asked with the `ceph` tool (ceph-common) and the same conf and user as the image; where that
     tool is missing or the user may not read the OSD map, the answer is None and the probe's own
-    bounded wait is what stops us."""
+    bounded wait is what stops us. A monitor that did not answer it is said at once, rather than
+    waited for a second time by the probe."""
     argv = ["ceph", "--connect-timeout", str(MON_TIMEOUT), "osd", "pool", "ls", "detail",
             "--format=json"]
     if image.conf:
@@ -150,6 +151,8 @@ def full_pool(image):
     try:
         res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                              env=environment(), timeout=MON_TIMEOUT + 5)
+        if res.returncode != 0 and res.stderr.strip().endswith("timed out"):
+            return _explain(image, "error connecting: Connection timed out")
         pools = json.loads(res.stdout) if res.returncode == 0 else []
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
@@ -173,7 +176,7 @@ def probe(label, image):
     """Open the image once with qemu-img (the library the storage daemon uses): does the cluster
     answer, do the pool and the image exist, may we use them, how large is it. Returns the image
     with its size; raises ImageError with one line."""
-    reason = full_pool(image)
+    reason = unusable_pool(image)
     if reason:
         raise ImageError(f"{label} {image}: {reason}")
     argv = ["qemu-img", "info", "--output=json", image.spec]
