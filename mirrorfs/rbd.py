@@ -134,9 +134,10 @@ def _explain(image, message):
 
 def unusable_pool(image):
     """Why the image's pool takes no writes now, or None: a pool at its quota, a cluster whose
-    OSDs are full, or no monitor answering. Ceph does not fail a write to a full pool, it holds it until there is room, and
-    opening an image for use writes to it (librbd's watch on the image header): the probe and the
-    storage daemon would wait, not fail. The monitor says it in the pool's flags, at once.
+    OSDs are full, or no monitor answering. Ceph does not fail a write to a full pool, it holds it
+    until there is room, and opening an image for use writes to it (librbd's watch on the image
+    header): the probe and the storage daemon would wait, not fail. The monitor says it in the
+    pool's flags, at once.
 
     Asked with the `ceph` tool (ceph-common) and the same conf and user as the image; where that
     tool is missing or the user may not read the OSD map, the answer is None and the probe's own
@@ -149,12 +150,22 @@ def unusable_pool(image):
     if image.user:
         argv[1:1] = ["--id", image.user]
     try:
-        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                             env=environment(), timeout=MON_TIMEOUT + 5)
-        if res.returncode != 0 and res.stderr.strip().endswith("timed out"):
-            return _explain(image, "error connecting: Connection timed out")
-        pools = json.loads(res.stdout) if res.returncode == 0 else []
-    except (OSError, subprocess.TimeoutExpired, ValueError):
+        # Forked like every child of ours (see probe): it must not outlive a killed mirrorfs.
+        proc = processes.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL, env=environment())
+    except OSError:
+        return None
+    try:
+        stdout, stderr = proc.communicate(timeout=MON_TIMEOUT + 5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return None
+    if proc.returncode != 0 and stderr.strip().endswith("timed out"):
+        return _explain(image, "error connecting: Connection timed out")
+    try:
+        pools = json.loads(stdout) if proc.returncode == 0 else []
+    except ValueError:
         return None
     for pool in pools if isinstance(pools, list) else ():
         if isinstance(pool, dict) and pool.get("pool_name") == image.pool:
@@ -197,7 +208,8 @@ def probe(label, image):
         # The monitor answered the pool check (if we could ask it): what is left is an image that
         # does not open, an OSD that holds its header's requests (down, or full since the check).
         raise ImageError(f"{label} {image}: the image did not open in {limit}s (no monitor "
-                         "answered, or an OSD holding the image's header is down or full)") from None
+                         "answered, or an OSD holding the image's header is down or full)"
+                         ) from None
     res = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     if res.returncode != 0:
         lines = [line.strip() for line in res.stderr.splitlines() if line.startswith("qemu-img:")]

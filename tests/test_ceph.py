@@ -232,13 +232,14 @@ def test_a_pool_full_before_serve_starts_is_refused_at_once(how, ceph_cluster, w
         ceph_cluster.wait_pool(pool, full=True)
         spec = ceph_cluster.spec("img", pool=pool)
         before = snapshot(workdir)
+        env = dict(os.environ, XDG_RUNTIME_DIR=os.fspath(workdir))   # its run dir: our_processes
         for label, argv in (("destination", [source, spec]), ("source", [spec, source])):
             res = subprocess.run([*MIRRORFS, "serve", "--copy", "full", *map(str, argv),
                                   "--socket", str(workdir / "d.sock")], capture_output=True,
-                                 text=True, stdin=subprocess.DEVNULL, timeout=120)
+                                 text=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
             err = res.stderr
             assert res.returncode > 0 and err.count("\n") == 1 and "Traceback" not in err, err
-            assert f"{label} {ceph_cluster.spec('img', pool=pool)}: pool {pool} is full (" in err, err
+            assert f"{label} {spec}: pool {pool} is full (" in err, err
             assert ("quota" in err) == (how == "quota"), err
         assert not our_processes(os.fspath(workdir))
         assert snapshot(workdir) == before
