@@ -270,10 +270,15 @@ class MirrorfsTarget(Target):
 
     def __init__(self, disk):
         super().__init__(disk)
-        self.socket = sockets.check_unix_path(disk.dir / "mirrorfs.sock")
-        self.server = Child("mirrorfs serve", [*MIRRORFS, "serve", disk.source, disk.dest,
-                                               "--socket", self.socket, "--cache", HOST_CACHE],
-                            disk.dir / "mirrorfs.log")
+        self._serve(disk.dir, disk.source, disk.dest, HOST_CACHE)
+
+    def _serve(self, directory, source, dest, cache):
+        """`mirrorfs serve SOURCE DEST`, its socket and log in `directory` (bench_remote.py's
+        mirrorfs target calls this with a remote DEST)."""
+        self.socket = sockets.check_unix_path(directory / "mirrorfs.sock")
+        self.server = Child("mirrorfs serve", [*MIRRORFS, "serve", source, dest,
+                                               "--socket", self.socket, "--cache", cache],
+                            directory / "mirrorfs.log")
 
     @property
     def uri(self):

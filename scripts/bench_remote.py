@@ -144,26 +144,11 @@ class RbdImage:
 
 # The mirrors.
 
-class Mirrorfs:
-    name = "mirrorfs"
+class Mirrorfs(bench.MirrorfsTarget):
+    """bench.py's mirrorfs target, with the remote export as DEST."""
 
     def __init__(self, d, source, remote):
-        self.socket = sockets.check_unix_path(d / "m.sock")
-        self.server = Child("mirrorfs serve", [*MIRRORFS, "serve", source, remote.spec,
-                                               "--socket", self.socket, "--cache", "none"],
-                            d / "mirrorfs.log")
-
-    uri = property(lambda self: f"nbd+unix:///?socket={self.socket}")
-
-    def start(self):
-        self.server.start()
-        wait_for_output(self.server, "serving ")
-
-    def check(self):
-        check_alive(self.server)
-
-    def stop(self):
-        self.server.stop()
+        self._serve(d, source, remote.spec, "none")
 
 
 class QemuMirror(bench.QemuMirrorTarget):
