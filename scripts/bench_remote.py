@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -169,6 +171,47 @@ class QemuMirror(bench.QemuMirrorTarget):
             self._wait_ready(qmp)
 
 
+# Where the CPU goes: what each process of a measurement spends per request (--cpu). On this kind
+# of machine the remote shares the CPUs with the mirror and fio, so a job can be bound by CPU, not
+# by the remote's latency; this says which process pays. fio itself is not counted.
+
+CPU = "cpu_us:"             # the metrics' keys: CPU + role -> microseconds of CPU per request
+
+
+def roles(target, image, source):
+    """{role: psutil.Process} of the processes one measurement runs."""
+    found = {}
+    if isinstance(image, DelayedNbdImage):
+        found["remote: storage daemon"] = image.export.child.pid
+        found["remote: delay filter's nbdkit"] = image.nbdkit.pid
+    else:
+        for name, child in image.cluster.daemons.items():
+            found[f"remote: ceph-{name.split('.')[0]}"] = child.pid
+    if isinstance(target, Mirrorfs):
+        for p in psutil.Process(target.server.pid).children(recursive=True):
+            if p.name() == "nbdkit":
+                found["mirrorfs: nbdkit (the data path)"] = p.pid
+            elif str(source) in " ".join(p.cmdline()):
+                found["mirrorfs: source storage daemon"] = p.pid
+            else:
+                found["mirrorfs: destination storage daemon"] = p.pid
+        found["mirrorfs: supervisor"] = target.server.pid
+    else:
+        found["qemu: storage daemon (the mirror)"] = target.daemon.child.pid
+    return {role: psutil.Process(pid) for role, pid in found.items() if pid}
+
+
+def cpu_seconds(processes):
+    found = {}
+    for role, p in processes.items():
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        found[role] = t.user + t.system
+    return found
+
+
 def measure(remote, kind, workdir, config, log):
     rows = {}
     d = workdir / f"{remote.name}-{kind.name}-{time.monotonic_ns()}"
@@ -181,8 +224,16 @@ def measure(remote, kind, workdir, config, log):
         image.start()
         target = kind(d, source, image)
         target.start()
+        processes = roles(target, image, source)
         for job in config.jobs:
+            before, started = cpu_seconds(processes), time.monotonic()
             found = run_job(target.uri, job, config)
+            spent = {role: (cpu - before.get(role, 0.0)) / (time.monotonic() - started)
+                     for role, cpu in cpu_seconds(processes).items()}
+            for m in found.values():
+                # CPU rate over I/O rate: the CPU time each process spends per request.
+                m.update({CPU + role: rate / m["iops"] * 1e6 if m["iops"] else 0.0
+                          for role, rate in spent.items()})
             rows.update(found)
             log(f"  {remote.name:8} {kind.name:12} {job.label:20} "
                 + ", ".join(f"{m['iops']:,.0f} IOPS" for m in found.values()))
@@ -263,6 +314,19 @@ def print_report(report, config):
             print(f"{remote:12} {job.label:22} {bench.fmt(m and m['iops'], '14,.0f')} "
                   f"{bench.fmt(q and q['iops'], '17,.0f')} {bench.fmt(ratio, '6.2f')} "
                   f"{bench.fmt(m and m['p50_us'], '16,.0f')} {bench.fmt(q and q['p50_us'], '12,.0f')}")
+    if config.cpu:
+        print("\nCPU per request (microseconds; each process's CPU rate over the job's IOPS; fio "
+              "not counted):")
+        for remote, rows in report["results"].items():
+            for job in config.jobs:
+                for kind in ("mirrorfs", "qemu-mirror"):
+                    m = rows.get(kind, {}).get(job.label)
+                    if not m:
+                        continue
+                    parts = {k[len(CPU):]: v for k, v in m.items() if k.startswith(CPU)}
+                    print(f"  {remote:8} {job.label:20} {kind:12} total {sum(parts.values()):6.0f}: "
+                          + ", ".join(f"{role} {v:.0f}" for role, v in
+                                      sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 1))
     print(f"\nfull copy of a fully written {config.size // MiB} MiB qcow2 to a fresh remote image "
           f"(median of {config.runs} run(s)):")
     for remote, found in report.get("copy", {}).items():
@@ -288,6 +352,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", help="comma-separated fio jobs to run (default all: "
                    + ",".join(job.key for job in JOBS) + "); 'none' runs only the copy")
     p.add_argument("--no-copy", action="store_true", help="skip the full copy")
+    p.add_argument("--cpu", action="store_true",
+                   help="also print the CPU each process spends per request")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
