@@ -324,9 +324,10 @@ def print_report(report, config):
                     if not m:
                         continue
                     parts = {k[len(CPU):]: v for k, v in m.items() if k.startswith(CPU)}
-                    print(f"  {remote:8} {job.label:20} {kind:12} total {sum(parts.values()):6.0f}: "
-                          + ", ".join(f"{role} {v:.0f}" for role, v in
-                                      sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 1))
+                    largest = sorted(parts.items(), key=lambda kv: -kv[1])
+                    print(f"  {remote:8} {job.label:20} {kind:12} "
+                          f"total {sum(parts.values()):6.0f}: "
+                          + ", ".join(f"{role} {v:.0f}" for role, v in largest if v >= 1))
     print(f"\nfull copy of a fully written {config.size // MiB} MiB qcow2 to a fresh remote image "
           f"(median of {config.runs} run(s)):")
     for remote, found in report.get("copy", {}).items():
@@ -409,7 +410,7 @@ def main():
                         log(f"  FAILED: {e}")
             report["samples"][remote.name] = samples
             report["results"][remote.name] = {
-                kind: {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                kind: {label: {k: statistics.median(r[k] for r in runs if k in r) for k in runs[0]}
                        for label, runs in rows.items()} for kind, rows in samples.items()}
         base = None
         for remote in remotes if not config.no_copy else ():
