@@ -12,7 +12,8 @@ import time
 import nbd
 import pytest
 
-from conftest import MIRRORFS, MiB, images_identical, our_processes, qemu_io, run, sha256
+from conftest import (MIRRORFS, MiB, PausableFront, images_identical, our_processes, qemu_io,
+                      run, sha256)
 from readme import check_commands
 from test_bad_input import snapshot
 
@@ -288,33 +289,50 @@ def test_osd_stopped_during_the_copy_degrades_then_resyncs(ceph_cluster, workdir
     assert same, detail
 
 
-def test_full_pool_degrades_then_resyncs_when_the_quota_is_raised(ceph_cluster, workdir, serve):
+def test_full_pool_degrades_then_resyncs_when_the_quota_is_raised(ceph_cluster, workdir, serve,
+                                                                  qemu_nbd):
     """A pool at its quota does not fail writes: RADOS holds them until there is room (a Ceph client
     never sees ENOSPC for a full pool). So what reaches mirrorfs is a destination that stops
     answering: --io-timeout cuts it, the regions are recorded, and the copy resumes once the pool
-    has room again."""
+    has room again.
+
+    Nothing is left to timing: the copy's source is held (nbdkit's pause filter) until the monitor
+    has flagged the pool full, so the copier's first writes meet a full pool. (Before, a quota
+    reached *during* a rate-limited copy was flagged, in one CI run, only after the copy had
+    finished.) The pool is filled by another image before the quota is set, so no write but the
+    copier's is ever held."""
     ceph_cluster.ceph("osd", "pool", "create", "quota", "8")
     ceph_cluster.rbd("pool", "init", "quota")
     ceph_cluster.rbd("create", "--size", "64M", "quota/full")
-    # The pool fills during the copy. (Full before mirrorfs starts, it is refused at once: see
-    # test_a_pool_full_before_serve_starts_is_refused_at_once.)
-    ceph_cluster.ceph("osd", "pool", "set-quota", "quota", "max_bytes", str(8 * MiB))
+    ceph_cluster.rbd("create", "--size", "16M", "quota/filler")
     dest = ceph_cluster.spec("full", pool="quota")
     source = make_source(workdir / "src.qcow2", every=1)
-    served = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
-                   "--io-timeout", "2", "--rate", "4M", source, dest)    # 32 MiB of data: 8 s
+    export = qemu_nbd(source, "src-export")
+    front = PausableFront(workdir, "src-front", export.socket)
     try:
-        # The copier's writes are the first to be held: cut after --io-timeout, counted as the
-        # side's timeouts and the copy's failures, and retried with backoff.
+        front.pause()                                   # the copier's first request waits here
+        served = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
+                       "--io-timeout", "2", front.uri, dest)
+        qemu_io(ceph_cluster.spec("filler", pool="quota"), f"write -P 0x7e 0 {12 * MiB}",
+                fmt="raw")
+        ceph_cluster.ceph("osd", "pool", "set-quota", "quota", "max_bytes", str(8 * MiB))
+        ceph_cluster.wait_pool("quota", full=True)
+        assert status(served.control)["datapath"]["copy"]["bytes_read"] == 0
+        front.resume()
+        # The copier's writes are held: cut after --io-timeout, counted as the side's timeouts
+        # and the copy's failures, and retried with backoff.
         s = wait_for(served.control,
                      lambda s: s["datapath"]["sides"]["destination"]["timeouts"] > 0,
                      "a destination timeout", timeout=60)
         assert s["phase"] == "copying" and s["datapath"]["copy"]["failures"] > 0
-        write(served.uri, (50 * MiB, MiB, 0x5f))            # the client is not held by the full pool
+        write(served.uri, (50 * MiB, MiB, 0x5f))        # the client is not held by the full pool
         assert "POOL_FULL" in ceph_cluster.ceph("health", "detail")
     finally:
         ceph_cluster.ceph("osd", "pool", "set-quota", "quota", "max_bytes", "0")
+        front.resume()
     synchronized(served.control, timeout=120)
     assert served.stop() == 0
+    front.stop()
+    export.stop()
     same, detail = images_identical(source, dest)
     assert same, detail
