@@ -15,6 +15,7 @@ import pytest
 
 from conftest import wait_for_pidfile
 from mirrorfs.datapath.backend import NbdBackend
+from mirrorfs.datapath import copier as copier_module
 from mirrorfs.datapath.copier import Copier
 from mirrorfs.datapath.dirtymap import DirtyMap
 from mirrorfs.datapath.disk import Disk, RequestError, SwitchRefused
@@ -314,6 +315,29 @@ def test_a_failing_destination_fails_the_request_or_degrades(memory, disk_on):
     degrading.pwrite(bytearray(b"\x11" * 4096), 3 * MiB, fua=False)     # succeeds for the client
     assert degrading.dirty.needs_copy == {3}
     assert degrading.stats["destination"].degraded == 1
+
+
+def test_one_outage_doubles_the_copiers_wait_once(memory, disk_on, monkeypatch):
+    """Every chunk in flight fails together when the destination fails: the copier's wait before
+    it tries again (the settle time) doubles once for that round, not once per worker (six workers
+    took it from 2 s to the 60 s cap at the first outage). The retry delay is made long so that
+    the first round is all that happens while the test looks."""
+    monkeypatch.setattr(copier_module, "RETRY_DELAY", 60.0)
+    source = memory("src")
+    for i in range(0, SIZE, MiB):
+        source.write(bytes([1 + i // MiB]) * MiB, i)       # data everywhere: every chunk writes
+    dest = memory("dst", "--filter=error", "error-pwrite=EIO", "error-pwrite-rate=100%")
+    disk = disk_on(source, dest, full=True)
+    copier = Copier(disk, chunk=MiB, workers=6).start()
+    try:
+        deadline = time.monotonic() + 30
+        while copier.failures < 6:
+            assert time.monotonic() < deadline, f"{copier.failures} chunks failed, not 6"
+            time.sleep(0.01)
+        with copier._lock:
+            assert (copier.failures, copier._settle) == (6, 2 * copier_module.SETTLE_FIRST)
+    finally:
+        copier.stop()
 
 
 def test_the_copier_cursor_never_passes_a_chunk_not_copied(memory, disk_on):

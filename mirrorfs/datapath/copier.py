@@ -61,6 +61,10 @@ class Copier:
         self.synchronized_at = self.started if self.dirty.synchronized() else None
         self._stop = threading.Event()
         self._settle = SETTLE_FIRST
+        # Bumped each time _settle doubles: the workers' chunks that fail together (one outage
+        # fails every chunk in flight) double it once, not once per worker (6 workers would
+        # otherwise take it from 2 s to the 60 s cap at the first outage).
+        self._generation = 0
         # Several workers copy different chunks at once, so one chunk's reads overlap another's
         # writes. The cursor only moves over chunks that are all done (see _chunk_done).
         self._lock = threading.Lock()
@@ -98,6 +102,9 @@ class Copier:
     def _run(self, maintains):
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
         while not self._stop.is_set() and self._mirroring():
+            # Read before the settle check: a chunk started after it belongs to this generation
+            # even if another worker's failure doubles the wait meanwhile.
+            generation = self._generation
             unsettled = self._unsettled()
             if unsettled > 0:
                 self._stop.wait(unsettled)
@@ -105,8 +112,11 @@ class Copier:
             try:
                 worked = self._step()
             except CopyFailed:
-                self.failures += 1
-                self._settle = min(self._settle * 2, SETTLE_MAX)
+                with self._lock:
+                    self.failures += 1
+                    if generation == self._generation:
+                        self._generation += 1
+                        self._settle = min(self._settle * 2, SETTLE_MAX)
                 self._stop.wait(max(RETRY_DELAY, self.disk.dest.down_until - time.monotonic()))
                 continue
             if worked:
