@@ -340,6 +340,7 @@ class QemuMirrorTarget(Target):
     destination overlay in step. This is the oVirt-like flow done inside QEMU."""
     name = "qemu-mirror"
     JOB_ID = "mirror0"
+    SYNC = "top"        # the overlays share the base: only the source overlay's data is copied
 
     def __init__(self, disk):
         super().__init__(disk)
@@ -356,8 +357,8 @@ class QemuMirrorTarget(Target):
         self.daemon.start()
         with self.daemon.monitor() as qmp:
             self._qmp(qmp, "blockdev-mirror", {
-                "job-id": self.JOB_ID, "device": "source", "target": "target", "sync": "top",
-                "copy-mode": "write-blocking"})
+                "job-id": self.JOB_ID, "device": "source", "target": "target",
+                "sync": self.SYNC, "copy-mode": "write-blocking"})
             self._wait_ready(qmp)
 
     def _qmp(self, qmp, command, arguments=None):

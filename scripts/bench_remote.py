@@ -155,20 +155,11 @@ class Mirrorfs(bench.MirrorfsTarget):
 
 class QemuMirror(bench.QemuMirrorTarget):
     """bench.py's QEMU mirror, with the remote export as the mirror's target node."""
-    name = "qemu-mirror"
+    SYNC = "none"       # the images start empty and equal: the job mirrors what clients write
 
     def __init__(self, d, source, remote):
         graph = [qcow2_node("source", source), remote.qemu_node("target")]
         self.daemon = StorageExport(d, "mirror", graph, "source", monitor=True)
-
-    def start(self):
-        self.daemon.start()
-        with self.daemon.monitor() as qmp:
-            # sync=none: the images start empty and equal; the job mirrors what clients write.
-            self._qmp(qmp, "blockdev-mirror", {
-                "job-id": self.JOB_ID, "device": "source", "target": "target", "sync": "none",
-                "copy-mode": "write-blocking"})
-            self._wait_ready(qmp)
 
 
 # Where the CPU goes: what each process of a measurement spends per request (--cpu). On this kind
