@@ -1,3 +1,3 @@
-from mirrorfs.cli import main
+from mirrorfs.cli.main import main
 
 raise SystemExit(main())

@@ -39,9 +39,11 @@ import nbd
 import psutil
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from mirrorfs import processes, sockets, storage
-from mirrorfs.datapath import jsonlines
-from mirrorfs.processes import Child
+from mirrorfs.system import children as processes
+from mirrorfs.system import sockets
+from mirrorfs.daemons import storage
+from mirrorfs.common import jsonlines
+from mirrorfs.system.children import Child
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -166,7 +168,7 @@ HOST_CACHE = "none"
 
 
 def qcow2_node(name, path, backing=None, readonly=False):
-    """A qcow2 block node with the options mirrorfs's own daemons use (mirrorfs/storage.py), in
+    """A qcow2 block node with the options mirrorfs's own daemons use (mirrorfs/daemons/storage.py), in
     the run's cache mode, so that the targets differ only in what sits between the client and
     qcow2. Without `backing` the chain in the image header is opened."""
     node = {"driver": "qcow2", "node-name": name, "discard": "unmap", "read-only": readonly,

@@ -45,7 +45,7 @@ import ceph                                     # noqa: E402  (tests/ceph.py)
 from bench import (MIRRORFS, BenchError, Job, MiB, GiB, MB, StorageExport, check_alive,  # noqa: E402
                    qcow2_node, run_job, run_tool, wait_for_output)
 from mirrorfs import sockets                     # noqa: E402
-from mirrorfs.processes import Child             # noqa: E402
+from mirrorfs.system.children import Child             # noqa: E402
 
 DELAY_MS = 1            # the default remote's delay, nbd-1ms
 JOBS = (

@@ -9,7 +9,7 @@ Everything (configuration, keyrings, data, logs, admin sockets, the monitor's po
 directory or is picked free for this run, so that several runs on one machine never meet, and nothing
 in /etc/ceph or /var/lib/ceph is read or written. Debian 12's ceph 16.2 daemons run here without
 systemd: each is started in the foreground (-f) as our child, with SIGTERM from the kernel when we die
-(mirrorfs.processes), and `stop()` kills them all; a failed start stops what it started.
+(mirrorfs.system.children), and `stop()` kills them all; a failed start stops what it started.
 
 Clients need the configuration: `conf=` in an `rbd:` spec, or CEPH_CONF (`cluster.env`).
 """
@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from mirrorfs.processes import Child
+from mirrorfs.system.children import Child
 
 PACKAGES = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph-common", "qemu-block-extra")
 TOOLS = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "rbd")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (MIRRORFS, FioLoad, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair,
                       qemu_io, run, saved_state, sha256, wait_until)
-from mirrorfs.datapath import jsonlines
+from mirrorfs.common import jsonlines
 
 SIZE = 64 * MiB
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (MIRRORFS, FioLoad, MiB, images_identical, kill_mirrorfs, make_base, make_overlay,
                       qemu_io, run, saved_state, sha256, status_of, wait_until)
-from mirrorfs.datapath import jsonlines
+from mirrorfs.common import jsonlines
 from test_resume import Model, writer
 
 
@@ -239,7 +239,7 @@ def test_a_destination_base_that_uses_the_source_is_refused(migration):
 
 
 def test_python_api_drives_the_workflow(migration):
-    from mirrorfs.migration import Migration
+    from mirrorfs.control.migration import Migration
     m = Migration(migration.base, migration.workdir / "dst", socket=migration.workdir / "api.sock")
     m.start()
     try:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import MiB, images_identical, qemu_io, run
-from mirrorfs.processes import Child
+from mirrorfs.system.children import Child
 
 # Deadlines only: a hang fails, a busy machine does not.
 GONE_TIMEOUT = 30

@@ -9,7 +9,8 @@ import psutil
 import pytest
 
 from conftest import MiB, images_identical, qemu_io, run, sha256
-from mirrorfs import images, storage
+from mirrorfs.sides import images
+from mirrorfs.daemons import storage
 
 
 def test_writes_reach_both_sides_and_reads_come_from_source(chains, serve):

@@ -1,4 +1,4 @@
-"""Python thread states kept across requests (mirrorfs/threadstate.py): deleted when their client
+"""Python thread states kept across requests (mirrorfs/datapath/threadstate.py): deleted when their client
 leaves, and nbdkit survives its connections whether requests run on worker threads or not."""
 
 import hashlib

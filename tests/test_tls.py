@@ -197,7 +197,7 @@ def test_listen_beyond_loopback_needs_tls_or_insecure(host, workdir, chains):
 
 def test_access_check_allows_tls_or_insecure_beyond_loopback(workdir):
     """The other half, without binding anything beyond loopback: the check passes."""
-    from mirrorfs.access import Access
+    from mirrorfs.system.access import Access
     Access(psk=str(_psk(workdir))).check(("0.0.0.0", 10809))
     Access(insecure=True).check(("0.0.0.0", 10809))
     Access().check(("127.0.0.1", 10809))

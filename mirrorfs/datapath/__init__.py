@@ -15,7 +15,6 @@ from here: the constants both halves must agree on live here, once.
     dirtymap.py        what may differ between the sides, and the write-intent rule
     copier.py          copies what may differ (full mode's first pass, regions to copy again)
     state.py           the state journal in the state directory: what survives kill -9
-    jsonlines.py       the JSON-lines protocol of both control sockets
     threadstate.py     one Python thread state per nbdkit worker thread (speed)
     lifeline.py        the data path ends, quiesced, when its supervisor dies
 """
@@ -25,10 +24,3 @@ from pathlib import Path
 # The script nbdkit's python plugin loads (`nbdkit python SCRIPT key=value...`).
 NBDKIT_SCRIPT = Path(__file__).resolve().parent / "nbdkit_script.py"
 
-
-def human_size(n):
-    """1536 -> '1.5 KiB': sizes as the operator reads them (the CLI's display uses it too)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024

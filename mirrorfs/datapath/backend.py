@@ -32,7 +32,7 @@ POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
 # destination must not cost every request a connect timeout.
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
-# How long a connect may take, here and in the supervisor's probe (mirrorfs.endpoints): a server
+# How long a connect may take, here and in the supervisor's probe (mirrorfs.sides.endpoints): a server
 # that accepts but never finishes the handshake (a stopped process) is given up on after this.
 CONNECT_TIMEOUT = 10.0
 # Connections per side at most (see the module docstring).

@@ -1,4 +1,4 @@
-"""nbdkit's callbacks, mapped onto the data path (`mirrorfs.datapath`, `mirrorfs.disk`).
+"""nbdkit's callbacks, mapped onto the data path (`mirrorfs.datapath`, `mirrorfs.datapath.disk`).
 
 `plugin/mirrorfs_nbdkit.py` is the script nbdkit loads; it imports everything from here. nbdkit calls
 these functions by name, so this module holds the only state nbdkit needs between callbacks: one

@@ -23,7 +23,7 @@ import nbd
 from mirrorfs.datapath.backend import BackendError, describe, drive, error_errno, wait_one
 from mirrorfs.datapath.dirtymap import DirtyMap
 from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
-from mirrorfs.datapath import human_size
+from mirrorfs.common.sizes import human_size
 from mirrorfs.datapath.inflight import DrainTimeout, InFlight
 
 log = logging.getLogger("mirrorfs")

@@ -21,7 +21,8 @@ import socket
 import threading
 import time
 
-from mirrorfs.datapath import jsonlines, lifeline
+from mirrorfs.datapath import lifeline
+from mirrorfs.common import jsonlines
 from mirrorfs.datapath.backend import BackendError, NbdBackend
 from mirrorfs.datapath.copier import Copier
 from mirrorfs.datapath.dirtymap import DirtyMap

@@ -1,7 +1,7 @@
 """The control socket of a served disk: JSON lines on a unix socket (mode 0600, or 0660 with --group).
 
 Requests, one JSON object per line; which commands exist is the controller's table
-(mirrorfs.controller.Controller.commands):
+(mirrorfs.control.controller.Controller.commands):
     {"cmd": "status"}                       → {"ok": true, "status": {...}}
     {"cmd": "events", "since": 0}           → one line per event, as they happen
     {"cmd": "verify"}                       → {"ok": true, "identical": bool, "detail": "..."}
@@ -11,8 +11,8 @@ Requests, one JSON object per line; which commands exist is the controller's tab
 A refused request answers {"ok": false, "error": "..."}: the same sentence the CLI prints.
 """
 
-from mirrorfs import sockets
-from mirrorfs.datapath import jsonlines
+from mirrorfs.system import sockets
+from mirrorfs.common import jsonlines
 from mirrorfs.errors import Error
 
 

@@ -46,7 +46,7 @@ def info(path):
     """Probe an image file and its backing chain. Fails if any file in the chain is missing."""
     path = Path(path)
     if "rbd:" in str(path) and not path.exists():
-        # Only `serve` takes RBD images (mirrorfs/rbd.py); the overlay workflow is built on qcow2
+        # Only `serve` takes RBD images (mirrorfs/sides/rbd.py); the overlay workflow is built on qcow2
         # files and their backing chains. (`start` has made the spec an absolute path by now.)
         spec = str(path)[str(path).index("rbd:"):]
         raise ImageError(f"{spec}: an RBD image, not a file; to move a disk to or from Ceph use "

@@ -1,12 +1,12 @@
 """What the CLI shows a person: sizes, a progress bar, a one-screen status.
 
-The status is the controllers' one schema (mirrorfs.controller): the common fields always, and a line
+The status is the controllers' one schema (mirrorfs.control.controller): the common fields always, and a line
 for each optional section (copy, switch, state, mirror) only when it is there.
 """
 
 import time
 
-from mirrorfs.datapath import human_size as size
+from mirrorfs.common.sizes import human_size
 
 BAR_WIDTH = 30
 
@@ -29,9 +29,9 @@ def progress_bar(fraction, label=""):
 
 def copy_line(copy):
     """'200.0 MiB of 1.0 GiB, 40.0 MiB/s, 20s left'."""
-    text = f"{size(copy['bytes_done'])} of {size(copy['bytes_total'])}"
+    text = f"{human_size(copy['bytes_done'])} of {human_size(copy['bytes_total'])}"
     if copy.get("rate"):
-        text += f", {size(copy['rate'])}/s"
+        text += f", {human_size(copy['rate'])}/s"
     if copy.get("eta_seconds") is not None:
         text += f", {duration(copy['eta_seconds'])} left"
     return text
@@ -93,7 +93,7 @@ def _datapath_lines(dp):
     lines = [f"requests:     {req}; {dp['in_flight']} in flight",
              f"reads from:   {dp['reader']}; writes to: {', '.join(dp['writers'])}"]
     if dp.get("dirty_bytes"):
-        lines.append(f"may differ:   {size(dp['dirty_bytes'])}")
+        lines.append(f"may differ:   {human_size(dp['dirty_bytes'])}")
     for name, side in dp.get("sides", {}).items():
         lat = side["latency_ms"]
         lat_text = (f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms" if lat["samples"]

@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirrorfs import sockets
+from mirrorfs.system import sockets
 from mirrorfs.errors import UsageError
 
 TLS_MODES = ("off", "on", "require")

@@ -22,13 +22,14 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import export, images
-from mirrorfs.basecopy import BaseCopy
-from mirrorfs.controller import Controller, PhaseError, number
+from mirrorfs.control import export
+from mirrorfs.sides import images
+from mirrorfs.control.basecopy import BaseCopy
+from mirrorfs.control.controller import Controller, PhaseError, number
 from mirrorfs.datapath.state import State, StateError
 from mirrorfs.errors import Error, ImageError, UsageError
-from mirrorfs.options import ServeOptions
-from mirrorfs.tree import ProcessTree
+from mirrorfs.control.options import ServeOptions
+from mirrorfs.daemons.tree import ProcessTree
 
 __all__ = ["Migration", "PhaseError"]
 

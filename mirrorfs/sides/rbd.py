@@ -25,8 +25,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirrorfs import processes
-from mirrorfs.datapath import human_size
+from mirrorfs.system import children as processes
+from mirrorfs.common.sizes import human_size
 from mirrorfs.errors import ImageError, UsageError
 
 PREFIX = "rbd:"

@@ -14,13 +14,12 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import images
+from mirrorfs.sides import images
 from mirrorfs.errors import ImageError, UsageError
-from mirrorfs.processes import popen
+from mirrorfs.common.sizes import parse_size
+from mirrorfs.system.children import popen
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgGtT]?)(?:i?[bB])?(?:/s)?$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # The rate shown is measured over the last this many seconds: qemu-img convert starts with a burst
 # (its first buffers fill before its rate limit applies), which an average since the start would
 # carry for the whole copy.
@@ -29,10 +28,10 @@ RATE_WINDOW = 2.0
 
 def parse_rate(text, option="--rate"):
     """'50M', '1G', '800k', '1048576' → bytes (per second, for a rate)."""
-    m = _SIZE.match(text.strip())
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"{option} {text!r}: expected a positive size, like 50M or 1G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"{option} {e}") from None
 
 
 class BaseCopy:

@@ -8,7 +8,7 @@ anything starts (a bad input leaves both sides untouched), and everything starte
 on a signal and on failure, in order: nbdkit first (its data path flushes both sides), then the daemons.
 
 The tree knows processes, not phases: what the disk is doing, and which commands are allowed when, is
-the business of the controller on top (mirrorfs.controller: `serve`'s Mirror, the Migration). The one
+the business of the controller on top (mirrorfs.control.controller: `serve`'s Mirror, the Migration). The one
 thing it does to the disk is `switch`: serve one side alone under a drain (the data path refuses a
 second switch, and one to a destination that is not synchronized or does not answer), then retire the
 side no longer used.
@@ -22,15 +22,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mirrorfs import endpoints, sockets
-from mirrorfs.datapath import jsonlines
+from mirrorfs.sides import endpoints
+from mirrorfs.system import sockets
+from mirrorfs.common import jsonlines
 from mirrorfs.datapath.options import LOCK_GRANULARITY
 from mirrorfs.datapath.state import StateError
 from mirrorfs.datapath.state import open_for as open_state
 from mirrorfs.errors import Error, ProcessError, UsageError
-from mirrorfs.frontend import Nbdkit, OperatorLines
-from mirrorfs.processes import LogRelay
-from mirrorfs.storage import StorageDaemon
+from mirrorfs.daemons.nbdkit import Nbdkit, OperatorLines
+from mirrorfs.system.children import LogRelay
+from mirrorfs.daemons.storage import StorageDaemon
 
 log = logging.getLogger("mirrorfs")
 
@@ -82,7 +83,7 @@ class ProcessTree:
     def __init__(self, source, dest, options, listener=None):
         """`source`, `dest`: what the user named (image files or NBD URIs); `options`: ServeOptions;
         `listener`: the disk's listening socket when it is borrowed from a `mirrorfs export`
-        (mirrorfs.export): served instead of binding one, and never closed by nbdkit's exit, so
+        (mirrorfs.control.export): served instead of binding one, and never closed by nbdkit's exit, so
         clients wait in its backlog while the disk changes hands."""
         options.check_sides(dest is not None)
         self.borrowed = listener

@@ -12,10 +12,10 @@ The first two are the data path's to tell (the controller's own phase is "mirror
 only the data path knows, under its drain, whether anything may differ.
 """
 
-from mirrorfs.controller import Controller
-from mirrorfs.datapath import human_size
+from mirrorfs.control.controller import Controller
+from mirrorfs.common.sizes import human_size
 from mirrorfs.errors import Error
-from mirrorfs.tree import ProcessTree
+from mirrorfs.daemons.tree import ProcessTree
 
 
 class Mirror(Controller):

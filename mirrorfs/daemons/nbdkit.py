@@ -4,7 +4,7 @@ nbdkit cannot listen on a unix socket and a TCP port at once from its command li
 the listening sockets itself and hands them over with systemd-style socket activation (LISTEN_FDS):
 permissions are set before anyone can connect, a busy path or port fails before anything starts, and
 clients may connect the moment the sockets exist. The pidfile tells when the plugin is loaded and
-connected to both sides. TLS and the export-name check are nbdkit's own (see mirrorfs/access.py).
+connected to both sides. TLS and the export-name check are nbdkit's own (see mirrorfs/system/access.py).
 """
 
 import fcntl
@@ -13,9 +13,9 @@ import re
 import signal
 from pathlib import Path
 
-from mirrorfs.access import EXPORT_PARAMS, Access
+from mirrorfs.system.access import EXPORT_PARAMS, Access
 from mirrorfs.datapath import NBDKIT_SCRIPT
-from mirrorfs.processes import Child
+from mirrorfs.system.children import Child
 
 FIRST_LISTEN_FD = 3
 
@@ -65,7 +65,7 @@ class Nbdkit(Child):
     """nbdkit with the mirrorfs plugin, serving on the given listening sockets."""
 
     def __init__(self, rundir, listeners, params, readonly=False, threads=16, access=None):
-        """`access`: TLS and export-name options (mirrorfs.access.Access); default: no TLS."""
+        """`access`: TLS and export-name options (mirrorfs.system.access.Access); default: no TLS."""
         rundir = Path(rundir)
         pidfile = rundir / "nbdkit.pid"
         access = access or Access()

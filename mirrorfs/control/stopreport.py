@@ -8,7 +8,7 @@ With a state directory the difference is recorded there and the same command lin
 line says where, and the exit status stays 0 (stopping mid-copy is a normal, resumable operation).
 """
 
-from mirrorfs.datapath import human_size as _amount
+from mirrorfs.common.sizes import human_size
 
 # The exit status of `serve` and `start` when they stopped with the sides different and nothing
 # records where (README: "Exit status").
@@ -21,7 +21,7 @@ def divergence(tree):
     final = tree.final_status
     if final is None or len(final.get("writers", ())) < 2 or final.get("synchronized", True):
         return None
-    amount = _amount(final.get("dirty_bytes", 0))
+    amount = human_size(final.get("dirty_bytes", 0))
     if tree.options.state_path is not None:
         return (f"mirrorfs: stopped with up to {amount} that may differ between the sides, recorded "
                 f"in {tree.options.state_path}; the same command line copies them again", 0)

@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mirrorfs import sockets
-from mirrorfs.access import Access
+from mirrorfs.system import sockets
+from mirrorfs.system.access import Access
 from mirrorfs.datapath.options import (COPY_MODES, DEFAULT_IO_TIMEOUT, DEFAULT_REGION, POLICIES,
                                        DataPathOptions)
 from mirrorfs.errors import UsageError
-from mirrorfs.storage import CACHE_MODES
+from mirrorfs.daemons.storage import CACHE_MODES
 
 MAX_THREADS = 1024
 

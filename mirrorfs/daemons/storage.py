@@ -24,9 +24,10 @@ from pathlib import Path
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from mirrorfs import rbd, sockets
+from mirrorfs.sides import rbd
+from mirrorfs.system import sockets
 from mirrorfs.errors import ImageError, ProcessError
-from mirrorfs.processes import Child
+from mirrorfs.system.children import Child
 
 NODE = "top"
 FILE_NODE = "top-file"

@@ -1,6 +1,6 @@
 """SOURCE and DEST as a user names them: an image file, an RBD image, or the URI of any NBD server.
 
-An image file or an RBD image (`rbd:POOL/IMAGE...`, mirrorfs/rbd.py) is probed with qemu-img
+An image file or an RBD image (`rbd:POOL/IMAGE...`, mirrorfs/sides/rbd.py) is probed with qemu-img
 (format, size, backing chain) and later exported by a qemu-storage-daemon that mirrorfs owns; a URI
 is used as it is. Either way the data path only sees an
 NBD URI.
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 
-from mirrorfs import access, images, rbd
+from mirrorfs.system import access
+from mirrorfs.sides import images
+from mirrorfs.sides import rbd
 from mirrorfs.datapath import backend
 from mirrorfs.errors import BackendError, UsageError
 

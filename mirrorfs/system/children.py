@@ -6,7 +6,7 @@ Every child:
 - runs in its own session, so a Ctrl-C on the terminal reaches only us and we stop children in order;
 - gets a signal from the kernel if we die (PR_SET_PDEATHSIG), so even `kill -9` of mirrorfs leaves no
   orphan: SIGTERM by default, which lets qemu-storage-daemon flush its qcow2 metadata on the way
-  out; SIGKILL for nbdkit (see mirrorfs.frontend);
+  out; SIGKILL for nbdkit (see mirrorfs.daemons.nbdkit);
 - is ready when its pidfile appears: both nbdkit and qemu-storage-daemon write it only after start-up
   succeeded, so there is no sleep and no polling of sockets. While waiting we check that it is alive and
   fail at once, with its log, if it died.

@@ -26,13 +26,15 @@ import socket
 import threading
 import time
 
-from mirrorfs import images, notify, sockets
-from mirrorfs.access import Access
-from mirrorfs.controller import Controller, number
-from mirrorfs.datapath import jsonlines
+from mirrorfs.sides import images
+from mirrorfs.system import notify
+from mirrorfs.system import sockets
+from mirrorfs.system.access import Access
+from mirrorfs.control.controller import Controller, number
+from mirrorfs.common import jsonlines
 from mirrorfs.errors import UsageError
-from mirrorfs.storage import CACHE_MODES, StorageDaemon
-from mirrorfs.tree import make_rundir
+from mirrorfs.daemons.storage import CACHE_MODES, StorageDaemon
+from mirrorfs.daemons.tree import make_rundir
 
 
 def _alive(pid):

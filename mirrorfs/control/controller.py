@@ -1,6 +1,6 @@
 """What a served disk is doing now, and who may change it: the part every controller shares.
 
-A controller sits on top of one process tree (mirrorfs.tree) and owns:
+A controller sits on top of one process tree (mirrorfs.daemons.tree) and owns:
 - **the phase**, changed only under one lock. Every command that changes it (copy, pivot, cancel;
   verify too, as it must not run beside a switch) takes the lock for its whole length; a second
   command meanwhile is refused at once with the reason ("cannot cancel: pivot is in progress"), and
@@ -11,11 +11,11 @@ A controller sits on top of one process tree (mirrorfs.tree) and owns:
   writes), watched while serving;
 - **the status**, in one schema: kind, phase, uris, serving, source, destination, events, datapath,
   and optional sections (copy, switch, state) that the display shows only when present;
-- **the command table** the control socket serves (mirrorfs.control): only the commands this
+- **the command table** the control socket serves (mirrorfs.control.socket): only the commands this
   controller really has.
 
-Two controllers exist: `serve`'s Mirror (mirrorfs.mirror) and the Mirrored-Snapshot Migration
-(mirrorfs.migration).
+Two controllers exist: `serve`'s Mirror (mirrorfs.control.mirror) and the Mirrored-Snapshot Migration
+(mirrorfs.control.migration).
 """
 
 import contextlib
@@ -24,7 +24,7 @@ import threading
 import time
 
 from mirrorfs.errors import UsageError
-from mirrorfs.events import EventLog
+from mirrorfs.control.events import EventLog
 
 
 class PhaseError(UsageError):

@@ -14,17 +14,21 @@ import threading
 import time
 from pathlib import Path
 
-from mirrorfs import __version__, control, display, notify, stopreport
-from mirrorfs.access import TLS_MODES, Access
-from mirrorfs.basecopy import parse_rate
-from mirrorfs.datapath import jsonlines
+from mirrorfs import __version__
+from mirrorfs.control import socket as control
+from mirrorfs.cli import display
+from mirrorfs.system import notify
+from mirrorfs.control import stopreport
+from mirrorfs.system.access import TLS_MODES, Access
+from mirrorfs.control.basecopy import parse_rate
+from mirrorfs.common import jsonlines
 from mirrorfs.datapath.options import COPY_MODES, POLICIES
 from mirrorfs.errors import Error, UsageError
-from mirrorfs.export import Export
-from mirrorfs.migration import Migration
-from mirrorfs.mirror import Mirror
-from mirrorfs.options import ServeOptions
-from mirrorfs.storage import CACHE_MODES
+from mirrorfs.control.export import Export
+from mirrorfs.control.migration import Migration
+from mirrorfs.control.mirror import Mirror
+from mirrorfs.control.options import ServeOptions
+from mirrorfs.daemons.storage import CACHE_MODES
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

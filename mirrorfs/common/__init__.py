@@ -1,0 +1,5 @@
+"""What both processes share: standard library only, so nbdkit's embedded interpreter imports it too.
+
+    jsonlines.py   the JSON-lines protocol of every control socket (server and client)
+    sizes.py       sizes as an operator writes and reads them
+"""
