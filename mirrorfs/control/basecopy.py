@@ -16,7 +16,6 @@ from pathlib import Path
 
 from mirrorfs.sides import images
 from mirrorfs.errors import ImageError, UsageError
-from mirrorfs.common.sizes import parse_size
 from mirrorfs.system.children import popen
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -24,14 +23,6 @@ _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 # (its first buffers fill before its rate limit applies), which an average since the start would
 # carry for the whole copy.
 RATE_WINDOW = 2.0
-
-
-def parse_rate(text, option="--rate"):
-    """'50M', '1G', '800k', '1048576' → bytes (per second, for a rate)."""
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise UsageError(f"{option} {e}") from None
 
 
 class BaseCopy:

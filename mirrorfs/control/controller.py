@@ -23,6 +23,7 @@ import math
 import threading
 import time
 
+from mirrorfs.common.phases import Phase
 from mirrorfs.errors import UsageError
 from mirrorfs.control.events import EventLog
 
@@ -48,7 +49,7 @@ class Controller:
     def __init__(self):
         self.log = EventLog()
         self.tree = None
-        self.phase = "new"
+        self.phase = Phase.NEW
         self.phase_since = time.monotonic()
         self._change = threading.Lock()
         self._busy = None               # the command holding the lock, for refusals
@@ -103,12 +104,17 @@ class Controller:
         return self.log.follow(since, timeout)
 
     def run(self, stop, interval=0.5):
-        """Serve until `stop` (a threading.Event) is set. A child that dies on its own raises
-        ProcessError. Meanwhile the data path's own events become events of this log."""
+        """Serve until `stop` (a threading.Event) is set or the work is over (`finished`). A child
+        that dies on its own raises ProcessError (see `check`)."""
         seen = {}
         while not stop.wait(interval) and not self.finished.is_set():
-            self.tree.check_children()
-            self._watch(seen)
+            self.check(seen)
+
+    def check(self, seen):
+        """One look at the processes, every `interval`: a dead child raises ProcessError, and the
+        data path's own events become events of this log (`seen` is what was seen before)."""
+        self.tree.check_children()
+        self._watch(seen)
 
     def _watch(self, seen):
         dp = self.tree.datapath_status()
@@ -137,11 +143,11 @@ class Controller:
         tree = self.tree
         status = {"kind": self.kind, "phase": self.shown_phase(),
                   "phase_seconds": round(time.monotonic() - self.phase_since, 3),
-                  "uris": tree.uris if tree else [],
+                  "uris": self.uris,
                   "serving": tree.serving if tree else None,
                   "source": None, "destination": None,
                   "events": self.log.recent(5)}
-        if tree is not None and tree.nbdkit is not None and self.phase != "stopped":
+        if tree is not None and tree.nbdkit is not None and self.phase != Phase.STOPPED:
             status["datapath"] = tree.datapath_status()
         return status
 
@@ -150,4 +156,12 @@ class Controller:
         return {
             "status": lambda r: {"status": self.status()},
             "events": lambda r: ({"event": e} for e in self.events(since=int(number(r, "since", 0)))),
+        }
+
+    def switch_commands(self):
+        """The commands of a controller that mirrors (its `verify`, `pivot` and `cancel`)."""
+        return {
+            "verify": lambda r: dict(zip(("identical", "detail"), self.verify())),
+            "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3)},
+            "cancel": lambda r: self.cancel() or {},
         }

@@ -23,9 +23,8 @@ Phases: exporting, lent, stopped.
 import os
 import shutil
 import socket
-import threading
-import time
 
+from mirrorfs.common.phases import Phase
 from mirrorfs.sides import images
 from mirrorfs.system import notify
 from mirrorfs.system import sockets
@@ -33,7 +32,7 @@ from mirrorfs.system.access import Access
 from mirrorfs.control.controller import Controller, number
 from mirrorfs.common import jsonlines
 from mirrorfs.errors import UsageError
-from mirrorfs.daemons.storage import CACHE_MODES, StorageDaemon
+from mirrorfs.daemons.storage import StorageDaemon, check_cache
 from mirrorfs.daemons.tree import make_rundir
 
 
@@ -52,8 +51,7 @@ class Export(Controller):
 
     def __init__(self, image, socket_path, cache="auto", access=None):
         super().__init__()
-        if cache not in CACHE_MODES:
-            raise UsageError(f"--cache {cache!r}: expected one of {', '.join(CACHE_MODES)}")
+        check_cache(cache)
         self.image_spec = image
         self.socket_path = sockets.check_unix_path(os.path.abspath(socket_path))
         self.cache = cache
@@ -64,7 +62,6 @@ class Export(Controller):
         self.rundir = None
         self.borrower = None            # pid of the migration the socket is lent to
         self.lent_count = 0
-        self.finished = threading.Event()
 
     # Start and stop.
 
@@ -79,7 +76,7 @@ class Export(Controller):
             except BaseException:
                 self._close()
                 raise
-            self.enter("exporting", image=str(self.image.path))
+            self.enter(Phase.EXPORTING, image=str(self.image.path))
 
     def _serve(self, image):
         self.daemon = StorageDaemon(image, self.rundir, "export", cache=self.cache,
@@ -90,8 +87,8 @@ class Export(Controller):
     def stop(self):
         with self.internal_change():
             self._close()
-            if self.phase not in ("new", "stopped"):
-                self.enter("stopped")
+            if self.phase not in (Phase.NEW, Phase.STOPPED):
+                self.enter(Phase.STOPPED)
             self.log.close()
 
     def _close(self):
@@ -110,18 +107,18 @@ class Export(Controller):
     def uris(self):
         return [f"nbd+unix:///?socket={self.socket_path}"]
 
-    def run(self, stop, interval=0.5):
-        while not stop.wait(interval):
-            daemon = self.daemon
-            if daemon is not None and daemon.died():
-                raise daemon.failure("exited unexpectedly")
+    def check(self, seen):
+        """No data path here: only the plain export's daemon to watch."""
+        daemon = self.daemon
+        if daemon is not None and daemon.died():
+            raise daemon.failure("exited unexpectedly")
 
     # Lending the socket to a migration, and taking the disk back.
 
     def lend(self, pid):
         """Stop the plain export and return the listening socket's fd for the migration `pid`."""
-        with self.changing("lend", "exporting", "lent"):
-            if self.phase == "lent":
+        with self.changing("lend", Phase.EXPORTING, Phase.LENT):
+            if self.phase == Phase.LENT:
                 if self.borrower is not None and _alive(self.borrower):
                     raise UsageError(f"the disk is lent to a migration already (pid {self.borrower})")
                 self.log.add("warning", what="the migration that borrowed the disk is gone; "
@@ -131,33 +128,30 @@ class Export(Controller):
                 self.daemon = None
             self.borrower = pid
             self.lent_count += 1
-            self.enter("lent", pid=pid)
+            self.enter(Phase.LENT, pid=pid)
             notify.status(f"lent to migration pid {pid}")
             return {"image": str(self.image.path), "format": self.image.format,
                     "socket": str(self.socket_path), "_fds": [self.listener.fileno()]}
 
     def give_back(self, image):
         """Serve `image` (the chain a migration ended on) with a plain export again."""
-        with self.changing("give-back", "lent"):
+        with self.changing("give-back", Phase.LENT):
             info = images.info(image)
             if info.virtual_size != self.image.virtual_size:
                 raise UsageError(f"{info.path} is {info.virtual_size} bytes; the disk is "
                                  f"{self.image.virtual_size}")
             self._serve(info)
             self.borrower = None
-            self.enter("exporting", image=str(info.path))
+            self.enter(Phase.EXPORTING, image=str(info.path))
             notify.status(f"exporting {info.path}")
             return {"serving": str(info.path)}
 
     # Status and commands.
 
     def status(self):
-        status = {"kind": self.kind, "phase": self.phase,
-                  "phase_seconds": round(time.monotonic() - self.phase_since, 3),
-                  "uris": self.uris,
-                  "serving": "export" if self.phase == "exporting" else None,
-                  "source": {"spec": str(self.image.path) if self.image else self.image_spec},
-                  "destination": None, "events": self.log.recent(5)}
+        status = super().status()
+        status["serving"] = "export" if self.phase == Phase.EXPORTING else None
+        status["source"] = {"spec": str(self.image.path) if self.image else self.image_spec}
         if self.borrower is not None:
             status["lent"] = {"pid": self.borrower, "alive": _alive(self.borrower)}
         return status
@@ -188,7 +182,7 @@ def served_image(control_path):
         raise UsageError(f"{control_path} is not the control socket of a mirrorfs export "
                          f"(it controls a {status.get('kind')})")
     lent = status.get("lent")
-    if status["phase"] == "lent" and lent and lent["alive"]:
+    if status["phase"] == Phase.LENT and lent and lent["alive"]:
         raise UsageError(f"cannot take the disk over from {control_path}: it is lent to a "
                          f"migration already (pid {lent['pid']})")
     return status["source"]["spec"]

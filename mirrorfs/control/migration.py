@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from mirrorfs.common.phases import Phase
 from mirrorfs.control import export
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
@@ -88,7 +89,7 @@ class Migration(Controller):
         """Step 3; or, when the state directory holds this migration's state, resume it. With a
         take-over, everything is checked before the export stops serving, and a failure after that
         gives the disk back to it as it was."""
-        with self.changing("start", "new"):
+        with self.changing("start", Phase.NEW):
             saved = self._saved_state()
             if self.take_over is not None:
                 self._locate_export()
@@ -111,11 +112,11 @@ class Migration(Controller):
     def _authoritative_top(self, saved=None):
         """The top of the chain that holds every acknowledged write: the destination overlay once
         switched; the source overlay once anything was served from it; else the source's top."""
-        phase = self.phase if self.phase not in ("new", "stopped") else (saved.phase if saved
-                                                                          else "new")
-        if phase == "switched":
+        phase = self.phase if self.phase not in (Phase.NEW, Phase.STOPPED) else (saved.phase if saved
+                                                                          else Phase.NEW)
+        if phase == Phase.SWITCHED:
             return self.dest_overlay
-        if phase == "new" and self.source_overlay not in self._created and saved is None:
+        if phase == Phase.NEW and self.source_overlay not in self._created and saved is None:
             return self.source_top
         return self.source_overlay
 
@@ -150,7 +151,7 @@ class Migration(Controller):
         except BaseException:
             self._undo_start()
             raise
-        self.enter("mirroring", source_overlay=str(self.source_overlay),
+        self.enter(Phase.MIRRORING, source_overlay=str(self.source_overlay),
                    dest_overlay=str(self.dest_overlay))
 
     def _tree(self):
@@ -168,7 +169,7 @@ class Migration(Controller):
     def _resume(self, saved):
         """After a crash or a stop: serve the overlays again; the data path copies whatever the
         state says may differ."""
-        if saved.phase == "cancelled":
+        if saved.phase == Phase.CANCELLED:
             raise UsageError(f"the migration in {self.state_dir} was cancelled; the disk is "
                              f"{self.source_overlay}")
         for path in (self.source_overlay, self.dest_overlay):
@@ -179,10 +180,10 @@ class Migration(Controller):
         self.dest_base.with_name(self.dest_base.name + ".partial").unlink(missing_ok=True)
         self.tree = self._tree()
         self.tree.start()
-        if saved.phase == "switched":
-            self.enter("switched", resumed=True)
+        if saved.phase == Phase.SWITCHED:
+            self.enter(Phase.SWITCHED, resumed=True)
         else:
-            self.enter("mirroring", resumed=True, dirty_regions=len(saved.dirty))
+            self.enter(Phase.MIRRORING, resumed=True, dirty_regions=len(saved.dirty))
 
     def _check_paths(self):
         if not self.dest_dir.is_dir():
@@ -210,14 +211,14 @@ class Migration(Controller):
     def copy(self, rate=None, wait=True):
         """Copy the source base to the destination with qemu-img convert. With wait=False it runs in
         the background; follow it with status() or events()."""
-        with self.changing("copy", "mirroring"):
+        with self.changing("copy", Phase.MIRRORING):
             if self.dest_base.exists():
                 raise UsageError(f"destination base {self.dest_base} already exists "
                                  "(copied by a manager? then pivot verifies it)")
             self.copier = BaseCopy(self.base, self.dest_base, rate=rate)
             self.copier.start()
             self._created.append(self.dest_base)
-            self.enter("copying-base", bytes_total=self.copier.total, rate=rate)
+            self.enter(Phase.COPYING_BASE, bytes_total=self.copier.total, rate=rate)
         watcher = threading.Thread(target=self._finish_copy, name="base copy", daemon=True)
         watcher.start()
         if wait:
@@ -232,18 +233,18 @@ class Migration(Controller):
         except ImageError:
             pass
         with self.internal_change():
-            if self.phase != "copying-base":
+            if self.phase != Phase.COPYING_BASE:
                 return                      # cancelled or stopped meanwhile
             seconds = round(copier.finished - copier.started, 3)
             if copier.error:
                 self.log.add("error", what="base copy failed", detail=copier.error)
-            self.enter("mirroring", copied=not copier.error, seconds=seconds)
+            self.enter(Phase.MIRRORING, copied=not copier.error, seconds=seconds)
 
     # Step 5.
 
     def verify(self):
         """Is the destination base a faithful copy of the source base? Returns (ok, detail)."""
-        with self.changing("verify", "mirroring", "copying-base"):
+        with self.changing("verify", Phase.MIRRORING, Phase.COPYING_BASE):
             return self._verify()
 
     def _verify(self):
@@ -268,7 +269,7 @@ class Migration(Controller):
     def pivot(self, force=False, timeout=10.0):
         """Switch the disk to the destination chain without disconnecting clients. Returns the
         stall clients saw, in seconds."""
-        with self.changing("pivot", "mirroring"):
+        with self.changing("pivot", Phase.MIRRORING):
             if not self.dest_base.exists():
                 raise UsageError(f"destination base {self.dest_base} does not exist: run "
                                  "'mirrorfs copy' or copy it there first")
@@ -278,7 +279,7 @@ class Migration(Controller):
                 ok, detail = self._verify()
                 if not ok:
                     raise UsageError(f"switch refused: {detail}")
-            self.enter("switching", forced=force)
+            self.enter(Phase.SWITCHING, forced=force)
             try:
                 # QEMU flushes the overlay inside the reopen, with its I/O held: under write load
                 # that hold (100-300 ms here) is what clients notice, not the data path's switch.
@@ -288,25 +289,25 @@ class Migration(Controller):
                 started = time.monotonic()
                 self.tree.daemon("destination").rebase(images.info(self.dest_base))
                 rebase = time.monotonic() - started
-                stall = self.tree.switch("destination", "switched", timeout)
+                stall = self.tree.switch("destination", Phase.SWITCHED, timeout)
             except Error as e:
-                self.enter("mirroring")
+                self.enter(Phase.MIRRORING)
                 self.log.add("error", what="switch failed", detail=str(e))
                 raise Error(f"switch failed, still mirroring: {e}") from None
             self.last_switch = {"stall_ms": round(stall * 1000, 3),
                                 "rebase_ms": round(rebase * 1000, 3), "forced": force}
             self._created.clear()           # nothing is ours to remove any more
-            self.enter("switched", **self.last_switch)
+            self.enter(Phase.SWITCHED, **self.last_switch)
             return stall
 
     def cancel(self, timeout=10.0):
         """Stop mirroring and keep serving the source; remove what the migration made on the
         destination."""
-        with self.changing("cancel", "mirroring", "copying-base"):
+        with self.changing("cancel", Phase.MIRRORING, Phase.COPYING_BASE):
             if self.copier is not None and self.copier.running:
                 self.copier.cancel()
             try:
-                self.tree.switch("source", "cancelled", timeout)
+                self.tree.switch("source", Phase.CANCELLED, timeout)
             except Error as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
             for path in self._created:
@@ -314,7 +315,7 @@ class Migration(Controller):
                     path.unlink(missing_ok=True)
             self._created.clear()
             self._removed = True
-            self.enter("cancelled", serving=str(self.source_overlay))
+            self.enter(Phase.CANCELLED, serving=str(self.source_overlay))
 
     # After Step 5: the disk goes back to a plain export.
 
@@ -325,7 +326,7 @@ class Migration(Controller):
         the export), the storage daemons flush and close the images, then the export serves the
         chain on the same socket. The chain does not grow from one migration to the next: the base
         copy flattens the source's chain, so the destination is always its copy plus one overlay."""
-        with self.changing("hand-back", "switched", "cancelled"):
+        with self.changing("hand-back", Phase.SWITCHED, Phase.CANCELLED):
             if self.take_over is None:
                 raise UsageError("this migration did not take the disk over from an export "
                                  "(start --take-over): there is nothing to hand it back to")
@@ -337,7 +338,7 @@ class Migration(Controller):
                 state = self.state_dir / "state.json"
                 if state.exists():
                     state.rename(state.with_name("state.json.handed-back"))
-            self.enter("handed-back", image=str(top))
+            self.enter(Phase.HANDED_BACK, image=str(top))
             self.finished.set()
             return {"image": str(top)}
 
@@ -346,7 +347,7 @@ class Migration(Controller):
     def status(self):
         status = super().status()
         status["source"] = {"base": str(self.source_top), "overlay": str(self.source_overlay)}
-        if self._removed or (self.phase == "cancelled" and not self.dest_overlay.exists()):
+        if self._removed or (self.phase == Phase.CANCELLED and not self.dest_overlay.exists()):
             status["destination"] = {"removed": True, "overlay": str(self.dest_overlay)}
         else:
             status["destination"] = {"base": str(self.dest_base), "overlay": str(self.dest_overlay),
@@ -356,7 +357,7 @@ class Migration(Controller):
         if self.copier is not None:
             status["copy"] = self.copier.progress()
             status["copy"]["ready_to_pivot"] = (not self.copier.running and not self.copier.error
-                                                and self.phase == "mirroring")
+                                                and self.phase == Phase.MIRRORING)
         if self.last_switch:
             status["switch"] = self.last_switch
         return status
@@ -366,9 +367,7 @@ class Migration(Controller):
         table.update({
             "copy": lambda r: self.copy(rate=int(number(r, "rate") or 0) or None, wait=False)
             or {"started": True},
-            "verify": lambda r: dict(zip(("identical", "detail"), self.verify())),
-            "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3)},
-            "cancel": lambda r: self.cancel() or {},
+            **self.switch_commands(),
             "hand-back": lambda r: self.hand_back(),
         })
         return table
@@ -382,6 +381,6 @@ class Migration(Controller):
                     self._created.remove(self.dest_base)
             if self.tree is not None:
                 self.tree.stop()
-            if self.phase != "new":
-                self.enter("stopped")
+            if self.phase != Phase.NEW:
+                self.enter(Phase.STOPPED)
             self.log.close()

@@ -12,6 +12,7 @@ The first two are the data path's to tell (the controller's own phase is "mirror
 only the data path knows, under its drain, whether anything may differ.
 """
 
+from mirrorfs.common.phases import Phase
 from mirrorfs.control.controller import Controller
 from mirrorfs.common.sizes import human_size
 from mirrorfs.errors import Error
@@ -35,20 +36,20 @@ class Mirror(Controller):
             self.tree.start()
             serving = self.tree.serving
             if self.tree.dest is None:
-                self.enter("serving")
+                self.enter(Phase.SERVING)
             elif serving == "destination":
-                self.enter("switched", resumed=True)
+                self.enter(Phase.SWITCHED, resumed=True)
             elif serving == "source":
-                self.enter("cancelled", resumed=True)
+                self.enter(Phase.CANCELLED, resumed=True)
             else:
-                self.enter("mirroring", resumed=self.tree.resumed)
+                self.enter(Phase.MIRRORING, resumed=self.tree.resumed)
 
     def stop(self):
         """Stop serving; the sides stay as the state says (see docs/GUARANTEES.md)."""
         with self.internal_change():
             self.tree.stop()
-            if self.phase not in ("new", "stopped"):
-                self.enter("stopped")
+            if self.phase not in (Phase.NEW, Phase.STOPPED):
+                self.enter(Phase.STOPPED)
             self.log.close()
 
     def __enter__(self):
@@ -59,10 +60,10 @@ class Mirror(Controller):
         self.stop()
 
     def shown_phase(self):
-        if self.phase != "mirroring":
+        if self.phase != Phase.MIRRORING:
             return self.phase
         dp = self.tree.datapath_status()
-        return "synchronized" if dp.get("synchronized") else "copying"
+        return Phase.SYNCHRONIZED if dp.get("synchronized") else Phase.COPYING
 
     # Commands.
 
@@ -79,21 +80,21 @@ class Mirror(Controller):
         """Serve the destination alone. The data path refuses unless synchronized and unless the
         destination answers. `force` is accepted for symmetry with a migration and changes nothing:
         there is no base to verify here. Returns the stall clients saw, in seconds."""
-        with self.changing("pivot", "mirroring"):
+        with self.changing("pivot", Phase.MIRRORING):
             try:
-                stall = self.tree.switch("destination", "switched", timeout)
+                stall = self.tree.switch("destination", Phase.SWITCHED, timeout)
             except Error as e:
                 self.log.add("error", what="switch refused", detail=str(e))
                 raise
             self.last_switch = {"stall_ms": round(stall * 1000, 3)}
-            self.enter("switched", **self.last_switch)
+            self.enter(Phase.SWITCHED, **self.last_switch)
             return stall
 
     def cancel(self, timeout=10.0):
         """Stop mirroring; the source alone serves the disk, and the destination is let go."""
-        with self.changing("cancel", "mirroring"):
-            self.tree.switch("source", "cancelled", timeout)
-            self.enter("cancelled")
+        with self.changing("cancel", Phase.MIRRORING):
+            self.tree.switch("source", Phase.CANCELLED, timeout)
+            self.enter(Phase.CANCELLED)
 
     def status(self):
         status = super().status()
@@ -106,19 +107,14 @@ class Mirror(Controller):
         if self.last_switch:
             status["switch"] = self.last_switch
         copy = (status.get("datapath") or {}).get("copy")
-        if copy and self.phase == "mirroring":
+        if copy and self.phase == Phase.MIRRORING:
             status["copy"] = copy_progress(copy)
         return status
 
     def commands(self):
         table = super().commands()
         if self.tree.dest_spec is not None:
-            table.update({
-                "verify": lambda r: dict(zip(("identical", "detail"), self.verify())),
-                "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True)
-                                                      * 1000, 3)},
-                "cancel": lambda r: self.cancel() or {},
-            })
+            table.update(self.switch_commands())
         return table
 
 

@@ -6,17 +6,17 @@ the data path's own `DataPathOptions` (mirrorfs.datapath.options), which holds t
 `ServeOptions.datapath()` builds that object, whose `to_params()` become nbdkit's parameters.
 """
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mirrorfs.system import sockets
 from mirrorfs.system.access import Access
-from mirrorfs.datapath.options import (COPY_MODES, DEFAULT_IO_TIMEOUT, DEFAULT_REGION, POLICIES,
-                                       DataPathOptions)
+from mirrorfs.datapath.options import DEFAULT_IO_TIMEOUT, DEFAULT_REGION, DataPathOptions
 from mirrorfs.errors import UsageError
-from mirrorfs.daemons.storage import CACHE_MODES
+from mirrorfs.daemons.storage import check_cache
 
+# nbdkit worker threads per client connection: 16 keep a client's queue depth of 16 in parallel.
+DEFAULT_THREADS = 16
 MAX_THREADS = 1024
 
 
@@ -25,7 +25,7 @@ class ServeOptions:
     socket: str | None = None           # unix socket path clients connect to
     listen: str | None = None           # HOST:PORT
     readonly: bool = False
-    threads: int = 16                   # nbdkit worker threads per connection
+    threads: int = DEFAULT_THREADS      # nbdkit worker threads per connection
     copy: str = "none"
     state_dir: str | None = None
     policy: str | None = None           # None: degrade with a state directory, else fail
@@ -43,25 +43,19 @@ class ServeOptions:
         if self.socket is None and self.listen is None and self.take_over is None:
             raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
         if not 1 <= self.threads <= MAX_THREADS:
-            raise UsageError(f"--threads {self.threads}: expected 1 to {MAX_THREADS}")
-        if self.copy not in COPY_MODES:
-            raise UsageError(f"--copy {self.copy!r}: expected one of {', '.join(COPY_MODES)}")
+            raise UsageError(f"--threads {self.threads}: expected a positive number up to {MAX_THREADS}")
         # degrade is only safe when what a degraded write leaves behind survives a crash: with a
         # state directory. Without one, a failing destination fails the client's request.
         self.policy = self.policy or ("degrade" if self.state_dir else "fail")
-        if self.policy not in POLICIES:
-            raise UsageError(f"--on-dest-error {self.policy!r}: expected one of {', '.join(POLICIES)}")
-        if self.cache not in CACHE_MODES:
-            raise UsageError(f"--cache {self.cache!r}: expected one of {', '.join(CACHE_MODES)}")
-        if self.io_timeout is not None and (not math.isfinite(self.io_timeout) or self.io_timeout < 0):
-            raise UsageError(f"--io-timeout {self.io_timeout}: expected seconds, 0 for none")
+        check_cache(self.cache)
         self.socket_path = Path(self.socket).absolute() if self.socket else None
         if self.socket_path:
             sockets.check_unix_path(self.socket_path)
         self.listen_address = sockets.parse_listen(self.listen) if self.listen else None
         self.state_path = Path(self.state_dir).absolute() if self.state_dir else None
-        # The data path's own checks (region, rate), on placeholder URIs: a mistake is found here,
-        # before anything starts, not by nbdkit later.
+        # The data path's own checks (copy mode, policy, rate, region, I/O timeout: they are stated
+        # once, in DataPathOptions), on placeholder URIs: a mistake is found here, before anything
+        # starts, not by nbdkit later.
         self.datapath("-", "-" if not self.readonly else None, None, 4096)
 
     def check_sides(self, has_dest):

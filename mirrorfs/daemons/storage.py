@@ -26,7 +26,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from mirrorfs.sides import rbd
 from mirrorfs.system import sockets
-from mirrorfs.errors import ImageError, ProcessError
+from mirrorfs.errors import ImageError, ProcessError, UsageError
 from mirrorfs.system.children import Child
 
 NODE = "top"
@@ -47,10 +47,16 @@ def direct_io_supported(path):
     return True
 
 
+def check_cache(requested):
+    """The one check of `--cache` (serve, start, export and the Python API all come through it)."""
+    if requested not in CACHE_MODES:
+        raise UsageError(f"--cache {requested!r}: expected one of {', '.join(CACHE_MODES)}")
+    return requested
+
+
 def cache_mode(image, requested="auto"):
     """The mode a daemon serving `image` (an ImageInfo) runs in: `requested`, with auto resolved."""
-    if requested not in CACHE_MODES:
-        raise ValueError(f"cache mode {requested!r}: expected one of {', '.join(CACHE_MODES)}")
+    check_cache(requested)
     if requested != "auto":
         return requested
     if isinstance(image, rbd.RbdImage):

@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mirrorfs.common.phases import Phase
 from mirrorfs.sides import endpoints
 from mirrorfs.system import sockets
 from mirrorfs.common import jsonlines
@@ -173,13 +174,13 @@ class ProcessTree:
                 region_size=datapath.region)
         except StateError as e:
             raise UsageError(str(e)) from None
-        if self.state.phase == "switched":
+        if self.state.phase == Phase.SWITCHED:
             log.warning("the state says this disk switched to the destination: serving %s alone",
                         dest.spec)
             self._retire_daemon("source")
             self.serving = "destination"
             return datapath.alone(dest.uri, "destination")
-        if self.state.phase == "cancelled":
+        if self.state.phase == Phase.CANCELLED:
             log.warning("the state says this mirror was cancelled: serving %s alone", source.spec)
             self._retire_daemon("destination")
             self.serving = "source"

@@ -33,12 +33,13 @@ import os
 import threading
 from pathlib import Path
 
+from mirrorfs.common.phases import ENDS, Phase
 from mirrorfs.datapath.options import COPY_MODES
 
 FORMAT = 1
 FILE = "state.json"
-MIRRORING = ("copying", "synchronized")
-ENDS = ("switched", "cancelled")
+# The saved phase of a mirror: derived from its cursor and dirty map while mirroring, else its end.
+MIRRORING = (Phase.COPYING, Phase.SYNCHRONIZED)
 PHASES = MIRRORING + ENDS
 # Format 1 spelled copy mode none as "mirror".
 _LEGACY_COPY = {"mirror": "none"}
@@ -53,7 +54,7 @@ def _checksum(fields):
 
 
 class State:
-    def __init__(self, directory, *, copy, source, dest, size, region_size, phase="copying",
+    def __init__(self, directory, *, copy, source, dest, size, region_size, phase=Phase.COPYING,
                  cursor=0, dirty=()):
         self.directory = Path(directory)
         self.copy = copy                # "full": copy everything first; "none": sides start equal
@@ -88,8 +89,8 @@ class State:
             if cursor is not None:
                 self.cursor = cursor
             if not self.ended and synchronized is not None:
-                self.phase = ("synchronized" if synchronized and self.cursor >= self.size
-                              else "copying")
+                self.phase = (Phase.SYNCHRONIZED if synchronized and self.cursor >= self.size
+                              else Phase.COPYING)
             self.save()
 
     @property
@@ -160,7 +161,7 @@ def open_for(directory, *, copy, source, dest, size, region_size):
     state = State.load(directory)
     if state is None:
         state = State(directory, copy=copy, source=source, dest=dest, size=size,
-                      region_size=region_size, phase="copying" if copy == "full" else "synchronized",
+                      region_size=region_size, phase=Phase.COPYING if copy == "full" else Phase.SYNCHRONIZED,
                       cursor=0 if copy == "full" else size)
         state.save()
         return state, False

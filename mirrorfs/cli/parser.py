@@ -1,0 +1,232 @@
+"""The `mirrorfs` command line, built from shared option groups.
+
+Each option is spelled here once, in the group it belongs to, and the subcommands that take it add
+the group: `serve` and `start` share where they serve, how they mirror, how they use storage and who
+may connect. Parsing only turns text into values (a number, a size); what a value may be is checked
+once, by the object it becomes part of (control.options.ServeOptions, datapath.options
+.DataPathOptions, daemons.storage.check_cache), so the CLI and the Python API refuse the same things
+with the same words.
+"""
+
+import argparse
+import os
+
+from mirrorfs import __version__
+from mirrorfs.common.sizes import parse_size
+from mirrorfs.control.options import DEFAULT_THREADS
+from mirrorfs.datapath.options import COPY_MODES, DEFAULT_IO_TIMEOUT, POLICIES
+from mirrorfs.daemons.storage import CACHE_MODES
+from mirrorfs.errors import UsageError
+from mirrorfs.system.access import TLS_MODES, Access
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def size(option):
+    """An argparse type: '50M' → bytes, with the option named in the error."""
+    def parse(text):
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise UsageError(f"{option} {e}") from None
+    return parse
+
+
+def integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+
+
+def _one_of(values):
+    return "{" + ",".join(values) + "}"
+
+
+# The option groups.
+
+def serving(p, control_help="control socket (default: the --socket path + .ctl)"):
+    """Where the disk is served, and its control socket."""
+    p.add_argument("--socket", metavar="PATH", help="serve on this unix socket (mode 0600)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="serve on this TCP address")
+    p.add_argument("--control", metavar="PATH", help=control_help)
+    p.add_argument("--threads", type=integer, default=DEFAULT_THREADS,
+                   help=f"nbdkit worker threads per connection (default {DEFAULT_THREADS})")
+
+
+def mirroring(p, state_help):
+    """How the mirror keeps its state and meets a failing destination."""
+    p.add_argument("--state-dir", metavar="DIR", help=state_help)
+    p.add_argument("--on-dest-error", metavar=_one_of(POLICIES),
+                   help="a destination failure fails the client's request (fail), or is recorded "
+                        "and copied again later (degrade; the default with --state-dir)")
+
+
+def copying(p):
+    """What `serve` copies in the background, and how fast."""
+    p.add_argument("--copy", metavar=_one_of(COPY_MODES), default="none",
+                   help="none: DEST already equals SOURCE (default); full: copy all of SOURCE to "
+                        "DEST in the background while mirroring writes")
+    p.add_argument("--rate", metavar="BYTES/S", type=size("--rate"),
+                   help="limit the background copy, e.g. 100M")
+    p.add_argument("--region", metavar="BYTES", type=size("--region"),
+                   help="the dirty map's region size: a power of two from 1M (default 64M)")
+
+
+def storage(p, io_timeout=True):
+    """How the storage daemons use the host and how long a side may take to answer."""
+    if io_timeout:
+        p.add_argument("--io-timeout", metavar="SECONDS", type=float,
+                       help=f"cut a side's connection when a request waits longer (default "
+                            f"{DEFAULT_IO_TIMEOUT:g}; 0: never); the request then fails on that side")
+    p.add_argument("--cache", metavar=_one_of(CACHE_MODES), default="auto",
+                   help="how the storage daemons use the host's page cache for image files: none "
+                        "(O_DIRECT), writeback, or auto: none where the file system allows it "
+                        "(default)")
+
+
+def access(p):
+    """Who can connect."""
+    g = p.add_argument_group("who can connect")
+    g.add_argument("--tls", metavar=_one_of(TLS_MODES),
+                   help="TLS on every socket served: require (refuse clients without it), on (offer "
+                        "it), off (default; require when credentials are given)")
+    g.add_argument("--tls-certificates", metavar="DIR",
+                   help="X.509: DIR holds ca-cert.pem, server-cert.pem and server-key.pem; "
+                        "clients must present a certificate signed by that CA")
+    g.add_argument("--tls-no-verify-peer", action="store_true",
+                   help="X.509: let in clients without a CA-signed certificate (encryption only)")
+    g.add_argument("--tls-psk", metavar="FILE", help="pre-shared keys, USERNAME:HEXKEY lines "
+                   "(psktool -u NAME -p FILE)")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow --listen on an address other machines can reach without --tls require")
+    group(g)
+
+
+def group(p):
+    p.add_argument("--group", metavar="NAME",
+                   help="unix sockets (disk and control) are 0660 and owned by this group, not 0600")
+
+
+def access_of(args):
+    """The Access object of a subcommand that took the `access` group."""
+    return Access(tls=args.tls, certificates=args.tls_certificates, psk=args.tls_psk,
+                  group=args.group, insecure=args.insecure,
+                  verify_peer=not args.tls_no_verify_peer)
+
+
+def controlling(p):
+    """A client subcommand: the control socket it talks to."""
+    p.add_argument("--control", "-c", metavar="PATH", default=os.environ.get("MIRRORFS_CONTROL"),
+                   help="the migration's control socket (default: $MIRRORFS_CONTROL)")
+
+
+# The subcommands: (name, help, description, groups and own options). `commands` maps each name to
+# the function that runs it (cli.main).
+
+def _serve(p):
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("dest", metavar="DEST", nargs="?")
+    serving(p)
+    p.add_argument("--readonly", action="store_true", help="serve SOURCE read-only, no mirror")
+    copying(p)
+    mirroring(p, "keep the mirror's state here, so a restart resumes after a crash")
+    storage(p)
+    access(p)
+
+
+def _start(p):
+    p.add_argument("source_top", metavar="SOURCE_TOP", nargs="?",
+                   help="the top of the disk's chain now; read-only from here on (with --take-over: "
+                        "what the export serves)")
+    p.add_argument("--take-over", metavar="EXPORT_CONTROL",
+                   help="take the disk over from a running `mirrorfs export` (its control socket): "
+                        "its clients reconnect to this migration on the same socket")
+    p.add_argument("--dest-dir", required=True, metavar="DIR", help="where the disk moves to")
+    p.add_argument("--overlay-name", metavar="NAME",
+                   help="file name of the new overlays (default: <SOURCE_TOP stem>-snap.qcow2)")
+    serving(p)
+    mirroring(p, "keep the migration's state here; start again with it to resume")
+    storage(p)
+    access(p)
+
+
+def _export(p):
+    p.add_argument("disk", metavar="DISK", help="the image (raw or qcow2) at the top of the chain")
+    p.add_argument("--socket", required=True, metavar="PATH",
+                   help="the disk's unix socket (mode 0600, or 0660 with --group)")
+    p.add_argument("--control", metavar="PATH",
+                   help="control socket (default: the --socket path + .ctl)")
+    storage(p, io_timeout=False)
+    group(p)
+
+
+def _copy(p):
+    controlling(p)
+    p.add_argument("--rate", metavar="BYTES/S", type=size("--rate"),
+                   help="limit the copy, e.g. 100M or 1G")
+    p.add_argument("--json", action="store_true", help="progress as JSON lines")
+    p.add_argument("--background", action="store_true", help="start the copy and return")
+
+
+def _status(p):
+    controlling(p)
+    p.add_argument("--json", action="store_true", help="the full status as JSON")
+    p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+
+
+def _pivot(p):
+    controlling(p)
+    p.add_argument("--force", action="store_true", help="switch without verifying the base")
+
+
+SUBCOMMANDS = (
+    ("serve", _serve, "serve SOURCE, mirroring every change to DEST",
+     "Serve one disk over NBD: reads come from SOURCE; writes, zeroes and trims go to SOURCE and DEST "
+     "and complete when both have them. SOURCE and DEST are image files (raw or qcow2, backing chains "
+     "followed), RBD images (rbd:POOL/IMAGE[:conf=FILE][:id=USER]) or NBD URIs. Runs until "
+     "SIGINT/SIGTERM."),
+    ("start", _start, "Step 3: snapshot SOURCE_TOP on both sides and serve it, mirrored",
+     "Create the source overlay on SOURCE_TOP and the destination overlay in DEST_DIR, and serve one "
+     "disk: reads from the source chain, writes to both overlays. Then copy the base (mirrorfs copy, "
+     "or cp), and switch (mirrorfs pivot) or cancel. Runs until SIGINT/SIGTERM."),
+    ("copy", _copy, "Step 4: copy the source base to the destination",
+     "Copy the read-only base below the overlays to the destination with qemu-img convert (sparse, "
+     "extent-aware), showing progress until it is done."),
+    ("status", _status, "show the migration's phase and progress",
+     "Show the migration's phase, copy progress, requests in flight and per-side errors and "
+     "latencies."),
+    ("pivot", _pivot, "Step 5: switch the disk to the destination chain",
+     "Verify that the destination base matches the source base, then switch reads and writes to the "
+     "destination chain without disconnecting clients."),
+    ("hand-back", controlling, "after pivot or cancel: give the disk back to its export",
+     "Give the disk back to the `mirrorfs export` it was taken over from, on the chain that now holds "
+     "it (the destination after pivot, the source after cancel); the migration then exits. Clients "
+     "reconnect to the export."),
+    ("export", _export, "serve a disk for its life, between migrations",
+     "Serve DISK over NBD with a plain qemu-storage-daemon on --socket, and keep that socket for the "
+     "disk's life: `mirrorfs start --take-over` borrows it for a migration, and `mirrorfs hand-back` "
+     "returns the disk. Runs until SIGINT/SIGTERM."),
+    ("cancel", controlling, "stop mirroring; the source stays authoritative",
+     "Stop mirroring, keep serving the source chain, and remove the destination overlay (and a base "
+     "copy mirrorfs made)."),
+)
+
+
+def build_parser(commands):
+    """The parser; `commands` maps each subcommand's name to the function that runs it."""
+    parser = Parser(prog="mirrorfs", description="Move a running VM's disk to new storage, served over NBD.")
+    parser.add_argument("--version", action="version", version=f"mirrorfs {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    for name, add_options, help_, description in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_, description=description)
+        add_options(p)
+        p.set_defaults(func=commands[name])
+    return parser
