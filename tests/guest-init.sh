@@ -60,7 +60,7 @@ nbd)
     ip link set lo up
     ip link set eth0 up
     ip addr add 10.0.2.15/24 dev eth0
-    # mirrorfs's commands as in the README's "Using it with nbd-client"
+    # mirrorfs's commands as in docs/USING.md's "Using it with nbd-client"
     nbd-client 10.0.2.100 10809 /dev/nbd0 -N '' || fail "nbd-client"
     say ATTACHED "$(cat /sys/block/nbd0/size)"
     mkfs.ext4 -q /dev/nbd0 || fail "mkfs.ext4 /dev/nbd0"

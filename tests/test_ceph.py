@@ -69,10 +69,10 @@ def mirrorfs_argv(argv):
     return ["mirrorfs", *argv[len(MIRRORFS):]] if argv[:len(MIRRORFS)] == MIRRORFS else argv
 
 
-# The README's section, as it is written.
+# docs/USING.md's section "Moving a disk to Ceph", as it is written.
 
 def test_a_disk_moves_to_ceph_and_back(ceph_cluster, workdir, serve, monkeypatch):
-    # The README relies on librados's default configuration; here that is CEPH_CONF.
+    # docs/USING.md relies on librados's default configuration; here that is CEPH_CONF.
     monkeypatch.setenv("CEPH_CONF", str(ceph_cluster.conf))
     disk_file = make_source(workdir / "disk.qcow2")
     ran = []

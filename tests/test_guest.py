@@ -1,6 +1,6 @@
 """Real clients: a Linux guest under QEMU whose disk is mirrorfs, migrating while it writes; and the
-guest's kernel attached to mirrorfs with nbd-client. The commands are the README's ("Using it with
-QEMU", "Using it with nbd-client"): each test checks that what it runs is written there.
+guest's kernel attached to mirrorfs with nbd-client. The commands are docs/USING.md's ("Using it
+with QEMU", "Using it with nbd-client"): each test checks that what it runs is written there.
 
 The guest is built from Debian's packages (tests/guest.py) and runs under TCG; the tests take about a
 minute each. The host checks the images with e2fsck and reads the files back with debugfs.
@@ -28,7 +28,7 @@ def guest_image():
 
 
 def mirrorfs_argv(argv):
-    """The argv a test ran, as the README writes it: `mirrorfs ...` for the module's command."""
+    """The argv a test ran, as docs/USING.md writes it: `mirrorfs ...` for the module's command."""
     argv = [str(a) for a in argv]
     n = len(MIRRORFS)
     return ["mirrorfs", *argv[n:]] if argv[:n] == MIRRORFS else argv

@@ -134,7 +134,7 @@ def processes():
         p.stop()
 
 
-RAN = []                        # the commands ctl() ran, as the README writes them
+RAN = []                        # the commands ctl() ran, as docs/OPERATING.md writes them
 
 
 def ctl(path, *args, check=True):
@@ -207,8 +207,8 @@ def chain_of(image):
 
 def test_export_take_over_hand_back_and_migrate_again(workdir, processes):
     """A → B → C on one running client: export, take over, copy, pivot, hand back, twice. No write
-    fails; every write is on the final chain; the chain does not grow. The commands are the
-    README's ("The life of a disk")."""
+    fails; every write is on the final chain; the chain does not grow. The commands are
+    docs/OPERATING.md's ("The life of a disk")."""
     (workdir / "a").mkdir()
     base = make_base(workdir / "a" / "vm1.qcow2", 128 * MiB)
     sock = workdir / "vm1.sock"

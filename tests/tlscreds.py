@@ -1,4 +1,4 @@
-"""TLS credentials for the tests, made with the commands the README shows: a PSK file (psktool) and a
+"""TLS credentials for the tests, made with the commands docs/USING.md shows: a PSK file (psktool) and a
 small X.509 CA with a server and a client certificate (openssl), in the layouts nbdkit, qemu-nbd and
 libnbd read."""
 
