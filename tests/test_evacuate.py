@@ -324,3 +324,103 @@ def test_source_on_a_full_file_system(workdir):
         assert final == model.expected
     finally:
         subprocess.run(["umount", "-l", os.fspath(mount)])
+
+
+def test_failing_source(workdir, qemu_nbd):
+    """The source starts failing every read during hydration (nbdkit's error filter): hydrated
+    regions and writes that need no source data keep working, a read of a region not hydrated
+    fails with the source's errno and is counted with its offset, status says how many bytes
+    exist on the failing source alone; once the source answers again, hydration finishes."""
+    from conftest import NbdkitFilter
+    src, dst = make_full_pair(workdir, SIZE)
+    source_hash = sha256(src)
+    content = raw_bytes(workdir, src, "src")
+    backend = qemu_nbd(src, "srcnbd")
+    trigger = workdir / "fail-now"
+    front = NbdkitFilter(workdir, "failing", backend.socket, "--filter=error", "error=EIO",
+                         "error-pread-rate=1", f"error-file={trigger}")
+    region = MiB
+    try:
+        proc = psutil.Popen([*MIRRORFS, "serve", "--copy", "full", "--switch-first", "--state-dir",
+                             workdir / "state", front.uri, dst, "--socket", workdir / "d.sock",
+                             "--rate", "4M"], stdout=open(workdir / "serve.out", "w"),
+                            stderr=open(workdir / "serve.err", "w"))
+        try:
+            wait_until(lambda: "control" in (workdir / "serve.out").read_text(), "ready")
+            wait_until(lambda: hydrated_bytes(workdir) >= SIZE // 4, "a quarter hydrated")
+            trigger.touch()
+            s = wait_until(lambda: (s := status(workdir))["hydration"]["unreadable"] and s,
+                           "the hydrator sees the failure")
+            done = s["hydration"]["bytes_done"]
+            assert done < SIZE - 4 * region, "hydrated too fast for the test"
+            h = nbd.NBD()
+            h.connect_uri(uri_of(workdir))
+            expected = bytearray(content)
+            # A partial write into a hydrated region, and a read of it.
+            h.pwrite(b"\x77" * 1000, 4097, nbd.CMD_FLAG_FUA)
+            expected[4097:5097] = b"\x77" * 1000
+            assert h.pread(region, 0) == bytes(expected[:region])
+            # A write of a whole region not hydrated needs nothing of the source.
+            last = SIZE - region
+            h.pwrite(b"\x88" * region, last, nbd.CMD_FLAG_FUA)
+            expected[last:] = b"\x88" * region
+            assert h.pread(region, last) == bytes(expected[last:])
+            # A read of a region that is not hydrated fails with the source's errno.
+            before = status(workdir)["hydration"]["source_read_errors"]
+            with pytest.raises(nbd.Error) as e:
+                h.pread(4096, last - region + 12288)
+            assert e.value.errno == "EIO"
+            s = status(workdir)["hydration"]
+            assert s["source_read_errors"] == before + 1
+            assert any(f["offset"] <= last - region + 12288 < f["offset"] + f["length"]
+                       for f in s["failed_reads"]), s["failed_reads"]
+            assert s["source_failing"]
+            assert s["bytes_at_risk"] == SIZE - s["bytes_done"] > 0
+            text = run(*MIRRORFS, "status", "--control", workdir / "d.sock.ctl").stdout
+            assert "at risk" in text, text
+            # The source answers again: hydration retries and finishes.
+            trigger.unlink()
+            h.shutdown()
+            wait_hydrated(workdir)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    finally:
+        front.stop()
+    backend.stop()
+    assert sha256(src) == source_hash
+    assert raw_bytes(workdir, dst, "dst") == expected
+
+
+# Bad input: one line, the exact exit status, nothing started, nothing changed.
+
+def _fails(workdir, args, status_, text, command="serve", allowed=()):
+    from test_bad_input import serve_fails
+    if command != "serve":
+        res = subprocess.run([*MIRRORFS, command, *map(str, args)], capture_output=True, text=True,
+                             timeout=120)
+        assert res.stderr.startswith("mirrorfs: error: ") and res.stderr.count("\n") == 1, res.stderr
+        assert text in res.stderr, res.stderr
+    else:
+        res = serve_fails(workdir, *args, expect=text, allowed_pids=allowed)
+    assert res.returncode == status_, res.stderr
+
+
+def test_bad_inputs(workdir, qemu_nbd):
+    src, dst = make_full_pair(workdir, 8 * MiB)
+    small = workdir / "small.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", small, str(4 * MiB))
+    sock = ["--socket", workdir / "d.sock"]
+    state = ["--state-dir", workdir / "state"]
+    _fails(workdir, ["--copy", "full", "--switch-first", src, dst, *sock], 2,
+           "--switch-first needs --state-dir")
+    _fails(workdir, ["--switch-first", *state, src, dst, *sock], 2, "give --copy full")
+    _fails(workdir, ["--copy", "full", "--switch-first", *state, src, small, *sock], 2,
+           "smaller than source")
+    _fails(workdir, ["--readonly", "--switch-first", *state, src, *sock], 2, "--readonly")
+    _fails(workdir, [src, "--dest-dir", workdir, "--switch-first", *state, *sock], 2,
+           "not implemented", command="start")
+    # A source another process writes cannot be opened read-only (its write lock).
+    holder = qemu_nbd(src, "holder")
+    _fails(workdir, ["--copy", "full", "--switch-first", *state, src, dst, *sock], 1,
+           "lock", allowed=(holder.proc.pid,))
