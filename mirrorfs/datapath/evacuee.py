@@ -223,9 +223,13 @@ class Evacuee:
     def copy_region(self, r):
         """Copy region `r` from the source to the destination. Callers hold its range lock.
         Raises SideFailure."""
-        lo, hi = self.map.span(r)
+        return self.copy_range(*self.map.span(r))
+
+    def copy_range(self, lo, hi):
+        """Copy the regions [lo, hi) (region-aligned) from the source to the destination, and
+        remember them as copied. Callers hold their range lock. Raises SideFailure."""
         read, zeroed = sideio.copy(self.source, self.dest, lo, hi)
-        self.map.mark_copied((r,))
+        self.map.mark_copied(self.map.regions(lo, hi))
         return read, zeroed
 
     def _flush_dest(self):
