@@ -76,6 +76,16 @@ def status_text(status):
         else:
             what = "done" + (" - ready to pivot (mirrorfs pivot)" if copy.get("ready_to_pivot") else "")
         lines.append(f"copy:         {copy['percent']:.1f}% {what} ({copy_line(copy)})")
+    hydration = status.get("hydration")
+    if hydration:
+        lines.append(f"hydration:    {human_size(hydration['bytes_done'])} of "
+                     f"{human_size(hydration['bytes_total'])} on the destination; "
+                     f"{human_size(hydration['bytes_on_source_only'])} on the source alone")
+        if hydration["source_failing"]:
+            lines.append(f"  at risk:    {human_size(hydration['bytes_at_risk'])} "
+                         f"({hydration['bytes_at_risk']} bytes): the source fails; "
+                         f"{hydration['source_read_errors']} client reads failed, "
+                         f"{len(hydration['unreadable'])} regions it cannot copy yet")
     switch = status.get("switch")
     if switch:
         rebase = f" (backing change {switch['rebase_ms']:.1f} ms)" if "rebase_ms" in switch else ""

@@ -45,6 +45,7 @@ def _stop_on_signals():
 def _serve_options(args, **extra):
     return ServeOptions(socket=args.socket, listen=args.listen, threads=args.threads,
                         state_dir=args.state_dir, policy=args.on_dest_error,
+                        switch_first=args.switch_first,
                         io_timeout=args.io_timeout, cache=args.cache, access=options.access_of(args), **extra)
 
 
@@ -110,6 +111,9 @@ def cmd_serve(args):
 
 
 def cmd_start(args):
+    if args.switch_first:
+        raise UsageError("start --switch-first is not implemented yet; evacuate a disk with "
+                         "'mirrorfs serve --copy full --switch-first --state-dir DIR SOURCE DEST'")
     control_path = _control_path(args)
     migration = Migration(args.source_top, args.dest_dir,
                           _serve_options(args, take_over=args.take_over),

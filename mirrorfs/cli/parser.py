@@ -62,6 +62,10 @@ def serving(p, control_help="control socket (default: the --socket path + .ctl)"
 def mirroring(p, state_help):
     """How the mirror keeps its state and meets a failing destination."""
     p.add_argument("--state-dir", metavar="DIR", help=state_help)
+    p.add_argument("--switch-first", action="store_true",
+                   help="evacuate now: the destination takes every write from the start, the "
+                        "source is opened read-only and copied in the background (hydration); "
+                        "needs --state-dir (docs/EVACUATION.md)")
     p.add_argument("--on-dest-error", metavar=_one_of(POLICIES),
                    help="a destination failure fails the client's request (fail), or is recorded "
                         "and copied again later (degrade; the default with --state-dir)")

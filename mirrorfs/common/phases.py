@@ -23,6 +23,9 @@ class Phase(enum.StrEnum):
     SWITCHED = "switched"               # the destination alone (an end, saved in the state)
     CANCELLED = "cancelled"             # the source alone (an end, saved in the state)
     HANDED_BACK = "handed-back"         # start --take-over: the disk went back to its export
+    # --switch-first (datapath.evacuee): the destination serves from the start.
+    HYDRATING = "hydrating"             # unhydrated regions are read from the read-only source
+    HYDRATED = "hydrated"               # the destination holds everything; the source is released
     # `export` (control.export).
     EXPORTING = "exporting"             # a plain storage daemon serves the disk
     LENT = "lent"                       # a migration serves the disk on the export's socket

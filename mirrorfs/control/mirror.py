@@ -7,13 +7,16 @@ Phases (status):
     switched       the destination alone serves the disk (pivot)
     cancelled      the source alone serves it (cancel)
     serving        --readonly: the source alone, no mirror
+    hydrating      --switch-first: the destination serves, regions not hydrated yet are read from
+                   the read-only source and copied in the background (mirrorfs.datapath.evacuee)
+    hydrated       --switch-first: the destination holds everything and serves alone
     stopped
 The first two are the data path's to tell (the controller's own phase is "mirroring" meanwhile):
 only the data path knows, under its drain, whether anything may differ.
 """
 
 from mirrorfs.common.phases import Phase
-from mirrorfs.control.controller import Controller
+from mirrorfs.control.controller import Controller, PhaseError
 from mirrorfs.common.sizes import human_size
 from mirrorfs.errors import Error
 from mirrorfs.daemons.tree import ProcessTree
@@ -37,6 +40,9 @@ class Mirror(Controller):
             serving = self.tree.serving
             if self.tree.dest is None:
                 self.enter(Phase.SERVING)
+            elif self.options.switch_first:
+                self.enter(Phase.HYDRATED if serving == "destination" else Phase.HYDRATING,
+                           resumed=self.tree.resumed)
             elif serving == "destination":
                 self.enter(Phase.SWITCHED, resumed=True)
             elif serving == "source":
@@ -59,6 +65,15 @@ class Mirror(Controller):
     def __exit__(self, *exc):
         self.stop()
 
+    def check(self, seen):
+        super().check(seen)
+        if self.phase == Phase.HYDRATING:
+            dp = self.tree.datapath_status()
+            if dp.get("ended") == Phase.SWITCHED:
+                with self.internal_change():
+                    self.tree.release_source()
+                    self.enter(Phase.HYDRATED, **hydration_progress(dp))
+
     def shown_phase(self):
         if self.phase != Phase.MIRRORING:
             return self.phase
@@ -80,6 +95,7 @@ class Mirror(Controller):
         """Serve the destination alone. The data path refuses unless synchronized and unless the
         destination answers. `force` is accepted for symmetry with a migration and changes nothing:
         there is no base to verify here. Returns the stall clients saw, in seconds."""
+        self._refuse_with_switch_first("pivot")
         with self.changing("pivot", Phase.MIRRORING):
             try:
                 stall = self.tree.switch("destination", Phase.SWITCHED, timeout)
@@ -92,9 +108,23 @@ class Mirror(Controller):
 
     def cancel(self, timeout=10.0):
         """Stop mirroring; the source alone serves the disk, and the destination is let go."""
+        self._refuse_with_switch_first("cancel")
         with self.changing("cancel", Phase.MIRRORING):
             self.tree.switch("source", Phase.CANCELLED, timeout)
             self.enter(Phase.CANCELLED)
+
+    def _refuse_with_switch_first(self, command):
+        """An evacuation has no switch: the destination serves from the start, and the source,
+        read-only, has none of the writes made since (see docs/EVACUATION.md, "Cancel")."""
+        if not self.options.switch_first:
+            return
+        if command == "pivot":
+            raise PhaseError("cannot pivot: with --switch-first the destination already serves "
+                             "the disk; it stands alone once hydrated")
+        raise PhaseError(f"cannot cancel while {self.phase}: with --switch-first the source is "
+                         "read-only and lacks every write made since the start, which only the "
+                         "destination holds; let the hydration finish (or stop and restart with "
+                         "the same --state-dir)")
 
     def status(self):
         status = super().status()
@@ -106,9 +136,16 @@ class Mirror(Controller):
             status["state"] = {"directory": str(self.options.state_path)}
         if self.last_switch:
             status["switch"] = self.last_switch
-        copy = (status.get("datapath") or {}).get("copy")
+        dp = status.get("datapath") or {}
+        copy = dp.get("copy")
         if copy and self.phase == Phase.MIRRORING:
             status["copy"] = copy_progress(copy)
+        if self.options.switch_first:
+            status["mirror"]["switch_first"] = True
+            if "hydration" in dp:
+                status["hydration"] = hydration_progress(dp)
+                if self.phase == Phase.HYDRATING:
+                    status["copy"] = {**status["hydration"], "error": None}
         return status
 
     def commands(self):
@@ -116,6 +153,27 @@ class Mirror(Controller):
         if self.tree.dest_spec is not None:
             table.update(self.switch_commands())
         return table
+
+
+def hydration_progress(dp):
+    """An evacuation's progress from the data path's status: bytes hydrated of the disk, the rate,
+    the ETA, and what is at risk while the source fails (every byte not hydrated yet: it exists on
+    the source alone)."""
+    h, hydrator = dp["hydration"], dp.get("hydrator") or {}
+    done, total = h["bytes_hydrated"], h["bytes_total"]
+    rate = hydrator.get("rate") or 0
+    unreadable = hydrator.get("unreadable", [])
+    return {"bytes_done": done, "bytes_total": total,
+            "percent": round(100 * done / total, 2) if total else 100.0,
+            "rate": rate, "rate_limit": hydrator.get("rate_limit"),
+            "eta_seconds": round((total - done) / rate) if rate and done < total else None,
+            "running": not h["complete"],
+            "source_failing": bool(unreadable or h["source_read_errors"]),
+            "bytes_on_source_only": total - done,
+            "bytes_at_risk": total - done if unreadable or h["source_read_errors"] else 0,
+            "bytes_unreadable": sum(u["length"] for u in unreadable),
+            "unreadable": unreadable,
+            "source_read_errors": h["source_read_errors"], "failed_reads": h["failed_reads"]}
 
 
 def copy_progress(copier):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from mirrorfs.system import sockets
 from mirrorfs.system.access import Access
-from mirrorfs.datapath.options import DEFAULT_IO_TIMEOUT, DEFAULT_REGION, DataPathOptions
+from mirrorfs.datapath.options import (DEFAULT_HYDRATION_REGION, DEFAULT_IO_TIMEOUT,
+                                       DEFAULT_REGION, DataPathOptions)
 from mirrorfs.errors import UsageError
 from mirrorfs.daemons.storage import check_cache
 
@@ -36,6 +37,9 @@ class ServeOptions:
     access: Access = field(default_factory=Access)
     # The control socket of a `mirrorfs export` whose disk this serves (its socket is borrowed).
     take_over: str | None = None
+    # Evacuation: the destination serves from the start, the source is opened read-only and
+    # hydrated into it in the background (mirrorfs.datapath.evacuee).
+    switch_first: bool = False
 
     def __post_init__(self):
         if self.take_over is not None and self.socket is not None:
@@ -47,6 +51,11 @@ class ServeOptions:
         # degrade is only safe when what a degraded write leaves behind survives a crash: with a
         # state directory. Without one, a failing destination fails the client's request.
         self.policy = self.policy or ("degrade" if self.state_dir else "fail")
+        if self.switch_first and self.readonly:
+            raise UsageError("--switch-first writes the destination; it cannot be --readonly")
+        if self.switch_first and not self.state_dir:
+            raise UsageError("--switch-first needs --state-dir: the hydration map says which "
+                             "regions the destination holds, and must survive a crash")
         check_cache(self.cache)
         self.socket_path = Path(self.socket).absolute() if self.socket else None
         if self.socket_path:
@@ -72,8 +81,9 @@ class ServeOptions:
             return DataPathOptions(
                 source=source, dest=dest, control=control and str(control), copy=self.copy,
                 state=str(self.state_path) if self.state_path and dest else None,
-                policy=self.policy, rate=self.rate, region=self.region or DEFAULT_REGION,
-                granularity=granularity,
+                policy=self.policy, rate=self.rate, region=self.region or (
+                    DEFAULT_HYDRATION_REGION if self.switch_first else DEFAULT_REGION),
+                granularity=granularity, switch_first=self.switch_first,
                 io_timeout=DEFAULT_IO_TIMEOUT if self.io_timeout is None else self.io_timeout)
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -115,7 +115,9 @@ class ProcessTree:
     def _start(self):
         o = self.options
         self.access.check(o.listen_address)
-        source = endpoints.resolve("source", self.source_spec, writable=not o.readonly)
+        # An evacuation only reads the source: a full or read-only one is what it is for.
+        source = endpoints.resolve("source", self.source_spec,
+                                   writable=not (o.readonly or o.switch_first))
         dest = endpoints.resolve("destination", self.dest_spec) if self.dest_spec else None
         if dest is not None:
             endpoints.check_distinct(source, dest)
@@ -136,7 +138,8 @@ class ProcessTree:
         for side, ep in (("source", source), ("destination", dest)):
             if ep is not None and ep.is_image:
                 daemon = StorageDaemon(ep.image, self.rundir, _DAEMON[side],
-                                       readonly=o.readonly and side == "source", cache=o.cache)
+                                       readonly=(o.readonly or o.switch_first) and side == "source",
+                                       cache=o.cache)
                 self.daemons[side] = daemon
                 daemon.start()
                 ep.uri = daemon.uri
@@ -171,7 +174,7 @@ class ProcessTree:
             self.state, self.resumed = open_state(
                 self.options.state_path, copy=self.options.copy,
                 source=identity(source), dest=identity(dest), size=source.size,
-                region_size=datapath.region)
+                region_size=datapath.region, switch_first=self.options.switch_first)
         except StateError as e:
             raise UsageError(str(e)) from None
         if self.state.phase == Phase.SWITCHED:
@@ -232,6 +235,11 @@ class ProcessTree:
             except jsonlines.ControlError as e:
                 log.warning("could not quiesce the data path before stopping: %s", e)
         self.nbdkit.stop(timeout=10, sig=signal.SIGKILL)
+
+    def release_source(self):
+        """An evacuation is hydrated: the data path let the source go; so does its daemon."""
+        self.serving = "destination"
+        self._retire_daemon("source")
 
     def _retire_daemon(self, side):
         """Stop a side's storage daemon once the data path no longer uses it. It leaves the list

@@ -23,6 +23,9 @@ LOCK_GRANULARITY = 64 * 1024
 # Regions of the dirty map: the unit of write intent and of copying again after a failure.
 DEFAULT_REGION = 64 * 1024 * 1024
 MIN_REGION = 1 << 20
+# Regions of an evacuation's hydration map (--switch-first, datapath.hydration): what a partial
+# write into a region not hydrated yet copies first, so small.
+DEFAULT_HYDRATION_REGION = 1 << 20
 # A mirror side's request that waits longer is cut (backend.NbdBackend.expire); 0: never.
 DEFAULT_IO_TIMEOUT = 30.0
 
@@ -42,6 +45,8 @@ class DataPathOptions:
     granularity: int = LOCK_GRANULARITY
     io_timeout: float = DEFAULT_IO_TIMEOUT
     parent: int | None = None           # the supervisor's pid: the data path ends with it (lifeline)
+    # Evacuation (datapath.evacuee): the destination serves from the start, the source is only read.
+    switch_first: bool = False
 
     def __post_init__(self):
         problem = self.problem()
@@ -66,6 +71,15 @@ class DataPathOptions:
             return "--region: expected a power of two of at least 1 MiB"
         if self.granularity < 512 or self.granularity & (self.granularity - 1):
             return f"granularity {self.granularity}: expected a power of two of at least 512"
+        if self.switch_first:
+            if self.copy != "full":
+                return "--switch-first copies the whole source in the background: give --copy full"
+            if self.dest is None or self.state is None:
+                return ("--switch-first needs --state-dir: the hydration map says which regions "
+                        "the destination holds, and must survive a crash")
+            if self.region % self.granularity:
+                return (f"--region {self.region}: with --switch-first, a multiple of the "
+                        f"destination's cluster size ({self.granularity})")
         if not math.isfinite(self.io_timeout) or self.io_timeout < 0:
             return f"--io-timeout {self.io_timeout}: expected seconds, 0 for none"
         return None
@@ -101,4 +115,11 @@ class DataPathOptions:
                                parent=self.parent)
 
 
-_KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int}
+def boolean(text):
+    if text not in ("True", "False"):
+        raise ValueError(text)
+    return text == "True"
+
+
+_KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
+          "switch_first": boolean}

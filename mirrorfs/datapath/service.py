@@ -27,6 +27,9 @@ from mirrorfs.datapath.backend import BackendError, NbdBackend
 from mirrorfs.datapath.copier import Copier
 from mirrorfs.datapath.dirtymap import DirtyMap
 from mirrorfs.datapath.disk import Disk, SwitchRefused
+from mirrorfs.datapath.evacuee import Evacuee
+from mirrorfs.datapath.hydration import HydrationError, HydrationMap
+from mirrorfs.datapath.hydrator import Hydrator
 from mirrorfs.datapath.inflight import DrainTimeout
 from mirrorfs.datapath.options import DataPathOptions
 from mirrorfs.datapath.state import ENDS, State, StateError
@@ -41,7 +44,7 @@ class DataPath:
         self.params = {}
         self.options = None
         self.disk = None
-        self.copier = None
+        self.copier = None              # the mirror's copier, or an evacuation's hydrator
         self.control = None
 
     def configure(self, key, value):
@@ -65,6 +68,9 @@ class DataPath:
         if dest is not None and dest.size < source.size:
             raise RuntimeError(f"destination is smaller than source ({dest.size} < {source.size} bytes)")
         state = self._state(source) if o.state and dest is not None else None
+        if o.switch_first:
+            self._evacuate(source, dest, state)
+            return
         region = state.region_size if state is not None else o.region
         dirty = DirtyMap(source.size, region, state, full=o.copy == "full")
         self.disk = Disk(source, dest, dirty, policy=o.policy, granularity=o.granularity)
@@ -76,6 +82,18 @@ class DataPath:
                          len(dirty.needs_copy))
             if o.copy == "full" and dirty.cursor:
                 log.info("resuming the full copy at %d of %d bytes", dirty.cursor, source.size)
+
+    def _evacuate(self, source, dest, state):
+        """--switch-first: the destination serves from now on, the source is only read."""
+        if not state.switch_first:
+            raise RuntimeError(f"the state in {state.directory} is a mirror's, not an evacuation's")
+        try:
+            hydration = HydrationMap.open(state.directory, source.size, state.region_size)
+            self.disk = Evacuee(source, dest, hydration, state, granularity=self.options.granularity)
+        except (HydrationError, ValueError) as e:
+            raise RuntimeError(str(e)) from None
+        self.copier = Hydrator(self.disk, rate=self.options.rate)
+        log.info("evacuating: %d of %d regions hydrated", hydration.hydrated_count, hydration.count)
 
     def _state(self, source):
         directory = self.options.state
@@ -137,10 +155,10 @@ class DataPath:
     def status(self):
         status = self.disk.status()
         if self.copier is not None:
-            status["copy"] = self.copier.status()
-        if self.disk.dirty.state is not None:
-            status["state"] = {"directory": str(self.disk.dirty.state.directory),
-                               "phase": self.disk.dirty.state.phase}
+            status["hydrator" if self.options.switch_first else "copy"] = self.copier.status()
+        state = self.disk.state if self.options.switch_first else self.disk.dirty.state
+        if state is not None:
+            status["state"] = {"directory": str(state.directory), "phase": state.phase}
         return status
 
     def handle(self, request):

@@ -40,7 +40,9 @@ FORMAT = 1
 FILE = "state.json"
 # The saved phase of a mirror: derived from its cursor and dirty map while mirroring, else its end.
 MIRRORING = (Phase.COPYING, Phase.SYNCHRONIZED)
-PHASES = MIRRORING + ENDS
+# An evacuation (--switch-first) is hydrating until it ends as switched (the destination alone).
+PHASES = MIRRORING + (Phase.HYDRATING,) + ENDS
+
 # Format 1 spelled copy mode none as "mirror".
 _LEGACY_COPY = {"mirror": "none"}
 
@@ -55,8 +57,11 @@ def _checksum(fields):
 
 class State:
     def __init__(self, directory, *, copy, source, dest, size, region_size, phase=Phase.COPYING,
-                 cursor=0, dirty=()):
+                 cursor=0, dirty=(), switch_first=False):
         self.directory = Path(directory)
+        # How the disk is served until its end: a mirror (changes to both sides), or an evacuation
+        # (--switch-first: changes to the destination alone, the source read-only; datapath.evacuee).
+        self.switch_first = switch_first
         self.copy = copy                # "full": copy everything first; "none": sides start equal
         self.source = source            # identities: {"spec": ..., "size": ...}
         self.dest = dest
@@ -98,26 +103,16 @@ class State:
         return self.directory / FILE
 
     def fields(self):
-        return {"format": FORMAT, "copy": self.copy, "source": self.source, "dest": self.dest,
+        # Only when set: a mirror's state.json (and its checksum) is as before.
+        mode = {"switch_first": True} if self.switch_first else {}
+        return {"format": FORMAT, **mode, "copy": self.copy, "source": self.source, "dest": self.dest,
                 "size": self.size, "region_size": self.region_size, "phase": self.phase,
                 "cursor": self.cursor, "dirty": sorted(self.dirty)}
 
     def save(self):
         fields = self.fields()
-        data = json.dumps({**fields, "checksum": _checksum(fields)}, indent=1).encode()
-        tmp = self.directory / (FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomically(self.directory, FILE,
+                         json.dumps({**fields, "checksum": _checksum(fields)}, indent=1).encode())
 
     @classmethod
     def load(cls, directory):
@@ -137,22 +132,44 @@ class State:
             if saved["format"] != FORMAT:
                 raise ValueError(f"unknown format {saved['format']}")
             copy = saved.get("copy") or _LEGACY_COPY.get(saved.get("mode"), saved.get("mode"))
-            if saved["phase"] not in PHASES or copy not in COPY_MODES:
-                raise ValueError("unknown phase or copy mode")
+            switch_first = saved.get("switch_first", False)
+            if saved["phase"] not in PHASES or copy not in COPY_MODES or \
+                    not isinstance(switch_first, bool):
+                raise ValueError("unknown phase, copy mode or switch_first")
             state = cls(directory, copy=copy, source=saved["source"], dest=saved["dest"],
                         size=int(saved["size"]), region_size=int(saved["region_size"]),
                         phase=saved["phase"],
                         cursor=int(saved["cursor"]) if copy == "full" else int(saved["size"]),
-                        dirty=[int(r) for r in saved["dirty"]])
+                        dirty=[int(r) for r in saved["dirty"]], switch_first=switch_first)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StateError(f"{path} is corrupt ({e}); refusing to guess. Inspect it, or move it "
                              "away to start over with a full copy") from None
         return state
 
 
-def open_for(directory, *, copy, source, dest, size, region_size):
+def write_atomically(directory, name, data):
+    """Replace `directory/name` by `data` so that a crash leaves the old file or the new one: a
+    temporary file written and fsynced, renamed over the old one, the directory fsynced."""
+    directory = Path(directory)
+    tmp = directory / (name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, directory / name)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def open_for(directory, *, copy, source, dest, size, region_size, switch_first=False):
     """The state for this source and destination: loaded if the directory has one (and it is theirs),
-    created otherwise. `source` and `dest` are identities (dicts) as the supervisor names them."""
+    created otherwise. `source` and `dest` are identities (dicts) as the supervisor names them;
+    `switch_first`: an evacuation's state; a state of the other mode is refused."""
     directory = Path(directory)
     if not directory.is_dir():
         if not directory.parent.is_dir():
@@ -160,15 +177,23 @@ def open_for(directory, *, copy, source, dest, size, region_size):
         directory.mkdir(mode=0o700)
     state = State.load(directory)
     if state is None:
+        if switch_first:
+            phase = Phase.HYDRATING
+        else:
+            phase = Phase.COPYING if copy == "full" else Phase.SYNCHRONIZED
         state = State(directory, copy=copy, source=source, dest=dest, size=size,
-                      region_size=region_size, phase=Phase.COPYING if copy == "full" else Phase.SYNCHRONIZED,
-                      cursor=0 if copy == "full" else size)
+                      region_size=region_size, phase=phase, cursor=0 if copy == "full" else size,
+                      switch_first=switch_first)
         state.save()
         return state, False
     for label, saved, given in (("source", state.source, source), ("destination", state.dest, dest)):
         if saved != given:
             raise StateError(f"the state in {directory} belongs to another {label}: "
                              f"{_describe(saved)}, not {_describe(given)}")
+    if state.switch_first != switch_first:
+        names = {True: "--switch-first", False: "a mirror (without --switch-first)"}
+        raise StateError(f"the state in {directory} is for {names[state.switch_first]}, not "
+                         f"{names[switch_first]}: the sides hold different things in the two modes")
     if state.copy != copy:
         raise StateError(f"the state in {directory} is for --copy {state.copy}, not --copy {copy}")
     return state, True

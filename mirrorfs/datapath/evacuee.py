@@ -1,0 +1,294 @@
+"""The served disk of an evacuation (--switch-first): what happens to each request when the
+destination is authoritative from the first second and the source is only read. Read this file to
+know what happens to a write in that mode (datapath.disk is the mirror's).
+
+- write, zero, trim → the destination alone. A change to a region that is not hydrated
+  (datapath.hydration) first copies the rest of that region from the source, under the range lock
+  of the whole region, unless the change covers the region whole; then the change; then the
+  region is committed (destination flushed, map saved, group commit) and only then is the client
+  answered. A partial write therefore never leaves the destination's zeros where the source had
+  data: the region is complete on the destination before the map says so.
+- read, extents, cache → cut at region boundaries: hydrated regions from the destination, the
+  rest from the source (which nothing writes, so a read of it needs no lock).
+- flush → the destination. The map never holds an unsaved hydrated region, so nothing more.
+- A source failure fails only what needs the source: reads of regions not hydrated, and a partial
+  change into such a region (its other bytes exist nowhere else). It is counted, with its offset
+  (status: `source_read_errors`); the bytes at risk are the unhydrated ones.
+
+Range locks (InFlight) order every change and every hydration copy on the same bytes: a copy never
+puts the source's older data over a client's newer write.
+
+This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
+"""
+
+import collections
+import errno
+import logging
+import threading
+import time
+
+from mirrorfs.datapath import sideio
+from mirrorfs.datapath.disk import RequestError, SideStats, SwitchRefused
+from mirrorfs.datapath.hydration import HydrationError
+from mirrorfs.datapath.inflight import DrainTimeout, InFlight
+
+log = logging.getLogger("mirrorfs")
+
+# Source read failures kept for status, with their offsets (the count is exact, the list recent).
+FAILED_READS_KEPT = 64
+
+
+class Evacuee:
+    def __init__(self, source, dest, hydration, state=None, granularity=64 * 1024):
+        if not dest.can_flush:
+            raise ValueError("the destination cannot flush: hydration could never be made durable")
+        self.size = source.size
+        self.source, self.dest = source, dest
+        self.backends = (source, dest)
+        self.map = hydration
+        self.state = state
+        self.inflight = InFlight(granularity)
+        self.stats = {b.name: SideStats(b.name) for b in self.backends}
+        self.reader = dest              # what the request watchdog and status call authoritative
+        self.writers = (dest,)
+        self.ended = state.phase if state is not None and state.ended else None
+        self.source_read_errors = 0
+        self.failed_reads = collections.deque(maxlen=FAILED_READS_KEPT)
+        self.last_client_request = 0.0  # monotonic: the hydrator yields to recent client I/O
+        self._ending = threading.Lock()
+        sides = [b.block_size for b in self.backends]
+        minimum = max(s[0] for s in sides) or 1
+        maximums = [s[2] for s in sides if s[2]]
+        self.max_request = min(maximums) if maximums else 32 * 1024 * 1024
+        self._block_size = (minimum, min(max(max(s[1] for s in sides), minimum, 4096),
+                                         self.max_request), self.max_request)
+
+    # Capabilities: writes are the destination's; reads need both.
+
+    def can_write(self):
+        return not self.dest.read_only
+
+    def can_flush(self):
+        return True
+
+    def can_fua(self):
+        return self.dest.can_fua
+
+    def can_trim(self):
+        return self.dest.can_trim
+
+    def can_zero(self):
+        return self.dest.can_zero
+
+    def can_fast_zero(self):
+        return self.dest.can_fast_zero
+
+    def can_multi_conn(self):
+        return self.dest.multi_conn
+
+    def can_extents(self):
+        return self.dest.can_extents and self.source.can_extents
+
+    def can_cache(self):
+        return self.dest.can_cache and self.source.can_cache
+
+    def is_rotational(self):
+        return any(b.is_rotational for b in self.backends)
+
+    def block_size(self):
+        return self._block_size
+
+    # Reads: each run of regions from the side that holds it.
+
+    def _side(self, hydrated):
+        return self.dest if hydrated else self.source
+
+    def pread(self, buf, offset):
+        self.last_client_request = time.monotonic()
+        self.inflight.enter("read")
+        try:
+            view = memoryview(buf)
+            for pos, length, hydrated in self.map.runs(offset, offset + len(view)):
+                side = self._side(hydrated)
+                try:
+                    sideio.read(side, view[pos - offset:pos - offset + length], pos,
+                                self.max_request)
+                except sideio.SideFailure as e:
+                    self._failed(e)
+        finally:
+            self.inflight.leave()
+
+    def extents(self, count, offset, req_one):
+        self.inflight.enter("extents")
+        try:
+            found = []
+            for pos, length, hydrated in self.map.runs(offset, offset + count):
+                try:
+                    found += sideio.extents(self._side(hydrated), length, pos, req_one)
+                except sideio.SideFailure as e:
+                    self._failed(e)
+                if req_one and found:
+                    break
+            return found
+        finally:
+            self.inflight.leave()
+
+    def cache(self, count, offset):
+        self.inflight.enter("cache")
+        try:
+            for pos, length, hydrated in self.map.runs(offset, offset + count):
+                try:
+                    sideio.cache(self._side(hydrated), length, pos)
+                except sideio.SideFailure as e:
+                    self._failed(e)
+        finally:
+            self.inflight.leave()
+
+    def _failed(self, e):
+        """A side failed a client's request: count it (a source read with its offset: that data
+        exists nowhere else), and fail the request with the side's errno."""
+        self.stats[e.side.name].failed(e.op, e.offset, e.length, e.cause)
+        if e.side is self.source:
+            self.source_read_errors += 1
+            self.failed_reads.append({"offset": e.offset, "length": e.length,
+                                      "errno": errno.errorcode.get(e.errno, str(e.errno)),
+                                      "time": time.time()})
+        raise RequestError(e.errno, str(e)) from None
+
+    # Changes: the destination alone, after the regions they touch are complete there.
+
+    def pwrite(self, buf, offset, fua):
+        self._change("write", offset, len(buf),
+                     lambda: sideio.write(self.dest, buf, offset, fua, self.max_request))
+
+    def zero(self, count, offset, may_trim, fua, fast):
+        self._change("zero", offset, count,
+                     lambda: sideio.zero(self.dest, count, offset, may_trim, fua, fast))
+
+    def trim(self, count, offset, fua):
+        self._change("trim", offset, count, lambda: sideio.trim(self.dest, count, offset, fua))
+
+    def flush(self):
+        self.last_client_request = time.monotonic()
+        self.inflight.enter("flush")
+        try:
+            sideio.flush(self.dest)
+        except sideio.SideFailure as e:
+            self._failed(e)
+        finally:
+            self.inflight.leave()
+
+    def _change(self, op, offset, length, apply):
+        self.last_client_request = time.monotonic()
+        end = offset + length
+        todo = [r for r in self.map.regions(offset, end) if not self.map.hydrated(r)]
+        if not todo:
+            token = self.inflight.enter_range(op, offset, end)
+            try:
+                apply()
+            except sideio.SideFailure as e:
+                self._failed(e)
+            finally:
+                self.inflight.leave(token)
+            return
+        # The whole of every region touched is locked: its copy and this change must not
+        # interleave with another change or with the hydrator.
+        start = min(offset, self.map.span(todo[0])[0])
+        token = self.inflight.enter_range(op, start, max(end, self.map.span(todo[-1])[1]))
+        try:
+            for r in todo:
+                self._prepare(r, offset, end)
+            apply()
+            self.map.mark_copied(todo)
+        except sideio.SideFailure as e:
+            self._failed(e)
+        finally:
+            self.inflight.leave(token)
+        try:
+            self.map.commit(todo, self._flush_dest)
+        except HydrationError as e:
+            self.stats[self.dest.name].failed("flush", offset, length, e)
+            raise RequestError(errno.EIO, str(e)) from None
+
+    def _prepare(self, r, start, end):
+        """Before a change to [start, end): the rest of region `r` on the destination, unless
+        the change covers it whole or it is already there (hydrated, or copied and not saved)."""
+        if self.map.hydrated(r) or self.map.is_copied(r):
+            return
+        lo, hi = self.map.span(r)
+        if start <= lo and hi <= end:
+            return
+        self.copy_region(r)
+
+    def copy_region(self, r):
+        """Copy region `r` from the source to the destination. Callers hold its range lock.
+        Raises SideFailure."""
+        return self.copy_range(*self.map.span(r))
+
+    def copy_range(self, lo, hi):
+        """Copy the regions [lo, hi) (region-aligned) from the source to the destination, and
+        remember them as copied. Callers hold their range lock. Raises SideFailure."""
+        read, zeroed = sideio.copy(self.source, self.dest, lo, hi)
+        self.map.mark_copied(self.map.regions(lo, hi))
+        return read, zeroed
+
+    def _flush_dest(self):
+        sideio.flush(self.dest)
+
+    # The end: once every region is hydrated, the source is let go.
+
+    def finish(self, timeout=10.0):
+        """Called by the hydrator once the map is complete: record the end (the destination
+        alone, `switched`) in the state with nothing in flight, then release the source. Reads
+        of the source still in flight drain first. Returns True if this call ended it."""
+        with self._ending:
+            if self.ended:
+                return False
+            self.inflight.pause(timeout)
+            try:
+                sideio.flush(self.dest)
+                if self.state is not None:
+                    self.state.record(end="switched")
+                self.ended = "switched"
+                self.backends = (self.dest,)
+            finally:
+                self.inflight.resume()
+        self.source.retire()
+        log.info("hydrated: the destination holds the whole disk; source released")
+        return True
+
+    def switch(self, to, end, timeout=10.0):
+        raise SwitchRefused("with --switch-first the destination serves the disk from the start "
+                            "and the source never had the writes made since; nothing to switch")
+
+    def quiesce(self, timeout=10.0):
+        """Before the process stops: hold new requests for good, drain, flush the destination."""
+        if not self._ending.acquire(timeout=timeout):
+            raise DrainTimeout(f"the end still runs after {timeout}s")
+        self.inflight.pause(timeout)
+        try:
+            sideio.flush(self.dest)
+        except sideio.SideFailure as e:
+            log.error("destination: flush before stopping failed: %s", e)
+
+    def status(self):
+        total = self.size
+        done = self.map.hydrated_bytes()
+        return {
+            "size": self.size,
+            "in_flight": self.inflight.count,
+            "requests": dict(self.inflight.started),
+            "reader": "destination" if self.ended else "destination and source",
+            "writers": ["destination"],
+            "sides": {b.name: {**self.stats[b.name].snapshot(), "timeouts": b.timeouts,
+                               "available": b.available} for b in (self.source, self.dest)},
+            "ended": self.ended,
+            "synchronized": False,
+            "dirty_bytes": 0,
+            "hydration": {"region_size": self.map.region_size, "regions": self.map.count,
+                          "hydrated_regions": self.map.hydrated_count,
+                          "bytes_hydrated": done, "bytes_total": total,
+                          "complete": self.map.complete, "commits": self.map.commits,
+                          "source_read_errors": self.source_read_errors,
+                          "failed_reads": list(self.failed_reads)},
+        }

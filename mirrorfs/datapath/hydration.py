@@ -1,0 +1,217 @@
+"""The hydration map of an evacuation (--switch-first): which regions the destination holds.
+
+A region is **hydrated** when the destination holds its whole content durably: the source's data
+copied there (or a change that covered all of it) and the destination *flushed* since. Reads of a
+hydrated region go to the destination, reads of any other region to the source, which is never
+written. The rule:
+
+> A region is saved as hydrated only after the destination was flushed with its copy on it, and
+> a change to a region that is not hydrated is acknowledged only once the region is saved as
+> hydrated.
+
+So after `kill -9` of any process, every acknowledged change is in a hydrated region (on the
+destination) and every region the map does not name still reads the source's data, which nothing
+changed. A client's FLUSH needs nothing of the map: it never holds a hydrated region that is not
+saved (bits are set in memory only after the save).
+
+Regions go through three states, only the last one saved:
+- unhydrated: the source has the data, the destination may hold anything there;
+- copied (memory only): the destination holds the region's content, not yet flushed or saved. A
+  crash forgets it, which is harmless: no change to it was acknowledged yet;
+- hydrated: saved in `hydration.map`.
+
+`commit(regions, flush)` makes regions hydrated with **group commit**: whoever finds no commit
+running flushes the destination once and saves the map once for every region handed in so far;
+the others wait for that batch (or the next). A commit costs one flush and one fsync'd save per
+batch, however many writes wait in it. If the flush or the save fails, every request of the batch
+fails and its regions go back to unhydrated (their copy may not have survived).
+
+The file, `hydration.map` in the state directory, replaced atomically (state.write_atomically):
+JSON with the disk size, region size, the bitmap (one bit per region, zlib, base64) and a SHA-256
+checksum. A file that disagrees with the disk or its checksum is refused, never reset.
+
+This module runs inside nbdkit's embedded interpreter: standard library only.
+"""
+
+import base64
+import hashlib
+import json
+import threading
+import zlib
+from pathlib import Path
+
+from mirrorfs.datapath.state import write_atomically
+
+FILE = "hydration.map"
+FORMAT = 1
+
+
+class HydrationError(Exception):
+    """A map that cannot be used (corrupt, another disk's), or a commit whose flush or save failed."""
+
+
+def _checksum(fields):
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class HydrationMap:
+    def __init__(self, directory, size, region_size, bits=None):
+        self.directory = Path(directory) if directory is not None else None
+        self.size = size
+        self.region_size = region_size
+        self.count = (size + region_size - 1) // region_size
+        self.bits = bytearray(bits) if bits is not None else bytearray((self.count + 7) // 8)
+        self.hydrated_count = sum(bin(b).count("1") for b in self.bits)
+        self.copied = set()             # regions whose content the destination holds, unsaved
+        self._cond = threading.Condition()
+        self._save_lock = threading.Lock()
+        self._pending = set()           # regions handed to commit() for the next batch
+        self._filling = 1               # the number of the batch being filled
+        self._done = 0                  # the last batch finished
+        self._committing = False
+        self._failures = {}             # batch number -> exception, for its waiters
+        self.commits = 0                # batches saved (status)
+
+    @classmethod
+    def open(cls, directory, size, region_size):
+        """The saved map, or a new empty one (saved at once) if the directory holds none."""
+        path = Path(directory) / FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            found = cls(directory, size, region_size)
+            found._write(bytes(found.bits))
+            return found
+        try:
+            saved = json.loads(raw)
+            if saved.pop("checksum") != _checksum(saved):
+                raise ValueError("checksum mismatch")
+            if saved["format"] != FORMAT:
+                raise ValueError(f"unknown format {saved['format']}")
+            if saved["size"] != size or saved["region_size"] != region_size:
+                raise ValueError(f"it is for a {saved['size']}-byte disk in regions of "
+                                 f"{saved['region_size']}, not {size} in {region_size}")
+            bits = zlib.decompress(base64.b64decode(saved["bits"]))
+            found = cls(directory, size, region_size, bits)
+            if len(bits) != len(found.bits) or found.hydrated_count != saved["hydrated"]:
+                raise ValueError("bitmap length or count mismatch")
+        except (ValueError, KeyError, TypeError, zlib.error) as e:
+            raise HydrationError(f"{path} is corrupt ({e}); refusing to guess") from None
+        return found
+
+    # Questions (lock-free: a bytearray read is atomic under the GIL, and bits are only ever set).
+
+    def regions(self, start, end):
+        return range(start // self.region_size, (end - 1) // self.region_size + 1)
+
+    def span(self, r):
+        start = r * self.region_size
+        return start, min(start + self.region_size, self.size)
+
+    def hydrated(self, r):
+        return bool(self.bits[r >> 3] & (1 << (r & 7)))
+
+    @property
+    def complete(self):
+        return self.hydrated_count >= self.count
+
+    def hydrated_bytes(self):
+        last = self.count - 1
+        tail = self.size - last * self.region_size
+        full = self.hydrated_count - (1 if self.count and self.hydrated(last) else 0)
+        return full * self.region_size + (tail if self.count and self.hydrated(last) else 0)
+
+    def next_unhydrated(self, start=0):
+        """The first region at or after `start` that is not hydrated, or None."""
+        r = start
+        while r < self.count:
+            byte = self.bits[r >> 3]
+            if byte == 0xFF and not r & 7:
+                r += 8
+                continue
+            if not byte & (1 << (r & 7)):
+                return r
+            r += 1
+        return None
+
+    def runs(self, start, end):
+        """[start, end) cut where hydration changes: (offset, length, hydrated) pieces."""
+        pos = start
+        while pos < end:
+            r = pos // self.region_size
+            state = self.hydrated(r)
+            stop = pos
+            while stop < end and self.hydrated(stop // self.region_size) == state:
+                stop = min(end, (stop // self.region_size + 1) * self.region_size)
+            yield pos, stop - pos, state
+            pos = stop
+
+    # Changing it.
+
+    def mark_copied(self, regions):
+        with self._cond:
+            self.copied.update(r for r in regions if not self.hydrated(r))
+
+    def is_copied(self, r):
+        return r in self.copied
+
+    def commit(self, regions, flush):
+        """Return once every one of `regions` is saved as hydrated; `flush()` flushes the
+        destination. Raises HydrationError if the batch's flush or save failed."""
+        missing = {r for r in regions if not self.hydrated(r)}
+        if not missing:
+            return
+        with self._cond:
+            self._pending |= missing
+            mine = self._filling
+            while self._done < mine:
+                if not self._committing:
+                    self._lead(flush)
+                else:
+                    self._cond.wait()
+            failure = self._failures.get(mine)
+        if failure is not None:
+            raise HydrationError(f"the hydration map could not be saved: {failure}") from failure
+
+    def _lead(self, flush):
+        """Commit the batch being filled (called and returning with the condition held)."""
+        self._committing = True
+        number, batch = self._filling, self._pending
+        self._filling, self._pending = number + 1, set()
+        self._cond.release()
+        failure = None
+        try:
+            flush()
+            bits = bytearray(self.bits)
+            for r in batch:
+                bits[r >> 3] |= 1 << (r & 7)
+            self._write(bytes(bits))
+        except Exception as e:          # the flush or the save: the batch is not durable
+            failure = e
+        finally:
+            self._cond.acquire()
+        if failure is None:
+            for r in batch:
+                if not self.hydrated(r):
+                    self.bits[r >> 3] |= 1 << (r & 7)
+                    self.hydrated_count += 1
+            self.commits += 1
+        else:
+            self._failures[number] = failure
+            for old in [n for n in self._failures if n < number - 64]:
+                del self._failures[old]
+        self.copied -= batch
+        self._done = number
+        self._committing = False
+        self._cond.notify_all()
+
+    def _write(self, bits):
+        """Save `bits` (the whole map) atomically."""
+        if self.directory is None:
+            return
+        fields = {"format": FORMAT, "size": self.size, "region_size": self.region_size,
+                  "hydrated": sum(bin(b).count("1") for b in bits),
+                  "bits": base64.b64encode(zlib.compress(bits)).decode()}
+        with self._save_lock:
+            write_atomically(self.directory, FILE,
+                             json.dumps({**fields, "checksum": _checksum(fields)}).encode())

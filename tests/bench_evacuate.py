@@ -1,0 +1,102 @@
+"""Measure an evacuation (--switch-first): hydration time of a fully written source against
+`qemu-img convert` of the same image into the same kind of destination, and a client's 4k
+randread/randwrite at qd16 during hydration against the same after it.
+
+    .venv/bin/python tests/bench_evacuate.py [SIZE_MiB] [RATE]
+
+Prints one line per measurement (docs/PERFORMANCE.md, "Evacuation").
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MIRRORFS = [sys.executable, "-m", "mirrorfs"]
+
+
+def sh(*argv, **kw):
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, **kw)
+
+
+def status(ctl):
+    return json.loads(sh(*MIRRORFS, "status", "--json", "--control", ctl).stdout)
+
+
+def fio(uri, rw, seconds):
+    out = sh("fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+             "--iodepth=16", "--time_based", f"--runtime={seconds}", "--output-format=json",
+             "--size=100%").stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if rw == "randread" else job["write"]
+    return round(side["iops"]), round(side["clat_ns"]["percentile"]["99.000000"] / 1e6, 2)
+
+
+def serve(d, src, dst, *extra):
+    out = open(d / "serve.out", "w")
+    proc = subprocess.Popen([*MIRRORFS, "serve", "--copy", "full", "--switch-first", "--state-dir",
+                             d / "state", src, dst, "--socket", d / "s.sock", *extra],
+                            stdout=out, stderr=open(d / "serve.err", "w"))
+    while "control" not in (d / "serve.out").read_text():
+        assert proc.poll() is None, (d / "serve.err").read_text()
+        time.sleep(0.05)
+    return proc
+
+
+def main():
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+    rate = sys.argv[2] if len(sys.argv) > 2 else "40M"
+    d = Path(tempfile.mkdtemp(prefix="mfsbench-", dir="/var/tmp"))
+    src = d / "src.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, f"{size}M")
+    sh("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size}M", src)
+    sh("sync")
+    for run in range(int(sys.argv[3]) if len(sys.argv) > 3 else 3):
+        dst = d / "conv.qcow2"
+        sh("qemu-img", "create", "-q", "-f", "qcow2", dst, f"{size}M")
+        t = time.monotonic()
+        sh("qemu-img", "convert", "-n", "-f", "qcow2", "-O", "qcow2", "-t", "none", "-T", "none",
+           src, dst)
+        convert = time.monotonic() - t
+        dst.unlink()
+        dst = d / "dst.qcow2"
+        sh("qemu-img", "create", "-q", "-f", "qcow2", dst, f"{size}M")
+        t = time.monotonic()
+        proc = serve(d, src, dst)
+        ctl = d / "s.sock.ctl"
+        while status(ctl)["phase"] != "hydrated":
+            time.sleep(0.1)
+        hydrate = time.monotonic() - t
+        inside = status(ctl)["datapath"]["hydrator"]["seconds"]
+        proc.terminate()
+        proc.wait()
+        sh("rm", "-rf", d / "state", dst)
+        print(f"run {run}: {size} MiB: qemu-img convert {convert:.2f}s, hydration {inside:.2f}s "
+              f"({hydrate:.2f}s from the command's start), ratio {convert / inside:.2f}x "
+              f"({convert / hydrate:.2f}x)", flush=True)
+    # Client I/O during hydration (rate-limited, so it lasts) and after it.
+    dst = d / "dst.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", dst, f"{size}M")
+    proc = serve(d, src, dst, "--rate", rate)
+    try:
+        uri = f"nbd+unix:///?socket={d / 's.sock'}"
+        ctl = d / "s.sock.ctl"
+        during = {rw: fio(uri, rw, 10) for rw in ("randread", "randwrite")}
+        left = status(ctl)["hydration"]["percent"]
+        while status(ctl)["phase"] != "hydrated":
+            time.sleep(0.2)
+        after = {rw: fio(uri, rw, 10) for rw in ("randread", "randwrite")}
+    finally:
+        proc.terminate()
+        proc.wait()
+    for rw in ("randread", "randwrite"):
+        print(f"{rw} 4k qd16: during hydration (--rate {rate}, {left:.0f}% hydrated at the end) "
+              f"{during[rw][0]} IOPS p99 {during[rw][1]} ms; after {after[rw][0]} IOPS p99 "
+              f"{after[rw][1]} ms", flush=True)
+    sh("rm", "-rf", d)
+
+
+if __name__ == "__main__":
+    main()
