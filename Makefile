@@ -50,6 +50,7 @@ bench: setup
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_remote.py $(BENCH_REMOTE_ARGS)
 	$(PY) scripts/bench_lifecycle.py $(BENCH_LIFECYCLE_ARGS)
+	$(PY) scripts/bench_evacuate.py $(BENCH_EVACUATE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

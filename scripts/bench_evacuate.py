@@ -2,7 +2,7 @@
 `qemu-img convert` of the same image into the same kind of destination, and a client's 4k
 randread/randwrite at qd16 during hydration against the same after it.
 
-    .venv/bin/python tests/bench_evacuate.py [SIZE_MiB] [RATE]
+    .venv/bin/python scripts/bench_evacuate.py [SIZE_MiB] [RATE]
 
 Prints one line per measurement (docs/PERFORMANCE.md, "Evacuation").
 """
