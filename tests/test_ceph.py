@@ -1,5 +1,5 @@
 """A disk moves to Ceph and back (issue #13): `rbd:` SOURCE and DEST against a real one-node cluster
-(tests/ceph.py, the session's `ceph_cluster`), bad input on the Ceph side, an OSD that goes away
+(tests/lib/ceph.py, the session's `ceph_cluster`), bad input on the Ceph side, an OSD that goes away
 during the copy, and a pool that fills up. Bytes are compared with qemu-img compare on the `rbd:`
 specs; nothing here reads mirrorfs's logs to decide whether data arrived."""
 
@@ -12,10 +12,12 @@ import time
 import nbd
 import pytest
 
-from conftest import (MIRRORFS, MiB, PausableFront, images_identical, our_processes, qemu_io,
-                      run, sha256)
-from readme import check_commands
-from test_bad_input import snapshot
+from lib.commands import MIRRORFS, run
+from lib.failures import snapshot
+from lib.images import MiB, images_identical, qemu_io, sha256
+from lib.nbdservers import PausableFront
+from lib.processes import our_processes
+from lib.readme import check_commands
 
 pytestmark = pytest.mark.ceph
 

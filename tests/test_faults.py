@@ -10,8 +10,12 @@ import time
 import nbd
 import pytest
 
-from conftest import (MIRRORFS, FioLoad, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair,
-                      qemu_io, run, saved_state, sha256, wait_until)
+from lib.commands import MIRRORFS, run
+from lib.control import saved_state
+from lib.fio import FioLoad
+from lib.images import MiB, images_identical, make_full_pair, qemu_io, sha256
+from lib.nbdservers import NbdkitFilter, QemuNbd
+from lib.waits import wait_until
 from mirrorfs.common import jsonlines
 
 SIZE = 64 * MiB

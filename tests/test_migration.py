@@ -11,10 +11,14 @@ import threading
 import psutil
 import pytest
 
-from conftest import (MIRRORFS, FioLoad, MiB, images_identical, kill_mirrorfs, make_base, make_overlay,
-                      qemu_io, run, saved_state, sha256, status_of, wait_until)
+from lib.commands import MIRRORFS, run
+from lib.control import saved_state, status_of
+from lib.fio import FioLoad
+from lib.images import MiB, images_identical, make_base, make_overlay, qemu_io, sha256
+from lib.processes import kill_mirrorfs
+from lib.waits import wait_until
+from lib.writers import Model, writer
 from mirrorfs.common import jsonlines
-from test_resume import Model, writer
 
 
 def chain_of(image):

@@ -8,7 +8,8 @@ import pytest
 
 import subprocess
 
-from conftest import MIRRORFS, MiB, qemu_io
+from lib.commands import MIRRORFS
+from lib.images import MiB, qemu_io
 
 
 def start_fails(migration):

@@ -14,8 +14,11 @@ import nbd
 import psutil
 import pytest
 
-from conftest import (MIRRORFS, MiB, NbdkitFilter, control_request, images_identical,
-                      make_full_pair, qemu_io, run, saved_state, wait_until)
+from lib.commands import MIRRORFS, run
+from lib.control import control_request, saved_state
+from lib.images import MiB, images_identical, make_full_pair, qemu_io
+from lib.nbdservers import NbdkitFilter
+from lib.waits import wait_until
 
 SIZE = 32 * MiB
 BLOCK = 4096

@@ -8,7 +8,8 @@ import time
 import nbd
 import psutil
 
-from conftest import MiB, wait_for_pidfile
+from lib.images import MiB
+from lib.nbdservers import wait_for_pidfile
 from mirrorfs.datapath import NBDKIT_SCRIPT as PLUGIN
 
 

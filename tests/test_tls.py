@@ -5,9 +5,10 @@ every mistake in the options refused in one line before anything starts."""
 import nbd
 import pytest
 
-from conftest import MIRRORFS, MiB, images_identical, qemu_io, run
-from test_bad_input import serve_fails
-from tlscreds import PSK_USER, TlsQemuNbd, free_port, make_psk, make_x509
+from lib.commands import MIRRORFS, run
+from lib.failures import serve_fails
+from lib.images import MiB, images_identical, qemu_io
+from lib.tlscreds import PSK_USER, TlsQemuNbd, free_port, make_psk, make_x509
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ import re
 import shlex
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-GUEST_INIT = Path(__file__).resolve().parent / "guest-init.sh"
+TESTS = Path(__file__).resolve().parent.parent
+README = TESTS.parent / "README.md"
+GUEST_INIT = TESTS / "guest-init.sh"
 
 
 def section(title):
