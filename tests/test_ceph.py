@@ -271,7 +271,8 @@ def test_osd_stopped_during_the_copy_degrades_then_resyncs(ceph_cluster, workdir
                    source, dest)
     writes = []
     try:
-        time.sleep(0.5)
+        wait_for(served.control, lambda s: s["datapath"]["copy"]["first_pass_bytes"] > 0,
+                 "the copy under way")
         ceph_cluster.stop_osd()           # RADOS now holds every write to the pool
         for i in range(4):                # each waits for --io-timeout, then is recorded
             w = (i * 7 * MiB + 4096, 65536, 0x41 + i)

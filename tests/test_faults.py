@@ -42,13 +42,8 @@ def status(disk):
 
 
 def wait_for(disk, phase, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = status(disk)
-        if s["phase"] == phase:
-            return s
-        time.sleep(0.1)
-    raise AssertionError(f"never {phase}: {s}")
+    return wait_until(lambda: (s := status(disk))["phase"] == phase and s, f"phase {phase}",
+                      timeout=timeout, interval=0.1)
 
 
 def write_load(uri, seconds, seed, errors):

@@ -347,7 +347,13 @@ def test_take_over_and_hand_back_under_fio_verify(workdir, processes):
              "--verify_backlog=256", "--verify_state_save=0", "--time_based", "--runtime=600",
              "--thread"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir)
-        time.sleep(1)                   # fio is writing (it runs until told to stop)
+        # fio is writing (it runs until told to stop): the export's image grows by the clusters
+        # its first writes allocate.
+        image = workdir / "a" / "vm1.qcow2"
+        empty = image.stat().st_size
+        wait_until(lambda: fio.poll() is not None or image.stat().st_size >= empty + 4 * MiB,
+                   "4 MiB of fio's writes on the export's image")
+        assert fio.poll() is None, fio.stdout.read()
         m = processes(workdir, "m", "start", "--take-over", exported.control,
                       "--dest-dir", workdir / "b")
         ctl(m.control, "copy")
