@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from lib.commands import MIRRORFS, run
+from lib.commands import EXIT_ERROR, EXIT_USAGE, MIRRORFS, run
 from lib.control import saved_state
 from lib.fio import FioLoad
 from lib.images import MiB, images_identical, make_full_pair, qemu_io, sha256
@@ -177,7 +177,7 @@ def test_pivot_refused_while_copying(pair, workdir, serve):
     src, dst = pair
     disk = serve("--copy", "full", "--state-dir", workdir / "state", "--rate", "4M", src, dst)
     res = run(*MIRRORFS, "pivot", "--control", disk.control, check=False)
-    assert res.returncode != 0 and "may still differ" in res.stderr
+    assert res.returncode == EXIT_ERROR and "may still differ" in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1
     assert status(disk)["datapath"]["reader"] == "source"
     res = run(*MIRRORFS, "cancel", "--control", disk.control)
@@ -186,7 +186,7 @@ def test_pivot_refused_while_copying(pair, workdir, serve):
 
 def start_fails(*args):
     res = run(*MIRRORFS, "serve", *args, check=False)
-    assert res.returncode != 0
+    assert res.returncode == EXIT_USAGE, res.stderr
     assert res.stderr.startswith("mirrorfs: error:") and res.stderr.count("\n") == 1, res.stderr
     return res.stderr
 

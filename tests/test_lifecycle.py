@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from lib.commands import MIRRORFS, run
+from lib.commands import EXIT_ERROR, MIRRORFS, run
 from lib import control
 from lib.control import status
 from lib.images import MiB, images_identical, make_base, qemu_io
@@ -141,7 +141,7 @@ def test_a_restart_fails_no_request(how, workdir, processes):
         child = next(p for p in disk.proc.children()
                      if p.name().startswith(program[:15]) and mark in " ".join(p.cmdline()))
         child.kill()
-        assert disk.proc.wait(60) != 0
+        assert disk.proc.wait(60) == EXIT_ERROR, disk.err.read_text()
     again = processes(workdir, "serve2", *argv)
     wait_until(lambda: status(again.control)["phase"] == "synchronized", "synchronized")
     writer.wait_sent(200)

@@ -6,7 +6,7 @@ import json
 import socket
 import subprocess
 
-from lib.commands import MIRRORFS, run
+from lib.commands import EXIT_ERROR, MIRRORFS, run
 from lib.control import status_of
 from lib.images import MiB, make_full_pair, qemu_io
 from lib.served import MigrationSetup
@@ -120,7 +120,7 @@ def test_a_refusal_speaks_in_human_sizes(workdir, serve):
     src, dst = make_full_pair(workdir, 64 * MiB)
     disk = serve("--copy", "full", "--rate", "1M", src, dst)
     res = run(*MIRRORFS, "pivot", "--control", disk.control, check=False)
-    assert res.returncode != 0
+    assert res.returncode == EXIT_ERROR, res.stderr
     assert "MiB may still differ" in res.stderr and "bytes" not in res.stderr, res.stderr
     dp = status_of(disk.control)["datapath"]
     assert 0 < dp["dirty_bytes"] <= 64 * MiB             # exact bytes in --json, counted once

@@ -14,7 +14,7 @@ import nbd
 import psutil
 import pytest
 
-from lib.commands import MIRRORFS, run
+from lib.commands import EXIT_ERROR, MIRRORFS, run
 from lib.control import control_request, saved_state
 from lib.images import MiB, images_identical, make_full_pair, qemu_io
 from lib.nbdservers import NbdkitFilter
@@ -261,7 +261,7 @@ def test_degraded_writes_are_copied_again_in_copy_mode_none(workdir, serve, qemu
         assert s["phase"] == "copying" and s["datapath"]["sides"]["destination"]["degraded"] >= 2
         assert saved_phase(state) == "copying"
         refused = run(*MIRRORFS, "pivot", "--control", disk.control, check=False)
-        assert refused.returncode != 0 and "may still differ" in refused.stderr
+        assert refused.returncode == EXIT_ERROR and "may still differ" in refused.stderr, refused.stderr
         assert "MiB" in refused.stderr                      # a human size, not a byte count
         trigger.unlink()                                    # the destination has space again
         wait_phase(disk, "synchronized", timeout=60)

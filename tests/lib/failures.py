@@ -33,8 +33,9 @@ def snapshot(root):
     return found
 
 
-def serve_fails(workdir, *args, expect, allowed_pids=()):
-    """Run `mirrorfs serve ARGS` in `workdir` and check that it failed cleanly, naming `expect`.
+def serve_fails(workdir, *args, expect, status, allowed_pids=()):
+    """Run `mirrorfs serve ARGS` in `workdir` and check that it failed cleanly with exit status
+    `status` (lib.commands.EXIT_*), naming `expect`.
 
     XDG_RUNTIME_DIR points into the workdir, so the run directory mirrorfs makes (its children's sockets,
     pidfiles, logs) must be gone afterwards too, and every child mentions the workdir on its command line.
@@ -44,7 +45,7 @@ def serve_fails(workdir, *args, expect, allowed_pids=()):
     res = subprocess.run([*MIRRORFS, "serve", *map(str, args)], capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, cwd=workdir, env=env, timeout=TIMEOUT)
     err = res.stderr
-    assert res.returncode > 0, f"exit status {res.returncode}, stderr: {err!r}"
+    assert res.returncode == status, f"exit status {res.returncode}, not {status}; stderr: {err!r}"
     assert "Traceback" not in err, err
     assert err.startswith("mirrorfs: error: "), err
     assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
