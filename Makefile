@@ -16,7 +16,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c 'import nbd, mirrorfs' 
 	touch $@
 
+# ruff (pyflakes and pycodestyle; the rules and per-file exceptions are in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check mirrorfs plugin tests scripts
+
 # MIRRORFS_SUITE=full: tests/conftest.py fails the run if a marker group of the suite (the real
 # guests) is deselected or ran nothing; MIRRORFS_ALLOW_PARTIAL=1 allows a partial run on purpose.
-test: setup
+test: lint
 	MIRRORFS_SUITE=full $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup

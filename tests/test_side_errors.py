@@ -4,7 +4,6 @@ saying so and an exit status that says so too."""
 
 import json
 import signal
-import subprocess
 import time
 
 import nbd
