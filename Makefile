@@ -8,7 +8,7 @@ DEB_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils
 # (busybox, mkfs.ext4, nbd-client); e2fsck/debugfs check its file system; psktool and openssl make
 # the TLS tests' keys. Installed without recommends: qemu-system-x86 would bring a desktop.
 GUEST_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static nbd-client e2fsprogs gnutls-bin openssl
-# Ceph (tests/ceph.py: a one-node cluster without systemd, for tests/test_ceph.py and the remote
+# Ceph (tests/lib/ceph.py: a one-node cluster without systemd, for tests/test_ceph.py and the remote
 # bench), and QEMU's rbd driver, which mirrorfs's storage daemons use for rbd: SOURCE and DEST.
 # Without recommends: ceph-mgr's would bring the dashboard and its Python stack.
 CEPH_PACKAGES := ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra
@@ -16,7 +16,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c 'import nbd, mirrorfs' 
 	touch $@
 
+# ruff (pyflakes and pycodestyle; the rules and per-file exceptions are in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check mirrorfs plugin tests scripts
+
 # MIRRORFS_SUITE=full: tests/conftest.py fails the run if a marker group of the suite (the real
 # guests) is deselected or ran nothing; MIRRORFS_ALLOW_PARTIAL=1 allows a partial run on purpose.
-test: setup
+test: lint
 	MIRRORFS_SUITE=full $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup

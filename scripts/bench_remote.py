@@ -6,7 +6,7 @@ The source is a local qcow2 (a storage daemon, cache=none, as in bench.py); the 
     nbd-1ms   a qcow2 exported by a qemu-storage-daemon behind nbdkit's delay filter, 1 ms per
               read/write/zero/trim request (whole milliseconds: nbdkit reads "0.5ms" as zero);
               nbd-Nms the same with N ms
-    rbd       an RBD image on a one-node Ceph cluster started for the run (tests/ceph.py)
+    rbd       an RBD image on a one-node Ceph cluster started for the run (tests/lib/ceph.py)
 
 and two mirrors write to it, each target fresh on empty images:
 
@@ -38,13 +38,13 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests"))      # for tests/lib/
 
 import bench                                    # noqa: E402  (scripts/bench.py)
-import ceph                                     # noqa: E402  (tests/ceph.py)
+from lib import ceph                            # noqa: E402  (tests/lib/ceph.py)
 from bench import (MIRRORFS, BenchError, Job, MiB, GiB, MB, StorageExport, check_alive,  # noqa: E402
                    qcow2_node, run_job, run_tool, wait_for_output)
-from mirrorfs import sockets                     # noqa: E402
+from mirrorfs.system import sockets              # noqa: E402
 from mirrorfs.system.children import Child             # noqa: E402
 
 DELAY_MS = 1            # the default remote's delay, nbd-1ms

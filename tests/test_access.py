@@ -13,8 +13,9 @@ import nbd
 import psutil
 import pytest
 
-from conftest import MiB, images_identical, qemu_io, run
-from test_bad_input import snapshot
+from lib.commands import run
+from lib.failures import snapshot
+from lib.images import MiB, images_identical, qemu_io
 
 GROUP = "nogroup"               # in every Debian's base-passwd
 

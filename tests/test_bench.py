@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
+from lib.commands import run
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 TARGETS = ("mirrorfs", "direct", "qemu-mirror", "nbd-proxy")

@@ -13,7 +13,7 @@ import time
 import nbd
 import pytest
 
-from conftest import wait_for_pidfile
+from lib.nbdservers import wait_for_pidfile
 from mirrorfs.datapath.backend import NbdBackend
 from mirrorfs.datapath import copier as copier_module
 from mirrorfs.datapath.copier import Copier

@@ -14,7 +14,9 @@ import time
 
 import nbd
 
-from conftest import MiB, images_identical, run, wait_for_pidfile
+from lib.commands import run
+from lib.images import MiB, images_identical
+from lib.nbdservers import wait_for_pidfile
 
 ROUNDS = 30
 CHUNK = 64 * 1024

@@ -8,8 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import MIRRORFS, MiB, qemu_io, run
-from readme import README, ROOT, check_commands, commands, documents
+from lib.commands import MIRRORFS, run
+from lib.images import MiB, qemu_io
+from lib.readme import README, ROOT, check_commands, commands, documents
 
 MAX_README_LINES = 150
 MODULE_PATH = re.compile(r"(?<![\w/])(?:mirrorfs|tests|scripts|plugin)/[\w/]*\.py\b")

@@ -5,7 +5,9 @@ import errno
 import nbd
 import pytest
 
-from conftest import MiB, NbdkitFilter, images_identical, qemu_io, run, sha256
+from lib.commands import run
+from lib.images import MiB, images_identical, qemu_io, sha256
+from lib.nbdservers import NbdkitFilter
 
 
 def errno_of(e):

@@ -21,8 +21,11 @@ import nbd
 import psutil
 import pytest
 
-from conftest import (MIRRORFS, MiB, kill_mirrorfs, make_full_pair, run, sha256, status_of,
-                      saved_state, wait_until)
+from lib.commands import MIRRORFS, run
+from lib.control import saved_state, status_of
+from lib.images import MiB, make_full_pair, sha256
+from lib.processes import kill_mirrorfs
+from lib.waits import wait_until
 
 SIZE = 64 * MiB
 STRIPE = 256 * 1024
@@ -331,7 +334,7 @@ def test_failing_source(workdir, qemu_nbd):
     regions and writes that need no source data keep working, a read of a region not hydrated
     fails with the source's errno and is counted with its offset, status says how many bytes
     exist on the failing source alone; once the source answers again, hydration finishes."""
-    from conftest import NbdkitFilter
+    from lib.nbdservers import NbdkitFilter
     src, dst = make_full_pair(workdir, SIZE)
     source_hash = sha256(src)
     content = raw_bytes(workdir, src, "src")

@@ -10,8 +10,12 @@ import time
 import nbd
 import pytest
 
-from conftest import (MIRRORFS, FioLoad, MiB, NbdkitFilter, QemuNbd, images_identical, make_full_pair,
-                      qemu_io, run, saved_state, sha256, wait_until)
+from lib.commands import EXIT_ERROR, EXIT_USAGE, MIRRORFS, run
+from lib.control import saved_state
+from lib.fio import FioLoad
+from lib.images import MiB, images_identical, make_full_pair, qemu_io, sha256
+from lib.nbdservers import NbdkitFilter, QemuNbd
+from lib.waits import wait_until
 from mirrorfs.common import jsonlines
 
 SIZE = 64 * MiB
@@ -38,13 +42,8 @@ def status(disk):
 
 
 def wait_for(disk, phase, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = status(disk)
-        if s["phase"] == phase:
-            return s
-        time.sleep(0.1)
-    raise AssertionError(f"never {phase}: {s}")
+    return wait_until(lambda: (s := status(disk))["phase"] == phase and s, f"phase {phase}",
+                      timeout=timeout, interval=0.1)
 
 
 def write_load(uri, seconds, seed, errors):
@@ -178,7 +177,7 @@ def test_pivot_refused_while_copying(pair, workdir, serve):
     src, dst = pair
     disk = serve("--copy", "full", "--state-dir", workdir / "state", "--rate", "4M", src, dst)
     res = run(*MIRRORFS, "pivot", "--control", disk.control, check=False)
-    assert res.returncode != 0 and "may still differ" in res.stderr
+    assert res.returncode == EXIT_ERROR and "may still differ" in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1
     assert status(disk)["datapath"]["reader"] == "source"
     res = run(*MIRRORFS, "cancel", "--control", disk.control)
@@ -187,7 +186,7 @@ def test_pivot_refused_while_copying(pair, workdir, serve):
 
 def start_fails(*args):
     res = run(*MIRRORFS, "serve", *args, check=False)
-    assert res.returncode != 0
+    assert res.returncode == EXIT_USAGE, res.stderr
     assert res.stderr.startswith("mirrorfs: error:") and res.stderr.count("\n") == 1, res.stderr
     return res.stderr
 

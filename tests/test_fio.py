@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from conftest import images_identical, run
+from lib.commands import run
+from lib.images import images_identical
 
 
 def fio(uri, *args):

@@ -2,7 +2,7 @@
 guest's kernel attached to mirrorfs with nbd-client. The commands are docs/USING.md's ("Using it
 with QEMU", "Using it with nbd-client"): each test checks that what it runs is written there.
 
-The guest is built from Debian's packages (tests/guest.py) and runs under TCG; the tests take about a
+The guest is built from Debian's packages (tests/lib/guest.py) and runs under TCG; the tests take about a
 minute each. The host checks the images with e2fsck and reads the files back with debugfs.
 """
 
@@ -13,10 +13,13 @@ import time
 
 import pytest
 
-from conftest import (MIRRORFS, MiB, MigrationSetup, images_identical, make_base, make_overlay, run,
-                      wait_until)
-from guest import Guest, build, checksums
-from readme import check_commands, guest_commands
+from lib.commands import MIRRORFS, run
+from lib.control import ctl, status
+from lib.guest import Guest, build, checksums
+from lib.images import MiB, images_identical, make_base, make_overlay
+from lib.readme import check_commands, guest_commands
+from lib.served import MigrationSetup, Process
+from lib.waits import wait_until
 
 pytestmark = pytest.mark.guest
 
@@ -139,7 +142,6 @@ def test_guest_through_the_life_of_its_disk(guest_image, workdir):
     through: plain export -> take over -> kill -9 of the migration's supervisor during the copy ->
     restart -> copy -> pivot -> hand back -> a second migration -> hand back. The guest reports no
     I/O error; every file's hash matches on the final chain; e2fsck -fn is clean."""
-    from test_lifecycle import Process, ctl, status
     started = []
 
     def background(name, *args):

@@ -17,8 +17,12 @@ import nbd
 import psutil
 import pytest
 
-from conftest import (MiB, PausableFront, images_identical, kill_mirrorfs, make_full_pair, run,
-                      saved_state, status_of, wait_until)
+from lib.commands import run
+from lib.control import saved_state, status_of
+from lib.images import MiB, images_identical, make_full_pair
+from lib.nbdservers import PausableFront
+from lib.processes import kill_mirrorfs
+from lib.waits import wait_until
 
 SIZE = 16 * MiB
 OFFSET = 5 * MiB + 4096         # inside the region [5 MiB, 6 MiB): --region 1M

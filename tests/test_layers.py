@@ -11,7 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from conftest import MiB, make_base, make_overlay, qemu_io, run
+from lib.commands import run
+from lib.images import MiB, make_base, make_overlay, qemu_io
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mirrorfs"

@@ -12,12 +12,15 @@ import subprocess
 import threading
 import time
 
-import psutil
 import pytest
 
-from conftest import (MIRRORFS, MiB, control_request, images_identical, make_base, qemu_io, run,
-                      wait_until)
-from readme import check_commands
+from lib.commands import EXIT_ERROR, MIRRORFS, run
+from lib import control
+from lib.control import status
+from lib.images import MiB, images_identical, make_base, qemu_io
+from lib.readme import check_commands
+from lib.served import Process
+from lib.waits import wait_until
 
 BLOCK = 16 * 1024
 BLOCKS = 3000              # 48 MiB at most: a writer never runs out before the test stops it
@@ -77,38 +80,6 @@ class ReconnectingWriter:
                               for i in range(first, min(first + 200, count))], fmt=fmt)
 
 
-def status(path):
-    reply = control_request(path, {"cmd": "status"})
-    assert reply["ok"], reply
-    return reply["status"]
-
-
-class Process:
-    """A mirrorfs command in the background, ready once it printed its control socket."""
-
-    def __init__(self, workdir, name, *args, env=None):
-        self.argv = ["mirrorfs", *map(str, args)]
-        self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
-        self.proc = psutil.Popen([*MIRRORFS, *map(str, args)], stdout=open(self.out, "w"),
-                                 stderr=open(self.err, "w"), stdin=subprocess.DEVNULL, env=env)
-        wait_until(lambda: "control " in self.out.read_text() or self.proc.poll() is not None,
-                 "ready", timeout=60)
-        assert self.proc.poll() is None, self.err.read_text()
-        self.control = self.out.read_text().split("control ", 1)[1].split()[0]
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(60)
-
-    def kill_tree(self):
-        """kill -9 of the supervisor alone: its children go the way the kernel sends them."""
-        kids = self.proc.children()
-        self.proc.kill()
-        self.proc.wait(10)
-        psutil.wait_procs(kids, timeout=30)
-
-
 @pytest.fixture(autouse=True)
 def no_writer_left():
     yield
@@ -138,11 +109,9 @@ RAN = []                        # the commands ctl() ran, as docs/OPERATING.md w
 
 
 def ctl(path, *args, check=True):
-    res = run(*MIRRORFS, *args, "--control", path, check=False)
+    """lib.control.ctl, recorded in RAN."""
     RAN.append(["mirrorfs", *map(str, args), "--control", str(path)])
-    if check:
-        assert res.returncode == 0, res.stderr
-    return res
+    return control.ctl(path, *args, check=check)
 
 
 # Restarts.
@@ -172,7 +141,7 @@ def test_a_restart_fails_no_request(how, workdir, processes):
         child = next(p for p in disk.proc.children()
                      if p.name().startswith(program[:15]) and mark in " ".join(p.cmdline()))
         child.kill()
-        assert disk.proc.wait(60) != 0
+        assert disk.proc.wait(60) == EXIT_ERROR, disk.err.read_text()
     again = processes(workdir, "serve2", *argv)
     wait_until(lambda: status(again.control)["phase"] == "synchronized", "synchronized")
     writer.wait_sent(200)
@@ -378,7 +347,13 @@ def test_take_over_and_hand_back_under_fio_verify(workdir, processes):
              "--verify_backlog=256", "--verify_state_save=0", "--time_based", "--runtime=600",
              "--thread"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir)
-        time.sleep(1)                   # fio is writing (it runs until told to stop)
+        # fio is writing (it runs until told to stop): the export's image grows by the clusters
+        # its first writes allocate.
+        image = workdir / "a" / "vm1.qcow2"
+        empty = image.stat().st_size
+        wait_until(lambda: fio.poll() is not None or image.stat().st_size >= empty + 4 * MiB,
+                   "4 MiB of fio's writes on the export's image")
+        assert fio.poll() is None, fio.stdout.read()
         m = processes(workdir, "m", "start", "--take-over", exported.control,
                       "--dest-dir", workdir / "b")
         ctl(m.control, "copy")

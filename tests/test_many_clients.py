@@ -5,7 +5,7 @@ import threading
 
 import nbd
 
-from conftest import MiB, images_identical, qemu_io
+from lib.images import images_identical, qemu_io
 
 CLIENTS = 200
 WRITES = 4

@@ -11,10 +11,14 @@ import threading
 import psutil
 import pytest
 
-from conftest import (MIRRORFS, FioLoad, MiB, images_identical, kill_mirrorfs, make_base, make_overlay,
-                      qemu_io, run, saved_state, sha256, status_of, wait_until)
+from lib.commands import EXIT_ERROR, EXIT_USAGE, MIRRORFS, run
+from lib.control import saved_state, status_of
+from lib.fio import FioLoad
+from lib.images import MiB, images_identical, make_base, make_overlay, qemu_io, sha256
+from lib.processes import kill_mirrorfs
+from lib.waits import wait_until
+from lib.writers import Model, writer
 from mirrorfs.common import jsonlines
-from test_resume import Model, writer
 
 
 def chain_of(image):
@@ -95,12 +99,12 @@ def test_external_copy_by_a_manager(migration):
 def test_switch_is_refused_until_the_base_is_a_faithful_copy(migration):
     disk = migration.start()
     res = migration.ctl("pivot", check=False)
-    assert res.returncode != 0 and "does not exist" in res.stderr
+    assert res.returncode == EXIT_ERROR and "does not exist" in res.stderr, res.stderr
     # A copy that differs from the source base.
     shutil.copy(migration.base, migration.dest_base)
     qemu_io(migration.dest_base, "write -P 0xee 9M 4k", fmt="qcow2")
     res = migration.ctl("pivot", check=False)
-    assert res.returncode != 0
+    assert res.returncode == EXIT_ERROR, res.stderr
     assert res.stderr.count("\n") == 1 and "differs" in res.stderr
     status = json.loads(migration.ctl("status", "--json").stdout)
     assert status["phase"] == "mirroring" and status["datapath"]["reader"] == "source"
@@ -151,7 +155,9 @@ def test_switch_under_continuous_writes_loses_nothing(migration, workdir):
                   "--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1",
                   "--verify_state_save=0")
     try:
-        writes = lambda: status_of(disk.control)["datapath"]["requests"].get("write", 0)
+        def writes():
+            return status_of(disk.control)["datapath"]["requests"].get("write", 0)
+
         wait_until(lambda: writes() >= 200 or not fio.running(), "fio writing")
         migration.ctl("copy")
         migration.ctl("pivot")
@@ -187,7 +193,7 @@ def test_control_commands_in_the_wrong_phase_are_refused(migration, command, pha
         migration.ctl("cancel")
     files = {p: sha256(p) for p in (migration.source_overlay, migration.base)}
     res = migration.ctl(command, check=False)
-    assert res.returncode != 0
+    assert res.returncode == EXIT_ERROR, res.stderr
     assert res.stderr.startswith("mirrorfs: error:") and res.stderr.count("\n") == 1
     assert message in res.stderr
     assert {p: sha256(p) for p in files} == files
@@ -197,7 +203,7 @@ def test_control_commands_in_the_wrong_phase_are_refused(migration, command, pha
 def start_fails(migration, *extra):
     res = run(*MIRRORFS, "start", migration.base, "--dest-dir", migration.workdir / "dst",
               "--socket", migration.workdir / "x.sock", *extra, check=False)
-    assert res.returncode != 0
+    assert res.returncode == EXIT_USAGE, res.stderr
     assert res.stderr.startswith("mirrorfs: error:") and res.stderr.count("\n") == 1, res.stderr
     assert not (migration.workdir / "x.sock").exists()
     return res.stderr
@@ -217,14 +223,16 @@ def test_start_refuses_a_source_whose_backing_is_missing(migration, workdir):
         "-u", top, "64M")
     res = run(*MIRRORFS, "start", top, "--dest-dir", workdir / "dst", "--socket", workdir / "x.sock",
               check=False)
-    assert res.returncode != 0 and "gone.qcow2" in res.stderr and res.stderr.count("\n") == 1
+    # README: a missing backing file is bad input (2); found when the image is opened, it exits 1.
+    assert res.returncode == EXIT_ERROR and "gone.qcow2" in res.stderr and res.stderr.count("\n") == 1, \
+        res.stderr
     assert not (workdir / "src" / "top-snap.qcow2").exists()
 
 
 def test_start_refuses_a_missing_destination_directory(migration, workdir):
     res = run(*MIRRORFS, "start", migration.base, "--dest-dir", workdir / "nowhere",
               "--socket", workdir / "x.sock", check=False)
-    assert res.returncode != 0 and "does not exist" in res.stderr
+    assert res.returncode == EXIT_USAGE and "does not exist" in res.stderr, res.stderr
     assert not migration.source_overlay.exists()
 
 
@@ -234,7 +242,7 @@ def test_a_destination_base_that_uses_the_source_is_refused(migration):
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", migration.base, "-F", "qcow2",
         migration.dest_base)
     res = migration.ctl("pivot", check=False)
-    assert res.returncode != 0 and "as backing" in res.stderr
+    assert res.returncode == EXIT_ERROR and "as backing" in res.stderr, res.stderr
     assert disk.stop() == 0
 
 
@@ -312,7 +320,7 @@ def test_a_destination_base_in_another_format_is_refused(migration):
     verify = jsonlines.call(disk.control, {"cmd": "verify"})
     assert verify["identical"] is False and "is raw" in verify["detail"], verify
     res = migration.ctl("pivot", check=False)
-    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert res.returncode == EXIT_ERROR and res.stderr.count("\n") == 1, res.stderr
     assert "is raw, the source base is qcow2" in res.stderr, res.stderr
     status = json.loads(migration.ctl("status", "--json").stdout)
     assert status["phase"] == "mirroring" and status["datapath"]["reader"] == "source"
@@ -423,7 +431,7 @@ def test_start_again_after_a_cancel_is_refused(migration, workdir):
     assert saved_state(state)["phase"] == "cancelled"
     res = run(*MIRRORFS, "start", migration.base, "--dest-dir", workdir / "dst", "--state-dir", state,
               "--socket", workdir / "x.sock", check=False)
-    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert res.returncode == EXIT_USAGE and res.stderr.count("\n") == 1, res.stderr
     assert "was cancelled" in res.stderr and str(migration.source_overlay) in res.stderr
     assert not migration.dest_overlay.exists()
 
@@ -471,8 +479,8 @@ def test_kill_9_between_the_rebase_and_the_switch(migration, workdir):
     finally:
         kill_mirrorfs(disk.proc.pid)
     disk.proc.wait()
-    assert pivot.wait(60) != 0
-    pivot.communicate()
+    _, err = pivot.communicate(timeout=60)
+    assert pivot.returncode == EXIT_ERROR, err
 
     again = migration.start("--state-dir", state)
     status = json.loads(migration.ctl("status", "--json").stdout)

@@ -6,7 +6,11 @@ import json
 import socket
 import subprocess
 
-from conftest import MIRRORFS, MiB, make_full_pair, qemu_io, run, status_of, wait_until
+from lib.commands import EXIT_ERROR, MIRRORFS, run
+from lib.control import status_of
+from lib.images import MiB, make_full_pair, qemu_io
+from lib.served import MigrationSetup
+from lib.waits import wait_until
 
 
 def test_status_text_for_serve_and_start(workdir, serve, migration):
@@ -68,7 +72,6 @@ def test_copy_progress_counts_the_data_and_the_real_rate(workdir, serve):
     (qemu-img convert -p's own measure), the rate is what the limit allows (measured over the last
     seconds: convert starts with a burst of ~20 MiB), and an ETA is shown; once done, status says
     the disk is ready to pivot. (It once showed "1.0 GiB of 1.0 GiB" at 5x the limit.)"""
-    from conftest import MigrationSetup
     setup = MigrationSetup(workdir, serve, size=16 * MiB)
     run("qemu-img", "create", "-q", "-f", "qcow2", setup.base, str(128 * MiB))
     qemu_io(setup.base, "write -P 0x40 0 48M", fmt="qcow2")
@@ -117,7 +120,7 @@ def test_a_refusal_speaks_in_human_sizes(workdir, serve):
     src, dst = make_full_pair(workdir, 64 * MiB)
     disk = serve("--copy", "full", "--rate", "1M", src, dst)
     res = run(*MIRRORFS, "pivot", "--control", disk.control, check=False)
-    assert res.returncode != 0
+    assert res.returncode == EXIT_ERROR, res.stderr
     assert "MiB may still differ" in res.stderr and "bytes" not in res.stderr, res.stderr
     dp = status_of(disk.control)["datapath"]
     assert 0 < dp["dirty_bytes"] <= 64 * MiB             # exact bytes in --json, counted once

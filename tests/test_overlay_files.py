@@ -8,7 +8,8 @@ import pytest
 
 import subprocess
 
-from conftest import MIRRORFS, MiB, qemu_io
+from lib.commands import EXIT_ERROR, MIRRORFS
+from lib.images import MiB, qemu_io
 
 
 def start_fails(migration):
@@ -24,7 +25,8 @@ def start_fails(migration):
         proc.terminate()
         out, err = proc.communicate()
         raise AssertionError(f"start was not refused: {out}")
-    assert proc.returncode != 0, out
+    # ImageError: exits 1, where `start` refusing an overlay that exists already exits 2.
+    assert proc.returncode == EXIT_ERROR, (out, err)
     assert err.startswith("mirrorfs: error:") and err.count("\n") == 1, err
     assert not (migration.workdir / "x.sock").exists()
     return err

@@ -9,7 +9,8 @@ import random
 import nbd
 import pytest
 
-from conftest import MiB, images_identical, qemu_io, run
+from lib.commands import run
+from lib.images import MiB, images_identical, qemu_io
 
 BIG = 40 * MiB
 OFFSET = 8 * MiB

@@ -14,8 +14,11 @@ import nbd
 import psutil
 import pytest
 
-from conftest import (MIRRORFS, MiB, NbdkitFilter, control_request, images_identical,
-                      make_full_pair, qemu_io, run, saved_state, wait_until)
+from lib.commands import EXIT_ERROR, MIRRORFS, run
+from lib.control import control_request, saved_state
+from lib.images import MiB, images_identical, make_full_pair, qemu_io
+from lib.nbdservers import NbdkitFilter
+from lib.waits import wait_until
 
 SIZE = 32 * MiB
 BLOCK = 4096
@@ -64,6 +67,11 @@ class Writer:
             if not self._stop.is_set():
                 self.errors.append(e)
 
+    def wait_writes(self, n):
+        """Until `n` writes in all were acknowledged; a failed write fails the test at once."""
+        wait_until(lambda: self.errors or self.count >= n, f"{n} writes acknowledged")
+        assert self.errors == [], self.errors
+
     def stop(self):
         self._stop.set()
         self._thread.join(30)
@@ -103,7 +111,7 @@ def test_pivot_and_cancel_racing_one_wins_the_state_agrees(gap_ms, workdir, serv
     cancelled, and a restart served the source without hundreds of acknowledged writes."""
     disk, src, dst, state = synchronized_mirror(workdir, serve, f"r{gap_ms}")
     writer = Writer(disk.uri, seed=gap_ms)
-    time.sleep(0.2)                          # writes in flight while the commands race
+    writer.wait_writes(50)                   # writing, and goes on while the commands race
     replies = {}
     first, second = ("pivot", "cancel") if gap_ms % 10 == 0 else ("cancel", "pivot")
 
@@ -117,7 +125,7 @@ def test_pivot_and_cancel_racing_one_wins_the_state_agrees(gap_ms, workdir, serv
         t.start()
     for t in threads:
         t.join(60)
-    time.sleep(0.2)                          # writes after the winner's switch
+    writer.wait_writes(writer.count + 50)    # writes after the winner's switch
     writer.stop()
 
     won = [cmd for cmd, r in replies.items() if r["ok"]]
@@ -181,7 +189,7 @@ def test_kill_9_during_a_switch_restarts_on_the_right_side(command, delay_ms, wo
     side the state names serves, and it holds every acknowledged write."""
     disk, src, dst, state = synchronized_mirror(workdir, serve, f"k{command}{delay_ms}")
     writer = Writer(disk.uri, seed=delay_ms)
-    time.sleep(0.1)
+    writer.wait_writes(20)                   # writing when the switch starts, and during it
     nbdkit, _ = nbdkit_of(disk)
     sender = threading.Thread(target=lambda: _quietly(control_request, disk.control, {"cmd": command}))
     sender.start()
@@ -253,14 +261,11 @@ def test_degraded_writes_are_copied_again_in_copy_mode_none(workdir, serve, qemu
         assert s["phase"] == "copying" and s["datapath"]["sides"]["destination"]["degraded"] >= 2
         assert saved_phase(state) == "copying"
         refused = run(*MIRRORFS, "pivot", "--control", disk.control, check=False)
-        assert refused.returncode != 0 and "may still differ" in refused.stderr
+        assert refused.returncode == EXIT_ERROR and "may still differ" in refused.stderr, refused.stderr
         assert "MiB" in refused.stderr                      # a human size, not a byte count
         trigger.unlink()                                    # the destination has space again
         wait_phase(disk, "synchronized", timeout=60)
-        deadline = time.monotonic() + 10
-        while saved_phase(state) != "synchronized" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert saved_phase(state) == "synchronized"
+        wait_until(lambda: saved_phase(state) == "synchronized", "state.json synchronized", timeout=10)
         assert "switched" in run(*MIRRORFS, "pivot", "--control", disk.control).stdout
         assert disk.stop() == 0
     finally:

@@ -8,15 +8,12 @@ import stat
 import subprocess
 import time
 
-import psutil
 import pytest
 
-from conftest import MiB, images_identical, qemu_io, run
+from lib.commands import run
+from lib.images import MiB, check_images, images_identical, qemu_io
+from lib.processes import GONE_TIMEOUT, children, still_running
 from mirrorfs.system.children import Child
-
-# Deadlines only: a hang fails, a busy machine does not.
-GONE_TIMEOUT = 30
-
 
 @pytest.fixture(autouse=True)
 def rundir_in_workdir(workdir, monkeypatch):
@@ -27,39 +24,6 @@ def rundir_in_workdir(workdir, monkeypatch):
 
 def rundirs(workdir):
     return sorted(workdir.glob("mirrorfs-*"))
-
-
-def children(disk):
-    """mirrorfs's children by role: {"nbdkit": p, "src": p, "dst": p}."""
-    found = {}
-    for p in psutil.Process(disk.proc.pid).children():
-        cmd = " ".join(p.cmdline())
-        if p.name() == "nbdkit":
-            found["nbdkit"] = p
-        elif p.name() == "qemu-storage-daemon":
-            role = "src" if "/src.pid" in cmd else "dst" if "/dst.pid" in cmd else cmd
-            found[role] = p
-        else:
-            raise AssertionError(f"unexpected child of mirrorfs: {cmd}")
-    assert sorted(found) == ["dst", "nbdkit", "src"], found
-    return found
-
-
-def gone(p):
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def still_running(procs, timeout=0.0):
-    """The processes among `procs` still running after up to `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p in procs if not gone(p)]
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.05)
 
 
 def free_tcp_port():
@@ -75,15 +39,6 @@ def nothing_listens(port):
         except ConnectionRefusedError:
             return True
     return False
-
-
-def check_images(chains):
-    """Both overlays are consistent qcow2 images (no leaks, no corruption) and hold the same data."""
-    for image in (chains.source, chains.dest):
-        res = run("qemu-img", "check", image, check=False)
-        assert res.returncode == 0, f"qemu-img check {image}: {res.stdout}{res.stderr}"
-    identical, detail = images_identical(chains.source, chains.dest)
-    assert identical, detail
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)

@@ -13,8 +13,11 @@ hoping a stress test hits them.
 
 import nbd
 
-from conftest import (MiB, Chains, NbdkitFilter, images_identical, make_full_pair, qemu_io, run,
-                      status_of, wait_until)
+from lib.commands import run
+from lib.control import status_of
+from lib.images import Chains, MiB, images_identical, make_full_pair, qemu_io
+from lib.nbdservers import NbdkitFilter
+from lib.waits import wait_until
 
 CLUSTER = 64 * 1024
 

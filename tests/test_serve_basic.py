@@ -8,7 +8,8 @@ import nbd
 import psutil
 import pytest
 
-from conftest import MiB, images_identical, qemu_io, run, sha256
+from lib.commands import run
+from lib.images import MiB, images_identical, qemu_io, sha256
 from mirrorfs.sides import images
 from mirrorfs.daemons import storage
 

@@ -4,13 +4,14 @@ saying so and an exit status that says so too."""
 
 import json
 import signal
-import subprocess
 import time
 
 import nbd
 import pytest
 
-from conftest import MIRRORFS, MiB, NbdkitFilter, images_identical, qemu_io, run
+from lib.commands import MIRRORFS, run
+from lib.images import MiB, images_identical, qemu_io
+from lib.nbdservers import NbdkitFilter
 
 EXIT_DIVERGED = 3
 

@@ -11,7 +11,8 @@ import threading
 import nbd
 import pytest
 
-from conftest import MiB, images_identical, run
+from lib.commands import run
+from lib.images import MiB, images_identical
 
 REGION = 4 * MiB            # hot region: most requests overlap others in flight
 CONNECTIONS = 4

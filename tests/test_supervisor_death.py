@@ -6,8 +6,8 @@ import os
 import nbd
 import pytest
 
-from conftest import MiB, qemu_io
-from test_processes import GONE_TIMEOUT, check_images, children, still_running
+from lib.images import MiB, check_images, qemu_io
+from lib.processes import GONE_TIMEOUT, children, still_running
 
 
 @pytest.fixture(autouse=True)

@@ -3,12 +3,13 @@ leaves, and nbdkit survives its connections whether requests run on worker threa
 
 import hashlib
 import subprocess
-import time
 
 import nbd
 import psutil
 
-from conftest import MiB, wait_for_pidfile
+from lib.images import MiB
+from lib.nbdservers import wait_for_pidfile
+from lib.waits import wait_until
 from mirrorfs.datapath import NBDKIT_SCRIPT as PLUGIN
 
 
@@ -60,6 +61,18 @@ def test_thread_states_do_not_pile_up_over_many_connections(chains, serve):
     assert disk.stop() == 0
 
 
+def settled_threads(process, samples=10, interval=0.05):
+    """The thread count of `process` once it has not changed for `samples` samples in a row: nbdkit
+    and the plugin start some of their threads after the pidfile is written."""
+    seen = []
+
+    def settled():
+        seen.append(process.num_threads())
+        return len(seen) >= samples and len(set(seen[-samples:])) == 1 and seen[-1]
+
+    return wait_until(settled, "a steady thread count", timeout=30, interval=interval)
+
+
 def test_one_worker_thread_per_connection(chains, qemu_nbd, workdir):
     """nbdkit --threads 1 runs requests on the connection's own thread, which also runs close():
     the kept state is given back there instead of deleted (deleting it would kill the process)."""
@@ -73,6 +86,8 @@ def test_one_worker_thread_per_connection(chains, qemu_nbd, workdir):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert wait_for_pidfile(proc, pidfile, timeout=30), proc.stderr.read()
+        nbdkit = psutil.Process(proc.pid)
+        idle = settled_threads(nbdkit)
         uri = f"nbd+unix:///?socket={socket}"
         digests = set()
         for i in range(5):
@@ -85,7 +100,10 @@ def test_one_worker_thread_per_connection(chains, qemu_nbd, workdir):
             digests.add(digest)
             h.shutdown()
             del h
-        time.sleep(0.5)
+        # nbdkit closes a client's socket before it calls the plugin's close(): the last close()
+        # has run once that connection's thread is gone (the process is back to its idle threads).
+        wait_until(lambda: proc.poll() is not None or nbdkit.num_threads() <= idle,
+                   "every connection's thread gone, close() run", timeout=30)
         assert proc.poll() is None, proc.stderr.read()
         assert len(digests) == 5    # each pass saw the previous writes
     finally:

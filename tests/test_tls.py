@@ -5,9 +5,10 @@ every mistake in the options refused in one line before anything starts."""
 import nbd
 import pytest
 
-from conftest import MIRRORFS, MiB, images_identical, qemu_io, run
-from test_bad_input import serve_fails
-from tlscreds import PSK_USER, TlsQemuNbd, free_port, make_psk, make_x509
+from lib.commands import EXIT_USAGE, MIRRORFS, run
+from lib.failures import serve_fails
+from lib.images import MiB, images_identical, qemu_io
+from lib.tlscreds import PSK_USER, TlsQemuNbd, free_port, make_psk, make_x509
 
 
 @pytest.fixture(scope="session")
@@ -182,17 +183,19 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_tls_options(case, workdir, chains):
     args, expect = BAD[case](workdir)
-    serve_fails(workdir, chains.source, chains.dest, *_sock(workdir), *args, expect=expect)
+    serve_fails(workdir, chains.source, chains.dest, *_sock(workdir), *args, expect=expect,
+                status=EXIT_USAGE)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_listen_beyond_loopback_needs_tls_or_insecure(host, workdir, chains):
     listen = f"[{host}]:{free_port()}" if ":" in host else f"{host}:{free_port()}"
     serve_fails(workdir, chains.source, chains.dest, "--listen", listen,
-                expect=["can be reached from other machines", "--tls require", "--insecure"])
+                expect=["can be reached from other machines", "--tls require", "--insecure"],
+                status=EXIT_USAGE)
     # --tls on still lets a client in without TLS: the same answer.
     serve_fails(workdir, chains.source, chains.dest, "--listen", listen, "--tls", "on",
-                "--tls-psk", _psk(workdir), expect=["--insecure"])
+                "--tls-psk", _psk(workdir), expect=["--insecure"], status=EXIT_USAGE)
 
 
 def test_access_check_allows_tls_or_insecure_beyond_loopback(workdir):
@@ -213,14 +216,14 @@ def test_access_check_allows_tls_or_insecure_beyond_loopback(workdir):
 def test_bad_tls_destination_uri(dest, expect, workdir, chains):
     (workdir / "ca-cert.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     serve_fails(workdir, chains.source, dest.format(w=workdir), *_sock(workdir),
-                expect=[e.format(w=workdir) for e in expect])
+                expect=[e.format(w=workdir) for e in expect], status=EXIT_USAGE)
 
 
 def test_start_refuses_bad_tls_options(migration):
     res = run(*MIRRORFS, "start", migration.base, "--dest-dir", migration.workdir / "dst",
               "--socket", migration.workdir / "x.sock", "--tls-psk", migration.workdir / "nope",
               check=False)
-    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert res.returncode == EXIT_USAGE and res.stderr.count("\n") == 1, res.stderr
     assert "no such file" in res.stderr
     assert not migration.source_overlay.exists() and not migration.dest_overlay.exists()
     assert not (migration.workdir / "x.sock").exists() and not (migration.workdir / "x.sock.ctl").exists()

@@ -7,7 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from conftest import run, wait_for_pidfile
+from lib.commands import run
+from lib.nbdservers import wait_for_pidfile
 
 PSK_USER = "alice"
 

@@ -11,9 +11,10 @@ import re
 import shlex
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-GUEST_INIT = Path(__file__).resolve().parent / "guest-init.sh"
+TESTS = Path(__file__).resolve().parent.parent
+README = TESTS.parent / "README.md"
+GUEST_INIT = TESTS / "guest-init.sh"
+ROOT = TESTS.parent
 
 
 def documents():

@@ -10,7 +10,7 @@ The guest does what its kernel command line says (`mfs_task=disk|nbd`), prints `
 first serial port, and powers off. `Guest` runs it under qemu-system-x86_64 (TCG: no KVM here), reads
 those lines as they come, and always kills QEMU.
 
-    eval "$(python3 tests/guest.py)"    # build (or find) the guest; sets KERNEL and INITRD
+    eval "$(python3 tests/lib/guest.py)"    # build (or find) the guest; sets KERNEL and INITRD
 """
 
 import gzip
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-INIT_SCRIPT = HERE / "guest-init.sh"
+INIT_SCRIPT = HERE.parent / "guest-init.sh"      # tests/guest-init.sh
 
 # Modules in load order is resolved from modules.dep; crc32c_generic is what ext4's metadata checksums
 # ask the crypto API for (a request_module the guest cannot serve: it has no modprobe database).

@@ -1,0 +1,48 @@
+"""Seeded writers through libnbd, and the model of what the disk must hold afterwards: every
+acknowledged write, or (for a write in flight when the server died) either value."""
+
+import threading
+
+import nbd
+
+from lib.images import MiB
+
+SIZE = 64 * MiB
+BLOCK = 4096
+WRITERS = 3
+
+
+class Model:
+    """What the disk must hold: per 4 KiB block, the last acknowledged byte pattern, and the
+    patterns of writes that were in flight when the server died (either may be there)."""
+
+    def __init__(self):
+        self.acked = {}
+        self.maybe = {}
+        self.writes = 0                 # acknowledged, in all
+        self.errors = []                # failures while the server was up: each fails the test
+        self.killing = threading.Event()    # set just before the kill: failures after it are expected
+        self.lock = threading.Lock()
+
+
+def writer(uri, rng, index, model, stop, size=SIZE):
+    """Writes its own blocks only (block % WRITERS == index), one at a time, so the last
+    acknowledged value of each block is well defined. Only the kill may make a write fail."""
+    h = nbd.NBD()
+    blocks = size // BLOCK
+    try:
+        h.connect_uri(uri)
+        while not stop.is_set():
+            block = rng.randrange(index, blocks, WRITERS)
+            value = rng.randrange(1, 256)
+            with model.lock:
+                model.maybe[block] = value
+            h.pwrite(bytes([value]) * BLOCK, block * BLOCK)
+            with model.lock:
+                model.acked[block] = value
+                model.writes += 1
+                del model.maybe[block]
+    except nbd.Error as e:
+        if not model.killing.is_set():
+            model.errors.append(f"writer {index}: {e}")
+        # else: the server was killed under us; the write in flight is "maybe"
