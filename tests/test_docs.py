@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import time
-from pathlib import Path
 
 from lib.commands import MIRRORFS, run
 from lib.images import MiB, qemu_io

@@ -24,7 +24,6 @@ import pytest
 from lib.commands import MIRRORFS, run
 from lib.control import saved_state, status_of
 from lib.images import MiB, make_full_pair, sha256
-from lib.processes import kill_mirrorfs
 from lib.waits import wait_until
 
 SIZE = 64 * MiB

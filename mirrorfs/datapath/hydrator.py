@@ -171,7 +171,8 @@ class Hydrator:
             attempts = info["attempts"] + 1
             delay = min(RETRY_FIRST * 2 ** (attempts - 1), RETRY_MAX)
             self._unreadable[r] = {"attempts": attempts, "error": str(e),
-                                   "errno": errno.errorcode.get(e.errno, str(e.errno)), "retry_at": time.monotonic() + delay}
+                                   "errno": errno.errorcode.get(e.errno, str(e.errno)),
+                                   "retry_at": time.monotonic() + delay}
         self.disk.stats[e.side.name].failed("hydrate", e.offset, e.length, e.cause)
 
     def _finish(self):
