@@ -130,6 +130,17 @@ def workdir(request):
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def host_run_dir(monkeypatch):
+    """Every mirrorfs process a test starts registers in a run directory of the test's own
+    (MIRRORFS_RUN_DIR, see mirrorfs.host.rundir), never in the host's /run/mirrorfs: tests running
+    in parallel neither see each other's disks nor share a budget."""
+    path = Path(tempfile.mkdtemp(prefix="mfsrun-", dir="/tmp"))
+    monkeypatch.setenv("MIRRORFS_RUN_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def our_processes(marker):
     """nbdkit / qemu-* processes whose command line mentions `marker` (a test's directory)."""
     found = []

@@ -17,6 +17,7 @@ from pathlib import Path
 from mirrorfs import __version__
 from mirrorfs.control import socket as control
 from mirrorfs.cli import display
+from mirrorfs.cli import host
 from mirrorfs.system import notify
 from mirrorfs.control import stopreport
 from mirrorfs.system.access import TLS_MODES, Access
@@ -29,6 +30,8 @@ from mirrorfs.control.migration import Migration
 from mirrorfs.control.mirror import Mirror
 from mirrorfs.control.options import ServeOptions
 from mirrorfs.daemons.storage import CACHE_MODES
+from mirrorfs.host.budget import Share
+from mirrorfs.host.rundir import Registration
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -120,6 +123,7 @@ def build_parser():
                        help="control socket (default: the --socket path + .ctl)")
     _storage_options(serve)
     _access_options(serve)
+    host.run_dir_option(serve)
     serve.set_defaults(func=cmd_serve)
 
     start = sub.add_parser(
@@ -149,6 +153,7 @@ def build_parser():
                        help="as for serve (default: degrade with --state-dir, else fail)")
     _storage_options(start)
     _access_options(start)
+    host.run_dir_option(start)
     start.set_defaults(func=cmd_start)
 
     def client(name, help_, description):
@@ -197,12 +202,14 @@ def build_parser():
                          help="the storage daemon's use of the host page cache (as for serve)")
     export_.add_argument("--group", metavar="NAME",
                          help="the sockets are 0660 and owned by this group, not 0600")
+    host.run_dir_option(export_)
     export_.set_defaults(func=cmd_export)
 
     cancel = client("cancel", "stop mirroring; the source stays authoritative",
                     "Stop mirroring, keep serving the source chain, and remove the destination "
                     "overlay (and a base copy mirrorfs made).")
     cancel.set_defaults(func=cmd_cancel)
+    host.add_parsers(sub, client)
     return parser
 
 
@@ -235,8 +242,9 @@ def _control_path(args):
     return path
 
 
-def _run_controller(controller, control_path, uris):
-    """Serve the control socket and the disk until SIGINT/SIGTERM; stop everything after."""
+def _run_controller(controller, control_path, uris, rundir):
+    """Serve the control socket and the disk until SIGINT/SIGTERM; stop everything after. The disk
+    is registered in the host's run directory meanwhile, and its copies draw from the host budget."""
     stop = _stop_on_signals()
     options = getattr(controller, "options", None)      # an Export has no ServeOptions
     access = options.access if options else controller.access
@@ -252,7 +260,9 @@ def _run_controller(controller, control_path, uris):
         if ctl is not None:
             print(f"control {control_path}", flush=True)
         notify.ready(f"{controller.kind} {controller.phase}: {', '.join(uris())}")
-        controller.run(stop)
+        with Registration(rundir, controller.kind, control_path, uris(),
+                          take_over=getattr(controller, "take_over", None)):
+            _run_registered(controller, stop, rundir, uris())
         if not stop.is_set():
             print(f"{controller.phase}; stopping", flush=True)
     finally:
@@ -262,6 +272,20 @@ def _run_controller(controller, control_path, uris):
             ctl.stop()
             Path(control_path).unlink(missing_ok=True)
     return _stopped(controller)
+
+
+def _run_registered(controller, stop, rundir, uris):
+    share = None
+    if controller.copies:
+        share = Share(rundir, uris[0] if uris else "?", controller.copy_probe,
+                      controller.copy_apply, cap=controller.copy_cap())
+        controller.host_share = share.start()
+    try:
+        controller.run(stop)
+    finally:
+        if share is not None:
+            share.stop()
+            controller.host_share = None
 
 
 def _stopped(controller):
@@ -278,19 +302,22 @@ def _stopped(controller):
 
 
 def cmd_serve(args):
+    rundir = host.run_dir(args)
     options = _serve_options(args, readonly=args.readonly, copy=args.copy,
-                             rate=parse_rate(args.rate) if args.rate else None, region=args.region)
+                             rate=parse_rate(args.rate) if args.rate else None, region=args.region,
+                             hold_copy=True)
     mirror = Mirror(args.source, args.dest, options)
     control_path = args.control or (args.socket + ".ctl" if args.socket else None)
-    return _run_controller(mirror, control_path, lambda: mirror.tree.uris)
+    return _run_controller(mirror, control_path, lambda: mirror.tree.uris, rundir)
 
 
 def cmd_start(args):
+    rundir = host.run_dir(args)
     control_path = _control_path(args)
     migration = Migration(args.source_top, args.dest_dir,
                           _serve_options(args, take_over=args.take_over),
                           overlay_name=args.overlay_name)
-    return _run_controller(migration, control_path, lambda: migration.tree.uris)
+    return _run_controller(migration, control_path, lambda: migration.tree.uris, rundir)
 
 
 def _control(args):
@@ -354,8 +381,10 @@ def cmd_pivot(args):
 
 
 def cmd_export(args):
+    rundir = host.run_dir(args)
     exported = Export(args.disk, args.socket, cache=args.cache, access=Access(group=args.group))
-    return _run_controller(exported, args.control or args.socket + ".ctl", lambda: exported.uris)
+    return _run_controller(exported, args.control or args.socket + ".ctl", lambda: exported.uris,
+                           rundir)
 
 
 def cmd_hand_back(args):

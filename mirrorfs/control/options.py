@@ -36,6 +36,8 @@ class ServeOptions:
     access: Access = field(default_factory=Access)
     # The control socket of a `mirrorfs export` whose disk this serves (its socket is borrowed).
     take_over: str | None = None
+    # The data path's copier starts held; the host budget (mirrorfs.host.budget) then sets its rate.
+    hold_copy: bool = False
 
     def __post_init__(self):
         if self.take_over is not None and self.socket is not None:
@@ -80,6 +82,7 @@ class ServeOptions:
                 state=str(self.state_path) if self.state_path and dest else None,
                 policy=self.policy, rate=self.rate, region=self.region or DEFAULT_REGION,
                 granularity=granularity,
-                io_timeout=DEFAULT_IO_TIMEOUT if self.io_timeout is None else self.io_timeout)
+                io_timeout=DEFAULT_IO_TIMEOUT if self.io_timeout is None else self.io_timeout,
+                hold=True if self.hold_copy else None)
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -42,6 +42,9 @@ class DataPathOptions:
     granularity: int = LOCK_GRANULARITY
     io_timeout: float = DEFAULT_IO_TIMEOUT
     parent: int | None = None           # the supervisor's pid: the data path ends with it (lifeline)
+    # The copier starts held, until the supervisor sets its rate (set-rate): its share of the host
+    # budget (mirrorfs.host.budget), so a copy never runs unlimited before it has one.
+    hold: bool | None = None
 
     def __post_init__(self):
         problem = self.problem()
@@ -101,4 +104,11 @@ class DataPathOptions:
                                parent=self.parent)
 
 
-_KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int}
+def flag(text):
+    if text not in ("True", "False"):
+        raise ValueError(text)
+    return text == "True"
+
+
+_KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
+          "hold": flag}
