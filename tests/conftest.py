@@ -24,7 +24,9 @@ REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-dae
                   # the guest tests (QEMU, checking the guest's file system) and the TLS tests' keys
                   "qemu-system-x86_64", "e2fsck", "debugfs", "psktool", "openssl",
                   # the Ceph tests' cluster (tests/ceph.py)
-                  *ceph.TOOLS)
+                  *ceph.TOOLS,
+                  # the host metrics' scraper (tests/test_host_metrics.py)
+                  "prometheus")
 
 
 def pytest_sessionstart(session):
