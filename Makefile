@@ -3,7 +3,7 @@
 # is made from that interpreter with --system-site-packages.
 
 DEB_PACKAGES := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils qemu-system-common \
-                fio python3-venv
+                fio python3-venv python3-prometheus-client
 # Real clients (tests/test_guest.py): QEMU, a Debian kernel, and what the guest's initramfs holds
 # (busybox, mkfs.ext4, nbd-client); e2fsck/debugfs check its file system; psktool and openssl make
 # the TLS tests' keys. Installed without recommends: qemu-system-x86 would bring a desktop.
@@ -12,6 +12,10 @@ GUEST_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static nbd-client e2
 # bench), and QEMU's rbd driver, which mirrorfs's storage daemons use for rbd: SOURCE and DEST.
 # Without recommends: ceph-mgr's would bring the dashboard and its Python stack.
 CEPH_PACKAGES := ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra
+# `mirrorfs metrics` is scraped by a real Prometheus in tests/test_host_metrics.py (started by the test
+# on loopback, never as a service). Without recommends: they would bring node-exporter and its
+# collectors.
+PROMETHEUS_PACKAGES := prometheus
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -23,7 +27,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@missing() { for p in "$$@"; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 	    | grep -q 'install ok installed' || echo $$p; done; }; \
-	main=$$(missing $(DEB_PACKAGES)); norec=$$(missing $(GUEST_PACKAGES) $(CEPH_PACKAGES)); \
+	main=$$(missing $(DEB_PACKAGES)); norec=$$(missing $(GUEST_PACKAGES) $(CEPH_PACKAGES) $(PROMETHEUS_PACKAGES)); \
 	if [ -n "$$main$$norec" ]; then \
 	    echo "installing Debian packages:" $$main $$norec; \
 	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -35,7 +39,7 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
-	$(PY) -c 'import nbd, mirrorfs' 
+	$(PY) -c 'import nbd, mirrorfs, prometheus_client'
 	touch $@
 
 # ruff (pyflakes and pycodestyle; the rules and per-file exceptions are in pyproject.toml).

@@ -17,13 +17,15 @@ from lib import ceph
 from lib.images import Chains
 from lib.nbdservers import QemuNbd
 from lib.processes import our_processes
-from lib.served import MigrationSetup, Served
+from lib.served import Background, MigrationSetup, Served
 
 REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "fio",
                   # the guest tests (QEMU, checking the guest's file system) and the TLS tests' keys
                   "qemu-system-x86_64", "e2fsck", "debugfs", "psktool", "openssl",
                   # the Ceph tests' cluster (tests/lib/ceph.py)
-                  *ceph.TOOLS)
+                  *ceph.TOOLS,
+                  # the host metrics' scraper (tests/test_host_metrics.py)
+                  "prometheus")
 
 
 def pytest_sessionstart(session):
@@ -96,6 +98,17 @@ def workdir(request):
     if os.environ.get("MIRRORFS_KEEP_FAILED") and report is not None and report.failed:
         print(f"kept {path}")
         return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def host_run_dir(monkeypatch):
+    """Every mirrorfs process a test starts registers in a run directory of the test's own
+    (MIRRORFS_RUN_DIR, see mirrorfs.host.rundir), never in the host's /run/mirrorfs: tests running
+    in parallel neither see each other's disks nor share a budget."""
+    path = Path(tempfile.mkdtemp(prefix="mfsrun-", dir="/tmp"))
+    monkeypatch.setenv("MIRRORFS_RUN_DIR", str(path))
+    yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -182,3 +195,19 @@ def qemu_nbd(workdir):
 @pytest.fixture
 def migration(workdir, serve):
     return MigrationSetup(workdir, serve)
+
+
+@pytest.fixture
+def processes():
+    """Start `mirrorfs ARGS` in the background (lib.served.Background); all stopped after the test,
+    the latest first (migrations before the exports they borrowed from)."""
+    started = []
+
+    def start(*args, **kw):
+        p = Background(*args, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in reversed(started):         # migrations before the exports they borrowed from
+        p.stop()

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from lib.commands import MIRRORFS, run
+from lib.failures import serve_fails
 from lib.control import saved_state, status_of
 from lib.images import MiB, make_full_pair, sha256
 from lib.waits import wait_until
@@ -397,14 +398,14 @@ def test_failing_source(workdir, qemu_nbd):
 # Bad input: one line, the exact exit status, nothing started, nothing changed.
 
 def _fails(workdir, args, status_, text, command="serve", allowed=()):
-    from test_bad_input import serve_fails
     if command != "serve":
         res = subprocess.run([*MIRRORFS, command, *map(str, args)], capture_output=True, text=True,
                              timeout=120)
         assert res.stderr.startswith("mirrorfs: error: ") and res.stderr.count("\n") == 1, res.stderr
         assert text in res.stderr, res.stderr
     else:
-        res = serve_fails(workdir, *args, expect=text, allowed_pids=allowed)
+        serve_fails(workdir, *args, expect=text, status=status_, allowed_pids=allowed)
+        return
     assert res.returncode == status_, res.stderr
 
 

@@ -19,7 +19,7 @@ PACKAGE = ROOT / "mirrorfs"
 # The families, lowest first: a module may import from its own family and from those below it, never
 # from above. `common` is stdlib-only and shared by both processes; `datapath` runs inside nbdkit; the
 # rest is the supervisor. A new subpackage must be placed here (the test below fails until it is).
-LAYERS = ("common", "datapath", "system", "sides", "daemons", "control", "cli")
+LAYERS = ("common", "datapath", "system", "sides", "daemons", "host", "control", "cli")
 # Top-level modules: the supervisor's exception tree, the package's metadata and `python -m`.
 TOP_LEVEL = {"errors": "system", "__init__": "common", "__main__": "cli"}
 ALLOWED_OUTSIDE_STDLIB = {"mirrorfs", "nbd", "libnbdmod"}

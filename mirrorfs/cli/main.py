@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mirrorfs.control import socket as control
 from mirrorfs.cli import display
+from mirrorfs.cli import host
 from mirrorfs.system import notify
 from mirrorfs.control import stopreport
 from mirrorfs.system.access import Access
@@ -25,6 +26,8 @@ from mirrorfs.control.export import Export
 from mirrorfs.control.migration import Migration
 from mirrorfs.control.mirror import Mirror
 from mirrorfs.control.options import ServeOptions
+from mirrorfs.host.budget import Share
+from mirrorfs.host.rundir import Registration
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -60,8 +63,9 @@ def _control_path(args):
     return path
 
 
-def _run_controller(controller, control_path, uris):
-    """Serve the control socket and the disk until SIGINT/SIGTERM; stop everything after."""
+def _run_controller(controller, control_path, uris, rundir):
+    """Serve the control socket and the disk until SIGINT/SIGTERM; stop everything after. The disk
+    is registered in the host's run directory meanwhile, and its copies draw from the host budget."""
     stop = _stop_on_signals()
     options = getattr(controller, "options", None)      # an Export has no ServeOptions
     access = options.access if options else controller.access
@@ -77,7 +81,9 @@ def _run_controller(controller, control_path, uris):
         if ctl is not None:
             print(f"control {control_path}", flush=True)
         notify.ready(f"{controller.kind} {controller.phase}: {', '.join(uris())}")
-        controller.run(stop)
+        with Registration(rundir, controller.kind, control_path, uris(),
+                          take_over=getattr(controller, "take_over", None)):
+            _run_registered(controller, stop, rundir, uris())
         if not stop.is_set():
             print(f"{controller.phase}; stopping", flush=True)
     finally:
@@ -87,6 +93,20 @@ def _run_controller(controller, control_path, uris):
             ctl.stop()
             Path(control_path).unlink(missing_ok=True)
     return _stopped(controller)
+
+
+def _run_registered(controller, stop, rundir, uris):
+    share = None
+    if controller.copies:
+        share = Share(rundir, uris[0] if uris else "?", controller.copy_probe,
+                      controller.copy_apply, cap=controller.copy_cap())
+        controller.host_share = share.start()
+    try:
+        controller.run(stop)
+    finally:
+        if share is not None:
+            share.stop()
+            controller.host_share = None
 
 
 def _stopped(controller):
@@ -103,22 +123,25 @@ def _stopped(controller):
 
 
 def cmd_serve(args):
+    rundir = host.run_dir(args)
     options = _serve_options(args, readonly=args.readonly, copy=args.copy,
-                             rate=args.rate, region=args.region)
+                             rate=args.rate, region=args.region,
+                             hold_copy=True)
     mirror = Mirror(args.source, args.dest, options)
     control_path = args.control or (args.socket + ".ctl" if args.socket else None)
-    return _run_controller(mirror, control_path, lambda: mirror.tree.uris)
+    return _run_controller(mirror, control_path, lambda: mirror.tree.uris, rundir)
 
 
 def cmd_start(args):
     if args.switch_first:
         raise UsageError("start --switch-first is not implemented yet; evacuate a disk with "
                          "'mirrorfs serve --copy full --switch-first --state-dir DIR SOURCE DEST'")
+    rundir = host.run_dir(args)
     control_path = _control_path(args)
     migration = Migration(args.source_top, args.dest_dir,
                           _serve_options(args, take_over=args.take_over),
                           overlay_name=args.overlay_name)
-    return _run_controller(migration, control_path, lambda: migration.tree.uris)
+    return _run_controller(migration, control_path, lambda: migration.tree.uris, rundir)
 
 
 def _control(args):
@@ -181,8 +204,10 @@ def cmd_pivot(args):
 
 
 def cmd_export(args):
+    rundir = host.run_dir(args)
     exported = Export(args.disk, args.socket, cache=args.cache, access=Access(group=args.group))
-    return _run_controller(exported, args.control or args.socket + ".ctl", lambda: exported.uris)
+    return _run_controller(exported, args.control or args.socket + ".ctl", lambda: exported.uris,
+                           rundir)
 
 
 def cmd_hand_back(args):
@@ -198,7 +223,9 @@ def cmd_cancel(args):
 
 
 COMMANDS = {"serve": cmd_serve, "start": cmd_start, "copy": cmd_copy, "status": cmd_status,
-            "pivot": cmd_pivot, "hand-back": cmd_hand_back, "export": cmd_export, "cancel": cmd_cancel}
+            "pivot": cmd_pivot, "hand-back": cmd_hand_back, "export": cmd_export, "cancel": cmd_cancel,
+            "list": host.cmd_list, "top": host.cmd_list, "budget": host.cmd_budget,
+            "rate": host.cmd_rate, "metrics": host.cmd_metrics}
 
 
 def main(argv=None):

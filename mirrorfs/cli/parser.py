@@ -124,6 +124,14 @@ def access_of(args):
                   verify_peer=not args.tls_no_verify_peer)
 
 
+def hosting(p):
+    """The host's run directory, where every mirrorfs process registers (mirrorfs.host)."""
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="the host's run directory, where every mirrorfs process registers "
+                        "(default: $MIRRORFS_RUN_DIR, /run/mirrorfs for root, else "
+                        "$XDG_RUNTIME_DIR/mirrorfs)")
+
+
 def controlling(p):
     """A client subcommand: the control socket it talks to."""
     p.add_argument("--control", "-c", metavar="PATH", default=os.environ.get("MIRRORFS_CONTROL"),
@@ -142,6 +150,7 @@ def _serve(p):
     mirroring(p, "keep the mirror's state here, so a restart resumes after a crash")
     storage(p)
     access(p)
+    hosting(p)
 
 
 def _start(p):
@@ -158,6 +167,7 @@ def _start(p):
     mirroring(p, "keep the migration's state here; start again with it to resume")
     storage(p)
     access(p)
+    hosting(p)
 
 
 def _export(p):
@@ -168,6 +178,7 @@ def _export(p):
                    help="control socket (default: the --socket path + .ctl)")
     storage(p, io_timeout=False)
     group(p)
+    hosting(p)
 
 
 def _copy(p):
@@ -188,6 +199,45 @@ def _pivot(p):
     controlling(p)
     p.add_argument("--force", action="store_true", help="switch without verifying the base")
 
+
+def _list(p, watch=True):
+    hosting(p)
+    p.add_argument("--json", action="store_true", help="one JSON document (a list of disks)")
+    if watch:
+        p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    else:
+        p.set_defaults(watch=True)
+
+
+def _budget(p):
+    hosting(p)
+    p.add_argument("action", nargs="?", choices=("show", "set", "clear"), default="show")
+    p.add_argument("rate", nargs="?", metavar="BYTES/S",
+                   help="with set: the host's rate for all copies together, e.g. 400M "
+                        "('none': no limit)")
+    p.add_argument("--max-copies", metavar="N",
+                   help="copies that run at once; the others are queued in order ('none': any)")
+    p.add_argument("--floor", metavar="BYTES/S",
+                   help="while the copied disks' clients write more than --busy-writes, the copies "
+                        "together get only this (DRBD's c-min-rate)")
+    p.add_argument("--busy-writes", metavar="BYTES/S", help="see --floor (default 64M)")
+    p.add_argument("--json", action="store_true")
+
+
+def _rate(p):
+    controlling(p)
+    p.add_argument("rate", metavar="BYTES/S", help="e.g. 4M, or 'none'")
+
+
+def _metrics(p):
+    hosting(p)
+    p.add_argument("--listen", required=True, metavar="HOST:PORT|PATH",
+                   help="a TCP address (e.g. 127.0.0.1:9638) or a unix socket path")
+
+
+_LIST = ("List every disk a mirrorfs process serves on this host (export, serve, start), from the run "
+         "directory: its socket, kind, phase, bytes copied of bytes to copy, rate and share of the host "
+         "budget, time left, errors per side, and who holds it.")
 
 SUBCOMMANDS = (
     ("serve", _serve, "serve SOURCE, mirroring every change to DEST",
@@ -219,6 +269,19 @@ SUBCOMMANDS = (
     ("cancel", controlling, "stop mirroring; the source stays authoritative",
      "Stop mirroring, keep serving the source chain, and remove the destination overlay (and a base "
      "copy mirrorfs made)."),
+    # The host: every disk of it, one budget, metrics (mirrorfs.host).
+    ("list", _list, "one line per disk of the host: phase, copy, rate, errors", _LIST),
+    ("top", lambda p: _list(p, watch=False), "mirrorfs list --watch", _LIST),
+    ("budget", _budget, "show or set the host's bandwidth budget for copies",
+     "One budget for every copy on the host (base copies, full copies, resyncs), shared max-min fair "
+     "between the copies running, re-divided within a second when one starts or ends. Kept in the run "
+     "directory: it outlives every process."),
+    ("rate", _rate, "change one disk's own copy rate, a cap under the host budget",
+     "Change the rate limit of this disk's copy (its own --rate) while it runs; the host budget, if "
+     "any, still divides the host's rate among the copies."),
+    ("metrics", _metrics, "serve every disk's metrics for Prometheus",
+     "Serve the Prometheus text format at /metrics for every disk registered in the run directory. "
+     "Runs until SIGINT/SIGTERM."),
 )
 
 

@@ -153,10 +153,45 @@ class Controller:
 
     def commands(self):
         """The control socket's table: name -> handler(request) -> dict, or an iterator of dicts."""
-        return {
+        table = {
             "status": lambda r: {"status": self.status()},
             "events": lambda r: ({"event": e} for e in self.events(since=int(number(r, "since", 0)))),
         }
+        if self.copies:
+            table["rate"] = lambda r: self.set_cap(int(number(r, "rate") or 0) or None) or {}
+        return table
+
+    # The host (mirrorfs.host): a controller whose disk copies data says how much it has copied
+    # (copy_probe) and takes the rate the host budget gives it (copy_apply); `host_share`, the
+    # budget's thread, is set by whoever registered the disk in a run directory.
+
+    copies = False
+    host_share = None
+
+    @property
+    def queued(self):
+        """The copy waits for a slot of the host's concurrent-copy limit."""
+        return self.host_share is not None and self.host_share.queued
+
+    def copy_cap(self):
+        """The operator's own limit of this disk's copy (bytes/s), or None."""
+        return None
+
+    def set_cap(self, cap):
+        """A new limit of this disk's copy (the `rate` command); a cap under the host budget."""
+        if self.host_share is not None:
+            self.host_share.set_cap(cap)
+        else:
+            self.copy_apply(cap)
+        self.log.add("rate", rate=cap)
+
+    def copy_probe(self):
+        """None when nothing is being copied, else {"done": bytes copied, "written": client
+        write bytes so far}."""
+        return None
+
+    def copy_apply(self, rate):
+        """The copy's limit from now on: None, 0 (queued), or bytes/s."""
 
     def switch_commands(self):
         """The commands of a controller that mirrors (its `verify`, `pivot` and `cancel`)."""

@@ -74,6 +74,7 @@ class Migration(Controller):
         self._created = []              # files this migration made, removed again by cancel
         self._removed = False           # cancel removed the destination's files
         self._listener = None           # the disk's socket, borrowed from an export (take-over)
+        self._cap = None                # the base copy's own --rate
 
     def _locate(self, source_top):
         """Where the migration's files are, from the top of the source chain."""
@@ -215,7 +216,13 @@ class Migration(Controller):
             if self.dest_base.exists():
                 raise UsageError(f"destination base {self.dest_base} already exists "
                                  "(copied by a manager? then pivot verifies it)")
-            self.copier = BaseCopy(self.base, self.dest_base, rate=rate)
+            self._cap = rate
+            if self.host_share is not None:
+                self.host_share.set_cap(rate)
+            # Under a host budget the copy starts held: the budget's next look gives it its share.
+            self.copier = BaseCopy(self.base, self.dest_base,
+                                   rate=0 if self.host_share is not None else rate)
+            self.copier.rate = rate
             self.copier.start()
             self._created.append(self.dest_base)
             self.enter(Phase.COPYING_BASE, bytes_total=self.copier.total, rate=rate)
@@ -341,6 +348,32 @@ class Migration(Controller):
             self.enter(Phase.HANDED_BACK, image=str(top))
             self.finished.set()
             return {"image": str(top)}
+
+    # The host budget (mirrorfs.host.budget): the base copy draws from it.
+
+    copies = True
+
+    def shown_phase(self):
+        return "queued" if self.phase == "copying-base" and self.queued else self.phase
+
+    def copy_cap(self):
+        return self._cap
+
+    def set_cap(self, cap):
+        self._cap = cap
+        if self.copier is not None:
+            self.copier.rate = cap
+        super().set_cap(cap)
+
+    def copy_probe(self):
+        copier = self.copier
+        if copier is None or not copier.running:
+            return None
+        return {"done": copier.copied}
+
+    def copy_apply(self, rate):
+        if self.copier is not None:
+            self.copier.pacer.set(rate)
 
     # Running.
 

@@ -30,6 +30,8 @@ class Mirror(Controller):
 
     def __init__(self, source, dest, options):
         super().__init__()
+        # The copier's rate as last set: held (0) until the host budget gives it a share.
+        self._copy_rate = 0 if options.hold_copy else options.rate
         self.tree = ProcessTree(source, dest, options)
         self.options = options
         self.last_switch = None
@@ -78,7 +80,31 @@ class Mirror(Controller):
         if self.phase != Phase.MIRRORING:
             return self.phase
         dp = self.tree.datapath_status()
-        return Phase.SYNCHRONIZED if dp.get("synchronized") else Phase.COPYING
+        if dp.get("synchronized"):
+            return Phase.SYNCHRONIZED
+        return Phase.QUEUED if self.queued else Phase.COPYING
+
+    # The host budget (mirrorfs.host.budget): the data path's copier, full copy and resync alike.
+
+    copies = True
+    _copy_rate = None
+
+    def copy_cap(self):
+        return self.options.rate
+
+    def copy_probe(self):
+        if self.phase != Phase.MIRRORING:
+            return None
+        reply = self.tree.datapath("set-rate", rate=self._copy_rate, timeout=5)
+        copy = reply.get("copy")
+        if copy is None or reply.get("synchronized") or reply.get("ended"):
+            return None
+        return {"done": copy["paid_bytes"], "written": reply["written"]}
+
+    def copy_apply(self, rate):
+        self._copy_rate = rate
+        if self.phase == Phase.MIRRORING:
+            self.tree.datapath("set-rate", rate=rate, timeout=5)
 
     # Commands.
 

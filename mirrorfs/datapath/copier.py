@@ -22,6 +22,7 @@ import time
 
 import nbd
 
+from mirrorfs.common.pacing import Pacer
 from mirrorfs.datapath.backend import BackendError, describe, drive
 
 log = logging.getLogger("mirrorfs")
@@ -33,6 +34,10 @@ PIECE = 1024 * 1024             # the requests a chunk's data is read and writte
 # qemu-img convert with 3, 0.80-0.89x with 6, the same with 8; to a local export or a 1 ms NBD one,
 # 3 and 6 are the same). More also holds more of the disk under range locks (6 x CHUNK = 24 MiB).
 WORKERS = 6
+# A copy under a rate limit copies chunks of about a sixteenth of a second's worth (Pacer.chunk),
+# down to this: smooth at the rates a host budget hands out (a few MiB/s per copy), where one 4 MiB
+# chunk would be a second's worth, and each is held under the range lock for less time.
+PACED_CHUNK = 256 * 1024
 MAINTENANCE_INTERVAL = 2.0      # how often the cursor is saved and quiet regions are cleared
 RETRY_DELAY = 1.0
 # A chunk holds its range lock while the destination takes it, so copying to a destination that
@@ -47,12 +52,18 @@ class CopyFailed(Exception):
     pass
 
 
+class Stopped(CopyFailed):
+    """The copier was stopped while a chunk waited for its rate: the chunk was not copied."""
+
+
 class Copier:
     def __init__(self, disk, rate=None, chunk=CHUNK, workers=WORKERS):
         self.disk = disk
         self.dirty = disk.dirty
-        self.rate = rate                # bytes per second, or None
-        self.chunk = chunk
+        # The limit, bytes per second (None: none; 0: held, the host's copies are queued): the
+        # operator's --rate, then the host budget's share of it (set_rate, every fraction of a second).
+        self.pacer = Pacer(rate)
+        self.chunk = chunk              # the largest first-pass chunk; a limited copy takes smaller
         self.bytes_read = 0             # data copied
         self.bytes_zeroed = 0           # zero/unallocated extents written as zero requests
         self.failures = 0
@@ -69,8 +80,8 @@ class Copier:
         # writes. The cursor only moves over chunks that are all done (see _chunk_done).
         self._lock = threading.Lock()
         self._next = self.dirty.cursor  # the next first-pass chunk to hand out
-        self._retry = []                # first-pass chunks whose copy failed
-        self._finished = set()          # first-pass chunks done, above the cursor
+        self._retry = []                # first-pass chunks (start, end) whose copy failed
+        self._finished = {}             # first-pass chunks done above the cursor: start -> end
         self._threads = [threading.Thread(target=self._run, args=(i == 0,), name=f"copier {i}",
                                           daemon=True) for i in range(workers)]
 
@@ -83,12 +94,20 @@ class Copier:
         self._stop.set()
         self.dirty.changed.set()
 
+    @property
+    def rate(self):
+        return self.pacer.rate
+
+    def set_rate(self, rate):
+        """The limit from now on (None, 0 to hold, or bytes/s); applies within one chunk."""
+        self.pacer.set(rate)
+
     def status(self):
         elapsed = time.monotonic() - self.started
         return {"first_pass_bytes": self.dirty.cursor, "size": self.disk.size,
                 "bytes_read": self.bytes_read, "bytes_zeroed": self.bytes_zeroed,
                 "read_rate": round(self.bytes_read / elapsed) if elapsed else 0,
-                "rate_limit": self.rate, "failures": self.failures,
+                "rate_limit": self.rate, "paid_bytes": self.pacer.paid, "failures": self.failures,
                 "dest_available": self.disk.dest.available if self.disk.dest else None,
                 "synchronized_seconds": (round(self.synchronized_at - self.started, 3)
                                          if self.synchronized_at else None)}
@@ -144,15 +163,15 @@ class Copier:
 
     def _step(self):
         """Copy one chunk or one region; False if there was nothing to copy."""
-        start = self._take_chunk()
-        if start is not None:
+        chunk = self._take_chunk()
+        if chunk is not None:
             try:
-                self._copy(start, min(start + self.chunk, self.disk.size))
+                self._copy(*chunk)
             except CopyFailed:
                 with self._lock:
-                    self._retry.append(start)
+                    self._retry.append(chunk)
                 raise
-            self._chunk_done(start)
+            self._chunk_done(*chunk)
             return True
         region = self.dirty.take_region()
         if region is None:
@@ -161,32 +180,39 @@ class Copier:
         start = region * self.dirty.region_size
         end = min(start + self.dirty.region_size, self.disk.size)
         try:
-            for pos in range(start, end, self.chunk):
-                self._copy(pos, min(pos + self.chunk, end))
+            pos = start
+            while pos < end:
+                stop = min(pos + self._chunk_size(), end)
+                self._copy(pos, stop)
+                pos = stop
         except CopyFailed:
             self.dirty.give_back(region)
             raise
         self.dirty.region_done(region)
         return True
 
+    def _chunk_size(self):
+        return self.pacer.chunk(self.chunk, min(PACED_CHUNK, self.chunk))
+
     def _take_chunk(self):
+        """The next first-pass chunk, (start, end); None when the first pass is handed out."""
         with self._lock:
             if self._retry:
                 return self._retry.pop()
             if self._next < self.disk.size:
-                start, self._next = self._next, self._next + self.chunk
-                return start
+                start = self._next
+                self._next = min(start + self._chunk_size(), self.disk.size)
+                return start, self._next
             return None
 
-    def _chunk_done(self, start):
+    def _chunk_done(self, start, end):
         """Move the cursor over every chunk done, up to the first one still being copied: the
         cursor promises that everything below it is copied."""
         with self._lock:
-            self._finished.add(start)
+            self._finished[start] = end
             cursor = self.dirty.cursor
             while cursor in self._finished:
-                self._finished.discard(cursor)
-                cursor += self.chunk
+                cursor = self._finished.pop(cursor)
         self.dirty.advance(cursor)
 
     def _maintain(self):
@@ -203,13 +229,17 @@ class Copier:
     # One chunk.
 
     def _copy(self, start, end):
+        # Outside the range lock: a chunk that waits for its rate holds no client write.
+        if not self.pacer.reserve(end - start, self._stop):
+            raise Stopped()
         disk = self.disk
+        copied = 0
         token = disk.inflight.enter_range("copy", start, end)
         try:
             intent = self.dirty.before_change(start, end)
             ok = False
             try:
-                self._copy_extents(start, end)
+                copied = self._copy_extents(start, end)
                 ok = True
             except (nbd.Error, BackendError) as e:
                 log.warning("copy of [%d, %d) failed, will retry: %s", start, end, describe(e))
@@ -218,7 +248,8 @@ class Copier:
                 self.dirty.after_change(intent, both_sides=ok)
         finally:
             disk.inflight.leave(token)
-        self._throttle()
+            # Only data counts against the limit: zero extents cost the sides next to nothing.
+            self.pacer.settle(end - start, copied)
 
     def _copy_extents(self, start, end):
         """All the chunk's reads in flight at once on one source connection, then all its writes
@@ -248,8 +279,10 @@ class Copier:
             failed = False
         finally:
             dest.release(h, failed)
-        self.bytes_read += sum(len(buf) for _, buf in pieces)
+        copied = sum(len(buf) for _, buf in pieces)
+        self.bytes_read += copied
         self.bytes_zeroed += sum(length for _, length in zeroes)
+        return copied
 
     def _extents(self, start, end):
         """(offset, length, reads_as_zero) covering [start, end), from the source's block status."""
@@ -270,13 +303,6 @@ class Copier:
                     pos = stop
                 if pos >= end:
                     break
-
-    def _throttle(self):
-        if not self.rate:
-            return
-        ahead = self.bytes_read / self.rate - (time.monotonic() - self.started)
-        if ahead > 0:
-            self._stop.wait(ahead)
 
 
 def _wait(h, cookies):

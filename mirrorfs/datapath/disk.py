@@ -22,6 +22,7 @@ import nbd
 
 from mirrorfs.datapath.backend import BackendError, describe, drive, error_errno, wait_one
 from mirrorfs.datapath.dirtymap import DirtyMap
+from mirrorfs.datapath.histogram import Histogram
 from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.common.sizes import human_size
 from mirrorfs.datapath.inflight import DrainTimeout, InFlight
@@ -80,6 +81,8 @@ class SideStats:
         self.errors = 0
         self.degraded = 0               # changes acknowledged without this side (degrade policy)
         self.latencies = collections.deque(maxlen=LATENCY_SAMPLES)   # append is atomic
+        self.histogram = Histogram()    # the same samples, counted for good (host metrics)
+        self.errors_by_op = collections.Counter()       # counted under _lock
         self.last_error = None          # a dict, replaced whole (readers never see half of one)
         self._lock = threading.Lock()
         self._logged_at = 0.0
@@ -94,6 +97,7 @@ class SideStats:
                            "errno": errno.errorcode.get(number, str(number)), "time": time.time()}
         with self._lock:
             self.errors += 1
+            self.errors_by_op[op] += 1
             if now - self._logged_at < 1.0:
                 self._unlogged += 1
                 return
@@ -114,6 +118,7 @@ class SideStats:
             return round(recent[min(len(recent) - 1, int(len(recent) * p))] * 1000, 3) if recent else None
 
         return {"errors": self.errors, "degraded": self.degraded, "last_error": self.last_error,
+                "errors_by_op": dict(self.errors_by_op), "histogram": self.histogram.snapshot(),
                 "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0),
                                "samples": len(recent)}}
 
@@ -253,6 +258,7 @@ class Disk:
             "size": self.size,
             "in_flight": self.inflight.count,
             "requests": dict(self.inflight.started),
+            "request_bytes": dict(self.inflight.bytes),
             "reader": self.reader.name,
             "writers": [b.name for b in self.writers],
             "sides": {b.name: {**self.stats[b.name].snapshot(), "timeouts": b.timeouts,
@@ -269,7 +275,7 @@ class Disk:
     def pread(self, buf, offset):
         if len(buf) > self.max_request:
             return self._pread_in_pieces(buf, offset)
-        self.inflight.enter("read")
+        self.inflight.enter("read", len(buf))
         try:
             side = self.reader
             try:
@@ -530,7 +536,10 @@ class Disk:
                     run(last_h)
                 except nbd.Error as e:
                     failures.append((last_side, e))
-                self.stats[last_side.name].latencies.append(time.monotonic() - t0)
+                elapsed = time.monotonic() - t0
+                stats = self.stats[last_side.name]
+                stats.latencies.append(elapsed)
+                stats.histogram.add(elapsed)
                 for side, h, cookie in started:
                     try:
                         wait_one(h, cookie)

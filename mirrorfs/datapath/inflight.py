@@ -37,22 +37,26 @@ class InFlight:
         self._paused = False
         self._waiters = 0
         self.started = collections.Counter()     # requests by kind, counted under the lock
+        self.bytes = collections.Counter()       # their bytes by kind, likewise (host metrics)
 
     @property
     def count(self):
         return self._count
 
-    def enter(self, kind):
+    def enter(self, kind, length=0):
         """A request that does not change data (read, extents, cache, flush)."""
         with self._lock:
             while self._paused:
                 self._wait()
             self._count += 1
             self.started[kind] += 1
+            if length:
+                self.bytes[kind] += length
 
     def enter_range(self, kind, start, end):
         """A request that changes [start, end). Returns a token for `leave()`."""
         g = self.granularity
+        length = end - start
         start, end = start - start % g, end + (-end % g)
         token = (start, end)
         with self._lock:
@@ -60,6 +64,7 @@ class InFlight:
                 self._wait()
             self._count += 1
             self.started[kind] += 1
+            self.bytes[kind] += length
             self._ranges.append(token)
         return token
 

@@ -47,6 +47,9 @@ class DataPathOptions:
     parent: int | None = None           # the supervisor's pid: the data path ends with it (lifeline)
     # Evacuation (datapath.evacuee): the destination serves from the start, the source is only read.
     switch_first: bool = False
+    # The copier starts held, until the supervisor sets its rate (set-rate): its share of the host
+    # budget (mirrorfs.host.budget), so a copy never runs unlimited before it has one.
+    hold: bool | None = None
 
     def __post_init__(self):
         problem = self.problem()
@@ -122,4 +125,4 @@ def boolean(text):
 
 
 _KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
-          "switch_first": boolean}
+          "switch_first": boolean, "hold": boolean}

@@ -9,6 +9,7 @@ The control socket (the supervisor is its only client) takes:
     {"cmd": "switch", "to": "destination", "end": "switched", "timeout": 10}
     {"cmd": "switch", "to": "source", "end": "cancelled"}
     {"cmd": "quiesce"}                                  before the process stops
+    {"cmd": "set-rate", "rate": N}                      the copier's limit (the host budget's share)
 
 When the supervisor dies (`parent`), the data path ends itself the same way (see lifeline).
 
@@ -76,7 +77,8 @@ class DataPath:
         self.disk = Disk(source, dest, dirty, policy=o.policy, granularity=o.granularity)
         if dest is not None:
             # In every mode: a change that reached only the source (degrade) is copied again by it.
-            self.copier = Copier(self.disk, rate=o.rate)
+            # Held (rate 0) until the supervisor gives it its share of the host budget.
+            self.copier = Copier(self.disk, rate=0 if o.hold else o.rate)
             if dirty.needs_copy:
                 log.info("resuming: %d regions may differ and will be copied again",
                          len(dirty.needs_copy))
@@ -182,6 +184,8 @@ class DataPath:
                 self.copier.stop()
             log.info("%s: serving the %s alone; clients held %.1f ms", end, to, stall * 1000)
             return {"stall_ms": stall * 1000}
+        if cmd == "set-rate":
+            return self._set_rate(request.get("rate"))
         if cmd == "quiesce":
             try:
                 self.disk.quiesce(float(request.get("timeout", 10)))
@@ -189,6 +193,17 @@ class DataPath:
                 raise jsonlines.ControlError(f"quiesce: {e}") from None
             return {}
         raise jsonlines.ControlError(f"unknown command {cmd!r}")
+
+    def _set_rate(self, rate):
+        """The copier's limit from now on: bytes/s, 0 to hold it (queued by the host budget), or
+        null for none. Answers with the copier's status: the host budget's only probe of it."""
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 0):
+            raise jsonlines.ControlError("set-rate: rate must be a non-negative integer or null")
+        if self.copier is None:
+            return {"copy": None, "written": self.disk.inflight.bytes["write"]}
+        self.copier.set_rate(rate)
+        return {"copy": self.copier.status(), "synchronized": self.disk.dirty.synchronized(),
+                "ended": self.disk.ended, "written": self.disk.inflight.bytes["write"]}
 
     def close(self):
         if self.copier is not None:

@@ -108,3 +108,24 @@ class MigrationSetup:
     def ctl(self, *args, check=True):
         """Run `mirrorfs <args> --control <socket>`; returns the CompletedProcess."""
         return ctl(self.disk.control, *args, check=check)
+
+
+class Background:
+    """`mirrorfs ARGS` in the background, ready once it prints "serving"; stopped by the test."""
+
+    def __init__(self, workdir, name, *args, rundir=None):
+        self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
+        argv = [*MIRRORFS, *map(str, args)] + (["--run-dir", str(rundir)] if rundir else [])
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = psutil.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        wait_until(self._ready, f"{name} serving", timeout=60)
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exited {self.proc.returncode}: {self.err.read_text()}")
+        return "serving " in self.out.read_text()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)

@@ -1,0 +1,140 @@
+"""The host's commands: `mirrorfs list` (or `top`), `mirrorfs budget`, `mirrorfs rate`, `mirrorfs
+metrics` (their options are in cli.parser, with every other command's)."""
+
+import json
+import sys
+import time
+
+from mirrorfs.cli import display
+from mirrorfs.cli.parser import size
+from mirrorfs.common import jsonlines
+from mirrorfs.common.sizes import human_size
+from mirrorfs.errors import Error, UsageError
+from mirrorfs.host import budget as host_budget
+from mirrorfs.host import view
+from mirrorfs.host.rundir import RunDir
+
+
+def run_dir(args, create=True):
+    return RunDir(args.run_dir, create=create)
+
+
+def _rate(text, what):
+    """A rate, or None for 'none' / 'unlimited'."""
+    if text.lower() in ("none", "unlimited"):
+        return None
+    return size(what)(text)
+
+
+# list / top
+
+def _size(n):
+    return human_size(n) if n is not None else "-"
+
+
+def line(record):
+    copy = record.get("copy") or {}
+    if copy.get("bytes_total") is not None:
+        copied = f"{_size(copy.get('bytes_done'))}/{_size(copy['bytes_total'])}"
+    else:
+        copied = "-"
+    rate = f"{_size(copy['rate'])}/s" if copy.get("rate") else "-"
+    if copy.get("share") is not None and copy.get("running", True):
+        rate += f" (share {_size(copy['share'])}/s)" if copy["share"] else " (queued)"
+    eta = display.duration(copy["eta_seconds"]) if copy.get("eta_seconds") is not None else "-"
+    errors = " ".join(f"{side[:3]}:{n}" for side, n in record.get("errors", {}).items()) or "-"
+    holder = "-"
+    if record.get("lent_to"):
+        holder = f"lent to pid {record['lent_to']['pid']}"
+    elif record.get("taken_over_from"):
+        holder = f"from export pid {record['taken_over_from']['pid']}"
+    return (f"{record['socket']:<32} {record['kind']:<9} {record['phase']:<14} {copied:<22} "
+            f"{rate:<30} {eta:<7} {errors:<12} {holder}")
+
+
+HEADER = (f"{'SOCKET':<32} {'KIND':<9} {'PHASE':<14} {'COPIED':<22} {'RATE':<30} {'ETA':<7} "
+          f"{'ERRORS':<12} HOLDER")
+
+
+def cmd_list(args):
+    rundir = run_dir(args, create=False)
+    while True:
+        records = view.disks(rundir)
+        if args.json:
+            for r in records:
+                r.pop("status", None)
+            print(json.dumps(records, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[J", end="")
+            budget = host_budget.load(rundir)
+            print(f"{len(records)} disks; budget: {host_budget.describe(budget)}")
+            print(HEADER)
+            for r in records:
+                print(line(r))
+            sys.stdout.flush()
+        if not args.watch:
+            return 0
+        time.sleep(1)
+
+
+# budget
+
+def cmd_budget(args):
+    rundir = run_dir(args)
+    changes = {}
+    if args.action == "clear":
+        changes = {k: None for k in host_budget.FIELDS}
+    elif args.action == "set":
+        if args.rate is None and args.max_copies is None and args.floor is None:
+            raise UsageError("budget set: give a rate (e.g. 400M), --max-copies or --floor")
+        if args.rate is not None:
+            changes["rate"] = _rate(args.rate, "budget")
+        if args.max_copies is not None:
+            if args.max_copies.lower() in ("none", "unlimited"):
+                changes["max_copies"] = None
+            elif not args.max_copies.isdigit() or int(args.max_copies) <= 0:
+                raise UsageError(f"--max-copies {args.max_copies!r}: expected a positive number")
+            else:
+                changes["max_copies"] = int(args.max_copies)
+        if args.floor is not None:
+            changes["floor"] = _rate(args.floor, "--floor")
+            changes["busy_writes"] = _rate(args.busy_writes or "64M", "--busy-writes")
+    elif args.rate is not None:
+        raise UsageError(f"budget {args.rate!r}: to change the budget, 'mirrorfs budget set "
+                         f"{args.rate}'")
+    budget = host_budget.save(rundir, **changes) if changes else host_budget.load(rundir)
+    if args.json:
+        print(json.dumps(budget), flush=True)
+    else:
+        print(f"budget: {host_budget.describe(budget)}", flush=True)
+    return 0
+
+
+# rate
+
+def cmd_rate(args):
+    if not args.control:
+        raise UsageError("give --control PATH (or set MIRRORFS_CONTROL)")
+    rate = _rate(args.rate, "rate")
+    try:
+        jsonlines.call(args.control, {"cmd": "rate", "rate": rate}, timeout=30)
+    except jsonlines.ControlError as e:
+        raise Error(str(e)) from None
+    print(f"copy rate: {_size(rate) + '/s' if rate else 'unlimited'} (under the host budget)",
+          flush=True)
+    return 0
+
+
+# metrics
+
+def cmd_metrics(args, stop=None):
+    from mirrorfs.host import metrics          # prometheus_client: only this command needs it
+    rundir = run_dir(args)
+    server = metrics.MetricsServer(rundir, args.listen)
+    print(f"metrics {server.url}", flush=True)
+    try:
+        server.serve(stop)
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,96 @@
+"""A copy's rate limit that may change while the copy runs: the host budget (mirrorfs.host.budget)
+re-divides the host's bandwidth every fraction of a second, and each copy applies its new share here.
+
+    pacer = Pacer(rate=None)         # None: no limit; 0: hold (the copy is queued); N: bytes/s
+    if pacer.reserve(n, stop):       # before copying up to n bytes: wait until the rate allows them
+        copied = copy(...)
+        pacer.settle(n, copied)      # what was really copied (zero extents are not paid for)
+    pacer.set(32 << 20)              # from another thread, at any time; waiters wake at once
+
+It keeps a virtual clock, `_due`: the time from which the next reservation may start. A reservation
+waits until then and moves it on by n / rate; so several workers sharing one pacer start their
+pieces one after the other, n / rate apart, from the first piece on (paying after the copy would
+let every worker copy one piece at once first: a burst of workers x pieces). Idle time is not
+saved up beyond BURST: a copy that had nothing to do (or was held) for a minute does not then run
+unlimited for a minute. A change of rate rescales what is still owed; a waiter is woken and waits
+again at the new rate, so a share that drops takes effect at once.
+
+Bytes are counted here as they are paid (`paid`), which is what the host budget measures a copy by.
+
+Used by the data path's copier (inside nbdkit) and the migration's base copy (in the supervisor), so
+this module is standard library only.
+"""
+
+import threading
+import time
+
+BURST = 0.5                     # seconds of unused rate a copy may catch up on (after a stall)
+HOLD_POLL = 0.5                 # a held copy looks at its stop event this often
+
+
+class Pacer:
+    def __init__(self, rate=None):
+        self._rate = rate
+        self._cond = threading.Condition(threading.Lock())
+        self._due = time.monotonic()
+        self._generation = 0        # bumped by set(): a waiter recomputes its due time
+        self.paid = 0
+
+    @property
+    def rate(self):
+        return self._rate
+
+    def set(self, rate):
+        """The new limit: None (none), 0 (hold), or bytes per second."""
+        with self._cond:
+            if rate == self._rate:
+                return
+            now = time.monotonic()
+            if self._rate and rate:
+                # What is still owed at the old rate is owed at the new one, scaled.
+                self._due = now + max(0.0, self._due - now) * self._rate / rate
+            else:
+                self._due = now
+            self._rate = rate
+            self._generation += 1
+            self._cond.notify_all()
+
+    def chunk(self, largest, smallest):
+        """How much to copy before the next payment: a limited copy pays in pieces of about a
+        sixteenth of a second (so a share is kept smoothly over each second, and a change of it
+        applies within one piece), between `smallest` and `largest`."""
+        rate = self._rate
+        if not rate:
+            return largest
+        size = max(smallest, min(largest, rate // 16))
+        return size - size % smallest
+
+    def reserve(self, n, stop):
+        """Wait until `n` more bytes may be copied, and count them as spent. False if `stop` (a
+        threading.Event) was set meanwhile: then nothing may be copied."""
+        with self._cond:
+            while not stop.is_set():
+                rate = self._rate
+                if rate is None:
+                    return True
+                if rate == 0:
+                    self._cond.wait(HOLD_POLL)
+                    continue
+                now = time.monotonic()
+                start = max(self._due, now - BURST)
+                if start <= now:
+                    self._due = start + n / rate
+                    return True
+                generation = self._generation
+                self._cond.wait(start - now)
+                if generation != self._generation:
+                    continue            # the rate changed: _due was rescaled, wait for it
+            return False
+
+    def settle(self, reserved, copied):
+        """After a reservation of `reserved` bytes, `copied` were copied: the rest is given back."""
+        with self._cond:
+            self.paid += copied
+            if self._rate and reserved > copied:
+                # Not before now: skipping zeros must not save up time for a burst of data later.
+                self._due = max(self._due - (reserved - copied) / self._rate, time.monotonic())
