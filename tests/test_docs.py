@@ -36,7 +36,9 @@ def test_the_readmes_two_commands_are_make_targets():
     makefile = (ROOT / "Makefile").read_text()
     # `make demo` runs what tests/test_demo.py runs; `make test` is this suite.
     assert re.search(r"^demo: setup\n\t\$\(PY\) scripts/demo.py$", makefile, re.M)
-    assert re.search(r"^test: setup\n\t.*-m pytest", makefile, re.M)
+    # `make test` lints first (make lint, which needs setup), then runs pytest.
+    assert re.search(r"^test: lint\n\t.*-m pytest", makefile, re.M)
+    assert re.search(r"^lint: setup$", makefile, re.M)
 
 
 def test_the_readmes_migration_runs_as_written(workdir):
