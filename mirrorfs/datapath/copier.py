@@ -13,16 +13,16 @@ converges under any write load: writes are mirrored synchronously and never make
 The copy is allocation-aware: the source's block status says where data is; data is read and
 written, zero and unallocated extents become zero requests (may trim) on the destination.
 
-This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
+This module runs inside nbdkit's embedded interpreter: standard library only (the sides are backends).
 """
 
 import logging
 import threading
 import time
 
-import nbd
-
-from mirrorfs.datapath.backend import BackendError, describe, drive
+from mirrorfs.datapath.backend import describe
+from mirrorfs.datapath.commands import STATE_ZERO, Read, Write, Zero
+from mirrorfs.datapath.errors import CopyFailed, SideError
 
 log = logging.getLogger("mirrorfs")
 
@@ -41,10 +41,6 @@ RETRY_DELAY = 1.0
 # long without a failure, doubling after each failed chunk, back to the first value after a success.
 SETTLE_FIRST = 2.0
 SETTLE_MAX = 60.0
-
-
-class CopyFailed(Exception):
-    pass
 
 
 class Copier:
@@ -193,7 +189,7 @@ class Copier:
         try:
             self.dirty.save_cursor(self.disk.dest.flush)
             self.dirty.clean(self._flush_sides)
-        except (nbd.Error, BackendError) as e:
+        except SideError as e:
             log.warning("saving the copy's progress failed (will retry): %s", describe(e))
 
     def _flush_sides(self):
@@ -211,7 +207,7 @@ class Copier:
             try:
                 self._copy_extents(start, end)
                 ok = True
-            except (nbd.Error, BackendError) as e:
+            except SideError as e:
                 log.warning("copy of [%d, %d) failed, will retry: %s", start, end, describe(e))
                 raise CopyFailed() from None
             finally:
@@ -225,31 +221,17 @@ class Copier:
         and zeroes at once on one destination connection: the servers see a queue, not one
         request at a time."""
         source, dest = self.disk.source, self.disk.dest
-        pieces, zeroes = [], []
+        reads, zeroes = [], []
         for offset, length, zero in self._extents(start, end):
             if zero:
-                zeroes.append((offset, length))
+                zeroes.append(Zero(length, offset, may_trim=True))
             else:
-                for pos in range(offset, offset + length, PIECE):
-                    pieces.append((pos, nbd.Buffer(min(PIECE, offset + length - pos))))
-        if pieces:
-            h = source.acquire()
-            failed = True
-            try:
-                _wait(h, [h.aio_pread(buf, pos) for pos, buf in pieces])
-                failed = False
-            finally:
-                source.release(h, failed)
-        h = dest.acquire()
-        failed = True
-        try:
-            _wait(h, [h.aio_pwrite(buf, pos) for pos, buf in pieces]
-                  + [h.aio_zero(length, offset) for offset, length in zeroes])
-            failed = False
-        finally:
-            dest.release(h, failed)
-        self.bytes_read += sum(len(buf) for _, buf in pieces)
-        self.bytes_zeroed += sum(length for _, length in zeroes)
+                reads += Read(bytearray(length), offset).pieces(PIECE)
+        if reads:
+            source.run_all(reads)
+        dest.run_all([Write(r.buf, r.offset) for r in reads] + zeroes)
+        self.bytes_read += sum(r.length for r in reads)
+        self.bytes_zeroed += sum(z.length for z in zeroes)
 
     def _extents(self, start, end):
         """(offset, length, reads_as_zero) covering [start, end), from the source's block status."""
@@ -266,7 +248,7 @@ class Copier:
             for offset, length, flags in found:
                 stop = min(offset + length, end)
                 if stop > pos:
-                    yield pos, stop - pos, bool(flags & nbd.STATE_ZERO)
+                    yield pos, stop - pos, bool(flags & STATE_ZERO)
                     pos = stop
                 if pos >= end:
                     break
@@ -278,10 +260,3 @@ class Copier:
         if ahead > 0:
             self._stop.wait(ahead)
 
-
-def _wait(h, cookies):
-    """Drive `h` until every command completes (all of them, see backend.drive), then raise the
-    first failure (nbd.Error)."""
-    failures = [r for r in drive([(h, c) for c in cookies]) if r is not None]
-    if failures:
-        raise failures[0]

@@ -33,6 +33,7 @@ import os
 import threading
 from pathlib import Path
 
+from mirrorfs.datapath.errors import StateError  # noqa: F401 (raised here; the supervisor catches it)
 from mirrorfs.datapath.options import COPY_MODES
 
 FORMAT = 1
@@ -42,10 +43,6 @@ ENDS = ("switched", "cancelled")
 PHASES = MIRRORING + ENDS
 # Format 1 spelled copy mode none as "mirror".
 _LEGACY_COPY = {"mirror": "none"}
-
-
-class StateError(Exception):
-    """A state directory that cannot be used: corrupt, foreign, or unreadable."""
 
 
 def _checksum(fields):
