@@ -549,10 +549,14 @@ def test_a_client_write_during_a_copy_is_not_overwritten(mem, quick_copier):
     writer = threading.Thread(target=disk.pwrite, args=(bytearray(b"\x02" * 4096), 4096),
                               kwargs={"fua": False})
     writer.start()
-    time.sleep(0.05)
-    assert writer.is_alive(), "the client write did not wait for the chunk"
-    disk.dest.let_go()
-    writer.join(10)
+    try:
+        time.sleep(0.05)
+        # Not even on the source, which is not held: the write waits for the chunk's range lock.
+        assert writer.is_alive() and disk.source.data[4096:8192] == b"\x01" * 4096, \
+            "the client write did not wait for the chunk"
+    finally:
+        disk.dest.let_go()
+        writer.join(10)
     wait_until(disk.dirty.synchronized, "synchronized")
     assert disk.dest.data[4096:8192] == disk.source.data[4096:8192] == b"\x02" * 4096
     assert disk.dest.data == disk.source.data
