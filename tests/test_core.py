@@ -619,6 +619,30 @@ def test_a_failing_destination_fails_the_request_or_degrades(memory, disk_on):
     assert degrading.stats["destination"].degraded == 1
 
 
+def test_requests_take_the_sides_connections_in_one_order(memory, disk_on):
+    """Each request holds a connection of each side at once, and the pools are bounded: requests
+    that took them in different orders (the source's then the destination's, and the reverse)
+    would each hold one the other waits for, forever. One connection per side makes that happen
+    within a few requests."""
+    disk = disk_on(memory("src"), memory("dst"))
+    for side in disk.backends:
+        side.max_handles = 1
+    done = []
+
+    def writer(n):
+        for i in range(200):
+            disk.pwrite(bytearray([n]) * 4096, (n * 256 + i % 256) * 4096, fua=False)
+        done.append(n)
+
+    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    for t in threads:
+        t.join(max(0, deadline - time.monotonic()))
+    assert sorted(done) == [0, 1, 2, 3], "requests wait for each other's connections"
+
+
 def test_one_outage_doubles_the_copiers_wait_once(memory, disk_on, monkeypatch):
     """Every chunk in flight fails together when the destination fails: the copier's wait before
     it tries again (the settle time) doubles once for that round, not once per worker (six workers

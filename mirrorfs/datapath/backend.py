@@ -3,7 +3,8 @@
 The verbs are every backend's (mirrorfs.datapath.memory has the same): by offset, `pread`, `pwrite`,
 `zero`, `trim`, `flush`, `cache`, `extents`; for the hot path, a command (mirrorfs.datapath.commands)
 is `run` synchronously or `start`ed, returning a `Pending` to `wait()` for; `run_all` puts several on
-one connection at once (the copier's chunk). Each verb borrows a connection from the pool and gives
+one connection at once (the copier's chunk); `reserve` sets a connection aside for a `run` or `start`
+to come (a request that needs both sides at once takes their connections in one order). Each verb borrows a connection from the pool and gives
 it back, and turns libnbd's failures into SideError (mirrorfs.datapath.errors): ConnectionLost when
 the connection went away, SideRefused when the server answered with an error, SideUnreachable when
 there is no connection to be had. No caller touches a libnbd handle.
@@ -282,9 +283,16 @@ class NbdBackend:
 
     # Commands (mirrorfs.datapath.commands): the forms the hot path needs.
 
-    def run(self, cmd):
+    def reserve(self):
+        """Set a connection aside for the next `run` or `start` (pass it as `reserved`), which
+        gives it back. A caller that needs a connection of several sides at once reserves them in
+        one fixed order before using any: the pools are bounded, and two requests that took them
+        in different orders could each hold one the other waits for, forever."""
+        return self._acquire()
+
+    def run(self, cmd, reserved=None):
         """Run `cmd` and wait for it: one libnbd call."""
-        h = self._acquire()
+        h = self._acquire() if reserved is None else reserved
         failed = True
         try:
             _RUN[cmd.op](h, cmd)
@@ -294,10 +302,10 @@ class NbdBackend:
         finally:
             self._release(h, failed)
 
-    def start(self, cmd):
+    def start(self, cmd, reserved=None):
         """Start `cmd` (libnbd aio) and return its Pending, which holds the connection until
         `wait()`ed for: every start must be waited for."""
-        h = self._acquire()
+        h = self._acquire() if reserved is None else reserved
         try:
             return Pending(self, h, _START[cmd.op](h, cmd))
         except nbd.Error as e:

@@ -434,27 +434,33 @@ class Disk:
                 if result is not None:
                     failures.append((side, result))
             return failures
-        # Take turns at being the side that runs synchronously: its latency is measured exactly,
-        # so each side's latency is sampled on every other request.
-        if len(sides) > 1 and next(self._turn) & 1:
-            sides = sides[::-1]
-        started = []
-        for side in sides[:-1]:
+        # A connection of each side, taken in the writers' order whatever the turn (see
+        # NbdBackend.reserve: in another order, requests can deadlock on the bounded pools).
+        reserved = []
+        for side in sides:
             try:
-                started.append((side, side.start(cmd)))
+                reserved.append((side, side.reserve()))
             except SideError as e:
                 failures.append((side, e))
-        last = sides[-1]
+        if not reserved:
+            return failures
+        # Take turns at being the side that runs synchronously: its latency is measured exactly,
+        # so each side's latency is sampled on every other request.
+        if len(reserved) > 1 and next(self._turn) & 1:
+            reserved.reverse()
+        started = []
+        for side, connection in reserved[:-1]:
+            try:
+                started.append((side, side.start(cmd, connection)))
+            except SideError as e:
+                failures.append((side, e))
+        last, connection = reserved[-1]
         t0 = time.monotonic()
         try:
-            last.run(cmd)
-        except SideUnreachable as e:
-            failures.append((last, e))
-            t0 = None                   # it never got the command: no latency to sample
+            last.run(cmd, connection)
         except SideError as e:
             failures.append((last, e))
-        if t0 is not None:
-            self.stats[last.name].latencies.append(time.monotonic() - t0)
+        self.stats[last.name].latencies.append(time.monotonic() - t0)
         for side, pending in started:
             try:
                 pending.wait()

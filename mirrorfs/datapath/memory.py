@@ -134,11 +134,16 @@ class MemoryBackend:
             pos += n
         return found
 
-    def run(self, cmd):
+    def reserve(self):
+        if self.unreachable or self.closed:
+            raise SideUnreachable(f"{self.name}: unreachable")
+        return self
+
+    def run(self, cmd, reserved=None):
         self._arrive(cmd.op, cmd.offset, cmd.length)
         self._apply(cmd)
 
-    def start(self, cmd):
+    def start(self, cmd, reserved=None):
         """Runs the command at once, unless the side is held: then it runs (waits) in `wait()`."""
         if self.unreachable or self.closed:
             raise SideUnreachable(f"{self.name}: unreachable")
