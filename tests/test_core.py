@@ -1,11 +1,17 @@
 """The data path's core, driven in this process, the way libnbd tests itself: range locks, the
-dirty map's write-intent rule, the state journal, the options, and `Disk` plus the copier against two
-real `nbdkit memory` servers (with nbdkit's error and delay filters where a side must misbehave).
+dirty map's write-intent rule, the state journal, the options, and `Disk` plus the copier on two
+memory backends (mirrorfs.datapath.memory: the same verbs, failures to order) and against two real
+`nbdkit memory` servers (with nbdkit's error and delay filters where a side must misbehave).
 
-No mocks: the backends are real NBD servers, the state is a real directory.
+No mocks: the memory backend is a backend of the data path like NbdBackend, the NBD servers are
+real, the state is a real directory.
 """
 
+import errno
+import importlib
+import inspect
 import json
+import pkgutil
 import subprocess
 import threading
 import time
@@ -16,10 +22,13 @@ import pytest
 from lib.nbdservers import wait_for_pidfile
 from mirrorfs.datapath.backend import NbdBackend
 from mirrorfs.datapath import copier as copier_module
+from mirrorfs.datapath import disk as disk_module
 from mirrorfs.datapath.copier import Copier
 from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.disk import Disk, RequestError, SwitchRefused
-from mirrorfs.datapath.inflight import DrainTimeout, InFlight
+from mirrorfs.datapath.disk import Disk
+from mirrorfs.datapath.errors import DataPathError, DrainTimeout, RequestError, SwitchRefused
+from mirrorfs.datapath.inflight import InFlight
+from mirrorfs.datapath.memory import MemoryBackend
 from mirrorfs.datapath.options import DataPathOptions
 from mirrorfs.datapath.state import State, StateError, open_for
 
@@ -277,6 +286,299 @@ def test_bad_options_are_refused(params, problem):
         DataPathOptions.from_params(params)
 
 
+# Disk, dirty map and copier on memory backends.
+
+def wait_until(condition, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} after {timeout}s"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def mem():
+    """mem(...): a Disk on two MemoryBackends (disk.source, disk.dest); copiers made with
+    mem.copier() are stopped at the end."""
+    copiers = []
+
+    def make(state=None, full=False, policy="fail", **capabilities):
+        src = MemoryBackend("source", SIZE, **capabilities)
+        dst = MemoryBackend("destination", SIZE, **capabilities)
+        return Disk(src, dst, DirtyMap(SIZE, REGION, state, full=full), policy=policy,
+                    granularity=65536)
+
+    def copier(disk, **kw):
+        c = Copier(disk, chunk=MiB, **kw).start()
+        copiers.append(c)
+        return c
+
+    make.copier = copier
+    yield make
+    for c in copiers:
+        c.stop()
+
+
+@pytest.fixture
+def quick_copier(monkeypatch):
+    """A copier that tries again after a failure within milliseconds, not seconds."""
+    monkeypatch.setattr(copier_module, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(copier_module, "SETTLE_FIRST", 0.01)
+    monkeypatch.setattr(copier_module, "MAINTENANCE_INTERVAL", 0.05)
+
+
+def test_every_change_reaches_both_sides(mem):
+    disk = mem()
+    disk.pwrite(bytearray(b"\x5a" * 8192), MiB, fua=True)
+    disk.pwrite(bytearray(b"\x33" * 8192), 2 * MiB, fua=False)
+    disk.zero(4096, MiB, may_trim=False, fua=False, fast=False)
+    disk.trim(4096, 2 * MiB, fua=False)
+    disk.flush()
+    for side in (disk.source, disk.dest):
+        assert side.data[MiB:MiB + 8192] == bytes(4096) + b"\x5a" * 4096
+        assert side.data[2 * MiB + 4096:2 * MiB + 8192] == b"\x33" * 4096
+        assert side.commands == {"write": 2, "zero": 1, "trim": 1, "flush": 1}
+    assert not disk.dirty.needs_copy
+    buf = bytearray(4096)
+    disk.pread(buf, MiB + 4096)
+    assert buf == b"\x5a" * 4096
+    assert disk.dest.commands["read"] == 0          # reads go to the source alone
+
+
+def test_a_destination_failure_fails_the_request_or_degrades(mem):
+    disk = mem()
+    disk.dest.fail("write", errno.ENOSPC)
+    with pytest.raises(RequestError, match="destination write") as failed:
+        disk.pwrite(bytearray(b"\x11" * 4096), 3 * MiB, fua=False)
+    assert failed.value.errno == errno.ENOSPC
+    assert disk.dirty.needs_copy == {3}             # the source has it: copied again either way
+    assert disk.stats["destination"].errors == 1
+    assert disk.stats["destination"].last_error["errno"] == "ENOSPC"
+
+    degrading = mem(policy="degrade")
+    degrading.dest.fail("write", errno.ENOSPC)
+    degrading.pwrite(bytearray(b"\x11" * 4096), 5 * MiB, fua=False)   # succeeds for the client
+    assert degrading.source.data[5 * MiB:5 * MiB + 4096] == b"\x11" * 4096
+    assert degrading.dirty.needs_copy == {5}
+    assert degrading.stats["destination"].degraded == 1
+
+
+def test_an_unreachable_destination_degrades_like_a_failing_one(mem):
+    disk = mem(policy="degrade")
+    disk.dest.unreachable = True
+    for _ in range(2):                              # each side takes its turn at running last
+        disk.pwrite(bytearray(b"\x22" * 4096), 7 * MiB, fua=False)
+    assert disk.dirty.needs_copy == {7}
+    assert disk.stats["destination"].degraded == 2
+    assert not disk.stats["destination"].latencies     # it never got a command to time
+
+
+def test_a_source_failure_fails_the_request_even_when_degrading(mem):
+    disk = mem(policy="degrade")
+    disk.source.fail("write", errno.EIO)
+    with pytest.raises(RequestError, match="source write") as failed:
+        disk.pwrite(bytearray(b"\x44" * 4096), 2 * MiB, fua=False)
+    assert failed.value.errno == errno.EIO
+    assert disk.dest.data[2 * MiB:2 * MiB + 4096] == b"\x44" * 4096    # the sides differ
+    assert disk.dirty.needs_copy == {2}                                 # and the map knows
+    assert disk.stats["destination"].degraded == 0
+
+
+def test_a_change_the_source_lost_with_its_connection_is_sent_again(mem, monkeypatch):
+    monkeypatch.setattr(disk_module, "RESEND_EVERY", 0.001)
+    disk = mem()
+    disk.source.fail("write", errno.ECONNRESET, times=2)
+    disk.pwrite(bytearray(b"\x66" * 4096), MiB, fua=False)
+    assert disk.source.data[MiB:MiB + 4096] == disk.dest.data[MiB:MiB + 4096] == b"\x66" * 4096
+    assert disk.source.commands["write"] == 3
+    assert disk.stats["source"].errors == 0 and not disk.dirty.needs_copy
+    # A read too.
+    disk.source.fail("read", errno.ENOTCONN, times=1)
+    buf = bytearray(4096)
+    disk.pread(buf, MiB)
+    assert buf == b"\x66" * 4096
+    # A side that refuses the command sent again: the client hears of it.
+    disk.source.fail("write", errno.ECONNRESET, times=1)
+    disk.source.fail("write", errno.EROFS, times=1)
+    with pytest.raises(RequestError) as failed:
+        disk.pwrite(bytearray(4096), MiB, fua=False)
+    assert failed.value.errno == errno.ECONNRESET
+    # The destination's lost connection is not sent again: the copier repairs it.
+    disk.dest.fail("write", errno.ECONNRESET, times=1)
+    with pytest.raises(RequestError):
+        disk.pwrite(bytearray(4096), 4 * MiB, fua=False)
+    assert disk.dest.commands["write"] == 3 and disk.dirty.needs_copy == {1, 4}
+
+
+def test_a_fast_zero_one_side_refuses_is_done_the_slow_way_there(mem):
+    disk = mem()
+    disk.pwrite(bytearray(b"\x99" * 65536), 0, fua=False)
+    disk.dest.fail("zero", errno.ENOTSUP, times=1)
+    disk.zero(65536, 0, may_trim=True, fua=False, fast=True)
+    assert disk.source.data[:65536] == disk.dest.data[:65536] == bytes(65536)
+    assert disk.dest.commands["zero"] == 2 and not disk.dirty.needs_copy
+    disk.source.fail("zero", errno.ENOTSUP, times=1)
+    disk.dest.fail("zero", errno.ENOTSUP, times=1)
+    with pytest.raises(RequestError) as failed:              # every side refused: the client
+        disk.zero(65536, 0, may_trim=True, fua=False, fast=True)    # writes zeros itself
+    assert failed.value.errno == errno.ENOTSUP
+
+
+def test_a_request_larger_than_the_sides_accept_is_sent_in_pieces(mem):
+    disk = mem(block_size=(1, 4096, 65536))
+    data = bytearray(bytes(range(256)) * 1024)                          # 256 KiB
+    disk.pwrite(data, MiB, fua=False)
+    assert disk.source.data[MiB:MiB + len(data)] == disk.dest.data[MiB:MiB + len(data)] == data
+    assert disk.source.commands["write"] == disk.dest.commands["write"] == 4
+    buf = bytearray(len(data))
+    disk.pread(buf, MiB)
+    assert buf == data and disk.source.commands["read"] == 4
+    # The source fails the second piece: the rest is not sent, the client hears of it, the range
+    # is marked.
+    disk.source.fail("write", errno.EIO, start=3 * MiB + 65536, end=3 * MiB + 2 * 65536)
+    with pytest.raises(RequestError):
+        disk.pwrite(data, 3 * MiB, fua=False)
+    assert disk.source.commands["write"] == disk.dest.commands["write"] == 6
+    assert disk.dirty.needs_copy == {3}
+
+
+def test_a_switch_is_refused_while_the_sides_may_differ_then_allowed(mem, quick_copier):
+    disk = mem(full=True)
+    disk.source.data[:] = bytes(range(256)) * (SIZE // 256)
+    with pytest.raises(SwitchRefused, match="may still differ"):
+        disk.switch("destination", "switched", timeout=1)
+    assert disk.reader is disk.source and disk.ended is None
+    mem.copier(disk)
+    wait_until(disk.dirty.synchronized, "synchronized")
+    assert disk.dest.data == disk.source.data
+    disk.switch("destination", "switched", timeout=1)
+    assert disk.reader is disk.dest and disk.writers == (disk.dest,) and disk.source.closed
+    disk.pwrite(bytearray(4096), 0, fua=False)
+    assert disk.source.commands["write"] == 0
+    with pytest.raises(SwitchRefused, match="already ended"):
+        disk.switch("source", "cancelled")
+
+
+def test_a_switch_to_a_destination_that_does_not_answer_is_refused_in_process(mem):
+    disk = mem()                                    # copy mode none: synchronized from the start
+    disk.dest.hold()
+    try:
+        with pytest.raises(SwitchRefused, match="does not answer"):
+            disk.switch("destination", "switched", timeout=0.2)
+    finally:
+        disk.dest.let_go()
+    assert disk.reader is disk.source and disk.ended is None
+
+
+def test_the_intent_is_saved_before_a_change_is_sent_to_either_side(tmp_path, mem):
+    """While a write has reached the source and is held at the destination, the saved state names
+    its region. Saving the intent after issuing the write (or not at all) fails this."""
+    disk = mem(state=new_state(tmp_path, copy="none"))
+    disk.dest.hold()
+    writers = [threading.Thread(target=disk.pwrite, args=(bytearray(b"\x77" * 4096), r * MiB),
+                                kwargs={"fua": False}) for r in (6, 9)]   # each side runs last once
+    try:
+        for w in writers:
+            w.start()
+        wait_until(lambda: disk.dest.held() == 2, "held at the destination")
+        for r in (6, 9):
+            assert disk.source.data[r * MiB:r * MiB + 4096] == b"\x77" * 4096
+            assert disk.dest.data[r * MiB:r * MiB + 4096] == bytes(4096)
+        assert {6, 9} <= set(saved(tmp_path)["dirty"])
+    finally:
+        disk.dest.let_go()
+        for w in writers:
+            w.join(10)
+    assert disk.dest.data[6 * MiB:6 * MiB + 4096] == b"\x77" * 4096
+
+
+def test_a_failed_mirror_flush_marks_everything_to_copy_again(mem):
+    disk = mem(policy="degrade")
+    disk.dest.fail("flush", errno.EIO, times=1)
+    disk.flush()                                            # degrade: the client is not told
+    assert disk.dirty.needs_copy == set(range(SIZE // REGION))
+    failing = mem()
+    failing.dest.fail("flush", errno.EIO, times=1)
+    with pytest.raises(RequestError, match="destination flush"):
+        failing.flush()
+
+
+def test_the_copier_copies_again_what_reached_only_the_source(mem, quick_copier):
+    disk = mem(policy="degrade")
+    disk.dest.fail("write", errno.EIO, times=1)
+    disk.pwrite(bytearray(b"\x55" * 4096), 3 * MiB + 4096, fua=False)
+    assert not disk.dirty.synchronized()
+    copier = mem.copier(disk)
+    wait_until(disk.dirty.synchronized, "synchronized")
+    assert disk.dest.data == disk.source.data
+    assert copier.bytes_read == 4096                # only the block holding data is read
+    assert copier.bytes_zeroed == REGION - 4096     # the rest of the region: zero requests
+
+
+def test_the_first_pass_copies_data_and_zeros_over_a_dirty_destination(mem, quick_copier):
+    disk = mem(full=True)
+    for i in range(0, SIZE, 2 * MiB):
+        disk.source.data[i:i + MiB] = bytes([1 + i // MiB]) * MiB
+    disk.dest.data[:] = b"\xff" * SIZE             # what was there must not survive
+    copier = mem.copier(disk, workers=3)
+    wait_until(disk.dirty.synchronized, "synchronized")
+    assert disk.dest.data == disk.source.data
+    assert (copier.bytes_read, copier.bytes_zeroed) == (SIZE // 2, SIZE // 2)
+
+
+def test_the_copier_retries_a_failing_destination_until_it_takes_the_data(mem, quick_copier):
+    disk = mem(full=True)
+    disk.source.data[:] = b"\x42" * SIZE
+    disk.dest.fail("write", errno.EIO)
+    copier = mem.copier(disk)
+    wait_until(lambda: copier.failures >= 3, "three failed chunks")
+    assert disk.dirty.cursor < SIZE and not disk.dirty.synchronized()
+    disk.dest.clear_faults()
+    wait_until(disk.dirty.synchronized, "synchronized")
+    assert disk.dest.data == disk.source.data
+
+
+def test_a_client_write_during_a_copy_is_not_overwritten(mem, quick_copier):
+    """The copier's chunk holds the range lock: a client write to its bytes waits for the chunk, and
+    is then mirrored over it."""
+    disk = mem(full=True)
+    disk.source.data[:] = b"\x01" * SIZE
+    disk.dest.hold()                                # the first chunks' writes are held
+    mem.copier(disk, workers=1)
+    wait_until(lambda: disk.dest.held() == 1, "a chunk held at the destination")
+    writer = threading.Thread(target=disk.pwrite, args=(bytearray(b"\x02" * 4096), 4096),
+                              kwargs={"fua": False})
+    writer.start()
+    try:
+        time.sleep(0.05)
+        # Not even on the source, which is not held: the write waits for the chunk's range lock.
+        assert writer.is_alive() and disk.source.data[4096:8192] == b"\x01" * 4096, \
+            "the client write did not wait for the chunk"
+    finally:
+        disk.dest.let_go()
+        writer.join(10)
+    wait_until(disk.dirty.synchronized, "synchronized")
+    assert disk.dest.data[4096:8192] == disk.source.data[4096:8192] == b"\x02" * 4096
+    assert disk.dest.data == disk.source.data
+
+
+def test_every_exception_of_the_data_path_has_one_root():
+    """One tree (mirrorfs.datapath.errors): a caller can tell the data path's failures from bugs,
+    and no name is shared with the supervisor's tree (mirrorfs.errors)."""
+    import mirrorfs.errors
+    supervisor = {n for n, c in vars(mirrorfs.errors).items() if isinstance(c, type)}
+    found = {}
+    for info in pkgutil.iter_modules(mirrorfs.datapath.__path__):
+        if info.name in ("callbacks", "nbdkit_script"):
+            continue                                # need nbdkit's own module
+        module = importlib.import_module(f"mirrorfs.datapath.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, BaseException) and cls.__module__.startswith("mirrorfs."):
+                found[name] = cls
+    assert {n for n, c in found.items() if not issubclass(c, DataPathError)} == set()
+    assert set(found) & supervisor == set()
+    assert {"SideUnreachable", "RequestError", "SwitchRefused"} <= set(found)
+
+
 # Disk and copier against real servers.
 
 @pytest.fixture
@@ -309,12 +611,35 @@ def test_a_failing_destination_fails_the_request_or_degrades(memory, disk_on):
     dest = memory("dst", "--filter=error", "error-pwrite=ENOSPC", "error-pwrite-rate=100%")
     with pytest.raises(RequestError) as failed:
         disk_on(source, dest).pwrite(bytearray(4096), 0, fua=False)
-    import errno
     assert failed.value.errno == errno.ENOSPC
     degrading = disk_on(source, dest, policy="degrade")
     degrading.pwrite(bytearray(b"\x11" * 4096), 3 * MiB, fua=False)     # succeeds for the client
     assert degrading.dirty.needs_copy == {3}
     assert degrading.stats["destination"].degraded == 1
+
+
+def test_requests_take_the_sides_connections_in_one_order(memory, disk_on):
+    """Each request holds a connection of each side at once, and the pools are bounded: requests
+    that took them in different orders (the source's then the destination's, and the reverse)
+    would each hold one the other waits for, forever. One connection per side makes that happen
+    within a few requests."""
+    disk = disk_on(memory("src"), memory("dst"))
+    for side in disk.backends:
+        side.max_handles = 1
+    done = []
+
+    def writer(n):
+        for i in range(200):
+            disk.pwrite(bytearray([n]) * 4096, (n * 256 + i % 256) * 4096, fua=False)
+        done.append(n)
+
+    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    for t in threads:
+        t.join(max(0, deadline - time.monotonic()))
+    assert sorted(done) == [0, 1, 2, 3], "requests wait for each other's connections"
 
 
 def test_one_outage_doubles_the_copiers_wait_once(memory, disk_on, monkeypatch):

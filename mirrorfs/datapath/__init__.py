@@ -10,7 +10,11 @@ from here: the constants both halves must agree on live here, once.
     service.py         the data path assembled from its parameters; its control socket
     options.py         those parameters: validated once, to_params / from_params side by side
     disk.py            what happens to each request (read this to know what happens to a write)
-    backend.py         one side: a pool of libnbd handles, and the verbs on it
+    commands.py        what a side is asked to do: Read, Write, Zero, Trim, Flush (offset, length, flags)
+    backend.py         one side over NBD: the verbs (pread, pwrite, ..., run/start a command) on a
+                       pool of libnbd handles; the one connect path
+    memory.py          one side in a bytearray, with the same verbs, and failures to order (tests)
+    errors.py          the data path's exception tree (DataPathError: SideError, RequestError, ...)
     inflight.py        requests in flight: counted, range-locked, holdable for a switch
     dirtymap.py        what may differ between the sides, and the write-intent rule
     copier.py          copies what may differ (full mode's first pass, regions to copy again)

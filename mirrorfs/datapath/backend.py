@@ -1,4 +1,13 @@
-"""One side of the mirror: an NBD export reached with libnbd, and its capabilities.
+"""One side of the mirror: an NBD export reached with libnbd, its capabilities, and its verbs.
+
+The verbs are every backend's (mirrorfs.datapath.memory has the same): by offset, `pread`, `pwrite`,
+`zero`, `trim`, `flush`, `cache`, `extents`; for the hot path, a command (mirrorfs.datapath.commands)
+is `run` synchronously or `start`ed, returning a `Pending` to `wait()` for; `run_all` puts several on
+one connection at once (the copier's chunk); `reserve` sets a connection aside for a `run` or `start`
+to come (a request that needs both sides at once takes their connections in one order). Each verb
+borrows a connection from the pool and gives it back, and turns libnbd's failures into SideError (mirrorfs.datapath.errors): ConnectionLost when
+the connection went away, SideRefused when the server answered with an error, SideUnreachable when
+there is no connection to be had. No caller touches a libnbd handle.
 
 A libnbd handle serializes the commands of whoever drives it, so a backend keeps a pool of handles and
 lends one to each request: requests on different nbdkit threads run in parallel on different
@@ -25,6 +34,9 @@ import time
 
 import nbd
 
+from mirrorfs.datapath.commands import FLUSH, Read, Trim, Write, Zero
+from mirrorfs.datapath.errors import SideError, SideUnreachable, side_error
+
 log = logging.getLogger("mirrorfs")
 
 POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -37,14 +49,9 @@ BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = 10.0
 # Connections per side at most (see the module docstring).
 MAX_HANDLES = 32
-
-
-class BackendError(Exception):
-    """A backend that cannot be reached (connect failed). `reason` says why, without the names."""
-
-    def __init__(self, message, reason=None):
-        super().__init__(message)
-        self.reason = reason or message
+# Reads up to this size are copied out of libnbd's reply; larger ones land in the caller's buffer
+# directly.
+COPY_READ_MAX = 256 * 1024
 
 
 def error_errno(exc, default=errno.EIO):
@@ -60,6 +67,11 @@ def describe(exc):
     if isinstance(exc, nbd.Error):
         return exc.string.removeprefix("nbd_") if exc.string else f"errno {exc.errno}"
     return str(exc)
+
+
+def _side_error(exc):
+    """The SideError for libnbd's failure of a command."""
+    return side_error(error_errno(exc), describe(exc))
 
 
 class NbdBackend:
@@ -107,22 +119,22 @@ class NbdBackend:
     def _connect_with_backoff(self):
         now = time.monotonic()
         if now < self.down_until:
-            raise BackendError(f"{self.name}: unavailable, next attempt in "
-                               f"{self.down_until - now:.1f}s")
+            raise SideUnreachable(f"{self.name}: unavailable, next attempt in "
+                                  f"{self.down_until - now:.1f}s")
         try:
             h = self._connect()
-        except BackendError:
+        except SideUnreachable:
             self.down_until = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
             raise
         self._backoff = BACKOFF_FIRST
         return h
 
-    def acquire(self):
-        """Lend a handle to the caller, who must `release()` it. Waits while every handle allowed
+    def _acquire(self):
+        """Lend a handle to a verb, which must `_release()` it. Waits while every handle allowed
         is lent."""
         if self._closed:
-            raise BackendError(f"{self.name}: closed")
+            raise SideUnreachable(f"{self.name}: closed")
         try:
             h = self._idle.pop()           # list.pop/append are atomic under the GIL
         except IndexError:
@@ -133,16 +145,16 @@ class NbdBackend:
     def _acquire_slow(self):
         """No idle handle: connect a new one if the pool may grow, else wait for one to come back.
 
-        No wakeup is lost although release() appends without the lock: a waiter counts itself in
-        `_waiters` *before* it looks at the idle list, and release() looks at `_waiters` *after* it
-        appended, so either the waiter sees the handle or release() sees the waiter and notifies
+        No wakeup is lost although _release() appends without the lock: a waiter counts itself in
+        `_waiters` *before* it looks at the idle list, and _release() looks at `_waiters` *after* it
+        appended, so either the waiter sees the handle or _release() sees the waiter and notifies
         (under the lock, which the waiter holds until it waits)."""
         with self._lock:
             self._waiters += 1
             try:
                 while True:
                     if self._closed:
-                        raise BackendError(f"{self.name}: closed")
+                        raise SideUnreachable(f"{self.name}: closed")
                     try:
                         return self._idle.pop()
                     except IndexError:
@@ -165,7 +177,7 @@ class NbdBackend:
             self._handles.add(h)
         return h
 
-    def release(self, h, failed=False):
+    def _release(self, h, failed=False):
         """Give a handle back. After a failure (`failed`), a handle whose connection died is dropped
         and the next request reconnects. The connection is only examined then: every libnbd call
         releases and retakes the GIL, which is what a small request pays most for."""
@@ -215,12 +227,114 @@ class NbdBackend:
                 log.error("%s: no answer for %.1f s, connection cut", self.name, now - since)
         return due
 
-    # Verbs: what the data path asks of a side besides requests.
+    # The verbs. Each borrows a connection and gives it back; a failure raises SideError.
+
+    def pread(self, buf, offset):
+        self.run(Read(buf, offset))
+
+    def pwrite(self, buf, offset, fua=False):
+        self.run(Write(buf, offset, fua))
+
+    def zero(self, length, offset, may_trim=False, fua=False, fast=False):
+        self.run(Zero(length, offset, may_trim, fua, fast))
+
+    def trim(self, length, offset, fua=False):
+        self.run(Trim(length, offset, fua))
 
     def flush(self):
-        """Flush the side (on one connection: with multi-conn, a flush covers them all)."""
+        """Flush the side (on one connection: with multi-conn, a flush covers them all); nothing
+        where the side offers no flush."""
         if self.can_flush:
-            self.call(lambda h: h.flush())
+            self.run(FLUSH)
+
+    def cache(self, length, offset):
+        h = self._acquire()
+        failed = True
+        try:
+            h.cache(length, offset)
+            failed = False
+        except nbd.Error as e:
+            raise _side_error(e) from None
+        finally:
+            self._release(h, failed)
+
+    def extents(self, length, offset, req_one=False):
+        """[(offset, length, flags)] from `offset` on (base:allocation; flags as nbd.STATE_*)."""
+        found = []
+
+        def collect(context, start, entries, err):
+            if context == nbd.CONTEXT_BASE_ALLOCATION:
+                pos = start
+                for i in range(0, len(entries), 2):
+                    found.append((pos, entries[i], entries[i + 1] & 3))
+                    pos += entries[i]
+            return 0
+
+        h = self._acquire()
+        failed = True
+        try:
+            h.block_status(length, offset, collect, nbd.CMD_FLAG_REQ_ONE if req_one else 0)
+            failed = False
+        except nbd.Error as e:
+            raise _side_error(e) from None
+        finally:
+            self._release(h, failed)
+        return found
+
+    # Commands (mirrorfs.datapath.commands): the forms the hot path needs.
+
+    def reserve(self):
+        """Set a connection aside for the next `run` or `start` (pass it as `reserved`), which
+        gives it back. A caller that needs a connection of several sides at once reserves them in
+        one fixed order before using any: the pools are bounded, and two requests that took them
+        in different orders could each hold one the other waits for, forever."""
+        return self._acquire()
+
+    def run(self, cmd, reserved=None):
+        """Run `cmd` and wait for it: one libnbd call."""
+        h = self._acquire() if reserved is None else reserved
+        failed = True
+        try:
+            _RUN[cmd.op](h, cmd)
+            failed = False
+        except nbd.Error as e:
+            raise _side_error(e) from None
+        finally:
+            self._release(h, failed)
+
+    def start(self, cmd, reserved=None):
+        """Start `cmd` (libnbd aio) and return its Pending, which holds the connection until
+        `wait()`ed for: every start must be waited for."""
+        h = self._acquire() if reserved is None else reserved
+        try:
+            return Pending(self, h, _START[cmd.op](h, cmd))
+        except nbd.Error as e:
+            self._release(h, True)
+            raise _side_error(e) from None
+        except BaseException:
+            self._release(h, True)
+            raise
+
+    def run_all(self, cmds):
+        """Run `cmds` at once on one connection, so the side sees a queue rather than one command
+        at a time, and wait for every one (also after a failure: see drive). Raises the first
+        failure."""
+        h = self._acquire()
+        failed = True
+        try:
+            cookies, error = [], None
+            for cmd in cmds:
+                try:
+                    cookies.append(_START[cmd.op](h, cmd))
+                except nbd.Error as e:
+                    error = e           # the rest is not started; those started are waited for
+                    break
+            results = [r for r in drive([(h, c) for c in cookies]) if r is not None]
+            if results or error is not None:
+                raise _side_error(results[0] if results else error)
+            failed = False
+        finally:
+            self._release(h, failed)
 
     def retire(self):
         """No longer used (after a switch, on exit): flush what it holds, then disconnect. Callers
@@ -228,26 +342,26 @@ class NbdBackend:
         side is being let go either way."""
         try:
             self.flush()
-        except (nbd.Error, BackendError) as e:
+        except SideError as e:
             log.error("%s: flush before release failed: %s", self.name, describe(e))
         self.close()
 
     def check(self, timeout):
         """Prove the side answers, on every connection it will use (a flush each, or a one-byte
         read where flush is not offered), within `timeout` seconds. Callers must have drained their
-        requests (a switch does this under its pause). Raises BackendError naming the problem; a
+        requests (a switch does this under its pause). Raises SideUnreachable naming the problem; a
         connection that failed or did not answer in time is dropped."""
         handles = list(self._idle)
         if not handles:
-            handles = [self.acquire()]
-            self.release(handles[0])
+            handles = [self._acquire()]
+            self._release(handles[0])
         commands = []
         for h in handles:
             try:
                 commands.append((h, h.aio_flush() if self.can_flush else h.aio_pread(1, 0)))
             except nbd.Error as e:
                 self._drop(h)
-                raise BackendError(f"{self.name}: {describe(e)}") from None
+                raise SideUnreachable(f"{self.name}: {describe(e)}") from None
         results = drive(commands, deadline=time.monotonic() + timeout)
         failed = [(h, r) for (h, _), r in zip(commands, results) if r is not None]
         for h, _ in failed:
@@ -256,7 +370,7 @@ class NbdBackend:
             problem = failed[0][1]
             reason = (f"no answer after {timeout:g}s" if isinstance(problem, TimeoutError)
                       else describe(problem))
-            raise BackendError(f"{self.name}: {reason}")
+            raise SideUnreachable(f"{self.name}: {reason}")
 
     def _drop(self, h):
         with self._lock:
@@ -278,38 +392,116 @@ class NbdBackend:
         for h in handles:
             _close_quietly(h)
 
-    # Synchronous helpers, for calls that are rare or not on the data path.
 
-    def call(self, fn):
-        h = self.acquire()
-        failed = True
+class Pending:
+    """A command started on one of `backend`'s connections, which it holds until `wait()`."""
+
+    __slots__ = ("backend", "handle", "cookie")
+
+    def __init__(self, backend, handle, cookie):
+        self.backend, self.handle, self.cookie = backend, handle, cookie
+
+    def wait(self):
+        """Wait for the command; give the connection back; raise SideError if it failed."""
+        h = self.handle
         try:
-            result = fn(h)
-            failed = False
-            return result
-        finally:
-            self.release(h, failed)
+            while not h.aio_command_completed(self.cookie):
+                h.poll(-1)
+        except nbd.Error as e:
+            self.backend._release(h, True)
+            raise _side_error(e) from None
+        except BaseException:
+            self.backend._release(h, True)
+            raise
+        self.backend._release(h)
 
-    def extents(self, count, offset, req_one):
-        found = []
 
-        def collect(context, start, entries, err):
-            if context == nbd.CONTEXT_BASE_ALLOCATION:
-                pos = start
-                for i in range(0, len(entries), 2):
-                    found.append((pos, entries[i], entries[i + 1] & 3))
-                    pos += entries[i]
-            return 0
+def wait_all(pendings):
+    """Wait for every pending command, of any backend; returns None or the SideError of each. The
+    commands of NbdBackends are driven by one poll loop (see drive), so a large write to one side
+    never waits for another side's write to be sent."""
+    results = [None] * len(pendings)
+    ours = [i for i, p in enumerate(pendings) if type(p) is Pending]
+    outcomes = drive([(pendings[i].handle, pendings[i].cookie) for i in ours])
+    for i, outcome in zip(ours, outcomes):
+        pendings[i].backend._release(pendings[i].handle, outcome is not None)
+        if outcome is not None:
+            results[i] = _side_error(outcome)
+    for i, p in enumerate(pendings):
+        if type(p) is not Pending:
+            try:
+                p.wait()
+            except SideError as e:
+                results[i] = e
+    return results
 
-        flags = nbd.CMD_FLAG_REQ_ONE if req_one else 0
-        self.call(lambda h: h.block_status(count, offset, collect, flags))
-        return found
+
+# What each command is in libnbd: run (synchronous) and start (aio, returns the cookie).
+
+FUA = nbd.CMD_FLAG_FUA
+
+
+def _zero_flags(c):
+    return ((0 if c.may_trim else nbd.CMD_FLAG_NO_HOLE) | (FUA if c.fua else 0)
+            | (nbd.CMD_FLAG_FAST_ZERO if c.fast else 0))
+
+
+def _run_read(h, c):
+    if c.length <= COPY_READ_MAX:
+        # One libnbd call (one GIL release) beats three, and copying a few KiB is cheap.
+        c.buf[:] = h.pread(c.length, c.offset)
+    else:
+        # Large: let libnbd read straight into the caller's buffer.
+        wait_one(h, h.aio_pread(nbd.Buffer.from_buffer(c.buf), c.offset))
+
+
+def _run_write(h, c):
+    h.pwrite(c.buf, c.offset, flags=FUA if c.fua else 0)
+
+
+def _start_read(h, c):
+    return h.aio_pread(nbd.Buffer.from_buffer(c.buf), c.offset)
+
+
+def _start_write(h, c):
+    # A view of the caller's buffer, not a copy.
+    return h.aio_pwrite(nbd.Buffer.from_buffer(c.buf), c.offset, flags=FUA if c.fua else 0)
+
+
+def _run_zero(h, c):
+    h.zero(c.length, c.offset, flags=_zero_flags(c))
+
+
+def _start_zero(h, c):
+    return h.aio_zero(c.length, c.offset, flags=_zero_flags(c))
+
+
+def _run_trim(h, c):
+    h.trim(c.length, c.offset, flags=FUA if c.fua else 0)
+
+
+def _start_trim(h, c):
+    return h.aio_trim(c.length, c.offset, flags=FUA if c.fua else 0)
+
+
+def _run_flush(h, c):
+    h.flush()
+
+
+def _start_flush(h, c):
+    return h.aio_flush()
+
+
+_RUN = {"read": _run_read, "write": _run_write, "zero": _run_zero, "trim": _run_trim,
+        "flush": _run_flush}
+_START = {"read": _start_read, "write": _start_write, "zero": _start_zero, "trim": _start_trim,
+          "flush": _start_flush}
 
 
 def open_handle(uri, name, timeout=CONNECT_TIMEOUT, allocation=True):
     """The one way mirrorfs connects to an NBD server: a libnbd handle connected to `uri` within
     `timeout` seconds (a server that accepts but never answers the handshake, a stopped process,
-    would block a plain connect_uri forever). Raises BackendError naming the side and the problem."""
+    would block a plain connect_uri forever). Raises SideUnreachable naming the side and the problem."""
     h = nbd.NBD()
     h.set_handle_name(name)
     h.set_uri_allow_local_file(True)   # tls-psk-file=, tls-certificates= in a URI the user gave
@@ -321,12 +513,12 @@ def open_handle(uri, name, timeout=CONNECT_TIMEOUT, allocation=True):
         while h.aio_is_connecting():
             if not _step(h, deadline):
                 reason = f"no answer after {timeout:g}s"
-                raise BackendError(f"{name}: {uri}: {reason}", reason)
+                raise SideUnreachable(f"{name}: {uri}: {reason}", reason=reason)
         if not h.aio_is_ready():
             raise nbd.Error("connection failed", errno.ECONNREFUSED)
     except nbd.Error as e:
         reason = (e.string or str(e)).removeprefix("nbd_aio_connect_uri: ").removeprefix("nbd_")
-        raise BackendError(f"{name}: cannot connect to {uri}: {reason}", reason) from None
+        raise SideUnreachable(f"{name}: cannot connect to {uri}: {reason}", reason=reason) from None
     return h
 
 

@@ -12,7 +12,7 @@ import sys
 import nbdkit
 
 from mirrorfs.datapath.service import DataPath
-from mirrorfs.datapath.disk import RequestError
+from mirrorfs.datapath.errors import RequestError
 from mirrorfs.datapath.threadstate import ThreadStates
 
 API_VERSION = 2

@@ -13,17 +13,17 @@ converges under any write load: writes are mirrored synchronously and never make
 The copy is allocation-aware: the source's block status says where data is; data is read and
 written, zero and unallocated extents become zero requests (may trim) on the destination.
 
-This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
+This module runs inside nbdkit's embedded interpreter: standard library only (the sides are backends).
 """
 
 import logging
 import threading
 import time
 
-import nbd
-
 from mirrorfs.common.pacing import Pacer
-from mirrorfs.datapath.backend import BackendError, describe, drive
+from mirrorfs.datapath.backend import describe
+from mirrorfs.datapath.commands import STATE_ZERO, Read, Write, Zero
+from mirrorfs.datapath.errors import CopyFailed, SideError
 
 log = logging.getLogger("mirrorfs")
 
@@ -46,10 +46,6 @@ RETRY_DELAY = 1.0
 # long without a failure, doubling after each failed chunk, back to the first value after a success.
 SETTLE_FIRST = 2.0
 SETTLE_MAX = 60.0
-
-
-class CopyFailed(Exception):
-    pass
 
 
 class Stopped(CopyFailed):
@@ -219,7 +215,7 @@ class Copier:
         try:
             self.dirty.save_cursor(self.disk.dest.flush)
             self.dirty.clean(self._flush_sides)
-        except (nbd.Error, BackendError) as e:
+        except SideError as e:
             log.warning("saving the copy's progress failed (will retry): %s", describe(e))
 
     def _flush_sides(self):
@@ -241,7 +237,7 @@ class Copier:
             try:
                 copied = self._copy_extents(start, end)
                 ok = True
-            except (nbd.Error, BackendError) as e:
+            except SideError as e:
                 log.warning("copy of [%d, %d) failed, will retry: %s", start, end, describe(e))
                 raise CopyFailed() from None
             finally:
@@ -256,33 +252,18 @@ class Copier:
         and zeroes at once on one destination connection: the servers see a queue, not one
         request at a time."""
         source, dest = self.disk.source, self.disk.dest
-        pieces, zeroes = [], []
+        reads, zeroes = [], []
         for offset, length, zero in self._extents(start, end):
             if zero:
-                zeroes.append((offset, length))
+                zeroes.append(Zero(length, offset, may_trim=True))
             else:
-                for pos in range(offset, offset + length, PIECE):
-                    pieces.append((pos, nbd.Buffer(min(PIECE, offset + length - pos))))
-        if pieces:
-            h = source.acquire()
-            failed = True
-            try:
-                _wait(h, [h.aio_pread(buf, pos) for pos, buf in pieces])
-                failed = False
-            finally:
-                source.release(h, failed)
-        h = dest.acquire()
-        failed = True
-        try:
-            _wait(h, [h.aio_pwrite(buf, pos) for pos, buf in pieces]
-                  + [h.aio_zero(length, offset) for offset, length in zeroes])
-            failed = False
-        finally:
-            dest.release(h, failed)
-        copied = sum(len(buf) for _, buf in pieces)
-        self.bytes_read += copied
-        self.bytes_zeroed += sum(length for _, length in zeroes)
-        return copied
+                reads += Read(bytearray(length), offset).pieces(PIECE)
+        if reads:
+            source.run_all(reads)
+        dest.run_all([Write(r.buf, r.offset) for r in reads] + zeroes)
+        self.bytes_read += sum(r.length for r in reads)
+        self.bytes_zeroed += sum(z.length for z in zeroes)
+        return sum(r.length for r in reads)
 
     def _extents(self, start, end):
         """(offset, length, reads_as_zero) covering [start, end), from the source's block status."""
@@ -299,15 +280,8 @@ class Copier:
             for offset, length, flags in found:
                 stop = min(offset + length, end)
                 if stop > pos:
-                    yield pos, stop - pos, bool(flags & nbd.STATE_ZERO)
+                    yield pos, stop - pos, bool(flags & STATE_ZERO)
                     pos = stop
                 if pos >= end:
                     break
 
-
-def _wait(h, cookies):
-    """Drive `h` until every command completes (all of them, see backend.drive), then raise the
-    first failure (nbd.Error)."""
-    failures = [r for r in drive([(h, c) for c in cookies]) if r is not None]
-    if failures:
-        raise failures[0]

@@ -8,6 +8,9 @@
 - A failure on any side fails the client's request with that side's errno (the source's first), and is
   counted and logged with the side, the offset and the length.
 
+Each request becomes one command (mirrorfs.datapath.commands: `Write(buf, offset, fua)`, ...) that
+every side's backend runs with its verbs (`start` / `run`); this module never sees a connection.
+
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
 
@@ -18,19 +21,18 @@ import logging
 import threading
 import time
 
-import nbd
-
-from mirrorfs.datapath.backend import BackendError, describe, drive, error_errno, wait_one
+from mirrorfs.datapath.backend import describe, error_errno, wait_all
+from mirrorfs.datapath.commands import FLUSH, Read, Trim, Write, Zero
 from mirrorfs.datapath.dirtymap import DirtyMap
+from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideUnreachable,
+                                      SwitchRefused)
 from mirrorfs.datapath.histogram import Histogram
 from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.common.sizes import human_size
-from mirrorfs.datapath.inflight import DrainTimeout, InFlight
+from mirrorfs.datapath.inflight import InFlight
 
 log = logging.getLogger("mirrorfs")
 
-# Reads up to this size are copied out of libnbd's reply; larger ones land in nbdkit's buffer directly.
-COPY_READ_MAX = 256 * 1024
 # Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
 SEQUENTIAL_WAIT_MAX = 128 * 1024
 # Zeroes and trims carry no payload: the advertised maximum (a payload limit, nbdkit's blocksize
@@ -45,29 +47,8 @@ MAX_EFFECT = 1 << 30
 # serves the socket next (QEMU's reconnect-delay), but passes an error on to its guest.
 RESEND_FOR = 30.0
 RESEND_EVERY = 0.2
-# libnbd's errors that mean the connection went away.
-_CONNECTION_LOST = {errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNRESET, errno.EPIPE,
-                    errno.ECONNREFUSED, errno.ECONNABORTED}
 # Latencies kept per side for status percentiles.
 LATENCY_SAMPLES = 2048
-
-
-def connection_lost(exc):
-    """Whether a side's failure is the loss of its connection rather than a refused request."""
-    return isinstance(exc, BackendError) or error_errno(exc, None) in _CONNECTION_LOST
-
-
-class RequestError(Exception):
-    """A request failed; `errno` is what the client gets."""
-
-    def __init__(self, err, message):
-        super().__init__(message)
-        self.errno = err
-
-
-class SwitchRefused(Exception):
-    """A switch that must not happen: another one runs or already happened, the sides may still
-    differ, or the destination does not answer. Nothing changed."""
 
 
 class SideStats:
@@ -221,7 +202,7 @@ class Disk:
                             "the sides; wait until synchronized")
                     try:
                         side.check(timeout)
-                    except BackendError as e:
+                    except SideError as e:
                         raise SwitchRefused(f"the destination does not answer ({e}); still "
                                             "serving the source") from None
                 if self.dirty.state is not None:
@@ -279,26 +260,13 @@ class Disk:
         try:
             side = self.reader
             try:
-                h = side.acquire()
-            except BackendError as e:
+                side.pread(buf, offset)
+            except SideUnreachable as e:
                 raise RequestError(errno.EIO, str(e)) from None
-            failed = False
-            try:
-                if len(buf) <= COPY_READ_MAX:
-                    # One libnbd call (one GIL release) beats three, and copying a few KiB is cheap.
-                    buf[:] = h.pread(len(buf), offset)
-                else:
-                    # Large: let libnbd read straight into nbdkit's buffer.
-                    wait_one(h, h.aio_pread(nbd.Buffer.from_buffer(buf), offset))
-            except nbd.Error as e:
-                failed = True
-                error = e
-            finally:
-                side.release(h, failed)
-            if failed and not (connection_lost(error) and self._resend(
-                    side, lambda h: buf.__setitem__(slice(None), h.pread(len(buf), offset)))):
-                self.stats[side.name].failed("read", offset, len(buf), error)
-                raise RequestError(error_errno(error), describe(error))
+            except SideError as e:
+                if not (e.lost and self._resend(side, Read(buf, offset))):
+                    self.stats[side.name].failed("read", offset, len(buf), e)
+                    raise RequestError(e.errno, describe(e)) from None
         finally:
             self.inflight.leave()
 
@@ -306,247 +274,205 @@ class Disk:
         self.inflight.enter("extents")
         try:
             return self.reader.extents(count, offset, req_one)
-        except nbd.Error as e:
-            raise RequestError(error_errno(e), describe(e)) from None
+        except SideError as e:
+            raise RequestError(e.errno, describe(e)) from None
         finally:
             self.inflight.leave()
 
     def cache(self, count, offset):
         self.inflight.enter("cache")
         try:
-            self.reader.call(lambda h: h.cache(count, offset))
-        except nbd.Error as e:
-            raise RequestError(error_errno(e), describe(e)) from None
+            self.reader.cache(count, offset)
+        except SideError as e:
+            raise RequestError(e.errno, describe(e)) from None
         finally:
             self.inflight.leave()
 
-    # Changes: to every write side at once, ordered against overlapping changes. Each command comes
-    # in two forms, `start` (libnbd aio: returns a cookie) and `run` (synchronous).
+    # Changes: one command, to every write side at once, ordered against overlapping changes.
 
     def pwrite(self, buf, offset, fua):
-        if len(buf) > self.max_request:
-            return self._pwrite_in_pieces(buf, offset, fua)
-        flags = nbd.CMD_FLAG_FUA if fua else 0
-        # One shared view of the client's buffer: no copy per side.
-        data = nbd.Buffer.from_buffer(buf)
-        self._change("write", offset, len(buf),
-                     lambda h: h.aio_pwrite(data, offset, flags=flags),
-                     lambda h: h.pwrite(buf, offset, flags=flags))
+        # The command holds the client's buffer itself: no copy per side.
+        self._change(Write(buf, offset, fua))
 
     def zero(self, count, offset, may_trim, fua, fast):
-        flags = (0 if may_trim else nbd.CMD_FLAG_NO_HOLE) | (nbd.CMD_FLAG_FUA if fua else 0)
-        if fast:
-            flags |= nbd.CMD_FLAG_FAST_ZERO
-        if count > self.max_effect:
-            return self._change_in_pieces(
-                "zero", offset, count, lambda o, n: (lambda h: h.aio_zero(n, o, flags=flags),
-                                                     lambda h: h.zero(n, o, flags=flags)),
-                fast_zero=fast, step=self.max_effect)
-        self._change("zero", offset, count,
-                     lambda h: h.aio_zero(count, offset, flags=flags),
-                     lambda h: h.zero(count, offset, flags=flags), fast_zero=fast)
+        self._change(Zero(count, offset, may_trim, fua, fast))
 
     def trim(self, count, offset, fua):
-        flags = nbd.CMD_FLAG_FUA if fua else 0
-        if count > self.max_effect:
-            return self._change_in_pieces(
-                "trim", offset, count, lambda o, n: (lambda h: h.aio_trim(n, o, flags=flags),
-                                                     lambda h: h.trim(n, o, flags=flags)),
-                step=self.max_effect)
-        self._change("trim", offset, count,
-                     lambda h: h.aio_trim(count, offset, flags=flags),
-                     lambda h: h.trim(count, offset, flags=flags))
+        self._change(Trim(count, offset, fua))
 
     def flush(self):
         self.inflight.enter("flush")
         try:
-            failures = self._on_every_side("flush", 0, 0, lambda h: h.aio_flush(), lambda h: h.flush())
+            failures = self._on_every_side(FLUSH)
             if failures:
-                self._settle("flush", 0, 0, failures)
+                self._settle(FLUSH, failures)
         finally:
             self.inflight.leave()
 
-    def _change(self, op, offset, length, start, run, fast_zero=False):
-        token = self.inflight.enter_range(op, offset, offset + length)
+    def _change(self, cmd):
+        """Apply one change to every write side, holding its range lock and its write intent."""
+        step = self.max_request if cmd.op == "write" else self.max_effect
+        if cmd.length > step:
+            return self._change_in_pieces(cmd, step)
+        token = self.inflight.enter_range(cmd.op, cmd.offset, cmd.offset + cmd.length)
         try:
-            intent = self.dirty.before_change(offset, offset + length)
+            intent = self.dirty.before_change(cmd.offset, cmd.offset + cmd.length)
             failures = []
             try:
-                failures = self._on_every_side(op, offset, length, start, run)
-                if fast_zero and failures:
-                    failures = self._finish_fast_zero(offset, length, failures)
+                failures = self._on_every_side(cmd)
+                if failures and cmd.op == "zero" and cmd.fast:
+                    failures = self._finish_fast_zero(cmd, failures)
                 if failures:
-                    failures = self._resend_lost(failures, run)
+                    failures = self._resend_lost(failures, cmd)
             finally:
                 # Anything short of success on every side may leave the sides different.
                 self.dirty.after_change(intent, both_sides=not failures)
             if failures:
-                self._settle(op, offset, length, failures)
+                self._settle(cmd, failures)
         finally:
             self.inflight.leave(token)
 
-    def _resend_lost(self, failures, run):
+    def _resend_lost(self, failures, cmd):
         """The failures left once a change the authoritative side lost with its connection was
         sent again on a new one (see RESEND_FOR). Sending a write, zero or trim twice is harmless:
         the change still holds its range lock, so nothing else touched those bytes meanwhile."""
         for side, e in failures:
-            if side is self.reader and connection_lost(e) and self._resend(side, run):
+            if side is self.reader and e.lost and self._resend(side, cmd):
                 return [(s, x) for s, x in failures if s is not side]
         return failures
 
-    def _resend(self, side, run):
-        """Run `run(handle)` on `side` again, on a new connection, until it succeeds (True), the side
+    def _resend(self, side, cmd):
+        """Run `cmd` on `side` again, on a new connection, until it succeeds (True), the side
         refuses it (False), or RESEND_FOR passes (False)."""
         log.warning("%s: connection lost; sending the request again", side.name)
         deadline = time.monotonic() + RESEND_FOR
         while time.monotonic() < deadline:
             time.sleep(max(RESEND_EVERY, side.down_until - time.monotonic()))
             try:
-                side.call(run)
+                side.run(cmd)
                 return True
-            except (nbd.Error, BackendError) as e:
-                if not connection_lost(e):
+            except SideError as e:
+                if not e.lost:
                     return False
         return False
 
     # Requests larger than the sides accept (max_request; max_effect for zero and trim): split into
-    # pieces they accept. A change
-    # holds one range lock and one write intent over the whole of it, so no other change gets in
-    # between its pieces on either side, and the client's request completes once, after the last.
-
-    def _pieces(self, offset, length, step):
-        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
-
-    def _pwrite_in_pieces(self, buf, offset, fua):
-        flags = nbd.CMD_FLAG_FUA if fua else 0
-        view = memoryview(buf)
-
-        def commands(o, n):
-            piece = view[o - offset:o - offset + n]
-            data = nbd.Buffer.from_buffer(piece)
-            return (lambda h: h.aio_pwrite(data, o, flags=flags),
-                    lambda h: h.pwrite(piece, o, flags=flags))
-        self._change_in_pieces("write", offset, len(buf), commands, step=self.max_request)
+    # pieces they accept. A change holds one range lock and one write intent over the whole of it,
+    # so no other change gets in between its pieces on either side, and the client's request
+    # completes once, after the last.
 
     def _pread_in_pieces(self, buf, offset):
-        view = memoryview(buf)
-        for o, n in self._pieces(offset, len(buf), self.max_request):
-            self.pread(view[o - offset:o - offset + n], o)
+        for piece in Read(buf, offset).pieces(self.max_request):
+            self.pread(piece.buf, piece.offset)
 
-    def _change_in_pieces(self, op, offset, length, commands, step, fast_zero=False):
-        """`_change` for a request larger than max_request; `commands(offset, length)` returns the
-        (start, run) pair of one piece. After the read side failed a piece, the rest is not sent:
-        the request fails anyway, and the region is marked as possibly different."""
-        token = self.inflight.enter_range(op, offset, offset + length)
+    def _change_in_pieces(self, cmd, step):
+        """`_change` for a command larger than `step`. After the read side failed a piece, the
+        rest is not sent: the request fails anyway, and the region is marked as possibly
+        different."""
+        token = self.inflight.enter_range(cmd.op, cmd.offset, cmd.offset + cmd.length)
         try:
-            intent = self.dirty.before_change(offset, offset + length)
+            intent = self.dirty.before_change(cmd.offset, cmd.offset + cmd.length)
             failures = []
             try:
-                for o, n in self._pieces(offset, length, step):
-                    start, run = commands(o, n)
-                    failed = self._on_every_side(op, o, n, start, run)
-                    if fast_zero and failed:
-                        failed = self._finish_fast_zero(o, n, failed)
+                for piece in cmd.pieces(step):
+                    failed = self._on_every_side(piece)
+                    if failed and piece.op == "zero" and piece.fast:
+                        failed = self._finish_fast_zero(piece, failed)
                     failures += failed
                     if any(side is self.reader for side, _ in failed):
                         break
             finally:
                 self.dirty.after_change(intent, both_sides=not failures)
             if failures:
-                self._settle(op, offset, length, failures)
+                self._settle(cmd, failures)
         finally:
             self.inflight.leave(token)
 
-    def _settle(self, op, offset, length, failures):
-        """Decide what the client hears when some side failed. The authoritative side's failure
-        always fails the request. A mirror side's failure fails it under the "fail" policy; under
-        "degrade" the request succeeds: the region is already marked to be copied again (durably,
-        before this answer), so nothing diverges silently."""
+    def _settle(self, cmd, failures):
+        """Decide what the client hears when some side failed `cmd`. The authoritative side's
+        failure always fails the request. A mirror side's failure fails it under the "fail" policy;
+        under "degrade" the request succeeds: the region is already marked to be copied again
+        (durably, before this answer), so nothing diverges silently."""
         for side, e in failures:
-            self.stats[side.name].failed(op, offset, length, e)
+            self.stats[side.name].failed(cmd.op, cmd.offset, cmd.length, e)
         primary = [(side, e) for side, e in failures if side is self.reader]
-        if op == "flush" and not primary:
+        if cmd.op == "flush" and not primary:
             # A mirror that failed a flush may have lost writes it acknowledged: copy them again.
             self.dirty.mark_all()
         if primary or self.policy == "fail":
             side, e = (primary or failures)[0]
-            raise RequestError(error_errno(e), f"{side.name} {op}: {describe(e)}")
+            raise RequestError(e.errno, f"{side.name} {cmd.op}: {describe(e)}")
         for side, _ in failures:
             self.stats[side.name].degrade()
 
-    def _finish_fast_zero(self, offset, length, failures):
+    def _finish_fast_zero(self, cmd, failures):
         """A fast zero that one side refused would leave the sides different. The side that refused
         zeroes the slow way, so both hold zeros; the client gets success (if every side refused, the
         client gets ENOTSUP and writes zeros itself, as the protocol intends). Returns the failures
         that remain."""
-        refused = [side for side, e in failures if error_errno(e) == errno.ENOTSUP]
+        refused = [side for side, e in failures if e.errno == errno.ENOTSUP]
         if len(refused) == len(self.writers):
             raise RequestError(errno.ENOTSUP, "fast zero not supported")
         others = [(side, e) for side, e in failures if side not in refused]
-        flags = nbd.CMD_FLAG_NO_HOLE
-        return others + self._on_every_side(
-            "zero", offset, length, lambda h: h.aio_zero(length, offset, flags=flags),
-            lambda h: h.zero(length, offset, flags=flags), sides=refused)
+        return others + self._on_every_side(Zero(cmd.length, cmd.offset), sides=refused)
 
-    def _on_every_side(self, op, offset, length, start, run, sides=None):
+    def _on_every_side(self, cmd, sides=None):
         """Run one command on each side at once and wait for all. Returns the failures, as
-        (side, exception) pairs: a side that cannot even be reached is one of them.
+        (side, SideError) pairs: a side that cannot even be reached is one of them.
 
         The other sides' commands are started (aio) and the last side's runs synchronously, so the
         sides work in parallel at the cost of few libnbd calls: each call releases and retakes the
         GIL, which is what limits small requests. A small command is on the wire once started, so
         waiting for the sides one after the other costs nothing; a large write may not be, so those
-        are driven together by one poll loop.
+        are driven together by one poll loop (backend.wait_all).
         """
         sides = self.writers if sides is None else sides
-        taken, failures = [], []
+        failures = []
+        if cmd.op == "write" and cmd.length > SEQUENTIAL_WAIT_MAX:
+            started, pendings = [], []
+            for side in sides:
+                try:
+                    pendings.append(side.start(cmd))
+                    started.append(side)
+                except SideError as e:
+                    failures.append((side, e))
+            for side, result in zip(started, wait_all(pendings)):
+                if result is not None:
+                    failures.append((side, result))
+            return failures
+        # A connection of each side, taken in the writers' order whatever the turn (see
+        # NbdBackend.reserve: in another order, requests can deadlock on the bounded pools).
+        reserved = []
         for side in sides:
             try:
-                taken.append((side, side.acquire()))
-            except BackendError as e:
+                reserved.append((side, side.reserve()))
+            except SideError as e:
                 failures.append((side, e))
-        if not taken:
+        if not reserved:
             return failures
+        # Take turns at being the side that runs synchronously: its latency is measured exactly,
+        # so each side's latency is sampled on every other request.
+        if len(reserved) > 1 and next(self._turn) & 1:
+            reserved.reverse()
+        started = []
+        for side, connection in reserved[:-1]:
+            try:
+                started.append((side, side.start(cmd, connection)))
+            except SideError as e:
+                failures.append((side, e))
+        last, connection = reserved[-1]
+        t0 = time.monotonic()
         try:
-            if op == "write" and length > SEQUENTIAL_WAIT_MAX:
-                started, commands = [], []
-                for side, h in taken:
-                    try:
-                        commands.append((h, start(h)))
-                        started.append(side)
-                    except nbd.Error as e:
-                        failures.append((side, e))
-                for side, result in zip(started, drive(commands)):
-                    if result is not None:
-                        failures.append((side, result))
-            else:
-                # Take turns at being the side that runs synchronously: its latency is measured
-                # exactly, so each side's latency is sampled on every other request.
-                if len(taken) > 1 and next(self._turn) & 1:
-                    taken.reverse()
-                started = []
-                for side, h in taken[:-1]:
-                    try:
-                        started.append((side, h, start(h)))
-                    except nbd.Error as e:
-                        failures.append((side, e))
-                last_side, last_h = taken[-1]
-                t0 = time.monotonic()
-                try:
-                    run(last_h)
-                except nbd.Error as e:
-                    failures.append((last_side, e))
-                elapsed = time.monotonic() - t0
-                stats = self.stats[last_side.name]
-                stats.latencies.append(elapsed)
-                stats.histogram.add(elapsed)
-                for side, h, cookie in started:
-                    try:
-                        wait_one(h, cookie)
-                    except nbd.Error as e:
-                        failures.append((side, e))
-        finally:
-            failed = {side for side, _ in failures}
-            for side, h in taken:
-                side.release(h, side in failed)
+            last.run(cmd, connection)
+        except SideError as e:
+            failures.append((last, e))
+        elapsed = time.monotonic() - t0
+        stats = self.stats[last.name]
+        stats.latencies.append(elapsed)
+        stats.histogram.add(elapsed)
+        for side, pending in started:
+            try:
+                pending.wait()
+            except SideError as e:
+                failures.append((side, e))
         return failures

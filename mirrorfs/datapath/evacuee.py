@@ -28,9 +28,10 @@ import threading
 import time
 
 from mirrorfs.datapath import sideio
-from mirrorfs.datapath.disk import RequestError, SideStats, SwitchRefused
+from mirrorfs.datapath.disk import SideStats
+from mirrorfs.datapath.errors import DrainTimeout, RequestError, SwitchRefused
 from mirrorfs.datapath.hydration import HydrationError
-from mirrorfs.datapath.inflight import DrainTimeout, InFlight
+from mirrorfs.datapath.inflight import InFlight
 
 log = logging.getLogger("mirrorfs")
 

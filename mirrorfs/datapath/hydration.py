@@ -40,13 +40,14 @@ import threading
 import zlib
 from pathlib import Path
 
+from mirrorfs.datapath.errors import DataPathError
 from mirrorfs.datapath.state import write_atomically
 
 FILE = "hydration.map"
 FORMAT = 1
 
 
-class HydrationError(Exception):
+class HydrationError(DataPathError):
     """A map that cannot be used (corrupt, another disk's), or a commit whose flush or save failed."""
 
 

@@ -23,7 +23,7 @@ import time
 
 from mirrorfs.datapath import sideio
 from mirrorfs.datapath.hydration import HydrationError
-from mirrorfs.datapath.inflight import DrainTimeout
+from mirrorfs.datapath.errors import DrainTimeout
 
 log = logging.getLogger("mirrorfs")
 

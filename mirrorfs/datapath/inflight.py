@@ -20,9 +20,7 @@ import collections
 import threading
 import time
 
-
-class DrainTimeout(Exception):
-    pass
+from mirrorfs.datapath.errors import DrainTimeout  # noqa: F401 (raised here, caught by callers)
 
 
 class InFlight:

@@ -24,16 +24,16 @@ import time
 
 from mirrorfs.datapath import lifeline
 from mirrorfs.common import jsonlines
-from mirrorfs.datapath.backend import BackendError, NbdBackend
+from mirrorfs.datapath.backend import NbdBackend
 from mirrorfs.datapath.copier import Copier
 from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.disk import Disk, SwitchRefused
+from mirrorfs.datapath.disk import Disk
+from mirrorfs.datapath.errors import DrainTimeout, SideUnreachable, StateError, SwitchRefused
 from mirrorfs.datapath.evacuee import Evacuee
 from mirrorfs.datapath.hydration import HydrationError, HydrationMap
 from mirrorfs.datapath.hydrator import Hydrator
-from mirrorfs.datapath.inflight import DrainTimeout
 from mirrorfs.datapath.options import DataPathOptions
-from mirrorfs.datapath.state import ENDS, State, StateError
+from mirrorfs.datapath.state import ENDS, State
 
 log = logging.getLogger("mirrorfs")
 
@@ -59,7 +59,7 @@ class DataPath:
         try:
             source = NbdBackend(o.source, o.source_label)
             dest = NbdBackend(o.dest, "destination") if o.dest else None
-        except BackendError as e:
+        except SideUnreachable as e:
             raise RuntimeError(str(e)) from None
         timeout = o.io_timeout
         if dest is not None and timeout > 0:

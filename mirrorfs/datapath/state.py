@@ -34,6 +34,7 @@ import threading
 from pathlib import Path
 
 from mirrorfs.common.phases import ENDS, Phase
+from mirrorfs.datapath.errors import StateError  # noqa: F401 (raised here; the supervisor catches it)
 from mirrorfs.datapath.options import COPY_MODES
 
 FORMAT = 1
@@ -45,10 +46,6 @@ PHASES = MIRRORING + (Phase.HYDRATING,) + ENDS
 
 # Format 1 spelled copy mode none as "mirror".
 _LEGACY_COPY = {"mirror": "none"}
-
-
-class StateError(Exception):
-    """A state directory that cannot be used: corrupt, foreign, or unreadable."""
 
 
 def _checksum(fields):

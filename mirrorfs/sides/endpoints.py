@@ -97,7 +97,7 @@ def probe(endpoint):
     writable? Fills `size`."""
     try:
         h = backend.open_handle(endpoint.uri, endpoint.label, allocation=False)
-    except backend.BackendError as e:
+    except backend.SideUnreachable as e:
         raise BackendError(f"{endpoint.label} {endpoint.spec}: {e.reason}") from None
     try:
         endpoint.size = h.get_size()
