@@ -1,13 +1,14 @@
 """One side of the mirror: an NBD export reached with libnbd, its capabilities, and its verbs.
 
 The verbs are every backend's (mirrorfs.datapath.memory has the same): by offset, `pread`, `pwrite`,
-`zero`, `trim`, `flush`, `cache`, `extents`; for the hot path, a command (mirrorfs.datapath.commands)
-is `run` synchronously or `start`ed, returning a `Pending` to `wait()` for; `run_all` puts several on
-one connection at once (the copier's chunk); `reserve` sets a connection aside for a `run` or `start`
-to come (a request that needs both sides at once takes their connections in one order). Each verb
-borrows a connection from the pool and gives it back, and turns libnbd's failures into SideError (mirrorfs.datapath.errors): ConnectionLost when
-the connection went away, SideRefused when the server answered with an error, SideUnreachable when
-there is no connection to be had. No caller touches a libnbd handle.
+`zero`, `trim`, `flush`, `cache`, `extents`; for the hot path, a command
+(mirrorfs.datapath.commands) is `run` synchronously or `start`ed, returning a `Pending` to `wait()`
+for; `run_all` puts several on one connection at once (the copier's chunk); `reserve` sets a
+connection aside for a `run` or `start` to come (a request that needs both sides at once takes their
+connections in one order). Each verb borrows a connection from the pool and gives it back, and turns
+libnbd's failures into SideError (mirrorfs.datapath.errors): ConnectionLost when the connection went
+away, SideRefused when the server answered with an error, SideUnreachable when there is no
+connection to be had. No caller touches a libnbd handle.
 
 A libnbd handle serializes the commands of whoever drives it, so a backend keeps a pool of handles and
 lends one to each request: requests on different nbdkit threads run in parallel on different
