@@ -284,12 +284,12 @@ class NbdBackend:
 
     # Commands (mirrorfs.datapath.commands): the forms the hot path needs.
 
-    def reserve(self):
-        """Set a connection aside for the next `run` or `start` (pass it as `reserved`), which
-        gives it back. A caller that needs a connection of several sides at once reserves them in
-        one fixed order before using any: the pools are bounded, and two requests that took them
-        in different orders could each hold one the other waits for, forever."""
-        return self._acquire()
+    # reserve(): set a connection aside for the next `run` or `start` (pass it as `reserved`),
+    # which gives it back. A caller that needs a connection of several sides at once reserves them
+    # in one fixed order before using any: the pools are bounded, and two requests that took them
+    # in different orders could each hold one the other waits for, forever. (An alias: one Python
+    # call less per side and request.)
+    reserve = _acquire
 
     def run(self, cmd, reserved=None):
         """Run `cmd` and wait for it: one libnbd call."""

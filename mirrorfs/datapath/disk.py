@@ -11,7 +11,7 @@
 Each request becomes one command (mirrorfs.datapath.commands: `Write(buf, offset, fua)`, ...) that
 every side's backend runs with its verbs (`start` / `run`); this module never sees a connection.
 
-This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
+This module runs inside nbdkit's embedded interpreter: standard library only (the sides are backends).
 """
 
 import collections
