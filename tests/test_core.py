@@ -651,7 +651,11 @@ def test_one_outage_doubles_the_copiers_wait_once(memory, disk_on, monkeypatch):
     source = memory("src")
     for i in range(0, SIZE, MiB):
         source.write(bytes([1 + i // MiB]) * MiB, i)       # data everywhere: every chunk writes
-    dest = memory("dst", "--filter=error", "error-pwrite=EIO", "error-pwrite-rate=100%")
+    # Each write fails only after 500 ms (the delay filter in front of the error filter), so the
+    # six workers' chunks are all in flight when the first fails, however late a busy machine
+    # starts a worker: a chunk started after the doubling is a new round, and doubles it again.
+    dest = memory("dst", "--filter=delay", "--filter=error", "delay-write=500ms",
+                  "error-pwrite=EIO", "error-pwrite-rate=100%")
     disk = disk_on(source, dest, full=True)
     copier = Copier(disk, chunk=MiB, workers=6).start()
     try:
