@@ -4,7 +4,7 @@
     mirror.py      `serve`: one disk mirrored from SOURCE to DEST, switched or cancelled
     migration.py   `start`: the Mirrored-Snapshot migration (oVirt's Steps 3-5)
     export.py      `export`: a disk served for its life between migrations
-    basecopy.py    Step 4: the read-only base copied with qemu-img convert
+    basecopy.py    Step 4: the read-only base copied through NBD, paced by the host budget
     options.py     what the operator asks of a served disk, validated once
     events.py      the event log of a served disk
     socket.py      the control socket's command table served over JSON lines

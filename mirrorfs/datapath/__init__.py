@@ -21,6 +21,11 @@ from here: the constants both halves must agree on live here, once.
     state.py           the state journal in the state directory: what survives kill -9
     threadstate.py     one Python thread state per nbdkit worker thread (speed)
     lifeline.py        the data path ends, quiesced, when its supervisor dies
+    histogram.py       a per-side latency histogram, no lock on the request path (metrics)
+    evacuee.py         switch-first evacuation: what happens to each request (docs/EVACUATION.md)
+    hydration.py       its crash-safe hydration map, with a group commit
+    hydrator.py        its background hydration
+    sideio.py          its side I/O, on the backends' verbs
 """
 
 from pathlib import Path
