@@ -35,7 +35,7 @@ import time
 
 import nbd
 
-from mirrorfs.datapath.commands import FLUSH, Read, Trim, Write, Zero
+from mirrorfs.datapath.commands import Verbs
 from mirrorfs.datapath.errors import SideError, SideUnreachable, side_error
 
 log = logging.getLogger("mirrorfs")
@@ -75,7 +75,7 @@ def _side_error(exc):
     return side_error(error_errno(exc), describe(exc))
 
 
-class NbdBackend:
+class NbdBackend(Verbs):
     def __init__(self, uri, name):
         self.uri = uri
         self.name = name
@@ -227,26 +227,6 @@ class NbdBackend:
                 self.timeouts += 1
                 log.error("%s: no answer for %.1f s, connection cut", self.name, now - since)
         return due
-
-    # The verbs. Each borrows a connection and gives it back; a failure raises SideError.
-
-    def pread(self, buf, offset):
-        self.run(Read(buf, offset))
-
-    def pwrite(self, buf, offset, fua=False):
-        self.run(Write(buf, offset, fua))
-
-    def zero(self, length, offset, may_trim=False, fua=False, fast=False):
-        self.run(Zero(length, offset, may_trim, fua, fast))
-
-    def trim(self, length, offset, fua=False):
-        self.run(Trim(length, offset, fua))
-
-    def flush(self):
-        """Flush the side (on one connection: with multi-conn, a flush covers them all); nothing
-        where the side offers no flush."""
-        if self.can_flush:
-            self.run(FLUSH)
 
     def cache(self, length, offset):
         h = self._acquire()

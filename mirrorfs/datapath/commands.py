@@ -97,3 +97,47 @@ FLUSH = Flush()
 # What `extents()` says of a range, as the NBD protocol spells it (nbd.STATE_HOLE, nbd.STATE_ZERO).
 STATE_HOLE = 1
 STATE_ZERO = 2
+
+
+class Verbs:
+    """The offset-based verbs every backend has, written once on top of the two it implements
+    itself: `run(cmd)` (one command, to completion) and `extents(length, offset, req_one)`.
+    Failures are the backend's SideError."""
+
+    def pread(self, buf, offset):
+        self.run(Read(buf, offset))
+
+    def pwrite(self, buf, offset, fua=False):
+        self.run(Write(buf, offset, fua))
+
+    def zero(self, length, offset, may_trim=False, fua=False, fast=False):
+        self.run(Zero(length, offset, may_trim, fua, fast))
+
+    def trim(self, length, offset, fua=False):
+        self.run(Trim(length, offset, fua))
+
+    def flush(self):
+        """Flush the side (on one connection: with multi-conn, a flush covers them all); nothing
+        where the side offers no flush."""
+        if self.can_flush:
+            self.run(FLUSH)
+
+    def allocation(self, start, end):
+        """[start, end) as consecutive (offset, length, is_zero) spans, from base:allocation (all
+        data where the side does not say): what a copy reads, and what it sends as zeroes."""
+        if not self.can_extents:
+            yield start, end - start, False
+            return
+        pos = start
+        while pos < end:
+            found = self.extents(end - pos, pos, req_one=False)
+            if not found:
+                yield pos, end - pos, False
+                return
+            for offset, length, flags in found:
+                stop = min(offset + length, end)
+                if stop > pos:
+                    yield pos, stop - pos, bool(flags & STATE_ZERO)
+                    pos = stop
+                if pos >= end:
+                    break

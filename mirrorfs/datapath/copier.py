@@ -22,7 +22,7 @@ import time
 
 from mirrorfs.common.pacing import Pacer
 from mirrorfs.datapath.backend import describe
-from mirrorfs.datapath.commands import STATE_ZERO, Read, Write, Zero
+from mirrorfs.datapath.commands import Read, Write, Zero
 from mirrorfs.datapath.errors import CopyFailed, SideError
 
 log = logging.getLogger("mirrorfs")
@@ -253,7 +253,7 @@ class Copier:
         request at a time."""
         source, dest = self.disk.source, self.disk.dest
         reads, zeroes = [], []
-        for offset, length, zero in self._extents(start, end):
+        for offset, length, zero in self.disk.source.allocation(start, end):
             if zero:
                 zeroes.append(Zero(length, offset, may_trim=True))
             else:
@@ -264,24 +264,4 @@ class Copier:
         self.bytes_read += sum(r.length for r in reads)
         self.bytes_zeroed += sum(z.length for z in zeroes)
         return sum(r.length for r in reads)
-
-    def _extents(self, start, end):
-        """(offset, length, reads_as_zero) covering [start, end), from the source's block status."""
-        source = self.disk.source
-        if not source.can_extents:
-            yield start, end - start, False
-            return
-        pos = start
-        while pos < end:
-            found = source.extents(end - pos, pos, req_one=False)
-            if not found:
-                yield pos, end - pos, False
-                return
-            for offset, length, flags in found:
-                stop = min(offset + length, end)
-                if stop > pos:
-                    yield pos, stop - pos, bool(flags & STATE_ZERO)
-                    pos = stop
-                if pos >= end:
-                    break
 

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 
-from mirrorfs.datapath.commands import FLUSH, STATE_HOLE, STATE_ZERO, Read, Trim, Write, Zero
+from mirrorfs.datapath.commands import STATE_HOLE, STATE_ZERO, Verbs
 from mirrorfs.datapath.errors import SideError, SideUnreachable, side_error
 
 MiB = 1 << 20
@@ -39,7 +39,7 @@ class Fault:
         return op == self.op and offset < self.end and self.start < end
 
 
-class MemoryBackend:
+class MemoryBackend(Verbs):
     def __init__(self, name, size, **capabilities):
         """`capabilities` override the defaults below (a side without fast zero: can_fast_zero=False)."""
         self.name = name
@@ -92,24 +92,6 @@ class MemoryBackend:
     def held(self):
         """How many commands are waiting because of hold()."""
         return len(self._held)
-
-    # The verbs, as NbdBackend's.
-
-    def pread(self, buf, offset):
-        self.run(Read(buf, offset))
-
-    def pwrite(self, buf, offset, fua=False):
-        self.run(Write(buf, offset, fua))
-
-    def zero(self, length, offset, may_trim=False, fua=False, fast=False):
-        self.run(Zero(length, offset, may_trim, fua, fast))
-
-    def trim(self, length, offset, fua=False):
-        self.run(Trim(length, offset, fua))
-
-    def flush(self):
-        if self.can_flush:
-            self.run(FLUSH)
 
     def cache(self, length, offset):
         self._arrive("cache", offset, length)

@@ -17,7 +17,7 @@ import logging
 import time
 
 from mirrorfs.datapath.backend import describe
-from mirrorfs.datapath.commands import FLUSH, STATE_ZERO, Read, Trim, Write, Zero
+from mirrorfs.datapath.commands import FLUSH, Read, Trim, Write, Zero
 from mirrorfs.datapath.disk import MAX_EFFECT, RESEND_EVERY, RESEND_FOR
 from mirrorfs.datapath.errors import DataPathError, SideError
 
@@ -92,16 +92,16 @@ def extents(side, count, offset, req_one):
         raise SideFailure(side, "extents", offset, count, e) from None
 
 
-def is_zero(flags):
-    return bool(flags & STATE_ZERO)
-
-
 def copy(source, dest, start, end):
     """Copy [start, end) from `source` to `dest`, allocation-aware: data extents read (all in flight
     at once on one source connection) and written (likewise on one destination connection), zero
     extents sent as zero requests. Returns (bytes read, bytes zeroed)."""
     reads, zeroes = [], []
-    for offset, length, zero_ in _extents(source, start, end):
+    try:
+        spans = list(source.allocation(start, end))
+    except SideError as e:
+        raise SideFailure(source, "extents", start, end - start, e) from None
+    for offset, length, zero_ in spans:
         if zero_:
             zeroes.append(Zero(length, offset, may_trim=True))
         else:
@@ -112,22 +112,3 @@ def copy(source, dest, start, end):
     if writes:
         _again(dest, "write", start, end - start, lambda: dest.run_all(writes))
     return sum(r.length for r in reads), sum(z.length for z in zeroes)
-
-
-def _extents(source, start, end):
-    if not source.can_extents:
-        yield start, end - start, False
-        return
-    pos = start
-    while pos < end:
-        found = extents(source, end - pos, pos, req_one=False)
-        if not found:
-            yield pos, end - pos, False
-            return
-        for offset, length, flags in found:
-            stop = min(offset + length, end)
-            if stop > pos:
-                yield pos, stop - pos, is_zero(flags)
-                pos = stop
-            if pos >= end:
-                break
