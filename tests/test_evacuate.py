@@ -418,8 +418,6 @@ def test_bad_inputs(workdir, qemu_nbd):
     _fails(workdir, ["--copy", "full", "--switch-first", *state, src, small, *sock], 2,
            "smaller than source")
     _fails(workdir, ["--readonly", "--switch-first", *state, src, *sock], 2, "--readonly")
-    _fails(workdir, [src, "--dest-dir", workdir, "--switch-first", *state, *sock], 2,
-           "not implemented", command="start")
     # A source another process writes cannot be opened read-only (its write lock).
     holder = qemu_nbd(src, "holder")
     _fails(workdir, ["--copy", "full", "--switch-first", *state, src, dst, *sock], 1,
