@@ -47,6 +47,10 @@ class DataPathOptions:
     parent: int | None = None           # the supervisor's pid: the data path ends with it (lifeline)
     # Evacuation (datapath.evacuee): the destination serves from the start, the source is only read.
     switch_first: bool = False
+    # With switch_first: the destination's daemon has the source chain as its runtime backing, so
+    # every request goes to the destination and hydration is NBD_CMD_CACHE (copy-on-read in that
+    # daemon: the bytes never cross nbdkit; datapath.evacuee).
+    in_place: bool = False
 
     def __post_init__(self):
         problem = self.problem()
@@ -80,6 +84,8 @@ class DataPathOptions:
             if self.region % self.granularity:
                 return (f"--region {self.region}: with --switch-first, a multiple of the "
                         f"destination's cluster size ({self.granularity})")
+        if self.in_place and not self.switch_first:
+            return "in_place hydrates an evacuation: it needs --switch-first"
         if not math.isfinite(self.io_timeout) or self.io_timeout < 0:
             return f"--io-timeout {self.io_timeout}: expected seconds, 0 for none"
         return None
@@ -122,4 +128,4 @@ def boolean(text):
 
 
 _KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
-          "switch_first": boolean}
+          "switch_first": boolean, "in_place": boolean}

@@ -79,6 +79,14 @@ def data_bytes(image):
                str(image.path))
     return sum(extent["length"] for extent in json.loads(out)
                if extent.get("data") and not extent.get("zero"))
+def is_empty(image):
+    """Whether the image (ImageInfo, without a backing file) has no cluster allocated at all: not
+    even one that reads as zeros."""
+    out = _run(["qemu-img", "map", "-U", "--output=json", "-f", image.format,
+                os.fspath(image.path)], str(image.path))
+    return not any(extent.get("present") for extent in json.loads(out))
+
+
 # A new overlay holds whatever the guest writes from now on: readable by its owner alone (the user
 # running mirrorfs and its storage daemons), whatever the umask. An operator can share it afterwards.
 OVERLAY_MODE = 0o600
