@@ -8,16 +8,43 @@ and after).
 """
 
 import json
-import signal
+import threading
 
 import psutil
 import pytest
 
 from conftest import MIRRORFS, MiB, make_base, make_overlay, qemu_io, run, sha256, wait_until
 from test_evacuate import Clients, Model, raw_bytes
-from test_lifecycle import BLOCK, Process, ReconnectingWriter, ctl, status
+from test_lifecycle import BLOCK, RECONNECT_DELAY, Process, ReconnectingWriter, ctl, status
+from test_lifecycle import no_writer_left  # noqa: F401 (autouse: stops writers a failure left)
 
 SIZE = 64 * MiB
+
+
+class DrainedWriter(ReconnectingWriter):
+    """test_lifecycle's writer, its output read all along: this test writes long enough that
+    qemu-io would otherwise fill its stdout pipe and stop taking commands."""
+
+    def __init__(self, socket_path, **kw):
+        super().__init__(socket_path, **kw)
+        self.output = []
+        self._reader = threading.Thread(target=lambda: self.output.extend(self.proc.stdout),
+                                        daemon=True)
+        self._reader.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait(RECONNECT_DELAY + 60)
+        self._reader.join(30)
+        lines = [line.removeprefix("qemu-io> ") for line in self.output]
+        failed = [line for line in lines if "failed" in line or "error" in line.lower()]
+        assert failed == [], f"{len(failed)} writes failed, e.g. {failed[:3]}"
+        wrote = sum(line.startswith("wrote ") for line in lines)
+        assert wrote == self.sent, f"{wrote} of {self.sent} writes acknowledged"
+        return self.sent
 
 
 def chain(workdir):
@@ -45,6 +72,19 @@ def same_as_reference(workdir, image, content):
     res = run("qemu-img", "compare", "-U", "-f", "raw", reference, image, check=False)
     reference.unlink()
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def holders(paths):
+    """Our processes that have one of `paths` open."""
+    names = {str(p) for p in paths}
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any(f.path in names for f in p.open_files()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
 
 
 def check_source(hashes):
@@ -95,6 +135,10 @@ def test_start_switch_first_with_clients_writing(workdir, started):
     assert model.writes > 50 and model.reads > 5, (model.writes, model.reads)
     done = status(m.control)
     assert done["serving"] == "destination" and done["hydration"]["bytes_on_source_only"] == 0
+    assert done["datapath"]["hydration"]["in_place"] is True
+    # Released: no process of ours holds a file of the source chain open any more (the
+    # destination's daemon had it as its runtime backing).
+    assert wait_until(lambda: not holders(hashes), "the source released")
     # Not taken over from an export: nothing to hand back to.
     res = ctl(m.control, "hand-back", check=False)
     assert res.returncode == 1 and "did not take the disk over" in res.stderr, res.stderr
@@ -117,7 +161,7 @@ def test_take_over_switch_first_killed_resumed_handed_back(workdir, started):
     top, _ = chain(workdir)
     sock = workdir / "vm1.sock"
     exported = started(workdir, "export", "export", top, "--socket", sock)
-    writer = ReconnectingWriter(sock, blocks=SIZE // BLOCK)
+    writer = DrainedWriter(sock, blocks=SIZE // BLOCK, spacing=0.02)
     writer.wait_sent(30)
     argv = ("start", "--take-over", exported.control, "--switch-first", "--dest-dir",
             workdir / "b", "--state-dir", workdir / "state", "--rate", "4M")

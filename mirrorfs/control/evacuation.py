@@ -6,9 +6,11 @@
     hydrated  [dst/top]  stands alone; the source chain is released (its daemon stopped)
     hand-back (--take-over) the export serves dst/top
 
-`dst/top` has the name and format of the source's top and the disk's size. The hydration reads the
-source *chain* through its storage daemon, so the destination is the whole disk flattened into one
-image: the chain does not grow from one evacuation to the next, and nothing is rebased at the end.
+`dst/top` has the name and format of the source's top and the disk's size, and is empty: a qcow2
+one hydrates in place (datapath.evacuee: the destination's daemon has the source chain as its
+runtime backing, never written to the header, and copies it with copy-on-read). Either way the
+destination is the whole disk flattened into one image: the chain does not grow from one
+evacuation to the next, and nothing is rebased at the end.
 
 Why no overlays here (the Mirrored-Snapshot migration, control.migration, makes two): the source is
 the storage being evacuated, often full, so it gets no new file; and a destination overlay would

@@ -9,7 +9,7 @@ released (Evacuee.finish).
 - In place (evacuee, `in_place`): a batch is one NBD_CMD_CACHE to the destination, whose daemon
   copies it from the source (its runtime backing) itself; the bytes never cross nbdkit, so a
   batch is larger (BATCH_IN_PLACE). Measured (docs/PERFORMANCE.md, "Evacuation"): 1 GiB in about
-  the time of `qemu-img convert`, with a quarter of the CPU the copy through nbdkit takes.
+  the time of `qemu-img convert`, with a seventh of the CPU the copy through nbdkit takes.
 - Committed in groups: a worker hands its batch to `commit`, which flushes the destination and
   saves the map once for every batch handed in meanwhile (and every client change waiting).
 - Rate-limited (`--rate`), and yields to clients: while a client request came in the last
