@@ -2,17 +2,25 @@
 `qemu-img convert` of the same image into the same kind of destination, and a client's 4k
 randread/randwrite at qd16 during hydration against the same after it.
 
-    .venv/bin/python scripts/bench_evacuate.py [SIZE_MiB] [RATE]
+    .venv/bin/python scripts/bench_evacuate.py [SIZE_MiB] [RATE] [RUNS]
+    BEFORE=/tmp/old .venv/bin/python scripts/bench_evacuate.py ...
 
-Prints one line per measurement (docs/PERFORMANCE.md, "Evacuation").
+With BEFORE (a directory holding another version's `mirrorfs` package, e.g. from
+`git archive OLD mirrorfs | tar -x -C /tmp/old`), each run also measures that version's hydration,
+interleaved with this one's on the same machine. Hydrations also print the CPU seconds their
+processes used (nbdkit and the storage daemons). Prints one line per measurement
+(docs/PERFORMANCE.md, "Evacuation").
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 MIRRORFS = [sys.executable, "-m", "mirrorfs"]
 
@@ -21,8 +29,8 @@ def sh(*argv, **kw):
     return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, **kw)
 
 
-def status(ctl):
-    return json.loads(sh(*MIRRORFS, "status", "--json", "--control", ctl).stdout)
+def status(ctl, env=None):
+    return json.loads(sh(*MIRRORFS, "status", "--json", "--control", ctl, env=env).stdout)
 
 
 def fio(uri, rw, seconds):
@@ -34,15 +42,41 @@ def fio(uri, rw, seconds):
     return round(side["iops"]), round(side["clat_ns"]["percentile"]["99.000000"] / 1e6, 2)
 
 
-def serve(d, src, dst, *extra):
+def serve(d, src, dst, *extra, env=None):
     out = open(d / "serve.out", "w")
     proc = subprocess.Popen([*MIRRORFS, "serve", "--copy", "full", "--switch-first", "--state-dir",
                              d / "state", src, dst, "--socket", d / "s.sock", *extra],
-                            stdout=out, stderr=open(d / "serve.err", "w"))
+                            stdout=out, stderr=open(d / "serve.err", "w"), env=env,
+                            cwd=d)    # not the checkout's: `python -m` would import from there
     while "control" not in (d / "serve.out").read_text():
         assert proc.poll() is None, (d / "serve.err").read_text()
         time.sleep(0.05)
     return proc
+
+
+def hydrate(d, src, size, env=None):
+    """One hydration of `src` into a new qcow2: (seconds by the hydrator's clock, from the
+    command's start, CPU seconds of the serving processes)."""
+    dst = d / "dst.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", dst, f"{size}M")
+    t = time.monotonic()
+    proc = serve(d, src, dst, env=env)
+    ctl = d / "s.sock.ctl"
+    cpu = {}
+    while (s := status(ctl, env))["phase"] != "hydrated":
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                times = child.cpu_times()
+                cpu[child.pid] = times.user + times.system
+            except psutil.Error:
+                pass
+        time.sleep(0.1)
+    total = time.monotonic() - t
+    inside = s["datapath"]["hydrator"]["seconds"]
+    proc.terminate()
+    proc.wait()
+    sh("rm", "-rf", d / "state", dst)
+    return inside, total, sum(cpu.values())
 
 
 def main():
@@ -53,6 +87,10 @@ def main():
     sh("qemu-img", "create", "-q", "-f", "qcow2", src, f"{size}M")
     sh("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size}M", src)
     sh("sync")
+    before = os.environ.get("BEFORE")
+    variants = [("hydration", None)]
+    if before:
+        variants.append(("before", {**os.environ, "PYTHONPATH": before}))
     for run in range(int(sys.argv[3]) if len(sys.argv) > 3 else 3):
         dst = d / "conv.qcow2"
         sh("qemu-img", "create", "-q", "-f", "qcow2", dst, f"{size}M")
@@ -61,21 +99,15 @@ def main():
            src, dst)
         convert = time.monotonic() - t
         dst.unlink()
-        dst = d / "dst.qcow2"
-        sh("qemu-img", "create", "-q", "-f", "qcow2", dst, f"{size}M")
-        t = time.monotonic()
-        proc = serve(d, src, dst)
-        ctl = d / "s.sock.ctl"
-        while status(ctl)["phase"] != "hydrated":
-            time.sleep(0.1)
-        hydrate = time.monotonic() - t
-        inside = status(ctl)["datapath"]["hydrator"]["seconds"]
-        proc.terminate()
-        proc.wait()
-        sh("rm", "-rf", d / "state", dst)
-        print(f"run {run}: {size} MiB: qemu-img convert {convert:.2f}s, hydration {inside:.2f}s "
-              f"({hydrate:.2f}s from the command's start), ratio {convert / inside:.2f}x "
-              f"({convert / hydrate:.2f}x)", flush=True)
+        line = f"run {run}: {size} MiB: qemu-img convert {convert:.2f}s"
+        for name, env in variants[::1 if run % 2 else -1]:
+            inside, total, cpu = hydrate(d, src, size, env)
+            line += (f"; {name} {inside:.2f}s ({total:.2f}s from the command's start, CPU "
+                     f"{cpu:.2f}s) {convert / inside:.2f}x")
+        print(line, flush=True)
+    if os.environ.get("SKIP_FIO"):
+        sh("rm", "-rf", d)
+        return
     # Client I/O during hydration (rate-limited, so it lasts) and after it.
     dst = d / "dst.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", dst, f"{size}M")

@@ -197,3 +197,65 @@ def test_guest_through_the_life_of_its_disk(guest_image, workdir):
     assert final == written and len(final) == 24
     assert final_image == str(workdir / "c" / "vm-snap-snap.qcow2")
     check_filesystem(final_image, "qcow2", workdir, final)
+
+
+def test_guest_through_an_evacuation(guest_image, workdir):
+    """A guest writes with fsync all along while its exported disk is evacuated switch-first:
+    `start --take-over --switch-first` -> kill -9 of the supervisor during hydration -> the same
+    command line resumes -> hydrated -> hand-back. The guest reports no I/O error; every file's
+    hash matches on the new image, which stands alone; e2fsck -fn is clean; the source image is
+    unchanged since the take-over."""
+    from test_lifecycle import Process, ctl, status
+    from conftest import sha256
+    started = []
+
+    def background(name, *args):
+        p = Process(workdir, name, *args)
+        started.append(p)
+        return p
+
+    for d in ("a", "b"):
+        (workdir / d).mkdir()
+    source = workdir / "a" / "vm.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", source, str(128 * MiB))
+    # Data to hydrate (the guest's mkfs leaves most of it), so that the kill lands during it.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 64M", source)
+    sock = workdir / "vm.sock"
+    try:
+        exported = background("export", "export", source, "--socket", sock)
+        qemu = ["-drive", f"file.driver=nbd,file.server.type=unix,file.server.path={sock},"
+                          "file.reconnect-delay=60,format=raw,if=virtio"]
+        with Guest(workdir, "disk", qemu, timeout=300) as guest:
+            guest.wait_for(lambda lines: guest.count("FILE") >= 3, "writes")
+            evacuate = ("start", "--take-over", exported.control, "--switch-first", "--dest-dir",
+                        workdir / "b", "--state-dir", workdir / "state", "--rate", "2M")
+            first = background("first", *evacuate)
+            source_hash = sha256(source)        # nothing writes it from the take-over on
+            wait_until(lambda: status(first.control)["hydration"]["percent"] > 10, "hydrating")
+            n = guest.count("FILE")
+            guest.wait_for(lambda lines: guest.count("FILE") >= n + 1, "writes during hydration")
+            assert status(first.control)["phase"] == "hydrating"
+            first.kill_tree()
+            again = background("again", *evacuate)
+            wait_until(lambda: status(again.control)["phase"] == "hydrated", "hydrated",
+                       timeout=300)
+            ctl(again.control, "hand-back")
+            assert again.proc.wait(60) == 0
+            n = guest.count("FILE")
+            guest.wait_for(lambda lines: guest.count("FILE") >= max(n + 3, 30), "writes at the end")
+            guest.send("stop")
+            lines = guest.wait_exit()
+        final_image = status(exported.control)["source"]["spec"]
+        assert exported.stop() == 0
+    finally:
+        for p in started:
+            p.stop()
+    assert not [line for line in lines if line.startswith("FAIL")], lines
+    written, final = checksums(lines, "FILE"), checksums(lines, "FINAL")
+    assert final == written and len(final) == 24
+    assert final_image == str(workdir / "b" / "vm.qcow2")
+    info = json.loads(run("qemu-img", "info", "-U", "--output=json", "--backing-chain",
+                          final_image).stdout)
+    assert [layer["filename"] for layer in info] == [final_image]
+    assert sha256(source) == source_hash
+    check_filesystem(final_image, "qcow2", workdir, final)

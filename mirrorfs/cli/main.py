@@ -22,6 +22,7 @@ from mirrorfs.system.access import Access
 from mirrorfs.cli import parser as options
 from mirrorfs.common import jsonlines
 from mirrorfs.errors import Error, UsageError
+from mirrorfs.control.evacuation import Evacuation
 from mirrorfs.control.export import Export
 from mirrorfs.control.migration import Migration
 from mirrorfs.control.mirror import Mirror
@@ -133,14 +134,20 @@ def cmd_serve(args):
 
 
 def cmd_start(args):
-    if args.switch_first:
-        raise UsageError("start --switch-first is not implemented yet; evacuate a disk with "
-                         "'mirrorfs serve --copy full --switch-first --state-dir DIR SOURCE DEST'")
     rundir = host.run_dir(args)
     control_path = _control_path(args)
-    migration = Migration(args.source_top, args.dest_dir,
-                          _serve_options(args, take_over=args.take_over),
-                          overlay_name=args.overlay_name)
+    if args.switch_first:
+        migration = Evacuation(args.source_top, args.dest_dir,
+                               _serve_options(args, take_over=args.take_over, copy="full",
+                                              rate=args.rate),
+                               overlay_name=args.overlay_name)
+    else:
+        if args.rate is not None:
+            raise UsageError("--rate limits the hydration of --switch-first; a migration's base "
+                             "copy takes 'mirrorfs copy --rate'")
+        migration = Migration(args.source_top, args.dest_dir,
+                              _serve_options(args, take_over=args.take_over),
+                              overlay_name=args.overlay_name)
     return _run_controller(migration, control_path, lambda: migration.tree.uris, rundir)
 
 

@@ -163,6 +163,9 @@ def _start(p):
     p.add_argument("--dest-dir", required=True, metavar="DIR", help="where the disk moves to")
     p.add_argument("--overlay-name", metavar="NAME",
                    help="file name of the new overlays (default: <SOURCE_TOP stem>-snap.qcow2)")
+    p.add_argument("--rate", metavar="BYTES/S", type=size("--rate"),
+                   help="with --switch-first: limit the hydration, e.g. 100M (a migration's base "
+                        "copy takes `mirrorfs copy --rate`)")
     serving(p)
     mirroring(p, "keep the migration's state here; start again with it to resume")
     storage(p)

@@ -48,6 +48,8 @@ class Migration(Controller):
     switched, cancelled, stopped.
     """
     kind = "migration"
+    # The phases in which the disk is on one chain again, which `hand-back` gives to the export.
+    ENDED = (Phase.SWITCHED, Phase.CANCELLED)
 
     def __init__(self, source_top, dest_dir, options=None, *, overlay_name=None, **serve_options):
         """`options`: ServeOptions (or its fields as keyword arguments: socket=, state_dir=, ...).
@@ -55,8 +57,7 @@ class Migration(Controller):
         that export at start, and `source_top` may be None: the export says what it serves."""
         super().__init__()
         self.options = options or ServeOptions(**serve_options)
-        if self.options.copy != "none" or self.options.readonly:
-            raise UsageError("a migration mirrors two overlays that start equal: no --copy, no --readonly")
+        self._check_options()
         self.take_over = self.options.take_over
         if source_top is None and self.take_over is None:
             raise UsageError("give SOURCE_TOP, or --take-over the control socket of an export")
@@ -75,6 +76,11 @@ class Migration(Controller):
         self._removed = False           # cancel removed the destination's files
         self._listener = None           # the disk's socket, borrowed from an export (take-over)
         self._cap = None                # the base copy's own --rate
+
+    def _check_options(self):
+        if self.options.copy != "none" or self.options.readonly or self.options.switch_first:
+            raise UsageError("a migration mirrors two overlays that start equal: no --copy, no "
+                             "--readonly, no --switch-first (that is control.evacuation's)")
 
     def _locate(self, source_top):
         """Where the migration's files are, from the top of the source chain."""
@@ -104,11 +110,19 @@ class Migration(Controller):
                 else:
                     self._start_new()
             except BaseException:
-                if self._listener is not None:
-                    self._listener.close()
-                    self._listener = None
-                    export.give_back(self.take_over, self._authoritative_top(saved))
+                self._return_disk(saved)
                 raise
+
+    def _return_disk(self, saved):
+        """A start that failed after the take-over: the export serves the disk again, on the chain
+        that holds it, if one image does."""
+        if self._listener is None:
+            return
+        self._listener.close()
+        self._listener = None
+        top = self._authoritative_top(saved)
+        if top is not None:
+            export.give_back(self.take_over, top)
 
     def _authoritative_top(self, saved=None):
         """The top of the chain that holds every acknowledged write: the destination overlay once
@@ -333,7 +347,7 @@ class Migration(Controller):
         the export), the storage daemons flush and close the images, then the export serves the
         chain on the same socket. The chain does not grow from one migration to the next: the base
         copy flattens the source's chain, so the destination is always its copy plus one overlay."""
-        with self.changing("hand-back", Phase.SWITCHED, Phase.CANCELLED):
+        with self.changing("hand-back", *self.ENDED):
             if self.take_over is None:
                 raise UsageError("this migration did not take the disk over from an export "
                                  "(start --take-over): there is nothing to hand it back to")

@@ -140,17 +140,8 @@ class Mirror(Controller):
             self.enter(Phase.CANCELLED)
 
     def _refuse_with_switch_first(self, command):
-        """An evacuation has no switch: the destination serves from the start, and the source,
-        read-only, has none of the writes made since (see docs/EVACUATION.md, "Cancel")."""
-        if not self.options.switch_first:
-            return
-        if command == "pivot":
-            raise PhaseError("cannot pivot: with --switch-first the destination already serves "
-                             "the disk; it stands alone once hydrated")
-        raise PhaseError(f"cannot cancel while {self.phase}: with --switch-first the source is "
-                         "read-only and lacks every write made since the start, which only the "
-                         "destination holds; let the hydration finish (or stop and restart with "
-                         "the same --state-dir)")
+        if self.options.switch_first:
+            raise switch_first_refusal(command, self.phase)
 
     def status(self):
         status = super().status()
@@ -179,6 +170,18 @@ class Mirror(Controller):
         if self.tree.dest_spec is not None:
             table.update(self.switch_commands())
         return table
+
+
+def switch_first_refusal(command, phase):
+    """Why an evacuation has no pivot and no cancel: the destination serves from the start, and
+    the source, read-only, has none of the writes made since (see docs/EVACUATION.md, "Cancel")."""
+    if command == "pivot":
+        return PhaseError("cannot pivot: with --switch-first the destination already serves "
+                          "the disk; it stands alone once hydrated")
+    return PhaseError(f"cannot cancel while {phase}: with --switch-first the source is "
+                      "read-only and lacks every write made since the start, which only the "
+                      "destination holds; let the hydration finish (or stop and restart with "
+                      "the same --state-dir)")
 
 
 def hydration_progress(dp):

@@ -32,6 +32,8 @@ from mirrorfs.system.children import Child
 NODE = "top"
 FILE_NODE = "top-file"
 BACKING_NODE = "new-backing"
+# An evacuation's source chain, the runtime backing of the destination while it hydrates in place.
+SOURCE_NODE = "evacuated"
 CACHE_MODES = ("auto", "none", "writeback")
 
 
@@ -82,10 +84,15 @@ def file_node(path, cache, **options):
 class StorageDaemon:
     """One image exported at `uri` from `start()` until `stop()` (which is safe to call twice)."""
 
-    def __init__(self, image, rundir, name, readonly=False, cache="auto", listener=None):
+    def __init__(self, image, rundir, name, readonly=False, cache="auto", listener=None,
+                 backing=None):
         """`listener`: a listening socket to export on (a disk's own socket, which outlives this
-        daemon: `mirrorfs export`); by default the daemon gets a socket of its own in `rundir`."""
+        daemon: `mirrorfs export`); by default the daemon gets a socket of its own in `rundir`.
+        `backing`: an image (ImageInfo, with its chain) opened read-only as the image's backing
+        while the daemon runs, never written to the image's header: an evacuation hydrating in
+        place (see `drop_backing`, and docs/EVACUATION.md)."""
         self.image = image
+        self.backing = backing
         self.name = name
         self.readonly = readonly
         self.cache = cache_mode(image, cache)
@@ -112,7 +119,17 @@ class StorageDaemon:
             image_file = file_node(self.image.path, self.cache, **options)
         node = {"driver": self.image.format, "node-name": NODE, "file": FILE_NODE,
                 "discard": "unmap", "read-only": self.readonly, **format_options(self.cache)}
-        return ["--blockdev", json.dumps(image_file), "--blockdev", json.dumps(node)]
+        backing = []
+        if self.backing is not None:
+            backing = ["--blockdev", json.dumps(self._backing_node())]
+            node["backing"] = SOURCE_NODE
+        return ["--blockdev", json.dumps(image_file), *backing, "--blockdev", json.dumps(node)]
+
+    def _backing_node(self):
+        cache = cache_mode(self.backing) if self.cache == "none" else "writeback"
+        return {"driver": self.backing.format, "node-name": SOURCE_NODE, "read-only": True,
+                **format_options(cache),
+                "file": file_node(self.backing.path, cache, **{"read-only": True})}
 
     def start(self):
         nbd = self.listener or sockets.bind_unix(self.nbd_socket)
@@ -168,6 +185,18 @@ class StorageDaemon:
             "backing": BACKING_NODE, "discard": "unmap", **format_options(self.cache)}])
         self.qmp("change-backing-file", device=NODE, **{
             "image-node-name": NODE, "backing-file": os.fspath(backing.path)})
+
+    def drop_backing(self):
+        """The image holds everything now: close its runtime backing (the evacuated source chain)
+        while the export keeps serving. Nothing was written to the image's header, so it stands
+        alone on disk whatever happens next."""
+        if self.backing is None:
+            return
+        self.qmp("blockdev-reopen", options=[{
+            "driver": self.image.format, "node-name": NODE, "file": FILE_NODE,
+            "backing": None, "discard": "unmap", **format_options(self.cache)}])
+        self.qmp("blockdev-del", **{"node-name": SOURCE_NODE})
+        self.backing = None
 
     def failure(self, what):
         return self._child.failure(what)

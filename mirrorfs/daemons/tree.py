@@ -14,6 +14,7 @@ second switch, and one to a destination that is not synchronized or does not ans
 side no longer used.
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -23,11 +24,11 @@ import tempfile
 from pathlib import Path
 
 from mirrorfs.common.phases import Phase
-from mirrorfs.sides import endpoints
+from mirrorfs.sides import endpoints, images
 from mirrorfs.system import sockets
 from mirrorfs.common import jsonlines
 from mirrorfs.datapath.options import LOCK_GRANULARITY
-from mirrorfs.datapath.state import StateError
+from mirrorfs.datapath.state import State, StateError
 from mirrorfs.datapath.state import open_for as open_state
 from mirrorfs.errors import Error, ProcessError, UsageError
 from mirrorfs.daemons.nbdkit import Nbdkit, OperatorLines
@@ -94,6 +95,7 @@ class ProcessTree:
         self.source = self.dest = None
         self.state = None
         self.resumed = False
+        self.in_place = False           # an evacuation hydrating in place (datapath.evacuee)
         self.serving = None
         self.rundir = None
         self.daemons = {}               # side -> StorageDaemon, for image sides
@@ -135,11 +137,14 @@ class ProcessTree:
             self._listeners.append(sockets.bind_tcp(*o.listen_address))
 
         self.rundir = make_rundir()
+        in_place = self.in_place = self._hydrates_in_place(source, dest)
         for side, ep in (("source", source), ("destination", dest)):
             if ep is not None and ep.is_image:
                 daemon = StorageDaemon(ep.image, self.rundir, _DAEMON[side],
                                        readonly=(o.readonly or o.switch_first) and side == "source",
-                                       cache=o.cache)
+                                       cache=o.cache,
+                                       backing=source.image if in_place and side == "destination"
+                                       else None)
                 self.daemons[side] = daemon
                 daemon.start()
                 ep.uri = daemon.uri
@@ -153,6 +158,8 @@ class ProcessTree:
 
         datapath = o.datapath(source.uri, dest.uri if dest else None, self.datapath_socket,
                               lock_granularity(source, dest))
+        if in_place:
+            datapath = dataclasses.replace(datapath, in_place=True)
         if dest is None:
             self.serving = "source"
         elif o.state_path is not None:
@@ -166,6 +173,25 @@ class ProcessTree:
                 s.close()
         self._listeners = []
 
+    def _hydrates_in_place(self, source, dest):
+        """Whether an evacuation hydrates in place (datapath.evacuee): both sides image files, the
+        destination a qcow2 with no backing file of its own (the source chain becomes its runtime
+        backing), and empty (copy-on-read keeps what it holds already); a resumed evacuation goes
+        on as its state says."""
+        o = self.options
+        if not (o.switch_first and dest is not None and source.is_image and dest.is_image):
+            return False
+        try:
+            saved = State.load(o.state_path)
+        except StateError:
+            return False                # refused by _open_state, with the reason
+        if saved is not None:
+            return saved.switch_first and saved.in_place and not saved.ended
+        if not all(isinstance(ep.image, images.ImageInfo) for ep in (source, dest)):
+            return False                # RBD
+        return (dest.image.format == "qcow2" and len(dest.image.chain) == 1
+                and images.is_empty(dest.image))
+
     def _open_state(self, datapath):
         """Load or create the state; a restart after a switch or a cancel serves one side alone.
         Returns the data path's options."""
@@ -174,7 +200,8 @@ class ProcessTree:
             self.state, self.resumed = open_state(
                 self.options.state_path, copy=self.options.copy,
                 source=identity(source), dest=identity(dest), size=source.size,
-                region_size=datapath.region, switch_first=self.options.switch_first)
+                region_size=datapath.region, switch_first=self.options.switch_first,
+                in_place=self.in_place)
         except StateError as e:
             raise UsageError(str(e)) from None
         if self.state.phase == Phase.SWITCHED:
@@ -237,8 +264,12 @@ class ProcessTree:
         self.nbdkit.stop(timeout=10, sig=signal.SIGKILL)
 
     def release_source(self):
-        """An evacuation is hydrated: the data path let the source go; so does its daemon."""
+        """An evacuation is hydrated: the data path let the source go; so do the destination's
+        daemon (when it hydrated in place, the source was its runtime backing) and the source's."""
         self.serving = "destination"
+        dest = self.daemons.get("destination")
+        if dest is not None:
+            dest.drop_backing()
         self._retire_daemon("source")
 
     def _retire_daemon(self, side):

@@ -18,6 +18,17 @@ know what happens to a write in that mode (datapath.disk is the mirror's).
 Range locks (InFlight) order every change and every hydration copy on the same bytes: a copy never
 puts the source's older data over a client's newer write.
 
+**In place** (`in_place`, when both sides are image files and the destination a qcow2 without a
+backing file of its own): the destination's storage daemon has the source chain as its runtime
+backing (daemons.storage, never written to the image's header). Then every request goes to the
+destination as to any disk: qcow2 reads what it does not hold yet from the source and fills the
+rest of a cluster a write touches from it (no zeros ever hide the source's data, since the
+backing is there until every region is hydrated), and a change needs no commit. Hydrating a
+region is an NBD_CMD_CACHE to the destination (copy-on-read in its daemon: the bytes go from the
+source file to the destination file without crossing nbdkit), then the usual commit (flush, map
+saved). The map only says which regions no longer need the source; once complete, the supervisor
+drops the backing (tree.release_source).
+
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
 
@@ -40,9 +51,12 @@ FAILED_READS_KEPT = 64
 
 
 class Evacuee:
-    def __init__(self, source, dest, hydration, state=None, granularity=64 * 1024):
+    def __init__(self, source, dest, hydration, state=None, granularity=64 * 1024, in_place=False):
         if not dest.can_flush:
             raise ValueError("the destination cannot flush: hydration could never be made durable")
+        if in_place and not dest.can_cache:
+            raise ValueError("the destination cannot cache: it cannot hydrate in place")
+        self.in_place = in_place
         self.size = source.size
         self.source, self.dest = source, dest
         self.backends = (source, dest)
@@ -104,12 +118,18 @@ class Evacuee:
     def _side(self, hydrated):
         return self.dest if hydrated else self.source
 
+    def _runs(self, start, end):
+        """[start, end) cut where the side that holds it changes: (offset, length, hydrated)."""
+        if self.in_place or self.ended:
+            return [(start, end - start, True)]
+        return self.map.runs(start, end)
+
     def pread(self, buf, offset):
         self.last_client_request = time.monotonic()
         self.inflight.enter("read")
         try:
             view = memoryview(buf)
-            for pos, length, hydrated in self.map.runs(offset, offset + len(view)):
+            for pos, length, hydrated in self._runs(offset, offset + len(view)):
                 side = self._side(hydrated)
                 try:
                     sideio.read(side, view[pos - offset:pos - offset + length], pos,
@@ -123,7 +143,7 @@ class Evacuee:
         self.inflight.enter("extents")
         try:
             found = []
-            for pos, length, hydrated in self.map.runs(offset, offset + count):
+            for pos, length, hydrated in self._runs(offset, offset + count):
                 try:
                     found += sideio.extents(self._side(hydrated), length, pos, req_one)
                 except sideio.SideFailure as e:
@@ -137,7 +157,7 @@ class Evacuee:
     def cache(self, count, offset):
         self.inflight.enter("cache")
         try:
-            for pos, length, hydrated in self.map.runs(offset, offset + count):
+            for pos, length, hydrated in self._runs(offset, offset + count):
                 try:
                     sideio.cache(self._side(hydrated), length, pos)
                 except sideio.SideFailure as e:
@@ -182,7 +202,8 @@ class Evacuee:
     def _change(self, op, offset, length, apply):
         self.last_client_request = time.monotonic()
         end = offset + length
-        todo = [r for r in self.map.regions(offset, end) if not self.map.hydrated(r)]
+        todo = [] if self.in_place else [r for r in self.map.regions(offset, end)
+                                         if not self.map.hydrated(r)]
         if not todo:
             token = self.inflight.enter_range(op, offset, end)
             try:
@@ -229,7 +250,11 @@ class Evacuee:
     def copy_range(self, lo, hi):
         """Copy the regions [lo, hi) (region-aligned) from the source to the destination, and
         remember them as copied. Callers hold their range lock. Raises SideFailure."""
-        read, zeroed = sideio.copy(self.source, self.dest, lo, hi)
+        if self.in_place:
+            sideio.cache(self.dest, hi - lo, lo)
+            read, zeroed = hi - lo, 0
+        else:
+            read, zeroed = sideio.copy(self.source, self.dest, lo, hi)
         self.map.mark_copied(self.map.regions(lo, hi))
         return read, zeroed
 
@@ -279,7 +304,9 @@ class Evacuee:
             "size": self.size,
             "in_flight": self.inflight.count,
             "requests": dict(self.inflight.started),
-            "reader": "destination" if self.ended else "destination and source",
+            "reader": "destination" if self.ended else (
+                "destination (the source as its backing)" if self.in_place
+                else "destination and source"),
             "writers": ["destination"],
             "sides": {b.name: {**self.stats[b.name].snapshot(), "timeouts": b.timeouts,
                                "available": b.available} for b in (self.source, self.dest)},
@@ -290,6 +317,7 @@ class Evacuee:
                           "hydrated_regions": self.map.hydrated_count,
                           "bytes_hydrated": done, "bytes_total": total,
                           "complete": self.map.complete, "commits": self.map.commits,
+                          "in_place": self.in_place,
                           "source_read_errors": self.source_read_errors,
                           "failed_reads": list(self.failed_reads)},
         }

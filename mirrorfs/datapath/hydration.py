@@ -45,6 +45,10 @@ from mirrorfs.datapath.state import write_atomically
 
 FILE = "hydration.map"
 FORMAT = 1
+# A map of a hydration in place (the destination reads the source through its runtime backing, and
+# client changes are not committed here): another format, so that nothing that routes reads of
+# unhydrated regions to the source can open it and miss the changes the destination holds there.
+FORMAT_IN_PLACE = 2
 
 
 class HydrationError(DataPathError):
@@ -56,8 +60,9 @@ def _checksum(fields):
 
 
 class HydrationMap:
-    def __init__(self, directory, size, region_size, bits=None):
+    def __init__(self, directory, size, region_size, bits=None, in_place=False):
         self.directory = Path(directory) if directory is not None else None
+        self.format = FORMAT_IN_PLACE if in_place else FORMAT
         self.size = size
         self.region_size = region_size
         self.count = (size + region_size - 1) // region_size
@@ -74,26 +79,32 @@ class HydrationMap:
         self.commits = 0                # batches saved (status)
 
     @classmethod
-    def open(cls, directory, size, region_size):
+    def open(cls, directory, size, region_size, in_place=False):
         """The saved map, or a new empty one (saved at once) if the directory holds none."""
         path = Path(directory) / FILE
+        expected = FORMAT_IN_PLACE if in_place else FORMAT
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            found = cls(directory, size, region_size)
+            found = cls(directory, size, region_size, in_place=in_place)
             found._write(bytes(found.bits))
             return found
         try:
             saved = json.loads(raw)
             if saved.pop("checksum") != _checksum(saved):
                 raise ValueError("checksum mismatch")
-            if saved["format"] != FORMAT:
+            if saved["format"] not in (FORMAT, FORMAT_IN_PLACE):
                 raise ValueError(f"unknown format {saved['format']}")
+            if saved["format"] != expected:
+                made, now = ("through nbdkit", "in place") if in_place else ("in place",
+                                                                           "through nbdkit")
+                raise HydrationError(f"{path} was made by a hydration {made}, not {now}; "
+                                     "refusing to guess where the changes are")
             if saved["size"] != size or saved["region_size"] != region_size:
                 raise ValueError(f"it is for a {saved['size']}-byte disk in regions of "
                                  f"{saved['region_size']}, not {size} in {region_size}")
             bits = zlib.decompress(base64.b64decode(saved["bits"]))
-            found = cls(directory, size, region_size, bits)
+            found = cls(directory, size, region_size, bits, in_place=in_place)
             if len(bits) != len(found.bits) or found.hydrated_count != saved["hydrated"]:
                 raise ValueError("bitmap length or count mismatch")
         except (ValueError, KeyError, TypeError, zlib.error) as e:
@@ -210,7 +221,7 @@ class HydrationMap:
         """Save `bits` (the whole map) atomically."""
         if self.directory is None:
             return
-        fields = {"format": FORMAT, "size": self.size, "region_size": self.region_size,
+        fields = {"format": self.format, "size": self.size, "region_size": self.region_size,
                   "hydrated": sum(bin(b).count("1") for b in bits),
                   "bits": base64.b64encode(zlib.compress(bits)).decode()}
         with self._save_lock:

@@ -50,6 +50,10 @@ class DataPathOptions:
     # The copier starts held, until the supervisor sets its rate (set-rate): its share of the host
     # budget (mirrorfs.host.budget), so a copy never runs unlimited before it has one.
     hold: bool | None = None
+    # With switch_first: the destination's daemon has the source chain as its runtime backing, so
+    # every request goes to the destination and hydration is NBD_CMD_CACHE (copy-on-read in that
+    # daemon: the bytes never cross nbdkit; datapath.evacuee).
+    in_place: bool = False
 
     def __post_init__(self):
         problem = self.problem()
@@ -83,6 +87,8 @@ class DataPathOptions:
             if self.region % self.granularity:
                 return (f"--region {self.region}: with --switch-first, a multiple of the "
                         f"destination's cluster size ({self.granularity})")
+        if self.in_place and not self.switch_first:
+            return "in_place hydrates an evacuation: it needs --switch-first"
         if not math.isfinite(self.io_timeout) or self.io_timeout < 0:
             return f"--io-timeout {self.io_timeout}: expected seconds, 0 for none"
         return None
@@ -125,4 +131,4 @@ def boolean(text):
 
 
 _KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
-          "switch_first": boolean, "hold": boolean}
+          "switch_first": boolean, "hold": boolean, "in_place": boolean}

@@ -90,8 +90,11 @@ class DataPath:
         if not state.switch_first:
             raise RuntimeError(f"the state in {state.directory} is a mirror's, not an evacuation's")
         try:
-            hydration = HydrationMap.open(state.directory, source.size, state.region_size)
-            self.disk = Evacuee(source, dest, hydration, state, granularity=self.options.granularity)
+            in_place = self.options.in_place
+            hydration = HydrationMap.open(state.directory, source.size, state.region_size,
+                                          in_place=in_place)
+            self.disk = Evacuee(source, dest, hydration, state, granularity=self.options.granularity,
+                                in_place=in_place)
         except (HydrationError, ValueError) as e:
             raise RuntimeError(str(e)) from None
         self.copier = Hydrator(self.disk, rate=self.options.rate)

@@ -54,11 +54,14 @@ def _checksum(fields):
 
 class State:
     def __init__(self, directory, *, copy, source, dest, size, region_size, phase=Phase.COPYING,
-                 cursor=0, dirty=(), switch_first=False):
+                 cursor=0, dirty=(), switch_first=False, in_place=False):
         self.directory = Path(directory)
         # How the disk is served until its end: a mirror (changes to both sides), or an evacuation
         # (--switch-first: changes to the destination alone, the source read-only; datapath.evacuee).
         self.switch_first = switch_first
+        # An evacuation hydrating in place (datapath.evacuee): the destination holds every change,
+        # also in regions not hydrated; only this mode may resume it.
+        self.in_place = in_place
         self.copy = copy                # "full": copy everything first; "none": sides start equal
         self.source = source            # identities: {"spec": ..., "size": ...}
         self.dest = dest
@@ -102,6 +105,8 @@ class State:
     def fields(self):
         # Only when set: a mirror's state.json (and its checksum) is as before.
         mode = {"switch_first": True} if self.switch_first else {}
+        if self.in_place:
+            mode["in_place"] = True
         return {"format": FORMAT, **mode, "copy": self.copy, "source": self.source, "dest": self.dest,
                 "size": self.size, "region_size": self.region_size, "phase": self.phase,
                 "cursor": self.cursor, "dirty": sorted(self.dirty)}
@@ -130,14 +135,16 @@ class State:
                 raise ValueError(f"unknown format {saved['format']}")
             copy = saved.get("copy") or _LEGACY_COPY.get(saved.get("mode"), saved.get("mode"))
             switch_first = saved.get("switch_first", False)
+            in_place = saved.get("in_place", False)
             if saved["phase"] not in PHASES or copy not in COPY_MODES or \
-                    not isinstance(switch_first, bool):
+                    not isinstance(switch_first, bool) or not isinstance(in_place, bool):
                 raise ValueError("unknown phase, copy mode or switch_first")
             state = cls(directory, copy=copy, source=saved["source"], dest=saved["dest"],
                         size=int(saved["size"]), region_size=int(saved["region_size"]),
                         phase=saved["phase"],
                         cursor=int(saved["cursor"]) if copy == "full" else int(saved["size"]),
-                        dirty=[int(r) for r in saved["dirty"]], switch_first=switch_first)
+                        dirty=[int(r) for r in saved["dirty"]], switch_first=switch_first,
+                        in_place=in_place)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StateError(f"{path} is corrupt ({e}); refusing to guess. Inspect it, or move it "
                              "away to start over with a full copy") from None
@@ -163,7 +170,8 @@ def write_atomically(directory, name, data):
         os.close(dfd)
 
 
-def open_for(directory, *, copy, source, dest, size, region_size, switch_first=False):
+def open_for(directory, *, copy, source, dest, size, region_size, switch_first=False,
+             in_place=False):
     """The state for this source and destination: loaded if the directory has one (and it is theirs),
     created otherwise. `source` and `dest` are identities (dicts) as the supervisor names them;
     `switch_first`: an evacuation's state; a state of the other mode is refused."""
@@ -180,7 +188,7 @@ def open_for(directory, *, copy, source, dest, size, region_size, switch_first=F
             phase = Phase.COPYING if copy == "full" else Phase.SYNCHRONIZED
         state = State(directory, copy=copy, source=source, dest=dest, size=size,
                       region_size=region_size, phase=phase, cursor=0 if copy == "full" else size,
-                      switch_first=switch_first)
+                      switch_first=switch_first, in_place=in_place)
         state.save()
         return state, False
     for label, saved, given in (("source", state.source, source), ("destination", state.dest, dest)):

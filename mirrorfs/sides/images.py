@@ -79,6 +79,14 @@ def data_bytes(image):
                str(image.path))
     return sum(extent["length"] for extent in json.loads(out)
                if extent.get("data") and not extent.get("zero"))
+def is_empty(image):
+    """Whether the image (ImageInfo, without a backing file) has no cluster allocated at all: not
+    even one that reads as zeros."""
+    out = _run(["qemu-img", "map", "-U", "--output=json", "-f", image.format,
+                os.fspath(image.path)], str(image.path))
+    return not any(extent.get("present") for extent in json.loads(out))
+
+
 # A new overlay holds whatever the guest writes from now on: readable by its owner alone (the user
 # running mirrorfs and its storage daemons), whatever the umask. An operator can share it afterwards.
 OVERLAY_MODE = 0o600
@@ -93,27 +101,38 @@ def refuse_symlink(path, what):
 
 
 def create_overlay(path, backing):
-    """A new qcow2 overlay at `path` on top of the image `backing` (an ImageInfo).
+    """A new qcow2 overlay at `path` on top of the image `backing` (an ImageInfo). The backing is
+    named by its absolute path and format, so the overlay never depends on the directory it is
+    opened from or on format probing. -u: the backing may be open in a storage daemon, and its
+    size is already known."""
+    return _create(path, "qcow2", backing.virtual_size, "overlay",
+                   ["-u", "-b", os.fspath(backing.path), "-F", backing.format])
 
-    The file is created here, exclusively and without following a symlink (O_EXCL | O_NOFOLLOW),
-    mode OVERLAY_MODE; qemu-img then writes the image into that very file through /dev/fd/N, so a
-    path swapped meanwhile cannot redirect it. The backing is named by its absolute path and format,
-    so the overlay never depends on the directory it is opened from or on format probing. -u: the
-    backing may be open in a storage daemon, and its size is already known.
-    """
+
+def create_image(path, fmt, size):
+    """A new, empty image at `path` of `size` bytes with no backing file: the destination of an
+    evacuation (`start --switch-first`), which the hydration fills."""
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError(f"{path}: unsupported format '{fmt}'")
+    return _create(path, fmt, size, "destination image", [])
+
+
+def _create(path, fmt, size, what, options):
+    """The file is created here, exclusively and without following a symlink (O_EXCL |
+    O_NOFOLLOW), mode OVERLAY_MODE; qemu-img then writes the image into that very file through
+    /dev/fd/N, so a path swapped meanwhile cannot redirect it."""
     path = Path(path)
-    refuse_symlink(path, "overlay")
+    refuse_symlink(path, what)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      OVERLAY_MODE)
     except FileExistsError:
-        raise ImageError(f"{path}: already exists; remove it or choose another overlay name") from None
+        raise ImageError(f"{path}: already exists; remove it or choose another name") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot create: {e.strerror}") from None
     try:
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", os.fspath(backing.path),
-              "-F", backing.format, f"/dev/fd/{fd}", str(backing.virtual_size)], str(path),
-             pass_fds=(fd,))
+        _run(["qemu-img", "create", "-q", "-f", fmt, *options, f"/dev/fd/{fd}", str(size)],
+             str(path), pass_fds=(fd,))
         ours = os.fstat(fd)
     except BaseException:
         path.unlink(missing_ok=True)
