@@ -17,6 +17,7 @@ from lib import ceph
 from lib.images import Chains
 from lib.nbdservers import QemuNbd
 from lib.processes import our_processes
+from lib.reconnecting import ReconnectingWriter
 from lib.served import Background, MigrationSetup, Served
 
 REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo", "fio",
@@ -211,3 +212,15 @@ def processes():
     yield start
     for p in reversed(started):         # migrations before the exports they borrowed from
         p.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_writer_left():
+    """Whatever a test did, no reconnecting writer (lib.reconnecting) outlives it."""
+    yield
+    for writer in ReconnectingWriter.live:
+        writer._stop.set()
+        if writer.proc.poll() is None:
+            writer.proc.kill()
+            writer.proc.wait()
+    ReconnectingWriter.live.clear()

@@ -13,10 +13,13 @@ import threading
 import psutil
 import pytest
 
-from conftest import MIRRORFS, MiB, make_base, make_overlay, qemu_io, run, sha256, wait_until
-from test_evacuate import Clients, Model, raw_bytes
-from test_lifecycle import BLOCK, RECONNECT_DELAY, Process, ReconnectingWriter, ctl, status
-from test_lifecycle import no_writer_left  # noqa: F401 (autouse: stops writers a failure left)
+from lib.commands import MIRRORFS, run
+from lib.control import ctl, status
+from lib.evacuation import Clients, Model, raw_bytes
+from lib.images import MiB, make_base, make_overlay, qemu_io, sha256
+from lib.reconnecting import BLOCK, RECONNECT_DELAY, ReconnectingWriter
+from lib.served import Process
+from lib.waits import wait_until
 
 SIZE = 64 * MiB
 

@@ -16,7 +16,7 @@ import pytest
 from lib.commands import MIRRORFS, run
 from lib.control import ctl, status
 from lib.guest import Guest, build, checksums
-from lib.images import MiB, images_identical, make_base, make_overlay
+from lib.images import MiB, images_identical, make_base, make_overlay, sha256
 from lib.readme import check_commands, guest_commands
 from lib.served import MigrationSetup, Process
 from lib.waits import wait_until
@@ -205,8 +205,6 @@ def test_guest_through_an_evacuation(guest_image, workdir):
     command line resumes -> hydrated -> hand-back. The guest reports no I/O error; every file's
     hash matches on the new image, which stands alone; e2fsck -fn is clean; the source image is
     unchanged since the take-over."""
-    from test_lifecycle import Process, ctl, status
-    from conftest import sha256
     started = []
 
     def background(name, *args):

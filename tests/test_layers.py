@@ -145,3 +145,17 @@ def test_an_installed_copy_serves_a_disk(workdir):
         proc.terminate()
         assert proc.wait(30) == 0, (workdir / "installed.out").read_text()
     qemu_io(dest, "read -P 0x3c 1M 64k", fmt="qcow2")
+
+
+def test_no_test_imports_another_or_conftest():
+    """Tests share helpers through tests/lib/ only: a test file importing another test file (or
+    conftest, which holds fixtures alone) couples them and runs the other's module-level code."""
+    tests = ROOT / "tests"
+    own = {p.stem for p in tests.glob("*.py")}
+    wrong = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            wrong += [f"{path.relative_to(ROOT)} imports {n}" for n in names if n.split(".")[0] in own]
+    assert wrong == []

@@ -1,0 +1,103 @@
+"""Clients of an evacuation's tests (tests/test_evacuate*.py): writers at odd offsets and sizes in
+stripes of their own, with FUA, a reader of regions nobody writes, and the model of what the disk
+must read (the source's bytes, then every acknowledged write)."""
+
+import random
+import threading
+
+import nbd
+
+from lib.commands import run
+from lib.images import MiB
+
+STRIPE = 256 * 1024
+WRITERS = 3
+
+
+class Model:
+    """The disk as it must read: the source's bytes, then every acknowledged write; and each
+    writer's write in flight (it may or may not be there after a kill)."""
+
+    def __init__(self, content, written=None):
+        self.expected = bytearray(content)
+        self.size = len(content)
+        self.written = written or self.size * 3 // 4    # writers stay below; the reader checks above
+        self.maybe = {}
+        self.writes = 0
+        self.reads = 0
+        self.errors = []
+        self.killing = threading.Event()
+        self.lock = threading.Lock()
+
+
+def writer(uri, rng, index, model, stop):
+    h = nbd.NBD()
+    stripes = model.written // STRIPE
+    try:
+        h.connect_uri(uri)
+        while not stop.is_set():
+            stripe = rng.randrange(index, stripes, WRITERS)
+            offset = stripe * STRIPE + rng.randrange(0, STRIPE - 1)
+            length = rng.randrange(1, min(70000, stripe * STRIPE + STRIPE - offset) + 1)
+            data = rng.randbytes(length)
+            with model.lock:
+                model.maybe[index] = (offset, data)
+            h.pwrite(data, offset, nbd.CMD_FLAG_FUA)
+            with model.lock:
+                model.expected[offset:offset + length] = data
+                del model.maybe[index]
+                model.writes += 1
+            if rng.random() < 0.2:          # read back part of the own stripe
+                a = stripe * STRIPE + rng.randrange(0, STRIPE - 1)
+                b = rng.randrange(a + 1, stripe * STRIPE + STRIPE + 1)
+                got = h.pread(b - a, a)
+                if got != bytes(model.expected[a:b]):
+                    model.errors.append(f"writer {index}: read [{a}, {b}) differs")
+                    return
+    except nbd.Error as e:
+        if not model.killing.is_set():
+            model.errors.append(f"writer {index}: {e}")
+
+
+def reader(uri, rng, model, stop):
+    """Reads of the part nobody writes, across region boundaries, at odd offsets."""
+    h = nbd.NBD()
+    try:
+        h.connect_uri(uri)
+        while not stop.is_set():
+            a = rng.randrange(model.written, model.size - 1)
+            b = rng.randrange(a + 1, min(model.size, a + 3 * MiB) + 1)
+            if h.pread(b - a, a) != bytes(model.expected[a:b]):
+                model.errors.append(f"reader: [{a}, {b}) differs from the source")
+                return
+            model.reads += 1
+    except nbd.Error as e:
+        if not model.killing.is_set():
+            model.errors.append(f"reader: {e}")
+
+
+class Clients:
+    def __init__(self, uri, seed, model):
+        self.model = model
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=writer, args=(uri, random.Random(seed * 10 + i), i,
+                                                              model, self.stop))
+                        for i in range(WRITERS)]
+        self.threads.append(threading.Thread(target=reader, args=(uri, random.Random(seed), model,
+                                                                  self.stop)))
+        for t in self.threads:
+            t.start()
+
+    def join(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+        assert not self.model.errors, self.model.errors
+
+
+def raw_bytes(workdir, image, name):
+    out = workdir / f"{name}.raw"
+    run("qemu-img", "convert", "-U", "-O", "raw", image, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data

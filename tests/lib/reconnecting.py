@@ -1,0 +1,66 @@
+"""A client that reconnects (QEMU's NBD client with reconnect-delay, in qemu-io), writing one block at
+a time: the life-of-a-disk tests ask whether any of its writes failed and whether each is on the disk
+afterwards (tests/test_lifecycle.py, tests/test_evacuate_start.py, the guest tests)."""
+
+import subprocess
+import threading
+import time
+
+from lib.images import qemu_io
+
+BLOCK = 16 * 1024
+BLOCKS = 3000              # 48 MiB at most: a writer never runs out before the test stops it
+RECONNECT_DELAY = 30
+
+
+class ReconnectingWriter:
+    """qemu-io with QEMU's NBD client and reconnect-delay, fed one write at a time on its standard
+    input until stopped: block i gets pattern (i % 250) + 1. Every write it was told failed is
+    counted; `stop()` returns the blocks written."""
+
+    live = []                   # for the fixture that stops them whatever happens
+
+    def __init__(self, socket_path, blocks=BLOCKS, spacing=0.01):
+        self.blocks = blocks
+        self.proc = subprocess.Popen(
+            ["qemu-io", "--image-opts",
+             f"driver=nbd,server.type=unix,server.path={socket_path},reconnect-delay={RECONNECT_DELAY}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._spacing = spacing
+        self._thread = threading.Thread(target=self._feed, daemon=True)
+        self._thread.start()
+        ReconnectingWriter.live.append(self)
+
+    def _feed(self):
+        while not self._stop.is_set() and self.sent < self.blocks:
+            i = self.sent
+            self.proc.stdin.write(f"write -P {i % 250 + 1} {i * BLOCK} {BLOCK}\n")
+            self.proc.stdin.flush()
+            self.sent += 1
+            time.sleep(self._spacing)
+
+    def wait_sent(self, n, timeout=60):
+        deadline = time.monotonic() + timeout
+        while self.sent < n:
+            assert time.monotonic() < deadline, f"only {self.sent} writes sent"
+            time.sleep(0.01)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+        out, _ = self.proc.communicate("quit\n", timeout=RECONNECT_DELAY + 60)
+        lines = [line.removeprefix("qemu-io> ") for line in out.splitlines()]
+        failed = [line for line in lines if "failed" in line or "error" in line.lower()]
+        assert failed == [], f"{len(failed)} writes failed, e.g. {failed[:3]}"
+        wrote = sum(line.startswith("wrote ") for line in lines)
+        assert wrote == self.sent, f"{wrote} of {self.sent} writes acknowledged"
+        return self.sent
+
+    def check(self, target, fmt="raw"):
+        """Every block written reads back from `target` (a URI or an image file)."""
+        count = self.sent
+        for first in range(0, count, 200):
+            qemu_io(target, *[f"read -P {i % 250 + 1} {i * BLOCK} {BLOCK}"
+                              for i in range(first, min(first + 200, count))], fmt=fmt)
