@@ -231,8 +231,8 @@ def test_corrupt_state_is_refused_not_reset(pair, workdir):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--copy", "bogus"], "invalid choice"),
-    (["--on-dest-error", "maybe"], "invalid choice"),
+    (["--copy", "bogus"], "--copy 'bogus': expected one of none, full"),
+    (["--on-dest-error", "maybe"], "--on-dest-error 'maybe': expected one of fail, degrade"),
     (["--rate", "0"], "--rate"),
     (["--rate", "fast"], "--rate"),
     (["--region", "3M"], "power of two"),
