@@ -156,6 +156,13 @@ def test_evacuation_with_clients_writing(workdir, pair):
     assert sha256(src) == source_hash
 
 
+def _mentions(proc, workdir):
+    try:
+        return os.fspath(workdir) in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _victims(proc, which):
     children = proc.children(recursive=True)
     if which == "supervisor":
@@ -201,7 +208,9 @@ def kill_9_and_resume(workdir, pair, victim, seed):
         for p in victims:
             p.kill()
         proc.wait(60)
-        kill_rest = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+        # What the kill left of this test's tree (not the session's Ceph cluster, also our child).
+        kill_rest = [p for p in psutil.Process().children(recursive=True)
+                     if p.is_running() and _mentions(p, workdir)]
         psutil.wait_procs(kill_rest, timeout=30)
         clients.stop.set()
         for t in clients.threads:
