@@ -31,7 +31,7 @@ from pathlib import Path
 from mirrorfs.common.phases import Phase
 from mirrorfs.control.controller import Controller, PhaseError
 from mirrorfs.control.migration import Migration
-from mirrorfs.control.mirror import hydration_progress, switch_first_refusal
+from mirrorfs.control.mirror import Hydrating, hydration_progress, switch_first_refusal
 from mirrorfs.daemons.tree import ProcessTree
 from mirrorfs.datapath.state import FILE as STATE_FILE
 from mirrorfs.errors import UsageError
@@ -41,7 +41,7 @@ from mirrorfs.sides import images
 HYDRATION_FILE = "hydration.map"
 
 
-class Evacuation(Migration):
+class Evacuation(Hydrating, Migration):
     """    e = Evacuation("/old/vm1.qcow2", "/new", ServeOptions(socket=..., state_dir=...,
                                                            switch_first=True, copy="full"))
         e.start()       # /new/vm1.qcow2 created and serving; hydration runs in the background
@@ -135,15 +135,6 @@ class Evacuation(Migration):
         return None
 
     # Running.
-
-    def check(self, seen):
-        super().check(seen)
-        if self.phase == Phase.HYDRATING:
-            dp = self.tree.datapath_status()
-            if dp.get("ended") == Phase.SWITCHED:
-                with self.internal_change():
-                    self.tree.release_source()
-                    self.enter(Phase.HYDRATED, **hydration_progress(dp))
 
     def copy(self, rate=None, wait=True):
         raise PhaseError("nothing to copy: with --switch-first the hydration copies the disk by "

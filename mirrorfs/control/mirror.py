@@ -22,7 +22,21 @@ from mirrorfs.errors import Error
 from mirrorfs.daemons.tree import ProcessTree
 
 
-class Mirror(Controller):
+class Hydrating:
+    """What a controller of an evacuation (serve's Mirror, start's Evacuation) does on each look:
+    once the data path says the hydration ended, release the source and say `hydrated`."""
+
+    def check(self, seen):
+        super().check(seen)
+        if self.phase == Phase.HYDRATING:
+            dp = self.tree.datapath_status()
+            if dp.get("ended") == Phase.SWITCHED:
+                with self.internal_change():
+                    self.tree.release_source()
+                    self.enter(Phase.HYDRATED, **hydration_progress(dp))
+
+
+class Mirror(Hydrating, Controller):
     """    with Mirror("disk.qcow2", "nbd://remote/", ServeOptions(socket=..., copy="full")) as m:
             m.run(stop_event)     # or: m.pivot() once synchronized
     """
@@ -66,15 +80,6 @@ class Mirror(Controller):
 
     def __exit__(self, *exc):
         self.stop()
-
-    def check(self, seen):
-        super().check(seen)
-        if self.phase == Phase.HYDRATING:
-            dp = self.tree.datapath_status()
-            if dp.get("ended") == Phase.SWITCHED:
-                with self.internal_change():
-                    self.tree.release_source()
-                    self.enter(Phase.HYDRATED, **hydration_progress(dp))
 
     def shown_phase(self):
         if self.phase != Phase.MIRRORING:
