@@ -77,6 +77,7 @@ class Job:
 
 JOBS = (
     Job("4k-randwrite", "4k randwrite qd16", ("--rw=randwrite", "--bs=4k", "--iodepth=16"), ("write",)),
+    Job("4k-randwrite-qd1", "4k randwrite qd1", ("--rw=randwrite", "--bs=4k", "--iodepth=1"), ("write",)),
     Job("4k-randread", "4k randread qd16", ("--rw=randread", "--bs=4k", "--iodepth=16"), ("read",)),
     Job("1m-write", "1M seq write qd4", ("--rw=write", "--bs=1m", "--iodepth=4"), ("write",)),
     Job("1m-read", "1M seq read qd4", ("--rw=read", "--bs=1m", "--iodepth=4"), ("read",)),
@@ -250,6 +251,10 @@ class Target:
     def check(self):
         pass
 
+    def processes(self):
+        """{role: pid} of the processes that serve the client (--cpu)."""
+        return {}
+
     def diagnose(self):
         """After a failed job: save what could explain it somewhere that outlives the work
         directory, and return that path (or None)."""
@@ -278,6 +283,7 @@ class MirrorfsTarget(Target):
         """`mirrorfs serve SOURCE DEST`, its socket and log in `directory` (bench_remote.py's
         mirrorfs target calls this with a remote DEST)."""
         self.socket = sockets.check_unix_path(directory / "mirrorfs.sock")
+        self.source_spec = str(source)      # which storage daemon is the source's (processes())
         self.server = Child("mirrorfs serve", [*MIRRORFS, "serve", source, dest,
                                                "--socket", self.socket, "--cache", cache],
                             directory / "mirrorfs.log")
@@ -299,6 +305,17 @@ class MirrorfsTarget(Target):
     def nbdkit_processes(self):
         return [p for p in psutil.Process(self.server.pid).children(recursive=True)
                 if p.name() == "nbdkit"]
+
+    def processes(self):
+        found = {"mirrorfs: supervisor": self.server.pid}
+        for p in psutil.Process(self.server.pid).children(recursive=True):
+            if p.name() == "nbdkit":
+                found["mirrorfs: nbdkit (the data path)"] = p.pid
+            elif self.source_spec in " ".join(p.cmdline()):
+                found["mirrorfs: source storage daemon"] = p.pid
+            else:
+                found["mirrorfs: destination storage daemon"] = p.pid
+        return found
 
     def diagnose(self):
         """A job that overstays its runtime means requests stuck in the data path: where nbdkit's
@@ -330,6 +347,9 @@ class DirectTarget(Target):
 
     def check(self):
         check_alive(self.daemon.child)
+
+    def processes(self):
+        return {"storage daemon": self.daemon.child.pid}
 
     def stop(self):
         self.daemon.stop()
@@ -390,6 +410,9 @@ class QemuMirrorTarget(Target):
         if job is None or not job["ready"] or job["io-status"] != "ok":
             raise BenchError(f"the mirror job is no longer active and ready: {job}")
 
+    def processes(self):
+        return {"qemu: storage daemon (the mirror)": self.daemon.child.pid}
+
     def stop(self):
         self.daemon.stop()
 
@@ -419,6 +442,9 @@ class NbdProxyTarget(Target):
 
     def check(self):
         check_alive(self.daemon.child, self.nbdkit)
+
+    def processes(self):
+        return {"storage daemon": self.daemon.child.pid, "nbdkit (nbd plugin)": self.nbdkit.pid}
 
     def stop(self):
         self.nbdkit.stop()
@@ -457,15 +483,74 @@ def direction_metrics(stats):
             "p99_us": percentiles.get("99.000000", 0) / 1000}
 
 
-def run_job(uri, job, config):
-    """{row label: metrics} of one fio run of `job` against `uri`."""
+def run_job(uri, job, config, processes=None):
+    """{row label: metrics} of one fio run of `job` against `uri`. With `processes` ({role: pid}),
+    each row also holds the CPU each of them spent per request (CPU + role), measured over fio's
+    measured time (after its ramp)."""
+    meter = CpuMeter(processes or {}, after=config.ramp)
     out = run_tool(fio_argv(uri, config.size, job.args, config.runtime, config.ramp),
                    timeout=config.runtime + config.ramp + FIO_GRACE)
+    spent = meter.rates()
     result = parse_fio(out)
     rows = {label: direction_metrics(result[d]) for label, d in job.rows()}
     if not any(m["iops"] > 0 for m in rows.values()):
         raise BenchError("fio completed no I/O")
+    iops = sum(m["iops"] for m in rows.values())
+    for m in rows.values():
+        # A process's CPU rate over the job's request rate: its CPU per request (all directions:
+        # a mixed job's rows share their processes).
+        m.update({CPU + role: rate / iops * 1e6 for role, rate in spent.items()})
+        m["fio_cpu_us"] = (result["usr_cpu"] + result["sys_cpu"]) / 100 / iops * 1e6 \
+            * int(dict(a.split("=", 1) for a in job.args if "=" in a).get("--numjobs", 1))
     return rows
+
+
+# Where the CPU goes (--cpu): what each process of a target spends per request. On two cores every
+# process competes with fio and the others, so a job is bound by their sum, not by one of them.
+
+CPU = "cpu_us:"             # a row's keys: CPU + role -> microseconds of CPU per request
+
+
+def cpu_seconds(processes):
+    """{role: user + system CPU seconds so far} of {role: pid}; a process gone is left out."""
+    found = {}
+    for role, pid in processes.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        found[role] = t.user + t.system
+    return found
+
+
+class CpuMeter:
+    """The CPU rate of each process between `after` seconds from now (the end of fio's ramp) and
+    `rates()`."""
+
+    def __init__(self, processes, after):
+        self._processes = processes
+        self._start = None
+        self._timer = threading.Timer(after, self._begin)
+        if processes:
+            self._timer.start()
+
+    def _begin(self):
+        self._start = (cpu_seconds(self._processes), time.monotonic())
+
+    def rates(self):
+        self._timer.cancel()
+        if self._start is None:
+            return {}
+        before, started = self._start
+        elapsed = time.monotonic() - started
+        return {role: (cpu - before.get(role, 0.0)) / elapsed
+                for role, cpu in cpu_seconds(self._processes).items()}
+
+
+def cpu_parts(row):
+    """{role: CPU microseconds per request} of one row, largest first."""
+    parts = {k[len(CPU):]: v for k, v in row.items() if k.startswith(CPU)}
+    return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
 # The matrix: every target, every job, K times.
@@ -479,7 +564,8 @@ def measure_target(kind, disk, config, log):
         with kind(disk) as target:
             for job in config.jobs:
                 try:
-                    found = run_job(target.uri, job, config)
+                    found = run_job(target.uri, job, config,
+                                    target.processes() if config.cpu else None)
                 except BenchError as e:
                     saved = target.diagnose()
                     detail = f"{e}" + (f" (stacks and log saved in {saved})" if saved else "")
@@ -840,10 +926,26 @@ def print_report(report, config):
     print(f"\n{'mirrorfs IOPS relative to':32} " + " ".join(f"{name:>21}" for name, _ in RATIOS))
     for label, found in report["ratios"].items():
         print(f"{label:32} " + " ".join(f"{fmt(found.get(name), '21.2f')}" for name, _ in RATIOS))
+    if config.cpu:
+        print_cpu(report, config)
     print_extras(report)
     print(f"\nelapsed: {report['elapsed_s']:.0f} s")
     for error in report["errors"]:
         print(f"ERROR: {error}")
+
+
+def print_cpu(report, config):
+    print("\nCPU per request, microseconds (each process's CPU rate over the job's IOPS, medians; "
+          "fio's own in the last column):")
+    for label in row_labels(config):
+        for kind in config.targets:
+            row = report["results"].get(kind.name, {}).get(label)
+            if not row:
+                continue
+            parts = cpu_parts(row)
+            print(f"  {label:30} {kind.name:12} total {sum(parts.values()):5.0f}: "
+                  + ", ".join(f"{role} {v:.0f}" for role, v in parts.items() if v >= 1)
+                  + f"; fio {row.get('fio_cpu_us', 0):.0f}")
 
 
 def print_extras(report):
@@ -916,6 +1018,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", choices=storage.CACHE_MODES, default="auto",
                    help="every storage daemon's use of the host page cache, as mirrorfs serve "
                         "--cache (default auto: none where the work directory allows O_DIRECT)")
+    p.add_argument("--cpu", action="store_true",
+                   help="also measure and print the CPU each process spends per request")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,18 +41,13 @@ sys.path.insert(0, str(HERE.parent / "tests"))      # for tests/lib/
 
 import bench                                    # noqa: E402  (scripts/bench.py)
 from lib import ceph                            # noqa: E402  (tests/lib/ceph.py)
-from bench import (MIRRORFS, BenchError, Job, MiB, GiB, MB, StorageExport, check_alive,  # noqa: E402
+from bench import (MIRRORFS, BenchError, MiB, GiB, MB, StorageExport, check_alive,  # noqa: E402
                    qcow2_node, run_job, run_tool, wait_for_output)
 from mirrorfs.system import sockets              # noqa: E402
 from mirrorfs.system.children import Child             # noqa: E402
 
 DELAY_MS = 1            # the default remote's delay, nbd-1ms
-JOBS = (
-    Job("4k-randwrite-qd1", "4k randwrite qd1", ("--rw=randwrite", "--bs=4k", "--iodepth=1"),
-        ("write",)),
-    bench.JOBS[0],                                                        # 4k randwrite qd16
-    bench.JOBS[2],                                                        # 1M seq write qd4
-)
+JOBS = tuple(job for job in bench.JOBS if job.key in ("4k-randwrite-qd1", "4k-randwrite", "1m-write"))
 
 
 # The remote destinations. Each makes a fresh image per use and tears it down after.
@@ -162,45 +156,20 @@ class QemuMirror(bench.QemuMirrorTarget):
         self.daemon = StorageExport(d, "mirror", graph, "source", monitor=True)
 
 
-# Where the CPU goes: what each process of a measurement spends per request (--cpu). On this kind
-# of machine the remote shares the CPUs with the mirror and fio, so a job can be bound by CPU, not
-# by the remote's latency; this says which process pays. fio itself is not counted.
+# Where the CPU goes (--cpu, measured by bench.run_job): the remote shares the CPUs with the mirror
+# and fio on this kind of machine, so a job can be bound by CPU, not by the remote's latency; this
+# says which process pays.
 
-CPU = "cpu_us:"             # the metrics' keys: CPU + role -> microseconds of CPU per request
-
-
-def roles(target, image, source):
-    """{role: psutil.Process} of the processes one measurement runs."""
-    found = {}
+def roles(target, image):
+    """{role: pid} of the processes one measurement runs: the mirror's and the remote's."""
+    found = dict(target.processes())
     if isinstance(image, DelayedNbdImage):
         found["remote: storage daemon"] = image.export.child.pid
         found["remote: delay filter's nbdkit"] = image.nbdkit.pid
     else:
         for name, child in image.cluster.daemons.items():
             found[f"remote: ceph-{name.split('.')[0]}"] = child.pid
-    if isinstance(target, Mirrorfs):
-        for p in psutil.Process(target.server.pid).children(recursive=True):
-            if p.name() == "nbdkit":
-                found["mirrorfs: nbdkit (the data path)"] = p.pid
-            elif str(source) in " ".join(p.cmdline()):
-                found["mirrorfs: source storage daemon"] = p.pid
-            else:
-                found["mirrorfs: destination storage daemon"] = p.pid
-        found["mirrorfs: supervisor"] = target.server.pid
-    else:
-        found["qemu: storage daemon (the mirror)"] = target.daemon.child.pid
-    return {role: psutil.Process(pid) for role, pid in found.items() if pid}
-
-
-def cpu_seconds(processes):
-    found = {}
-    for role, p in processes.items():
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        found[role] = t.user + t.system
-    return found
+    return {role: pid for role, pid in found.items() if pid}
 
 
 def measure(remote, kind, workdir, config, log):
@@ -215,16 +184,9 @@ def measure(remote, kind, workdir, config, log):
         image.start()
         target = kind(d, source, image)
         target.start()
-        processes = roles(target, image, source)
+        processes = roles(target, image) if config.cpu else None
         for job in config.jobs:
-            before, started = cpu_seconds(processes), time.monotonic()
-            found = run_job(target.uri, job, config)
-            spent = {role: (cpu - before.get(role, 0.0)) / (time.monotonic() - started)
-                     for role, cpu in cpu_seconds(processes).items()}
-            for m in found.values():
-                # CPU rate over I/O rate: the CPU time each process spends per request.
-                m.update({CPU + role: rate / m["iops"] * 1e6 if m["iops"] else 0.0
-                          for role, rate in spent.items()})
+            found = run_job(target.uri, job, config, processes)
             rows.update(found)
             log(f"  {remote.name:8} {kind.name:12} {job.label:20} "
                 + ", ".join(f"{m['iops']:,.0f} IOPS" for m in found.values()))
@@ -314,11 +276,10 @@ def print_report(report, config):
                     m = rows.get(kind, {}).get(job.label)
                     if not m:
                         continue
-                    parts = {k[len(CPU):]: v for k, v in m.items() if k.startswith(CPU)}
-                    largest = sorted(parts.items(), key=lambda kv: -kv[1])
+                    parts = bench.cpu_parts(m)
                     print(f"  {remote:8} {job.label:20} {kind:12} "
                           f"total {sum(parts.values()):6.0f}: "
-                          + ", ".join(f"{role} {v:.0f}" for role, v in largest if v >= 1))
+                          + ", ".join(f"{role} {v:.0f}" for role, v in parts.items() if v >= 1))
     print(f"\nfull copy of a fully written {config.size // MiB} MiB qcow2 to a fresh remote image "
           f"(median of {config.runs} run(s)):")
     for remote, found in report.get("copy", {}).items():

@@ -13,8 +13,18 @@ BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 TARGETS = ("mirrorfs", "direct", "qemu-mirror", "nbd-proxy")
 
 
+# The processes whose CPU --cpu measures per target (issue #21: where a request's CPU goes).
+ROLES = {
+    "mirrorfs": {"mirrorfs: supervisor", "mirrorfs: nbdkit (the data path)",
+                 "mirrorfs: source storage daemon", "mirrorfs: destination storage daemon"},
+    "direct": {"storage daemon"},
+    "qemu-mirror": {"qemu: storage daemon (the mirror)"},
+    "nbd-proxy": {"storage daemon", "nbdkit (nbd plugin)"},
+}
+
+
 def test_quick_bench_measures_every_target():
-    res = run(sys.executable, BENCH, "--quick", "--json", check=False, timeout=300)
+    res = run(sys.executable, BENCH, "--quick", "--json", "--cpu", check=False, timeout=300)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["errors"] == []
@@ -23,6 +33,11 @@ def test_quick_bench_measures_every_target():
         assert rows, f"no results for {target}"
         for label, row in rows.items():
             assert row["iops"] > 0, f"{target} {label}: {row}"
+            cpu = {k.removeprefix("cpu_us:"): v for k, v in row.items() if k.startswith("cpu_us:")}
+            assert set(cpu) == ROLES[target], f"{target} {label}: {cpu}"
+            # Every process that serves a request spends CPU on it (the supervisor may not).
+            assert all(v > 0 for role, v in cpu.items() if role != "mirrorfs: supervisor"), cpu
+            assert row["fio_cpu_us"] > 0
     assert report["copy"]["nbdcopy"]["mbps"] > 0
     assert report["switch"]["probe_around_switch"]["requests"] > 0
     assert set(report["rss"]) == {"64 MiB", "1 TiB sparse"}
