@@ -73,8 +73,8 @@ class Nbdkit(Child):
                 "--threads", threads, *access.nbdkit_options()]
         if readonly:
             argv.append("--readonly")
-        # parent=: the data path exits with us even while an idle client holds nbdkit on SIGTERM
-        # (mirrorfs/datapath/lifeline.py).
+        # parent=: the data path makes SIGKILL nbdkit's death signal again once nbdkit has set its
+        # own, and checks that we are still its parent (mirrorfs/datapath/lifeline.py).
         params = {**params, "parent": os.getpid()}
         argv += ["python", NBDKIT_SCRIPT] + [f"{k}={v}" for k, v in params.items()] + EXPORT_PARAMS
         # nbdkit's embedded interpreter is /usr/bin/python3, not our venv: show it where we live.
@@ -86,7 +86,9 @@ class Nbdkit(Child):
         # it does not exit at all (then the restarted supervisor finds the socket "in use").
         # Killed, it answers nothing, and the restart serves what the clients send again. A write
         # that reached one side only is covered by the write intent (with a state directory).
-        # (nbdkit's own --exit-with-parent is not used: it sets the same kernel hook to SIGTERM.)
+        # nbdkit 1.32 sets that kernel hook to SIGTERM itself at start-up (without being asked:
+        # no --exit-with-parent here), so the data path sets SIGKILL again in its after_fork; the
+        # one here covers the exec until nbdkit's own.
         super().__init__("nbdkit", argv, rundir / "nbdkit.log", pidfile=pidfile,
                          child_setup=_activation([s.fileno() for s in listeners], pythonpath),
                          pdeathsig=signal.SIGKILL)

@@ -20,7 +20,7 @@ from here: the constants both halves must agree on live here, once.
     copier.py          copies what may differ (full mode's first pass, regions to copy again)
     state.py           the state journal in the state directory: what survives kill -9
     threadstate.py     one Python thread state per nbdkit worker thread (speed)
-    lifeline.py        the data path ends, quiesced, when its supervisor dies
+    lifeline.py        nbdkit is killed with its supervisor, before a storage daemon stops
     histogram.py       a per-side latency histogram, no lock on the request path (metrics)
     evacuee.py         switch-first evacuation: what happens to each request (docs/EVACUATION.md)
     hydration.py       its crash-safe hydration map, with a group commit

@@ -47,13 +47,14 @@ def get_ready():
 
 
 def after_fork():
-    # nbdkit ends only by its supervisor's SIGKILL once the data path is quiesced, or by the
-    # lifeline when the supervisor is gone. SIGTERM, which nbdkit also asks the kernel for when its
-    # parent dies, would make nbdkit answer the requests it holds with ESHUTDOWN: a reconnecting
-    # client passes that to its guest, where an unanswered request is simply sent again. (Here,
-    # not earlier: nbdkit installs its own handlers after config_complete.)
+    # nbdkit ends only by SIGKILL: its supervisor's once the data path is quiesced, or the kernel's
+    # when the supervisor dies (start_threads sets it back as nbdkit's death signal, see
+    # mirrorfs.datapath.lifeline). SIGTERM, which nbdkit asks the kernel for at start-up, would make
+    # nbdkit answer the requests it holds with ESHUTDOWN: a reconnecting client passes that to its
+    # guest, where an unanswered request is simply sent again. (Here, not earlier: nbdkit installs
+    # its own handlers after config_complete.)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # Threads must start after nbdkit's fork (if it forks).
+    # Threads must start after nbdkit's fork (if it forks). This is nbdkit's main thread.
     _plugin.start_threads()
 
 

@@ -42,7 +42,7 @@ SEQUENTIAL_WAIT_MAX = 128 * 1024
 MAX_EFFECT = 1 << 30
 # A request whose authoritative side lost its connection (not: refused the request) is sent again on
 # a new connection for this long before the client hears of it. The side may be restarting; or the
-# whole process tree is going down (a restart, the supervisor's death), and then the client must get
+# whole process tree is going down (a restart), and then the client must get
 # no answer at all rather than an error: a reconnecting client sends the request again to whatever
 # serves the socket next (QEMU's reconnect-delay), but passes an error on to its guest.
 RESEND_FOR = 30.0

@@ -1,54 +1,42 @@
-"""The data path ends with its supervisor.
+"""The data path ends with its supervisor: killed by the kernel, in the same instant as the storage
+daemons are told to stop.
 
-nbdkit gets SIGTERM from the kernel when mirrorfs dies (PR_SET_PDEATHSIG; nbdkit sets it itself,
-overriding whatever signal its parent asked for), but nbdkit 1.32 with the python plugin does not
-exit on SIGTERM while a client is connected and idle, and a VM's client always is. The orphan kept the
-disk's socket, so the same command line was refused until the client happened to send something.
+The supervisor starts nbdkit with PR_SET_PDEATHSIG=SIGKILL (mirrorfs.system.children), but nbdkit
+1.32 sets its own parent-death signal, SIGTERM, at start-up (strace shows the prctl without
+--exit-with-parent on its command line), and the data path ignores SIGTERM (on it nbdkit answers the requests it holds
+with ESHUTDOWN; see mirrorfs.datapath.callbacks). So `arm()` sets SIGKILL again, from nbdkit's main
+thread (the kernel keeps the setting per thread, and this one lives as long as the process).
 
-So the data path watches the supervisor itself: a thread blocks on a pidfd of the supervisor's
-process (no polling) and, when it exits, ends nbdkit the way the supervisor would have: new requests
-held, those in flight finished on both sides, both sides flushed (the storage daemons are being
-stopped at the same moment, so this is best effort), then `_exit`. Nothing a client was told is lost
-either way: a change is acknowledged only after both sides answered, a flush only after both sides
-flushed, so every acknowledged change is already in both storage daemons, which close their images
-cleanly on their own SIGTERM. Requests not yet acknowledged end as in any crash (docs/GUARANTEES.md).
+Why SIGKILL, and why at that instant: when the supervisor dies, the kernel signals all its children
+at once, under one lock: the storage daemons get SIGTERM, drop their NBD connections and close their
+images; nbdkit gets SIGKILL and runs no more code. Had nbdkit lived on for even a few milliseconds
+(it did: a thread waited on a pidfd of the supervisor, then quiesced the disk for up to 2 s), a write
+the source had done and the destination lost with its connection failed under `--on-dest-error
+fail`, and the client got EINVAL (nbdkit's wire errno for ENOTCONN): QEMU passes that to its guest
+as an I/O error, where a request left unanswered is sent again to whatever serves the socket next
+(`tests/test_supervisor_death.py`). Killed, nbdkit answers nothing. Nothing a client was told is
+lost: a change is acknowledged only after both sides answered, a flush only after both sides
+flushed, and the storage daemons close their images cleanly on their SIGTERM; a change that reached
+one side only is covered by the write intent (docs/GUARANTEES.md).
 
 This module runs inside nbdkit's embedded interpreter: standard library only.
 """
 
-import logging
+import ctypes
 import os
-import select
-import threading
+import signal
 
-log = logging.getLogger("mirrorfs")
-
-# nbdkit's exit status when its supervisor vanished (nobody reads it but a debugger).
-EXIT_ORPHANED = 3
+_PR_SET_PDEATHSIG = 1
 
 
-def watch(parent_pid, on_death):
-    """Call `on_death()` in a thread of its own once process `parent_pid` has exited (at once if it
-    already has), then end this process."""
-    def run():
-        try:
-            fd = os.pidfd_open(parent_pid)
-        except ProcessLookupError:
-            fd = None
-        # A parent that died before the pidfd was opened, its pid maybe reused since: we were
-        # reparented, so getppid() tells.
-        if fd is not None and os.getppid() == parent_pid:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            while not poller.poll():
-                pass
-        log.error("mirrorfs (pid %d) is gone: stopping the data path", parent_pid)
-        try:
-            on_death()
-        except BaseException as e:      # whatever happens, this process must end
-            log.error("stopping after the supervisor died: %s", e)
-        finally:
-            logging.shutdown()
-            os._exit(EXIT_ORPHANED)
-
-    threading.Thread(target=run, name="lifeline", daemon=True).start()
+def arm(parent_pid):
+    """Be killed (SIGKILL) when the supervisor `parent_pid` dies; at once if it already has. Call it
+    from nbdkit's main thread, after nbdkit's own start-up (the plugin's after_fork)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    # A supervisor that died before the prctl sent its signal (nbdkit's SIGTERM, ignored) already:
+    # we were reparented, which getppid() tells.
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -11,7 +11,7 @@ The control socket (the supervisor is its only client) takes:
     {"cmd": "quiesce"}                                  before the process stops
     {"cmd": "set-rate", "rate": N}                      the copier's limit (the host budget's share)
 
-When the supervisor dies (`parent`), the data path ends itself the same way (see lifeline).
+When the supervisor dies (`parent`), the kernel kills nbdkit at once (see lifeline).
 
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
@@ -117,7 +117,10 @@ class DataPath:
         return state
 
     def start_threads(self):
-        """After nbdkit's fork (if it forks): the control socket and the copier."""
+        """After nbdkit's fork (if it forks), in its main thread: the death signal (lifeline), the
+        control socket and the copier."""
+        if self.options.parent is not None:
+            lifeline.arm(self.options.parent)
         path = self.options.control
         if path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -134,13 +137,6 @@ class DataPath:
         if timeout > 0 and self.disk.dest is not None:
             threading.Thread(target=self._watch, args=(timeout,), name="request watchdog",
                              daemon=True).start()
-        if self.options.parent is not None:
-            lifeline.watch(self.options.parent, self._orphaned)
-
-    def _orphaned(self):
-        """The supervisor died: what it would have done before stopping nbdkit (quiesce)."""
-        if self.disk is not None:
-            self.disk.quiesce(timeout=2.0)
 
     def _watch(self, timeout):
         """Cut the connections of a mirror side whose request has waited `timeout` seconds, waking

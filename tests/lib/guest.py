@@ -251,6 +251,15 @@ class Guest:
             self.argv += ["-chardev", f"socket,id=ctl,path={self.ctl_path},server=on,wait=off",
                           "-serial", "chardev:ctl"]
         self.argv += qemu_args
+        if os.environ.get("MIRRORFS_GUEST_TRACE"):
+            # Post-mortem of a guest I/O error: the kernel's error lines on the console, and QEMU's
+            # NBD client events (every reply's errno, each reconnect) in its log.
+            self.argv[self.argv.index("-append") + 1] += " loglevel=4"
+            for event in ("nbd_receive_simple_reply", "nbd_receive_structured_reply_chunk",
+                          "nbd_co_request_fail", "nbd_read_reply_entry_fail", "nbd_reconnect_*",
+                          "nbd_client_handshake*", "nbd_connect_thread_sleep",
+                          "nbd_server_error_msg", "nbd_unknown_error", "nbd_*_compliance"):
+                self.argv += ["-trace", event]
         self.proc = None
         self._ctl = None
         self._seen = 0
