@@ -218,6 +218,8 @@ def test_bad_inputs(workdir):
     _fails(workdir, *common, *state, "--overlay-name", "x.qcow2", status_=2, text="no overlay")
     _fails(workdir, "start", top, "--dest-dir", b, "--socket", workdir / "d.sock", *state,
            "--rate", "1M", status_=2, text="--rate limits the hydration")
+    _fails(workdir, "start", top, "--dest-dir", b, "--socket", workdir / "d.sock", *state,
+           "--copy-on-read", status_=2, text="--copy-on-read hydrates the regions a client reads")
     _fails(workdir, *common[:3], "--dest-dir", workdir / "a", "--socket", workdir / "d.sock",
            *state, status_=2, text="is the source's directory")
     (b / "vm1.qcow2").write_bytes(b"")
