@@ -16,6 +16,8 @@ the source image's SHA-256 against what it was.
 
 import json
 import random
+import threading
+import time
 
 import nbd
 import psutil
@@ -23,7 +25,7 @@ import pytest
 
 from lib.commands import MIRRORFS, run
 from lib.control import status as status_over
-from lib.evacuation import raw_bytes, serve_switch_first
+from lib.evacuation import STRIPE, raw_bytes, serve_switch_first
 from lib.images import MiB, make_full_pair, sha256
 from lib.nbdservers import FuseFile, NbdkitFilter
 from lib.waits import wait_until
@@ -171,6 +173,59 @@ def test_a_partial_write_while_the_source_fails(workdir, source, kill):
         raise
     finish(workdir, proc, source, dest, expected)
     assert "held" not in json.loads((workdir / "state" / "hydration.map").read_text())
+
+
+def test_clients_write_at_odd_offsets_while_the_source_fails(workdir, source):
+    """Three clients write at odd offsets and sizes (each in stripes of its own, with FUA) while
+    the source fails every read: no write fails, each reads back, and the held ranges they leave
+    (many in a region, merged) are copied around once the source answers."""
+    dest = raw_dest(workdir)
+    expected = bytearray(source.content)
+    lock = threading.Lock()
+    errors, writes = [], [0]
+    stop = threading.Event()
+
+    def write(index):
+        rng = random.Random(1900 + index)
+        h = client(workdir)
+        stripes = SIZE // STRIPE
+        try:
+            while not stop.is_set():
+                stripe = rng.randrange(index, stripes, 3)
+                offset = stripe * STRIPE + rng.randrange(0, STRIPE - 1)
+                length = rng.randrange(1, min(70000, (stripe + 1) * STRIPE - offset) + 1)
+                data = rng.randbytes(length)
+                h.pwrite(data, offset, nbd.CMD_FLAG_FUA)
+                with lock:
+                    expected[offset:offset + length] = data
+                    writes[0] += 1
+                if h.pread(length, offset) != data:
+                    errors.append(f"client {index}: [{offset}, {offset + length}) differs")
+                    return
+        except nbd.Error as e:
+            errors.append(f"client {index}: {e}")
+        finally:
+            h.shutdown()
+
+    proc = serve_switch_first(workdir, source.uri, dest, "--rate", RATE)
+    try:
+        source.fail()
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: errors or writes[0] >= 300, "300 writes")
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        s = status(workdir)["hydration"]
+        assert s["held_changes"] > 50 and s["bytes_held"] > 0, s
+    except BaseException:
+        stop.set()
+        abort(proc)
+        raise
+    finish(workdir, proc, source, dest, expected)
 
 
 @pytest.fixture
