@@ -11,6 +11,7 @@ import os
 import json
 import threading
 
+import nbd
 import psutil
 import pytest
 
@@ -199,6 +200,27 @@ def test_take_over_switch_first_killed_resumed_handed_back(workdir, started):
     for i in range(written):
         content[i * BLOCK:(i + 1) * BLOCK] = bytes([i % 250 + 1]) * BLOCK
     same_as_reference(workdir, dest, bytes(content))
+
+
+def test_start_switch_first_copy_on_read(workdir, started):
+    """--copy-on-read reaches the data path from `start`: a region a client read is hydrated
+    (in place, one NBD_CMD_CACHE) while the hydrator, held back by --rate, is elsewhere."""
+    top, hashes = chain(workdir)
+    content = raw_bytes(workdir, top, "src")
+    sock = workdir / "d.sock"
+    m = started(workdir, "m", "start", "--switch-first", top, "--dest-dir", workdir / "b",
+                "--state-dir", workdir / "state", "--socket", sock, "--rate", "1M",
+                "--copy-on-read")
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///?socket={sock}")
+    at = len(content) - 2 * MiB
+    assert h.pread(MiB, at) == content[at:at + MiB]
+    h.shutdown()
+    s = wait_until(lambda: (s := status(m.control)["hydration"])["bytes_copied_on_read"] and s,
+                   "hydrated by copy-on-read")
+    assert s["bytes_copied_on_read"] == MiB and s["copy_on_read"], s
+    assert m.stop() == 0
+    check_source(hashes)
 
 
 def _fails(workdir, *args, status_, text):
