@@ -209,18 +209,25 @@ class HydrationMap:
         """[start, end) cut where the side that holds it changes: (offset, length, on the
         destination) pieces. Hydrated regions and saved held ranges are on the destination."""
         held = self.held
+
+        def held_of(r):
+            # Hydrated first: a commit sets the bits, then drops the region's ranges, so a
+            # region is read whole from the destination or cut by its ranges, never neither.
+            return held.get(r) if held and not self.hydrated(r) else None
+
         pos = start
         while pos < end:
             r = pos // self.region_size
-            if held and r in held:
+            ranges = held_of(r)
+            if ranges:
                 stop = min(end, (r + 1) * self.region_size)
-                yield from _cut(pos, stop, held[r])
+                yield from _cut(pos, stop, ranges)
                 pos = stop
                 continue
             state = self.hydrated(r)
             stop = pos
-            while stop < end and self.hydrated(stop // self.region_size) == state and not (
-                    held and stop // self.region_size in held):
+            while stop < end and self.hydrated(stop // self.region_size) == state and not \
+                    held_of(stop // self.region_size):
                 stop = min(end, (stop // self.region_size + 1) * self.region_size)
             yield pos, stop - pos, state
             pos = stop
@@ -312,7 +319,7 @@ class HydrationMap:
                     self.bits[r >> 3] |= 1 << (r & 7)
                     self.hydrated_count += 1
                 self._unsaved_held.pop(r, None)
-            self.held = held
+            self.held = held                # after the bits (see runs)
             self.commits += 1
         else:
             self._failures[number] = failure
