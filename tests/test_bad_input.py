@@ -265,6 +265,13 @@ def dest_with_readonly(w, c):
 
 
 @case
+def copy_on_read_without_switch_first(w, c):
+    return [c.source, c.dest, *_sock(w), "--copy", "full", "--state-dir", w / "state",
+            "--copy-on-read"], "--copy-on-read hydrates the regions a client reads in an " \
+        "evacuation: it needs --switch-first"
+
+
+@case
 def no_arguments(w, c):
     return [], "required"
 

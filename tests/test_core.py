@@ -726,3 +726,124 @@ def test_a_write_in_flight_below_the_cursor_is_in_the_saved_intent(tmp_path, mem
     assert dest.read(6 * MiB, 4096) == bytes(4096)
     assert 6 in saved(tmp_path)["dirty"]
     writer.join(30)
+
+
+# An evacuation's Evacuee (switch first) on memory backends: held ranges, copy-on-read, in place.
+
+@pytest.fixture
+def evacuee(tmp_path):
+    """evacuee(**kw): an Evacuee on two MemoryBackends, the source full of a pattern, its map in
+    tmp_path; ev.reopen() is the map as a restart would load it."""
+    from mirrorfs.datapath.evacuee import Evacuee
+    from mirrorfs.datapath.hydration import HydrationMap
+    made = []
+
+    def make(in_place=False, **kw):
+        src = MemoryBackend("source", SIZE)
+        src.data[:] = bytes(range(251)) * (SIZE // 251) + bytes(SIZE % 251)
+        dst = MemoryBackend("destination", SIZE)
+        hmap = HydrationMap.open(tmp_path, SIZE, REGION, in_place=in_place)
+        ev = Evacuee(src, dst, hmap, in_place=in_place, **kw)
+        ev.reopen = lambda: HydrationMap.open(tmp_path, SIZE, REGION, in_place=in_place)
+        made.append(ev)
+        return ev
+    yield make
+    for ev in made:
+        if ev.copy_on_read is not None:
+            ev.copy_on_read.stop()
+
+
+def test_a_partial_write_while_the_source_fails_is_held_then_copied_around(evacuee):
+    ev = evacuee()
+    original = bytes(ev.source.data)
+    ev.source.fail("read")
+    offset, data = 3 * REGION + 4097, b"\x5a" * 3001
+    ev.pwrite(data, offset, False)                  # the source cannot give the rest: held
+    assert ev.map.held == {3: ((offset, offset + len(data)),)}
+    saved = ev.reopen()                             # saved before the answer
+    assert saved.held == ev.map.held and not saved.hydrated(3)
+    buf = bytearray(len(data))
+    ev.pread(buf, offset)
+    assert bytes(buf) == data                       # the held bytes from the destination
+    with pytest.raises(RequestError) as e:          # the rest of the region needs the source
+        ev.pread(bytearray(4096), 3 * REGION)
+    assert e.value.errno == errno.EIO
+    ev.source.clear_faults()
+    buf = bytearray(REGION)
+    ev.pread(buf, 3 * REGION)
+    expected = bytearray(original)
+    expected[offset:offset + len(data)] = data
+    assert bytes(buf) == expected[3 * REGION:4 * REGION]
+    # Copying the region (the hydrator's verb) copies only what is not held.
+    ev.copy_region(3)
+    ev.map.commit([3], ev._flush_dest)
+    assert ev.map.hydrated(3) and ev.map.held == {} and ev.reopen().held == {}
+    assert ev.dest.data[3 * REGION:4 * REGION] == expected[3 * REGION:4 * REGION]
+
+
+def test_a_write_that_completes_a_held_region_hydrates_it(evacuee):
+    ev = evacuee()
+    ev.source.fail("read")
+    lo = 5 * REGION
+    ev.pwrite(b"\x01" * 1000, lo + 10, False)
+    ev.zero(REGION - 1010, lo + 1010, False, False, False)   # the rest but [lo, lo + 10)
+    assert 5 in ev.map.held and not ev.map.hydrated(5)
+    ev.pwrite(b"\x02" * 10, lo, False)                        # the last bytes: complete
+    assert ev.map.hydrated(5) and 5 not in ev.map.held and ev.reopen().hydrated(5)
+    buf = bytearray(REGION)
+    ev.pread(buf, lo)                                         # all from the destination
+    assert bytes(buf) == b"\x02" * 10 + b"\x01" * 1000 + bytes(REGION - 1010)
+
+
+def test_a_partial_write_without_the_fallback_would_fail(evacuee):
+    """The source readable: the common path (the region copied whole first), nothing held."""
+    ev = evacuee()
+    ev.pwrite(b"\x33" * 7, 2 * REGION + 1, False)
+    assert ev.map.hydrated(2) and ev.map.held == {}
+    assert ev.dest.data[2 * REGION] == ev.source.data[2 * REGION]
+
+
+def test_copy_on_read_hydrates_what_a_client_reads(evacuee):
+    ev = evacuee(copy_on_read=True)
+    ev.copy_on_read.start()
+    buf = bytearray(2 * REGION)
+    ev.pread(buf, 7 * REGION)                       # two whole regions
+    small = bytearray(100)
+    ev.pread(small, 9 * REGION + 12345)             # part of a third
+    wait_until(lambda: all(ev.map.hydrated(r) for r in (7, 8, 9)), "hydrated by reads")
+    assert ev.copy_on_read.status()["bytes"] == 3 * REGION
+    assert ev.reopen().hydrated(9)
+    ev.source.fail("read")                          # now read from the destination alone
+    again = bytearray(3 * REGION)
+    ev.pread(again, 7 * REGION)
+    assert bytes(again) == ev.source.data[7 * REGION:10 * REGION]
+
+
+def test_copy_on_read_never_goes_over_a_newer_write(evacuee):
+    ev = evacuee(copy_on_read=True)
+    buf = bytearray(REGION)
+    ev.pread(buf, 4 * REGION)                       # queued, the worker not started yet
+    ev.pwrite(b"\x99" * 512, 4 * REGION + 512, False)
+    ev.copy_on_read.start()
+    time.sleep(0.2)
+    assert ev.dest.data[4 * REGION + 512:4 * REGION + 1024] == b"\x99" * 512
+    assert ev.copy_on_read.status()["bytes"] == 0
+
+
+def test_in_place_a_failed_read_of_a_region_not_hydrated_is_the_sources(evacuee):
+    ev = evacuee(in_place=True)
+    ev.dest.fail("read", start=6 * REGION, end=7 * REGION)
+    with pytest.raises(RequestError):
+        ev.pread(bytearray(4096), 6 * REGION + 8192)
+    s = ev.status()
+    assert s["hydration"]["source_read_errors"] == 1
+    assert s["hydration"]["failed_reads"][0]["offset"] == 6 * REGION + 8192
+    assert s["sides"]["source"]["errors"] == 1 and s["sides"]["destination"]["errors"] == 0
+    # A hydrated region's failure is the destination's own.
+    ev.copy_region(6)
+    ev.map.commit([6], ev._flush_dest)
+    with pytest.raises(RequestError):
+        ev.pread(bytearray(4096), 6 * REGION)
+    s = ev.status()
+    assert s["hydration"]["source_read_errors"] == 1
+    assert s["sides"]["destination"]["errors"] == 1

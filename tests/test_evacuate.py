@@ -368,3 +368,23 @@ def test_bad_inputs(workdir, qemu_nbd):
     holder = qemu_nbd(src, "holder")
     _fails(workdir, ["--copy", "full", "--switch-first", *state, src, dst, *sock], 1,
            "lock", allowed=(holder.proc.pid,))
+
+
+def test_copy_on_read_with_clients_writing(workdir, pair):
+    """--copy-on-read while clients write at odd offsets and read (their own stripes, and the
+    regions nobody writes): regions hydrate from the clients' reads too, never over a write, and
+    the destination ends as the source plus every acknowledged write."""
+    src, dst, source_hash, content = pair
+    model = Model(content)
+    proc = serve(workdir, src, dst, "--copy-on-read")
+    try:
+        clients = Clients(uri_of(workdir), 5, model)
+        try:
+            done = wait_hydrated(workdir)
+        finally:
+            clients.join()
+        assert model.writes > 50 and model.reads > 5, (model.writes, model.reads)
+        assert done["hydration"]["copy_on_read"] and done["hydration"]["bytes_copied_on_read"] > 0
+    finally:
+        stop(proc)
+    check(workdir, src, dst, model, source_hash)

@@ -11,6 +11,7 @@ import os
 import json
 import threading
 
+import nbd
 import psutil
 import pytest
 
@@ -201,6 +202,27 @@ def test_take_over_switch_first_killed_resumed_handed_back(workdir, started):
     same_as_reference(workdir, dest, bytes(content))
 
 
+def test_start_switch_first_copy_on_read(workdir, started):
+    """--copy-on-read reaches the data path from `start`: a region a client read is hydrated
+    (in place, one NBD_CMD_CACHE) while the hydrator, held back by --rate, is elsewhere."""
+    top, hashes = chain(workdir)
+    content = raw_bytes(workdir, top, "src")
+    sock = workdir / "d.sock"
+    m = started(workdir, "m", "start", "--switch-first", top, "--dest-dir", workdir / "b",
+                "--state-dir", workdir / "state", "--socket", sock, "--rate", "1M",
+                "--copy-on-read")
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///?socket={sock}")
+    at = len(content) - 2 * MiB
+    assert h.pread(MiB, at) == content[at:at + MiB]
+    h.shutdown()
+    s = wait_until(lambda: (s := status(m.control)["hydration"])["bytes_copied_on_read"] and s,
+                   "hydrated by copy-on-read")
+    assert s["bytes_copied_on_read"] == MiB and s["copy_on_read"], s
+    assert m.stop() == 0
+    check_source(hashes)
+
+
 def _fails(workdir, *args, status_, text):
     res = run(*MIRRORFS, *map(str, args), check=False, timeout=120)
     assert res.stderr.startswith("mirrorfs: error: ") and res.stderr.count("\n") == 1, res.stderr
@@ -218,6 +240,8 @@ def test_bad_inputs(workdir):
     _fails(workdir, *common, *state, "--overlay-name", "x.qcow2", status_=2, text="no overlay")
     _fails(workdir, "start", top, "--dest-dir", b, "--socket", workdir / "d.sock", *state,
            "--rate", "1M", status_=2, text="--rate limits the hydration")
+    _fails(workdir, "start", top, "--dest-dir", b, "--socket", workdir / "d.sock", *state,
+           "--copy-on-read", status_=2, text="--copy-on-read hydrates the regions a client reads")
     _fails(workdir, *common[:3], "--dest-dir", workdir / "a", "--socket", workdir / "d.sock",
            *state, status_=2, text="is the source's directory")
     (b / "vm1.qcow2").write_bytes(b"")

@@ -81,6 +81,13 @@ def status_text(status):
         lines.append(f"hydration:    {human_size(hydration['bytes_done'])} of "
                      f"{human_size(hydration['bytes_total'])} on the destination; "
                      f"{human_size(hydration['bytes_on_source_only'])} on the source alone")
+        if hydration.get("copy_on_read"):
+            lines.append(f"  copy-on-read: {human_size(hydration['bytes_copied_on_read'])} "
+                         "hydrated by client reads")
+        if hydration.get("bytes_held"):
+            lines.append(f"  held:       {human_size(hydration['bytes_held'])} written into "
+                         f"regions not hydrated while the source could not be read "
+                         f"({hydration['held_changes']} changes); copied around later")
         if hydration["source_failing"]:
             lines.append(f"  at risk:    {human_size(hydration['bytes_at_risk'])} "
                          f"({hydration['bytes_at_risk']} bytes): the source fails; "

@@ -66,6 +66,9 @@ def mirroring(p, state_help):
                    help="evacuate now: the destination takes every write from the start, the "
                         "source is opened read-only and copied in the background (hydration); "
                         "needs --state-dir (docs/EVACUATION.md)")
+    p.add_argument("--copy-on-read", action="store_true",
+                   help="with --switch-first: a client's read of a region not hydrated yet "
+                        "hydrates that region too, so what the clients use leaves the source first")
     p.add_argument("--on-dest-error", metavar=_one_of(POLICIES),
                    help="a destination failure fails the client's request (fail), or is recorded "
                         "and copied again later (degrade; the default with --state-dir)")

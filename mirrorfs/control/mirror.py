@@ -191,10 +191,13 @@ def switch_first_refusal(command, phase):
 
 def hydration_progress(dp):
     """An evacuation's progress from the data path's status: bytes hydrated of the disk, the rate,
-    the ETA, and what is at risk while the source fails (every byte not hydrated yet: it exists on
-    the source alone)."""
+    the ETA, and what is at risk while the source fails (every byte the destination does not hold
+    yet: it exists on the source alone; held ranges of regions not hydrated are on the
+    destination)."""
     h, hydrator = dp["hydration"], dp.get("hydrator") or {}
     done, total = h["bytes_hydrated"], h["bytes_total"]
+    source_only = total - done - h.get("bytes_held", 0)
+    copy_on_read = h.get("copy_on_read")
     rate = hydrator.get("rate") or 0
     unreadable = hydrator.get("unreadable", [])
     return {"bytes_done": done, "bytes_total": total,
@@ -203,8 +206,11 @@ def hydration_progress(dp):
             "eta_seconds": round((total - done) / rate) if rate and done < total else None,
             "running": not h["complete"],
             "source_failing": bool(unreadable or h["source_read_errors"]),
-            "bytes_on_source_only": total - done,
-            "bytes_at_risk": total - done if unreadable or h["source_read_errors"] else 0,
+            "bytes_on_source_only": source_only,
+            "bytes_at_risk": source_only if unreadable or h["source_read_errors"] else 0,
+            "bytes_held": h.get("bytes_held", 0), "held_changes": h.get("held_changes", 0),
+            "copy_on_read": copy_on_read is not None,
+            "bytes_copied_on_read": copy_on_read["bytes"] if copy_on_read else 0,
             "bytes_unreadable": sum(u["length"] for u in unreadable),
             "unreadable": unreadable,
             "source_read_errors": h["source_read_errors"], "failed_reads": h["failed_reads"]}

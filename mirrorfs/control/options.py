@@ -40,6 +40,8 @@ class ServeOptions:
     # Evacuation: the destination serves from the start, the source is opened read-only and
     # hydrated into it in the background (mirrorfs.datapath.evacuee).
     switch_first: bool = False
+    # With switch_first: a client's read of a region not hydrated hydrates it too.
+    copy_on_read: bool = False
     # The data path's copier starts held; the host budget (mirrorfs.host.budget) then sets its rate.
     hold_copy: bool = False
 
@@ -86,6 +88,7 @@ class ServeOptions:
                 policy=self.policy, rate=self.rate, region=self.region or (
                     DEFAULT_HYDRATION_REGION if self.switch_first else DEFAULT_REGION),
                 granularity=granularity, switch_first=self.switch_first,
+                copy_on_read=self.copy_on_read,
                 io_timeout=DEFAULT_IO_TIMEOUT if self.io_timeout is None else self.io_timeout,
                 hold=True if self.hold_copy else None)
         except ValueError as e:

@@ -25,6 +25,7 @@ from here: the constants both halves must agree on live here, once.
     evacuee.py         switch-first evacuation: what happens to each request (docs/EVACUATION.md)
     hydration.py       its crash-safe hydration map, with a group commit
     hydrator.py        its background hydration
+    copyonread.py      its copy-on-read: a client's read of a region not hydrated hydrates it
     sideio.py          its side I/O, on the backends' verbs
 """
 

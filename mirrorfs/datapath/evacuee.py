@@ -8,12 +8,22 @@ know what happens to a write in that mode (datapath.disk is the mirror's).
   region is committed (destination flushed, map saved, group commit) and only then is the client
   answered. A partial write therefore never leaves the destination's zeros where the source had
   data: the region is complete on the destination before the map says so.
-- read, extents, cache → cut at region boundaries: hydrated regions from the destination, the
-  rest from the source (which nothing writes, so a read of it needs no lock).
+- The rare path: if the source cannot be read for that copy, only the change is written, and its
+  byte range is committed as **held** in the region (the same flush and save, before the answer).
+  Reads take held ranges from the destination and the rest of the region from the source, so the
+  destination's zeros around the change are never read; copying the region later (the hydrator,
+  the next partial change) copies only what is not held, and a change that completes the region
+  makes it hydrated.
+- read, extents, cache → cut where the side that holds the bytes changes: hydrated regions (and
+  held ranges) from the destination, the rest from the source (which nothing writes, so a read of
+  it needs no lock).
 - flush → the destination. The map never holds an unsaved hydrated region, so nothing more.
-- A source failure fails only what needs the source: reads of regions not hydrated, and a partial
-  change into such a region (its other bytes exist nowhere else). It is counted, with its offset
-  (status: `source_read_errors`); the bytes at risk are the unhydrated ones.
+- A source failure fails only what needs the source: reads of bytes the destination does not
+  hold. It is counted, with its offset (status: `source_read_errors`); the bytes at risk are the
+  ones the destination does not hold. In place, a failed read of a region not hydrated is counted
+  the same way (the destination's daemon read the source for it).
+- With copy-on-read (datapath.copyonread), a read of a region not hydrated also hands it to be
+  hydrated, after the client's answer.
 
 Range locks (InFlight) order every change and every hydration copy on the same bytes: a copy never
 puts the source's older data over a client's newer write.
@@ -39,6 +49,7 @@ import threading
 import time
 
 from mirrorfs.datapath import sideio
+from mirrorfs.datapath.copyonread import CopyOnRead
 from mirrorfs.datapath.disk import SideStats
 from mirrorfs.datapath.errors import DrainTimeout, RequestError, SwitchRefused
 from mirrorfs.datapath.hydration import HydrationError
@@ -51,7 +62,8 @@ FAILED_READS_KEPT = 64
 
 
 class Evacuee:
-    def __init__(self, source, dest, hydration, state=None, granularity=64 * 1024, in_place=False):
+    def __init__(self, source, dest, hydration, state=None, granularity=64 * 1024, in_place=False,
+                 copy_on_read=False):
         if not dest.can_flush:
             raise ValueError("the destination cannot flush: hydration could never be made durable")
         if in_place and not dest.can_cache:
@@ -68,6 +80,8 @@ class Evacuee:
         self.writers = (dest,)
         self.ended = state.phase if state is not None and state.ended else None
         self.source_read_errors = 0
+        self.held_changes = 0           # changes kept as held ranges: the source could not be read
+        self.copy_on_read = CopyOnRead(self) if copy_on_read else None
         self.failed_reads = collections.deque(maxlen=FAILED_READS_KEPT)
         self.last_client_request = 0.0  # monotonic: the hydrator yields to recent client I/O
         self._ending = threading.Lock()
@@ -138,6 +152,8 @@ class Evacuee:
                     self._failed(e)
         finally:
             self.inflight.leave()
+        if self.copy_on_read is not None and not self.ended:
+            self.copy_on_read.offer(offset, view)
 
     def extents(self, count, offset, req_one):
         self.inflight.enter("extents")
@@ -167,14 +183,28 @@ class Evacuee:
 
     def _failed(self, e):
         """A side failed a client's request: count it (a source read with its offset: that data
-        exists nowhere else), and fail the request with the side's errno."""
-        self.stats[e.side.name].failed(e.op, e.offset, e.length, e.cause)
-        if e.side is self.source:
+        exists nowhere else), and fail the request with the side's errno. In place, a read of a
+        region not hydrated is the source's (the destination's daemon read it from its backing)."""
+        side = e.side
+        if side is self.dest and self._through_backing(e):
+            side = self.source
+        self.stats[side.name].failed(e.op, e.offset, e.length, e.cause)
+        if side is self.source:
             self.source_read_errors += 1
             self.failed_reads.append({"offset": e.offset, "length": e.length,
                                       "errno": errno.errorcode.get(e.errno, str(e.errno)),
                                       "time": time.time()})
         raise RequestError(e.errno, str(e)) from None
+
+    def _through_backing(self, e):
+        """Whether the destination's failure `e` is a read it served from its runtime backing (in
+        place): a read, extents or cache touching a region not hydrated, and not a full
+        destination (a cache writes what it reads)."""
+        if not self.in_place or self.ended or e.op not in ("read", "extents", "cache") or \
+                e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        return any(not self.map.hydrated(r)
+                   for r in self.map.regions(e.offset, e.offset + max(e.length, 1)))
 
     # Changes: the destination alone, after the regions they touch are complete there.
 
@@ -217,30 +247,49 @@ class Evacuee:
         # interleave with another change or with the hydrator.
         start = min(offset, self.map.span(todo[0])[0])
         token = self.inflight.enter_range(op, start, max(end, self.map.span(todo[-1])[1]))
+        held = {}                       # region -> the change's range, kept as held
         try:
             for r in todo:
-                self._prepare(r, offset, end)
+                if not self._prepare(r, offset, end):
+                    lo, hi = self.map.span(r)
+                    held[r] = (max(lo, offset), min(hi, end))
             apply()
-            self.map.mark_copied(todo)
+            for r, (a, b) in held.items():
+                self.map.mark_held(r, a, b)
+            complete = [r for r in todo if r not in held]
+            self.map.mark_copied(complete)
         except sideio.SideFailure as e:
             self._failed(e)
         finally:
             self.inflight.leave(token)
+        if held:
+            self.held_changes += 1
         try:
-            self.map.commit(todo, self._flush_dest)
+            self.map.commit(complete, self._flush_dest, held)
         except HydrationError as e:
             self.stats[self.dest.name].failed("flush", offset, length, e)
             raise RequestError(errno.EIO, str(e)) from None
 
     def _prepare(self, r, start, end):
         """Before a change to [start, end): the rest of region `r` on the destination, unless
-        the change covers it whole or it is already there (hydrated, or copied and not saved)."""
+        the change covers it (with what the destination holds of it already: hydrated, copied and
+        not saved, or held ranges). Returns True if the region will be complete on the
+        destination after the change, False if the source could not be read for it: then the
+        change goes alone and its range is held (the rare path). Raises SideFailure for the
+        destination's failures."""
         if self.map.hydrated(r) or self.map.is_copied(r):
-            return
-        lo, hi = self.map.span(r)
-        if start <= lo and hi <= end:
-            return
-        self.copy_region(r)
+            return True
+        if not self.map.missing(r, start, end):
+            return True
+        try:
+            self.copy_region(r)
+        except sideio.SideFailure as e:
+            if e.side is not self.source:
+                raise
+            # Counted (and logged, at most once a second); the change goes alone, held.
+            self.stats[self.source.name].failed("copy", e.offset, e.length, e.cause)
+            return False
+        return True
 
     def copy_region(self, r):
         """Copy region `r` from the source to the destination. Callers hold its range lock.
@@ -249,13 +298,27 @@ class Evacuee:
 
     def copy_range(self, lo, hi):
         """Copy the regions [lo, hi) (region-aligned) from the source to the destination, and
-        remember them as copied. Callers hold their range lock. Raises SideFailure."""
+        remember them as copied. Of a region with held ranges, only the rest is copied. Callers
+        hold their range lock. Raises SideFailure."""
+        regions = self.map.regions(lo, hi)
         if self.in_place:
-            sideio.cache(self.dest, hi - lo, lo)
+            try:
+                sideio.cache(self.dest, hi - lo, lo)
+            except sideio.SideFailure as e:
+                if self._through_backing(e):    # the source's failure: the hydrator says so
+                    raise sideio.SideFailure(self.source, e.op, e.offset, e.length,
+                                             e.cause) from None
+                raise
             read, zeroed = hi - lo, 0
+        elif any(self.map.on_destination(r) for r in regions):
+            read = zeroed = 0
+            for r in regions:
+                for a, b in self.map.missing(r):
+                    done = sideio.copy(self.source, self.dest, a, b)
+                    read, zeroed = read + done[0], zeroed + done[1]
         else:
             read, zeroed = sideio.copy(self.source, self.dest, lo, hi)
-        self.map.mark_copied(self.map.regions(lo, hi))
+        self.map.mark_copied(regions)
         return read, zeroed
 
     def _flush_dest(self):
@@ -300,6 +363,7 @@ class Evacuee:
     def status(self):
         total = self.size
         done = self.map.hydrated_bytes()
+        held = self.map.held
         return {
             "size": self.size,
             "in_flight": self.inflight.count,
@@ -317,6 +381,10 @@ class Evacuee:
                           "hydrated_regions": self.map.hydrated_count,
                           "bytes_hydrated": done, "bytes_total": total,
                           "complete": self.map.complete, "commits": self.map.commits,
+                          "bytes_held": self.map.held_bytes(), "held_regions": len(held),
+                          "held_changes": self.held_changes,
+                          "copy_on_read": (self.copy_on_read.status()
+                                           if self.copy_on_read is not None else None),
                           "in_place": self.in_place,
                           "source_read_errors": self.source_read_errors,
                           "failed_reads": list(self.failed_reads)},

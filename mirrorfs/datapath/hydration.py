@@ -20,6 +20,14 @@ Regions go through three states, only the last one saved:
   crash forgets it, which is harmless: no change to it was acknowledged yet;
 - hydrated: saved in `hydration.map`.
 
+An unhydrated region may also have **held** byte ranges: parts the destination holds because a
+change covering only part of the region was made while the source could not be read (the rare
+path, datapath.evacuee). They follow the same rule (saved only after the destination was flushed
+with the change, and before the change is acknowledged), and reads of the region take them from
+the destination and the rest from the source. Copying the region later copies only what is not
+held; once it is hydrated its held ranges are dropped from the file. Unsaved held ranges (the
+change applied, its commit not done yet) are kept in memory so a copy never goes over them.
+
 `commit(regions, flush)` makes regions hydrated with **group commit**: whoever finds no commit
 running flushes the destination once and saves the map once for every region handed in so far;
 the others wait for that batch (or the next). A commit costs one flush and one fsync'd save per
@@ -27,8 +35,10 @@ batch, however many writes wait in it. If the flush or the save fails, every req
 fails and its regions go back to unhydrated (their copy may not have survived).
 
 The file, `hydration.map` in the state directory, replaced atomically (state.write_atomically):
-JSON with the disk size, region size, the bitmap (one bit per region, zlib, base64) and a SHA-256
-checksum. A file that disagrees with the disk or its checksum is refused, never reset.
+JSON with the disk size, region size, the bitmap (one bit per region, zlib, base64), the held
+ranges if any, and a SHA-256 checksum. A file that disagrees with the disk or its checksum is
+refused, never reset. While any range is held the file has another format (FORMAT_HELD), so a
+mirrorfs that does not know held ranges refuses it rather than read the source over them.
 
 This module runs inside nbdkit's embedded interpreter: standard library only.
 """
@@ -49,6 +59,8 @@ FORMAT = 1
 # client changes are not committed here): another format, so that nothing that routes reads of
 # unhydrated regions to the source can open it and miss the changes the destination holds there.
 FORMAT_IN_PLACE = 2
+# A map through nbdkit that holds sub-region ranges ("held"): only while it does.
+FORMAT_HELD = 3
 
 
 class HydrationError(DataPathError):
@@ -59,8 +71,33 @@ def _checksum(fields):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def merge(ranges):
+    """[start, end) ranges as a sorted tuple of disjoint ones (touching ones joined)."""
+    out = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+def subtract(lo, hi, ranges):
+    """The parts of [lo, hi) that none of the sorted disjoint `ranges` covers."""
+    gaps, pos = [], lo
+    for a, b in ranges:
+        if b <= pos or a >= hi:
+            continue
+        if a > pos:
+            gaps.append((pos, a))
+        pos = max(pos, b)
+    if pos < hi:
+        gaps.append((pos, hi))
+    return gaps
+
+
 class HydrationMap:
-    def __init__(self, directory, size, region_size, bits=None, in_place=False):
+    def __init__(self, directory, size, region_size, bits=None, in_place=False, held=None):
         self.directory = Path(directory) if directory is not None else None
         self.format = FORMAT_IN_PLACE if in_place else FORMAT
         self.size = size
@@ -69,6 +106,11 @@ class HydrationMap:
         self.bits = bytearray(bits) if bits is not None else bytearray((self.count + 7) // 8)
         self.hydrated_count = sum(bin(b).count("1") for b in self.bits)
         self.copied = set()             # regions whose content the destination holds, unsaved
+        # Unhydrated region -> its saved held ranges (a sorted tuple); replaced, never changed in
+        # place, so readers need no lock.
+        self.held = dict(held or {})
+        self._unsaved_held = {}         # region -> ranges applied on the destination, not saved
+        self._pending_held = {}         # region -> ranges handed to commit() for the next batch
         self._cond = threading.Condition()
         self._save_lock = threading.Lock()
         self._pending = set()           # regions handed to commit() for the next batch
@@ -93,9 +135,10 @@ class HydrationMap:
             saved = json.loads(raw)
             if saved.pop("checksum") != _checksum(saved):
                 raise ValueError("checksum mismatch")
-            if saved["format"] not in (FORMAT, FORMAT_IN_PLACE):
+            if saved["format"] not in (FORMAT, FORMAT_IN_PLACE, FORMAT_HELD):
                 raise ValueError(f"unknown format {saved['format']}")
-            if saved["format"] != expected:
+            if saved["format"] != expected and not (saved["format"] == FORMAT_HELD
+                                                     and not in_place):
                 made, now = ("through nbdkit", "in place") if in_place else ("in place",
                                                                            "through nbdkit")
                 raise HydrationError(f"{path} was made by a hydration {made}, not {now}; "
@@ -107,9 +150,25 @@ class HydrationMap:
             found = cls(directory, size, region_size, bits, in_place=in_place)
             if len(bits) != len(found.bits) or found.hydrated_count != saved["hydrated"]:
                 raise ValueError("bitmap length or count mismatch")
+            found.held = found._parse_held(saved.get("held", {}))
+            if bool(found.held) != (saved["format"] == FORMAT_HELD):
+                raise ValueError("held ranges and format disagree")
         except (ValueError, KeyError, TypeError, zlib.error) as e:
             raise HydrationError(f"{path} is corrupt ({e}); refusing to guess") from None
         return found
+
+    def _parse_held(self, saved):
+        held = {}
+        for key, ranges in saved.items():
+            r = int(key)
+            lo, hi = self.span(r)
+            if not 0 <= r < self.count or self.hydrated(r) or not ranges:
+                raise ValueError(f"held ranges of region {key}: not an unhydrated region")
+            found = tuple((int(a), int(b)) for a, b in ranges)
+            if merge(found) != found or any(not lo <= a < b <= hi for a, b in found):
+                raise ValueError(f"held ranges of region {key}: not sorted, disjoint, inside it")
+            held[r] = found
+        return held
 
     # Questions (lock-free: a bytearray read is atomic under the GIL, and bits are only ever set).
 
@@ -147,16 +206,47 @@ class HydrationMap:
         return None
 
     def runs(self, start, end):
-        """[start, end) cut where hydration changes: (offset, length, hydrated) pieces."""
+        """[start, end) cut where the side that holds it changes: (offset, length, on the
+        destination) pieces. Hydrated regions and saved held ranges are on the destination."""
+        held = self.held
+
+        def held_of(r):
+            # Hydrated first: a commit sets the bits, then drops the region's ranges, so a
+            # region is read whole from the destination or cut by its ranges, never neither.
+            return held.get(r) if held and not self.hydrated(r) else None
+
         pos = start
         while pos < end:
             r = pos // self.region_size
+            ranges = held_of(r)
+            if ranges:
+                stop = min(end, (r + 1) * self.region_size)
+                yield from _cut(pos, stop, ranges)
+                pos = stop
+                continue
             state = self.hydrated(r)
             stop = pos
-            while stop < end and self.hydrated(stop // self.region_size) == state:
+            while stop < end and self.hydrated(stop // self.region_size) == state and not \
+                    held_of(stop // self.region_size):
                 stop = min(end, (stop // self.region_size + 1) * self.region_size)
             yield pos, stop - pos, state
             pos = stop
+
+    def on_destination(self, r):
+        """The ranges of unhydrated region `r` the destination holds, saved or not (sorted)."""
+        if not self.held and not self._unsaved_held:
+            return ()
+        return merge(self.held.get(r, ()) + tuple(self._unsaved_held.get(r, ())))
+
+    def missing(self, r, start=0, end=0):
+        """The parts of region `r` the destination does not hold, and [start, end) does not
+        cover: what a copy of it must read from the source."""
+        lo, hi = self.span(r)
+        return subtract(lo, hi, merge(self.on_destination(r) + ((start, end),)))
+
+    def held_bytes(self):
+        """Bytes of unhydrated regions the destination holds (saved held ranges)."""
+        return sum(b - a for ranges in self.held.values() for a, b in ranges)
 
     # Changing it.
 
@@ -167,14 +257,24 @@ class HydrationMap:
     def is_copied(self, r):
         return r in self.copied
 
-    def commit(self, regions, flush):
-        """Return once every one of `regions` is saved as hydrated; `flush()` flushes the
+    def mark_held(self, r, start, end):
+        """The destination holds [start, end) of unhydrated region `r` (a change applied under
+        its range lock), not saved yet: copies of the region leave it alone."""
+        with self._cond:
+            self._unsaved_held.setdefault(r, []).append((start, end))
+
+    def commit(self, regions, flush, held=None):
+        """Return once every one of `regions` is saved as hydrated, and every range of `held`
+        ({region: (start, end)}, marked with mark_held) is saved as held; `flush()` flushes the
         destination. Raises HydrationError if the batch's flush or save failed."""
         missing = {r for r in regions if not self.hydrated(r)}
-        if not missing:
+        held = {r: span for r, span in (held or {}).items() if not self.hydrated(r)}
+        if not missing and not held:
             return
         with self._cond:
             self._pending |= missing
+            for r, span in held.items():
+                self._pending_held.setdefault(r, []).append(span)
             mine = self._filling
             while self._done < mine:
                 if not self._committing:
@@ -188,8 +288,8 @@ class HydrationMap:
     def _lead(self, flush):
         """Commit the batch being filled (called and returning with the condition held)."""
         self._committing = True
-        number, batch = self._filling, self._pending
-        self._filling, self._pending = number + 1, set()
+        number, batch, batch_held = self._filling, self._pending, self._pending_held
+        self._filling, self._pending, self._pending_held = number + 1, set(), {}
         self._cond.release()
         failure = None
         try:
@@ -197,16 +297,29 @@ class HydrationMap:
             bits = bytearray(self.bits)
             for r in batch:
                 bits[r >> 3] |= 1 << (r & 7)
-            self._write(bytes(bits))
+            held = dict(self.held)
+            for r, spans in batch_held.items():
+                held[r] = merge(held.get(r, ()) + tuple(spans))
+            held = {r: v for r, v in held.items() if not bits[r >> 3] & (1 << (r & 7))}
+            self._write(bytes(bits), held)
         except Exception as e:          # the flush or the save: the batch is not durable
             failure = e
         finally:
             self._cond.acquire()
+        for r, spans in batch_held.items():     # saved now, or not durable: no longer unsaved
+            unsaved = self._unsaved_held.get(r, [])
+            for span in spans:
+                if span in unsaved:
+                    unsaved.remove(span)
+            if not unsaved:
+                self._unsaved_held.pop(r, None)
         if failure is None:
             for r in batch:
                 if not self.hydrated(r):
                     self.bits[r >> 3] |= 1 << (r & 7)
                     self.hydrated_count += 1
+                self._unsaved_held.pop(r, None)
+            self.held = held                # after the bits (see runs)
             self.commits += 1
         else:
             self._failures[number] = failure
@@ -217,13 +330,33 @@ class HydrationMap:
         self._committing = False
         self._cond.notify_all()
 
-    def _write(self, bits):
-        """Save `bits` (the whole map) atomically."""
+    def _write(self, bits, held=None):
+        """Save `bits` (the whole map) and `held` (region -> ranges) atomically."""
         if self.directory is None:
             return
-        fields = {"format": self.format, "size": self.size, "region_size": self.region_size,
+        fields = {"format": FORMAT_HELD if held else self.format, "size": self.size,
+                  "region_size": self.region_size,
                   "hydrated": sum(bin(b).count("1") for b in bits),
                   "bits": base64.b64encode(zlib.compress(bits)).decode()}
+        if held:
+            fields["held"] = {str(r): [list(span) for span in v] for r, v in sorted(held.items())}
         with self._save_lock:
             write_atomically(self.directory, FILE,
                              json.dumps({**fields, "checksum": _checksum(fields)}).encode())
+
+
+def _cut(start, end, held):
+    """[start, end) inside one region cut by its sorted `held` ranges: (offset, length, held)."""
+    pos = start
+    for a, b in held:
+        if b <= pos:
+            continue
+        if a >= end:
+            break
+        if a > pos:
+            yield pos, a - pos, False
+        stop = min(b, end)
+        yield max(a, pos), stop - max(a, pos), True
+        pos = stop
+    if pos < end:
+        yield pos, end - pos, False

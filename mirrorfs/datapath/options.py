@@ -54,6 +54,9 @@ class DataPathOptions:
     # every request goes to the destination and hydration is NBD_CMD_CACHE (copy-on-read in that
     # daemon: the bytes never cross nbdkit; datapath.evacuee).
     in_place: bool = False
+    # With switch_first: a client's read of a region not hydrated also hydrates it
+    # (datapath.copyonread), so the working set leaves the source first.
+    copy_on_read: bool = False
 
     def __post_init__(self):
         problem = self.problem()
@@ -78,6 +81,9 @@ class DataPathOptions:
             return "--region: expected a power of two of at least 1 MiB"
         if self.granularity < 512 or self.granularity & (self.granularity - 1):
             return f"granularity {self.granularity}: expected a power of two of at least 512"
+        if self.copy_on_read and not self.switch_first:
+            return ("--copy-on-read hydrates the regions a client reads in an evacuation: it "
+                    "needs --switch-first")
         if self.switch_first:
             if self.copy != "full":
                 return "--switch-first copies the whole source in the background: give --copy full"
@@ -131,4 +137,5 @@ def boolean(text):
 
 
 _KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
-          "switch_first": boolean, "hold": boolean, "in_place": boolean}
+          "switch_first": boolean, "hold": boolean, "in_place": boolean,
+          "copy_on_read": boolean}

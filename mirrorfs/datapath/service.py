@@ -94,7 +94,7 @@ class DataPath:
             hydration = HydrationMap.open(state.directory, source.size, state.region_size,
                                           in_place=in_place)
             self.disk = Evacuee(source, dest, hydration, state, granularity=self.options.granularity,
-                                in_place=in_place)
+                                in_place=in_place, copy_on_read=self.options.copy_on_read)
         except (HydrationError, ValueError) as e:
             raise RuntimeError(str(e)) from None
         self.copier = Hydrator(self.disk, rate=self.options.rate)
@@ -133,6 +133,8 @@ class DataPath:
             self.control = jsonlines.Server(sock, self.handle, "datapath control").start()
         if self.copier is not None:
             self.copier.start()
+        if getattr(self.disk, "copy_on_read", None) is not None:
+            self.disk.copy_on_read.start()
         timeout = self.options.io_timeout
         if timeout > 0 and self.disk.dest is not None:
             threading.Thread(target=self._watch, args=(timeout,), name="request watchdog",
@@ -207,6 +209,8 @@ class DataPath:
     def close(self):
         if self.copier is not None:
             self.copier.stop()
+        if getattr(self.disk, "copy_on_read", None) is not None:
+            self.disk.copy_on_read.stop()
         if self.control is not None:
             self.control.stop()
         if self.disk is not None:

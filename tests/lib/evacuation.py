@@ -4,10 +4,12 @@ must read (the source's bytes, then every acknowledged write)."""
 
 import random
 import threading
+import time
 
 import nbd
+import psutil
 
-from lib.commands import run
+from lib.commands import MIRRORFS, run
 from lib.images import MiB
 
 STRIPE = 256 * 1024
@@ -101,3 +103,19 @@ def raw_bytes(workdir, image, name):
     data = out.read_bytes()
     out.unlink()
     return data
+
+
+def serve_switch_first(workdir, source, dest, *extra):
+    """`mirrorfs serve --copy full --switch-first` with its state in workdir/state, on
+    workdir/d.sock, until its control socket is up; its output in workdir/serve.{out,err}."""
+    out = workdir / "serve.out"
+    out.write_text("")
+    proc = psutil.Popen([*MIRRORFS, "serve", "--copy", "full", "--switch-first", "--state-dir",
+                         workdir / "state", source, dest, "--socket", workdir / "d.sock", *extra],
+                        stdout=open(out, "w"), stderr=open(workdir / "serve.err", "a"))
+    deadline = time.monotonic() + 120
+    while "control" not in out.read_text():
+        assert proc.poll() is None, (workdir / "serve.err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "not ready"
+        time.sleep(0.02)
+    return proc

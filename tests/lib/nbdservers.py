@@ -95,3 +95,29 @@ class PausableFront(NbdkitFilter):
 
     def resume(self):
         self._command(b"r")
+
+
+class FuseFile:
+    """An NBD export as an image file (nbdfuse, read-only): a source "file" whose reads fail when
+    the export behind it fails (nbdkit's error filter), for what only opens files (an evacuation
+    in place). `stop()` unmounts it."""
+
+    def __init__(self, workdir, name, uri):
+        self.mount = workdir / f"{name}.mnt"
+        self.mount.mkdir()
+        self.path = self.mount / f"{name}.raw"
+        pidfile = workdir / f"{name}.fuse.pid"
+        log = workdir / f"{name}.fuse.err"
+        with open(log, "a") as err:
+            self.proc = subprocess.Popen(["nbdfuse", "-r", "-P", pidfile, self.path, uri],
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        assert wait_for_pidfile(self.proc, pidfile), f"nbdfuse failed: {log.read_text()[-2000:]}"
+
+    def stop(self):
+        subprocess.run(["umount", os.fspath(self.mount)], capture_output=True)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["umount", "-l", os.fspath(self.mount)], capture_output=True)
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,303 @@
+"""An evacuation (`serve --switch-first`) whose source fails every read (nbdkit's error filter, a
+trigger file), through real processes (docs/EVACUATION.md, "A failing source"):
+
+- a write of part of a region not hydrated (odd offset and size, across a region boundary)
+  succeeds although the rest of the region exists only on the failing source: its bytes read
+  back, the rest of the region fails with EIO; it survives kill -9 of nbdkit and the same
+  command line; once the source answers, hydration copies around it and ends;
+- in place (the source an image *file* whose reads fail: nbdfuse over the error filter), a
+  failed read of a region not hydrated is the source's: counted with its offset, and at risk;
+- --copy-on-read: the regions a client read are hydrated before the hydrator gets there, so
+  reads of them go on when the source fails.
+
+Every test ends with the destination's bytes against the source's content plus the writes, and
+the source image's SHA-256 against what it was.
+"""
+
+import json
+import random
+import threading
+import time
+
+import nbd
+import psutil
+import pytest
+
+from lib.commands import MIRRORFS, run
+from lib.control import status as status_over
+from lib.evacuation import STRIPE, raw_bytes, serve_switch_first
+from lib.images import MiB, make_full_pair, sha256
+from lib.nbdservers import FuseFile, NbdkitFilter
+from lib.waits import wait_until
+
+SIZE = 64 * MiB
+REGION = MiB
+# The hydrator's first batches (4 workers, 8 regions each) go at once; at 1M/s the next ones wait
+# for half a minute, so the regions from 40 MiB on are not hydrated while a test runs.
+RATE = "1M"
+
+
+class FailingSource:
+    """src.qcow2 (data in every other MiB) behind qemu-nbd and nbdkit's error filter: `uri` fails
+    every read and block status while `trigger` exists (`fail()`, `recover()`): a dead source,
+    which cannot even say where its zeros are."""
+
+    def __init__(self, workdir, qemu_nbd):
+        self.image, self.empty_qcow2 = make_full_pair(workdir, SIZE)
+        self.hash = sha256(self.image)
+        self.content = raw_bytes(workdir, self.image, "src")
+        self.trigger = workdir / "fail-now"
+        backend = qemu_nbd(self.image, "srcnbd")
+        self.front = NbdkitFilter(workdir, "failing", backend.socket, "--filter=error",
+                                  "error=EIO", "error-pread-rate=1", "error-extents-rate=1",
+                                  f"error-file={self.trigger}")
+        self.uri = self.front.uri
+
+    def fail(self):
+        self.trigger.touch()
+
+    def recover(self):
+        self.trigger.unlink()
+
+
+@pytest.fixture
+def source(workdir, qemu_nbd):
+    s = FailingSource(workdir, qemu_nbd)
+    yield s
+    s.front.stop()
+
+
+def raw_dest(workdir):
+    dst = workdir / "dst.img"
+    run("qemu-img", "create", "-q", "-f", "raw", dst, str(SIZE))
+    return dst
+
+
+def status(workdir):
+    return status_over(workdir / "d.sock.ctl")
+
+
+def client(workdir):
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///?socket={workdir / 'd.sock'}")
+    return h
+
+
+def fails_with_eio(h, length, offset, errno="EIO"):
+    with pytest.raises(nbd.Error) as e:
+        h.pread(length, offset)
+    assert errno is None or e.value.errno == errno, e.value
+
+
+def wait_hydrated(workdir):
+    wait_until(lambda: status(workdir)["phase"] == "hydrated", "hydrated", timeout=300)
+
+
+def stop(proc):
+    proc.terminate()
+    assert proc.wait(60) == 0
+
+
+def finish(workdir, proc, source, dest, expected):
+    """The source answers again: hydration ends; the destination is `expected`, the source
+    image unchanged."""
+    source.recover()
+    try:
+        wait_hydrated(workdir)
+    finally:
+        stop(proc)
+    assert sha256(source.image) == source.hash, "the source image changed"
+    final = raw_bytes(workdir, dest, "dst")
+    if final != expected:
+        first = next(i for i, (a, b) in enumerate(zip(final, expected)) if a != b)
+        raise AssertionError(f"the destination differs from the expected disk at {first}")
+
+
+def abort(proc):
+    """A test failed while mirrorfs serves: stop it (its whole tree) before the fixtures go."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except psutil.TimeoutExpired:
+        for p in [proc, *proc.children(recursive=True)]:
+            p.kill()
+
+
+def kill_nbdkit(proc):
+    """kill -9 of the data path's nbdkit; the supervisor and its children end after it."""
+    tree = proc.children(recursive=True)
+    victims = [p for p in tree if p.name() == "nbdkit"]
+    assert victims
+    for p in victims:
+        p.kill()
+    proc.wait(60)
+    psutil.wait_procs(tree, timeout=30)
+
+
+# A write across the boundary of regions 60 (data in the source) and 61 (zeros in the source).
+OFFSET = 61 * MiB - 30001
+LENGTH = 70001
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["answered", "nbdkit-killed"])
+def test_a_partial_write_while_the_source_fails(workdir, source, kill):
+    dest = raw_dest(workdir)
+    command = (source.uri, dest, "--rate", RATE)
+    expected = bytearray(source.content)
+    data = random.Random(19).randbytes(LENGTH)
+    proc = serve_switch_first(workdir, *command)
+    try:
+        source.fail()
+        h = client(workdir)
+        h.pwrite(data, OFFSET, nbd.CMD_FLAG_FUA)
+        expected[OFFSET:OFFSET + LENGTH] = data
+        assert h.pread(LENGTH, OFFSET) == data
+        assert h.pread(7, OFFSET + 5) == data[5:12]
+        fails_with_eio(h, 4096, 60 * MiB)            # the rest of the regions: the source's
+        fails_with_eio(h, 1, OFFSET + LENGTH)
+        h.shutdown()
+        s = status(workdir)["hydration"]
+        assert s["bytes_held"] == LENGTH and s["held_changes"] == 1, s
+        assert s["bytes_on_source_only"] == SIZE - s["bytes_done"] - LENGTH, s
+        saved = json.loads((workdir / "state" / "hydration.map").read_text())
+        assert saved["held"] == {"60": [[OFFSET, 61 * MiB]], "61": [[61 * MiB, OFFSET + LENGTH]]}
+        if kill:
+            kill_nbdkit(proc)
+            proc = serve_switch_first(workdir, *command)    # the source still fails
+            h = client(workdir)
+            assert h.pread(LENGTH, OFFSET) == data
+            fails_with_eio(h, 4096, 60 * MiB)
+            h.shutdown()
+    except BaseException:
+        abort(proc)
+        raise
+    finish(workdir, proc, source, dest, expected)
+    assert "held" not in json.loads((workdir / "state" / "hydration.map").read_text())
+
+
+def test_clients_write_at_odd_offsets_while_the_source_fails(workdir, source):
+    """Three clients write at odd offsets and sizes (each in stripes of its own, with FUA) while
+    the source fails every read: no write fails, each reads back, and the held ranges they leave
+    (many in a region, merged) are copied around once the source answers."""
+    dest = raw_dest(workdir)
+    expected = bytearray(source.content)
+    lock = threading.Lock()
+    errors, writes = [], [0]
+    stop = threading.Event()
+
+    def write(index):
+        rng = random.Random(1900 + index)
+        h = client(workdir)
+        stripes = SIZE // STRIPE
+        try:
+            while not stop.is_set():
+                stripe = rng.randrange(index, stripes, 3)
+                offset = stripe * STRIPE + rng.randrange(0, STRIPE - 1)
+                length = rng.randrange(1, min(70000, (stripe + 1) * STRIPE - offset) + 1)
+                data = rng.randbytes(length)
+                h.pwrite(data, offset, nbd.CMD_FLAG_FUA)
+                with lock:
+                    expected[offset:offset + length] = data
+                    writes[0] += 1
+                if h.pread(length, offset) != data:
+                    errors.append(f"client {index}: [{offset}, {offset + length}) differs")
+                    return
+        except nbd.Error as e:
+            errors.append(f"client {index}: {e}")
+        finally:
+            h.shutdown()
+
+    proc = serve_switch_first(workdir, source.uri, dest, "--rate", RATE)
+    try:
+        source.fail()
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: errors or writes[0] >= 300, "300 writes")
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        s = status(workdir)["hydration"]
+        assert s["held_changes"] > 50 and s["bytes_held"] > 0, s
+    except BaseException:
+        stop.set()
+        abort(proc)
+        raise
+    finish(workdir, proc, source, dest, expected)
+
+
+@pytest.fixture
+def fuse_source(workdir, source):
+    """The failing source as an image file (raw, read-only), so the evacuation hydrates in place
+    into an empty qcow2."""
+    f = FuseFile(workdir, "srcfile", source.uri)
+    yield f
+    f.stop()
+
+
+def test_in_place_a_failed_read_is_the_sources(workdir, source, fuse_source):
+    dest = source.empty_qcow2
+    proc = serve_switch_first(workdir, fuse_source.path, dest, "--rate", RATE)
+    try:
+        assert status(workdir)["datapath"]["hydration"]["in_place"]
+        source.fail()
+        h = client(workdir)
+        at = 50 * MiB + 8192
+        # QEMU 7.2's NBD server drops the connection when a read fails (its log: "Disconnect
+        # client, due to: Failed to send reply: reading from file failed"): the data path sends
+        # the read again for 30 s (sideio.RESEND_FOR), then fails it (ENOTCONN, EINVAL on NBD).
+        fails_with_eio(h, 4096, at, errno=None)
+        h.shutdown()
+        s = status(workdir)
+        hydration = s["hydration"]
+        assert hydration["source_read_errors"] == 1, hydration
+        assert any(f["offset"] <= at < f["offset"] + f["length"]
+                   for f in hydration["failed_reads"]), hydration["failed_reads"]
+        assert hydration["source_failing"]
+        assert hydration["bytes_at_risk"] == SIZE - hydration["bytes_done"] > 0
+        sides = s["datapath"]["sides"]
+        assert sides["source"]["errors_by_op"].get("read", 0) >= 1, sides
+        assert sides["destination"]["errors_by_op"].get("read", 0) == 0, sides
+    except BaseException:
+        abort(proc)
+        raise
+    finish(workdir, proc, source, dest, source.content)
+
+
+@pytest.fixture(params=["through-nbdkit", "in-place"])
+def copy_on_read_sides(request, workdir, source):
+    """(source spec, destination, the errno of a failed read) of an evacuation in each way to
+    hydrate (in place, QEMU's server drops the connection instead: see above)."""
+    if request.param == "through-nbdkit":
+        yield source.uri, raw_dest(workdir), "EIO"
+        return
+    f = FuseFile(workdir, "srcfile", source.uri)
+    yield f.path, source.empty_qcow2, None
+    f.stop()
+
+
+def test_copy_on_read_hydrates_what_a_client_reads(workdir, source, copy_on_read_sides):
+    spec, dest, failed_errno = copy_on_read_sides
+    content = source.content
+    proc = serve_switch_first(workdir, spec, dest, "--rate", RATE, "--copy-on-read")
+    try:
+        h = client(workdir)
+        assert h.pread(2 * MiB, 56 * MiB) == content[56 * MiB:58 * MiB]     # two regions whole
+        assert h.pread(1000, 59 * MiB + 777) == content[59 * MiB + 777:59 * MiB + 1777]  # a part
+        s = wait_until(lambda: (s := status(workdir)["hydration"])["bytes_copied_on_read"]
+                       >= 3 * REGION and s, "hydrated by copy-on-read")
+        assert s["bytes_copied_on_read"] == 3 * REGION, s
+        text = run(*MIRRORFS, "status", "--control", workdir / "d.sock.ctl").stdout
+        assert "copy-on-read: 3.0 MiB" in text, text
+        source.fail()
+        # What the client read is on the destination now; what it did not read is not.
+        assert h.pread(2 * MiB, 56 * MiB) == content[56 * MiB:58 * MiB]
+        assert h.pread(REGION, 59 * MiB) == content[59 * MiB:60 * MiB]
+        fails_with_eio(h, 4096, 58 * MiB, failed_errno)
+        h.shutdown()
+    except BaseException:
+        abort(proc)
+        raise
+    finish(workdir, proc, source, dest, content)
