@@ -5,6 +5,7 @@ Every target serves the same disk, fresh qcow2 overlays on one fully written bas
 fio jobs over NBD, in the same run, on the same machine:
 
     mirrorfs     `mirrorfs serve SRC DST`: nbdkit + the Python plugin, writes to two storage daemons
+    mirrorfs-1d  `mirrorfs serve SRC DST --one-daemon`: the same, both images in one storage daemon
     direct       qemu-storage-daemon exporting SRC: no proxy, no mirror; the ceiling
     qemu-mirror  one qemu-storage-daemon exporting SRC, with an active blockdev-mirror job to DST
     nbd-proxy    nbdkit's C nbd plugin in front of a direct export: one proxy hop, no mirror
@@ -331,6 +332,22 @@ class MirrorfsTarget(Target):
         return saved
 
 
+class MirrorfsOneDaemonTarget(MirrorfsTarget):
+    """`mirrorfs serve --one-daemon`: both overlays in one storage daemon (issue #21)."""
+    name = "mirrorfs-1d"
+
+    def _serve(self, directory, source, dest, cache):
+        super()._serve(directory, source, dest, cache)
+        self.server.argv.append("--one-daemon")
+
+    def processes(self):
+        found = {"mirrorfs: supervisor": self.server.pid}
+        for p in psutil.Process(self.server.pid).children(recursive=True):
+            role = "nbdkit (the data path)" if p.name() == "nbdkit" else "the one storage daemon"
+            found[f"mirrorfs: {role}"] = p.pid
+        return found
+
+
 class DirectTarget(Target):
     name = "direct"
 
@@ -451,7 +468,7 @@ class NbdProxyTarget(Target):
         self.daemon.stop()
 
 
-TARGETS = (MirrorfsTarget, DirectTarget, QemuMirrorTarget, NbdProxyTarget)
+TARGETS = (MirrorfsTarget, MirrorfsOneDaemonTarget, DirectTarget, QemuMirrorTarget, NbdProxyTarget)
 
 
 # fio.
@@ -617,21 +634,23 @@ def medians(samples):
     return summary
 
 
-RATIOS = (("mirrorfs/qemu-mirror", "qemu-mirror"), ("mirrorfs/direct", "direct"),
-          ("mirrorfs/nbd-proxy", "nbd-proxy"))
+# (column, target, the target it is measured against)
+RATIOS = (("mirrorfs/qemu-mirror", "mirrorfs", "qemu-mirror"), ("mirrorfs/direct", "mirrorfs", "direct"),
+          ("mirrorfs/nbd-proxy", "mirrorfs", "nbd-proxy"),
+          ("mirrorfs-1d/qemu-mirror", "mirrorfs-1d", "qemu-mirror"))
 
 
 def ratios(summary, config):
     """mirrorfs's median IOPS over each other target's, per row (the MB/s ratio is the same: the
     block sizes are)."""
     found = {}
-    mine = summary.get("mirrorfs", {})
     for label in row_labels(config):
         found[label] = {}
-        for name, other in RATIOS:
+        for name, target, other in RATIOS:
+            mine = summary.get(target, {}).get(label)
             theirs = summary.get(other, {}).get(label)
-            if label in mine and theirs and theirs["iops"]:
-                found[label][name] = mine[label]["iops"] / theirs["iops"]
+            if mine and theirs and theirs["iops"]:
+                found[label][name] = mine["iops"] / theirs["iops"]
     return found
 
 
@@ -923,9 +942,9 @@ def print_report(report, config):
             print(f"{name:32} {kind.name:12} {row['iops']:9,.0f} {row['mbps']:8.1f} "
                   f"{row['p50_us']:9,.0f} {row['p99_us']:9,.0f} {fmt(row['spread'], '7.0%')}")
     print("\nspread: (max - min) / median of the runs' IOPS. Latency: fio's completion latency (clat).")
-    print(f"\n{'mirrorfs IOPS relative to':32} " + " ".join(f"{name:>21}" for name, _ in RATIOS))
+    print(f"\n{'IOPS relative to':32} " + " ".join(f"{name:>23}" for name, *_ in RATIOS))
     for label, found in report["ratios"].items():
-        print(f"{label:32} " + " ".join(f"{fmt(found.get(name), '21.2f')}" for name, _ in RATIOS))
+        print(f"{label:32} " + " ".join(f"{fmt(found.get(name), '23.2f')}" for name, *_ in RATIOS))
     if config.cpu:
         print_cpu(report, config)
     print_extras(report)

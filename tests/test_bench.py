@@ -10,13 +10,15 @@ import pytest
 from lib.commands import run
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-TARGETS = ("mirrorfs", "direct", "qemu-mirror", "nbd-proxy")
+TARGETS = ("mirrorfs", "mirrorfs-1d", "direct", "qemu-mirror", "nbd-proxy")
 
 
 # The processes whose CPU --cpu measures per target (issue #21: where a request's CPU goes).
 ROLES = {
     "mirrorfs": {"mirrorfs: supervisor", "mirrorfs: nbdkit (the data path)",
                  "mirrorfs: source storage daemon", "mirrorfs: destination storage daemon"},
+    "mirrorfs-1d": {"mirrorfs: supervisor", "mirrorfs: nbdkit (the data path)",
+                    "mirrorfs: the one storage daemon"},
     "direct": {"storage daemon"},
     "qemu-mirror": {"qemu: storage daemon (the mirror)"},
     "nbd-proxy": {"storage daemon", "nbdkit (nbd plugin)"},

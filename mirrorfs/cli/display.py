@@ -62,8 +62,10 @@ def status_text(status):
                      + (" <= serves the disk" if serving == "destination" else ""))
     mirror = status.get("mirror")
     if mirror:
+        pids = list((status.get("storage_daemons") or {}).values())
+        shared = ", one storage daemon for both sides" if len(pids) == 2 and pids[0] == pids[1] else ""
         lines.append(f"mirror:       copy {mirror['copy_mode']}, on destination error "
-                     f"{mirror['policy']}{', resumed' if mirror['resumed'] else ''}")
+                     f"{mirror['policy']}{', resumed' if mirror['resumed'] else ''}{shared}")
     state = status.get("state")
     if state:
         lines.append(f"state:        {state['directory']}")

@@ -95,6 +95,11 @@ def storage(p, io_timeout=True):
                    help="how the storage daemons use the host's page cache for image files: none "
                         "(O_DIRECT), writeback, or auto: none where the file system allows it "
                         "(default)")
+    if io_timeout:      # serve and start: a disk with two sides
+        p.add_argument("--one-daemon", action="store_true",
+                       help="serve both image sides from one qemu-storage-daemon: less CPU per "
+                            "write, but the sides share that process's failures (not with "
+                            "--switch-first)")
 
 
 def access(p):

@@ -149,6 +149,7 @@ class Controller:
                   "events": self.log.recent(5)}
         if tree is not None and tree.nbdkit is not None and self.phase != Phase.STOPPED:
             status["datapath"] = tree.datapath_status()
+            status["storage_daemons"] = tree.daemon_pids()
         return status
 
     def commands(self):

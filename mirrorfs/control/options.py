@@ -34,6 +34,9 @@ class ServeOptions:
     region: int | None = None
     io_timeout: float | None = None
     cache: str = "auto"
+    # Both image sides in one storage daemon (daemons.storage.SharedStorageDaemon): cheaper per
+    # write, one failure domain.
+    one_daemon: bool = False
     access: Access = field(default_factory=Access)
     # The control socket of a `mirrorfs export` whose disk this serves (its socket is borrowed).
     take_over: str | None = None
@@ -60,6 +63,11 @@ class ServeOptions:
         if self.switch_first and not self.state_dir:
             raise UsageError("--switch-first needs --state-dir: the hydration map says which "
                              "regions the destination holds, and must survive a crash")
+        if self.one_daemon and self.switch_first:
+            raise UsageError("--one-daemon cannot be used with --switch-first: an evacuation's "
+                             "source may be failing, and must not share the destination's daemon")
+        if self.one_daemon and self.readonly:
+            raise UsageError("--one-daemon shares a daemon between two sides; --readonly serves one")
         check_cache(self.cache)
         self.socket_path = Path(self.socket).absolute() if self.socket else None
         if self.socket_path:

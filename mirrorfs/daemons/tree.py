@@ -33,7 +33,7 @@ from mirrorfs.datapath.state import open_for as open_state
 from mirrorfs.errors import Error, ProcessError, UsageError
 from mirrorfs.daemons.nbdkit import Nbdkit, OperatorLines
 from mirrorfs.system.children import LogRelay
-from mirrorfs.daemons.storage import StorageDaemon
+from mirrorfs.daemons.storage import SharedStorageDaemon, StorageDaemon
 
 log = logging.getLogger("mirrorfs")
 
@@ -99,6 +99,7 @@ class ProcessTree:
         self.serving = None
         self.rundir = None
         self.daemons = {}               # side -> StorageDaemon, for image sides
+        self._shared = None             # with --one-daemon: the SharedStorageDaemon behind both
         self.nbdkit = None
         self.final_status = None        # the data path's status once quiesced, at stop
         self._relay = None
@@ -138,8 +139,15 @@ class ProcessTree:
 
         self.rundir = make_rundir()
         in_place = self.in_place = self._hydrates_in_place(source, dest)
+        if o.one_daemon and source.is_image and dest is not None and dest.is_image:
+            self._shared = SharedStorageDaemon(
+                [("source", source.image, False), ("destination", dest.image, False)],
+                self.rundir, "both", cache=o.cache)
+            self.daemons.update(self._shared.sides)
+            self._shared.start()
+            source.uri, dest.uri = self.daemons["source"].uri, self.daemons["destination"].uri
         for side, ep in (("source", source), ("destination", dest)):
-            if ep is not None and ep.is_image:
+            if ep is not None and ep.is_image and side not in self.daemons:
                 daemon = StorageDaemon(ep.image, self.rundir, _DAEMON[side],
                                        readonly=(o.readonly or o.switch_first) and side == "source",
                                        cache=o.cache,
@@ -224,6 +232,9 @@ class ProcessTree:
         if self._relay is not None:
             self._relay.stop()
             self._relay = None
+        if self._shared is not None:
+            self._shared.stop()         # the whole process at once, not one export after the other
+            self._shared = None
         for side in list(self.daemons)[::-1]:
             self._retire_daemon(side)
         for s in self._listeners:
@@ -297,6 +308,11 @@ class ProcessTree:
             return self.datapath("status", timeout=10)["status"]
         except jsonlines.ControlError as e:
             return {"error": str(e)}
+
+    def daemon_pids(self):
+        """{side: the pid of the storage daemon serving it}, for image sides still in use: two
+        sides with one pid share a daemon (--one-daemon)."""
+        return {side: d._child.pid for side, d in self.daemons.items()}
 
     def daemon(self, side):
         """The storage daemon of a side, or None if that side is an NBD URI (or retired)."""
