@@ -70,9 +70,12 @@ def describe(exc):
     return str(exc)
 
 
-def _side_error(exc):
-    """The SideError for libnbd's failure of a command."""
-    return side_error(error_errno(exc), describe(exc))
+def _side_error(exc, h=None):
+    """The SideError for libnbd's failure of a command (on handle `h`, if known)."""
+    e = side_error(error_errno(exc), describe(exc))
+    if h is not None:
+        e.connected_at = getattr(h, "connected_at", 0.0)
+    return e
 
 
 class NbdBackend(Verbs):
@@ -115,6 +118,7 @@ class NbdBackend(Verbs):
     def _connect(self):
         h = open_handle(self.uri, self.name, timeout=self.connect_timeout)
         h.connection_fd = h.aio_get_fd()
+        h.connected_at = time.monotonic()   # see SideError.connected_at
         return h
 
     def _connect_with_backoff(self):
@@ -279,7 +283,7 @@ class NbdBackend(Verbs):
             _RUN[cmd.op](h, cmd)
             failed = False
         except nbd.Error as e:
-            raise _side_error(e) from None
+            raise _side_error(e, h) from None
         finally:
             self._release(h, failed)
 

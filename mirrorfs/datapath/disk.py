@@ -25,7 +25,7 @@ from mirrorfs.datapath.backend import describe, error_errno, wait_all
 from mirrorfs.datapath.commands import FLUSH, Read, Trim, Write, Zero
 from mirrorfs.datapath.dirtymap import DirtyMap
 from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideUnreachable,
-                                      SwitchRefused)
+                                      SwitchRefused, lost_again)
 from mirrorfs.datapath.histogram import Histogram
 from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.common.sizes import human_size
@@ -345,7 +345,8 @@ class Disk:
         """Run `cmd` on `side` again, on a new connection, until it succeeds (True), the side
         refuses it (False), or RESEND_FOR passes (False)."""
         log.warning("%s: connection lost; sending the request again", side.name)
-        deadline = time.monotonic() + RESEND_FOR
+        lost_at = time.monotonic()
+        deadline = lost_at + RESEND_FOR
         while time.monotonic() < deadline:
             time.sleep(max(RESEND_EVERY, side.down_until - time.monotonic()))
             try:
@@ -353,6 +354,10 @@ class Disk:
                 return True
             except SideError as e:
                 if not e.lost:
+                    return False
+                if lost_again(e, lost_at):
+                    log.warning("%s: a new connection was lost under the request too: failing it",
+                                side.name)
                     return False
         return False
 

@@ -38,6 +38,10 @@ class SideError(DataPathError):
     the side's own words, without the side's name (str() of the exception is the whole message)."""
 
     lost = False                        # the connection is gone: worth sending again
+    # When the connection the command failed on was made (time.monotonic(); 0: unknown). A
+    # command sent again after a loss that loses a connection made after that loss too is not
+    # unlucky: the server drops connections on it (see lost_again).
+    connected_at = 0.0
 
     def __init__(self, message, err=errno.EIO, reason=None):
         super().__init__(message)
@@ -62,17 +66,26 @@ class SideRefused(SideError):
     """The side answered the command with an error."""
 
 
+def lost_again(e, since):
+    """Whether `e`, the failure of a command sent again after it lost its connection at `since`,
+    lost a connection made after that too: the server drops connections on this command
+    (qemu-storage-daemon 7.2 does on a read its image fails: "Disconnect client, due to: Failed to
+    send reply"). Sending it again would only repeat that for RESEND_FOR; the command fails now."""
+    return e.lost and e.connected_at > since
+
+
 def side_error(err, reason):
     """The SideError for a command that failed with errno number `err` and `reason`."""
     return (ConnectionLost if err in CONNECTION_LOST else SideRefused)(reason, err)
 
 
 class RequestError(DataPathError):
-    """A client's request failed; `errno` is what the client gets."""
+    """A client's request failed; `errno` is what the client gets: for a lost connection, EIO
+    (NBD has no ENOTCONN and friends, and nbdkit sends them as EINVAL, "you asked wrong")."""
 
     def __init__(self, err, message):
         super().__init__(message)
-        self.errno = err
+        self.errno = errno.EIO if err in CONNECTION_LOST else err
 
 
 class SwitchRefused(DataPathError):

@@ -19,7 +19,7 @@ import time
 from mirrorfs.datapath.backend import describe
 from mirrorfs.datapath.commands import FLUSH, Read, Trim, Write, Zero
 from mirrorfs.datapath.disk import MAX_EFFECT, RESEND_EVERY, RESEND_FOR
-from mirrorfs.datapath.errors import DataPathError, SideError
+from mirrorfs.datapath.errors import DataPathError, SideError, lost_again
 
 log = logging.getLogger("mirrorfs")
 
@@ -37,16 +37,16 @@ class SideFailure(DataPathError):
 
 def _again(side, op, offset, length, attempt):
     """attempt() until it succeeds; sent again while the connection was lost, for RESEND_FOR."""
-    deadline = None
+    deadline = lost_at = None
     while True:
         try:
             return attempt()
         except SideError as e:
-            if not e.lost:
+            if not e.lost or (lost_at is not None and lost_again(e, lost_at)):
                 raise SideFailure(side, op, offset, length, e) from None
             now = time.monotonic()
             if deadline is None:
-                deadline = now + RESEND_FOR
+                lost_at, deadline = now, now + RESEND_FOR
                 log.warning("%s: connection lost; sending the %s again", side.name, op)
             if now >= deadline:
                 raise SideFailure(side, op, offset, length, e) from None
