@@ -1,32 +1,36 @@
 """One bandwidth budget for the host's copies (mirrorfs.host.budget), on real `mirrorfs serve --copy
 full` processes: shared max-min fair, re-divided within a second when a copy starts or ends or the
-budget changes, a per-disk --rate kept as a cap under it, and a limit on concurrent copies.
+budget changes, a per-disk --rate kept as a cap under it, and a limit on concurrent copies; and a
+migration's copies (`mirrorfs start`): its base copy, and its resync of degraded writes.
+Hydration (--switch-first) under the budget: tests/test_host_hydration.py.
 
 Rates are measured from the copies' own byte counts (the copier's, as each process writes them
-into its budget entry with the time it read them, every 0.25 s), interpolated at window edges;
-the destinations are then compared with their sources byte for byte."""
+into its budget entry with the time it read them, every 0.25 s; for the resync, the data path's
+copier in `status`), interpolated at window edges (lib.rates); the destinations are then compared
+with their sources byte for byte."""
 
-import bisect
 import json
 import time
 
+import nbd
+import psutil
 
 from lib.commands import MIRRORFS, run
-from lib.control import control_request
+from lib.control import control_request, status
 from lib.images import MiB, images_identical, make_base, make_full_pair
+from lib.rates import Counts
 from lib.waits import wait_until
 
 BUDGET = 32 * MiB
 WINDOW = 1.0
 
 
-class Recorder:
+class Recorder(Counts):
     """The run directory's copy entries, sampled: per pid, a list of (time, bytes done)."""
 
     def __init__(self, rundir):
+        super().__init__()
         self.dir = rundir / "copies"
-        self.series = {}
-        self.seen = set()
 
     def sample(self):
         for path in self.dir.glob("*.json"):
@@ -34,24 +38,7 @@ class Recorder:
                 e = json.loads(path.read_text())
             except (FileNotFoundError, ValueError):
                 continue
-            points = self.series.setdefault(e["pid"], [])
-            if not points or e["time"] > points[-1][0]:
-                points.append((e["time"], e["done"]))
-
-    def done_at(self, pid, t):
-        """Bytes done by `pid` at time `t`, interpolated (0 before its first sample, its last
-        value after its last)."""
-        points = self.series.get(pid, [])
-        if not points or t <= points[0][0]:
-            return points[0][1] if points and t >= points[0][0] else 0
-        i = bisect.bisect_left(points, (t,))
-        if i >= len(points):
-            return points[-1][1]
-        (t0, d0), (t1, d1) = points[i - 1], points[i]
-        return d0 + (d1 - d0) * (t - t0) / (t1 - t0)
-
-    def rate(self, pid, start, end):
-        return (self.done_at(pid, end) - self.done_at(pid, start)) / (end - start)
+            self.add(e["pid"], e["time"], e["done"])
 
 
 def serve_copy(processes, workdir, name, size, *extra):
@@ -238,4 +225,64 @@ def test_the_base_copy_of_a_migration_draws_from_the_budget(workdir, processes):
     assert "switched" in run(*MIRRORFS, "pivot", "--control", ctl).stdout
     assert m.stop() == 0
     same, detail = images_identical(base, workdir / "dst" / "base.qcow2")
+    assert same, detail
+
+
+def test_the_resync_of_a_migrations_degraded_writes_draws_from_the_budget(workdir, processes):
+    """A migration whose destination stopped answering (its storage daemon SIGSTOPped; writes cut
+    after --io-timeout and recorded, --on-dest-error degrade) copies the regions again once it is
+    back: that resync, the data path's copier, holds the host's rate as a copy of its own."""
+    rundir = workdir / "run"
+    run(*MIRRORFS, "budget", "set", "8M", "--run-dir", rundir)
+    (workdir / "src").mkdir()
+    (workdir / "dst").mkdir()
+    base = make_base(workdir / "src" / "base.qcow2", 128 * MiB)
+    m = processes(workdir, "m", "start", base, "--dest-dir", workdir / "dst", "--socket",
+                  workdir / "m.sock", "--state-dir", workdir / "state", "--io-timeout", "1",
+                  rundir=rundir)
+    ctl = workdir / "m.sock.ctl"
+    wait_until(lambda: status(ctl)["datapath"]["synchronized"], "synchronized")
+    [dst_daemon] = [p for p in psutil.Process(m.proc.pid).children()
+                    if p.name() == "qemu-storage-daemon" and "/dst.pid" in " ".join(p.cmdline())]
+    dst_daemon.suspend()
+    try:
+        # 40 MiB of new data while the destination is held: every write reaches the source, is
+        # cut at the destination after a second, and its region is marked to copy again.
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={workdir / 'm.sock'}")
+        pending = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([0x80 + i]) * MiB), i * MiB)
+                   for i in range(40)]
+        deadline = time.monotonic() + 120
+        while pending:                  # a completed command is retired: asked about once
+            assert time.monotonic() < deadline, f"{len(pending)} writes never answered"
+            h.poll(1)
+            pending = [c for c in pending if not h.aio_command_completed(c)]
+        h.shutdown()
+    finally:
+        dst_daemon.resume()
+    s = status(ctl)
+    assert s["datapath"]["sides"]["destination"]["degraded"] > 0, s["datapath"]["sides"]
+    assert not s["datapath"]["synchronized"]
+    counts = Counts()
+    deadline = time.monotonic() + 120
+    while not (s := status(ctl))["datapath"]["synchronized"]:
+        counts.add("resync", time.monotonic(), s["datapath"]["copy"]["bytes_read"])
+        assert time.monotonic() < deadline, "the resync did not end"
+        time.sleep(0.05)
+    counts.add("resync", time.monotonic(), s["datapath"]["copy"]["bytes_read"])
+    start, end = counts.first_moved("resync"), counts.reached("resync")
+    # The resync copied the region the writes marked (its data: the writes and the base's).
+    assert counts.series["resync"][-1][1] >= 40 * MiB
+    assert end - start >= 4, "the resync ran too fast to be under the budget"
+    # Never above the budget in any second past the first, and at it over the whole resync (one
+    # worker copies a region's chunks one after the other, so a busy machine may slow a second).
+    rates = {round(t - start, 2): counts.rate("resync", t, t + WINDOW)
+             for t in (start + WINDOW + 0.25 * i for i in range(int((end - start - 2) * 4)))}
+    wrong = {t: round(r / MiB, 2) for t, r in rates.items() if r > 1.10 * 8 * MiB}
+    assert rates and not wrong, f"seconds after the start: MiB/s {wrong}"
+    mean = counts.rate("resync", start + WINDOW, end)
+    assert abs(mean - 8 * MiB) <= 0.10 * 8 * MiB, mean / MiB
+    assert m.stop() == 0
+    same, detail = images_identical(workdir / "src" / "base-snap.qcow2",
+                                    workdir / "dst" / "base-snap.qcow2")
     assert same, detail

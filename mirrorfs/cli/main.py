@@ -140,14 +140,14 @@ def cmd_start(args):
     if args.switch_first:
         migration = Evacuation(args.source_top, args.dest_dir,
                                _serve_options(args, take_over=args.take_over, copy="full",
-                                              rate=args.rate),
+                                              rate=args.rate, hold_copy=True),
                                overlay_name=args.overlay_name)
     else:
         if args.rate is not None:
             raise UsageError("--rate limits the hydration of --switch-first; a migration's base "
                              "copy takes 'mirrorfs copy --rate'")
         migration = Migration(args.source_top, args.dest_dir,
-                              _serve_options(args, take_over=args.take_over),
+                              _serve_options(args, take_over=args.take_over, hold_copy=True),
                               overlay_name=args.overlay_name)
     return _run_controller(migration, control_path, lambda: migration.tree.uris, rundir)
 

@@ -17,8 +17,8 @@ again at the new rate, so a share that drops takes effect at once.
 
 Bytes are counted here as they are paid (`paid`), which is what the host budget measures a copy by.
 
-Used by the data path's copier (inside nbdkit) and the migration's base copy (in the supervisor), so
-this module is standard library only.
+Used by the data path's copier and an evacuation's hydrator (inside nbdkit) and the migration's base
+copy (in the supervisor), so this module is standard library only.
 """
 
 import threading
@@ -58,10 +58,13 @@ class Pacer:
     def chunk(self, largest, smallest):
         """How much to copy before the next payment: a limited copy pays in pieces of about a
         sixteenth of a second (so a share is kept smoothly over each second, and a change of it
-        applies within one piece), between `smallest` and `largest`."""
+        applies within one piece), between `smallest` and `largest`. A held copy takes the
+        smallest: the piece it waits with is copied at a rate not known yet."""
         rate = self._rate
-        if not rate:
+        if rate is None:
             return largest
+        if rate == 0:
+            return smallest
         size = max(smallest, min(largest, rate // 16))
         return size - size % smallest
 

@@ -18,7 +18,8 @@ class Phase(enum.StrEnum):
     MIRRORING = "mirroring"             # reads from the source, changes to both sides
     COPYING = "copying"                 # serve, shown: mirroring while the sides may still differ
     SYNCHRONIZED = "synchronized"       # serve, shown: mirroring with nothing left to copy
-    QUEUED = "queued"                   # serve, shown: mirroring, its copy waiting for a host slot
+    QUEUED = "queued"                   # shown: a copy (serve's, a base copy, a hydration) waits
+                                        # for a slot of the host's concurrent copies
     COPYING_BASE = "copying-base"       # start: mirroring while Step 4 copies the base
     SWITCHING = "switching"             # start: a pivot holds the clients' requests
     SWITCHED = "switched"               # the destination alone (an end, saved in the state)

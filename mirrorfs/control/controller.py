@@ -186,13 +186,35 @@ class Controller:
             self.copy_apply(cap)
         self.log.add("rate", rate=cap)
 
+    # The copy inside the data path (a mirror's copier, the resync of a migration's degraded writes,
+    # an evacuation's hydration) runs in the phases `datapath_copies`; the data path's `set-rate`
+    # sets its limit and answers whether it has anything to copy. `_datapath_rate` is the limit
+    # as last set (0: held until the first share), sent again at each look.
+    datapath_copies = ()
+    _datapath_rate = None
+
     def copy_probe(self):
         """None when nothing is being copied, else {"done": bytes copied, "written": client
         write bytes so far}."""
-        return None
+        if self.phase not in self.datapath_copies:
+            return None
+        copying, done, written = self._datapath_copy()
+        return {"done": done, "written": written} if copying else None
 
     def copy_apply(self, rate):
         """The copy's limit from now on: None, 0 (queued), or bytes/s."""
+        self._datapath_rate = rate
+        if self.phase in self.datapath_copies:
+            self.tree.datapath("set-rate", rate=rate, timeout=5)
+
+    def _datapath_copy(self):
+        """The data path's copy, its limit set again: (anything to copy, bytes paid for by its
+        pacer, bytes the disk's clients wrote)."""
+        reply = self.tree.datapath("set-rate", rate=self._datapath_rate, timeout=5)
+        copy = reply.get("copy")
+        if copy is None:
+            return False, 0, reply["written"]
+        return bool(reply.get("copying")), copy["paid_bytes"], reply["written"]
 
     def switch_commands(self):
         """The commands of a controller that mirrors (its `verify`, `pivot` and `cancel`)."""

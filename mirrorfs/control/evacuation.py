@@ -49,6 +49,9 @@ class Evacuation(Hydrating, Migration):
         e.hand_back()   # with take_over: the export serves /new/vm1.qcow2
     """
     ENDED = (Phase.HYDRATED,)
+    # The host budget: the hydration is the data path's copy (Migration.copy_probe); there is no
+    # base copy.
+    datapath_copies = (Phase.HYDRATING,)
 
     def _check_options(self):
         o = self.options

@@ -75,7 +75,12 @@ class Migration(Controller):
         self._created = []              # files this migration made, removed again by cancel
         self._removed = False           # cancel removed the destination's files
         self._listener = None           # the disk's socket, borrowed from an export (take-over)
-        self._cap = None                # the base copy's own --rate
+        # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
+        self._cap = self.options.rate
+        # The data path's copier (the resync of degraded writes; an evacuation's hydrator), held
+        # (0) until the host budget gives it a share.
+        self._datapath_rate = 0 if self.options.hold_copy else self.options.rate
+        self._running = (False, False)  # (base copy, data path's copy) at the budget's last look
 
     def _check_options(self):
         if self.options.copy != "none" or self.options.readonly or self.options.switch_first:
@@ -363,12 +368,16 @@ class Migration(Controller):
             self.finished.set()
             return {"image": str(top)}
 
-    # The host budget (mirrorfs.host.budget): the base copy draws from it.
+    # The host budget (mirrorfs.host.budget): the base copy draws from it, and so does the data
+    # path's copier when it copies regions again after degraded writes (--on-dest-error degrade).
+    # They are one copy of the host (one entry, one share); when both run at once, each gets half
+    # of the share.
 
     copies = True
+    datapath_copies = (Phase.MIRRORING, Phase.COPYING_BASE)
 
     def shown_phase(self):
-        return "queued" if self.phase == "copying-base" and self.queued else self.phase
+        return Phase.QUEUED if self.phase == Phase.COPYING_BASE and self.queued else self.phase
 
     def copy_cap(self):
         return self._cap
@@ -381,13 +390,21 @@ class Migration(Controller):
 
     def copy_probe(self):
         copier = self.copier
-        if copier is None or not copier.running:
+        base = copier is not None and copier.running
+        resync, paid, written = (self._datapath_copy() if self.phase in self.datapath_copies
+                                 else (False, 0, 0))
+        self._running = (base, resync)
+        if not (base or resync):
             return None
-        return {"done": copier.copied}
+        return {"done": (copier.copied if copier is not None else 0) + paid, "written": written}
 
     def copy_apply(self, rate):
+        base, resync = self._running
+        if rate and base and resync:
+            rate = max(1, rate // 2)
         if self.copier is not None:
             self.copier.pacer.set(rate)
+        super().copy_apply(rate)
 
     # Running.
 

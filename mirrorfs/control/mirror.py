@@ -24,7 +24,16 @@ from mirrorfs.daemons.tree import ProcessTree
 
 class Hydrating:
     """What a controller of an evacuation (serve's Mirror, start's Evacuation) does on each look:
-    once the data path says the hydration ended, release the source and say `hydrated`."""
+    once the data path says the hydration ended, release the source and say `hydrated`.
+
+    The hydration is a copy of the host budget like any other (Controller.copy_probe, with
+    HYDRATING among the controller's `datapath_copies`): it takes a slot of the concurrent-copy
+    limit, and while it waits for one its phase shows as `queued`."""
+
+    def shown_phase(self):
+        if self.phase == Phase.HYDRATING and self.queued:
+            return Phase.QUEUED
+        return super().shown_phase()
 
     def check(self, seen):
         super().check(seen)
@@ -44,8 +53,9 @@ class Mirror(Hydrating, Controller):
 
     def __init__(self, source, dest, options):
         super().__init__()
-        # The copier's rate as last set: held (0) until the host budget gives it a share.
-        self._copy_rate = 0 if options.hold_copy else options.rate
+        # The copier's (or hydrator's) rate as last set: held (0) until the host budget gives it
+        # a share.
+        self._datapath_rate = 0 if options.hold_copy else options.rate
         self.tree = ProcessTree(source, dest, options)
         self.options = options
         self.last_switch = None
@@ -83,33 +93,20 @@ class Mirror(Hydrating, Controller):
 
     def shown_phase(self):
         if self.phase != Phase.MIRRORING:
-            return self.phase
+            return super().shown_phase()
         dp = self.tree.datapath_status()
         if dp.get("synchronized"):
             return Phase.SYNCHRONIZED
         return Phase.QUEUED if self.queued else Phase.COPYING
 
-    # The host budget (mirrorfs.host.budget): the data path's copier, full copy and resync alike.
+    # The host budget (mirrorfs.host.budget): the data path's copier (full copy and resync alike)
+    # or, with --switch-first, its hydrator.
 
     copies = True
-    _copy_rate = None
+    datapath_copies = (Phase.MIRRORING, Phase.HYDRATING)
 
     def copy_cap(self):
         return self.options.rate
-
-    def copy_probe(self):
-        if self.phase != Phase.MIRRORING:
-            return None
-        reply = self.tree.datapath("set-rate", rate=self._copy_rate, timeout=5)
-        copy = reply.get("copy")
-        if copy is None or reply.get("synchronized") or reply.get("ended"):
-            return None
-        return {"done": copy["paid_bytes"], "written": reply["written"]}
-
-    def copy_apply(self, rate):
-        self._copy_rate = rate
-        if self.phase == Phase.MIRRORING:
-            self.tree.datapath("set-rate", rate=rate, timeout=5)
 
     # Commands.
 

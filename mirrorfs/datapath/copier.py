@@ -98,6 +98,11 @@ class Copier:
         """The limit from now on (None, 0 to hold, or bytes/s); applies within one chunk."""
         self.pacer.set(rate)
 
+    @property
+    def copying(self):
+        """Is there anything to copy (the first pass, or regions to copy again)?"""
+        return not (self.dirty.synchronized() or self.disk.ended)
+
     def status(self):
         elapsed = time.monotonic() - self.started
         return {"first_pass_bytes": self.dirty.cursor, "size": self.disk.size,

@@ -12,7 +12,13 @@ released (Evacuee.finish).
   the time of `qemu-img convert`, with a seventh of the CPU the copy through nbdkit takes.
 - Committed in groups: a worker hands its batch to `commit`, which flushes the destination and
   saves the map once for every batch handed in meanwhile (and every client change waiting).
-- Rate-limited (`--rate`), and yields to clients: while a client request came in the last
+- Rate-limited by the copies' one pacer (common.pacing), as the mirror's copier: `--rate`, then
+  the host budget's share of it (`set_rate`, from the data path's `set-rate` command; 0 holds the
+  hydration while the host's copies are queued). A batch reserves its bytes before it is copied,
+  outside its range lock, and a limited hydration takes batches of about a sixteenth of a
+  second's worth (whole regions, at least one). What is paid is what the sides carry: through
+  nbdkit the data read (zero extents are given back), in place the whole batch (the destination's
+  daemon reads all of it). And it yields to clients: while a client request came in the last
   YIELD_WINDOW, only one worker copies.
 - A region the source cannot read is retried with backoff (RETRY_FIRST doubling to RETRY_MAX) and
   listed in status (`unreadable`) with the error; the others go on meanwhile.
@@ -25,6 +31,7 @@ import logging
 import threading
 import time
 
+from mirrorfs.common.pacing import Pacer
 from mirrorfs.datapath import sideio
 from mirrorfs.datapath.hydration import HydrationError
 from mirrorfs.datapath.errors import DrainTimeout
@@ -44,11 +51,11 @@ class Hydrator:
     def __init__(self, disk, rate=None, workers=WORKERS, batch=None):
         self.disk = disk
         self.map = disk.map
-        self.rate = rate
-        # In place, large batches unless rate-limited (then small ones, paced before each copy:
-        # the whole batch is read by the destination's daemon, so it counts whole).
-        self.batch = batch or (BATCH_IN_PLACE if disk.in_place and not rate else BATCH)
-        self._next_slot = 0.0           # in place with a rate: when the next batch may start
+        # The limit, bytes per second (None: none; 0: held, the host's copies are queued): the
+        # operator's --rate, then the host budget's share of it (set_rate).
+        self.pacer = Pacer(rate)
+        # The most regions in a batch: in place, large ones unless rate-limited (see _batch_size).
+        self.batch = batch or (BATCH_IN_PLACE if disk.in_place else BATCH)
         self.bytes_read = 0
         self.bytes_zeroed = 0
         self.started = time.monotonic()
@@ -69,6 +76,19 @@ class Hydrator:
     def stop(self):
         self._stop.set()
 
+    @property
+    def rate(self):
+        return self.pacer.rate
+
+    def set_rate(self, rate):
+        """The limit from now on (None, 0 to hold, or bytes/s); applies within one batch."""
+        self.pacer.set(rate)
+
+    @property
+    def copying(self):
+        """Is there anything left to hydrate?"""
+        return not (self.map.complete or self.disk.ended)
+
     def status(self):
         elapsed = (self.finished_at or time.monotonic()) - self.started
         m = self.map
@@ -81,7 +101,7 @@ class Hydrator:
                           for r, info in sorted(self._unreadable.items())]
         return {"bytes_read": self.bytes_read, "bytes_zeroed": self.bytes_zeroed,
                 "rate": round((self.bytes_read + self.bytes_zeroed) / elapsed) if elapsed else 0,
-                "rate_limit": self.rate, "unreadable": unreadable,
+                "rate_limit": self.rate, "paid_bytes": self.pacer.paid, "unreadable": unreadable,
                 "seconds": round(elapsed, 3), "finished": self.finished_at is not None}
 
     # The loop.
@@ -99,12 +119,10 @@ class Hydrator:
                     self._stop.wait(IDLE)
                 continue
             try:
-                self._pace(batch)
                 self._copy(batch)
             finally:
                 with self._lock:
                     self._taken.difference_update(batch)
-            self._throttle()
 
     def _take(self):
         """Up to `batch` consecutive regions to copy: not hydrated, not taken, not waiting for a
@@ -121,7 +139,8 @@ class Hydrator:
             if r is None:
                 return None
             batch = [r]
-            while len(batch) < self.batch and r + 1 < self.map.count:
+            size = self._batch_size()
+            while len(batch) < size and r + 1 < self.map.count:
                 r += 1
                 if self.map.hydrated(r) or r in self._taken or r in self._unreadable:
                     break
@@ -130,11 +149,21 @@ class Hydrator:
             self._next = batch[-1] + 1
             return batch
 
+    def _batch_size(self):
+        """Regions in the next batch: `batch`, or under a limit about a sixteenth of a second's
+        worth (Pacer.chunk), so a share holds within each second and a new one applies soon."""
+        region = self.map.region_size
+        return max(1, self.pacer.chunk(self.batch * region, region) // region)
+
     def _copy(self, batch):
         disk, m = self.disk, self.map
         lo, hi = m.span(batch[0])[0], m.span(batch[-1])[1]
+        # Outside the range lock: a batch that waits for its rate holds no client write.
+        if not self.pacer.reserve(hi - lo, self._stop):
+            return
         token = disk.inflight.enter_range("hydrate", lo, hi)
         copied = []
+        paid = 0                        # data this batch read (in place: all of it)
         try:
             todo = [r for r in batch if not (m.hydrated(r) or m.is_copied(r))]
             if len(todo) == len(batch):
@@ -142,6 +171,7 @@ class Hydrator:
                 # its writes). Region by region below only if that fails, to find the bad ones.
                 try:
                     read, zeroed = disk.copy_range(lo, hi)
+                    paid += read
                     self.bytes_read += read
                     self.bytes_zeroed += zeroed
                     copied = batch
@@ -160,6 +190,7 @@ class Hydrator:
                 except sideio.SideFailure as e:
                     self._cannot_read(r, e)
                     continue
+                paid += read
                 self.bytes_read += read
                 self.bytes_zeroed += zeroed
                 copied.append(r)
@@ -167,6 +198,8 @@ class Hydrator:
                     self._unreadable.pop(r, None)
         finally:
             disk.inflight.leave(token)
+            # What the sides carried is paid; what was skipped, or zero, is given back.
+            self.pacer.settle(hi - lo, paid)
         if copied:
             try:
                 m.commit(copied, disk._flush_dest)
@@ -193,20 +226,3 @@ class Hydrator:
         except (DrainTimeout, sideio.SideFailure) as e:
             log.warning("ending the hydration failed (will retry): %s", e)
             self._stop.wait(RETRY_FIRST)
-
-    def _pace(self, batch):
-        """In place with a rate: wait for this batch's turn (its bytes at `rate`)."""
-        if not (self.rate and self.disk.in_place):
-            return
-        lo, hi = self.map.span(batch[0])[0], self.map.span(batch[-1])[1]
-        with self._lock:
-            start = max(self._next_slot, time.monotonic())
-            self._next_slot = start + (hi - lo) / self.rate
-        self._stop.wait(max(0.0, start - time.monotonic()))
-
-    def _throttle(self):
-        if not self.rate or self.disk.in_place:
-            return
-        ahead = self.bytes_read / self.rate - (time.monotonic() - self.started)
-        if ahead > 0:
-            self._stop.wait(ahead)

@@ -9,7 +9,8 @@ The control socket (the supervisor is its only client) takes:
     {"cmd": "switch", "to": "destination", "end": "switched", "timeout": 10}
     {"cmd": "switch", "to": "source", "end": "cancelled"}
     {"cmd": "quiesce"}                                  before the process stops
-    {"cmd": "set-rate", "rate": N}                      the copier's limit (the host budget's share)
+    {"cmd": "set-rate", "rate": N}                      the limit of the copier or the hydrator
+                                                        (the host budget's share)
 
 When the supervisor dies (`parent`), the kernel kills nbdkit at once (see lifeline).
 
@@ -97,7 +98,9 @@ class DataPath:
                                 in_place=in_place, copy_on_read=self.options.copy_on_read)
         except (HydrationError, ValueError) as e:
             raise RuntimeError(str(e)) from None
-        self.copier = Hydrator(self.disk, rate=self.options.rate)
+        # Held (rate 0) until the supervisor gives it its share of the host budget, as a copier.
+        o = self.options
+        self.copier = Hydrator(self.disk, rate=0 if o.hold else o.rate)
         log.info("evacuating: %d of %d regions hydrated", hydration.hydrated_count, hydration.count)
 
     def _state(self, source):
@@ -196,15 +199,17 @@ class DataPath:
         raise jsonlines.ControlError(f"unknown command {cmd!r}")
 
     def _set_rate(self, rate):
-        """The copier's limit from now on: bytes/s, 0 to hold it (queued by the host budget), or
-        null for none. Answers with the copier's status: the host budget's only probe of it."""
+        """The limit of the copy from now on (the mirror's copier, or an evacuation's hydrator):
+        bytes/s, 0 to hold it (queued by the host budget), or null for none. Answers with its
+        status and whether it has anything to copy (`copying`): the host budget's only probe."""
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 0):
             raise jsonlines.ControlError("set-rate: rate must be a non-negative integer or null")
+        written = self.disk.inflight.bytes["write"]
         if self.copier is None:
-            return {"copy": None, "written": self.disk.inflight.bytes["write"]}
+            return {"copy": None, "copying": False, "written": written}
         self.copier.set_rate(rate)
-        return {"copy": self.copier.status(), "synchronized": self.disk.dirty.synchronized(),
-                "ended": self.disk.ended, "written": self.disk.inflight.bytes["write"]}
+        return {"copy": self.copier.status(), "copying": self.copier.copying,
+                "ended": self.disk.ended, "written": written}
 
     def close(self):
         if self.copier is not None:

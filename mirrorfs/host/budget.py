@@ -6,7 +6,8 @@ The budget is a file, RUN_DIR/budget.json, written whole by `mirrorfs budget set
      "floor": 4194304,        while the host's clients write more than busy_writes bytes/s, the
      "busy_writes": 67108864}  copies together get only `floor` (DRBD's c-min-rate); null: never
 
-Every copy (a serve's full copy or resync, a migration's base copy) has an entry in RUN_DIR/copies/,
+Every copy (a serve's full copy or resync, a migration's base copy or resync, an evacuation's
+hydration: one per process) has an entry in RUN_DIR/copies/,
 rewritten every TICK seconds by a thread of its own process (`Share`):
     {"disk": "/run/vm1.sock", "cap": 4194304 | null, "since": 1700000000.123, "done": bytes,
      "time": when `done` was read, "rate": measured bytes/s,

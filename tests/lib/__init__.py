@@ -8,6 +8,7 @@ make_base`). pyproject.toml puts tests/ on pytest's `pythonpath`; a script adds 
     nbdservers   other NBD servers for URI endpoints (QemuNbd, NbdkitFilter, PausableFront)
     processes    finding, watching and killing the processes the tests start
     waits        waiting for a condition (wait_until)
+    rates        copy rates from sampled byte counts (the host budget's tests)
     fio          fio's nbd engine as a load (FioLoad)
     writers      seeded writers and the model of what the disk must hold
     failures     a command that must fail cleanly (serve_fails) and a directory that must not change
