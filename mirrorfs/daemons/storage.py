@@ -232,7 +232,7 @@ class SharedStorageDaemon:
     process tree uses as it uses a daemon of its own.
 
     Why: a mirrored write then wakes one daemon instead of two; on the project's 2-core machine that
-    is 28% less CPU per 4 KiB write and 28% more IOPS on 4 connections (docs/PERFORMANCE.md, issue
+    is 26% less CPU per 4 KiB write and 34% more IOPS on 4 connections (docs/PERFORMANCE.md, issue
     #21). Why not always: the sides share this process's failures. A source whose storage hangs
     can stall the destination's export with it, and one crash takes both sides, where two daemons
     let the mirror degrade to the side that lives; so an evacuation (whose source may be failing)
