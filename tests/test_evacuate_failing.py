@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from lib.commands import MIRRORFS, run
-from lib.control import status as status_over
+from lib.control import ctl, status as status_over
 from lib.evacuation import STRIPE, raw_bytes, serve_switch_first
 from lib.images import MiB, make_full_pair, sha256
 from lib.nbdservers import FuseFile, NbdkitFilter
@@ -104,6 +104,8 @@ def finish(workdir, proc, source, dest, expected):
     image unchanged."""
     source.recover()
     try:
+        # What is left may go at full speed (--rate kept it from finishing during the test).
+        ctl(workdir / "d.sock.ctl", "rate", "none")
         wait_hydrated(workdir)
     finally:
         stop(proc)

@@ -242,6 +242,8 @@ class Migration(Controller):
             self.copier = BaseCopy(self.base, self.dest_base,
                                    rate=0 if self.host_share is not None else rate)
             self.copier.rate = rate
+            if self.host_share is not None:
+                self.host_share.renew()
             self.copier.start()
             self._created.append(self.dest_base)
             self.enter(Phase.COPYING_BASE, bytes_total=self.copier.total, rate=rate)

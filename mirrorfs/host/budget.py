@@ -126,6 +126,12 @@ class Share:
         self._thread.start()
         return self
 
+    def renew(self):
+        """A copy that starts held began under this process's entry (a migration's base copy while
+        its resync keeps the entry registered): give it the share at the next tick, even though
+        the share itself did not change."""
+        self._applied = False
+
     def stop(self):
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
