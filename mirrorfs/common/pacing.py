@@ -97,3 +97,16 @@ class Pacer:
             if self._rate and reserved > copied:
                 # Not before now: skipping zeros must not save up time for a burst of data later.
                 self._due = max(self._due - (reserved - copied) / self._rate, time.monotonic())
+
+
+class Paced:
+    """A copy paced by its `pacer` (a Pacer): the data path's copier and hydrator, whose limit the
+    supervisor reads and sets (the data path's `set-rate`: the host budget's share)."""
+
+    @property
+    def rate(self):
+        return self.pacer.rate
+
+    def set_rate(self, rate):
+        """The limit from now on (None, 0 to hold, or bytes/s); applies from the next piece."""
+        self.pacer.set(rate)

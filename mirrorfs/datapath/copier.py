@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 
-from mirrorfs.common.pacing import Pacer
+from mirrorfs.common.pacing import Paced, Pacer
 from mirrorfs.datapath.backend import describe
 from mirrorfs.datapath.commands import Read, Write, Zero
 from mirrorfs.datapath.errors import CopyFailed, SideError
@@ -52,7 +52,7 @@ class Stopped(CopyFailed):
     """The copier was stopped while a chunk waited for its rate: the chunk was not copied."""
 
 
-class Copier:
+class Copier(Paced):
     def __init__(self, disk, rate=None, chunk=CHUNK, workers=WORKERS):
         self.disk = disk
         self.dirty = disk.dirty
@@ -89,14 +89,6 @@ class Copier:
     def stop(self):
         self._stop.set()
         self.dirty.changed.set()
-
-    @property
-    def rate(self):
-        return self.pacer.rate
-
-    def set_rate(self, rate):
-        """The limit from now on (None, 0 to hold, or bytes/s); applies within one chunk."""
-        self.pacer.set(rate)
 
     @property
     def copying(self):

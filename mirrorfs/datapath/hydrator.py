@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 
-from mirrorfs.common.pacing import Pacer
+from mirrorfs.common.pacing import Paced, Pacer
 from mirrorfs.datapath import sideio
 from mirrorfs.datapath.hydration import HydrationError
 from mirrorfs.datapath.errors import DrainTimeout
@@ -47,7 +47,7 @@ RETRY_MAX = 30.0
 IDLE = 0.5                      # how often an idle hydrator looks again (regions given back)
 
 
-class Hydrator:
+class Hydrator(Paced):
     def __init__(self, disk, rate=None, workers=WORKERS, batch=None):
         self.disk = disk
         self.map = disk.map
@@ -75,14 +75,6 @@ class Hydrator:
 
     def stop(self):
         self._stop.set()
-
-    @property
-    def rate(self):
-        return self.pacer.rate
-
-    def set_rate(self, rate):
-        """The limit from now on (None, 0 to hold, or bytes/s); applies within one batch."""
-        self.pacer.set(rate)
 
     @property
     def copying(self):

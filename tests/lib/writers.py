@@ -5,6 +5,7 @@ import threading
 
 import nbd
 
+from lib.commands import run
 from lib.images import MiB
 
 SIZE = 64 * MiB
@@ -46,3 +47,20 @@ def writer(uri, rng, index, model, stop, size=SIZE):
         if not model.killing.is_set():
             model.errors.append(f"writer {index}: {e}")
         # else: the server was killed under us; the write in flight is "maybe"
+
+
+def acknowledged(model):
+    """{block: the byte values it may hold}: its last acknowledged write's, or that of the write
+    in flight at the kill."""
+    return {b: {v, model.maybe.get(b, v)} for b, v in model.acked.items()}
+
+
+def lost_blocks(image, expected, workdir):
+    """The blocks of `image` (any format qemu-img reads) whose 4 KiB hold none of the values
+    `expected[block]` allows: acknowledged writes the image lost."""
+    raw = workdir / "lost-blocks.raw"
+    run("qemu-img", "convert", "-O", "raw", image, raw)
+    data = raw.read_bytes()
+    raw.unlink()
+    return [b for b, values in expected.items()
+            if not any(data[b * BLOCK:(b + 1) * BLOCK] == bytes([v]) * BLOCK for v in values)]
