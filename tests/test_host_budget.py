@@ -40,6 +40,13 @@ class Recorder(Counts):
                 continue
             self.add(e["pid"], e["time"], e["done"])
 
+    def sample_for(self, seconds):
+        """Sample every 50 ms for `seconds`."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.sample()
+            time.sleep(0.05)
+
 
 def serve_copy(processes, workdir, name, size, *extra):
     if not (workdir / name).exists():
@@ -74,13 +81,7 @@ def test_four_copies_share_the_host_budget(workdir, processes):
     events = [time.time()]              # times after which shares may take a second to settle
     budgets = [(0.0, BUDGET)]           # (from time, budget)
 
-    def sample_for(seconds):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            rec.sample()
-            time.sleep(0.05)
-
-    sample_for(3)
+    rec.sample_for(3)
     c = serve_copy(processes, workdir, "c", 256 * MiB)
     copies["c"] = c
     events.append(time.time())
@@ -89,7 +90,7 @@ def test_four_copies_share_the_host_budget(workdir, processes):
     deadline = time.monotonic() + 240
     while len(finished) < len(copies):
         assert time.monotonic() < deadline, f"copies not done: {set(copies) - set(finished)}"
-        sample_for(0.25)
+        rec.sample_for(0.25)
         for name, p in copies.items():
             if name not in finished and phase(p) == "synchronized":
                 # When its count reached its end, by its own entries.
@@ -205,19 +206,13 @@ def test_the_base_copy_of_a_migration_draws_from_the_budget(workdir, processes):
     run(*MIRRORFS, "copy", "--background", "--control", ctl)
     rec = Recorder(rundir)
 
-    def sample_for(seconds):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            rec.sample()
-            time.sleep(0.05)
-
-    sample_for(2.5)
+    rec.sample_for(2.5)
     pid = m.proc.pid
     now = time.time()
     assert abs(rec.rate(pid, now - 1.2, now - 0.2) - 8 * MiB) <= 0.15 * 8 * MiB
     run(*MIRRORFS, "budget", "set", "2M", "--run-dir", rundir)
     changed = time.time()
-    sample_for(2.5)
+    rec.sample_for(2.5)
     assert abs(rec.rate(pid, changed + 1, changed + 2) - 2 * MiB) <= 0.2 * 2 * MiB
     run(*MIRRORFS, "budget", "clear", "--run-dir", rundir)
     wait_until(lambda: control_request(ctl, {"cmd": "status"})["status"]["copy"]["ready_to_pivot"],
