@@ -174,6 +174,10 @@ class StorageDaemon:
     def died(self):
         return self._child.died()
 
+    @property
+    def pid(self):
+        return self._child.pid
+
     def qmp(self, command, **arguments):
         """Run one QMP command on this daemon; a refusal becomes an ImageError naming the command."""
         monitor = QEMUMonitorProtocol(os.fspath(self.qmp_socket))

@@ -312,7 +312,7 @@ class ProcessTree:
     def daemon_pids(self):
         """{side: the pid of the storage daemon serving it}, for image sides still in use: two
         sides with one pid share a daemon (--one-daemon)."""
-        return {side: d._child.pid for side, d in self.daemons.items()}
+        return {side: d.pid for side, d in self.daemons.items()}
 
     def daemon(self, side):
         """The storage daemon of a side, or None if that side is an NBD URI (or retired)."""
