@@ -796,6 +796,34 @@ def test_a_write_that_completes_a_held_region_hydrates_it(evacuee):
     assert bytes(buf) == b"\x02" * 10 + b"\x01" * 1000 + bytes(REGION - 1010)
 
 
+def test_holes_in_place_are_saved_before_and_refused_elsewhere(tmp_path):
+    """Holes (the rare path in place) survive a reopen, a commit that fills part of one keeps the
+    rest, hydrating the region drops them; a map with holes is refused by a hydration through
+    nbdkit (which would read the destination's zeros) and when its ranges are not the region's."""
+    from mirrorfs.datapath.hydration import HydrationError, HydrationMap
+    m = HydrationMap.open(tmp_path, SIZE, REGION, in_place=True)
+    lo = 6 * REGION
+    m.add_holes({6: [(lo + 100, lo + 65536), (lo, lo + 10)]})
+    assert HydrationMap.open(tmp_path, SIZE, REGION, in_place=True).holes == {
+        6: ((lo, lo + 10), (lo + 100, lo + 65536))}
+    assert list(m.runs_in_place(lo, lo + 200)) == [(lo, 10, False), (lo + 10, 90, True),
+                                                   (lo + 100, 100, False)]
+    with pytest.raises(HydrationError, match="in place, not through nbdkit"):
+        HydrationMap.open(tmp_path, SIZE, REGION)
+    m.mark_filled(6, lo + 1000, lo + 2000)
+    assert m.holes_to_copy(6) == ((lo, lo + 10), (lo + 100, lo + 1000), (lo + 2000, lo + 65536))
+    m.commit((), lambda: None, filled={6: (lo + 1000, lo + 2000)})
+    assert HydrationMap.open(tmp_path, SIZE, REGION, in_place=True).holes[6] == m.holes[6] == (
+        (lo, lo + 10), (lo + 100, lo + 1000), (lo + 2000, lo + 65536))
+    m.commit([6], lambda: None)
+    assert m.holes == {} and HydrationMap.open(tmp_path, SIZE, REGION, in_place=True).holes == {}
+    saved = json.loads((tmp_path / "hydration.map").read_text())
+    assert saved["format"] == 2 and "holes" not in saved
+    m.add_holes({7: [(7 * REGION - 5, 7 * REGION)]})    # not inside region 7: refused on load
+    with pytest.raises(HydrationError, match="corrupt"):
+        HydrationMap.open(tmp_path, SIZE, REGION, in_place=True)
+
+
 def test_a_partial_write_without_the_fallback_would_fail(evacuee):
     """The source readable: the common path (the region copied whole first), nothing held."""
     ev = evacuee()

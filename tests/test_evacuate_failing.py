@@ -178,11 +178,24 @@ def test_a_partial_write_while_the_source_fails(workdir, source, kill):
     assert "held" not in json.loads((workdir / "state" / "hydration.map").read_text())
 
 
-def test_clients_write_at_odd_offsets_while_the_source_fails(workdir, source):
+@pytest.fixture(params=["through-nbdkit", "in-place"])
+def failing_sides(request, workdir, source):
+    """(source spec, destination, in place?): the failing source as a URI into a raw image
+    (through nbdkit), or as an image file into an empty qcow2 (in place)."""
+    if request.param == "through-nbdkit":
+        yield source.uri, raw_dest(workdir), False
+        return
+    f = FuseFile(workdir, "srcfile", source.uri)
+    yield f.path, source.empty_qcow2, True
+    f.stop()
+
+
+def test_clients_write_at_odd_offsets_while_the_source_fails(workdir, source, failing_sides):
     """Three clients write at odd offsets and sizes (each in stripes of its own, with FUA) while
-    the source fails every read: no write fails, each reads back, and the held ranges they leave
-    (many in a region, merged) are copied around once the source answers."""
-    dest = raw_dest(workdir)
+    the source fails every read: no write fails, each reads back, and the held ranges (through
+    nbdkit) or holes (in place) they leave, many in a region, are copied around once the source
+    answers."""
+    spec, dest, in_place = failing_sides
     expected = bytearray(source.content)
     lock = threading.Lock()
     errors, writes = [], [0]
@@ -210,8 +223,9 @@ def test_clients_write_at_odd_offsets_while_the_source_fails(workdir, source):
         finally:
             h.shutdown()
 
-    proc = serve_switch_first(workdir, source.uri, dest, "--rate", RATE)
+    proc = serve_switch_first(workdir, spec, dest, "--rate", RATE)
     try:
+        assert status(workdir)["datapath"]["hydration"]["in_place"] == in_place
         source.fail()
         threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
         for t in threads:
@@ -223,7 +237,10 @@ def test_clients_write_at_odd_offsets_while_the_source_fails(workdir, source):
             t.join(120)
         assert not errors, errors
         s = status(workdir)["hydration"]
-        assert s["held_changes"] > 50 and s["bytes_held"] > 0, s
+        if in_place:
+            assert s["written_around"] > 50 and s["bytes_in_holes"] > 0, s
+        else:
+            assert s["held_changes"] > 50 and s["bytes_held"] > 0, s
     except BaseException:
         stop.set()
         abort(proc)
@@ -271,6 +288,82 @@ def test_in_place_a_failed_read_is_the_sources(workdir, source, fuse_source):
         abort(proc)
         raise
     finish(workdir, proc, source, dest, source.content)
+
+
+# In place (the destination a qcow2 with 64 KiB clusters): a cluster the destination holds (a write
+# made while the source answered) and the next one, which it does not hold; both with the source's
+# data around them.
+HELD_CLUSTER = 50 * MiB + 128 * 1024
+NEXT_CLUSTER = HELD_CLUSTER + 64 * 1024
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["answered", "nbdkit-killed"])
+def test_in_place_a_partial_write_while_the_source_fails(workdir, source, fuse_source, kill):
+    """In place, the destination's daemon fills the rest of a cluster a write touches from the
+    source: while the source fails, the write is written around the bytes it cannot read (the
+    cluster whole, zeros there, saved as holes first), which read from the source; what the
+    destination held of such a cluster stays."""
+    dest = source.empty_qcow2
+    command = (fuse_source.path, dest, "--rate", RATE)
+    expected = bytearray(source.content)
+    rng = random.Random(1919)
+    writes = []                             # (offset, data) in order
+    proc = serve_switch_first(workdir, *command)
+    try:
+        assert status(workdir)["datapath"]["hydration"]["in_place"]
+        h = client(workdir)
+
+        def write(offset, data):
+            h.pwrite(data, offset, nbd.CMD_FLAG_FUA)
+            expected[offset:offset + len(data)] = data
+            writes.append((offset, data))
+
+        write(HELD_CLUSTER + 10000, rng.randbytes(1000))     # the source answers: qcow2's fill
+        source.fail()
+        write(HELD_CLUSTER + 30000, rng.randbytes(64 * 1024 - 30000 + 5000))    # into the next
+        h.zero(3000, 52 * MiB + 777)
+        expected[52 * MiB + 777:52 * MiB + 3777] = bytes(3000)
+        holes = {"50": [[NEXT_CLUSTER + 5000, NEXT_CLUSTER + 65536]],
+                 "52": [[52 * MiB, 52 * MiB + 777], [52 * MiB + 3777, 52 * MiB + 65536]]}
+        saved = json.loads((workdir / "state" / "hydration.map").read_text())
+        assert saved["holes"] == holes and saved["format"] == 4, saved
+        write(NEXT_CLUSTER + 6000, rng.randbytes(100))      # into a hole: it is filled
+        holes["50"] = [[NEXT_CLUSTER + 5000, NEXT_CLUSTER + 6000],
+                       [NEXT_CLUSTER + 6100, NEXT_CLUSTER + 65536]]
+        saved = json.loads((workdir / "state" / "hydration.map").read_text())
+        assert saved["holes"] == holes, saved
+        s = status(workdir)["hydration"]
+        assert s["written_around"] == 2, s
+        assert s["bytes_in_holes"] == sum(b - a for v in holes.values() for a, b in v), s
+
+        def check(h):
+            # The whole cluster the destination held: the source's data, the first write, the
+            # second: none of it needs the failing source.
+            assert h.pread(65536, HELD_CLUSTER) == expected[HELD_CLUSTER:NEXT_CLUSTER]
+            assert h.pread(5000, NEXT_CLUSTER) == expected[NEXT_CLUSTER:NEXT_CLUSTER + 5000]
+            assert h.pread(100, NEXT_CLUSTER + 6000) == writes[-1][1]
+            assert h.pread(3000, 52 * MiB + 777) == bytes(3000)
+            for offset in (NEXT_CLUSTER + 5000, NEXT_CLUSTER + 6100, 52 * MiB + 3777,
+                           52 * MiB, NEXT_CLUSTER + 65536):
+                fails_with_eio(h, 1, offset)    # the holes, and what follows: the source's
+
+        check(h)
+        h.shutdown()
+        if kill:
+            kill_nbdkit(proc)
+            # In place, a restart opens the source image (QEMU reads its header), which a source
+            # that fails every read does not allow: it answers for the restart, then fails again.
+            source.recover()
+            proc = serve_switch_first(workdir, *command)
+            source.fail()
+            h = client(workdir)
+            check(h)
+            h.shutdown()
+    except BaseException:
+        abort(proc)
+        raise
+    finish(workdir, proc, source, dest, expected)
+    assert "holes" not in json.loads((workdir / "state" / "hydration.map").read_text())
 
 
 @pytest.fixture(params=["through-nbdkit", "in-place"])

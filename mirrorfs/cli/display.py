@@ -90,6 +90,10 @@ def status_text(status):
             lines.append(f"  held:       {human_size(hydration['bytes_held'])} written into "
                          f"regions not hydrated while the source could not be read "
                          f"({hydration['held_changes']} changes); copied around later")
+        if hydration.get("written_around"):
+            lines.append(f"  holes:      {human_size(hydration['bytes_in_holes'])} around "
+                         f"{hydration['written_around']} changes written while the source could "
+                         "not be read, read from the source; copied later")
         if hydration["source_failing"]:
             lines.append(f"  at risk:    {human_size(hydration['bytes_at_risk'])} "
                          f"({hydration['bytes_at_risk']} bytes): the source fails; "

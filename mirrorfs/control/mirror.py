@@ -206,6 +206,8 @@ def hydration_progress(dp):
             "bytes_on_source_only": source_only,
             "bytes_at_risk": source_only if unreadable or h["source_read_errors"] else 0,
             "bytes_held": h.get("bytes_held", 0), "held_changes": h.get("held_changes", 0),
+            "bytes_in_holes": h.get("bytes_in_holes", 0),
+            "written_around": h.get("written_around", 0),
             "copy_on_read": copy_on_read is not None,
             "bytes_copied_on_read": copy_on_read["bytes"] if copy_on_read else 0,
             "bytes_unreadable": sum(u["length"] for u in unreadable),

@@ -135,8 +135,13 @@ class StorageDaemon:
         return ["--blockdev", json.dumps(image_file), *backing, "--blockdev", json.dumps(node)]
 
     def _export(self):
-        return {"type": "nbd", "id": self.export_id, "node-name": self.node, "name": self.export,
-                "writable": not self.readonly}
+        export = {"type": "nbd", "id": self.export_id, "node-name": self.node, "name": self.export,
+                  "writable": not self.readonly}
+        if self.backing is not None:
+            # Which layer holds each byte: the data path asks it before it writes around the
+            # unreadable part of a cluster (datapath.evacuee, "the rare path in place").
+            export["allocation-depth"] = True
+        return export
 
     def _backing_node(self):
         cache = cache_mode(self.backing) if self.cache == "none" else "writeback"

@@ -167,7 +167,8 @@ class ProcessTree:
         datapath = o.datapath(source.uri, dest.uri if dest else None, self.datapath_socket,
                               lock_granularity(source, dest))
         if in_place:
-            datapath = dataclasses.replace(datapath, in_place=True)
+            datapath = dataclasses.replace(datapath, in_place=True,
+                                           in_place_unit=dest.image.allocation_unit or 0)
         if dest is None:
             self.serving = "source"
         elif o.state_path is not None:

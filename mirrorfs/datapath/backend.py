@@ -38,6 +38,9 @@ import nbd
 from mirrorfs.datapath.commands import Verbs
 from mirrorfs.datapath.errors import SideError, SideUnreachable, side_error
 
+# QEMU's metadata context saying which layer of a chain holds each byte (Backend.allocation_depth).
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+
 log = logging.getLogger("mirrorfs")
 
 POLLIN = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -266,6 +269,45 @@ class NbdBackend(Verbs):
             self._release(h, failed)
         return found
 
+    def allocation_depth(self, length, offset):
+        """[(offset, length, depth)] over [offset, offset + length) from QEMU's
+        qemu:allocation-depth context: 1 where the export's own image holds the bytes, 2 or more
+        where a backing layer does, 0 where none does. On a connection of its own, opened for the
+        question and closed after it: only the rare path asks (Evacuee: a write in place that
+        failed because the source could not be read), and the pool's connections stay as they
+        are. Raises SideError (SideRefused ENOTSUP if the export does not offer the context)."""
+        h = open_handle(self.uri, self.name, timeout=self.connect_timeout, allocation=False,
+                        contexts=(ALLOCATION_DEPTH,))
+        found = []
+
+        def collect(context, start, entries, err):
+            if context == ALLOCATION_DEPTH:
+                pos = start
+                for i in range(0, len(entries), 2):
+                    found.append((pos, entries[i], entries[i + 1]))
+                    pos += entries[i]
+            return 0
+
+        try:
+            if not h.can_meta_context(ALLOCATION_DEPTH):
+                raise side_error(errno.ENOTSUP, f"{self.name}: no {ALLOCATION_DEPTH} context")
+            pos, end = offset, offset + length
+            while pos < end:
+                before = len(found)
+                h.block_status(end - pos, pos, collect)
+                if len(found) == before:
+                    raise side_error(errno.EIO, f"{self.name}: empty block status at {pos}")
+                pos = found[-1][0] + found[-1][1]
+        except nbd.Error as e:
+            raise _side_error(e) from None
+        finally:
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+            del h                       # closed with its last reference (libnbd has no close)
+        return [(a, min(n, end - a), d) for a, n, d in found if a < end]
+
     # Commands (mirrorfs.datapath.commands): the forms the hot path needs.
 
     # reserve(): set a connection aside for the next `run` or `start` (pass it as `reserved`),
@@ -483,7 +525,7 @@ _START = {"read": _start_read, "write": _start_write, "zero": _start_zero, "trim
           "flush": _start_flush}
 
 
-def open_handle(uri, name, timeout=CONNECT_TIMEOUT, allocation=True):
+def open_handle(uri, name, timeout=CONNECT_TIMEOUT, allocation=True, contexts=()):
     """The one way mirrorfs connects to an NBD server: a libnbd handle connected to `uri` within
     `timeout` seconds (a server that accepts but never answers the handshake, a stopped process,
     would block a plain connect_uri forever). Raises SideUnreachable naming the side and the problem."""
@@ -492,6 +534,8 @@ def open_handle(uri, name, timeout=CONNECT_TIMEOUT, allocation=True):
     h.set_uri_allow_local_file(True)   # tls-psk-file=, tls-certificates= in a URI the user gave
     if allocation:
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    for context in contexts:
+        h.add_meta_context(context)
     try:
         h.aio_connect_uri(uri)
         deadline = time.monotonic() + timeout

@@ -39,6 +39,13 @@ source file to the destination file without crossing nbdkit), then the usual com
 saved). The map only says which regions no longer need the source; once complete, the supervisor
 drops the backing (tree.release_source).
 
+The rare path in place: while the source fails, QEMU cannot fill the rest of a cluster a write
+touches, and the write fails. It is then written around (`_write_around`): each partial cluster
+at its ends whole, with what the destination holds of it, what the source still reads, and zeros
+for the rest, which the map saves as **holes** before the write (datapath.hydration); reads of
+holes go to the source, a later change fills them (committed before its answer), hydration copies
+them through nbdkit.
+
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
 
@@ -51,8 +58,9 @@ import time
 from mirrorfs.datapath import sideio
 from mirrorfs.datapath.copyonread import CopyOnRead
 from mirrorfs.datapath.disk import SideStats
-from mirrorfs.datapath.errors import DrainTimeout, RequestError, SwitchRefused
-from mirrorfs.datapath.hydration import HydrationError
+from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideRefused,
+                                      SwitchRefused)
+from mirrorfs.datapath.hydration import HydrationError, subtract
 from mirrorfs.datapath.inflight import InFlight
 
 log = logging.getLogger("mirrorfs")
@@ -63,12 +71,15 @@ FAILED_READS_KEPT = 64
 
 class Evacuee:
     def __init__(self, source, dest, hydration, state=None, granularity=64 * 1024, in_place=False,
-                 copy_on_read=False):
+                 copy_on_read=False, unit=0):
         if not dest.can_flush:
             raise ValueError("the destination cannot flush: hydration could never be made durable")
         if in_place and not dest.can_cache:
             raise ValueError("the destination cannot cache: it cannot hydrate in place")
         self.in_place = in_place
+        # In place: the destination image's allocation unit, what a write is widened to on the
+        # rare path in place (0: none, such a write fails). It divides the range locks' unit.
+        self.unit = unit if in_place and unit and granularity % unit == 0 else 0
         self.size = source.size
         self.source, self.dest = source, dest
         self.backends = (source, dest)
@@ -81,6 +92,7 @@ class Evacuee:
         self.ended = state.phase if state is not None and state.ended else None
         self.source_read_errors = 0
         self.held_changes = 0           # changes kept as held ranges: the source could not be read
+        self.written_around = 0         # in place: changes written around holes (the rare path)
         self.copy_on_read = CopyOnRead(self) if copy_on_read else None
         self.failed_reads = collections.deque(maxlen=FAILED_READS_KEPT)
         self.last_client_request = 0.0  # monotonic: the hydrator yields to recent client I/O
@@ -134,8 +146,12 @@ class Evacuee:
 
     def _runs(self, start, end):
         """[start, end) cut where the side that holds it changes: (offset, length, hydrated)."""
-        if self.in_place or self.ended:
+        if self.ended:
             return [(start, end - start, True)]
+        if self.in_place:
+            if not self.map.holes:
+                return [(start, end - start, True)]
+            return self.map.runs_in_place(start, end)
         return self.map.runs(start, end)
 
     def pread(self, buf, offset):
@@ -210,11 +226,12 @@ class Evacuee:
 
     def pwrite(self, buf, offset, fua):
         self._change("write", offset, len(buf),
-                     lambda: sideio.write(self.dest, buf, offset, fua, self.max_request))
+                     lambda: sideio.write(self.dest, buf, offset, fua, self.max_request),
+                     data=buf, fua=fua)
 
     def zero(self, count, offset, may_trim, fua, fast):
         self._change("zero", offset, count,
-                     lambda: sideio.zero(self.dest, count, offset, may_trim, fua, fast))
+                     lambda: sideio.zero(self.dest, count, offset, may_trim, fua, fast), fua=fua)
 
     def trim(self, count, offset, fua):
         self._change("trim", offset, count, lambda: sideio.trim(self.dest, count, offset, fua))
@@ -229,9 +246,11 @@ class Evacuee:
         finally:
             self.inflight.leave()
 
-    def _change(self, op, offset, length, apply):
+    def _change(self, op, offset, length, apply, data=None, fua=False):
         self.last_client_request = time.monotonic()
         end = offset + length
+        if self.in_place and not self.ended:
+            return self._change_in_place(op, offset, end, apply, data, fua)
         todo = [] if self.in_place else [r for r in self.map.regions(offset, end)
                                          if not self.map.hydrated(r)]
         if not todo:
@@ -269,6 +288,133 @@ class Evacuee:
         except HydrationError as e:
             self.stats[self.dest.name].failed("flush", offset, length, e)
             raise RequestError(errno.EIO, str(e)) from None
+
+    # In place: every change to the destination, whose daemon fills the rest of a cluster it
+    # touches from the source (its runtime backing). The rare path: when the source cannot be read
+    # for that, the write is widened to whole allocation units around the unreadable bytes, which
+    # the map keeps as holes (read from the source).
+
+    def _change_in_place(self, op, offset, end, apply, data, fua):
+        token = self.inflight.enter_range(op, offset, end)
+        filled = {}
+        try:
+            try:
+                apply()
+            except sideio.SideFailure as e:
+                if not self._may_write_around(e, op, offset, end):
+                    self._failed(e)
+                try:
+                    self._write_around(e, offset, end, data, fua)
+                except sideio.SideFailure as failure:
+                    self._failed(failure)
+                except HydrationError as failure:
+                    self.stats[self.dest.name].failed(op, offset, end - offset, failure)
+                    raise RequestError(errno.EIO, str(failure)) from None
+            if op != "trim":            # trimmed bytes are anyone's: the holes may stay
+                for r in self.map.holes_in(offset, end):
+                    lo, hi = self.map.span(r)
+                    filled[r] = (max(lo, offset), min(hi, end))
+                    self.map.mark_filled(r, *filled[r])
+        finally:
+            self.inflight.leave(token)
+        if filled:
+            try:
+                self.map.commit((), self._flush_dest, filled=filled)
+            except HydrationError as e:
+                self.stats[self.dest.name].failed("flush", offset, end - offset, e)
+                raise RequestError(errno.EIO, str(e)) from None
+
+    def _may_write_around(self, e, op, offset, end):
+        """Whether the destination's failure `e` of a change in place may be the source's: a
+        write or zero, not a full destination, into part of an allocation unit of a region not
+        hydrated (the daemon then reads the rest of the unit from the source)."""
+        u = self.unit
+        if not u or e.side is not self.dest or op not in ("write", "zero") or \
+                e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOTSUP):
+            return False
+        if not offset % u and (not end % u or end == self.size):
+            return False                # whole units: nothing was read from the source
+        return any(not self.map.hydrated(r) for r in self.map.regions(offset, end))
+
+    def _write_around(self, failed, offset, end, data, fua):
+        """The rare path in place: the change [offset, end) (`data`, or zeros) failed with
+        `failed`, the destination's daemon could not read the rest of a unit it touches from the
+        source. Each partial unit at its ends is written whole instead: what the destination
+        holds of it (qemu:allocation-depth 1) read from there, what the source does read from the
+        source (once: QEMU's server drops the connection on a failed read, and sending it again
+        would only cost the client RESEND_EVERY), and where the source fails, zeros, saved as
+        holes *before* anything is written. The whole units between go as the change itself.
+        Called under the change's range lock (whole units: the lock's unit is a multiple).
+        Raises SideFailure (`failed` when the destination cannot say who holds a unit) or
+        HydrationError."""
+        u = self.unit
+        head, tail = offset - offset % u, (end - 1) - (end - 1) % u
+        edges = [head] if offset % u or (end < head + u and end != self.size) else []
+        if tail != head and end % u and end != self.size:
+            edges.append(tail)
+        pieces, holes = [], {}
+        for lo in edges:
+            hi = min(lo + u, self.size)
+            buf = bytearray(hi - lo)
+            for a, b, depth in self._depths(lo, hi, failed):
+                if a >= b or (offset <= a and b <= end) or depth == 0:
+                    continue            # the change's own bytes, or zeros in every layer
+                view = memoryview(buf)[a - lo:b - lo]
+                if depth == 1:
+                    sideio.read(self.dest, view, a, self.max_request)
+                    continue
+                if depth is not None:
+                    try:
+                        sideio.read_once(self.source, view, a, self.max_request)
+                        continue
+                    except sideio.SideFailure as e:
+                        if e.side is not self.source:
+                            raise
+                        self.stats[self.source.name].failed("copy", e.offset, e.length, e.cause)
+                for gap in subtract(a, b, ((offset, end),)):
+                    for r in self.map.regions(*gap):
+                        rlo, rhi = self.map.span(r)
+                        holes.setdefault(r, []).append((max(rlo, gap[0]), min(rhi, gap[1])))
+            a, b = max(lo, offset), min(hi, end)
+            if data is not None:
+                buf[a - lo:b - lo] = memoryview(data)[a - offset:b - offset]
+            else:
+                buf[a - lo:b - lo] = bytes(b - a)
+            pieces.append((lo, buf))
+        if holes:
+            self.map.add_holes(holes)
+        for lo, buf in pieces:
+            sideio.write(self.dest, buf, lo, fua, self.max_request)
+        inner_lo = head + u if head in edges else head
+        inner_hi = tail if tail in edges and tail != head else min(end, self.size)
+        if inner_lo < inner_hi:
+            if data is not None:
+                sideio.write(self.dest, memoryview(data)[inner_lo - offset:inner_hi - offset],
+                             inner_lo, fua, self.max_request)
+            else:
+                sideio.zero(self.dest, inner_hi - inner_lo, inner_lo, True, fua)
+        self.written_around += 1
+        if holes:
+            log.warning("destination: a change at %d length %d written around %d bytes the "
+                        "source cannot be read for (kept as holes)", offset, end - offset,
+                        sum(b - a for spans in holes.values() for a, b in spans))
+
+    def _depths(self, lo, hi, failed):
+        """[(start, end, depth)] over the allocation unit [lo, hi) from the destination: 1 its
+        own, 2 or more the source's, 0 no layer's. One (lo, hi, None) when the destination
+        answers the question with an error: QEMU asks the layers from the top down and stops at
+        the first that holds the bytes, so an error means the destination's own image does not
+        hold the unit (a unit is all or nothing) and the source failed the question. Anything
+        else (no answer, no such context) raises `failed`: nothing is known, nothing is written."""
+        try:
+            found = self.dest.allocation_depth(hi - lo, lo)
+        except SideRefused as e:
+            if e.errno in (errno.ENOTSUP, errno.EINVAL):
+                raise failed from None
+            return [(lo, hi, None)]
+        except SideError:
+            raise failed from None
+        return [(max(lo, a), min(hi, a + n), d) for a, n, d in found]
 
     def _prepare(self, r, start, end):
         """Before a change to [start, end): the rest of region `r` on the destination, unless
@@ -310,6 +456,12 @@ class Evacuee:
                                              e.cause) from None
                 raise
             read, zeroed = hi - lo, 0
+            # Holes (the rare path in place) are in units the destination holds, which a cache
+            # leaves alone: copied from the source through here.
+            for r in regions:
+                for a, b in self.map.holes_to_copy(r):
+                    done = sideio.copy(self.source, self.dest, a, b)
+                    read, zeroed = read + done[0], zeroed + done[1]
         elif any(self.map.on_destination(r) for r in regions):
             read = zeroed = 0
             for r in regions:
@@ -383,6 +535,8 @@ class Evacuee:
                           "complete": self.map.complete, "commits": self.map.commits,
                           "bytes_held": self.map.held_bytes(), "held_regions": len(held),
                           "held_changes": self.held_changes,
+                          "bytes_in_holes": self.map.hole_bytes(), "hole_regions": len(self.map.holes),
+                          "written_around": self.written_around,
                           "copy_on_read": (self.copy_on_read.status()
                                            if self.copy_on_read is not None else None),
                           "in_place": self.in_place,

@@ -34,11 +34,24 @@ the others wait for that batch (or the next). A commit costs one flush and one f
 batch, however many writes wait in it. If the flush or the save fails, every request of the batch
 fails and its regions go back to unhydrated (their copy may not have survived).
 
+In place (the destination's daemon reads what it does not hold from its runtime backing, the
+source), a region not hydrated may have **holes** instead: ranges the destination's image holds
+zeros for although the source has the data there. They come from the rare path in place
+(datapath.evacuee): a write into part of a qcow2 cluster the destination does not hold, while the
+source cannot be read, is written as the whole cluster (the client's bytes, zeros around them).
+The rule is the other way round from held ranges: holes are saved *before* that write (a crash
+after it must not leave the zeros readable), and reads of them go to the source. A change that
+covers part of a hole fills it (`mark_filled`, then `commit(filled=...)`: saved after the
+destination was flushed with the change, before the change is acknowledged); copying the region
+copies its holes from the source (NBD_CMD_CACHE leaves an allocated cluster alone).
+
 The file, `hydration.map` in the state directory, replaced atomically (state.write_atomically):
 JSON with the disk size, region size, the bitmap (one bit per region, zlib, base64), the held
 ranges if any, and a SHA-256 checksum. A file that disagrees with the disk or its checksum is
 refused, never reset. While any range is held the file has another format (FORMAT_HELD), so a
-mirrorfs that does not know held ranges refuses it rather than read the source over them.
+mirrorfs that does not know held ranges refuses it rather than read the source over them; while
+there are holes, likewise (FORMAT_IN_PLACE_HOLES): one that does not know them would read the
+destination's zeros.
 
 This module runs inside nbdkit's embedded interpreter: standard library only.
 """
@@ -61,6 +74,12 @@ FORMAT = 1
 FORMAT_IN_PLACE = 2
 # A map through nbdkit that holds sub-region ranges ("held"): only while it does.
 FORMAT_HELD = 3
+# A map in place with holes: only while it has them.
+FORMAT_IN_PLACE_HOLES = 4
+# What each kind of hydration reads, and which of its formats has sub-region ranges ("held" or
+# "holes" in the file).
+FORMATS = {False: (FORMAT, FORMAT_HELD, "held"), True: (FORMAT_IN_PLACE, FORMAT_IN_PLACE_HOLES,
+                                                       "holes")}
 
 
 class HydrationError(DataPathError):
@@ -82,6 +101,12 @@ def merge(ranges):
     return tuple(out)
 
 
+def subtract_all(ranges, taken):
+    """The sorted disjoint `ranges` without the parts any of `taken` covers."""
+    taken = merge(taken)
+    return tuple(gap for a, b in ranges for gap in subtract(a, b, taken))
+
+
 def subtract(lo, hi, ranges):
     """The parts of [lo, hi) that none of the sorted disjoint `ranges` covers."""
     gaps, pos = [], lo
@@ -97,7 +122,8 @@ def subtract(lo, hi, ranges):
 
 
 class HydrationMap:
-    def __init__(self, directory, size, region_size, bits=None, in_place=False, held=None):
+    def __init__(self, directory, size, region_size, bits=None, in_place=False, held=None,
+                 holes=None):
         self.directory = Path(directory) if directory is not None else None
         self.format = FORMAT_IN_PLACE if in_place else FORMAT
         self.size = size
@@ -111,8 +137,17 @@ class HydrationMap:
         self.held = dict(held or {})
         self._unsaved_held = {}         # region -> ranges applied on the destination, not saved
         self._pending_held = {}         # region -> ranges handed to commit() for the next batch
+        # In place: unhydrated region -> its saved holes (a sorted tuple), read from the source;
+        # replaced, never changed in place. Changes into them not saved yet are kept apart, so a
+        # copy of the region never goes over them.
+        self.holes = dict(holes or {})
+        self._unsaved_filled = {}       # region -> ranges changed on the destination, not saved
+        self._pending_filled = {}       # region -> such ranges handed to commit()
         self._cond = threading.Condition()
-        self._save_lock = threading.Lock()
+        # Held while the file is written and while what it will say is worked out: the map's
+        # writers (a commit's batch, add_holes) each start from what the file says.
+        self._save_lock = threading.RLock()
+        self._file_bits = bytes(self.bits)
         self._pending = set()           # regions handed to commit() for the next batch
         self._filling = 1               # the number of the batch being filled
         self._done = 0                  # the last batch finished
@@ -124,7 +159,7 @@ class HydrationMap:
     def open(cls, directory, size, region_size, in_place=False):
         """The saved map, or a new empty one (saved at once) if the directory holds none."""
         path = Path(directory) / FILE
-        expected = FORMAT_IN_PLACE if in_place else FORMAT
+        plain, ranged, field = FORMATS[in_place]
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -135,10 +170,9 @@ class HydrationMap:
             saved = json.loads(raw)
             if saved.pop("checksum") != _checksum(saved):
                 raise ValueError("checksum mismatch")
-            if saved["format"] not in (FORMAT, FORMAT_IN_PLACE, FORMAT_HELD):
+            if saved["format"] not in (*FORMATS[False][:2], *FORMATS[True][:2]):
                 raise ValueError(f"unknown format {saved['format']}")
-            if saved["format"] != expected and not (saved["format"] == FORMAT_HELD
-                                                     and not in_place):
+            if saved["format"] not in (plain, ranged):
                 made, now = ("through nbdkit", "in place") if in_place else ("in place",
                                                                            "through nbdkit")
                 raise HydrationError(f"{path} was made by a hydration {made}, not {now}; "
@@ -150,25 +184,30 @@ class HydrationMap:
             found = cls(directory, size, region_size, bits, in_place=in_place)
             if len(bits) != len(found.bits) or found.hydrated_count != saved["hydrated"]:
                 raise ValueError("bitmap length or count mismatch")
-            found.held = found._parse_held(saved.get("held", {}))
-            if bool(found.held) != (saved["format"] == FORMAT_HELD):
-                raise ValueError("held ranges and format disagree")
+            ranges = found._parse_ranges(field, saved.get(field, {}))
+            if bool(ranges) != (saved["format"] == ranged) or \
+                    FORMATS[not in_place][2] in saved:
+                raise ValueError(f"{field} ranges and format disagree")
+            if in_place:
+                found.holes = ranges
+            else:
+                found.held = ranges
         except (ValueError, KeyError, TypeError, zlib.error) as e:
             raise HydrationError(f"{path} is corrupt ({e}); refusing to guess") from None
         return found
 
-    def _parse_held(self, saved):
-        held = {}
+    def _parse_ranges(self, field, saved):
+        parsed = {}
         for key, ranges in saved.items():
             r = int(key)
             lo, hi = self.span(r)
             if not 0 <= r < self.count or self.hydrated(r) or not ranges:
-                raise ValueError(f"held ranges of region {key}: not an unhydrated region")
+                raise ValueError(f"{field} ranges of region {key}: not an unhydrated region")
             found = tuple((int(a), int(b)) for a, b in ranges)
             if merge(found) != found or any(not lo <= a < b <= hi for a, b in found):
-                raise ValueError(f"held ranges of region {key}: not sorted, disjoint, inside it")
-            held[r] = found
-        return held
+                raise ValueError(f"{field} ranges of region {key}: not sorted, disjoint, inside it")
+            parsed[r] = found
+        return parsed
 
     # Questions (lock-free: a bytearray read is atomic under the GIL, and bits are only ever set).
 
@@ -232,6 +271,53 @@ class HydrationMap:
             yield pos, stop - pos, state
             pos = stop
 
+    def runs_in_place(self, start, end):
+        """Like runs(), in place: everything on the destination but the holes of regions not
+        hydrated, which are on the source."""
+        holes = self.holes
+        if not holes:
+            yield start, end - start, True
+            return
+        pos = start
+        while pos < end:
+            r = pos // self.region_size
+            ranges = holes.get(r) if not self.hydrated(r) else None
+            stop = min(end, (r + 1) * self.region_size)
+            if ranges:
+                for offset, length, hole in _cut(pos, stop, ranges):
+                    yield offset, length, not hole
+                pos = stop
+                continue
+            while stop < end and not (holes.get(stop // self.region_size) and
+                                      not self.hydrated(stop // self.region_size)):
+                stop = min(end, stop + self.region_size)
+            yield pos, stop - pos, True
+            pos = stop
+
+    def holes_in(self, start, end):
+        """{region: ranges}: the saved holes [start, end) overlaps."""
+        if not self.holes:
+            return {}
+        found = {}
+        for r in self.regions(start, end):
+            ranges = self.holes.get(r)
+            if ranges and not self.hydrated(r) and any(a < end and b > start for a, b in ranges):
+                found[r] = ranges
+        return found
+
+    def holes_to_copy(self, r):
+        """The holes of region `r` a copy of it must read from the source: the saved ones, but
+        for what changes wrote into them since (not saved yet)."""
+        ranges = self.holes.get(r, ())
+        if not ranges or self.hydrated(r):
+            return ()
+        with self._cond:
+            filled = tuple(self._unsaved_filled.get(r, ()))
+        return subtract_all(ranges, filled) if filled else ranges
+
+    def hole_bytes(self):
+        return sum(b - a for ranges in self.holes.values() for a, b in ranges)
+
     def on_destination(self, r):
         """The ranges of unhydrated region `r` the destination holds, saved or not (sorted)."""
         if not self.held and not self._unsaved_held:
@@ -263,18 +349,43 @@ class HydrationMap:
         with self._cond:
             self._unsaved_held.setdefault(r, []).append((start, end))
 
-    def commit(self, regions, flush, held=None):
-        """Return once every one of `regions` is saved as hydrated, and every range of `held`
-        ({region: (start, end)}, marked with mark_held) is saved as held; `flush()` flushes the
-        destination. Raises HydrationError if the batch's flush or save failed."""
+    def add_holes(self, new):
+        """Save `new` ({region: [(start, end)]}, in regions not hydrated) as holes, now: before
+        the destination's zeros are written there (the rare path in place). Raises
+        HydrationError if the save failed (then nothing may be written)."""
+        with self._save_lock:
+            holes = dict(self.holes)
+            for r, ranges in new.items():
+                if not self.hydrated(r):
+                    holes[r] = merge(holes.get(r, ()) + tuple(ranges))
+            try:
+                self._write(self._file_bits, self.held, holes)
+            except Exception as e:
+                raise HydrationError(f"the hydration map could not be saved: {e}") from e
+            self.holes = holes
+
+    def mark_filled(self, r, start, end):
+        """A change wrote [start, end) of region `r`'s holes on the destination (under its range
+        lock), not saved yet: copies of the region leave it alone."""
+        with self._cond:
+            self._unsaved_filled.setdefault(r, []).append((start, end))
+
+    def commit(self, regions, flush, held=None, filled=None):
+        """Return once every one of `regions` is saved as hydrated, every range of `held`
+        ({region: (start, end)}, marked with mark_held) is saved as held, and every range of
+        `filled` (likewise, marked with mark_filled) is no longer saved as a hole; `flush()`
+        flushes the destination. Raises HydrationError if the batch's flush or save failed."""
         missing = {r for r in regions if not self.hydrated(r)}
         held = {r: span for r, span in (held or {}).items() if not self.hydrated(r)}
-        if not missing and not held:
+        filled = {r: span for r, span in (filled or {}).items() if not self.hydrated(r)}
+        if not missing and not held and not filled:
             return
         with self._cond:
             self._pending |= missing
             for r, span in held.items():
                 self._pending_held.setdefault(r, []).append(span)
+            for r, span in filled.items():
+                self._pending_filled.setdefault(r, []).append(span)
             mine = self._filling
             while self._done < mine:
                 if not self._committing:
@@ -288,37 +399,54 @@ class HydrationMap:
     def _lead(self, flush):
         """Commit the batch being filled (called and returning with the condition held)."""
         self._committing = True
-        number, batch, batch_held = self._filling, self._pending, self._pending_held
-        self._filling, self._pending, self._pending_held = number + 1, set(), {}
+        number, batch = self._filling, self._pending
+        batch_held, batch_filled = self._pending_held, self._pending_filled
+        self._filling, self._pending = number + 1, set()
+        self._pending_held, self._pending_filled = {}, {}
         self._cond.release()
         failure = None
         try:
             flush()
-            bits = bytearray(self.bits)
-            for r in batch:
-                bits[r >> 3] |= 1 << (r & 7)
-            held = dict(self.held)
-            for r, spans in batch_held.items():
-                held[r] = merge(held.get(r, ()) + tuple(spans))
-            held = {r: v for r, v in held.items() if not bits[r >> 3] & (1 << (r & 7))}
-            self._write(bytes(bits), held)
+            with self._save_lock:
+                bits = bytearray(self._file_bits)
+                for r in batch:
+                    bits[r >> 3] |= 1 << (r & 7)
+
+                def kept(r):
+                    return not bits[r >> 3] & (1 << (r & 7))
+
+                held = dict(self.held)
+                for r, spans in batch_held.items():
+                    held[r] = merge(held.get(r, ()) + tuple(spans))
+                held = {r: v for r, v in held.items() if kept(r)}
+                holes = {r: subtract_all(v, batch_filled.get(r, ())) for r, v in
+                         self.holes.items()}
+                holes = {r: v for r, v in holes.items() if v and kept(r)}
+                self._write(bytes(bits), held, holes)
+                # Holes may go before the bits are set (reads of the region then go to the
+                # destination, which has it, flushed); held ranges may not (see runs).
+                self.holes = holes
         except Exception as e:          # the flush or the save: the batch is not durable
             failure = e
         finally:
             self._cond.acquire()
-        for r, spans in batch_held.items():     # saved now, or not durable: no longer unsaved
-            unsaved = self._unsaved_held.get(r, [])
-            for span in spans:
-                if span in unsaved:
-                    unsaved.remove(span)
-            if not unsaved:
-                self._unsaved_held.pop(r, None)
+        # Saved now, or not durable: no longer unsaved.
+        for pending, unsaved_of in ((batch_held, self._unsaved_held),
+                                    (batch_filled, self._unsaved_filled)):
+            for r, spans in pending.items():
+                unsaved = unsaved_of.get(r, [])
+                for span in spans:
+                    if span in unsaved:
+                        unsaved.remove(span)
+                if not unsaved:
+                    unsaved_of.pop(r, None)
         if failure is None:
             for r in batch:
                 if not self.hydrated(r):
                     self.bits[r >> 3] |= 1 << (r & 7)
                     self.hydrated_count += 1
                 self._unsaved_held.pop(r, None)
+                self._unsaved_filled.pop(r, None)
             self.held = held                # after the bits (see runs)
             self.commits += 1
         else:
@@ -330,19 +458,26 @@ class HydrationMap:
         self._committing = False
         self._cond.notify_all()
 
-    def _write(self, bits, held=None):
-        """Save `bits` (the whole map) and `held` (region -> ranges) atomically."""
+    def _write(self, bits, held=None, holes=None):
+        """Save `bits` (the whole map), `held` and `holes` (region -> ranges) atomically."""
+        with self._save_lock:
+            self._write_locked(bytes(bits), held, holes)
+            self._file_bits = bytes(bits)
+
+    def _write_locked(self, bits, held, holes):
         if self.directory is None:
             return
-        fields = {"format": FORMAT_HELD if held else self.format, "size": self.size,
+        fmt = FORMAT_HELD if held else FORMAT_IN_PLACE_HOLES if holes else self.format
+        fields = {"format": fmt, "size": self.size,
                   "region_size": self.region_size,
                   "hydrated": sum(bin(b).count("1") for b in bits),
                   "bits": base64.b64encode(zlib.compress(bits)).decode()}
-        if held:
-            fields["held"] = {str(r): [list(span) for span in v] for r, v in sorted(held.items())}
-        with self._save_lock:
-            write_atomically(self.directory, FILE,
-                             json.dumps({**fields, "checksum": _checksum(fields)}).encode())
+        for name, ranges in (("held", held), ("holes", holes)):
+            if ranges:
+                fields[name] = {str(r): [list(span) for span in v]
+                                for r, v in sorted(ranges.items())}
+        write_atomically(self.directory, FILE,
+                         json.dumps({**fields, "checksum": _checksum(fields)}).encode())
 
 
 def _cut(start, end, held):

@@ -54,6 +54,10 @@ class DataPathOptions:
     # every request goes to the destination and hydration is NBD_CMD_CACHE (copy-on-read in that
     # daemon: the bytes never cross nbdkit; datapath.evacuee).
     in_place: bool = False
+    # With in_place: the destination image's allocation unit (its cluster, or subcluster), the
+    # most a write that failed because the source could not be read is widened to (the rare path
+    # in place, datapath.evacuee). 0: no such path (such a write fails).
+    in_place_unit: int = 0
     # With switch_first: a client's read of a region not hydrated also hydrates it
     # (datapath.copyonread), so the working set leaves the source first.
     copy_on_read: bool = False
@@ -95,6 +99,11 @@ class DataPathOptions:
                         f"destination's cluster size ({self.granularity})")
         if self.in_place and not self.switch_first:
             return "in_place hydrates an evacuation: it needs --switch-first"
+        if self.in_place_unit and (not self.in_place or self.in_place_unit < 512 or
+                                   self.in_place_unit & (self.in_place_unit - 1) or
+                                   self.granularity % self.in_place_unit):
+            return (f"in_place_unit {self.in_place_unit}: expected, in place, a power of two of "
+                    f"at least 512 dividing the granularity ({self.granularity})")
         if not math.isfinite(self.io_timeout) or self.io_timeout < 0:
             return f"--io-timeout {self.io_timeout}: expected seconds, 0 for none"
         return None
@@ -138,4 +147,4 @@ def boolean(text):
 
 _KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
           "switch_first": boolean, "hold": boolean, "in_place": boolean,
-          "copy_on_read": boolean}
+          "in_place_unit": int, "copy_on_read": boolean}

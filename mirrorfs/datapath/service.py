@@ -95,7 +95,8 @@ class DataPath:
             hydration = HydrationMap.open(state.directory, source.size, state.region_size,
                                           in_place=in_place)
             self.disk = Evacuee(source, dest, hydration, state, granularity=self.options.granularity,
-                                in_place=in_place, copy_on_read=self.options.copy_on_read)
+                                in_place=in_place, copy_on_read=self.options.copy_on_read,
+                                unit=self.options.in_place_unit)
         except (HydrationError, ValueError) as e:
             raise RuntimeError(str(e)) from None
         # Held (rate 0) until the supervisor gives it its share of the host budget, as a copier.

@@ -24,6 +24,9 @@ class ImageInfo:
     virtual_size: int
     chain: tuple        # absolute paths, this image first, then its backing files down to the base
     cluster_size: int | None = None
+    # The unit in which the image itself holds data or not: its clusters, or their 32
+    # subclusters with qcow2's extended L2 entries (None for raw).
+    allocation_unit: int | None = None
 
 
 
@@ -68,8 +71,11 @@ def info(path):
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError(f"{path}: unsupported format '{fmt}' (supported: {', '.join(SUPPORTED_FORMATS)})")
     chain = tuple(Path(layer["filename"]).resolve() for layer in layers)
+    cluster = top.get("cluster-size")
+    extended = (top.get("format-specific") or {}).get("data", {}).get("extended-l2", False)
     return ImageInfo(path=path.resolve(), format=fmt, virtual_size=top["virtual-size"], chain=chain,
-                     cluster_size=top.get("cluster-size"))
+                     cluster_size=cluster,
+                     allocation_unit=cluster // 32 if cluster and extended else cluster)
 
 
 def data_bytes(image):
