@@ -824,6 +824,71 @@ def test_holes_in_place_are_saved_before_and_refused_elsewhere(tmp_path):
         HydrationMap.open(tmp_path, SIZE, REGION, in_place=True)
 
 
+UNIT = 64 * 1024
+
+
+def test_in_place_a_write_the_source_cannot_fill_is_written_around_it(evacuee):
+    """The rare path in place: the destination fails a write into part of a cluster (its daemon
+    could not read the rest from the failing source): the cluster is written whole, zeros where
+    the source fails, those saved as holes and read from the source; hydration copies them."""
+    ev = evacuee(in_place=True, unit=UNIT)
+    lo, offset, data = 3 * REGION, 3 * REGION + 1000, b"\x5a" * 500
+    ev.source.fail("read")
+    ev.dest.fail("write", times=1)          # as QEMU fails it: the cluster's rest unreadable
+    ev.pwrite(data, offset, False)
+    holes = {3: ((lo, offset), (offset + 500, lo + UNIT))}
+    assert ev.map.holes == ev.reopen().holes == holes and ev.written_around == 1
+    assert ev.dest.data[lo:lo + UNIT] == bytes(1000) + data + bytes(UNIT - 1500)
+    buf = bytearray(500)
+    ev.pread(buf, offset)
+    assert bytes(buf) == data
+    with pytest.raises(RequestError) as e:  # a hole: the source's, which fails
+        ev.pread(bytearray(10), lo + 2000)
+    assert e.value.errno == errno.EIO
+    ev.source.clear_faults()
+    whole = bytearray(UNIT)
+    ev.pread(whole, lo)                     # the holes from the source, the write from here
+    expected = bytearray(ev.source.data[lo:lo + UNIT])
+    expected[1000:1500] = data
+    assert whole == expected
+    ev.copy_range(lo, lo + REGION)          # the hydrator's verb copies the holes
+    ev.map.commit([3], ev._flush_dest)
+    assert ev.map.holes == {} and ev.dest.data[lo:lo + UNIT] == expected
+
+
+def test_in_place_holes_are_saved_before_the_write_around(evacuee):
+    """A write around that fails finds its holes saved already: saved after it, a crash between
+    would leave the zeros readable."""
+    ev = evacuee(in_place=True, unit=UNIT)
+    lo = 4 * REGION
+    ev.source.fail("read")
+    ev.dest.fail("write", times=2)          # the client's write, then the write around it
+    with pytest.raises(RequestError):
+        ev.pwrite(b"\x01" * 10, lo + 5, False)
+    assert ev.reopen().holes == {4: ((lo, lo + 5), (lo + 15, lo + UNIT))}
+
+
+def test_in_place_a_write_around_keeps_what_the_destination_holds(evacuee):
+    """A cluster the destination's own image holds (allocation depth 1) is read from it, not
+    zeroed; the next, which the source holds and cannot give, becomes holes. A destination that
+    cannot say who holds a cluster gets the write failed: nothing is guessed over its data."""
+    ev = evacuee(in_place=True, unit=UNIT)
+    lo = 5 * REGION
+    ev.dest.data[lo:lo + UNIT] = b"\x77" * UNIT
+    ev.dest.depths = [(lo, UNIT, 1)]
+    ev.source.fail("read")
+    ev.dest.fail("write", times=1)
+    ev.pwrite(b"\x02" * 200, lo + UNIT - 100, False)     # across into the next cluster
+    assert ev.dest.data[lo:lo + UNIT - 100] == b"\x77" * (UNIT - 100)
+    assert ev.map.holes == {5: ((lo + UNIT + 100, lo + 2 * UNIT),)}
+    ev.dest.fail("write", times=1)
+    ev.dest.fail("depth", errno.ENOTSUP)
+    with pytest.raises(RequestError):
+        ev.pwrite(b"\x03" * 10, lo + 3 * UNIT + 1, False)
+    assert ev.dest.data[lo + 3 * UNIT:lo + 4 * UNIT] == bytes(UNIT)
+    assert 5 in ev.map.holes and len(ev.map.holes[5]) == 1
+
+
 def test_a_partial_write_without_the_fallback_would_fail(evacuee):
     """The source readable: the common path (the region copied whole first), nothing held."""
     ev = evacuee()

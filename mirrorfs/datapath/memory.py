@@ -75,7 +75,8 @@ class MemoryBackend(Verbs):
     # Failures to order.
 
     def fail(self, op, err=errno.EIO, start=0, end=None, times=None):
-        """Fail commands `op` ("read", "write", "zero", "trim", "flush", "cache", "extents") that
+        """Fail commands `op` ("read", "write", "zero", "trim", "flush", "cache", "extents",
+        "depth") that
         overlap [start, end) with errno `err`, `times` times (None: until cleared)."""
         self.faults.append(Fault(op, err, start, self.size if end is None else end, times))
 
@@ -114,6 +115,22 @@ class MemoryBackend(Verbs):
                     break
                 found.append((pos, n, flags))
             pos += n
+        return found
+
+    def allocation_depth(self, length, offset):
+        """qemu:allocation-depth as a destination in place would answer: `depths` (set by a test:
+        [(offset, length, depth)]) where given, 2 (its backing's) elsewhere."""
+        self._arrive("depth", offset, length)
+        found, pos, end = [], offset, offset + length
+        for a, n, d in sorted(getattr(self, "depths", ())):
+            if a + n <= pos or a >= end:
+                continue
+            if a > pos:
+                found.append((pos, a - pos, 2))
+            found.append((max(a, pos), min(a + n, end) - max(a, pos), d))
+            pos = min(a + n, end)
+        if pos < end:
+            found.append((pos, end - pos, 2))
         return found
 
     def reserve(self):
