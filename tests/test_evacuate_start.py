@@ -186,6 +186,7 @@ def test_take_over_switch_first_killed_resumed_handed_back(workdir, started):
     again = started(workdir, "again", *argv)
     resumed = status(again.control)
     assert resumed["phase"] == "hydrating" and 0 < resumed["hydration"]["percent"] < 100, resumed
+    ctl(again.control, "rate", "none")      # resumed under way: the rest may go at full speed
     wait_until(lambda: status(again.control)["phase"] == "hydrated", "hydrated", timeout=300)
     writer.wait_sent(writer.sent + 30)
     assert "handed back" in ctl(again.control, "hand-back").stdout

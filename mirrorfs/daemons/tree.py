@@ -67,6 +67,12 @@ def identity(endpoint):
     return {"uri": endpoint.uri, "size": endpoint.size}
 
 
+# How long stopping waits for the requests in flight to finish (the data path's quiesce), and
+# how long once a storage daemon died (see ProcessTree._stop_nbdkit).
+DRAIN = 10.0
+DRAIN_AFTER_A_DEATH = 1.0
+
+
 def lock_granularity(*sides):
     """The unit in which the data path serializes changes: the largest qcow2 cluster among the
     image sides (64 KiB, qcow2's default, for NBD URIs, whose format we cannot know)."""
@@ -267,8 +273,14 @@ class ProcessTree:
         same (nbdkit ignores SIGTERM, see mirrorfs.datapath.callbacks): a request that reached one
         side only is then covered by the write intent, with a state directory."""
         if self.nbdkit.alive():
+            # A request waiting for a storage daemon that died never finishes (nothing starts it
+            # again, GUARANTEES.md), while those on a living side take milliseconds: the usual
+            # drain would only hold the restart back for its whole 10 s.
+            dead = any(d.died() for d in self.daemons.values())
+            drain = DRAIN_AFTER_A_DEATH if dead else DRAIN
             try:
-                self.datapath("quiesce")
+                jsonlines.call(self.datapath_socket, {"cmd": "quiesce", "timeout": drain},
+                               timeout=drain + 110)
                 # Nothing is in flight now: what may differ between the sides is final.
                 self.final_status = self.datapath("status")["status"]
             except jsonlines.ControlError as e:

@@ -113,6 +113,7 @@ class NbdBackend(Verbs):
         self.timeouts = 0
         self.down_until = 0.0           # monotonic time before which we do not try to connect
         self._backoff = BACKOFF_FIRST
+        self._failed_at = 0.0           # when the last wave of connects failed (monotonic)
 
     @property
     def available(self):
@@ -132,8 +133,13 @@ class NbdBackend(Verbs):
         try:
             h = self._connect()
         except SideUnreachable:
-            self.down_until = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            # One wave of attempts backs off once: requests that were connecting at the same
+            # time (40 writes to a stopped server) fail together, and doubling for each of them
+            # took the wait to BACKOFF_MAX within a second of a two-second stall.
+            if now >= self._failed_at:
+                self._failed_at = time.monotonic()
+                self.down_until = self._failed_at + self._backoff
+                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
             raise
         self._backoff = BACKOFF_FIRST
         return h
