@@ -78,6 +78,10 @@ def status(workdir):
     return status_over(workdir / "d.sock.ctl")
 
 
+def saved_map(workdir):
+    return json.loads((workdir / "state" / "hydration.map").read_text())
+
+
 def client(workdir):
     h = nbd.NBD()
     h.connect_uri(f"nbd+unix:///?socket={workdir / 'd.sock'}")
@@ -99,9 +103,9 @@ def stop(proc):
     assert proc.wait(60) == 0
 
 
-def finish(workdir, proc, source, dest, expected):
+def finish(workdir, proc, source, dest, expected, gone=None):
     """The source answers again: hydration ends; the destination is `expected`, the source
-    image unchanged."""
+    image unchanged, and the saved map has no `gone` ranges ("held", "holes") left."""
     source.recover()
     try:
         # What is left may go at full speed (--rate kept it from finishing during the test).
@@ -114,6 +118,8 @@ def finish(workdir, proc, source, dest, expected):
     if final != expected:
         first = next(i for i, (a, b) in enumerate(zip(final, expected)) if a != b)
         raise AssertionError(f"the destination differs from the expected disk at {first}")
+    if gone is not None:
+        assert gone not in saved_map(workdir)
 
 
 def abort(proc):
@@ -162,7 +168,7 @@ def test_a_partial_write_while_the_source_fails(workdir, source, kill):
         s = status(workdir)["hydration"]
         assert s["bytes_held"] == LENGTH and s["held_changes"] == 1, s
         assert s["bytes_on_source_only"] == SIZE - s["bytes_done"] - LENGTH, s
-        saved = json.loads((workdir / "state" / "hydration.map").read_text())
+        saved = saved_map(workdir)
         assert saved["held"] == {"60": [[OFFSET, 61 * MiB]], "61": [[61 * MiB, OFFSET + LENGTH]]}
         if kill:
             kill_nbdkit(proc)
@@ -174,8 +180,7 @@ def test_a_partial_write_while_the_source_fails(workdir, source, kill):
     except BaseException:
         abort(proc)
         raise
-    finish(workdir, proc, source, dest, expected)
-    assert "held" not in json.loads((workdir / "state" / "hydration.map").read_text())
+    finish(workdir, proc, source, dest, expected, gone="held")
 
 
 @pytest.fixture(params=["through-nbdkit", "in-place"])
@@ -325,12 +330,12 @@ def test_in_place_a_partial_write_while_the_source_fails(workdir, source, fuse_s
         expected[52 * MiB + 777:52 * MiB + 3777] = bytes(3000)
         holes = {"50": [[NEXT_CLUSTER + 5000, NEXT_CLUSTER + 65536]],
                  "52": [[52 * MiB, 52 * MiB + 777], [52 * MiB + 3777, 52 * MiB + 65536]]}
-        saved = json.loads((workdir / "state" / "hydration.map").read_text())
+        saved = saved_map(workdir)
         assert saved["holes"] == holes and saved["format"] == 4, saved
         write(NEXT_CLUSTER + 6000, rng.randbytes(100))      # into a hole: it is filled
         holes["50"] = [[NEXT_CLUSTER + 5000, NEXT_CLUSTER + 6000],
                        [NEXT_CLUSTER + 6100, NEXT_CLUSTER + 65536]]
-        saved = json.loads((workdir / "state" / "hydration.map").read_text())
+        saved = saved_map(workdir)
         assert saved["holes"] == holes, saved
         s = status(workdir)["hydration"]
         assert s["written_around"] == 2, s
@@ -362,8 +367,7 @@ def test_in_place_a_partial_write_while_the_source_fails(workdir, source, fuse_s
     except BaseException:
         abort(proc)
         raise
-    finish(workdir, proc, source, dest, expected)
-    assert "holes" not in json.loads((workdir / "state" / "hydration.map").read_text())
+    finish(workdir, proc, source, dest, expected, gone="holes")
 
 
 @pytest.fixture(params=["through-nbdkit", "in-place"])
