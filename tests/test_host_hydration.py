@@ -182,6 +182,8 @@ def test_a_hydration_waits_for_a_copy_slot_while_its_disk_is_served(workdir, pro
     # the hydrator copied nothing.
     assert second.sample()[1:] == (0, "queued")
     assert first.sample()[2] == "hydrating", "the first ended before the test could look"
+    # What the slot means is seen: the rest at full speed, one copy at a time still.
+    run(*MIRRORFS, "budget", "set", "10G", "--max-copies", "1", "--run-dir", rundir)
     wait_until(lambda: first.sample()[2] == "hydrated", "first hydrated", timeout=120)
     wait_until(lambda: second.sample()[2] == "hydrated", "second hydrated", timeout=120)
     first.check()
