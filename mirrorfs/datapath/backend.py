@@ -307,11 +307,7 @@ class NbdBackend(Verbs):
         except nbd.Error as e:
             raise _side_error(e) from None
         finally:
-            try:
-                h.shutdown()
-            except nbd.Error:
-                pass
-            del h                       # closed with its last reference (libnbd has no close)
+            _close_quietly(h)
         return [(a, min(n, end - a), d) for a, n, d in found if a < end]
 
     # Commands (mirrorfs.datapath.commands): the forms the hot path needs.
