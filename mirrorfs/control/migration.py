@@ -26,7 +26,7 @@ from mirrorfs.common.phases import Phase
 from mirrorfs.control import export
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
-from mirrorfs.control.controller import Controller, PhaseError, number
+from mirrorfs.control.controller import Controller, PhaseError, rate
 from mirrorfs.datapath.state import State, StateError
 from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.control.options import ServeOptions
@@ -431,7 +431,7 @@ class Migration(Controller):
     def commands(self):
         table = super().commands()
         table.update({
-            "copy": lambda r: self.copy(rate=int(number(r, "rate") or 0) or None, wait=False)
+            "copy": lambda r: self.copy(rate=rate(r), wait=False)
             or {"started": True},
             **self.switch_commands(),
             "hand-back": lambda r: self.hand_back(),
