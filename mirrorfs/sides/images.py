@@ -88,7 +88,8 @@ SECTOR = 512
 
 def _check_raw(path):
     """Refuse a file probed as raw that cannot be a disk image: empty, not a whole number of
-    512-byte sectors, or whose first sector is text (lines of printable ASCII, no zero byte). docs/USING.md ("Which files are disk images") says why these rules."""
+    512-byte sectors, or whose first sector is text (lines of printable ASCII, no zero byte).
+    docs/USING.md ("Which files are disk images") says why these rules."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
