@@ -274,8 +274,11 @@ SUBCOMMANDS = (
      "disk: reads from the source chain, writes to both overlays. Then copy the base (mirrorfs copy, "
      "or cp), and switch (mirrorfs pivot) or cancel. Runs until SIGINT/SIGTERM."),
     ("copy", _copy, "Step 4: copy the source base to the destination",
-     "Copy the read-only base below the overlays to the destination with qemu-img convert (sparse, "
-     "extent-aware), showing progress until it is done."),
+     "Copy the read-only base below the overlays to the destination, showing progress until it is "
+     "done. The copy is mirrorfs's own, over NBD: a read-only qemu-storage-daemon of the base's "
+     "chain to one of the new file (written as .partial, renamed when complete), data extents only "
+     "(sparse), paced by --rate and the host budget; the destination has the source base's format. "
+     "Rates are bytes per second with a binary unit (K, M, G = KiB/s, MiB/s, GiB/s)."),
     ("status", _status, "show the migration's phase and progress",
      "Show the migration's phase, copy progress, requests in flight and per-side errors and "
      "latencies."),
