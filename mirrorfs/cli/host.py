@@ -79,7 +79,6 @@ def cmd_list(args):
 # budget
 
 def cmd_budget(args):
-    rundir = run_dir(args)
     changes = {}
     if args.action == "clear":
         changes = {k: None for k in host_budget.FIELDS}
@@ -101,6 +100,7 @@ def cmd_budget(args):
     elif args.rate is not None:
         raise UsageError(f"budget {args.rate!r}: to change the budget, 'mirrorfs budget set "
                          f"{args.rate}'")
+    rundir = run_dir(args)              # after the arguments are checked: a mistake creates nothing
     budget = host_budget.save(rundir, **changes) if changes else host_budget.load(rundir)
     if args.json:
         print(json.dumps(budget), flush=True)
