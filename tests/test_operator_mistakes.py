@@ -20,6 +20,7 @@ from lib.failures import TIMEOUT, snapshot
 from lib.images import MiB, images_identical, make_base, qemu_io
 from lib.processes import kill_mirrorfs, our_processes
 from lib.served import Process
+from lib.waits import wait_until
 
 CASES = {}
 
@@ -370,3 +371,22 @@ def test_cancel_after_a_resume_removes_the_destination_overlay(workdir):
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         assert again.stop() == 0
+
+
+# The time left of a rate-limited copy (issue #26 point 7: 7 minutes shown for four days).
+
+def test_the_time_left_is_never_shorter_than_the_limit_allows(workdir):
+    """A paced copy's first piece goes at once, so its measured rate starts far above its limit;
+    the ETA must still be at least what is left at the limit."""
+    src = _images(workdir)
+    migration = Process(workdir, "migration", "start", src, "--dest-dir", workdir / "dst",
+                        "--socket", workdir / "d.sock")
+    try:
+        ctl(migration.control, "copy", "--rate", "64K", "--background")
+        copy = wait_until(lambda: (c := status_of(migration.control).get("copy", {})).get("bytes_done")
+                          and c.get("eta_seconds") is not None and c, "copying")
+        left = copy["bytes_total"] - copy["bytes_done"]
+        assert copy["eta_seconds"] >= left / (64 * 1024) - 1, copy
+        ctl(migration.control, "cancel")
+    finally:
+        assert migration.stop() == 0
