@@ -160,6 +160,15 @@ def state_dir_in_proc(w):
 
 
 @case()
+def state_dir_is_proc(w):
+    # It exists and is a directory; only writing the state there fails.
+    src = _images(w)
+    run("qemu-img", "create", "-q", "-f", "qcow2", w / "dst" / "a.qcow2", str(16 * MiB))
+    return ["serve", src, w / "dst" / "a.qcow2", *_sock(w), "--state-dir", "/proc"], \
+        ["cannot write the state in /proc"]
+
+
+@case()
 def start_state_dir_in_proc(w):
     src = _images(w)
     return ["start", src, "--dest-dir", w / "dst", *_sock(w), "--state-dir", "/proc/mfs-x"], \
