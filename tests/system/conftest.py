@@ -1,7 +1,9 @@
-"""Fixtures that start real processes (images made with qemu-img/qemu-io, `mirrorfs serve` run as the
-real CLI, qemu-nbd servers for URI endpoints) and the suite's hooks: prerequisites, the marker groups
-`make test` must include, and a check for leftover processes after every test. The helpers the
-fixtures use are in tests/lib/, which tests import by name."""
+"""The system suite's fixtures and hooks. Fixtures start real processes (images made with
+qemu-img/qemu-io, `mirrorfs serve` run as the real CLI, qemu-nbd servers for URI endpoints); the
+hooks check the prerequisites (here only: tests/unit/ needs none), keep the marker groups `make
+test` must include, split the suite into its two passes (`--pass`, below), and look for leftover
+processes after every test. The helpers the fixtures use are in tests/lib/, which tests import by
+name."""
 
 import os
 import shutil
@@ -25,7 +27,7 @@ REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-dae
                   "qemu-system-x86_64", "e2fsck", "debugfs", "psktool", "openssl",
                   # the Ceph tests' cluster (tests/lib/ceph.py)
                   *ceph.TOOLS,
-                  # the host metrics' scraper (tests/test_host_metrics.py)
+                  # the host metrics' scraper (tests/system/test_host_metrics.py)
                   "prometheus")
 
 
@@ -39,10 +41,40 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"missing tools: {', '.join(missing)} (run 'make setup')")
 
 
+# The two passes of `make test`. The suite runs on parallel workers (pytest-xdist, `-n`), except
+# the tests marked `serial`: they measure time, rates or throughput (the host budget's shares, the
+# benches), or boot a guest whose I/O deadlines a loaded machine would eat; they run afterwards, one
+# at a time, with the machine to themselves (`--pass=serial -p no:xdist`). Without --pass, all.
+PASSES = ("parallel", "serial")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--pass", dest="mfs_pass", choices=PASSES, default=None,
+                     help="run only the tests of one pass of make test: parallel (not marked serial, "
+                          "for xdist's workers) or serial (marked serial, one at a time)")
+
+
+def _in_pass(item, which):
+    return which is None or (item.get_closest_marker("serial") is not None) == (which == "serial")
+
+
+def pytest_itemcollected(item):
+    # One Ceph cluster per session (the ceph_cluster fixture): its tests share one xdist worker
+    # (`--dist loadgroup`), so that only one cluster starts. Before xdist reads the group.
+    if item.get_closest_marker("ceph"):
+        item.add_marker(pytest.mark.xdist_group("ceph"))
+
+
 # `make test` is the whole suite: a marker group it is meant to run that is deselected (say
 # PYTEST_ARGS='-m "not guest"') or that passes nothing (all skipped) fails the run, so a green
-# `make test` always includes them. MIRRORFS_ALLOW_PARTIAL=1 says a partial run is meant.
+# `make test` always includes them. MIRRORFS_ALLOW_PARTIAL=1 says a partial run is meant. A group
+# is checked in the pass that runs it, which must be the serial one: xdist's controller collects
+# nothing, so a parallel pass could not tell that a group it was meant to run passed.
 SUITE_GROUPS = ("guest",)
+
+
+def _worker(config):
+    return hasattr(config, "workerinput")
 
 
 def _enforce_groups(config):
@@ -50,16 +82,29 @@ def _enforce_groups(config):
             and not config.option.collectonly)
 
 
+_group_expected = set()
+
+
 @pytest.hookimpl(trylast=True)          # after -m and -k have deselected
 def pytest_collection_modifyitems(session, config, items):
-    if not _enforce_groups(config):
-        return
-    empty = [g for g in SUITE_GROUPS if not any(item.get_closest_marker(g) for item in items)]
-    if empty:
-        args = " ".join(config.invocation_params.args)
-        raise pytest.UsageError(
-            f"make test selected no {', '.join(empty)} tests (pytest arguments: {args!r}); "
-            "set MIRRORFS_ALLOW_PARTIAL=1 to run part of the suite on purpose")
+    unchecked = [item.nodeid for item in items for g in SUITE_GROUPS
+                 if item.get_closest_marker(g) and not item.get_closest_marker("serial")]
+    if unchecked:
+        raise pytest.UsageError(f"mark {unchecked[0]} serial: the {SUITE_GROUPS} groups are checked "
+                                "in the serial pass")
+    if _enforce_groups(config):
+        empty = [g for g in SUITE_GROUPS if not any(item.get_closest_marker(g) for item in items)]
+        if empty:
+            args = " ".join(config.invocation_params.args)
+            raise pytest.UsageError(
+                f"make test selected no {', '.join(empty)} tests (pytest arguments: {args!r}); "
+                "set MIRRORFS_ALLOW_PARTIAL=1 to run part of the suite on purpose")
+    which = config.getoption("mfs_pass")
+    other = [item for item in items if not _in_pass(item, which)]
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = [item for item in items if _in_pass(item, which)]
+    _group_expected.update(g for g in SUITE_GROUPS if any(item.get_closest_marker(g) for item in items))
 
 
 _group_passed = {g: 0 for g in SUITE_GROUPS}
@@ -73,9 +118,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not _enforce_groups(session.config) or exitstatus != pytest.ExitCode.OK:
+    if _worker(session.config) or not _enforce_groups(session.config) or exitstatus != pytest.ExitCode.OK:
         return
-    empty = [g for g, n in _group_passed.items() if not n]
+    empty = [g for g, n in _group_passed.items() if g in _group_expected and not n]
     if empty:
         session.config.get_terminal_writer().line(
             f"make test: no {', '.join(empty)} test passed (skipped?): the run does not count", red=True)

@@ -9,7 +9,7 @@ import pytest
 
 from lib.commands import run
 
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
 TARGETS = ("mirrorfs", "mirrorfs-1d", "direct", "qemu-mirror", "nbd-proxy")
 
 
@@ -48,7 +48,7 @@ def test_quick_bench_measures_every_target():
     assert set(report["rss"]) == {"64 MiB", "1 TiB sparse"}
 
 
-REMOTE = Path(__file__).resolve().parent.parent / "scripts" / "bench_remote.py"
+REMOTE = Path(__file__).resolve().parents[2] / "scripts" / "bench_remote.py"
 
 
 @pytest.mark.ceph

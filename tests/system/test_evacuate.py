@@ -7,7 +7,7 @@ Writers write at odd offsets and sizes, each in stripes of its own, with FUA, so
 acknowledged write must survive even a `kill -9` of the destination's storage daemon; a reader
 checks reads of regions nobody writes (hydrated or not) against the source meanwhile.
 
-Seeded: `pytest tests/test_evacuate.py -k 'nbdkit-2'` reruns one case.
+Seeded: `pytest tests/system/test_evacuate.py -k 'nbdkit-2'` reruns one case.
 """
 
 import os

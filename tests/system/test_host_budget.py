@@ -2,7 +2,7 @@
 full` processes: shared max-min fair, re-divided within a second when a copy starts or ends or the
 budget changes, a per-disk --rate kept as a cap under it, and a limit on concurrent copies; and a
 migration's copies (`mirrorfs start`): its base copy, and its resync of degraded writes.
-Hydration (--switch-first) under the budget: tests/test_host_hydration.py.
+Hydration (--switch-first) under the budget: tests/system/test_host_hydration.py.
 
 Rates are measured from the copies' own byte counts (the copier's, as each process writes them
 into its budget entry with the time it read them, every 0.25 s; for the resync, the data path's
