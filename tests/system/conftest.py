@@ -61,7 +61,7 @@ def _in_pass(item, which):
 def pytest_itemcollected(item):
     # One Ceph cluster per session (the ceph_cluster fixture): its tests share one xdist worker
     # (`--dist loadgroup`), so that only one cluster starts. Before xdist reads the group.
-    if item.get_closest_marker("ceph"):
+    if item.get_closest_marker("ceph") and item.config.pluginmanager.has_plugin("xdist"):
         item.add_marker(pytest.mark.xdist_group("ceph"))
 
 
@@ -181,6 +181,10 @@ def ceph_cluster():
 
 @pytest.fixture(autouse=True)
 def no_leaked_processes(workdir):
+    """No process a test started outlives it: a new descendant of this process (an xdist worker's
+    own, never another worker's: each is a process of its own), or an nbdkit / qemu-* whose
+    command line names the test's own work directory (one that left our tree, as a daemon does).
+    The session's Ceph cluster is not a leak: its tests share one worker (`--dist loadgroup`)."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
     deadline = time.monotonic() + 5

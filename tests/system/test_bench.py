@@ -25,6 +25,7 @@ ROLES = {
 }
 
 
+@pytest.mark.serial         # measures throughput and CPU
 def test_quick_bench_measures_every_target():
     res = run(sys.executable, BENCH, "--quick", "--json", "--cpu", check=False, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -51,6 +52,7 @@ def test_quick_bench_measures_every_target():
 REMOTE = Path(__file__).resolve().parents[2] / "scripts" / "bench_remote.py"
 
 
+@pytest.mark.serial         # measures throughput and CPU
 @pytest.mark.ceph
 def test_quick_remote_bench_measures_both_mirrors_on_both_remotes():
     """`scripts/bench_remote.py --quick --json`: a delayed NBD export and an RBD image on the

@@ -21,7 +21,9 @@ from lib.readme import check_commands, guest_commands
 from lib.served import MigrationSetup, Process
 from lib.waits import wait_until
 
-pytestmark = pytest.mark.guest
+# serial: QEMU (TCG) takes a core to itself, and the guest kernel's I/O deadlines must not race a
+# loaded machine.
+pytestmark = [pytest.mark.guest, pytest.mark.serial]
 
 
 @pytest.fixture(scope="session")
