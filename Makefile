@@ -90,11 +90,12 @@ test: lint setup
 demo: setup
 	$(PY) scripts/demo.py
 
+# The benchmarks are a package (scripts/bench/), run as modules from here.
 bench: setup
-	$(PY) scripts/bench.py $(BENCH_ARGS)
-	$(PY) scripts/bench_remote.py $(BENCH_REMOTE_ARGS)
-	$(PY) scripts/bench_lifecycle.py $(BENCH_LIFECYCLE_ARGS)
-	$(PY) scripts/bench_evacuate.py $(BENCH_EVACUATE_ARGS)
+	$(PY) -m scripts.bench $(BENCH_ARGS)
+	$(PY) -m scripts.bench.remote $(BENCH_REMOTE_ARGS)
+	$(PY) -m scripts.bench.lifecycle $(BENCH_LIFECYCLE_ARGS)
+	$(PY) -m scripts.bench.evacuate $(BENCH_EVACUATE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
