@@ -58,18 +58,28 @@ def _in_pass(item, which):
     return which is None or (item.get_closest_marker("serial") is not None) == (which == "serial")
 
 
+# Marker groups whose tests share one xdist worker (`--dist loadgroup`), one test at a time: the
+# Ceph tests, so that only one cluster starts (the ceph_cluster fixture is the session's, and a
+# session is a worker's); the guests, so that one QEMU under TCG (a core of its own) runs at once.
+SHARE_A_WORKER = ("ceph", "guest")
+
+
 def pytest_itemcollected(item):
-    # One Ceph cluster per session (the ceph_cluster fixture): its tests share one xdist worker
-    # (`--dist loadgroup`), so that only one cluster starts. Before xdist reads the group.
-    if item.get_closest_marker("ceph") and item.config.pluginmanager.has_plugin("xdist"):
-        item.add_marker(pytest.mark.xdist_group("ceph"))
+    # Before xdist reads the group (its own collection hook).
+    if not item.config.pluginmanager.has_plugin("xdist"):
+        return
+    for group in SHARE_A_WORKER:
+        if item.get_closest_marker(group):
+            item.add_marker(pytest.mark.xdist_group(group))
+            return
 
 
 # `make test` is the whole suite: a marker group it is meant to run that is deselected (say
 # PYTEST_ARGS='-m "not guest"') or that passes nothing (all skipped) fails the run, so a green
 # `make test` always includes them. MIRRORFS_ALLOW_PARTIAL=1 says a partial run is meant. A group
-# is checked in the pass that runs it, which must be the serial one: xdist's controller collects
-# nothing, so a parallel pass could not tell that a group it was meant to run passed.
+# is checked in the pass that runs it. Under xdist the controller collects nothing: each worker
+# says which groups its pass holds (its workeroutput), and the controller, which sees every
+# test's report, counts what passed.
 SUITE_GROUPS = ("guest",)
 
 
@@ -87,12 +97,10 @@ _group_expected = set()
 
 @pytest.hookimpl(trylast=True)          # after -m and -k have deselected
 def pytest_collection_modifyitems(session, config, items):
-    unchecked = [item.nodeid for item in items for g in SUITE_GROUPS
-                 if item.get_closest_marker(g) and not item.get_closest_marker("serial")]
-    if unchecked:
-        raise pytest.UsageError(f"mark {unchecked[0]} serial: the {SUITE_GROUPS} groups are checked "
-                                "in the serial pass")
-    if _enforce_groups(config):
+    # Refused before anything runs, except on xdist's workers (a worker's UsageError reaches the
+    # controller as an internal error without its message): there the serial pass, which `make
+    # test` runs with the same arguments and without xdist, refuses it.
+    if _enforce_groups(config) and not _worker(config):
         empty = [g for g in SUITE_GROUPS if not any(item.get_closest_marker(g) for item in items)]
         if empty:
             args = " ".join(config.invocation_params.args)
@@ -107,6 +115,11 @@ def pytest_collection_modifyitems(session, config, items):
     _group_expected.update(g for g in SUITE_GROUPS if any(item.get_closest_marker(g) for item in items))
 
 
+@pytest.hookimpl(optionalhook=True)     # xdist's controller: a worker is done
+def pytest_testnodedown(node, error):
+    _group_expected.update(getattr(node, "workeroutput", {}).get("mfs_groups", ()))
+
+
 _group_passed = {g: 0 for g in SUITE_GROUPS}
 
 
@@ -118,7 +131,10 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _worker(session.config) or not _enforce_groups(session.config) or exitstatus != pytest.ExitCode.OK:
+    if _worker(session.config):
+        session.config.workeroutput["mfs_groups"] = sorted(_group_expected)
+        return
+    if not _enforce_groups(session.config) or exitstatus != pytest.ExitCode.OK:
         return
     empty = [g for g, n in _group_passed.items() if g in _group_expected and not n]
     if empty:
