@@ -42,9 +42,10 @@ def pytest_sessionstart(session):
 
 
 # The two passes of `make test`. The suite runs on parallel workers (pytest-xdist, `-n`), except
-# the tests marked `serial`: they measure time, rates or throughput (the host budget's shares, the
-# benches), or boot a guest whose I/O deadlines a loaded machine would eat; they run afterwards, one
-# at a time, with the machine to themselves (`--pass=serial -p no:xdist`). Without --pass, all.
+# the tests marked `serial`: they measure time, rates or throughput (the host budget's shares, a
+# write held about --io-timeout, the benches), or boot a guest (QEMU's TCG is all CPU: beside the
+# parallel pass the guests took three times as long, and slowed it); they run afterwards, one at
+# a time, with the machine to themselves (`--pass=serial -p no:xdist`). Without --pass, all.
 PASSES = ("parallel", "serial")
 
 
