@@ -1,44 +1,14 @@
-"""The README stays short and true: at most 150 lines, every .py path the docs name exists, and
-its one migration runs as written (the other sections' commands are checked by the tests that run
-them: grep check_commands)."""
+"""The README's one migration runs as written (the other sections' commands are checked by the
+tests that run them: grep check_commands; what the docs say without running anything, the README's
+length, the paths they name, its two commands: tests/unit/test_docs_text.py)."""
 
 import os
-import re
 import subprocess
 import time
 
 from lib.commands import MIRRORFS, run
 from lib.images import MiB, qemu_io
-from lib.readme import README, ROOT, check_commands, commands, documents
-
-MAX_README_LINES = 150
-MODULE_PATH = re.compile(r"(?<![\w/])(?:mirrorfs|tests|scripts|plugin)/[\w/]*\.py\b")
-
-
-def test_the_readme_is_short():
-    lines = README.read_text().splitlines()
-    assert len(lines) <= MAX_README_LINES, (
-        f"README.md has {len(lines)} lines (at most {MAX_README_LINES}): move detail to docs/")
-
-
-def test_every_python_path_in_the_docs_exists():
-    """mirrorfs/..., tests/..., scripts/... and plugin/... paths ending in .py, in README.md and
-    docs/*.md: a module that moves takes its docs along."""
-    missing = [f"{path.relative_to(ROOT)}: {name}" for path in documents()
-               for name in sorted(set(MODULE_PATH.findall(path.read_text())))
-               if not (ROOT / name).is_file()]
-    assert not missing, "the docs name modules that do not exist:\n" + "\n".join(missing)
-
-
-def test_the_readmes_two_commands_are_make_targets():
-    host, _ = commands("Two commands")
-    assert [c.split("#")[0].split() for c in host] == [["make", "demo"], ["make", "test"]]
-    makefile = (ROOT / "Makefile").read_text()
-    # `make demo` runs what tests/test_demo.py runs; `make test` is this suite.
-    assert re.search(r"^demo: setup\n\t\$\(PY\) scripts/demo.py$", makefile, re.M)
-    # `make test` lints first (make lint, which needs setup), then runs pytest.
-    assert re.search(r"^test: lint\n\t.*-m pytest", makefile, re.M)
-    assert re.search(r"^lint: setup$", makefile, re.M)
+from lib.readme import check_commands
 
 
 def test_the_readmes_migration_runs_as_written(workdir):

@@ -3,7 +3,7 @@ writers busy, restart on the same state, and check that every acknowledged write
 and that the sides are identical. Where the kill lands is a condition the test waits for (bytes
 copied, writes acknowledged) and then asserts from the saved state, not a sleep.
 
-Property style, seeded: `pytest tests/test_resume.py -k 'seed-3'` reruns one case. The rule these
+Property style, seeded: `pytest tests/system/test_resume.py -k 'seed-3'` reruns one case. The rule these
 exercise under load is tested deterministically, one held write at a time, in test_intent.py.
 """
 

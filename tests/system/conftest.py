@@ -1,7 +1,9 @@
-"""Fixtures that start real processes (images made with qemu-img/qemu-io, `mirrorfs serve` run as the
-real CLI, qemu-nbd servers for URI endpoints) and the suite's hooks: prerequisites, the marker groups
-`make test` must include, and a check for leftover processes after every test. The helpers the
-fixtures use are in tests/lib/, which tests import by name."""
+"""The system suite's fixtures and hooks. Fixtures start real processes (images made with
+qemu-img/qemu-io, `mirrorfs serve` run as the real CLI, qemu-nbd servers for URI endpoints); the
+hooks check the prerequisites (here only: tests/unit/ needs none), keep the marker groups `make
+test` must include, split the suite into its two passes (`--pass`, below), and look for leftover
+processes after every test. The helpers the fixtures use are in tests/lib/, which tests import by
+name."""
 
 import os
 import shutil
@@ -25,9 +27,9 @@ REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-dae
                   "qemu-system-x86_64", "e2fsck", "debugfs", "psktool", "openssl",
                   # the Ceph tests' cluster (tests/lib/ceph.py)
                   *ceph.TOOLS,
-                  # the host metrics' scraper (tests/test_host_metrics.py)
+                  # the host metrics' scraper (tests/system/test_host_metrics.py)
                   "prometheus",
-                  # the libvirt guest (tests/test_libvirt.py, tests/lib/libvirt.py)
+                  # the libvirt guest (tests/system/test_libvirt.py, tests/lib/libvirt.py)
                   *libvirt.TOOLS)
 
 
@@ -41,10 +43,51 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"missing tools: {', '.join(missing)} (run 'make setup')")
 
 
+# The two passes of `make test`. The suite runs on parallel workers (pytest-xdist, `-n`), except
+# the tests marked `serial`: they measure time, rates or throughput (the host budget's shares, a
+# write held about --io-timeout, the benches), or boot a guest (QEMU's TCG is all CPU: beside the
+# parallel pass the guests took three times as long, and slowed it); they run afterwards, one at
+# a time, with the machine to themselves (`--pass=serial -p no:xdist`). Without --pass, all.
+PASSES = ("parallel", "serial")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--pass", dest="mfs_pass", choices=PASSES, default=None,
+                     help="run only the tests of one pass of make test: parallel (not marked serial, "
+                          "for xdist's workers) or serial (marked serial, one at a time)")
+
+
+def _in_pass(item, which):
+    return which is None or (item.get_closest_marker("serial") is not None) == (which == "serial")
+
+
+# Marker groups whose tests share one xdist worker (`--dist loadgroup`), one test at a time: the
+# Ceph tests, so that only one cluster starts (the ceph_cluster fixture is the session's, and a
+# session is a worker's); the guests, so that one QEMU under TCG (a core of its own) runs at once.
+SHARE_A_WORKER = ("ceph", "guest")
+
+
+def pytest_itemcollected(item):
+    # Before xdist reads the group (its own collection hook).
+    if not item.config.pluginmanager.has_plugin("xdist"):
+        return
+    for group in SHARE_A_WORKER:
+        if item.get_closest_marker(group):
+            item.add_marker(pytest.mark.xdist_group(group))
+            return
+
+
 # `make test` is the whole suite: a marker group it is meant to run that is deselected (say
 # PYTEST_ARGS='-m "not guest"') or that passes nothing (all skipped) fails the run, so a green
-# `make test` always includes them. MIRRORFS_ALLOW_PARTIAL=1 says a partial run is meant.
+# `make test` always includes them. MIRRORFS_ALLOW_PARTIAL=1 says a partial run is meant. A group
+# is checked in the pass that runs it. Under xdist the controller collects nothing: each worker
+# says which groups its pass holds (its workeroutput), and the controller, which sees every
+# test's report, counts what passed.
 SUITE_GROUPS = ("guest",)
+
+
+def _worker(config):
+    return hasattr(config, "workerinput")
 
 
 def _enforce_groups(config):
@@ -52,16 +95,32 @@ def _enforce_groups(config):
             and not config.option.collectonly)
 
 
+_group_expected = set()
+
+
 @pytest.hookimpl(trylast=True)          # after -m and -k have deselected
 def pytest_collection_modifyitems(session, config, items):
-    if not _enforce_groups(config):
-        return
-    empty = [g for g in SUITE_GROUPS if not any(item.get_closest_marker(g) for item in items)]
-    if empty:
-        args = " ".join(config.invocation_params.args)
-        raise pytest.UsageError(
-            f"make test selected no {', '.join(empty)} tests (pytest arguments: {args!r}); "
-            "set MIRRORFS_ALLOW_PARTIAL=1 to run part of the suite on purpose")
+    # Refused before anything runs, except on xdist's workers (a worker's UsageError reaches the
+    # controller as an internal error without its message): there the serial pass, which `make
+    # test` runs with the same arguments and without xdist, refuses it.
+    if _enforce_groups(config) and not _worker(config):
+        empty = [g for g in SUITE_GROUPS if not any(item.get_closest_marker(g) for item in items)]
+        if empty:
+            args = " ".join(config.invocation_params.args)
+            raise pytest.UsageError(
+                f"make test selected no {', '.join(empty)} tests (pytest arguments: {args!r}); "
+                "set MIRRORFS_ALLOW_PARTIAL=1 to run part of the suite on purpose")
+    which = config.getoption("mfs_pass")
+    other = [item for item in items if not _in_pass(item, which)]
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = [item for item in items if _in_pass(item, which)]
+    _group_expected.update(g for g in SUITE_GROUPS if any(item.get_closest_marker(g) for item in items))
+
+
+@pytest.hookimpl(optionalhook=True)     # xdist's controller: a worker is done
+def pytest_testnodedown(node, error):
+    _group_expected.update(getattr(node, "workeroutput", {}).get("mfs_groups", ()))
 
 
 _group_passed = {g: 0 for g in SUITE_GROUPS}
@@ -75,9 +134,12 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if _worker(session.config):
+        session.config.workeroutput["mfs_groups"] = sorted(_group_expected)
+        return
     if not _enforce_groups(session.config) or exitstatus != pytest.ExitCode.OK:
         return
-    empty = [g for g, n in _group_passed.items() if not n]
+    empty = [g for g, n in _group_passed.items() if g in _group_expected and not n]
     if empty:
         session.config.get_terminal_writer().line(
             f"make test: no {', '.join(empty)} test passed (skipped?): the run does not count", red=True)
@@ -138,6 +200,10 @@ def ceph_cluster():
 
 @pytest.fixture(autouse=True)
 def no_leaked_processes(workdir):
+    """No process a test started outlives it: a new descendant of this process (an xdist worker's
+    own, never another worker's: each is a process of its own), or an nbdkit / qemu-* whose
+    command line names the test's own work directory (one that left our tree, as a daemon does).
+    The session's Ceph cluster is not a leak: its tests share one worker (`--dist loadgroup`)."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
     deadline = time.monotonic() + 5

@@ -120,6 +120,7 @@ def timed_write(uri, offset):
         h.shutdown()
 
 
+@pytest.mark.serial         # measures how long a write waits
 @pytest.mark.parametrize("timeout", [2, 3])
 def test_a_hung_destination_holds_a_write_about_io_timeout(timeout, chains, workdir, serve, qemu_nbd):
     """The watchdog cuts the destination's connection close to --io-timeout, not up to a second
@@ -139,6 +140,7 @@ def test_a_hung_destination_holds_a_write_about_io_timeout(timeout, chains, work
     assert all(timeout - 0.1 <= w < timeout + 0.5 for w in waits), waits
 
 
+@pytest.mark.serial         # measures how long a write waits
 def test_a_stopped_destination_holds_writes_about_io_timeout(chains, workdir, serve, qemu_nbd):
     """A destination process that stops (SIGSTOP: it accepts connections in the kernel's backlog
     but never answers): neither its requests nor reconnecting to it may hold a write much longer

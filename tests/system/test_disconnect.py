@@ -5,7 +5,7 @@ has read a write checks, before calling the plugin, whether the connection is st
 (server/protocol.c: `if (quit || !connection_get_status ()) error = ESHUTDOWN;`), and another worker
 thread may meanwhile have read the NBD_CMD_DISC behind it and marked the connection done. The plugin
 never sees that write, so mirrorfs cannot perform it on either side; what mirrorfs guarantees is that
-the sides stay identical. docs/GUARANTEES.md has the measured rate; `python3 tests/test_disconnect.py`
+the sides stay identical. docs/GUARANTEES.md has the measured rate; `python3 tests/system/test_disconnect.py`
 measures it again (mirrorfs, and plain nbdkit for comparison)."""
 
 import subprocess

@@ -26,7 +26,7 @@ from lib.libvirt import USER, LibvirtDaemon, domain_xml, ensure_user, nbd_disk, 
 from lib.served import Process
 from test_guest import check_filesystem
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.serial]
 
 
 class Domain:

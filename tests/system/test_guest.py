@@ -21,7 +21,9 @@ from lib.readme import check_commands, guest_commands
 from lib.served import MigrationSetup, Process
 from lib.waits import wait_until
 
-pytestmark = pytest.mark.guest
+# serial: QEMU under TCG is all CPU; beside the parallel pass (3 workers) the four guests took 250 s
+# instead of 80, and slowed the tests around them.
+pytestmark = [pytest.mark.guest, pytest.mark.serial]
 
 
 @pytest.fixture(scope="session")

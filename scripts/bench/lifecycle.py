@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The life of a disk, measured (issue #12): how long a client's request waits at a take-over, at a
 hand-back and across restarts, and the plain export's speed next to a bare qemu-storage-daemon.
 
@@ -6,7 +5,7 @@ The probe is QEMU's NBD client with reconnection on (qemu-io, reconnect-delay), 
 time with 5 ms between them; a request's wait is from sending it to its "wrote" line. Goals: under
 1 s at take-over and hand-back, under 3 s across a restart; the export at >= 0.95x a bare daemon.
 
-    .venv/bin/python scripts/bench_lifecycle.py [--runs 3] [--json]
+    .venv/bin/python -m scripts.bench.lifecycle [--runs 3] [--json]
 """
 
 import argparse
@@ -15,19 +14,14 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from .common import MIRRORFS, MiB
+from .fio import fio_argv, parse_fio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import fio_argv, parse_fio             # noqa: E402
-
-MIRRORFS = [sys.executable, "-m", "mirrorfs"]
-MiB = 1 << 20
 SIZE = 256 * MiB
 
 
@@ -192,7 +186,7 @@ def iops(workdir, rw, runtime, order=("bare", "export")):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench.lifecycle", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--runtime", type=int, default=5)
     parser.add_argument("--json", action="store_true")

@@ -1,6 +1,6 @@
 """The host budget's division (mirrorfs.host.budget.shares), case by case: water-filling, caps,
 the concurrent-copy limit and the guest-aware floor. The processes that apply it are tested in
-tests/test_host_budget.py."""
+tests/system/test_host_budget.py."""
 
 import pytest
 

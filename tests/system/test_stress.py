@@ -2,7 +2,7 @@
 
 Each seed drives several libnbd connections, each keeping a batch of commands in flight at random
 offsets in a small hot region (so requests overlap all the time), then compares both sides byte for
-byte. Rerun one seed with `pytest tests/test_stress.py -k 'seed-7'`.
+byte. Rerun one seed with `pytest tests/system/test_stress.py -k 'seed-7'`.
 """
 
 import random

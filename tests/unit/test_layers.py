@@ -1,20 +1,15 @@
 """The two halves of the package: what runs inside nbdkit imports only the standard library, libnbd
-and nbdkit; and an installed copy of the package (not this checkout) serves a disk."""
+and nbdkit; each family imports only downward; the tests share helpers through tests/lib/ alone.
+That an installed copy of the package (not this checkout) serves a disk: tests/system/test_installed.py."""
 
 import ast
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
-
 from lib.commands import run
-from lib.images import MiB, make_base, make_overlay, qemu_io
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "mirrorfs"
 # The families, lowest first: a module may import from its own family and from those below it, never
 # from above. `common` is stdlib-only and shared by both processes; `datapath` runs inside nbdkit; the
@@ -113,45 +108,13 @@ def test_the_supervisor_does_not_reach_into_the_datapath_for_private_names():
     assert crossing and crossing <= OFFERED_BY_DATAPATH, crossing - OFFERED_BY_DATAPATH
 
 
-def test_an_installed_copy_serves_a_disk(workdir):
-    """`pip install .` (not editable): the nbdkit script ships inside the package, so nbdkit loads
-    it from the installed copy, and the disk is served."""
-    target = workdir / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "--target", target, ROOT],
-                   check=True, capture_output=True)
-    assert (target / "mirrorfs" / "datapath" / "nbdkit_script.py").is_file()
-    (workdir / "src").mkdir()
-    (workdir / "dst").mkdir()
-    base = make_base(workdir / "src" / "base.qcow2", 16 * MiB)
-    source = make_overlay(workdir / "src" / "snap.qcow2", base)
-    dest = make_overlay(workdir / "dst" / "snap.qcow2", base)
-    sock = workdir / "d.sock"
-    env = dict(os.environ, PYTHONPATH=str(target))
-    out = open(workdir / "installed.out", "w")
-    proc = psutil.Popen([sys.executable, "-m", "mirrorfs", "serve", source, dest, "--socket", sock],
-                        cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while "serving" not in (workdir / "installed.out").read_text():
-            assert proc.poll() is None, (workdir / "installed.out").read_text()
-            assert time.monotonic() < deadline, "not serving after 30 s"
-            time.sleep(0.05)
-        nbdkit = next(p for p in proc.children() if p.name() == "nbdkit")
-        script = next(a for a in nbdkit.cmdline() if a.endswith("nbdkit_script.py"))
-        assert Path(script).is_relative_to(target), script
-        qemu_io(f"nbd+unix:///?socket={sock}", "write -P 0x3c 1M 64k", "read -P 0x3c 1M 64k")
-    finally:
-        proc.terminate()
-        assert proc.wait(30) == 0, (workdir / "installed.out").read_text()
-    qemu_io(dest, "read -P 0x3c 1M 64k", fmt="qcow2")
-
-
 def test_no_test_imports_another_or_conftest():
     """Tests share helpers through tests/lib/ only: a test file importing another test file (or
     conftest, which holds fixtures alone) couples them and runs the other's module-level code."""
     tests = ROOT / "tests"
-    own = {p.stem for p in tests.glob("*.py")}
+    # tests/unit/ and tests/system/ are both on sys.path while pytest runs (its rootdir-relative
+    # "prepend" import mode): a file of either could import one of the other.
+    own = {p.stem for p in tests.rglob("*.py") if p.parent.name != "lib"}
     wrong = []
     for path in sorted(tests.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -159,3 +122,14 @@ def test_no_test_imports_another_or_conftest():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
             wrong += [f"{path.relative_to(ROOT)} imports {n}" for n in names if n.split(".")[0] in own]
     assert wrong == []
+
+
+def test_every_test_file_is_in_one_of_the_two_suites():
+    """`make check` runs tests/unit/ and `make test` runs tests/unit/ and tests/system/: a test
+    file anywhere else (tests/ itself, a new folder) would run in neither, and pass unseen. Two
+    files of one name would make pytest refuse the second (one module name on sys.path)."""
+    tests = ROOT / "tests"
+    placed = [p.relative_to(tests) for p in tests.rglob("test_*.py") if p.parent.name != "lib"]
+    assert placed and [str(p) for p in placed if p.parts[0] not in ("unit", "system") or len(p.parts) != 2] == []
+    names = [p.name for p in placed]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -2,8 +2,8 @@
 `qemu-img convert` of the same image into the same kind of destination, and a client's 4k
 randread/randwrite at qd16 during hydration against the same after it.
 
-    .venv/bin/python scripts/bench_evacuate.py [SIZE_MiB] [RATE] [RUNS]
-    BEFORE=/tmp/old .venv/bin/python scripts/bench_evacuate.py ...
+    .venv/bin/python -m scripts.bench.evacuate [SIZE_MiB] [RATE] [RUNS]
+    BEFORE=/tmp/old .venv/bin/python -m scripts.bench.evacuate ...
 
 With BEFORE (a directory holding another version's `mirrorfs` package, e.g. from
 `git archive OLD mirrorfs | tar -x -C /tmp/old`), each run also measures that version's hydration,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-MIRRORFS = [sys.executable, "-m", "mirrorfs"]
+from .common import MIRRORFS
 
 
 def sh(*argv, **kw):

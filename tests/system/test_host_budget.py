@@ -2,7 +2,7 @@
 full` processes: shared max-min fair, re-divided within a second when a copy starts or ends or the
 budget changes, a per-disk --rate kept as a cap under it, and a limit on concurrent copies; and a
 migration's copies (`mirrorfs start`): its base copy, and its resync of degraded writes.
-Hydration (--switch-first) under the budget: tests/test_host_hydration.py.
+Hydration (--switch-first) under the budget: tests/system/test_host_hydration.py.
 
 Rates are measured from the copies' own byte counts (the copier's, as each process writes them
 into its budget entry with the time it read them, every 0.25 s; for the resync, the data path's
@@ -14,6 +14,7 @@ import time
 
 import nbd
 import psutil
+import pytest
 
 from lib.commands import MIRRORFS, run
 from lib.control import control_request, status
@@ -68,6 +69,7 @@ def phase(p):
     return control_request(p.control, {"cmd": "status"})["status"]["phase"]
 
 
+@pytest.mark.serial         # measures rates, second by second
 def test_four_copies_share_the_host_budget(workdir, processes):
     rundir = workdir / "run"
     run(*MIRRORFS, "budget", "set", "32M", "--run-dir", rundir)
@@ -192,6 +194,7 @@ def test_concurrent_copies_beyond_the_limit_wait_their_turn_in_order(workdir, pr
         assert same, detail
 
 
+@pytest.mark.serial         # measures rates, second by second
 def test_the_base_copy_of_a_migration_draws_from_the_budget(workdir, processes):
     """Step 4's copy (through NBD, mirrorfs.control.basecopy) holds the host's rate too, and its
     share changes live: a budget set while it runs applies within a second."""
@@ -225,6 +228,7 @@ def test_the_base_copy_of_a_migration_draws_from_the_budget(workdir, processes):
     assert same, detail
 
 
+@pytest.mark.serial         # measures rates, second by second
 def test_the_resync_of_a_migrations_degraded_writes_draws_from_the_budget(workdir, processes):
     """A migration whose destination stopped answering (its storage daemon SIGSTOPped; writes cut
     after --io-timeout and recorded, --on-dest-error degrade) copies the regions again once it is

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """`make bench`, part two: the destination is remote (issue #13).
 
-The source is a local qcow2 (a storage daemon, cache=none, as in bench.py); the destination is
+The source is a local qcow2 (a storage daemon, cache=none, as in the local bench); the destination is
 
     nbd-1ms   a qcow2 exported by a qemu-storage-daemon behind nbdkit's delay filter, 1 ms per
               read/write/zero/trim request (whole milliseconds: nbdkit reads "0.5ms" as zero);
@@ -19,8 +18,8 @@ fio jobs: 4k randwrite qd1, 4k randwrite qd16, 1M seq write qd4. Then the full c
 written qcow2 to the remote: `mirrorfs serve --copy full` (time to synchronized) next to
 `qemu-img convert -n -T none` into the same kind of fresh image (both read the base with O_DIRECT).
 
-    make bench                                       # runs this after scripts/bench.py
-    .venv/bin/python scripts/bench_remote.py --quick # smoke run
+    make bench                                       # runs this after the local bench
+    .venv/bin/python -m scripts.bench.remote --quick # smoke run
 """
 
 import argparse
@@ -34,20 +33,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from mirrorfs.system import sockets
+from mirrorfs.system.children import Child
+from tests.lib import ceph
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))      # for tests/lib/
-
-import bench                                    # noqa: E402  (scripts/bench.py)
-from lib import ceph                            # noqa: E402  (tests/lib/ceph.py)
-from bench import (MIRRORFS, BenchError, MiB, GiB, MB, StorageExport, check_alive,  # noqa: E402
-                   qcow2_node, run_job, run_tool, wait_for_output)
-from mirrorfs.system import sockets              # noqa: E402
-from mirrorfs.system.children import Child             # noqa: E402
+from . import images
+from .common import (MIRRORFS, WORK_PARENT, BenchError, GiB, MB, MiB, check_alive, interrupt_on_signals,
+                     run_tool, size_arg, wait_for_output)
+from .cpu import cpu_parts
+from .fio import JOBS as ALL_JOBS
+from .fio import run_job
+from .images import StorageExport, make_base, qcow2_node, qemu_img
+from .report import fmt
+from .targets import MirrorfsTarget, QemuMirrorTarget
 
 DELAY_MS = 1            # the default remote's delay, nbd-1ms
-JOBS = tuple(job for job in bench.JOBS if job.key in ("4k-randwrite-qd1", "4k-randwrite", "1m-write"))
+JOBS = tuple(job for job in ALL_JOBS if job.key in ("4k-randwrite-qd1", "4k-randwrite", "1m-write"))
 
 
 # The remote destinations. Each makes a fresh image per use and tears it down after.
@@ -65,7 +66,7 @@ class DelayedNbd:
         d = self.workdir / f"nbd{self.count}"
         d.mkdir()
         image = d / "dst.qcow2"
-        bench.qemu_img("create", "-q", "-f", "qcow2", image, self.size)
+        qemu_img("create", "-q", "-f", "qcow2", image, self.size)
         return DelayedNbdImage(d, image, self.delay_ms)
 
 
@@ -140,15 +141,15 @@ class RbdImage:
 
 # The mirrors.
 
-class Mirrorfs(bench.MirrorfsTarget):
-    """bench.py's mirrorfs target, with the remote export as DEST."""
+class Mirrorfs(MirrorfsTarget):
+    """The local bench's mirrorfs target, with the remote export as DEST."""
 
     def __init__(self, d, source, remote):
         self._serve(d, source, remote.spec, "none")
 
 
-class QemuMirror(bench.QemuMirrorTarget):
-    """bench.py's QEMU mirror, with the remote export as the mirror's target node."""
+class QemuMirror(QemuMirrorTarget):
+    """The local bench's QEMU mirror, with the remote export as the mirror's target node."""
     SYNC = "none"       # the images start empty and equal: the job mirrors what clients write
 
     def __init__(self, d, source, remote):
@@ -156,7 +157,7 @@ class QemuMirror(bench.QemuMirrorTarget):
         self.daemon = StorageExport(d, "mirror", graph, "source", monitor=True)
 
 
-# Where the CPU goes (--cpu, measured by bench.run_job): the remote shares the CPUs with the mirror
+# Where the CPU goes (--cpu, measured by run_job): the remote shares the CPUs with the mirror
 # and fio on this kind of machine, so a job can be bound by CPU, not by the remote's latency; this
 # says which process pays.
 
@@ -177,7 +178,7 @@ def measure(remote, kind, workdir, config, log):
     d = workdir / f"{remote.name}-{kind.name}-{time.monotonic_ns()}"
     d.mkdir()
     source = d / "src.qcow2"
-    bench.qemu_img("create", "-q", "-f", "qcow2", source, config.size)
+    qemu_img("create", "-q", "-f", "qcow2", source, config.size)
     image = remote.make()
     target = None
     try:
@@ -264,9 +265,9 @@ def print_report(report, config):
             m = rows.get("mirrorfs", {}).get(job.label)
             q = rows.get("qemu-mirror", {}).get(job.label)
             ratio = m["iops"] / q["iops"] if m and q and q["iops"] else None
-            print(f"{remote:12} {job.label:22} {bench.fmt(m and m['iops'], '14,.0f')} "
-                  f"{bench.fmt(q and q['iops'], '17,.0f')} {bench.fmt(ratio, '6.2f')} "
-                  f"{bench.fmt(m and m['p50_us'], '16,.0f')} {bench.fmt(q and q['p50_us'], '12,.0f')}")
+            print(f"{remote:12} {job.label:22} {fmt(m and m['iops'], '14,.0f')} "
+                  f"{fmt(q and q['iops'], '17,.0f')} {fmt(ratio, '6.2f')} "
+                  f"{fmt(m and m['p50_us'], '16,.0f')} {fmt(q and q['p50_us'], '12,.0f')}")
     if config.cpu:
         print("\nCPU per request (microseconds; each process's CPU rate over the job's IOPS; fio "
               "not counted):")
@@ -276,7 +277,7 @@ def print_report(report, config):
                     m = rows.get(kind, {}).get(job.label)
                     if not m:
                         continue
-                    parts = bench.cpu_parts(m)
+                    parts = cpu_parts(m)
                     print(f"  {remote:8} {job.label:20} {kind:12} "
                           f"total {sum(parts.values()):6.0f}: "
                           + ", ".join(f"{role} {v:.0f}" for role, v in parts.items() if v >= 1))
@@ -287,17 +288,17 @@ def print_report(report, config):
         ratio = q["seconds"] / m["seconds"] if m and q else None
         print(f"  {remote:8} mirrorfs serve --copy full {m['seconds']:7.2f} s ({m['mbps']:.0f} MB/s)"
               f"   qemu-img convert -n {q['seconds']:7.2f} s ({q['mbps']:.0f} MB/s)"
-              f"   mirrorfs speed / qemu-img's {bench.fmt(ratio, '.2f')}")
+              f"   mirrorfs speed / qemu-img's {fmt(ratio, '.2f')}")
     print(f"\nelapsed: {report['elapsed_s']:.0f} s")
     for error in report["errors"]:
         print(f"ERROR: {error}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.remote", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--size", type=bench.parse_size, help="virtual disk size (default 1G; --quick 64M)")
+    p.add_argument("--size", type=size_arg, help="virtual disk size (default 1G; --quick 64M)")
     p.add_argument("--runtime", type=int, help="seconds per fio job (default 5; --quick 1)")
     p.add_argument("--runs", type=int, help="runs per target, medians reported (default 3)")
     p.add_argument("--remotes", default="nbd-1ms,rbd",
@@ -330,14 +331,14 @@ def parse_args(argv=None):
 
 def main():
     config = parse_args()
-    bench.HOST_CACHE = "none"
-    bench.interrupt_on_signals()
+    images.HOST_CACHE = "none"
+    interrupt_on_signals()
 
     def log(line):
         print(line, file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="mfsremote-", dir=bench.WORK_PARENT))
+    workdir = Path(tempfile.mkdtemp(prefix="mfsremote-", dir=WORK_PARENT))
     report = {"results": {}, "copy": {}, "errors": [], "samples": {}}
     cluster = None
     try:
@@ -368,7 +369,7 @@ def main():
         for remote in remotes if not config.no_copy else ():
             if base is None:
                 log("writing the base for the copy")
-                base = bench.make_base(workdir / "base.qcow2", config.size)
+                base = make_base(workdir / "base.qcow2", config.size)
             try:
                 # Each copy takes seconds: one run is at the mercy of the machine's other work.
                 runs = [measure_copy(remote, base, workdir, config.size, log, run)
@@ -380,7 +381,7 @@ def main():
                 report["errors"].append(f"{remote.name} copy: {type(e).__name__}: {e}")
                 log(f"  FAILED: {e}")
     except KeyboardInterrupt:
-        log("bench_remote: interrupted")
+        log("bench remote: interrupted")
         return 130
     finally:
         if cluster is not None:

@@ -105,6 +105,7 @@ def metrics_server(workdir):
         p.stdout.close()
 
 
+@pytest.mark.serial         # compares rates (fio's, status's, Prometheus's)
 def test_prometheus_sees_what_status_shows(workdir, processes, prometheus, metrics_server):
     rundir = workdir / "run"
     run(*MIRRORFS, "budget", "set", "8M", "--run-dir", rundir)

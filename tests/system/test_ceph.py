@@ -328,10 +328,12 @@ def test_full_pool_degrades_then_resyncs_when_the_quota_is_raised(ceph_cluster, 
         assert status(served.control)["datapath"]["copy"]["bytes_read"] == 0
         front.resume()
         # The copier's writes are held: cut after --io-timeout, counted as the side's timeouts
-        # and the copy's failures, and retried with backoff.
+        # and the copy's failures, and retried with backoff. The side counts its timeout before
+        # the copier hears of it: a status between the two shows the one and not yet the other.
         s = wait_for(served.control,
-                     lambda s: s["datapath"]["sides"]["destination"]["timeouts"] > 0,
-                     "a destination timeout", timeout=60)
+                     lambda s: s["datapath"]["sides"]["destination"]["timeouts"] > 0
+                     and s["datapath"]["copy"]["failures"] > 0,
+                     "a destination timeout, failing the copy", timeout=60)
         assert s["phase"] == "copying" and s["datapath"]["copy"]["failures"] > 0
         write(served.uri, (50 * MiB, MiB, 0x5f))        # the client is not held by the full pool
         assert "POOL_FULL" in ceph_cluster.ceph("health", "detail")

@@ -83,6 +83,7 @@ def listed(rundir):
                                                    rundir).stdout)}
 
 
+@pytest.mark.serial         # measures rates, second by second
 @pytest.mark.parametrize("mode", list(MODES))
 def test_two_hydrations_share_the_host_budget(workdir, processes, mode):
     rundir = workdir / "run"

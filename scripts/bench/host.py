@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """What scraping the host's metrics costs the data path (docs/PERFORMANCE.md, "Scraping the host's
 metrics").
 
-    .venv/bin/python scripts/bench_host.py [--disks 8] [--seconds 10] [--rounds 2]
+    .venv/bin/python -m scripts.bench.host [--disks 8] [--seconds 10] [--rounds 2]
 
 Serves --disks disks with `mirrorfs serve --copy full` under a small host budget (so that every one
 of them is still copying while it measures), then runs fio 4k randwrite (iodepth 16) against the
@@ -18,7 +17,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,8 +25,7 @@ from pathlib import Path
 
 import psutil
 
-MIRRORFS = [sys.executable, "-m", "mirrorfs"]
-MiB = 1 << 20
+from .common import MIRRORFS
 
 
 def sh(*argv):
@@ -59,7 +56,7 @@ def scrape_loop(url, stop, count):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.host")
     p.add_argument("--disks", type=int, default=8)
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)

@@ -1,4 +1,4 @@
-"""`scripts/bench.py --quick --json` (`make bench`'s smoke run): every target starts, serves, is
+"""`python -m scripts.bench --quick --json` (`make bench`'s smoke run): every target starts, serves, is
 measured and stopped. Nothing here asserts a speed; the numbers belong in docs/PERFORMANCE.md."""
 
 import json
@@ -9,7 +9,8 @@ import pytest
 
 from lib.commands import run
 
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+# The benchmarks are a package (scripts/bench/), run as modules from the checkout's root.
+ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ("mirrorfs", "mirrorfs-1d", "direct", "qemu-mirror", "nbd-proxy")
 
 
@@ -25,8 +26,10 @@ ROLES = {
 }
 
 
+@pytest.mark.serial         # measures throughput and CPU
 def test_quick_bench_measures_every_target():
-    res = run(sys.executable, BENCH, "--quick", "--json", "--cpu", check=False, timeout=300)
+    res = run(sys.executable, "-m", "scripts.bench", "--quick", "--json", "--cpu", cwd=ROOT, check=False,
+              timeout=300)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["errors"] == []
@@ -48,14 +51,13 @@ def test_quick_bench_measures_every_target():
     assert set(report["rss"]) == {"64 MiB", "1 TiB sparse"}
 
 
-REMOTE = Path(__file__).resolve().parent.parent / "scripts" / "bench_remote.py"
-
-
+@pytest.mark.serial         # measures throughput and CPU
 @pytest.mark.ceph
 def test_quick_remote_bench_measures_both_mirrors_on_both_remotes():
-    """`scripts/bench_remote.py --quick --json`: a delayed NBD export and an RBD image on the
+    """`python -m scripts.bench.remote --quick --json`: a delayed NBD export and an RBD image on the
     script's own one-node cluster, both mirrors, and both copies."""
-    res = run(sys.executable, REMOTE, "--quick", "--json", check=False, timeout=600)
+    res = run(sys.executable, "-m", "scripts.bench.remote", "--quick", "--json", cwd=ROOT, check=False,
+              timeout=600)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["errors"] == []
