@@ -6,14 +6,13 @@ The guest is built from Debian's packages (tests/lib/guest.py) and runs under TC
 minute each. The host checks the images with e2fsck and reads the files back with debugfs.
 """
 
-import hashlib
 import json
-import subprocess
 import time
 
 import pytest
 
 from lib.commands import MIRRORFS, run
+from lib.filesystems import check_filesystem
 from lib.control import ctl, status
 from lib.guest import Guest, build, checksums
 from lib.images import MiB, images_identical, make_base, make_overlay, sha256
@@ -37,29 +36,6 @@ def mirrorfs_argv(argv):
     argv = [str(a) for a in argv]
     n = len(MIRRORFS)
     return ["mirrorfs", *argv[n:]] if argv[:n] == MIRRORFS else argv
-
-
-def check_filesystem(image, fmt, workdir, expected):
-    """The chain `image` as raw bytes: a clean ext4 (e2fsck -fn) holding the files the guest wrote
-    (read with debugfs, not mounted). Returns the commands it ran for the first file."""
-    raw = workdir / "check.raw"
-    convert = ["qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw]
-    run(*convert)
-    fsck = ["e2fsck", "-fn", raw]
-    res = subprocess.run(fsck, capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-    ran = [convert, fsck]
-    found = {}
-    for name in sorted(expected):
-        cat = ["debugfs", "-R", f"cat /{name}", raw]
-        res = subprocess.run(cat, capture_output=True)
-        assert res.returncode == 0, res.stderr.decode()
-        found[name] = hashlib.sha256(res.stdout).hexdigest()
-        if len(ran) == 2:
-            ran.append(cat)
-    assert found == expected
-    raw.unlink()
-    return ran
 
 
 def test_guest_writes_while_its_disk_migrates(guest_image, workdir, serve):

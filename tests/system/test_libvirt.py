@@ -19,12 +19,12 @@ import psutil
 import pytest
 
 from lib.commands import run
+from lib.filesystems import check_filesystem
 from lib.control import ctl, status
 from lib.guest import Guest, build, checksums
 from lib.images import MiB
 from lib.libvirt import USER, LibvirtDaemon, domain_xml, ensure_user, nbd_disk, open_path_to
 from lib.served import Process
-from test_guest import check_filesystem
 
 pytestmark = [pytest.mark.guest, pytest.mark.serial]
 

@@ -19,7 +19,7 @@ def test_a_size_is_read_in_binary_units(text, expected):
 
 @pytest.mark.parametrize("text", ["0", "0M", "-1M", "", "M", "fast", "1X", "1 G", "1e9", "1M/h"])
 def test_anything_else_is_refused(text):
-    with pytest.raises(ValueError, match="expected a positive size"):
+    with pytest.raises(ValueError, match="expected a (positive )?size"):
         parse_size(text)
 
 
