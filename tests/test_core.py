@@ -30,7 +30,8 @@ from mirrorfs.datapath.errors import DataPathError, DrainTimeout, RequestError, 
 from mirrorfs.datapath.inflight import InFlight
 from mirrorfs.datapath.memory import MemoryBackend
 from mirrorfs.datapath.options import DataPathOptions
-from mirrorfs.datapath.state import State, StateError, open_for
+from mirrorfs.datapath.state import State, StateError
+from mirrorfs.datapath.statedir import open_for
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -246,8 +247,9 @@ def test_a_corrupt_state_is_refused(tmp_path):
         State.load(tmp_path)
 
 
-def test_a_state_of_the_first_format_is_read():
-    """Format 1 of the state spelled copy mode none as mode "mirror"."""
+def test_a_state_of_the_first_format_is_refused():
+    """Format 1 of the state did not say whose it is (no migration id, no inode): refused with
+    the reason, not converted."""
     import hashlib
     import tempfile
     from pathlib import Path
@@ -257,8 +259,8 @@ def test_a_state_of_the_first_format_is_read():
     checksum = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "state.json").write_text(json.dumps({**fields, "checksum": checksum}))
-        state = State.load(d)
-    assert state.copy == "none" and state.cursor == SIZE and state.dirty == {3}
+        with pytest.raises(StateError, match="older mirrorfs .state format 1.*no conversion"):
+            State.load(d)
 
 
 # Options.

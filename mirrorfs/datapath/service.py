@@ -2,7 +2,9 @@
 
 The options (mirrorfs.datapath.options) come from nbdkit's `key=value` parameters, written by the
 supervisor, which also starts the storage daemons and creates the state directory: this module only
-loads a state, it never creates one, and refuses one whose size disagrees with the source.
+loads a state, it never creates one (nor a hydration map), and refuses one whose size disagrees with
+the source, or whose files are missing, corrupt or not all of one migration (datapath.statedir: the
+supervisor checked them before starting anything; this is the second line of defence).
 
 The control socket (the supervisor is its only client) takes:
     {"cmd": "status"}                                   the disk, the sides, the copier
@@ -34,7 +36,8 @@ from mirrorfs.datapath.evacuee import Evacuee
 from mirrorfs.datapath.hydration import HydrationError, HydrationMap
 from mirrorfs.datapath.hydrator import Hydrator
 from mirrorfs.datapath.options import DataPathOptions
-from mirrorfs.datapath.state import ENDS, State
+from mirrorfs.datapath.state import ENDS
+from mirrorfs.datapath import statedir
 
 log = logging.getLogger("mirrorfs")
 
@@ -93,7 +96,10 @@ class DataPath:
         try:
             in_place = self.options.in_place
             hydration = HydrationMap.open(state.directory, source.size, state.region_size,
-                                          in_place=in_place)
+                                          in_place=in_place, create=False)
+            if hydration.owner != state.owner:
+                raise HydrationError(f"{state.directory / statedir.HYDRATION} is not migration "
+                                     f"{state.migration}'s")
             self.disk = Evacuee(source, dest, hydration, state, granularity=self.options.granularity,
                                 in_place=in_place, copy_on_read=self.options.copy_on_read,
                                 unit=self.options.in_place_unit)
@@ -107,7 +113,7 @@ class DataPath:
     def _state(self, source):
         directory = self.options.state
         try:
-            state = State.load(directory)
+            state = statedir.load(directory)
         except StateError as e:
             raise RuntimeError(str(e)) from None
         if state is None:
