@@ -99,6 +99,12 @@ def status_text(status):
                          f"({hydration['bytes_at_risk']} bytes): the source fails; "
                          f"{hydration['source_read_errors']} client reads failed, "
                          f"{len(hydration['unreadable'])} regions it cannot copy yet")
+        if hydration.get("destination_failing"):
+            errnos = sorted({u["errno"] for u in hydration["unwritable"]})
+            lines.append(f"  failing:    the destination ({', '.join(errnos)}): "
+                         f"{len(hydration['unwritable'])} regions it cannot take yet "
+                         f"({human_size(hydration['bytes_unwritable'])}), retried; nothing is at "
+                         "risk on the source; clients' changes fail meanwhile")
     switch = status.get("switch")
     if switch:
         rebase = f" (backing change {switch['rebase_ms']:.1f} ms)" if "rebase_ms" in switch else ""

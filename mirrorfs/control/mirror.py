@@ -188,23 +188,29 @@ def switch_first_refusal(command, phase):
 
 def hydration_progress(dp):
     """An evacuation's progress from the data path's status: bytes hydrated of the disk, the rate,
-    the ETA, and what is at risk while the source fails (every byte the destination does not hold
-    yet: it exists on the source alone; held ranges of regions not hydrated are on the
-    destination)."""
+    the ETA, and each side's failures, counted against the side that failed (the data path says
+    which): while the **source** fails, every byte the destination does not hold yet is at risk (it
+    exists on the source alone; held ranges of regions not hydrated are on the destination); while
+    the **destination** fails (full: ENOSPC), nothing is at risk on the source, the hydration waits
+    for room and the clients' changes fail."""
     h, hydrator = dp["hydration"], dp.get("hydrator") or {}
     done, total = h["bytes_hydrated"], h["bytes_total"]
     source_only = total - done - h.get("bytes_held", 0)
     copy_on_read = h.get("copy_on_read")
     rate = hydrator.get("rate") or 0
     unreadable = hydrator.get("unreadable", [])
+    unwritable = hydrator.get("unwritable", [])
+    source_failing = bool(unreadable or h["source_read_errors"])
+    dest_side = (dp.get("sides") or {}).get("destination") or {}
     return {"bytes_done": done, "bytes_total": total,
             "percent": round(100 * done / total, 2) if total else 100.0,
             "rate": rate, "rate_limit": hydrator.get("rate_limit"),
             "eta_seconds": round((total - done) / rate) if rate and done < total else None,
             "running": not h["complete"],
-            "source_failing": bool(unreadable or h["source_read_errors"]),
+            "source_failing": source_failing,
+            "destination_failing": bool(unwritable),
             "bytes_on_source_only": source_only,
-            "bytes_at_risk": source_only if unreadable or h["source_read_errors"] else 0,
+            "bytes_at_risk": source_only if source_failing else 0,
             "bytes_held": h.get("bytes_held", 0), "held_changes": h.get("held_changes", 0),
             "bytes_in_holes": h.get("bytes_in_holes", 0),
             "written_around": h.get("written_around", 0),
@@ -212,6 +218,10 @@ def hydration_progress(dp):
             "bytes_copied_on_read": copy_on_read["bytes"] if copy_on_read else 0,
             "bytes_unreadable": sum(u["length"] for u in unreadable),
             "unreadable": unreadable,
+            "bytes_unwritable": sum(u["length"] for u in unwritable),
+            "unwritable": unwritable,
+            # The destination's failed requests (clients' and the hydrator's) and commits.
+            "destination_errors": dest_side.get("errors", 0) + hydrator.get("commit_failures", 0),
             "source_read_errors": h["source_read_errors"], "failed_reads": h["failed_reads"]}
 
 
