@@ -64,7 +64,10 @@ def status_text(status):
     if mirror:
         pids = list((status.get("storage_daemons") or {}).values())
         shared = ", one storage daemon for both sides" if len(pids) == 2 and pids[0] == pids[1] else ""
-        lines.append(f"mirror:       copy {mirror['copy_mode']}, on destination error "
+        copy_mode = mirror["copy_mode"]
+        if copy_mode == "none" and not mirror.get("switch_first"):
+            copy_mode = "none (the sides were said to be equal; pivot compares them first)"
+        lines.append(f"mirror:       copy {copy_mode}, on destination error "
                      f"{mirror['policy']}{', resumed' if mirror['resumed'] else ''}{shared}")
     state = status.get("state")
     if state:

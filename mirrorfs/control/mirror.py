@@ -15,11 +15,16 @@ The first two are the data path's to tell (the controller's own phase is "mirror
 only the data path knows, under its drain, whether anything may differ.
 """
 
+from mirrorfs.common import jsonlines
 from mirrorfs.common.phases import Phase
 from mirrorfs.control.controller import Controller, PhaseError
 from mirrorfs.common.sizes import human_size
-from mirrorfs.errors import Error
+from mirrorfs.errors import Error, UsageError
 from mirrorfs.daemons.tree import ProcessTree
+
+# How long the data path may take to compare the sides (a `--copy none` pivot or verify): within
+# the CLI's wait for a control command's reply (600 s).
+COMPARE_TIMEOUT = 590
 
 
 class Hydrating:
@@ -111,26 +116,54 @@ class Mirror(Hydrating, Controller):
     # Commands.
 
     def verify(self):
-        """Does the destination hold the whole disk? Returns (ok, detail)."""
+        """Does the destination hold the whole disk? Returns (ok, detail). With --copy none
+        nothing was copied: the sides are compared (datapath.compare), as pivot does."""
         dp = self.tree.datapath_status()
         if "error" in dp:
             raise Error(f"cannot ask the data path: {dp['error']}")
-        if dp.get("synchronized"):
-            return True, "the destination holds the whole disk"
-        return False, f"{human_size(dp['dirty_bytes'])} may still differ"
+        if not dp.get("synchronized"):
+            return False, f"{human_size(dp['dirty_bytes'])} may still differ"
+        if self.options.copy == "none":
+            return self._compare()
+        return True, "the destination holds the whole disk"
+
+    def _compare(self):
+        """--copy none: the operator said the sides start equal, and nothing copied anything; are
+        they? (ok, detail), the first differing offset in the detail."""
+        try:
+            reply = self.tree.datapath("compare", timeout=COMPARE_TIMEOUT)
+        except jsonlines.ControlError as e:
+            raise Error(f"cannot compare the sides: {e}") from None
+        if reply["identical"]:
+            return True, (f"the destination holds the same {human_size(reply['bytes'])} as the "
+                          "source (compared)")
+        return False, (f"the destination differs from the source at offset {reply['offset']}: "
+                       "with --copy none the sides were said to be equal, and nothing copied "
+                       "the source; cancel (the source keeps the disk), then copy it with "
+                       "'mirrorfs serve --copy full' and a new --state-dir")
 
     def pivot(self, force=False, timeout=10.0):
         """Serve the destination alone. The data path refuses unless synchronized and unless the
-        destination answers. `force` is accepted for symmetry with a migration and changes nothing:
-        there is no base to verify here. Returns the stall clients saw, in seconds."""
+        destination answers. With --copy none the sides are compared first (the destination may
+        be an image created empty by mistake) and a difference is refused with its first offset;
+        `force` skips that comparison (recorded as an event). Returns the stall clients saw, in
+        seconds."""
         self._refuse_with_switch_first("pivot")
         with self.changing("pivot", Phase.MIRRORING):
+            if self.options.copy == "none":
+                if force:
+                    self.log.add("warning", what="switching without comparing the sides (forced)")
+                else:
+                    ok, detail = self._compare()
+                    if not ok:
+                        self.log.add("error", what="switch refused", detail=detail)
+                        raise UsageError(f"switch refused: {detail}")
             try:
                 stall = self.tree.switch("destination", Phase.SWITCHED, timeout)
             except Error as e:
                 self.log.add("error", what="switch refused", detail=str(e))
                 raise
-            self.last_switch = {"stall_ms": round(stall * 1000, 3)}
+            self.last_switch = {"stall_ms": round(stall * 1000, 3), "forced": force}
             self.enter(Phase.SWITCHED, **self.last_switch)
             return stall
 
@@ -157,7 +190,9 @@ class Mirror(Hydrating, Controller):
             status["switch"] = self.last_switch
         dp = status.get("datapath") or {}
         copy = dp.get("copy")
-        if copy and self.phase == Phase.MIRRORING:
+        # Only a copy that runs: with --copy none the data path's copier only copies again what a
+        # degraded write left behind, and the first pass it reports "done" never ran.
+        if copy and self.phase == Phase.MIRRORING and self.options.copy == "full":
             status["copy"] = copy_progress(copy)
         if self.options.switch_first:
             status["mirror"]["switch_first"] = True

@@ -11,6 +11,8 @@ The control socket (the supervisor is its only client) takes:
     {"cmd": "switch", "to": "destination", "end": "switched", "timeout": 10}
     {"cmd": "switch", "to": "source", "end": "cancelled"}
     {"cmd": "quiesce"}                                  before the process stops
+    {"cmd": "compare"}                                  a mirror's sides, byte by byte (serve's
+                                                        pivot with --copy none: datapath.compare)
     {"cmd": "set-rate", "rate": N}                      the limit of the copier or the hydrator
                                                         (the host budget's share)
 
@@ -25,7 +27,7 @@ import socket
 import threading
 import time
 
-from mirrorfs.datapath import lifeline
+from mirrorfs.datapath import compare, lifeline, sideio
 from mirrorfs.common import jsonlines
 from mirrorfs.datapath.backend import NbdBackend
 from mirrorfs.datapath.copier import Copier
@@ -197,6 +199,8 @@ class DataPath:
             return {"stall_ms": stall * 1000}
         if cmd == "set-rate":
             return self._set_rate(request.get("rate"))
+        if cmd == "compare":
+            return self._compare()
         if cmd == "quiesce":
             try:
                 self.disk.quiesce(float(request.get("timeout", 10)))
@@ -204,6 +208,19 @@ class DataPath:
                 raise jsonlines.ControlError(f"quiesce: {e}") from None
             return {}
         raise jsonlines.ControlError(f"unknown command {cmd!r}")
+
+    def _compare(self):
+        """The first offset where the mirror's sides differ (None: identical), and the bytes
+        compared; refused once the mirror ended, and in an evacuation (only the destination holds
+        the changes there)."""
+        if self.options.switch_first or self.disk.dest is None or self.disk.ended:
+            raise jsonlines.ControlError("compare: only a mirror that has not ended compares its "
+                                         "sides")
+        try:
+            offset, compared = compare.compare(self.disk)
+        except sideio.SideFailure as e:
+            raise jsonlines.ControlError(f"compare: {e}") from None
+        return {"identical": offset is None, "offset": offset, "bytes": compared}
 
     def _set_rate(self, rate):
         """The limit of the copy from now on (the mirror's copier, or an evacuation's hydrator):
