@@ -75,11 +75,11 @@ def wrappers(workdir):
     return f"{bindir}:{os.environ['PATH']}", log
 
 
-def refused(workdir, path, log, args, expect):
+def refused(workdir, path, log, args, expect, command="serve"):
     """`mirrorfs serve ARGS` refuses in one line naming `expect`, starting and changing nothing."""
     before = snapshot(workdir)
     env = dict(os.environ, PATH=path, XDG_RUNTIME_DIR=os.fspath(workdir))
-    res = subprocess.run([*MIRRORFS, "serve", *map(str, args)], capture_output=True, text=True,
+    res = subprocess.run([*MIRRORFS, command, *map(str, args)], capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, cwd=workdir, env=env, timeout=TIMEOUT)
     err = res.stderr
     assert res.returncode == EXIT_USAGE, f"exit status {res.returncode}; stderr: {err!r}"
@@ -193,3 +193,54 @@ def test_a_state_directory_that_is_not_this_evacuations_is_refused_before_anythi
         h.shutdown()
     finally:
         disk.stop()
+
+
+def test_a_migrations_state_directory_that_is_not_its_own_is_refused_before_anything_starts(
+        workdir, migration):
+    """`mirrorfs start --state-dir`: the same rules for a Mirrored-Snapshot migration's state."""
+    state = workdir / "state"
+    migration.start("--state-dir", state)
+    h = nbd.NBD()
+    h.connect_uri(migration.disk.uri)
+    h.pwrite(WRITTEN, AT, nbd.CMD_FLAG_FUA)
+    h.shutdown()
+    assert migration.disk.stop() == 0
+    path, log = wrappers(workdir)
+    saved = files(state)
+    assert sorted(saved) == ["owner.json", "state.json"], sorted(saved)
+    args = [migration.base, "--dest-dir", workdir / "dst", "--state-dir", state,
+            "--socket", workdir / "disk.sock"]
+
+    def replace_overlay():
+        overlay = migration.dest_overlay
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", migration.base, "-F", "qcow2",
+            workdir / "fresh.qcow2")
+        os.rename(overlay, workdir / "overlay.aside")
+        os.rename(workdir / "fresh.qcow2", overlay)
+
+    cases = [
+        ("state.json removed", lambda: (state / "state.json").unlink(),
+         f"{state / 'state.json'} is missing"),
+        ("state.json corrupted", lambda: (state / "state.json").write_bytes(
+            saved["state.json"].replace(b'"synchronized"', b'"switched"')), "is corrupt"),
+        ("owner.json removed", lambda: (state / "owner.json").unlink(), "owner.json is missing"),
+        ("the destination overlay made afresh", replace_overlay,
+         [f"the destination {migration.dest_overlay}", "now holds another file"]),
+    ]
+    for name, damage, expect in cases:
+        damage()
+        try:
+            refused(workdir, path, log, args, expect, command="start")
+        except AssertionError as e:
+            raise AssertionError(f"case {name!r}: {e}") from None
+        if (workdir / "overlay.aside").exists():
+            os.rename(workdir / "overlay.aside", migration.dest_overlay)
+        put_back(state, saved)
+
+    # Put back: the same command line resumes, and the write is there.
+    disk = migration.start("--state-dir", state)
+    h = nbd.NBD()
+    h.connect_uri(disk.uri)
+    assert h.pread(len(WRITTEN), AT) == WRITTEN
+    h.shutdown()
+    assert disk.stop() == 0
