@@ -122,7 +122,8 @@ class Mirror(Hydrating, Controller):
         if "error" in dp:
             raise Error(f"cannot ask the data path: {dp['error']}")
         if not dp.get("synchronized"):
-            return False, f"{human_size(dp['dirty_bytes'])} may still differ"
+            return False, (f"{human_size(dp['dirty_bytes'])} may still differ between the sides; "
+                           "wait until synchronized")
         if self.options.copy == "none":
             return self._compare()
         return True, "the destination holds the whole disk"
@@ -154,7 +155,7 @@ class Mirror(Hydrating, Controller):
                 if force:
                     self.log.add("warning", what="switching without comparing the sides (forced)")
                 else:
-                    ok, detail = self._compare()
+                    ok, detail = self.verify()
                     if not ok:
                         self.log.add("error", what="switch refused", detail=detail)
                         raise UsageError(f"switch refused: {detail}")
