@@ -92,3 +92,24 @@ def test_pivot_compares_equal_sides_under_writes_and_switches(workdir, serve):
     for offset, data in written:
         expected[offset:offset + len(data)] = data
     assert raw_bytes(workdir, dst, "dst") == bytes(expected)
+
+
+def test_compare_finds_the_first_difference_skips_zeros_and_stops_at_its_deadline():
+    """datapath.compare on two in-memory sides: the exact first differing byte (in a chunk after
+    equal ones), zeros that both sides report skipped unread, and a deadline that stops it with
+    what it compared (fewer bytes than the disk: not "identical")."""
+    from mirrorfs.datapath.compare import CHUNK, compare
+    from mirrorfs.datapath.dirtymap import DirtyMap
+    from mirrorfs.datapath.disk import Disk
+    from mirrorfs.datapath.memory import MemoryBackend
+
+    size = 16 * MiB
+    src, dst = MemoryBackend("source", size), MemoryBackend("destination", size)
+    disk = Disk(src, dst, DirtyMap(size, MiB))
+    for side in (src, dst):
+        side.data[CHUNK + 7:CHUNK + 4096] = b"\x11" * (4096 - 7)
+    assert compare(disk) == (None, size)
+    assert src.commands["read"] == dst.commands["read"] == 1     # the one chunk with data
+    dst.data[2 * CHUNK + 12345] = 0x99
+    assert compare(disk) == (2 * CHUNK + 12345, 2 * CHUNK)
+    assert compare(disk, timeout=0) == (None, 0)

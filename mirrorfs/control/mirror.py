@@ -23,8 +23,8 @@ from mirrorfs.errors import Error, UsageError
 from mirrorfs.daemons.tree import ProcessTree
 
 # How long the data path may take to compare the sides (a `--copy none` pivot or verify): within
-# the CLI's wait for a control command's reply (600 s).
-COMPARE_TIMEOUT = 590
+# the CLI's wait for a control command's reply (600 s); it stops then, reading nothing more.
+COMPARE_TIMEOUT = 580
 
 
 class Hydrating:
@@ -132,12 +132,18 @@ class Mirror(Hydrating, Controller):
         """--copy none: the operator said the sides start equal, and nothing copied anything; are
         they? (ok, detail), the first differing offset in the detail."""
         try:
-            reply = self.tree.datapath("compare", timeout=COMPARE_TIMEOUT)
+            reply = self.tree.datapath("compare", timeout=COMPARE_TIMEOUT + 10,
+                                       seconds=COMPARE_TIMEOUT)
         except jsonlines.ControlError as e:
             raise Error(f"cannot compare the sides: {e}") from None
         if reply["identical"]:
             return True, (f"the destination holds the same {human_size(reply['bytes'])} as the "
                           "source (compared)")
+        if reply["offset"] is None:
+            return False, (f"compared {human_size(reply['bytes'])} of {human_size(reply['size'])} "
+                           f"in {COMPARE_TIMEOUT} s without a difference; the rest is not "
+                           "compared: with --copy none nothing copied the source, so the sides "
+                           "are equal only if you know they were; then pivot --force")
         return False, (f"the destination differs from the source at offset {reply['offset']}: "
                        "with --copy none the sides were said to be equal, and nothing copied "
                        "the source; cancel (the source keeps the disk), then copy it with "

@@ -18,6 +18,8 @@ Allocation-aware, as `qemu-img compare`: a chunk that both sides say reads as ze
 This module runs inside nbdkit's embedded interpreter: standard library only.
 """
 
+import time
+
 from mirrorfs.datapath import sideio
 from mirrorfs.datapath.errors import SideError
 
@@ -32,15 +34,17 @@ def all_zero(side, start, end):
         return False
 
 
-def compare(disk, stop=None, chunk=CHUNK):
-    """(first differing offset or None, bytes compared) between `disk`'s source and destination.
-    `stop` (a threading.Event): give up early, returning what was found so far. Raises
-    sideio.SideFailure when a side cannot be read."""
+def compare(disk, timeout=None, chunk=CHUNK):
+    """(first differing offset or None, bytes compared) between `disk`'s source and destination,
+    from offset 0. After `timeout` seconds it gives up, returning what it compared so far (fewer
+    bytes than the disk: the rest is not known), so that a comparison nobody waits for any more
+    does not go on reading the disk. Raises sideio.SideFailure when a side cannot be read."""
     source, dest, size = disk.source, disk.dest, disk.size
+    deadline = time.monotonic() + timeout if timeout is not None else None
     a, b = bytearray(chunk), bytearray(chunk)
     pos = 0
     while pos < size:
-        if stop is not None and stop.is_set():
+        if deadline is not None and time.monotonic() >= deadline:
             break
         end = min(pos + chunk, size)
         token = disk.inflight.enter_range("compare", pos, end)

@@ -11,7 +11,7 @@ The control socket (the supervisor is its only client) takes:
     {"cmd": "switch", "to": "destination", "end": "switched", "timeout": 10}
     {"cmd": "switch", "to": "source", "end": "cancelled"}
     {"cmd": "quiesce"}                                  before the process stops
-    {"cmd": "compare"}                                  a mirror's sides, byte by byte (serve's
+    {"cmd": "compare", "seconds": 580}                  a mirror's sides, byte by byte (serve's
                                                         pivot with --copy none: datapath.compare)
     {"cmd": "set-rate", "rate": N}                      the limit of the copier or the hydrator
                                                         (the host budget's share)
@@ -200,7 +200,11 @@ class DataPath:
         if cmd == "set-rate":
             return self._set_rate(request.get("rate"))
         if cmd == "compare":
-            return self._compare()
+            seconds = request.get("seconds")
+            if seconds is not None and (isinstance(seconds, bool) or
+                                        not isinstance(seconds, (int, float)) or seconds <= 0):
+                raise jsonlines.ControlError("compare: seconds must be a positive number")
+            return self._compare(seconds)
         if cmd == "quiesce":
             try:
                 self.disk.quiesce(float(request.get("timeout", 10)))
@@ -209,18 +213,20 @@ class DataPath:
             return {}
         raise jsonlines.ControlError(f"unknown command {cmd!r}")
 
-    def _compare(self):
-        """The first offset where the mirror's sides differ (None: identical), and the bytes
-        compared; refused once the mirror ended, and in an evacuation (only the destination holds
+    def _compare(self, seconds):
+        """The first offset where the mirror's sides differ (None: none found), the bytes compared
+        (the whole disk, unless `seconds` ran out first) and whether the sides are
+        identical; refused once the mirror ended, and in an evacuation (only the destination holds
         the changes there)."""
         if self.options.switch_first or self.disk.dest is None or self.disk.ended:
             raise jsonlines.ControlError("compare: only a mirror that has not ended compares its "
                                          "sides")
         try:
-            offset, compared = compare.compare(self.disk)
+            offset, compared = compare.compare(self.disk, seconds)
         except sideio.SideFailure as e:
             raise jsonlines.ControlError(f"compare: {e}") from None
-        return {"identical": offset is None, "offset": offset, "bytes": compared}
+        return {"identical": offset is None and compared >= self.disk.size, "offset": offset,
+                "bytes": compared, "size": self.disk.size}
 
     def _set_rate(self, rate):
         """The limit of the copy from now on (the mirror's copier, or an evacuation's hydrator):
