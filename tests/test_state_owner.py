@@ -22,10 +22,12 @@ import subprocess
 import nbd
 
 from lib.commands import EXIT_USAGE, MIRRORFS, run
+from lib.control import ctl, status
 from lib.failures import TIMEOUT, snapshot
 from lib.images import MiB, make_full_pair
 from lib.processes import our_processes
 from lib.served import Served
+from lib.waits import wait_until
 
 SIZE = 64 * MiB
 AT = 40 * MiB                   # a region the hydrator (1 MiB/s, from 0) does not reach meanwhile
@@ -107,12 +109,21 @@ def put_back(directory, saved):
 def test_a_state_directory_that_is_not_this_evacuations_is_refused_before_anything_starts(
         workdir, monkeypatch):
     a, b = Evacuation(workdir / "a"), Evacuation(workdir / "b")
-    # An earlier evacuation of a's very images, with its own state directory, then the current one.
+    path, log = wrappers(workdir)
+    # An earlier evacuation of a's very images, with its own state directory, then the current one:
+    # while the earlier directory is there, a new one is refused (below); moved away, it is
+    # stale, and the current evacuation takes the images (and marks them). It comes back later.
     earlier = Evacuation(workdir / "a", state="earlier")
     earlier.write_and_stop()
+    typo = workdir / "a" / "typo"
+    refused(workdir, path, log,
+            [*a.args[:a.args.index("--state-dir")], "--state-dir", typo,
+             *a.args[a.args.index("--state-dir") + 2:]],
+            ["belongs to migration", f"whose state is in {earlier.state} (phase hydrating)"])
+    os.rename(earlier.state, workdir / "earlier.aside")
     a.write_and_stop()
+    os.rename(workdir / "earlier.aside", earlier.state)
     b.write_and_stop()
-    path, log = wrappers(workdir)
     sa, sb = files(a.state), files(b.state)
     assert sorted(sa) == ["hydration.map", "owner.json", "state.json"], sorted(sa)
 
@@ -244,3 +255,31 @@ def test_a_migrations_state_directory_that_is_not_its_own_is_refused_before_anyt
     assert h.pread(len(WRITTEN), AT) == WRITTEN
     h.shutdown()
     assert disk.stop() == 0
+
+
+def test_a_new_state_directory_does_not_take_images_another_state_still_holds(workdir, serve):
+    """After a switch, the same images with a new (or mistyped) --state-dir: refused, since a new
+    full copy would put the stale source over the destination that holds the disk. The right
+    directory serves the destination alone; once that directory is removed, a new one may start."""
+    src, dst = make_full_pair(workdir, SIZE)
+    state = workdir / "state"
+    disk = serve("--copy", "full", "--state-dir", state, src, dst)
+    wait_until(lambda: status(disk.control)["phase"] == "synchronized", "synchronized", timeout=120)
+    assert "switched" in ctl(disk.control, "pivot").stdout
+    h = nbd.NBD()
+    h.connect_uri(disk.uri)
+    h.pwrite(WRITTEN, AT, nbd.CMD_FLAG_FUA)        # on the destination alone
+    h.shutdown()
+    assert disk.stop() == 0
+    path, log = wrappers(workdir)
+    args = ["--copy", "full", src, dst, "--socket", workdir / "again.sock"]
+    refused(workdir, path, log, [*args, "--state-dir", workdir / "stat"],
+            [f"the source {src} belongs to migration",
+             f"whose state is in {state} (phase switched)", f"--state-dir {state}"])
+    again = serve("--copy", "full", "--state-dir", state, src, dst, name="again")
+    assert status(again.control)["serving"] == "destination"
+    h = nbd.NBD()
+    h.connect_uri(again.uri)
+    assert h.pread(len(WRITTEN), AT) == WRITTEN
+    h.shutdown()
+    assert again.stop() == 0

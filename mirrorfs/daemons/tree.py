@@ -201,14 +201,16 @@ class ProcessTree:
 
     def _check_state(self, source, dest):
         """The saved state, checked (datapath.statedir: every file there, one owner, these sides),
-        or None when the directory holds none. An NBD URI's size is asked now: a connection, no
-        process."""
+        or None when the directory holds none (and no other state directory holds these images).
+        An NBD URI's size is asked now: a connection, no process."""
         o = self.options
         if o.state_path is None or dest is None:
             return None
         try:
             saved = statedir.load(o.state_path)
             if saved is None:
+                statedir.refuse_taken(o.state_path, source=identity(source), dest=identity(dest),
+                                      switch_first=o.switch_first)
                 return None
             for ep in (source, dest):
                 if not ep.is_image:

@@ -18,11 +18,17 @@ it starts a storage daemon), a state directory in which
   directory, or left by an earlier migration of the same images), other images (another path, or
   the same path now holding another file: its inode changed), or another disk's name.
 
-The destination image file is also **marked** with the migration's id when the state is made (the
-extended attribute `user.mirrorfs.migration`; where the file system refuses it, the state says the
-file is not marked and only its path, size and inode are checked). The mark tells the state of an
-earlier migration of the same images from the current one: a later migration marks the same file
-again, so the earlier state directory, whose regions no longer describe it, is refused.
+The image files mirrorfs writes (the destination; the source too unless it is an evacuation's,
+which is only read) are also **marked** when the state is made: the extended attribute
+`user.mirrorfs.migration` holds the migration's id and its state directory (where the file system
+refuses it, the state says the file is not marked and only its path, size and inode are checked).
+The mark works both ways:
+- a restart with an earlier migration's state directory of the same images is refused: a later
+  migration marked the files again, and the earlier state's regions no longer describe them;
+- a new state (a new or mistyped `--state-dir`) is refused for an image whose mark names a state
+  directory that still holds that migration's state: starting over would copy the source over a
+  destination that may hold the disk, or take stale sides for equal. When that directory is gone,
+  or its migration was handed back, the mark is stale and the new state takes the image.
 
 Why a separate owner.json, written once: state.json alone cannot tell "never made" from "lost". With
 owner.json written first and state.json last, a directory holding owner.json without state.json lost
@@ -79,8 +85,12 @@ def create(directory, *, copy, source, dest, size, region_size, switch_first=Fal
         phase = Phase.HYDRATING
     else:
         phase = Phase.COPYING if copy == "full" else Phase.SYNCHRONIZED
+    refuse_taken(directory, source=source, dest=dest, switch_first=switch_first)
     migration = secrets.token_hex(16)
-    state = State(directory, copy=copy, source=source, dest=_mark(dest, migration), size=size,
+    if not switch_first:
+        source = _mark(source, migration, directory)
+    state = State(directory, copy=copy, source=source, dest=_mark(dest, migration, directory),
+                  size=size,
                   region_size=region_size, phase=phase, cursor=0 if copy == "full" else size,
                   switch_first=switch_first, in_place=in_place, migration=migration, disk=disk)
     files = [HYDRATION, STATE] if switch_first else [STATE]
@@ -173,6 +183,34 @@ def check(state, *, copy, source, dest, switch_first, disk=None):
     return state
 
 
+def refuse_taken(directory, *, source, dest, switch_first):
+    """Before a new state in `directory`: refuse (StateError) an image another migration's state
+    directory still names (its mark, see above); the source of an evacuation is only read."""
+    directory = Path(directory).absolute()
+    sides = (("destination", dest),) if switch_first else (("source", source), ("destination", dest))
+    for label, identity in sides:
+        if "inode" not in identity:
+            continue
+        found = _read_mark(identity["image"])
+        if found is None:
+            continue
+        other = Path(found.get("state") or "")
+        if not found.get("state") or other == directory or not _exists(other / STATE):
+            continue                    # gone, handed back, or this very directory (empty)
+        try:
+            state = State.load(other)
+            if state.migration != found.get("migration"):
+                continue                # that directory holds another migration now
+            what = f"phase {state.phase}"
+        except StateError as e:
+            what = f"its state cannot be read: {e}"
+        raise StateError(f"the {label} {identity['image']} belongs to migration "
+                         f"{found.get('migration')}, whose state is in {other} ({what}): a new "
+                         "migration over it would copy or serve a side that may be stale. Resume "
+                         f"that migration with --state-dir {other}; or, if it is over, remove "
+                         f"{other} first ({SEE})")
+
+
 def open_for(directory, *, copy, source, dest, size, region_size, switch_first=False,
              in_place=False, disk=None):
     """The state for these sides: loaded if the directory has one (and it is theirs), created
@@ -188,22 +226,30 @@ def open_for(directory, *, copy, source, dest, size, region_size, switch_first=F
 
 # Helpers.
 
-def _mark(identity, migration):
-    """Mark an image file with the migration's id; the identity says whether it is marked."""
+def _mark(identity, migration, directory):
+    """Mark an image file with the migration's id and state directory; the identity says whether
+    it is marked."""
     if "inode" not in identity:
         return identity
+    value = json.dumps({"migration": migration, "state": str(Path(directory).absolute())})
     try:
-        os.setxattr(identity["image"], MARK, migration.encode())
+        os.setxattr(identity["image"], MARK, value.encode())
     except OSError:
         return identity                 # a file system without user xattrs: path, size, inode
     return {**identity, "marked": True}
 
 
-def _check_mark(state, label, path):
+def _read_mark(path):
+    """The mark of an image file ({"migration", "state"}), or None."""
     try:
-        found = os.getxattr(path, MARK).decode(errors="replace")
-    except OSError:
-        found = None
+        found = json.loads(os.getxattr(path, MARK))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _check_mark(state, label, path):
+    found = (_read_mark(path) or {}).get("migration")
     if found == state.migration:
         return
     if found is None:
@@ -220,9 +266,7 @@ def _exists(path):
     try:
         path.lstat()
         return True
-    except FileNotFoundError:
-        return False
-    except NotADirectoryError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}") from None
