@@ -260,7 +260,7 @@ def test_a_migrations_state_directory_that_is_not_its_own_is_refused_before_anyt
 def test_a_new_state_directory_does_not_take_images_another_state_still_holds(workdir, serve):
     """After a switch, the same images with a new (or mistyped) --state-dir: refused, since a new
     full copy would put the stale source over the destination that holds the disk. The right
-    directory serves the destination alone; once that directory is removed, a new one may start."""
+    directory serves the destination alone, which may then be the source of the next migration."""
     src, dst = make_full_pair(workdir, SIZE)
     state = workdir / "state"
     disk = serve("--copy", "full", "--state-dir", state, src, dst)
@@ -283,3 +283,13 @@ def test_a_new_state_directory_does_not_take_images_another_state_still_holds(wo
     assert h.pread(len(WRITTEN), AT) == WRITTEN
     h.shutdown()
     assert again.stop() == 0
+    # The destination holds the disk now: it may be the source of the next migration (B -> C),
+    # with a state directory of its own, while the first one's is still there.
+    run("qemu-img", "create", "-q", "-f", "qcow2", workdir / "next.qcow2", str(SIZE))
+    onward = serve("--copy", "full", "--state-dir", workdir / "next", dst, workdir / "next.qcow2",
+                   name="next")
+    h = nbd.NBD()
+    h.connect_uri(onward.uri)
+    assert h.pread(len(WRITTEN), AT) == WRITTEN
+    h.shutdown()
+    assert onward.stop() == 0

@@ -28,7 +28,9 @@ The mark works both ways:
 - a new state (a new or mistyped `--state-dir`) is refused for an image whose mark names a state
   directory that still holds that migration's state: starting over would copy the source over a
   destination that may hold the disk, or take stale sides for equal. When that directory is gone,
-  or its migration was handed back, the mark is stale and the new state takes the image.
+  or its migration was handed back, the mark is stale and the new state takes the image; and the
+  side an ended migration left the disk on (the destination after a switch, the source after a
+  cancel) may be the *source* of a new one.
 
 Why a separate owner.json, written once: state.json alone cannot tell "never made" from "lost". With
 owner.json written first and state.json last, a directory holding owner.json without state.json lost
@@ -201,6 +203,12 @@ def refuse_taken(directory, *, source, dest, switch_first):
             state = State.load(other)
             if state.migration != found.get("migration"):
                 continue                # that directory holds another migration now
+            # The side an ended migration left the disk on may be the source of the next one
+            # (A -> B, then B -> C): it holds the disk, and a source is only read from.
+            holds = {Phase.SWITCHED: state.dest, Phase.CANCELLED: state.source}.get(state.phase)
+            if label == "source" and holds is not None and \
+                    holds.get("image") == identity["image"]:
+                continue
             what = f"phase {state.phase}"
         except StateError as e:
             what = f"its state cannot be read: {e}"
