@@ -33,12 +33,9 @@ from mirrorfs.control.controller import Controller, PhaseError
 from mirrorfs.control.migration import Migration
 from mirrorfs.control.mirror import Hydrating, hydration_progress, switch_first_refusal
 from mirrorfs.daemons.tree import ProcessTree
-from mirrorfs.datapath.state import FILE as STATE_FILE
+from mirrorfs.datapath import statedir
 from mirrorfs.errors import UsageError
 from mirrorfs.sides import images
-
-# What the data path keeps in the state directory of an evacuation (datapath.hydration).
-HYDRATION_FILE = "hydration.map"
 
 
 class Evacuation(Hydrating, Migration):
@@ -78,7 +75,7 @@ class Evacuation(Hydrating, Migration):
         if self.dest_image.exists():
             raise UsageError(f"destination image {self.dest_image} already exists (an evacuation "
                              "already started? then give its --state-dir)")
-        for name in (STATE_FILE, HYDRATION_FILE):
+        for name in statedir.FILES:
             if (self.state_dir / name).exists():
                 raise UsageError(f"{self.state_dir / name} exists: the state directory belongs to "
                                  "another evacuation")
@@ -102,7 +99,7 @@ class Evacuation(Hydrating, Migration):
         command line starts afresh."""
         super()._undo_start()
         if self.state_dir is not None:
-            for name in (STATE_FILE, HYDRATION_FILE):
+            for name in statedir.FILES:
                 (self.state_dir / name).unlink(missing_ok=True)
 
     def _tree(self):

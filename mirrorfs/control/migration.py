@@ -27,7 +27,8 @@ from mirrorfs.control import export
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
 from mirrorfs.control.controller import Controller, PhaseError, rate
-from mirrorfs.datapath.state import State, StateError
+from mirrorfs.datapath import statedir
+from mirrorfs.datapath.state import StateError
 from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.control.options import ServeOptions
 from mirrorfs.daemons.tree import ProcessTree
@@ -178,10 +179,12 @@ class Migration(Controller):
                            listener=self._listener)
 
     def _saved_state(self):
+        """The state in the state directory, every file of it checked (datapath.statedir) before
+        anything is borrowed or started; None if there is none."""
         if self.state_dir is None:
             return None
         try:
-            return State.load(self.state_dir)
+            return statedir.load(self.state_dir)
         except StateError as e:
             raise UsageError(str(e)) from None
 
