@@ -66,6 +66,8 @@ def start_host(root, env, n):
     listed = json.loads(mirrorfs("list", "--json", env=env))
     serving = sum(1 for r in listed if r.get("kind") == "named" and r["phase"] == "exporting")
     if serving != n:
+        proc.kill()
+        proc.wait()
         raise SystemExit(f"only {serving} of {n} disks serving: {path.read_text()[-2000:]}")
     return proc, ready
 
@@ -193,8 +195,10 @@ def main():
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(60)
-        for p in daemons_of(root):
+        left = daemons_of(root)
+        for p in left:
             p.terminate()
+        psutil.wait_procs(left, timeout=60)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(results, indent=2))

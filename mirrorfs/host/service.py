@@ -102,6 +102,7 @@ class HostService:
         self.disks = {}
         self._lock = threading.Lock()          # the dict of disks
         self._stop = threading.Event()
+        self._ready = threading.Event()         # every disk of the registry brought up
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._pool = concurrent.futures.ThreadPoolExecutor(START_WORKERS, thread_name_prefix="serve")
         self._server = None
@@ -115,7 +116,7 @@ class HostService:
             control = sockets.bind_unix(self.control_path)
         except UsageError as e:
             raise UsageError(f"{e} (a host service runs already?)") from None
-        self._server = jsonlines.Server(control, self._handle, name="host control").start()
+        self._server = jsonlines.Server(control, self._handle, name="host control")
         good, bad = self.registry.scan()
         for path, error in bad:
             disk = self.disks[Path(path).stem] = Disk(Path(path).stem)
@@ -124,8 +125,10 @@ class HostService:
         for record in good:
             self.disks[record["name"]] = Disk(record["name"])
         self._stop_orphans()
+        self._server.start()            # requests wait until every disk is up (_disk)
         t0 = time.monotonic()
         list(self._pool.map(lambda r: self._bring_up(self.disks[r["name"]], r), good))
+        self._ready.set()
         self._monitor.start()
         self.rundir.register(DISKS, {"kind": "host", "control": str(self.control_path), "uris": [],
                                      "since": time.time(), "registry": str(self.registry.path)})
@@ -135,9 +138,14 @@ class HostService:
         notify.ready(f"{len(self.disks)} disks: {summary}")
         return self
 
+    def _all(self):
+        """The disks now (a copy: requests add and remove disks meanwhile)."""
+        with self._lock:
+            return list(self.disks.values())
+
     def counts(self):
         counts = {}
-        for disk in list(self.disks.values()):
+        for disk in self._all():
             counts[disk.phase] = counts.get(disk.phase, 0) + 1
         return counts
 
@@ -157,11 +165,11 @@ class HostService:
             self._server = None
             self.control_path.unlink(missing_ok=True)
         if shutdown:
-            list(self._pool.map(self._shut, list(self.disks.values())))
+            list(self._pool.map(self._shut, self._all()))
         self._pool.shutdown(wait=True)
         if self._monitor.is_alive():
             self._monitor.join(5)
-        for disk in self.disks.values():
+        for disk in self._all():
             if disk.daemon is not None:
                 disk.daemon.close()
             if disk.listener is not None:
@@ -290,7 +298,7 @@ class HostService:
             poll.register(self._wake_r, select.POLLIN)
             watched = {}
             pending = False
-            for disk in list(self.disks.values()):
+            for disk in self._all():
                 daemon, borrower = disk.daemon, disk.borrower
                 if daemon is not None and daemon.pidfd is not None and not daemon.stopping \
                         and not daemon.reported:
@@ -315,7 +323,7 @@ class HostService:
                 else:
                     self._borrower_exited(disk, what)
             now = time.monotonic()
-            for disk in list(self.disks.values()):
+            for disk in self._all():
                 if disk.dead_since is not None and now - disk.dead_since >= self.take_back_after:
                     disk.dead_since = None
                     self._pool_submit(self._take_back, disk)
@@ -418,6 +426,7 @@ class HostService:
             raise jsonlines.ControlError(str(e)) from None
 
     def _disk(self, request):
+        self._ready.wait(600)
         name = reg.check_name(request.get("disk"))
         disk = self.disks.get(name)
         if disk is None:
@@ -425,6 +434,7 @@ class HostService:
         return disk
 
     def add(self, request):
+        self._ready.wait(600)
         name = reg.check_name(request.get("disk"))
         image, socket_path = request.get("image"), request.get("socket")
         if not isinstance(image, str) or not isinstance(socket_path, str):
@@ -549,14 +559,14 @@ class HostService:
     # Views.
 
     def list(self, request):
-        records = {}
-        for name in list(self.disks):
+        views = []
+        for disk in sorted(self._all(), key=lambda d: d.name):
             try:
-                records[name] = self.registry.get(name)
+                record = self.registry.get(disk.name)
             except Error:
-                records[name] = None
-        return {"disks": [self._view(self.disks[n], records[n]) for n in sorted(records)
-                          if n in self.disks]}
+                record = None
+            views.append(self._view(disk, record))
+        return {"disks": views}
 
     def status(self, request):
         disk = self._disk(request)
