@@ -277,3 +277,53 @@ def test_shutdown_stops_every_disk(workdir, host_service, sig):
     host.cli("shutdown")
     assert host.proc.wait(60) == 0
     assert not still_running(host.daemons(), timeout=30) and not (workdir / "vm1.sock").exists()
+
+
+GIVER = """
+import os, sys
+from mirrorfs.host import hostctl
+from mirrorfs.host.rundir import RunDir
+source, destination = eval(sys.argv[3]), eval(sys.argv[4])
+listener, reply = hostctl.borrow(RunDir(sys.argv[1], create=False), sys.argv[2], pid=os.getpid(),
+                                 migration="m1", control=None, state_dir=None, source=source,
+                                 destination=destination)
+print("borrowed", flush=True)
+sys.stdin.readline()
+reply = hostctl.give_back(RunDir(sys.argv[1], create=False), sys.argv[2], migration="m1", chain=source)
+print("given", reply["serving"], flush=True)
+"""
+
+
+def test_a_loan_outlives_the_service(workdir, host_service, borrowers):
+    """The service is killed (-9) while the disk is lent; the next one finds the borrower alive,
+    takes its copy of the socket back from it, and serves the chain the borrower gives back."""
+    host = host_service.start()
+    top, base = _disk(workdir, "vm1")
+    socket = host.add("vm1", top)
+    writer = ReconnectingWriter(socket, blocks=300, spacing=0.005)
+    writer.wait_sent(50)
+    (workdir / "b").mkdir()
+    dest = make_overlay(workdir / "b" / "vm1-snap.qcow2", base)
+    source = [{"path": str(top), "format": "qcow2"}, {"path": str(base), "format": "qcow2"}]
+    giver = subprocess.Popen([sys.executable, "-c", GIVER, str(host.run_dir), "vm1", repr(source),
+                              repr([{"path": str(dest), "format": "qcow2"}])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=host.env())
+    borrowers.append(giver)
+    assert giver.stdout.readline().startswith("borrowed")
+    host.kill(signal.SIGKILL)
+    host.start()
+    disk = host.list()["vm1"]
+    assert disk["phase"] == "lent" and disk["lent"]["alive"] and disk["lent"]["pid"] == giver.pid
+    giver.stdin.write("give-back\n")
+    giver.stdin.flush()
+    assert giver.stdout.readline().split() == ["given", str(top)]
+    assert giver.wait(30) == 0
+    disk = host.list()["vm1"]
+    assert disk["phase"] == "exporting" and disk["lent"] is None and disk["top"] == str(top)
+    writer.wait_sent(150)
+    writer.stop()
+    host.close()
+    writer.check(top, fmt="qcow2")
+    record = Registry(host.registry).get("vm1")
+    assert [e["event"] for e in record["history"]] == ["added", "lent", "handed-back"]
+    assert {r["path"] for r in record["retired"]} == {str(dest)}
