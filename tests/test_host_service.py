@@ -327,3 +327,30 @@ def test_a_loan_outlives_the_service(workdir, host_service, borrowers):
     record = Registry(host.registry).get("vm1")
     assert [e["event"] for e in record["history"]] == ["added", "lent", "handed-back"]
     assert {r["path"] for r in record["retired"]} == {str(dest)}
+
+
+@pytest.mark.slow
+def test_300_disks_and_a_kill_9_under_a_writer(workdir, host_service):
+    """The issue's host: 300 named disks registered; the service killed -9 under a reconnecting
+    writer and started again adopts every daemon (same pids), and the writer sees no error."""
+    registry = Registry(host_service.registry)
+    (workdir / "img").mkdir()
+    for i in range(300):
+        image = workdir / "img" / f"d{i}.raw"
+        with open(image, "wb") as f:
+            f.truncate(4 * MiB)
+        registry.add(f"d{i}", image, workdir / "img" / f"d{i}.sock")
+    host = host_service.start(timeout=300)
+    disks = host.list()
+    assert len(disks) == 300 and {d["phase"] for d in disks.values()} == {"exporting"}
+    pids = {d["pid"] for d in disks.values()}
+    writer = ReconnectingWriter(workdir / "img" / "d7.sock", blocks=250, spacing=0.005)
+    writer.wait_sent(50)
+    host.kill(signal.SIGKILL)
+    writer.wait_sent(100)
+    host.start(timeout=300)
+    assert {d["pid"] for d in host.list().values()} == pids
+    writer.wait_sent(200)
+    writer.stop()
+    host.close()
+    writer.check(workdir / "img" / "d7.raw")
