@@ -3,6 +3,7 @@ reconnecting writer across the service's SIGTERM and kill -9 and across a "reboo
 racing; a damaged record; an image of another disk; a borrower that dies."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,10 @@ def test_a_reboot_serves_every_disk_on_its_records_chain(workdir, host_service):
     tops = {}
     for name in ("vm1", "vm2", "vm3"):
         tops[name], _ = _disk(workdir, name, fmt="raw" if name == "vm2" else "qcow2")
-        host.add(name, tops[name])
+    host.add("vm1", tops["vm1"])
+    (workdir / "run-vms").mkdir()           # a directory a reboot empties, as /run
+    host.add("vm2", tops["vm2"], workdir / "run-vms" / "vm2.sock")
+    host.add("vm3", tops["vm3"])
     writer = ReconnectingWriter(workdir / "vm1.sock", blocks=400, spacing=0.005)
     writer.wait_sent(100)
     qemu_io(_uri(workdir / "vm3.sock"), "write -P 0x33 0 1M")
@@ -102,6 +106,7 @@ def test_a_reboot_serves_every_disk_on_its_records_chain(workdir, host_service):
     for p in daemons:
         p.kill()
     assert not still_running(daemons, timeout=30)
+    shutil.rmtree(workdir / "run-vms")
     # While nothing runs, vm3 moves: its record now names a copy of its chain elsewhere.
     (workdir / "b").mkdir()
     moved = workdir / "b" / "vm3.qcow2"
@@ -122,6 +127,7 @@ def test_a_reboot_serves_every_disk_on_its_records_chain(workdir, host_service):
     disks = host.list()
     assert {n: d["phase"] for n, d in disks.items()} == dict.fromkeys(tops, "exporting")
     assert disks["vm3"]["top"] == str(moved)
+    qemu_io(_uri(workdir / "run-vms" / "vm2.sock"), "read -P 0x10 0 64k")
     assert {p.pid for p in host.daemons()}.isdisjoint({p.pid for p in daemons})
     writer.wait_sent(200)
     writer.stop()

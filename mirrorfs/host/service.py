@@ -236,8 +236,19 @@ class HostService:
                 self._failed(disk, str(e))
 
     def _listen(self, disk):
-        """The disk's listening socket: ours already, or bound anew (a stale path replaced)."""
+        """The disk's listening socket: ours already, or bound anew (a stale path replaced). Its
+        directory is made if it is missing: after a reboot /run is empty again."""
         if disk.listener is None:
+            parent = Path(disk.socket).parent
+            if not parent.exists():
+                old = os.umask(0o022)
+                try:
+                    parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                except OSError as e:
+                    raise UsageError(f"cannot make the directory of the socket {disk.socket}: "
+                                     f"{e.strerror}") from None
+                finally:
+                    os.umask(old)
             disk.listener = sockets.bind_unix(disk.socket)
         return disk.listener
 
@@ -542,7 +553,12 @@ class HostService:
             disk.dead_since = None
             if disk.listener is None:
                 disk.listener = self._socket_from_borrower(request.get("pid") or 0, disk.socket, None)
-            self._serve(disk, record)
+            try:
+                self._serve(disk, record)
+            except Error as e:
+                self._failed(disk, f"handed back on {' <- '.join(reg.paths(record['chain']))}, "
+                                   f"which cannot be served: {e}")
+                raise
             notify.status(f"{disk.name} exporting {reg.top(record)}")
             return {"serving": reg.top(record), "record": record}
 
