@@ -5,6 +5,7 @@ racing; a damaged record; an image of another disk; a borrower that dies."""
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -360,3 +361,20 @@ def test_300_disks_and_a_kill_9_under_a_writer(workdir, host_service):
     writer.stop()
     host.close()
     writer.check(workdir / "img" / "d7.raw")
+
+
+def test_ready_once_every_disk_is_served(workdir, host_service):
+    """systemd's READY=1 (Type=notify) comes once every disk is served: a unit ordered after the
+    service finds every socket answering."""
+    registry = Registry(host_service.registry)
+    for name in ("vm1", "vm2"):
+        registry.add(name, _disk(workdir, name)[0], workdir / f"{name}.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(workdir / "notify"))
+    notify.settimeout(120)
+    with notify:
+        host_service.start(env={"NOTIFY_SOCKET": str(workdir / "notify")})
+        message = notify.recv(4096).decode()
+        assert "READY=1" in message and "2 exporting" in message, message
+    for name in ("vm1", "vm2"):
+        qemu_io(_uri(workdir / f"{name}.sock"), "read -P 0x10 0 64k")
