@@ -18,6 +18,7 @@ from lib.images import MiB, make_base, make_overlay, qemu_io
 from lib.processes import still_running
 from lib.reconnecting import ReconnectingWriter
 from lib.waits import wait_until
+from mirrorfs.common import jsonlines
 from mirrorfs.host.registry import Registry
 
 
@@ -44,6 +45,11 @@ def test_add_serve_list_remove(workdir, host_service):
     assert disks["vm1"]["chain"] == [{"path": str(top), "format": "qcow2"},
                                      {"path": str(base), "format": "raw"}]
     assert oct(s1.stat().st_mode & 0o777) == "0o600"
+    status = jsonlines.call(host.run_dir / "host.ctl", {"cmd": "status", "disk": "vm1"})["disk"]
+    assert status["phase"] == "exporting" and status["history"][0]["event"] == "added"
+    assert status["retired"] == [] and len(status["id"]) == 16
+    with pytest.raises(jsonlines.ControlError, match="unknown command 'pivot': this is the mirrorfs host"):
+        jsonlines.call(host.run_dir / "host.ctl", {"cmd": "pivot"})
     daemon = psutil.Process(disks["vm2"]["pid"])
     host.cli("remove", "vm2")
     assert not still_running([daemon], timeout=30)
@@ -192,7 +198,8 @@ listener, reply = hostctl.borrow(RunDir(sys.argv[1], create=False), sys.argv[2],
                                  migration="m1", control=None, state_dir=None, source=source,
                                  destination=destination, evacuation=sys.argv[5] == "1")
 if sys.argv[5] == "1":
-    from mirrorfs.host.registry import Registry
+    from mirrorfs.common import jsonlines
+from mirrorfs.host.registry import Registry
     Registry(os.environ["MIRRORFS_REGISTRY"]).switched(sys.argv[2], "m1")
 print("borrowed", reply["record"]["lent"]["migration"], flush=True)
 time.sleep(600)

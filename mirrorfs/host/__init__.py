@@ -8,6 +8,7 @@ Named disks (issue #26) add the one long-lived process of the host, and the one 
 
     registry.py    one record per named disk: the chain it is now, its loan, its retired images
     service.py     `mirrorfs host`: every named disk served by its own storage daemon; lending
+    requests.py    its control socket's commands; named.py: one disk as the service holds it
     daemons.py     a named disk's detached storage daemon, and its adoption by the next service
     hostctl.py     the service's client: add, remove, borrow, give back
 """

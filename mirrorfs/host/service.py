@@ -16,7 +16,7 @@ disk's life, as `mirrorfs export` does: a daemon gets it by fd, a migration gets
 instead of being refused.
 
 Control socket RUN_DIR/host.ctl (JSON lines, 0600), one request {"cmd": ..., "disk": NAME}:
-    add (image, socket), remove, list, status, lend, give-back, shutdown
+    add (image, socket), remove, list, status, lend, give-back, shutdown (mirrorfs.host.requests)
 
 A lend is recorded (registry.lend) before the daemon stops; a give-back (registry.returned) before the
 chain it names is served. A borrower that died is taken back once it has been dead for
@@ -47,6 +47,8 @@ from mirrorfs.errors import Error, UsageError
 from mirrorfs.host import daemons as disk_daemons
 from mirrorfs.host import registry as reg
 from mirrorfs.host.daemons import DiskDaemon
+from mirrorfs.host.named import Disk, Phase
+from mirrorfs.host.requests import Requests
 from mirrorfs.host.rundir import DISKS
 from mirrorfs.sides import images, rbd
 from mirrorfs.system import notify, sockets
@@ -61,37 +63,13 @@ START_WORKERS = 8
 RESTARTS, RESTART_WINDOW = 3, 60.0
 
 
-class Phase:
-    STARTING = "starting"
-    EXPORTING = "exporting"
-    LENT = "lent"
-    TAKING_BACK = "taking-back"
-    STRANDED = "stranded"           # a lent evacuation whose borrower died: resume it
-    FAILED = "failed"
-    STOPPED = "stopped"
+class HostService(Requests):
+    """    service = HostService(Registry(path), RunDir(path)).start()   # every disk up; READY=1
+           service.run(stop)                    # until a signal or a `shutdown` request
+           service.close(shutdown=service.shutdown_requested)
 
+    The control socket's commands are its base class's (mirrorfs.host.requests)."""
 
-class Disk:
-    """What the service knows of one named disk; every change under `lock`."""
-
-    def __init__(self, name):
-        self.name = name
-        self.lock = threading.RLock()
-        self.phase = Phase.STARTING
-        self.error = None
-        self.socket = None
-        self.listener = None
-        self.daemon = None
-        self.borrower = None            # (pid, pidfd) of a live borrower being watched
-        self.dead_since = None          # monotonic time the borrower was found dead
-        self.restarts = []
-
-    @property
-    def inode(self):
-        return pidfds.inode(self.listener) if self.listener is not None else None
-
-
-class HostService:
     def __init__(self, registry, rundir, cache="auto", take_back_after=TAKE_BACK_AFTER):
         self.registry = registry
         self.rundir = rundir
@@ -422,74 +400,6 @@ class HostService:
                     raise
                 time.sleep(0.5)
 
-    # Requests.
-
-    def _handle(self, request):
-        cmd = request["cmd"]
-        handler = {"add": self.add, "remove": self.remove, "list": self.list, "status": self.status,
-                   "lend": self.lend, "give-back": self.give_back, "shutdown": self.shutdown}.get(cmd)
-        if handler is None:
-            raise jsonlines.ControlError(f"unknown command {cmd!r}: this is the mirrorfs host service "
-                                         f"({self.control_path})")
-        try:
-            return handler(request)
-        except Error as e:
-            raise jsonlines.ControlError(str(e)) from None
-
-    def _disk(self, request):
-        self._ready.wait(600)
-        name = reg.check_name(request.get("disk"))
-        disk = self.disks.get(name)
-        if disk is None:
-            raise UsageError(f"no disk named {name} (mirrorfs list)")
-        return disk
-
-    def add(self, request):
-        self._ready.wait(600)
-        name = reg.check_name(request.get("disk"))
-        image, socket_path = request.get("image"), request.get("socket")
-        if not isinstance(image, str) or not isinstance(socket_path, str):
-            raise UsageError("add: give the image and the socket")
-        socket_path = os.path.abspath(socket_path)
-        sockets.check_unix_path(socket_path)
-        with self._lock:
-            if name in self.disks:
-                raise UsageError(f"a disk named {name} exists already")
-            for other in self.disks.values():
-                if other.socket == socket_path:
-                    raise UsageError(f"socket {socket_path} is the disk {other.name}'s")
-            disk = self.disks[name] = Disk(name)
-            disk.socket = socket_path
-        with disk.lock:
-            try:
-                listener = sockets.bind_unix(socket_path)
-                try:
-                    record = self.registry.add(name, image, socket_path)
-                except BaseException:
-                    listener.close()
-                    Path(socket_path).unlink(missing_ok=True)
-                    raise
-                disk.listener = listener
-            except BaseException:
-                with self._lock:
-                    del self.disks[name]
-                raise
-            try:
-                self._serve(disk, record)
-            except BaseException:
-                # "add" registers *and* serves: a disk that cannot be served is not registered.
-                self.registry.remove(name)
-                self._forget(disk)
-                raise
-            return {"disk": self._view(disk, record)}
-
-    def remove(self, request):
-        disk = self._disk(request)
-        with disk.lock:
-            record = self.registry.remove(disk.name)
-            self._forget(disk)
-            return {"removed": disk.name, "chain": reg.paths(record["chain"])}
-
     def _forget(self, disk):
         """Stop serving the disk and drop it (its record is gone, or never was)."""
         with disk.lock:
@@ -505,112 +415,6 @@ class HostService:
             with self._lock:
                 self.disks.pop(disk.name, None)
             self._wake()
-
-    def lend(self, request):
-        disk = self._disk(request)
-        pid = request.get("pid")
-        if not isinstance(pid, int) or pid <= 0:
-            raise UsageError("lend: pid must be the borrower's process id")
-        with disk.lock:
-            if disk.phase in (Phase.FAILED, Phase.STOPPED, Phase.STARTING):
-                raise UsageError(f"the disk {disk.name} cannot be lent: it is {disk.phase}"
-                                 + (f" ({disk.error})" if disk.error else ""))
-            if disk.listener is None:
-                raise UsageError(f"the host service has no socket of the disk {disk.name} to lend "
-                                 f"(it is held by pid {disk.borrower[0] if disk.borrower else '?'})")
-            record = self.registry.lend(
-                disk.name, migration=request.get("migration"), pid=pid, control=request.get("control"),
-                state_dir=request.get("state_dir"), source=request.get("source"),
-                destination=request.get("destination"), evacuation=bool(request.get("evacuation")))
-            if disk.daemon is not None:
-                disk.daemon.stop()          # clients' requests unanswered (resent), images flushed
-                disk.daemon = None
-            if disk.borrower is not None:
-                os.close(disk.borrower[1])
-            pidfd = pidfds.pidfd_of(pid)
-            disk.borrower = (pid, pidfd) if pidfd is not None else None
-            disk.dead_since = None if pidfd is not None else time.monotonic()
-            disk.phase, disk.error = Phase.LENT, None
-            disk_daemons.write_entry(self.directory, disk.name, disk.inode, None)
-            self._wake()
-            notify.status(f"{disk.name} lent to migration {request.get('migration')} (pid {pid})")
-            return {"record": record, "socket": disk.socket, "_fds": [disk.listener.fileno()]}
-
-    def give_back(self, request):
-        disk = self._disk(request)
-        migration, chain = request.get("migration"), request.get("chain")
-        with disk.lock:
-            record = self.registry.get(disk.name)
-            if record["lent"] and record["lent"]["migration"] == migration:
-                record = self.registry.returned(disk.name, migration, chain)
-            elif record["lent"] or reg.paths(record["chain"]) != reg.paths(reg.check_chain(chain, "give-back")):
-                raise UsageError(f"give-back: the disk {disk.name} is not lent to migration {migration}")
-            if disk.phase != Phase.LENT and disk.daemon is not None:
-                return {"serving": reg.top(record), "record": record}
-            if disk.borrower is not None:
-                os.close(disk.borrower[1])
-                disk.borrower = None
-            disk.dead_since = None
-            if disk.listener is None:
-                disk.listener = self._socket_from_borrower(request.get("pid") or 0, disk.socket, None)
-            try:
-                self._serve(disk, record)
-            except Error as e:
-                self._failed(disk, f"handed back on {' <- '.join(reg.paths(record['chain']))}, "
-                                   f"which cannot be served: {e}")
-                raise
-            notify.status(f"{disk.name} exporting {reg.top(record)}")
-            return {"serving": reg.top(record), "record": record}
-
-    def shutdown(self, request):
-        threading.Thread(target=self._shutdown_now, name="shutdown", daemon=True).start()
-        return {"stopping": len(self.disks)}
-
-    def _shutdown_now(self):
-        self.shutdown_requested = True
-        self._stop.set()
-
-    shutdown_requested = False
-
-    # Views.
-
-    def list(self, request):
-        views = []
-        for disk in sorted(self._all(), key=lambda d: d.name):
-            try:
-                record = self.registry.get(disk.name)
-            except Error:
-                record = None
-            views.append(self._view(disk, record))
-        return {"disks": views}
-
-    def status(self, request):
-        disk = self._disk(request)
-        try:
-            record = self.registry.get(disk.name)
-        except Error:
-            record = None
-        view = self._view(disk, record)
-        if record is not None:
-            view.update(history=record["history"][-10:], retired=record["retired"], id=record["id"])
-        if disk.daemon is not None:
-            view["log"] = disk.daemon.log_tail()
-        return {"disk": view}
-
-    def _view(self, disk, record):
-        view = {"name": disk.name, "socket": disk.socket or (record or {}).get("socket"),
-                "phase": disk.phase, "top": reg.top(record) if record else None,
-                "chain": record["chain"] if record else None, "size": record["size"] if record else None,
-                "pid": disk.daemon.pid if disk.daemon is not None else None,
-                "lent": None, "error": disk.error, "generation": record["generation"] if record else None}
-        if record and record["lent"]:
-            lent = dict(record["lent"])
-            lent["alive"] = reg.borrower_alive(lent)
-            view["lent"] = lent
-        if disk.phase == Phase.LENT and disk.dead_since is not None:
-            left = max(0.0, self.take_back_after - (time.monotonic() - disk.dead_since))
-            view["error"] = f"the borrower is gone; taken back in {left:.0f} s unless resumed"
-        return view
 
 
 def _image(record):
