@@ -10,7 +10,7 @@ import threading
 import time
 
 from mirrorfs.cli import display
-from mirrorfs.cli.parser import size
+from mirrorfs.cli.parser import rate as rate_type
 from mirrorfs.common import jsonlines
 from mirrorfs.common.sizes import human_size
 from mirrorfs.errors import Error, UsageError
@@ -25,10 +25,8 @@ def run_dir(args, create=True):
 
 
 def _rate(text, what):
-    """A rate, or None for 'none' / 'unlimited'."""
-    if text.lower() in ("none", "unlimited"):
-        return None
-    return size(what)(text)
+    """A rate, or None for 'none' / 'unlimited' (common.sizes.parse_rate)."""
+    return rate_type(what, unlimited=True)(text)
 
 
 # list / top
@@ -70,6 +68,13 @@ HEADER = (f"{'SOCKET':<32} {'KIND':<9} {'PHASE':<14} {'COPIED':<22} {'RATE':<30}
 
 def cmd_list(args):
     rundir = run_dir(args, create=False)
+    # --watch ends at SIGINT/SIGTERM after the refresh under way: a KeyboardInterrupt raised while
+    # view.disks joins its threads could leave the interpreter waiting for one at exit, forever
+    # (seen: `top --json` still running 30 s after its SIGINT, tests/system/test_host_list.py).
+    stop = threading.Event()
+    if args.watch:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop.set())
     while True:
         records = view.disks(rundir)
         if args.json:
@@ -85,15 +90,13 @@ def cmd_list(args):
             for r in records:
                 print(line(r))
             sys.stdout.flush()
-        if not args.watch:
+        if not args.watch or stop.wait(1):
             return 0
-        time.sleep(1)
 
 
 # budget
 
 def cmd_budget(args):
-    rundir = run_dir(args)
     changes = {}
     if args.action == "clear":
         changes = {k: None for k in host_budget.FIELDS}
@@ -101,7 +104,7 @@ def cmd_budget(args):
         if args.rate is None and args.max_copies is None and args.floor is None:
             raise UsageError("budget set: give a rate (e.g. 400M), --max-copies or --floor")
         if args.rate is not None:
-            changes["rate"] = _rate(args.rate, "budget")
+            changes["rate"] = _rate(args.rate, "budget set")
         if args.max_copies is not None:
             if args.max_copies.lower() in ("none", "unlimited"):
                 changes["max_copies"] = None
@@ -115,6 +118,7 @@ def cmd_budget(args):
     elif args.rate is not None:
         raise UsageError(f"budget {args.rate!r}: to change the budget, 'mirrorfs budget set "
                          f"{args.rate}'")
+    rundir = run_dir(args)              # after the arguments are checked: a mistake creates nothing
     budget = host_budget.save(rundir, **changes) if changes else host_budget.load(rundir)
     if args.json:
         print(json.dumps(budget), flush=True)

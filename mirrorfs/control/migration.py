@@ -26,7 +26,7 @@ from mirrorfs.common.phases import Phase
 from mirrorfs.control import export
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
-from mirrorfs.control.controller import Controller, PhaseError, number
+from mirrorfs.control.controller import Controller, PhaseError, rate
 from mirrorfs.datapath.state import State, StateError
 from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.control.options import ServeOptions
@@ -73,7 +73,6 @@ class Migration(Controller):
         self.copier = None
         self.last_switch = None
         self._created = []              # files this migration made, removed again by cancel
-        self._removed = False           # cancel removed the destination's files
         self._listener = None           # the disk's socket, borrowed from an export (take-over)
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
@@ -198,6 +197,11 @@ class Migration(Controller):
                                  f"{path} is missing")
         self.base = images.info(self.source_top)
         self.dest_base.with_name(self.dest_base.name + ".partial").unlink(missing_ok=True)
+        # The overlays are this migration's, made by the start that saved the state: a cancel
+        # removes the destination's again. Whether a destination base there was copied by
+        # mirrorfs or put there by a manager (cp) is not known after a restart: a cancel keeps it
+        # and says so.
+        self._created = [self.source_overlay, self.dest_overlay]
         self.tree = self._tree()
         self.tree.start()
         if saved.phase == Phase.SWITCHED:
@@ -338,12 +342,16 @@ class Migration(Controller):
                 self.tree.switch("source", Phase.CANCELLED, timeout)
             except Error as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
+            removed = []
             for path in self._created:
-                if path != self.source_overlay:
-                    path.unlink(missing_ok=True)
+                if path != self.source_overlay and path.exists():
+                    path.unlink()
+                    removed.append(str(path))
             self._created.clear()
-            self._removed = True
-            self.enter(Phase.CANCELLED, serving=str(self.source_overlay))
+            kept = [str(path) for path in (self.dest_overlay, self.dest_base) if path.exists()]
+            self.enter(Phase.CANCELLED, serving=str(self.source_overlay), removed=removed,
+                       kept=kept)
+            return {"removed": removed, "kept": kept}
 
     # After Step 5: the disk goes back to a plain export.
 
@@ -413,8 +421,11 @@ class Migration(Controller):
     def status(self):
         status = super().status()
         status["source"] = {"base": str(self.source_top), "overlay": str(self.source_overlay)}
-        if self._removed or (self.phase == Phase.CANCELLED and not self.dest_overlay.exists()):
-            status["destination"] = {"removed": True, "overlay": str(self.dest_overlay)}
+        if self.phase == Phase.CANCELLED and not self.dest_overlay.exists():
+            # What the file system says, not what the migration meant to remove.
+            status["destination"] = {"removed": True, "overlay": str(self.dest_overlay),
+                                     "base": str(self.dest_base),
+                                     "base_exists": self.dest_base.exists()}
         else:
             status["destination"] = {"base": str(self.dest_base), "overlay": str(self.dest_overlay),
                                      "base_exists": self.dest_base.exists()}
@@ -431,7 +442,7 @@ class Migration(Controller):
     def commands(self):
         table = super().commands()
         table.update({
-            "copy": lambda r: self.copy(rate=int(number(r, "rate") or 0) or None, wait=False)
+            "copy": lambda r: self.copy(rate=rate(r), wait=False)
             or {"started": True},
             **self.switch_commands(),
             "hand-back": lambda r: self.hand_back(),
