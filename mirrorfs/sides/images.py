@@ -27,6 +27,8 @@ class ImageInfo:
     # The unit in which the image itself holds data or not: its clusters, or their 32
     # subclusters with qcow2's extended L2 entries (None for raw).
     allocation_unit: int | None = None
+    # Each layer's format, in the order of `chain` (a named disk's record keeps them: mirrorfs.host.registry).
+    formats: tuple = ()
 
 
 
@@ -45,8 +47,10 @@ def _run(argv, what, pass_fds=()):
     return res.stdout
 
 
-def info(path):
-    """Probe an image file and its backing chain. Fails if any file in the chain is missing."""
+def info(path, force_share=False):
+    """Probe an image file and its backing chain. Fails if any file in the chain is missing.
+    `force_share`: also while another process has it open for writing (qemu-img -U), to name that
+    process's disk rather than fail on its lock (mirrorfs.host.registry)."""
     path = Path(path)
     if "rbd:" in str(path) and not path.exists():
         # Only `serve` takes RBD images (mirrorfs/sides/rbd.py); the overlay workflow is built on qcow2
@@ -64,7 +68,8 @@ def info(path):
         raise ImageError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise ImageError(f"{path}: permission denied")
-    out = _run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)], str(path))
+    out = _run(["qemu-img", "info", *(["-U"] if force_share else []), "--output=json",
+                "--backing-chain", str(path)], str(path))
     layers = json.loads(out)
     top = layers[0]
     fmt = top["format"]
@@ -77,7 +82,8 @@ def info(path):
     extended = (top.get("format-specific") or {}).get("data", {}).get("extended-l2", False)
     return ImageInfo(path=path.resolve(), format=fmt, virtual_size=top["virtual-size"], chain=chain,
                      cluster_size=cluster,
-                     allocation_unit=cluster // 32 if cluster and extended else cluster)
+                     allocation_unit=cluster // 32 if cluster and extended else cluster,
+                     formats=tuple(layer["format"] for layer in layers))
 
 
 # A raw image is whatever qemu-img finds no format in, so any file "is" one: a 20-byte text file
