@@ -35,6 +35,7 @@ from mirrorfs.control.mirror import Hydrating, hydration_progress, switch_first_
 from mirrorfs.daemons.tree import ProcessTree
 from mirrorfs.datapath.state import FILE as STATE_FILE
 from mirrorfs.errors import UsageError
+from mirrorfs.host.registry import chain_of
 from mirrorfs.sides import images
 
 # What the data path keeps in the state directory of an evacuation (datapath.hydration).
@@ -85,11 +86,35 @@ class Evacuation(Hydrating, Migration):
 
     # Start and resume.
 
+    def _loan_chains(self):
+        """An evacuation's loan: the source is the chain as it was (read-only), the destination one
+        image; the disk is the destination's from the first write (`_switch_first`)."""
+        before = chain_of(images.info(self.source_top))
+        return {"before": before, "source": before,
+                "destination": [{"path": str(self.dest_image), "format": before[0]["format"]}]}
+
+    def _switch_first(self):
+        """The destination takes every write from the start: a named disk's record says so before
+        anything is served (the evacuation's switch). A take-back of a dead borrower then knows
+        that the source lacks those writes."""
+        commit = self._commit(Phase.SWITCHED)
+        if commit is not None:
+            commit()
+
+    def _return_disk(self, saved):
+        """A start that failed before anything was served gives the disk back on the source; the
+        record, which said destination since `_switch_first`, says source again first."""
+        if (self._listener is not None and self._authoritative_top(saved) == self.source_top
+                and self._commit(Phase.CANCELLED) is not None):
+            self._commit(Phase.CANCELLED)()
+        super()._return_disk(saved)
+
     def _start_new(self):
         self.base = images.info(self.source_top)
         try:
             images.create_image(self.dest_image, self.base.format, self.base.virtual_size)
             self._created.append(self.dest_image)
+            self._switch_first()
             self.tree = self._tree()
             self.tree.start()
         except BaseException:
@@ -117,6 +142,7 @@ class Evacuation(Hydrating, Migration):
             raise UsageError(f"the state in {self.state_dir} is for an evacuation whose "
                              f"destination image {self.dest_image} is missing")
         self.base = images.info(self.source_top)
+        self._switch_first()
         self.tree = self._tree()
         self.tree.start()
         if self.tree.serving == "destination":

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from mirrorfs.common.phases import Phase
-from mirrorfs.control import export
+from mirrorfs.control import lender as lenders
+from mirrorfs.host.registry import chain_of
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
 from mirrorfs.control.controller import Controller, PhaseError, number
@@ -51,15 +52,20 @@ class Migration(Controller):
     # The phases in which the disk is on one chain again, which `hand-back` gives to the export.
     ENDED = (Phase.SWITCHED, Phase.CANCELLED)
 
-    def __init__(self, source_top, dest_dir, options=None, *, overlay_name=None, **serve_options):
+    def __init__(self, source_top, dest_dir, options=None, *, overlay_name=None, lender=None,
+                 control=None, **serve_options):
         """`options`: ServeOptions (or its fields as keyword arguments: socket=, state_dir=, ...).
-        With `options.take_over` (a `mirrorfs export`'s control socket) the disk is borrowed from
-        that export at start, and `source_top` may be None: the export says what it serves."""
+        The disk is borrowed at start from `lender` (control.lender: the host service for a named
+        disk), or from the export whose control socket is `options.take_over`; `source_top` may
+        then be None: the lender says what the disk is. `control`: this migration's own control
+        socket, which the disk's record names while the disk is lent to it."""
         super().__init__()
         self.options = options or ServeOptions(**serve_options)
         self._check_options()
         self.take_over = self.options.take_over
-        if source_top is None and self.take_over is None:
+        self.lender = lender or (lenders.ExportLender(self.take_over) if self.take_over else None)
+        self.control = str(control) if control else None
+        if source_top is None and self.lender is None:
             raise UsageError("give SOURCE_TOP, or --take-over the control socket of an export")
         if overlay_name is not None and ("/" in overlay_name or overlay_name in ("", ".", "..")):
             raise UsageError(f"--overlay-name {overlay_name!r}: expected a file name, not a path")
@@ -74,7 +80,9 @@ class Migration(Controller):
         self.last_switch = None
         self._created = []              # files this migration made, removed again by cancel
         self._removed = False           # cancel removed the destination's files
-        self._listener = None           # the disk's socket, borrowed from an export (take-over)
+        self._listener = None           # the disk's socket, borrowed from its lender
+        self.migration_id = None        # made with the state (control.lender.migration_id)
+        self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
         # The data path's copier (the resync of degraded writes; an evacuation's hydrator), held
@@ -99,15 +107,17 @@ class Migration(Controller):
 
     def start(self):
         """Step 3; or, when the state directory holds this migration's state, resume it. With a
-        take-over, everything is checked before the export stops serving, and a failure after that
-        gives the disk back to it as it was."""
+        lender, everything is checked before it stops serving, and a failure after that gives the
+        disk back to it as it was."""
         with self.changing("start", Phase.NEW):
             saved = self._saved_state()
-            if self.take_over is not None:
-                self._locate_export()
+            self.migration_id = lenders.migration_id(
+                self.state_dir, self.lender.name if self.lender and self.lender.named else None)
+            if self.lender is not None:
+                self._locate_lent()
             if saved is None:
                 self._check_paths()
-            if self.take_over is not None:
+            if self.lender is not None:
                 self._borrow()
             try:
                 if saved is not None:
@@ -119,7 +129,7 @@ class Migration(Controller):
                 raise
 
     def _return_disk(self, saved):
-        """A start that failed after the take-over: the export serves the disk again, on the chain
+        """A start that failed after the borrow: the lender serves the disk again, on the chain
         that holds it, if one image does."""
         if self._listener is None:
             return
@@ -127,7 +137,14 @@ class Migration(Controller):
         self._listener = None
         top = self._authoritative_top(saved)
         if top is not None:
-            export.give_back(self.take_over, top)
+            self.lender.give_back(self._chain_of(top))
+
+    def _chain_of(self, top):
+        """The chain (top first, with formats) whose top is `top`: one of the loan's."""
+        for chain in (self.chains["destination"], self.chains["source"], self.chains["before"]):
+            if chain[0]["path"] == str(top):
+                return chain
+        raise Error(f"{top} is the top of none of the migration's chains")
 
     def _authoritative_top(self, saved=None):
         """The top of the chain that holds every acknowledged write: the destination overlay once
@@ -140,24 +157,47 @@ class Migration(Controller):
             return self.source_top
         return self.source_overlay
 
-    def _locate_export(self):
-        """What the export serves: the top of the source chain."""
-        served = export.served_image(self.take_over)
+    def _locate_lent(self):
+        """What the lender serves: the top of the source chain."""
+        served = self.lender.served(self.migration_id)
         if self.source_top is not None and Path(served) != self.source_top.resolve():
-            raise UsageError(f"the export serves {served}, not {self.source_top}")
+            raise UsageError(f"{self.lender.what} is {served}, not {self.source_top}")
         self._locate(served)
 
+    def _loan_chains(self):
+        """The chains of the loan, top first, every layer with its format: `before` (the disk
+        before the migration), `source` (what the disk is until a switch) and `destination` (what
+        it is after one)."""
+        before = chain_of(images.info(self.source_top))
+        return {"before": before,
+                "source": [{"path": str(self.source_overlay), "format": "qcow2"}, *before],
+                "destination": [{"path": str(self.dest_overlay), "format": "qcow2"},
+                                {"path": str(self.dest_base), "format": before[0]["format"]}]}
+
     def _borrow(self):
-        """Take the disk over from its export: the export stops serving (its clients' requests in
-        flight finish, nothing is answered with an error) and passes its listening socket."""
-        self._listener, reply = export.borrow(self.take_over)
-        if Path(reply["image"]) != self.source_top:
+        """Take the disk over from its lender: it records the loan, stops serving (its clients'
+        requests in flight finish, nothing is answered with an error) and passes its listening
+        socket."""
+        self.chains = self._loan_chains()
+        loan = {"migration": self.migration_id, "control": self.control,
+                "state_dir": str(self.state_dir) if self.state_dir else None,
+                "source": self.chains["source"], "destination": self.chains["destination"],
+                "evacuation": self.options.switch_first}
+        self._listener, reply = self.lender.borrow(loan)
+        if "image" in reply and Path(reply["image"]) != self.source_top:
             self._listener.close()
             self._listener = None
-            export.give_back(self.take_over, reply["image"])
+            self.lender.give_back([{"path": reply["image"]}])
             raise UsageError(f"the export's disk changed meanwhile: {reply['image']}")
         self.options.socket_path = Path(reply["socket"])
-        self.log.add("taken-over", image=reply["image"], socket=reply["socket"])
+        self.log.add("taken-over", image=str(self.source_top), socket=reply["socket"],
+                     migration=self.migration_id)
+
+    def _commit(self, end):
+        """The commit of a switch for the lender's record (None: the lender keeps none)."""
+        if self.lender is None or not self.lender.named:
+            return None
+        return self.lender.switched if end == Phase.SWITCHED else self.lender.cancelled
 
     def _start_new(self):
         self.base = images.info(self.source_top)
@@ -198,6 +238,10 @@ class Migration(Controller):
                                  f"{path} is missing")
         self.base = images.info(self.source_top)
         self.dest_base.with_name(self.dest_base.name + ".partial").unlink(missing_ok=True)
+        if saved.phase == Phase.SWITCHED and self._commit(Phase.SWITCHED):
+            # The state says switched, and the tree serves the destination alone: the record says
+            # so first (a crash inside the switch, after the state and before the record).
+            self._commit(Phase.SWITCHED)()
         self.tree = self._tree()
         self.tree.start()
         if saved.phase == Phase.SWITCHED:
@@ -317,7 +361,8 @@ class Migration(Controller):
                 started = time.monotonic()
                 self.tree.daemon("destination").rebase(images.info(self.dest_base))
                 rebase = time.monotonic() - started
-                stall = self.tree.switch("destination", Phase.SWITCHED, timeout)
+                stall = self.tree.switch("destination", Phase.SWITCHED, timeout,
+                                         commit=self._commit(Phase.SWITCHED))
             except Error as e:
                 self.enter(Phase.MIRRORING)
                 self.log.add("error", what="switch failed", detail=str(e))
@@ -335,7 +380,8 @@ class Migration(Controller):
             if self.copier is not None and self.copier.running:
                 self.copier.cancel()
             try:
-                self.tree.switch("source", Phase.CANCELLED, timeout)
+                self.tree.switch("source", Phase.CANCELLED, timeout,
+                                 commit=self._commit(Phase.CANCELLED))
             except Error as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
             for path in self._created:
@@ -348,24 +394,26 @@ class Migration(Controller):
     # After Step 5: the disk goes back to a plain export.
 
     def hand_back(self):
-        """Give the disk back to the export it was taken over from, on the chain that now holds it
-        (the destination after a pivot, the source after a cancel), and end this migration. The
-        data path is quiesced and killed (held requests stay unanswered; clients send them again to
-        the export), the storage daemons flush and close the images, then the export serves the
-        chain on the same socket. The chain does not grow from one migration to the next: the base
-        copy flattens the source's chain, so the destination is always its copy plus one overlay."""
+        """Give the disk back to its lender (the host service, or the export it was taken over
+        from), on the chain that now holds it (the destination after a pivot, the source after a
+        cancel), and end this migration. The data path is quiesced and killed (held requests stay
+        unanswered; clients send them again to the lender), the storage daemons flush and close
+        the images, then the lender records the chain (a named disk's `returned`) and serves it on
+        the same socket. The chain does not grow from one migration to the next: the base copy
+        flattens the source's chain, so the destination is always its copy plus one overlay."""
         with self.changing("hand-back", *self.ENDED):
-            if self.take_over is None:
-                raise UsageError("this migration did not take the disk over from an export "
-                                 "(start --take-over): there is nothing to hand it back to")
+            if self.lender is None:
+                raise UsageError("this migration did not borrow the disk (start NAME, or start "
+                                 "--take-over): there is nothing to hand it back to")
             top = self._authoritative_top()
             self.tree.stop()
-            export.give_back(self.take_over, top)
+            self.lender.give_back(self._chain_of(top))
             if self.state_dir is not None:
                 # The migration is over: a restart must not take the disk again for it.
                 state = self.state_dir / "state.json"
                 if state.exists():
                     state.rename(state.with_name("state.json.handed-back"))
+                lenders.retire_identity(self.state_dir)
             self.enter(Phase.HANDED_BACK, image=str(top))
             self.finished.set()
             return {"image": str(top)}

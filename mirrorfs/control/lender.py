@@ -1,0 +1,207 @@
+"""Who lends a migration its disk, and where the migration records each of its ends.
+
+A migration that serves a disk somebody else serves between migrations borrows it: the lender stops
+serving and passes the disk's listening socket, so clients wait in its backlog while the disk changes
+hands, and the migration gives the disk back on the chain it ended on. Two lenders:
+
+    ExportLender(EXPORT_CONTROL)    `start --take-over`: a `mirrorfs export` (control.export); it
+                                    keeps no record, and its image is whatever it is given back.
+    HostLender(registry, run_dir, NAME)
+                                    `start NAME`: the host service (`mirrorfs host`) and the disk's
+                                    durable record (mirrorfs.host.registry). Every transition is
+                                    recorded *before* anything is served from the chain it leads
+                                    to: `lend` (by the service, before it stops its daemon),
+                                    `switched` / `cancelled` (by the migration itself, inside the
+                                    switch's hold: the service may be dead then), `returned` (by
+                                    the service at give-back, before it serves the chain again).
+
+One interface, so the migration never asks which one it holds:
+
+    top = lender.served()           the top of the chain the disk is now
+    listener, socket = lender.borrow(loan)
+    lender.switched(); lender.cancelled()       the switch's commit points (inside the hold)
+    lender.give_back(chain)         serve `chain` (top first, [{"path", "format"}]) again
+
+`loan` is what the record keeps of the migration (its id, control socket, state directory and the
+two chains); the export needs only the pid.
+"""
+
+import json
+import os
+import secrets
+import socket
+
+from mirrorfs.common import jsonlines
+from mirrorfs.control import export
+from mirrorfs.errors import UsageError
+from mirrorfs.host import registry as disks
+from mirrorfs.host.rundir import write_atomically
+
+# The host service's control socket, in its run directory (mirrorfs host).
+HOST_CONTROL = "host.ctl"
+
+
+def _socket_of(fds, where):
+    """The listening socket passed with a lend's reply (the caller owns it)."""
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise UsageError(f"{where} did not hand over the disk's socket")
+    listener = socket.socket(fileno=fds[0])
+    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+        listener.close()
+        raise UsageError(f"{where} handed over something that is not a unix socket")
+    return listener
+
+
+class ExportLender:
+    """A `mirrorfs export` (its control socket): today's --take-over."""
+
+    named = False
+
+    def __init__(self, control):
+        self.control = control
+        self.what = f"the export at {control}"
+
+    def served(self, migration):
+        return export.served_image(self.control)
+
+    def borrow(self, loan):
+        listener, reply = export.borrow(self.control)
+        return listener, reply
+
+    def switched(self):
+        """An export keeps no record: nothing to commit."""
+
+    cancelled = switched
+
+    def give_back(self, chain):
+        return export.give_back(self.control, chain[0]["path"])
+
+    def next_step(self):
+        return f"the export at {self.control} serves it again"
+
+
+class HostLender:
+    """A named disk of the host service: its record says what the disk is, and is kept true at every
+    transition of the loan."""
+
+    named = True
+
+    def __init__(self, registry, run_dir, name):
+        self.registry = registry
+        self.name = name
+        self.control = run_dir.file(HOST_CONTROL)
+        self.what = f"the disk {name}"
+        self.migration = None           # the loan's migration id, once borrowed
+
+    def record(self):
+        return self.registry.get(self.name)
+
+    def served(self, migration):
+        """The top of the disk's chain before this migration: the record's chain now, or, for a
+        resume of `migration` (its id in the state directory), the chain its loan started from. A
+        disk lent to another migration is refused, in one line that says what to do."""
+        record = self.record()
+        lent = record["lent"]
+        if not lent:
+            return disks.top(record)
+        if lent["migration"] == migration:
+            return lent["source"][0 if lent["evacuation"] else 1]["path"]
+        if disks.borrower_alive(lent):
+            raise UsageError(f"the disk {self.name} is lent to migration {lent['migration']} (pid "
+                             f"{lent['pid']}, running): see mirrorfs status {self.name}")
+        raise UsageError(f"the disk {self.name} is still lent to migration {lent['migration']}, "
+                         f"whose process (pid {lent['pid']}) died: resume it with its own "
+                         f"--state-dir ({lent['state_dir'] or 'it had none'}), or wait until the "
+                         "host service takes the disk back (mirrorfs list shows it)")
+
+    def borrow(self, loan):
+        """Ask the host service for the disk: it records the loan, stops the disk's daemon and
+        passes the listening socket."""
+        request = {"cmd": "lend", "disk": self.name, "pid": os.getpid(), **loan}
+        try:
+            reply, fds = jsonlines.call_with_fds(self.control, request, timeout=120)
+        except jsonlines.ControlError as e:
+            raise UsageError(f"cannot borrow the disk {self.name} from the host service: {e}"
+                             + _start_service_hint(e)) from None
+        self.migration = loan["migration"]
+        record = reply.get("record") or self.record()
+        return _socket_of(fds, f"the host service ({self.control})"), {"socket": record["socket"],
+                                                                       "record": record}
+
+    def switched(self):
+        """The switch's commit point for the host (inside the hold): the disk is the destination's
+        chain from now on. Written to the registry directly, so a dead service does not stop it."""
+        self.registry.switched(self.name, self.migration)
+
+    def cancelled(self):
+        self.registry.cancelled(self.name, self.migration)
+
+    def give_back(self, chain):
+        """The service records the end of the loan (`returned`) and serves `chain` again."""
+        try:
+            return jsonlines.call(self.control, {"cmd": "give-back", "disk": self.name,
+                                                 "migration": self.migration, "chain": chain},
+                                  timeout=120)
+        except jsonlines.ControlError as e:
+            raise UsageError(f"cannot hand the disk {self.name} back to the host service: {e}"
+                             + _start_service_hint(e)) from None
+
+    def next_step(self):
+        return f"the host service serves the disk {self.name} again"
+
+
+def _start_service_hint(error):
+    text = str(error)
+    if "no control socket" in text or "nothing listens" in text:
+        return " (start it: systemctl start mirrorfs-host, or mirrorfs host)"
+    return ""
+
+
+# The migration's identity: made when its state directory is first used, kept there, named by the
+# disk's record while the disk is lent to it. Without a state directory it lives as long as the
+# process: nothing can resume such a migration anyway.
+
+IDENTITY = "migration.json"
+
+
+def migration_id(state_dir, disk=None):
+    """The id of the migration whose state is in `state_dir` (made and saved there if there is none
+    yet); refused if the directory is another disk's."""
+    if state_dir is None:
+        return secrets.token_hex(8)
+    path = state_dir / IDENTITY
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        saved = None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read the migration's identity "
+                         f"({getattr(e, 'strerror', None) or e}); remove the state directory to "
+                         "start a new migration") from None
+    if saved is not None:
+        if not isinstance(saved, dict) or not isinstance(saved.get("migration"), str):
+            raise UsageError(f"{path}: not a migration's identity; remove the state directory to "
+                             "start a new migration")
+        if saved.get("disk") != disk:
+            owner = f"the disk {saved['disk']}" if saved.get("disk") else "a disk without a name"
+            raise UsageError(f"the state in {state_dir} is a migration of {owner}, not of "
+                             f"{f'the disk {disk}' if disk else 'this image'}; give another "
+                             "--state-dir")
+        return saved["migration"]
+    identity = {"migration": secrets.token_hex(8), "disk": disk}
+    try:
+        state_dir.mkdir(mode=0o700, exist_ok=True)
+        write_atomically(path, identity)
+    except OSError as e:
+        raise UsageError(f"--state-dir {state_dir}: {e.strerror or e}") from None
+    return identity["migration"]
+
+
+def retire_identity(state_dir):
+    """The migration is over (handed back): its id must not borrow the disk again."""
+    if state_dir is not None:
+        path = state_dir / IDENTITY
+        if path.exists():
+            path.rename(path.with_name(IDENTITY + ".handed-back"))
