@@ -27,6 +27,8 @@ class ImageInfo:
     # The unit in which the image itself holds data or not: its clusters, or their 32
     # subclusters with qcow2's extended L2 entries (None for raw).
     allocation_unit: int | None = None
+    # Each layer's format, in the order of `chain` (a named disk's record keeps them: mirrorfs.host.registry).
+    formats: tuple = ()
 
 
 
@@ -75,7 +77,8 @@ def info(path):
     extended = (top.get("format-specific") or {}).get("data", {}).get("extended-l2", False)
     return ImageInfo(path=path.resolve(), format=fmt, virtual_size=top["virtual-size"], chain=chain,
                      cluster_size=cluster,
-                     allocation_unit=cluster // 32 if cluster and extended else cluster)
+                     allocation_unit=cluster // 32 if cluster and extended else cluster,
+                     formats=tuple(layer["format"] for layer in layers))
 
 
 def data_bytes(image):
