@@ -16,6 +16,7 @@ from pathlib import Path
 from mirrorfs.control import socket as control
 from mirrorfs.cli import display
 from mirrorfs.cli import host
+from mirrorfs.cli import named
 from mirrorfs.system import notify
 from mirrorfs.control import stopreport
 from mirrorfs.system.access import Access
@@ -84,7 +85,8 @@ def _run_controller(controller, control_path, uris, rundir):
             print(f"control {control_path}", flush=True)
         notify.ready(f"{controller.kind} {controller.phase}: {', '.join(uris())}")
         with Registration(rundir, controller.kind, control_path, uris(),
-                          take_over=getattr(controller, "take_over", None)):
+                          take_over=getattr(controller, "take_over", None),
+                          disk=getattr(getattr(controller, "lender", None), "name", None)):
             _run_registered(controller, stop, rundir, uris())
         if not stop.is_set():
             print(f"{controller.phase}; stopping", flush=True)
@@ -136,26 +138,26 @@ def cmd_serve(args):
 
 def cmd_start(args):
     rundir = host.run_dir(args)
-    control_path = _control_path(args)
+    lender, source_top = named.start_lender(args, rundir)
+    disk = lender.name if lender else None
+    control_path = (args.control or named.migration_control(rundir, disk)) if disk \
+        else _control_path(args)
+    common = {"take_over": args.take_over, "disk": disk, "hold_copy": True}
     if args.switch_first:
-        migration = Evacuation(args.source_top, args.dest_dir,
-                               _serve_options(args, take_over=args.take_over, copy="full",
-                                              rate=args.rate, hold_copy=True),
-                               overlay_name=args.overlay_name)
+        migration = Evacuation(source_top, args.dest_dir,
+                               _serve_options(args, copy="full", rate=args.rate, **common),
+                               overlay_name=args.overlay_name, lender=lender, control=control_path)
     else:
         if args.rate is not None:
             raise UsageError("--rate limits the hydration of --switch-first; a migration's base "
                              "copy takes 'mirrorfs copy --rate'")
-        migration = Migration(args.source_top, args.dest_dir,
-                              _serve_options(args, take_over=args.take_over, hold_copy=True),
-                              overlay_name=args.overlay_name)
+        migration = Migration(source_top, args.dest_dir, _serve_options(args, **common),
+                              overlay_name=args.overlay_name, lender=lender, control=control_path)
     return _run_controller(migration, control_path, lambda: migration.tree.uris, rundir)
 
 
 def _control(args):
-    if not args.control:
-        raise UsageError("give --control PATH (or set MIRRORFS_CONTROL)")
-    return args.control
+    return named.control_of(args)
 
 
 def _call(args, cmd, **fields):

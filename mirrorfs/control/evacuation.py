@@ -35,7 +35,6 @@ from mirrorfs.control.mirror import Hydrating, hydration_progress, switch_first_
 from mirrorfs.daemons.tree import ProcessTree
 from mirrorfs.datapath.state import FILE as STATE_FILE
 from mirrorfs.errors import UsageError
-from mirrorfs.host.registry import chain_of
 from mirrorfs.sides import images
 
 # What the data path keeps in the state directory of an evacuation (datapath.hydration).
@@ -86,10 +85,9 @@ class Evacuation(Hydrating, Migration):
 
     # Start and resume.
 
-    def _loan_chains(self):
+    def _loan_chains(self, before):
         """An evacuation's loan: the source is the chain as it was (read-only), the destination one
         image; the disk is the destination's from the first write (`_switch_first`)."""
-        before = chain_of(images.info(self.source_top))
         return {"before": before, "source": before,
                 "destination": [{"path": str(self.dest_image), "format": before[0]["format"]}]}
 

@@ -17,7 +17,8 @@ hands, and the migration gives the disk back on the chain it ended on. Two lende
 
 One interface, so the migration never asks which one it holds:
 
-    top = lender.served()           the top of the chain the disk is now
+    chain = lender.served(id)       the chain the disk was before the migration `id`, top first
+                                    (an export knows only its top: its format is None)
     listener, socket = lender.borrow(loan)
     lender.switched(); lender.cancelled()       the switch's commit points (inside the hold)
     lender.give_back(chain)         serve `chain` (top first, [{"path", "format"}]) again
@@ -64,7 +65,7 @@ class ExportLender:
         self.what = f"the export at {control}"
 
     def served(self, migration):
-        return export.served_image(self.control)
+        return [{"path": export.served_image(self.control), "format": None}]
 
     def borrow(self, loan):
         listener, reply = export.borrow(self.control)
@@ -99,15 +100,15 @@ class HostLender:
         return self.registry.get(self.name)
 
     def served(self, migration):
-        """The top of the disk's chain before this migration: the record's chain now, or, for a
-        resume of `migration` (its id in the state directory), the chain its loan started from. A
-        disk lent to another migration is refused, in one line that says what to do."""
+        """The disk's chain before this migration: the record's chain now, or, for a resume of
+        `migration` (its id in the state directory), the chain its loan started from. A disk lent
+        to another migration is refused, in one line that says what to do."""
         record = self.record()
         lent = record["lent"]
         if not lent:
-            return disks.top(record)
+            return record["chain"]
         if lent["migration"] == migration:
-            return lent["source"][0 if lent["evacuation"] else 1]["path"]
+            return lent["source"][0 if lent["evacuation"] else 1:]
         if disks.borrower_alive(lent):
             raise UsageError(f"the disk {self.name} is lent to migration {lent['migration']} (pid "
                              f"{lent['pid']}, running): see mirrorfs status {self.name}")
@@ -167,8 +168,8 @@ IDENTITY = "migration.json"
 
 
 def migration_id(state_dir, disk=None):
-    """The id of the migration whose state is in `state_dir` (made and saved there if there is none
-    yet); refused if the directory is another disk's."""
+    """The id of the migration whose state is in `state_dir` (a new one if there is none yet: it is
+    saved there by `keep_identity`, at the borrow); refused if the directory is another disk's."""
     if state_dir is None:
         return secrets.token_hex(8)
     path = state_dir / IDENTITY
@@ -190,13 +191,19 @@ def migration_id(state_dir, disk=None):
                              f"{f'the disk {disk}' if disk else 'this image'}; give another "
                              "--state-dir")
         return saved["migration"]
-    identity = {"migration": secrets.token_hex(8), "disk": disk}
+    return secrets.token_hex(8)
+
+
+def keep_identity(state_dir, migration, disk=None):
+    """Save the migration's id in its state directory (made if missing), before the disk is lent
+    to it: a resume must borrow the loan with the same id."""
+    if state_dir is None or (state_dir / IDENTITY).exists():
+        return
     try:
         state_dir.mkdir(mode=0o700, exist_ok=True)
-        write_atomically(path, identity)
+        write_atomically(state_dir / IDENTITY, {"migration": migration, "disk": disk})
     except OSError as e:
         raise UsageError(f"--state-dir {state_dir}: {e.strerror or e}") from None
-    return identity["migration"]
 
 
 def retire_identity(state_dir):

@@ -82,6 +82,7 @@ class Migration(Controller):
         self._removed = False           # cancel removed the destination's files
         self._listener = None           # the disk's socket, borrowed from its lender
         self.migration_id = None        # made with the state (control.lender.migration_id)
+        self._before = None             # the disk's chain before the migration (from the lender)
         self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
@@ -159,16 +160,16 @@ class Migration(Controller):
 
     def _locate_lent(self):
         """What the lender serves: the top of the source chain."""
-        served = self.lender.served(self.migration_id)
+        self._before = self.lender.served(self.migration_id)
+        served = self._before[0]["path"]
         if self.source_top is not None and Path(served) != self.source_top.resolve():
             raise UsageError(f"{self.lender.what} is {served}, not {self.source_top}")
         self._locate(served)
 
-    def _loan_chains(self):
+    def _loan_chains(self, before):
         """The chains of the loan, top first, every layer with its format: `before` (the disk
         before the migration), `source` (what the disk is until a switch) and `destination` (what
         it is after one)."""
-        before = chain_of(images.info(self.source_top))
         return {"before": before,
                 "source": [{"path": str(self.source_overlay), "format": "qcow2"}, *before],
                 "destination": [{"path": str(self.dest_overlay), "format": "qcow2"},
@@ -178,12 +179,20 @@ class Migration(Controller):
         """Take the disk over from its lender: it records the loan, stops serving (its clients'
         requests in flight finish, nothing is answered with an error) and passes its listening
         socket."""
-        self.chains = self._loan_chains()
+        # A named disk's record knows the chain and its formats; an export's image is probed once
+        # the export has let it go (its daemon holds the image's lock until then).
+        known = self._before[0]["format"] is not None
+        self.chains = self._loan_chains(self._before) if known else None
         loan = {"migration": self.migration_id, "control": self.control,
                 "state_dir": str(self.state_dir) if self.state_dir else None,
-                "source": self.chains["source"], "destination": self.chains["destination"],
-                "evacuation": self.options.switch_first}
+                "evacuation": self.options.switch_first, **({
+                    "source": self.chains["source"], "destination": self.chains["destination"]}
+                    if known else {})}
+        lenders.keep_identity(self.state_dir, self.migration_id,
+                              self.lender.name if self.lender.named else None)
         self._listener, reply = self.lender.borrow(loan)
+        if not known:
+            self.chains = self._loan_chains(chain_of(images.info(self.source_top)))
         if "image" in reply and Path(reply["image"]) != self.source_top:
             self._listener.close()
             self._listener = None
@@ -403,7 +412,7 @@ class Migration(Controller):
         flattens the source's chain, so the destination is always its copy plus one overlay."""
         with self.changing("hand-back", *self.ENDED):
             if self.lender is None:
-                raise UsageError("this migration did not borrow the disk (start NAME, or start "
+                raise UsageError("this migration did not take the disk over (start NAME, or start "
                                  "--take-over): there is nothing to hand it back to")
             top = self._authoritative_top()
             self.tree.stop()
