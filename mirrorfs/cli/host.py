@@ -1,8 +1,12 @@
 """The host's commands: `mirrorfs list` (or `top`), `mirrorfs budget`, `mirrorfs rate`, `mirrorfs
-metrics` (their options are in cli.parser, with every other command's)."""
+metrics`, and the named disks' `mirrorfs host`, `add`, `remove`, `shutdown` (their options are in
+cli.parser, with every other command's)."""
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 
 from mirrorfs.cli import display
@@ -13,7 +17,8 @@ from mirrorfs.common.sizes import human_size
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.host import budget as host_budget
 from mirrorfs.host import view
-from mirrorfs.host.rundir import RunDir
+from mirrorfs.host import hostctl
+from mirrorfs.host.rundir import RunDir, process_start
 
 
 def run_dir(args, create=True):
@@ -45,11 +50,18 @@ def line(record):
     eta = display.duration(copy["eta_seconds"]) if copy.get("eta_seconds") is not None else "-"
     errors = " ".join(f"{side[:3]}:{n}" for side, n in record.get("errors", {}).items()) or "-"
     holder = "-"
-    if record.get("lent_to"):
+    if record.get("kind") == "named":
+        holder = f"{record['name']}: {record.get('top') or '-'}"
+        if record.get("lent"):
+            lent = record["lent"]
+            holder += f", lent to {lent['migration']} (pid {lent['pid']}{'' if lent.get('alive') else ', dead'})"
+        if record.get("error"):
+            holder += f"; {record['error']}"
+    elif record.get("lent_to"):
         holder = f"lent to pid {record['lent_to']['pid']}"
     elif record.get("taken_over_from"):
         holder = f"from export pid {record['taken_over_from']['pid']}"
-    return (f"{record['socket']:<32} {record['kind']:<9} {record['phase']:<14} {copied:<22} "
+    return (f"{record['socket'] or '-':<32} {record['kind']:<9} {record['phase']:<14} {copied:<22} "
             f"{rate:<30} {eta:<7} {errors:<12} {holder}")
 
 
@@ -137,4 +149,63 @@ def cmd_metrics(args, stop=None):
         server.serve(stop)
     finally:
         server.close()
+    return 0
+
+
+# named disks: the host service and its commands
+
+def cmd_host(args):
+    from mirrorfs.daemons.storage import check_cache
+    from mirrorfs.host.registry import Registry
+    from mirrorfs.host.service import HostService
+    check_cache(args.cache)
+    registry = Registry(args.registry)
+    rundir = run_dir(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    service = HostService(registry, rundir, cache=args.cache, take_back_after=args.take_back_after)
+    service.start()
+    print(f"host service: {len(service.disks)} disks from {registry.path}; control "
+          f"{service.control_path}", flush=True)
+    try:
+        service.run(stop)
+    finally:
+        service.close(shutdown=service.shutdown_requested)
+    print("stopped; every disk stopped" if service.shutdown_requested
+          else "stopped; the disks are still served (the next `mirrorfs host` adopts them)", flush=True)
+    return 0
+
+
+def cmd_add(args):
+    rundir = run_dir(args, create=False)
+    reply = hostctl.call(rundir, "add", disk=args.name, image=os.path.abspath(args.image),
+                         socket=os.path.abspath(args.socket))
+    disk = reply["disk"]
+    if disk["phase"] == "failed":
+        raise Error(f"{args.name} added but not served: {disk['error']}")
+    print(f"{args.name}: serving {disk['top']} on nbd+unix:///?socket={disk['socket']}", flush=True)
+    return 0
+
+
+def cmd_remove(args):
+    rundir = run_dir(args, create=False)
+    reply = hostctl.call(rundir, "remove", disk=args.name)
+    print(f"{args.name} removed; its images are left as they are: {' <- '.join(reply['chain'])}",
+          flush=True)
+    return 0
+
+
+def cmd_shutdown(args):
+    rundir = run_dir(args, create=False)
+    service = next((e for e in rundir.entries(view.DISKS) if e.get("kind") == "host"), None)
+    reply = hostctl.call(rundir, "shutdown")
+    if service is not None:
+        deadline = time.monotonic() + 300
+        while process_start(service["pid"]) == service["process_start"]:
+            if time.monotonic() > deadline:
+                raise Error(f"the host service (pid {service['pid']}) is still stopping its disks")
+            time.sleep(0.1)
+    print(f"stopped {reply['stopping']} disks and the host service", flush=True)
     return 0

@@ -235,7 +235,9 @@ def cmd_cancel(args):
 COMMANDS = {"serve": cmd_serve, "start": cmd_start, "copy": cmd_copy, "status": cmd_status,
             "pivot": cmd_pivot, "hand-back": cmd_hand_back, "export": cmd_export, "cancel": cmd_cancel,
             "list": host.cmd_list, "top": host.cmd_list, "budget": host.cmd_budget,
-            "rate": host.cmd_rate, "metrics": host.cmd_metrics}
+            "rate": host.cmd_rate, "metrics": host.cmd_metrics,
+            "host": host.cmd_host, "add": host.cmd_add, "remove": host.cmd_remove,
+            "shutdown": host.cmd_shutdown}
 
 
 def main(argv=None):

@@ -259,6 +259,45 @@ def _metrics(p):
                    help="a TCP address (e.g. 127.0.0.1:9638) or a unix socket path")
 
 
+def registry(p):
+    """The registry of named disks (mirrorfs.host.registry)."""
+    p.add_argument("--registry", metavar="DIR",
+                   help="the named disks' records (default: $MIRRORFS_REGISTRY, /var/lib/mirrorfs/disks "
+                        "for root, else $XDG_STATE_HOME/mirrorfs/disks)")
+
+
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--take-back-after {text!r}: expected a number of seconds") from None
+    if not 0 <= value < 86400 * 365:
+        raise UsageError(f"--take-back-after {text!r}: expected 0 or more seconds")
+    return value
+
+
+def _host(p):
+    registry(p)
+    hosting(p)
+    p.add_argument("--cache", default="auto", metavar=_one_of(CACHE_MODES),
+                   help="how the disks' storage daemons use the host page cache (default: auto)")
+    p.add_argument("--take-back-after", type=seconds, default=10.0, metavar="SECONDS",
+                   help="serve a disk again this long after the migration that borrowed it died "
+                        "without being resumed (default: 10)")
+
+
+def _add(p):
+    p.add_argument("name", metavar="NAME", help="the disk's name: letters, digits, '.', '_', '-'")
+    p.add_argument("image", metavar="IMAGE", help="the top of the disk's chain (raw or qcow2)")
+    p.add_argument("--socket", required=True, metavar="PATH", help="the disk's unix socket (mode 0600)")
+    hosting(p)
+
+
+def _remove(p):
+    p.add_argument("name", metavar="NAME")
+    hosting(p)
+
+
 _LIST = ("List every disk a mirrorfs process serves on this host (export, serve, start), from the run "
          "directory: its socket, kind, phase, bytes copied of bytes to copy, rate and share of the host "
          "budget, time left, errors per side, and who holds it.")
@@ -306,6 +345,21 @@ SUBCOMMANDS = (
     ("metrics", _metrics, "serve every disk's metrics for Prometheus",
      "Serve the Prometheus text format at /metrics for every disk registered in the run directory. "
      "Runs until SIGINT/SIGTERM."),
+    # Named disks and the host service (mirrorfs.host.registry, mirrorfs.host.service).
+    ("host", _host, "the host service: serve every named disk, lend them to migrations",
+     "Serve every disk of the registry, each by its own qemu-storage-daemon on the chain its record "
+     "names, until SIGINT/SIGTERM; the disks stay served after the service stops (the next one "
+     "adopts them). `mirrorfs shutdown` stops the disks too. For systemd: Type=notify, "
+     "KillMode=process."),
+    ("add", _add, "register a named disk and serve it",
+     "Record the disk NAME (IMAGE's chain, every layer's format detected) and serve it on --socket "
+     "through the host service. Refused if IMAGE or any layer below it belongs to another disk."),
+    ("remove", _remove, "stop serving a named disk and forget it",
+     "Stop the disk's daemon (flushed) and remove its record; its images are left alone. Refused "
+     "while the disk is lent to a migration."),
+    ("shutdown", hosting, "stop every named disk, then the host service",
+     "Stop every named disk's daemon (flushed, closed) and the host service. A disk lent to a "
+     "migration stays with it."),
 )
 
 

@@ -22,7 +22,6 @@ Phases: exporting, lent, stopped.
 
 import os
 import shutil
-import socket
 
 from mirrorfs.common.phases import Phase
 from mirrorfs.sides import images
@@ -195,15 +194,7 @@ def borrow(control_path):
                                              timeout=60)
     except jsonlines.ControlError as e:
         raise UsageError(f"cannot take the disk over from {control_path}: {e}") from None
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise UsageError(f"{control_path} did not hand over a socket (is it a mirrorfs export?)")
-    listener = socket.socket(fileno=fds[0])
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-        listener.close()
-        raise UsageError(f"{control_path} handed over something that is not a unix socket")
-    return listener, reply
+    return sockets.received_listener(fds, f"{control_path} (is it a mirrorfs export?)"), reply
 
 
 def give_back(control_path, image):

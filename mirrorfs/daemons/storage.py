@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -91,12 +92,13 @@ class StorageDaemon:
     """One image exported at `uri` from `start()` until `stop()` (which is safe to call twice)."""
 
     def __init__(self, image, rundir, name, readonly=False, cache="auto", listener=None,
-                 backing=None):
+                 backing=None, detached=False):
         """`listener`: a listening socket to export on (a disk's own socket, which outlives this
         daemon: `mirrorfs export`); by default the daemon gets a socket of its own in `rundir`.
         `backing`: an image (ImageInfo, with its chain) opened read-only as the image's backing
         while the daemon runs, never written to the image's header: an evacuation hydrating in
-        place (see `drop_backing`, and docs/EVACUATION.md)."""
+        place (see `drop_backing`, and docs/EVACUATION.md). `detached`: the daemon outlives this
+        process (no PDEATHSIG): a named disk's, which the next host service adopts (mirrorfs.host)."""
         self.image = image
         self.backing = backing
         self.name = name
@@ -111,7 +113,7 @@ class StorageDaemon:
         self.qmp_socket = rundir / f"{name}.qmp"
         self._child = Child(
             f"qemu-storage-daemon ({name}: {image.path})", [], rundir / f"{name}.log",
-            pidfile=rundir / f"{name}.pid",
+            pidfile=rundir / f"{name}.pid", pdeathsig=None if detached else signal.SIGTERM,
             env=rbd.environment() if isinstance(image, rbd.RbdImage) else None)
 
     @property

@@ -30,9 +30,34 @@ def _ask(entry):
         return {"error": str(e)}
 
 
+def named(entry):
+    """The named disks of the host service registered as `entry` (mirrorfs.host.service), one record
+    each: the fields of every other disk's record, and the named disk's own (name, top, chain, the
+    loan). A service that does not answer is one record saying so."""
+    try:
+        listed = jsonlines.call(entry["control"], {"cmd": "list"}, timeout=TIMEOUT)["disks"]
+    except (jsonlines.ControlError, OSError, ValueError, KeyError) as e:
+        return [{"pid": entry["pid"], "kind": "host", "socket": entry["control"],
+                 "control": entry["control"], "uris": [], "phase": "unreachable", "error": str(e),
+                 "status": {"error": str(e)}, "copy": None, "errors": {}}]
+    records = []
+    for disk in listed:
+        record = {"pid": disk.get("pid"), "kind": "named", "control": entry["control"],
+                  "uris": [f"nbd+unix:///?socket={disk['socket']}"] if disk.get("socket") else [],
+                  "status": {}, "copy": None, "errors": {}, **disk}
+        if disk.get("lent"):
+            record["lent_to"] = {"pid": disk["lent"]["pid"], "alive": disk["lent"].get("alive"),
+                                 "control": disk["lent"].get("control")}
+        records.append(record)
+    return records
+
+
 def disks(rundir):
-    """One record per live registered disk, oldest first (see the module's docstring)."""
+    """One record per live registered disk, oldest first (see the module's docstring); the host
+    service's named disks in its place, by name."""
     entries = rundir.entries(DISKS)
+    hosts = [e for e in entries if e.get("kind") == "host"]
+    entries = [e for e in entries if e.get("kind") != "host"]
     copies = {c["pid"]: c for c in rundir.entries(COPIES)}
     budget = host_budget.load(rundir)
     shares = host_budget.shares(budget, list(copies.values()))
@@ -67,4 +92,6 @@ def disks(rundir):
             record["taken_over_from"] = {"control": entry["take_over"],
                                          "pid": export["pid"] if export else None}
         records.append(record)
+    for entry in hosts:
+        records += named(entry)
     return records

@@ -48,7 +48,12 @@ _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_pref
 
 def popen(argv, child_setup=None, pdeathsig=signal.SIGTERM, **kwargs):
     """subprocess.Popen with the guarantees of the module docstring (own session, `pdeathsig` when
-    we die, umask 077), forked by the long-lived spawner thread."""
+    we die, umask 077), forked by the long-lived spawner thread.
+
+    `pdeathsig=None`: a child meant to outlive us (the host service's storage daemons, which a
+    restarted service adopts): own session and umask 077, no signal when we die."""
+    if pdeathsig is None and child_setup is None:
+        return subprocess.Popen(argv, start_new_session=True, umask=0o077, **kwargs)
     preexec = _die_with_parent(os.getpid(), child_setup, pdeathsig)
     return _spawner.submit(subprocess.Popen, argv, start_new_session=True, preexec_fn=preexec,
                            **kwargs).result()

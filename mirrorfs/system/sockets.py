@@ -68,6 +68,20 @@ def bind_unix(path, backlog=BACKLOG):
     return sock
 
 
+def received_listener(fds, sender):
+    """The one listening unix socket another mirrorfs process handed us (SCM_RIGHTS) with its reply:
+    a socket object we own. Anything else is closed and refused, naming `sender`."""
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise UsageError(f"{sender} did not hand over a socket")
+    listener = socket.socket(fileno=fds[0])
+    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+        listener.close()
+        raise UsageError(f"{sender} handed over something that is not a unix socket")
+    return listener
+
+
 def parse_listen(value):
     """'HOST:PORT' or '[V6]:PORT' → (host, port)."""
     host, sep, port = value.rpartition(":")
