@@ -222,7 +222,7 @@ def cmd_export(args):
 
 def cmd_hand_back(args):
     reply = _call(args, "hand-back")
-    print(f"handed back: the export serves {reply['image']}", flush=True)
+    print(f"handed back: {reply.get('to', 'the export')} serves {reply['image']}", flush=True)
     return 0
 
 

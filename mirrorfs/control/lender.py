@@ -30,29 +30,12 @@ two chains); the export needs only the pid.
 import json
 import os
 import secrets
-import socket
 
-from mirrorfs.common import jsonlines
 from mirrorfs.control import export
 from mirrorfs.errors import UsageError
+from mirrorfs.host import hostctl
 from mirrorfs.host import registry as disks
 from mirrorfs.host.rundir import write_atomically
-
-# The host service's control socket, in its run directory (mirrorfs host).
-HOST_CONTROL = "host.ctl"
-
-
-def _socket_of(fds, where):
-    """The listening socket passed with a lend's reply (the caller owns it)."""
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        raise UsageError(f"{where} did not hand over the disk's socket")
-    listener = socket.socket(fileno=fds[0])
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-        listener.close()
-        raise UsageError(f"{where} handed over something that is not a unix socket")
-    return listener
 
 
 class ExportLender:
@@ -79,8 +62,9 @@ class ExportLender:
     def give_back(self, chain):
         return export.give_back(self.control, chain[0]["path"])
 
-    def next_step(self):
-        return f"the export at {self.control} serves it again"
+    @property
+    def who(self):
+        return "the export"
 
 
 class HostLender:
@@ -92,7 +76,7 @@ class HostLender:
     def __init__(self, registry, run_dir, name):
         self.registry = registry
         self.name = name
-        self.control = run_dir.file(HOST_CONTROL)
+        self.run_dir = run_dir
         self.what = f"the disk {name}"
         self.migration = None           # the loan's migration id, once borrowed
 
@@ -120,16 +104,9 @@ class HostLender:
     def borrow(self, loan):
         """Ask the host service for the disk: it records the loan, stops the disk's daemon and
         passes the listening socket."""
-        request = {"cmd": "lend", "disk": self.name, "pid": os.getpid(), **loan}
-        try:
-            reply, fds = jsonlines.call_with_fds(self.control, request, timeout=120)
-        except jsonlines.ControlError as e:
-            raise UsageError(f"cannot borrow the disk {self.name} from the host service: {e}"
-                             + _start_service_hint(e)) from None
+        listener, reply = hostctl.borrow(self.run_dir, self.name, pid=os.getpid(), **loan)
         self.migration = loan["migration"]
-        record = reply.get("record") or self.record()
-        return _socket_of(fds, f"the host service ({self.control})"), {"socket": record["socket"],
-                                                                       "record": record}
+        return listener, {"socket": reply["socket"], "record": reply["record"]}
 
     def switched(self):
         """The switch's commit point for the host (inside the hold): the disk is the destination's
@@ -141,23 +118,11 @@ class HostLender:
 
     def give_back(self, chain):
         """The service records the end of the loan (`returned`) and serves `chain` again."""
-        try:
-            return jsonlines.call(self.control, {"cmd": "give-back", "disk": self.name,
-                                                 "migration": self.migration, "chain": chain},
-                                  timeout=120)
-        except jsonlines.ControlError as e:
-            raise UsageError(f"cannot hand the disk {self.name} back to the host service: {e}"
-                             + _start_service_hint(e)) from None
+        return hostctl.give_back(self.run_dir, self.name, migration=self.migration, chain=chain)
 
-    def next_step(self):
-        return f"the host service serves the disk {self.name} again"
-
-
-def _start_service_hint(error):
-    text = str(error)
-    if "no control socket" in text or "nothing listens" in text:
-        return " (start it: systemctl start mirrorfs-host, or mirrorfs host)"
-    return ""
+    @property
+    def who(self):
+        return f"the host service ({self.name})"
 
 
 # The migration's identity: made when its state directory is first used, kept there, named by the

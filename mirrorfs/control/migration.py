@@ -425,7 +425,7 @@ class Migration(Controller):
                 lenders.retire_identity(self.state_dir)
             self.enter(Phase.HANDED_BACK, image=str(top))
             self.finished.set()
-            return {"image": str(top)}
+            return {"image": str(top), "to": self.lender.who}
 
     # The host budget (mirrorfs.host.budget): the base copy draws from it, and so does the data
     # path's copier when it copies regions again after degraded writes (--on-dest-error degrade).
