@@ -7,6 +7,7 @@ SIGHUP is ignored: a served disk must not go away because the terminal that star
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -118,11 +119,17 @@ def _stopped(controller):
     (stopreport.py) and its exit status."""
     tree = controller.tree
     report = stopreport.divergence(tree) if tree is not None else None
+    step = (stopreport.next_step(controller, shlex.join(["mirrorfs", *sys.argv[1:]]))
+            if isinstance(controller, Migration) else None)
     if report is None:
         print("stopped", flush=True)
+        if step:
+            print(step, file=sys.stderr, flush=True)
         return 0
     line, status = report
     print(line, file=sys.stderr, flush=True)
+    if step and status == 0:
+        print(step, file=sys.stderr, flush=True)
     return status
 
 

@@ -83,6 +83,7 @@ class Migration(Controller):
         self._listener = None           # the disk's socket, borrowed from its lender
         self.migration_id = None        # made with the state (control.lender.migration_id)
         self._before = None             # the disk's chain before the migration (from the lender)
+        self.stopped_in = None          # the phase `stop` found (control.stopreport.next_step)
         self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
@@ -504,6 +505,8 @@ class Migration(Controller):
                     self._created.remove(self.dest_base)
             if self.tree is not None:
                 self.tree.stop()
+            if self.stopped_in is None:
+                self.stopped_in = self.phase    # what the stop's last words are about
             if self.phase != Phase.NEW:
                 self.enter(Phase.STOPPED)
             self.log.close()

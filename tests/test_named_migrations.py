@@ -1,0 +1,190 @@
+"""Migrations of named disks (issue #26): `mirrorfs start vm1 --dest-dir DIR --state-dir DIR`, the
+disk's record at every ending, and what a host "reboot" (every process killed with SIGKILL, then only
+the host service started) serves afterwards.
+
+The client is QEMU's NBD client with reconnection (lib.reconnecting): the question is whether any of
+its writes failed, and whether every acknowledged write is what the name serves after the reboot.
+Every image left on disk must open with `qemu-img info --backing-chain` and pass `qemu-img check`.
+"""
+
+import json
+import os
+import signal
+
+import psutil
+import pytest
+
+from lib.commands import EXIT_USAGE, run
+from lib.hosted import Host
+from lib.images import MiB, make_base, qemu_io
+from lib.reconnecting import ReconnectingWriter
+from lib.waits import wait_until
+
+
+@pytest.fixture
+def host(workdir):
+    h = Host(workdir).start()
+    yield h
+    h.shutdown()
+
+
+def uri(sock):
+    return f"nbd+unix:///?socket={sock}"
+
+
+def check_every_chain(*dirs):
+    """Every image file in `dirs` opens with its whole backing chain, and every qcow2 passes
+    `qemu-img check`."""
+    for d in dirs:
+        for image in sorted(d.iterdir()):
+            if image.suffix not in (".qcow2", ".img", ".raw"):
+                continue
+            layers = json.loads(run("qemu-img", "info", "-U", "--output=json", "--backing-chain",
+                                    image).stdout)
+            for layer in layers:
+                if layer["format"] == "qcow2":
+                    run("qemu-img", "check", "-U", "-q", layer["filename"])
+
+
+def named_disk(host, workdir, fmt):
+    """The disk vm1 on workdir/a/vm1.{qcow2,img} (data in its first half), served by the host."""
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    base = make_base(workdir / "a" / ("vm1.qcow2" if fmt == "qcow2" else "vm1.img"), 32 * MiB,
+                     fmt=fmt)
+    sock = workdir / "vm1.sock"
+    host.mirrorfs("add", "vm1", base, "--socket", sock)
+    return base, sock
+
+
+def wait_served(host, phase="exporting"):
+    return wait_until(lambda: host.disks().get("vm1", {}).get("phase") == phase and host.disks()["vm1"],
+                      f"vm1 {phase}", timeout=60)
+
+
+def check_base_data(sock):
+    """The base's own data (make_base: pattern 0x10 + i at MiB i, every third MiB of the first
+    half) past what the writer wrote (its 16 KiB blocks stay in the first few MiB)."""
+    qemu_io(uri(sock), *[f"read -P {0x10 + i} {i * MiB} {MiB}" for i in (12, 15)])
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("ending", ["pivot", "cancel"])
+def test_reboot_after_the_end_of_a_migration(workdir, host, ending, fmt):
+    """start vm1, then pivot (after copy) or cancel, then hand-back, under a reconnecting writer;
+    then a reboot: the name serves every acknowledged write, on the chain the record names."""
+    base, sock = named_disk(host, workdir, fmt)
+    writer = ReconnectingWriter(sock)
+    writer.wait_sent(30)
+    m = host.background("m", "start", "vm1", "--dest-dir", workdir / "b",
+                        "--state-dir", workdir / "state")
+    assert host.record("vm1")["lent"]["migration"]
+    writer.wait_sent(writer.sent + 30)
+    if ending == "pivot":
+        host.mirrorfs("copy", "vm1")
+        assert "switched" in host.mirrorfs("pivot", "vm1").stdout
+        expected = [workdir / "b" / "vm1-snap.qcow2", workdir / "b" / base.name]
+    else:
+        assert "cancelled" in host.mirrorfs("cancel", "vm1").stdout
+        expected = [workdir / "a" / "vm1-snap.qcow2", base]
+    writer.wait_sent(writer.sent + 30)
+    assert "handed back" in host.mirrorfs("hand-back", "vm1").stdout
+    assert m.wait(60) == 0, m.err.read_text()
+    record = host.record("vm1")
+    assert record["lent"] is None
+    assert [layer["path"] for layer in record["chain"]] == [str(p) for p in expected]
+    assert record["chain"][-1]["format"] == fmt
+    wait_served(host)
+    writer.wait_sent(writer.sent + 30)
+
+    host.reboot()
+    served = wait_served(host)
+    assert served["top"] == str(expected[0])
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+    check_base_data(sock)
+    check_every_chain(workdir / "a", workdir / "b")
+    # The side that lost is retired (a cancel removed the destination's overlay): nothing serves
+    # it again under another name, nor the disk's own layers.
+    if ending == "pivot":
+        taken = [(workdir / "a" / "vm1-snap.qcow2", "retired"), (base, "retired")]
+    else:
+        taken = [(base, "current")]
+    for image, role in taken:
+        res = host.mirrorfs("add", "vm2", image, "--socket", workdir / "vm2.sock", check=False)
+        assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+        assert "the disk vm1 (chain " in res.stderr and f"({role})" in res.stderr, res.stderr
+
+
+def test_everything_killed_after_the_switch_serves_the_destination(workdir, host):
+    """The switch records the destination in the disk's record before any request is served from
+    it: a power cut after the pivot (before any hand-back) ends, once the host service takes the
+    disk back, on the destination, with every write acknowledged after the switch."""
+    base, sock = named_disk(host, workdir, "qcow2")
+    writer = ReconnectingWriter(sock)
+    m = host.background("m", "start", "vm1", "--dest-dir", workdir / "b",
+                        "--state-dir", workdir / "state")
+    host.mirrorfs("copy", "vm1")
+    host.mirrorfs("pivot", "vm1")
+    writer.wait_sent(writer.sent + 60)          # these are on the destination alone
+    host.reboot(also=[psutil.Process(m.pid)])
+    served = wait_served(host)
+    assert served["top"] == str(workdir / "b" / "vm1-snap.qcow2")
+    assert host.record("vm1")["history"][-1]["event"] == "taken-back"
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+    check_base_data(sock)
+    check_every_chain(workdir / "a", workdir / "b")
+    # The migration's state is stale now: resuming it is refused, in one line, nothing started.
+    res = host.mirrorfs("start", "vm1", "--dest-dir", workdir / "b", "--state-dir", workdir / "state",
+                        check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert "taken back" in res.stderr and "stale" in res.stderr
+    assert wait_served(host)["top"] == str(workdir / "b" / "vm1-snap.qcow2")
+
+
+@pytest.mark.parametrize("how", ["sigint", "kill-9"])
+@pytest.mark.parametrize("state", [True, False], ids=["state-dir", "no-state-dir"])
+def test_a_borrower_that_dies_is_taken_back(workdir, host, how, state):
+    """The migration dies while mirroring: within 30 s the host service serves the disk again, with
+    every acknowledged write; the socket never went away, so the writer sees no error."""
+    base, sock = named_disk(host, workdir, "qcow2")
+    writer = ReconnectingWriter(sock)
+    args = ["--state-dir", workdir / "state"] if state else []
+    m = host.background("m", "start", "vm1", "--dest-dir", workdir / "b", *args)
+    writer.wait_sent(writer.sent + 50)
+    if how == "sigint":
+        m.send_signal(signal.SIGINT)
+        m.wait(60)
+        out = m.err.read_text() + m.out.read_text()
+        assert "mirrorfs start vm1" in out, out     # the stop says the next step
+    else:
+        kids = m.children(recursive=True)
+        m.kill()
+        psutil.wait_procs([m, *kids], timeout=30)
+    served = wait_until(lambda: host.disks()["vm1"]["phase"] == "exporting" and host.disks()["vm1"],
+                        "taken back", timeout=30)
+    assert served["top"] == str(workdir / "a" / "vm1-snap.qcow2")
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+    check_base_data(sock)
+    check_every_chain(workdir / "a", workdir / "b")
+
+
+def test_commands_by_name_say_what_the_disk_does(workdir, host):
+    """status/pivot/cancel/hand-back NAME of a disk that is not lent: one line, what it does and
+    what to do. A disk's image given as a path to `start` is refused with the disk's name."""
+    base, sock = named_disk(host, workdir, "qcow2")
+    for cmd in ("status", "pivot", "cancel", "hand-back", "copy"):
+        res = host.mirrorfs(cmd, "vm1", check=False)
+        assert res.returncode == EXIT_USAGE and res.stderr.count("\n") == 1, res.stderr
+        assert "not lent to a migration" in res.stderr and "mirrorfs start vm1" in res.stderr
+    res = host.mirrorfs("start", base, "--dest-dir", workdir / "b", "--socket", workdir / "x.sock",
+                        check=False)
+    assert res.returncode == EXIT_USAGE and "belongs to the disk vm1" in res.stderr, res.stderr
+    assert sorted(os.listdir(workdir / "b")) == []
+    res = host.mirrorfs("start", "vm9", "--dest-dir", workdir / "b", check=False)
+    assert res.returncode == EXIT_USAGE and "no disk named vm9" in res.stderr, res.stderr
