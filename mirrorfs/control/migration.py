@@ -84,6 +84,7 @@ class Migration(Controller):
         self.migration_id = None        # made with the state (control.lender.migration_id)
         self._before = None             # the disk's chain before the migration (from the lender)
         self.stopped_in = None          # the phase `stop` found (control.stopreport.next_step)
+        self._rebased = False           # the destination overlay is on the destination base
         self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
@@ -368,8 +369,12 @@ class Migration(Controller):
                 # A flush just before does not help: it holds qcow2's lock about as long.
                 # A crash after the rebase and before the switch is harmless: the destination
                 # overlay's new backing holds the same bytes as the old one.
+                # A switch refused after the rebase (the record could not be written, the
+                # destination did not answer) leaves it done: a second pivot does not redo it.
                 started = time.monotonic()
-                self.tree.daemon("destination").rebase(images.info(self.dest_base))
+                if not self._rebased:
+                    self.tree.daemon("destination").rebase(images.info(self.dest_base))
+                    self._rebased = True
                 rebase = time.monotonic() - started
                 stall = self.tree.switch("destination", Phase.SWITCHED, timeout,
                                          commit=self._commit(Phase.SWITCHED))
