@@ -216,3 +216,60 @@ def test_a_switch_the_record_cannot_take_is_refused(workdir, host):
     writer.stop()
     writer.check(uri(sock))
     check_base_data(sock)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_reboot_after_an_evacuation(workdir, host, fmt):
+    """start vm1 --switch-first: the record says destination before the evacuation serves it;
+    once hydrated, hand-back; a reboot then serves the evacuated image with every write."""
+    base, sock = named_disk(host, workdir, fmt)
+    writer = ReconnectingWriter(sock)
+    writer.wait_sent(30)
+    host.background("m", "start", "vm1", "--switch-first", "--dest-dir", workdir / "b",
+                    "--state-dir", workdir / "state")
+    assert host.record("vm1")["lent"]["serving"] == "destination"
+    wait_until(lambda: json.loads(host.mirrorfs("status", "vm1", "--json").stdout)["phase"]
+               == "hydrated", "hydrated")
+    writer.wait_sent(writer.sent + 30)
+    host.mirrorfs("hand-back", "vm1")
+    record = host.record("vm1")
+    assert record["chain"] == [{"path": str(workdir / "b" / base.name), "format": fmt}]
+    assert record["retired"][0]["path"] == str(base)
+    host.reboot()
+    assert wait_served(host)["top"] == str(workdir / "b" / base.name)
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+    check_base_data(sock)
+    check_every_chain(workdir / "a", workdir / "b")
+
+
+def test_a_migration_resumed_before_the_take_back_keeps_its_loan(workdir):
+    """kill -9 of a migration with a state directory, started again with the same command line
+    before the host takes the disk back: the same loan (same migration id), resumed; then copy,
+    pivot, hand-back as usual."""
+    host = Host(workdir, take_back_after=600).start()
+    try:
+        base, sock = named_disk(host, workdir, "qcow2")
+        writer = ReconnectingWriter(sock)
+        argv = ("start", "vm1", "--dest-dir", workdir / "b", "--state-dir", workdir / "state")
+        first = host.background("m1", *argv)
+        loan = host.record("vm1")["lent"]
+        writer.wait_sent(writer.sent + 30)
+        kids = first.children(recursive=True)
+        first.kill()
+        psutil.wait_procs([first, *kids], timeout=30)
+        again = host.background("m2", *argv)
+        resumed = host.record("vm1")["lent"]
+        assert resumed["migration"] == loan["migration"] and resumed["pid"] == again.pid
+        host.mirrorfs("copy", "vm1")
+        host.mirrorfs("pivot", "vm1")
+        writer.wait_sent(writer.sent + 30)
+        host.mirrorfs("hand-back", "vm1")
+        assert again.wait(60) == 0
+        writer.wait_sent(writer.sent + 30)
+        writer.stop()
+        writer.check(uri(sock))
+        assert host.record("vm1")["chain"][0]["path"] == str(workdir / "b" / "vm1-snap.qcow2")
+    finally:
+        host.shutdown()
