@@ -17,10 +17,13 @@ CEPH_PACKAGES := ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra
 # collectors.
 PROMETHEUS_PACKAGES := prometheus
 VENV := .venv
+PREFIX ?= /opt/mirrorfs
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/mirrorfs
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint test demo bench clean
+.PHONY: setup lint test demo bench clean install
 
 setup: $(STAMP)
 
@@ -50,6 +53,11 @@ lint: setup
 # guests) is deselected or ran nothing; MIRRORFS_ALLOW_PARTIAL=1 allows a partial run on purpose.
 test: lint
 	MIRRORFS_SUITE=full $(PY) -m pytest $(PYTEST_ARGS)
+
+# The package in its own venv where docs/systemd's units point (PREFIX, default /opt/mirrorfs), and
+# the units in UNITDIR (default /etc/systemd/system): scripts/install.sh says how.
+install:
+	PREFIX=$(PREFIX) UNITDIR=$(UNITDIR) CONFDIR=$(CONFDIR) sh scripts/install.sh
 
 demo: setup
 	$(PY) scripts/demo.py
