@@ -134,6 +134,8 @@ def _stopped(controller):
 
 
 def cmd_serve(args):
+    for image in (args.source, args.dest):
+        named.refuse_named(args, image, "move a named disk with mirrorfs start NAME --dest-dir DIR")
     rundir = host.run_dir(args)
     options = _serve_options(args, readonly=args.readonly, copy=args.copy,
                              rate=args.rate, region=args.region,
@@ -221,6 +223,8 @@ def cmd_pivot(args):
 
 
 def cmd_export(args):
+    named.refuse_named(args, args.disk, "the host service serves it (mirrorfs list); a retired "
+                       "image holds old data")
     rundir = host.run_dir(args)
     exported = Export(args.disk, args.socket, cache=args.cache, access=Access(group=args.group))
     return _run_controller(exported, args.control or args.socket + ".ctl", lambda: exported.uris,

@@ -41,17 +41,24 @@ def start_lender(args, run_dir):
     if is_name(target) and reg is not None and reg.file(target).exists():
         reg.get(target)         # a damaged record is refused here, before anything starts
         return HostLender(reg, run_dir, target), None
-    if reg is not None and os.path.exists(target):
-        owner = reg.owner(target)
-        if owner is not None:
-            record, role = owner
-            raise UsageError(f"{target} belongs to the disk {disks.describe(record)} ({role}): "
-                             f"migrate the disk by its name: mirrorfs start {record['name']} "
-                             "--dest-dir DIR")
+    refuse_named(args, target, "migrate the disk by its name: mirrorfs start NAME --dest-dir DIR")
     if is_name(target) and not os.path.exists(target):
         where = reg.path if reg is not None else disks.default_path()
         raise UsageError(f"no disk named {target} in {where}, and no image file {target}")
     return None, target
+
+
+def refuse_named(args, image, what_to_do):
+    """Refuse to serve `image` outside the host service when a named disk holds it (its current
+    chain, a loan's, or a retired image): served twice, or served old, it would lose writes."""
+    reg = registry(args)
+    if reg is None or image is None or not os.path.exists(image):
+        return
+    owner = reg.owner(image)
+    if owner is not None:
+        record, role = owner
+        raise UsageError(f"{image} belongs to the disk {disks.describe(record)} ({role}): "
+                         + what_to_do.replace("NAME", record["name"]))
 
 
 def control_of(args):

@@ -170,6 +170,7 @@ def _serve(p):
     storage(p)
     access(p)
     hosting(p)
+    naming(p)
 
 
 def _start(p):
@@ -203,6 +204,7 @@ def _export(p):
     storage(p, io_timeout=False)
     group(p)
     hosting(p)
+    naming(p)
 
 
 def _copy(p):

@@ -26,6 +26,7 @@ class Host:
         self.take_back_after = take_back_after
         self.proc = None
         self.starts = 0
+        self.started = []              # background commands, stopped at shutdown if still running
 
     def start(self):
         self.starts += 1
@@ -49,6 +50,7 @@ class Host:
                             stderr=open(err, "w"), stdin=subprocess.DEVNULL, env=self.env)
         wait_until(lambda: "control " in out.read_text() or proc.poll() is not None, f"{name} ready",
                    timeout=60)
+        self.started.append(proc)
         assert proc.poll() is None, err.read_text()
         proc.out, proc.err = out, err
         return proc
@@ -92,7 +94,12 @@ class Host:
         return self.start()
 
     def shutdown(self):
-        """`mirrorfs shutdown`: every disk's daemon and the service stopped."""
+        """`mirrorfs shutdown`: every disk's daemon and the service stopped (and a migration the
+        test left running, first)."""
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
         if self.proc is not None and self.proc.poll() is None:
             # `mirrorfs shutdown` waits until the service's pid is gone: ours to reap meanwhile
             # (a zombie still has its /proc entry).
