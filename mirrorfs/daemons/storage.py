@@ -40,6 +40,8 @@ SOURCE_NODE = "evacuated"
 CACHE_MODES = ("auto", "none", "writeback")
 # How long a shared daemon may take to close a released side's export (SharedStorageDaemon).
 RELEASE_TIMEOUT = 10.0
+# Writing an overlay's backing into its header (a block-stream with nothing to copy): milliseconds.
+JOB_TIMEOUT = 30.0
 
 log = logging.getLogger("mirrorfs")
 
@@ -210,8 +212,38 @@ class StorageDaemon:
         self.qmp("blockdev-reopen", options=[{
             "driver": self.image.format, "node-name": self.node, "file": self.file_node,
             "backing": self.backing_node, "discard": "unmap", **format_options(self.cache)}])
-        self.qmp("change-backing-file", device=self.node, **{
-            "image-node-name": self.node, "backing-file": os.fspath(backing.path)})
+        self._write_backing(backing)
+
+    def _write_backing(self, backing):
+        """Write the name and format of the node's backing (already `backing_node`) into the
+        image's header, while the export serves.
+
+        Not with QMP's change-backing-file: QEMU (7.2, blockdev.c) writes the *image's* own format
+        as the backing's, so a qcow2 overlay rebased onto a raw base recorded "qcow2" for it, and
+        the chain could no longer be opened (`qemu-img info` nor a restarted daemon: "Image is not
+        in qcow2 format"; issue #26 point 3). A block-stream whose base is the node already below
+        has nothing to copy, and as it completes it writes the base's name and the base's own
+        format (stream_prepare). It runs as a job: waited for, its error reported, dismissed."""
+        job = f"{self.node}-backing"
+        self.qmp("block-stream", **{"job-id": job, "device": self.node,
+                                    "base-node": self.backing_node,
+                                    "backing-file": os.fspath(backing.path),
+                                    "auto-finalize": True, "auto-dismiss": False})
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while True:
+            state = next((j for j in self.qmp("query-jobs") if j["id"] == job), None)
+            if state is None or state["status"] == "concluded":
+                break
+            if time.monotonic() > deadline:
+                self.qmp("job-cancel", id=job)
+                raise ImageError(f"{self.image.path}: writing the backing file {backing.path} "
+                                 f"took more than {JOB_TIMEOUT:g}s")
+            time.sleep(0.01)
+        if state is not None:
+            self.qmp("job-dismiss", id=job)
+            if state.get("error"):
+                raise ImageError(f"{self.image.path}: writing the backing file {backing.path}: "
+                                 f"{state['error']}")
 
     def drop_backing(self):
         """The image holds everything now: close its runtime backing (the evacuated source chain)
