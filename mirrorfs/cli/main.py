@@ -169,6 +169,14 @@ def _control(args):
     return named.control_of(args)
 
 
+def _then(args, cmd, why):
+    """The next step after a command, spelled the way the operator named the migration."""
+    target = getattr(args, "target", None)
+    how = target if named.is_name(target) and not os.path.exists(target) else \
+        f"--control {named.control_of(args)}"
+    return f"next: mirrorfs {cmd} {how} ({why})"
+
+
 def _call(args, cmd, **fields):
     try:
         return jsonlines.call(_control(args), {"cmd": cmd, **fields}, timeout=600)
@@ -219,6 +227,9 @@ def cmd_status(args):
 def cmd_pivot(args):
     reply = _call(args, "pivot", force=args.force)
     print(f"switched to the destination; clients held {reply['stall_ms']:.1f} ms", flush=True)
+    if reply.get("lent"):
+        print(_then(args, "hand-back", f"{reply['lent']} serves the destination chain again"),
+              flush=True)
     return 0
 
 
@@ -238,8 +249,10 @@ def cmd_hand_back(args):
 
 
 def cmd_cancel(args):
-    _call(args, "cancel")
+    reply = _call(args, "cancel")
     print("cancelled; serving the source chain", flush=True)
+    if reply.get("lent"):
+        print(_then(args, "hand-back", f"{reply['lent']} serves the source chain again"), flush=True)
     return 0
 
 

@@ -498,6 +498,10 @@ class Migration(Controller):
             or {"started": True},
             **self.switch_commands(),
             "hand-back": lambda r: self.hand_back(),
+            # Who the disk goes back to (the CLI says the next step): pivot's and cancel's replies.
+            "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3),
+                                "lent": self.lender and self.lender.who},
+            "cancel": lambda r: self.cancel() or {"lent": self.lender and self.lender.who},
         })
         return table
 
