@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from lib import ceph
+from lib.hostservice import HostService
 from lib.images import Chains
 from lib.nbdservers import QemuNbd
 from lib.processes import our_processes
@@ -224,3 +225,12 @@ def no_writer_left():
             writer.proc.kill()
             writer.proc.wait()
     ReconnectingWriter.live.clear()
+
+
+@pytest.fixture
+def host_service(workdir):
+    """An unstarted `mirrorfs host` (lib.hostservice) with the test's own registry and run
+    directory; stopped at the end, with every disk's daemon, whatever the test did to them."""
+    host = HostService(workdir)
+    yield host
+    host.close()

@@ -18,7 +18,7 @@ from mirrorfs.errors import Error, UsageError
 from mirrorfs.host import budget as host_budget
 from mirrorfs.host import view
 from mirrorfs.host import hostctl
-from mirrorfs.host.rundir import RunDir, process_start
+from mirrorfs.host.rundir import RunDir, process_running
 
 
 def run_dir(args, create=True):
@@ -203,9 +203,10 @@ def cmd_shutdown(args):
     reply = hostctl.call(rundir, "shutdown")
     if service is not None:
         deadline = time.monotonic() + 300
-        while process_start(service["pid"]) == service["process_start"]:
+        while process_running(service["pid"], service["process_start"]):
             if time.monotonic() > deadline:
                 raise Error(f"the host service (pid {service['pid']}) is still stopping its disks")
             time.sleep(0.1)
     print(f"stopped {reply['stopping']} disks and the host service", flush=True)
     return 0
+

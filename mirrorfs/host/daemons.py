@@ -24,7 +24,7 @@ import signal
 
 from mirrorfs.daemons.storage import StorageDaemon
 from mirrorfs.errors import ProcessError
-from mirrorfs.host.rundir import process_start, write_atomically
+from mirrorfs.host.rundir import process_running, process_start, write_atomically
 from mirrorfs.system import pidfd as pidfds
 
 SUBDIR = "host"
@@ -92,7 +92,7 @@ class DiskDaemon:
         if not daemon:
             return None
         pid, start = daemon.get("pid"), daemon.get("process_start")
-        if not isinstance(pid, int) or process_start(pid) != start:
+        if not isinstance(pid, int) or not process_running(pid, start):
             return None
         try:
             return cls(directory, name, pid, start, daemon.get("chain") or [])

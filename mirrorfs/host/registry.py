@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mirrorfs.errors import Error, UsageError
-from mirrorfs.host.rundir import process_start, write_atomically
+from mirrorfs.host.rundir import process_running, process_start, write_atomically
 from mirrorfs.sides import images
 
 FORMAT = "mirrorfs-disk/1"
@@ -129,7 +129,7 @@ def describe(record):
 def borrower_alive(lent):
     """Whether the process a loan names still runs: same pid *and* same start time, so a recycled
     pid is not mistaken for the borrower."""
-    return bool(lent) and lent.get("start") is not None and process_start(lent["pid"]) == lent["start"]
+    return bool(lent) and process_running(lent["pid"], lent.get("start"))
 
 
 def _now():
@@ -299,7 +299,9 @@ class Registry:
         """Record a new disk `name` serving `image` (its chain and formats detected) on `socket`."""
         check_name(name)
         socket = os.path.abspath(socket)
-        info = images.info(image)
+        # -U: an image another disk's daemon has open is named as that disk's below, not refused
+        # for its lock; an image some other process has open fails when its daemon starts.
+        info = images.info(image, force_share=True)
         chain = chain_of(info)
         with self.locked():
             if self.file(name).exists():

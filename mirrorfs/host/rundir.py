@@ -50,6 +50,18 @@ def process_start(pid):
     return int(text[text.rindex(")") + 2:].split()[19])
 
 
+def process_running(pid, start):
+    """Whether process `pid` still runs and is the one that started at `start` (a pid reused since
+    is another process). A zombie does not run: it has exited, and only waits for its parent."""
+    if start is None or process_start(pid) != start:
+        return False
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return text[text.rindex(")") + 2:].split()[0] != "Z"
+
+
 def write_atomically(path, data):
     """Write `data` (a dict, as JSON) to `path` so that a reader sees the old content or the new."""
     path = Path(path)

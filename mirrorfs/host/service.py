@@ -211,10 +211,14 @@ class HostService:
                         disk.daemon = daemon
                         disk.phase = Phase.EXPORTING
                         return
-                    log.warning("%s: its daemon (pid %d) serves %s, the record says %s: replacing it",
-                                disk.name, daemon.pid, " <- ".join(daemon.chain),
-                                " <- ".join(reg.paths(record["chain"])) if not record["lent"]
-                                else f"lent to migration {record['lent']['migration']}")
+                    if record["lent"]:
+                        why = f"the record says it is lent to migration {record['lent']['migration']}"
+                    elif disk.listener is None:
+                        why = "its listening socket could not be taken back from it"
+                    else:
+                        why = f"the record says {' <- '.join(reg.paths(record['chain']))}"
+                    log.warning("%s: its daemon (pid %d) serves %s, but %s: replacing it",
+                                disk.name, daemon.pid, " <- ".join(daemon.chain), why)
                     daemon.stop()
                 if record["lent"]:
                     self._resume_loan(disk, record, entry.get("inode"))
@@ -451,14 +455,23 @@ class HostService:
                 raise
             try:
                 self._serve(disk, record)
-            except Error as e:
-                self._failed(disk, str(e))
+            except BaseException:
+                # "add" registers *and* serves: a disk that cannot be served is not registered.
+                self.registry.remove(name)
+                self._forget(disk)
+                raise
             return {"disk": self._view(disk, record)}
 
     def remove(self, request):
         disk = self._disk(request)
         with disk.lock:
             record = self.registry.remove(disk.name)
+            self._forget(disk)
+            return {"removed": disk.name, "chain": reg.paths(record["chain"])}
+
+    def _forget(self, disk):
+        """Stop serving the disk and drop it (its record is gone, or never was)."""
+        with disk.lock:
             if disk.daemon is not None:
                 disk.daemon.stop()
                 disk.daemon = None
@@ -471,7 +484,6 @@ class HostService:
             with self._lock:
                 self.disks.pop(disk.name, None)
             self._wake()
-            return {"removed": disk.name, "chain": reg.paths(record["chain"])}
 
     def lend(self, request):
         disk = self._disk(request)

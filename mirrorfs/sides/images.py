@@ -47,8 +47,10 @@ def _run(argv, what, pass_fds=()):
     return res.stdout
 
 
-def info(path):
-    """Probe an image file and its backing chain. Fails if any file in the chain is missing."""
+def info(path, force_share=False):
+    """Probe an image file and its backing chain. Fails if any file in the chain is missing.
+    `force_share`: also while another process has it open for writing (qemu-img -U), to name that
+    process's disk rather than fail on its lock (mirrorfs.host.registry)."""
     path = Path(path)
     if "rbd:" in str(path) and not path.exists():
         # Only `serve` takes RBD images (mirrorfs/sides/rbd.py); the overlay workflow is built on qcow2
@@ -66,7 +68,8 @@ def info(path):
         raise ImageError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise ImageError(f"{path}: permission denied")
-    out = _run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)], str(path))
+    out = _run(["qemu-img", "info", *(["-U"] if force_share else []), "--output=json",
+                "--backing-chain", str(path)], str(path))
     layers = json.loads(out)
     top = layers[0]
     fmt = top["format"]
