@@ -180,7 +180,7 @@ def main():
         print("\nSummary")
         print(f"  disk                      {args.size} MiB, qcow2, {len(writes) * 2} MiB of data in the base")
         print(f"  base copy                 {copy['bytes_total'] / MiB:.0f} MiB in {copy['seconds']:.2f}s "
-              f"(qemu-img convert, sparse)")
+              f"(mirrorfs copy: sparse, over NBD, data extents only)")
         print(f"  client writes             {client.count} ({writes_before_switch} before the switch)")
         print(f"  chains compared           {'identical' if identical.returncode == 0 else 'DIFFERENT'}"
               f" (qemu-img compare, before the switch)")

@@ -137,8 +137,12 @@ def control_call(path, payload):
     (b'{"command": "status"}\n', "bad request"),
     (b'{"cmd": 7}\n', "bad request"),
     (b'{"cmd": "rm -rf /"}\n', "unknown command"),
-    (b'{"cmd": "copy", "rate": "fast"}\n', "rate must be a non-negative finite number"),
-    (b'{"cmd": "copy", "rate": -1}\n', "rate must be a non-negative finite number"),
+    (b'{"cmd": "copy", "rate": "fast"}\n', "copy: rate 'fast': expected a whole number of bytes"),
+    (b'{"cmd": "copy", "rate": -1}\n', "copy: rate -1: expected a whole number of bytes"),
+    # 0 and a fraction once meant "no limit" (issue #26); null is how "no limit" is sent.
+    (b'{"cmd": "copy", "rate": 0}\n', "copy: rate 0: expected a whole number of bytes"),
+    (b'{"cmd": "copy", "rate": 0.5}\n', "copy: rate 0.5: expected a whole number of bytes"),
+    (b'{"cmd": "rate", "rate": 0.5}\n', "rate: rate 0.5: expected a whole number of bytes"),
     (b'{"cmd": "events", "since": "0; rm"}\n', "since must be a non-negative finite number"),
     (b'{"cmd": "status", "pad": "' + b"x" * (70 * 1024) + b'"}\n', "longer than"),
 ])
@@ -158,7 +162,7 @@ def test_control_requests_cannot_name_files(migration, workdir):
     decoy = workdir / "decoy.qcow2"
     for request in ({"cmd": "status", "path": str(decoy)},
                     {"cmd": "verify", "dest_base": str(decoy), "target": str(decoy)},
-                    {"cmd": "copy", "target": str(decoy), "rate": 0}):
+                    {"cmd": "copy", "target": str(decoy), "rate": None}):
         reply = control_call(disk.control, json.dumps(request).encode() + b"\n")
         assert reply["ok"], reply
     deadline = time.monotonic() + 30

@@ -116,7 +116,9 @@ def test_a_run_dir_that_is_a_file_or_writable_by_others_is_refused(workdir, chai
     fails("list", expect="is writable by others", env=dict(os.environ, MIRRORFS_RUN_DIR=str(open_dir)))
 
 
-@pytest.mark.parametrize("rate,expect", [("0", "budget '0': expected a positive"),
+@pytest.mark.parametrize("rate,expect", [("0", "budget set '0': below 1 byte/s"),
+                                         ("0.5", "budget set '0.5': below 1 byte/s"),
+                                         ("100", "budget set '100': a rate needs a unit: 100M"),
                                          ("fast", "budget"), ("-5M", "-5M")])
 def test_a_budget_of_nothing_or_of_words_is_refused(workdir, rate, expect):
     fails("budget", "set", rate, "--run-dir", workdir / "run", expect=expect)

@@ -41,7 +41,10 @@ def _side(side):
     if side is None:
         return "-"
     if side.get("removed"):
-        return f"{side['overlay']} (removed by cancel)"
+        text = f"{side['overlay']} (removed by cancel)"
+        if side.get("base_exists"):
+            text += f"; {side['base']} kept"
+        return text
     if "overlay" in side:
         text = f"{side['overlay']} on {side['base']}"
         if side.get("base_exists") is False:

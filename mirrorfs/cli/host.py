@@ -11,7 +11,7 @@ import time
 
 from mirrorfs.cli import display
 from mirrorfs.cli import named
-from mirrorfs.cli.parser import size
+from mirrorfs.cli.parser import rate as rate_type
 from mirrorfs.common import jsonlines
 from mirrorfs.common.sizes import human_size
 from mirrorfs.errors import Error, UsageError
@@ -26,10 +26,8 @@ def run_dir(args, create=True):
 
 
 def _rate(text, what):
-    """A rate, or None for 'none' / 'unlimited'."""
-    if text.lower() in ("none", "unlimited"):
-        return None
-    return size(what)(text)
+    """A rate, or None for 'none' / 'unlimited' (common.sizes.parse_rate)."""
+    return rate_type(what, unlimited=True)(text)
 
 
 # list / top
@@ -94,7 +92,6 @@ def cmd_list(args):
 # budget
 
 def cmd_budget(args):
-    rundir = run_dir(args)
     changes = {}
     if args.action == "clear":
         changes = {k: None for k in host_budget.FIELDS}
@@ -102,7 +99,7 @@ def cmd_budget(args):
         if args.rate is None and args.max_copies is None and args.floor is None:
             raise UsageError("budget set: give a rate (e.g. 400M), --max-copies or --floor")
         if args.rate is not None:
-            changes["rate"] = _rate(args.rate, "budget")
+            changes["rate"] = _rate(args.rate, "budget set")
         if args.max_copies is not None:
             if args.max_copies.lower() in ("none", "unlimited"):
                 changes["max_copies"] = None
@@ -116,6 +113,7 @@ def cmd_budget(args):
     elif args.rate is not None:
         raise UsageError(f"budget {args.rate!r}: to change the budget, 'mirrorfs budget set "
                          f"{args.rate}'")
+    rundir = run_dir(args)              # after the arguments are checked: a mistake creates nothing
     budget = host_budget.save(rundir, **changes) if changes else host_budget.load(rundir)
     if args.json:
         print(json.dumps(budget), flush=True)

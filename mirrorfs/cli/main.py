@@ -250,7 +250,13 @@ def cmd_hand_back(args):
 
 def cmd_cancel(args):
     reply = _call(args, "cancel")
-    print("cancelled; serving the source chain", flush=True)
+    line = "cancelled; serving the source chain"
+    if reply.get("removed"):
+        line += f"; removed {', '.join(reply['removed'])}"
+    if reply.get("kept"):
+        line += (f"; kept {', '.join(reply['kept'])} (not known to be this migration's: remove "
+                 "it yourself if it is not needed)")
+    print(line, flush=True)
     if reply.get("lent"):
         print(_then(args, "hand-back", f"{reply['lent']} serves the source chain again"), flush=True)
     return 0

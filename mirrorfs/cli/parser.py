@@ -12,7 +12,7 @@ import argparse
 import os
 
 from mirrorfs import __version__
-from mirrorfs.common.sizes import parse_size
+from mirrorfs.common.sizes import parse_rate, parse_size
 from mirrorfs.control.options import DEFAULT_THREADS
 from mirrorfs.datapath.options import COPY_MODES, DEFAULT_IO_TIMEOUT, POLICIES
 from mirrorfs.daemons.storage import CACHE_MODES
@@ -28,10 +28,21 @@ class Parser(argparse.ArgumentParser):
 
 
 def size(option):
-    """An argparse type: '50M' → bytes, with the option named in the error."""
+    """An argparse type: '50M' → bytes, with the option named in the error (common.sizes)."""
     def parse(text):
         try:
             return parse_size(text)
+        except ValueError as e:
+            raise UsageError(f"{option} {e}") from None
+    return parse
+
+
+def rate(option, unlimited=False):
+    """An argparse type: '100M' → bytes/s; a number without a unit is refused, and so is anything
+    below 1 byte/s; with `unlimited`, 'none' or 'unlimited' → None (common.sizes)."""
+    def parse(text):
+        try:
+            return parse_rate(text, unlimited=unlimited)
         except ValueError as e:
             raise UsageError(f"{option} {e}") from None
     return parse
@@ -79,8 +90,9 @@ def copying(p):
     p.add_argument("--copy", metavar=_one_of(COPY_MODES), default="none",
                    help="none: DEST already equals SOURCE (default); full: copy all of SOURCE to "
                         "DEST in the background while mirroring writes")
-    p.add_argument("--rate", metavar="BYTES/S", type=size("--rate"),
-                   help="limit the background copy, e.g. 100M")
+    p.add_argument("--rate", metavar="BYTES/S", type=rate("--rate"),
+                   help="limit the background copy, e.g. 100M (binary units: K, M, G = KiB/s, MiB/s, "
+                        "GiB/s; a unit is required)")
     p.add_argument("--region", metavar="BYTES", type=size("--region"),
                    help="the dirty map's region size: a power of two from 1M (default 64M)")
 
@@ -184,7 +196,7 @@ def _start(p):
     p.add_argument("--dest-dir", required=True, metavar="DIR", help="where the disk moves to")
     p.add_argument("--overlay-name", metavar="NAME",
                    help="file name of the new overlays (default: <SOURCE_TOP stem>-snap.qcow2)")
-    p.add_argument("--rate", metavar="BYTES/S", type=size("--rate"),
+    p.add_argument("--rate", metavar="BYTES/S", type=rate("--rate"),
                    help="with --switch-first: limit the hydration, e.g. 100M (a migration's base "
                         "copy takes `mirrorfs copy --rate`)")
     serving(p)
@@ -209,8 +221,9 @@ def _export(p):
 
 def _copy(p):
     controlling(p)
-    p.add_argument("--rate", metavar="BYTES/S", type=size("--rate"),
-                   help="limit the copy, e.g. 100M or 1G")
+    p.add_argument("--rate", metavar="BYTES/S", type=rate("--rate"),
+                   help="limit the copy, e.g. 100M or 1G (binary units: MiB/s, GiB/s; a unit is "
+                        "required)")
     p.add_argument("--json", action="store_true", help="progress as JSON lines")
     p.add_argument("--background", action="store_true", help="start the copy and return")
 
@@ -315,8 +328,11 @@ SUBCOMMANDS = (
      "disk: reads from the source chain, writes to both overlays. Then copy the base (mirrorfs copy, "
      "or cp), and switch (mirrorfs pivot) or cancel. Runs until SIGINT/SIGTERM."),
     ("copy", _copy, "Step 4: copy the source base to the destination",
-     "Copy the read-only base below the overlays to the destination with qemu-img convert (sparse, "
-     "extent-aware), showing progress until it is done."),
+     "Copy the read-only base below the overlays to the destination, showing progress until it is "
+     "done. The copy is mirrorfs's own, over NBD: a read-only qemu-storage-daemon of the base's "
+     "chain to one of the new file (written as .partial, renamed when complete), data extents only "
+     "(sparse), paced by --rate and the host budget; the destination has the source base's format. "
+     "Rates are bytes per second with a binary unit (K, M, G = KiB/s, MiB/s, GiB/s)."),
     ("status", _status, "show the migration's phase and progress",
      "Show the migration's phase, copy progress, requests in flight and per-side errors and "
      "latencies."),

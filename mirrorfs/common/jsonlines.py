@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 
 MAX_LINE = 64 * 1024
@@ -111,21 +112,59 @@ def _send(f, message):
     f.flush()
 
 
+# What an NBD server says first, before any request (the newstyle handshake): a client pointed at
+# a disk's socket instead of its control socket reads this, not a reply.
+NBD_GREETING = b"NBDMAGIC"
+
+
 def _connect(path, timeout):
+    """A connection to the control socket at `path`; anything else there is named for what it
+    is: nothing, something that is not a socket, a socket nobody listens on."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ControlError(f"no control socket at {path} (is mirrorfs running?)") from None
+    except OSError as e:
+        raise ControlError(f"cannot use {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} is not a socket but {_file_kind(mode)}: give the control "
+                           "socket that mirrorfs printed ('control PATH')")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(os.fspath(path))
-    except FileNotFoundError:
-        s.close()
-        raise ControlError(f"no control socket at {path} (is mirrorfs running?)") from None
     except ConnectionRefusedError:
         s.close()
-        raise ControlError(f"nothing listens on {path} (mirrorfs is not running)") from None
+        raise ControlError(f"nothing listens on {path} (the mirrorfs that made it is not "
+                           "running)") from None
     except OSError as e:
         s.close()
         raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
     return s
+
+
+def _file_kind(mode):
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "a device or fifo"
+
+
+def _reply(path, data):
+    """One reply line, parsed; what is not mirrorfs's protocol is named for what it is."""
+    if data.startswith(NBD_GREETING):
+        ctl = f"{path}.ctl"
+        hint = f"use {ctl}" if os.path.exists(ctl) else f"its control socket is usually {ctl}"
+        raise ControlError(f"{path} is an NBD socket (a disk's), not a control socket: {hint}")
+    try:
+        reply = json.loads(data)
+        if not isinstance(reply, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise ControlError(f"{path} answered something that is not a mirrorfs control reply: "
+                           f"{bytes(data[:40])!r}") from None
+    return reply
 
 
 def call(path, request, timeout=60.0):
@@ -140,7 +179,7 @@ def call_with_fds(path, request, timeout=60.0, max_fds=4):
     caller owns them). A refusal raises ControlError with the reason."""
     with _connect(path, timeout) as s:
         try:
-            s.sendall(json.dumps(request).encode() + b"\n")
+            _request(s, path, request)
             data, fds, _, _ = socket.recv_fds(s, MAX_LINE, max_fds)
             while data and not data.endswith(b"\n"):
                 more = s.recv(MAX_LINE)
@@ -153,7 +192,12 @@ def call_with_fds(path, request, timeout=60.0, max_fds=4):
             raise ControlError(f"{path}: connection lost") from None
     if not data:
         raise ControlError(f"{path}: no reply")
-    reply = json.loads(data)
+    try:
+        reply = _reply(path, data)
+    except ControlError:
+        for fd in fds:
+            os.close(fd)
+        raise
     if not reply.pop("ok", False):
         for fd in fds:
             os.close(fd)
@@ -163,15 +207,37 @@ def call_with_fds(path, request, timeout=60.0, max_fds=4):
 
 def stream(path, request, timeout=None):
     """Send one request and yield every reply line (for event streams)."""
-    with _connect(path, timeout) as s, s.makefile("rwb") as f:
+    with _connect(path, timeout) as s:
         try:
-            _send(f, request)
-            for line in f:
-                reply = json.loads(line)
-                if not reply.pop("ok", False):
-                    raise ControlError(reply.get("error", "request refused"))
-                yield reply
+            _request(s, path, request)
+            with s.makefile("rb") as f:
+                for line in f:
+                    reply = _reply(path, line)
+                    if not reply.pop("ok", False):
+                        raise ControlError(reply.get("error", "request refused"))
+                    yield reply
         except socket.timeout:
             raise ControlError(f"{path}: no reply after {timeout}s") from None
         except (ConnectionResetError, BrokenPipeError):
             raise ControlError(f"{path}: connection lost") from None
+
+
+def _request(s, path, request):
+    """Send `request`, then look at the first bytes of the answer without taking them: an NBD
+    server greets every client at once and hangs up on a JSON line, so what it said must be seen
+    before the hang-up turns it into "connection lost"."""
+    try:
+        s.sendall(json.dumps(request).encode() + b"\n")
+    except (ConnectionResetError, BrokenPipeError):
+        _refuse_nbd(s, path, socket.MSG_DONTWAIT)
+        raise
+    _refuse_nbd(s, path)
+
+
+def _refuse_nbd(s, path, flags=0):
+    try:
+        first = s.recv(len(NBD_GREETING), socket.MSG_PEEK | flags)
+    except (BlockingIOError, ConnectionResetError, BrokenPipeError):
+        return
+    if first and NBD_GREETING.startswith(first):
+        _reply(path, NBD_GREETING)

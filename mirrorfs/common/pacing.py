@@ -110,3 +110,15 @@ class Paced:
     def set_rate(self, rate):
         """The limit from now on (None, 0 to hold, or bytes/s); applies from the next piece."""
         self.pacer.set(rate)
+
+
+def eta_seconds(remaining, measured, limit):
+    """Seconds a paced copy still needs for `remaining` bytes: at the rate `measured`, but never
+    faster than its `limit` (bytes/s; None or 0: none known). A paced copy's first piece goes at
+    once, so over its first seconds the measured rate can be many times the limit: a copy limited
+    to 100 bytes/s once showed an ETA of 7 minutes for four days of copying. None when nothing is
+    left or nothing moves."""
+    rate = min(measured, limit) if limit else measured
+    if remaining <= 0 or not rate:
+        return None
+    return round(remaining / rate)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import nbd
 
-from mirrorfs.common.pacing import Pacer
+from mirrorfs.common.pacing import Pacer, eta_seconds
 from mirrorfs.daemons.storage import StorageDaemon
 from mirrorfs.daemons.tree import make_rundir
 from mirrorfs.errors import Error, ImageError, UsageError
@@ -89,7 +89,8 @@ class BaseCopy:
                 "percent": round(100 * done / total, 2) if total else 100.0,
                 "running": self.running, "seconds": round(seconds, 3), "rate": round(rate),
                 "rate_limit": self.rate, "share": self.pacer.rate,
-                "eta_seconds": round((total - done) / rate) if self.running and rate else None,
+                "eta_seconds": eta_seconds(total - done, rate, self.pacer.rate)
+                if self.running else None,
                 "error": self.error}
 
     def start(self):

@@ -24,6 +24,7 @@ import threading
 import time
 
 from mirrorfs.common.phases import Phase
+from mirrorfs.common.sizes import rate_value
 from mirrorfs.errors import UsageError
 from mirrorfs.control.events import EventLog
 
@@ -41,6 +42,15 @@ def number(request, key, default=None):
             or not math.isfinite(value):
         raise UsageError(f"{request['cmd']}: {key} must be a non-negative finite number")
     return value
+
+
+def rate(request, key="rate"):
+    """A rate from a control request: bytes/s, at least 1, or None (absent or null: no limit). A
+    0 or a fraction is refused (common.sizes.rate_value): it once meant "no limit"."""
+    try:
+        return rate_value(request.get(key), f"{request['cmd']}: {key}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 class Controller:
@@ -159,7 +169,7 @@ class Controller:
             "events": lambda r: ({"event": e} for e in self.events(since=int(number(r, "since", 0)))),
         }
         if self.copies:
-            table["rate"] = lambda r: self.set_cap(int(number(r, "rate") or 0) or None) or {}
+            table["rate"] = lambda r: self.set_cap(rate(r)) or {}
         return table
 
     # The host (mirrorfs.host): a controller whose disk copies data says how much it has copied

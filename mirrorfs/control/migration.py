@@ -27,7 +27,7 @@ from mirrorfs.control import lender as lenders
 from mirrorfs.host.registry import chain_of
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
-from mirrorfs.control.controller import Controller, PhaseError, number
+from mirrorfs.control.controller import Controller, PhaseError, rate
 from mirrorfs.datapath.state import State, StateError
 from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.control.options import ServeOptions
@@ -79,7 +79,6 @@ class Migration(Controller):
         self.copier = None
         self.last_switch = None
         self._created = []              # files this migration made, removed again by cancel
-        self._removed = False           # cancel removed the destination's files
         self._listener = None           # the disk's socket, borrowed from its lender
         self.migration_id = None        # made with the state (control.lender.migration_id)
         self._before = None             # the disk's chain before the migration (from the lender)
@@ -253,6 +252,11 @@ class Migration(Controller):
             # The state says switched, and the tree serves the destination alone: the record says
             # so first (a crash inside the switch, after the state and before the record).
             self._commit(Phase.SWITCHED)()
+        # The overlays are this migration's, made by the start that saved the state: a cancel
+        # removes the destination's again. Whether a destination base there was copied by
+        # mirrorfs or put there by a manager (cp) is not known after a restart: a cancel keeps it
+        # and says so.
+        self._created = [self.source_overlay, self.dest_overlay]
         self.tree = self._tree()
         self.tree.start()
         if saved.phase == Phase.SWITCHED:
@@ -399,12 +403,16 @@ class Migration(Controller):
                                  commit=self._commit(Phase.CANCELLED))
             except Error as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
+            removed = []
             for path in self._created:
-                if path != self.source_overlay:
-                    path.unlink(missing_ok=True)
+                if path != self.source_overlay and path.exists():
+                    path.unlink()
+                    removed.append(str(path))
             self._created.clear()
-            self._removed = True
-            self.enter(Phase.CANCELLED, serving=str(self.source_overlay))
+            kept = [str(path) for path in (self.dest_overlay, self.dest_base) if path.exists()]
+            self.enter(Phase.CANCELLED, serving=str(self.source_overlay), removed=removed,
+                       kept=kept)
+            return {"removed": removed, "kept": kept}
 
     # After Step 5: the disk goes back to a plain export.
 
@@ -476,8 +484,11 @@ class Migration(Controller):
     def status(self):
         status = super().status()
         status["source"] = {"base": str(self.source_top), "overlay": str(self.source_overlay)}
-        if self._removed or (self.phase == Phase.CANCELLED and not self.dest_overlay.exists()):
-            status["destination"] = {"removed": True, "overlay": str(self.dest_overlay)}
+        if self.phase == Phase.CANCELLED and not self.dest_overlay.exists():
+            # What the file system says, not what the migration meant to remove.
+            status["destination"] = {"removed": True, "overlay": str(self.dest_overlay),
+                                     "base": str(self.dest_base),
+                                     "base_exists": self.dest_base.exists()}
         else:
             status["destination"] = {"base": str(self.dest_base), "overlay": str(self.dest_overlay),
                                      "base_exists": self.dest_base.exists()}
@@ -494,14 +505,14 @@ class Migration(Controller):
     def commands(self):
         table = super().commands()
         table.update({
-            "copy": lambda r: self.copy(rate=int(number(r, "rate") or 0) or None, wait=False)
+            "copy": lambda r: self.copy(rate=rate(r), wait=False)
             or {"started": True},
             **self.switch_commands(),
             "hand-back": lambda r: self.hand_back(),
             # Who the disk goes back to (the CLI says the next step): pivot's and cancel's replies.
             "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3),
                                 "lent": self.lender and self.lender.who},
-            "cancel": lambda r: self.cancel() or {"lent": self.lender and self.lender.who},
+            "cancel": lambda r: {**self.cancel(), "lent": self.lender and self.lender.who},
         })
         return table
 

@@ -15,6 +15,7 @@ The first two are the data path's to tell (the controller's own phase is "mirror
 only the data path knows, under its drain, whether anything may differ.
 """
 
+from mirrorfs.common.pacing import eta_seconds
 from mirrorfs.common.phases import Phase
 from mirrorfs.control.controller import Controller, PhaseError
 from mirrorfs.common.sizes import human_size
@@ -200,7 +201,7 @@ def hydration_progress(dp):
     return {"bytes_done": done, "bytes_total": total,
             "percent": round(100 * done / total, 2) if total else 100.0,
             "rate": rate, "rate_limit": hydrator.get("rate_limit"),
-            "eta_seconds": round((total - done) / rate) if rate and done < total else None,
+            "eta_seconds": eta_seconds(total - done, rate, hydrator.get("rate_limit")),
             "running": not h["complete"],
             "source_failing": bool(unreadable or h["source_read_errors"]),
             "bytes_on_source_only": source_only,
@@ -221,5 +222,5 @@ def copy_progress(copier):
     done = copier["first_pass_bytes"]
     return {"bytes_done": done, "bytes_total": size, "percent": round(100 * done / size, 2) if size
             else 100.0, "rate": copier["read_rate"], "rate_limit": copier["rate_limit"],
-            "eta_seconds": round((size - done) / copier["read_rate"]) if copier["read_rate"] and
-            done < size else None, "running": done < size, "error": None}
+            "eta_seconds": eta_seconds(size - done, copier["read_rate"], copier["rate_limit"]),
+            "running": done < size, "error": None}

@@ -80,6 +80,8 @@ class ServeOptions:
             sockets.check_unix_path(self.socket_path)
         self.listen_address = sockets.parse_listen(self.listen) if self.listen else None
         self.state_path = Path(self.state_dir).absolute() if self.state_dir else None
+        if self.state_path is not None:
+            check_state_dir(self.state_path)
         # The data path's own checks (copy mode, policy, rate, region, I/O timeout: they are stated
         # once, in DataPathOptions), on placeholder URIs: a mistake is found here, before anything
         # starts, not by nbdkit later.
@@ -107,3 +109,22 @@ class ServeOptions:
                 hold=True if self.hold_copy else None)
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+
+def check_state_dir(path):
+    """A state directory that exists, or that can be made in a directory that exists: checked
+    before anything starts, and said in one line (`--state-dir notes.txt/sub` once said "does not
+    exist" instead of naming notes.txt as no directory). Nothing is created here; the state makes
+    the directory when it first saves (datapath.state.open_for), and what only mkdir can tell
+    (a /proc or read-only file system) is one line from there."""
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--state-dir {path}: not a directory")
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--state-dir {path}: {ancestor} is not a directory")
+    if ancestor != path.parent:
+        raise UsageError(f"state directory {path}: {path.parent} does not exist")

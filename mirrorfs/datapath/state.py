@@ -179,7 +179,10 @@ def open_for(directory, *, copy, source, dest, size, region_size, switch_first=F
     if not directory.is_dir():
         if not directory.parent.is_dir():
             raise StateError(f"state directory {directory}: {directory.parent} does not exist")
-        directory.mkdir(mode=0o700)
+        try:
+            directory.mkdir(mode=0o700)
+        except OSError as e:
+            raise StateError(f"cannot create the state directory {directory}: {e.strerror}") from None
     state = State.load(directory)
     if state is None:
         if switch_first:
@@ -189,7 +192,10 @@ def open_for(directory, *, copy, source, dest, size, region_size, switch_first=F
         state = State(directory, copy=copy, source=source, dest=dest, size=size,
                       region_size=region_size, phase=phase, cursor=0 if copy == "full" else size,
                       switch_first=switch_first, in_place=in_place)
-        state.save()
+        try:
+            state.save()
+        except OSError as e:
+            raise StateError(f"cannot write the state in {directory}: {e.strerror}") from None
         return state, False
     for label, saved, given in (("source", state.source, source), ("destination", state.dest, dest)):
         if saved != given:

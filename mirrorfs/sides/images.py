@@ -75,6 +75,8 @@ def info(path, force_share=False):
     fmt = top["format"]
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError(f"{path}: unsupported format '{fmt}' (supported: {', '.join(SUPPORTED_FORMATS)})")
+    if fmt == "raw":
+        _check_raw(path)
     chain = tuple(Path(layer["filename"]).resolve() for layer in layers)
     cluster = top.get("cluster-size")
     extended = (top.get("format-specific") or {}).get("data", {}).get("extended-l2", False)
@@ -82,6 +84,38 @@ def info(path, force_share=False):
                      cluster_size=cluster,
                      allocation_unit=cluster // 32 if cluster and extended else cluster,
                      formats=tuple(layer["format"] for layer in layers))
+
+
+# A raw image is whatever qemu-img finds no format in, so any file "is" one: a 20-byte text file
+# was once served as a disk of 20 bytes. A disk is made of 512-byte sectors, and its first sector
+# holds a partition table, a boot sector, a file system's superblock, or zeros: never only text.
+SECTOR = 512
+
+
+def _check_raw(path):
+    """Refuse a file probed as raw that cannot be a disk image: empty, not a whole number of
+    512-byte sectors, or whose first sector is text (lines of printable ASCII, no zero byte).
+    docs/USING.md ("Which files are disk images") says why these rules."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(SECTOR)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+    if size == 0:
+        raise ImageError(f"{path}: an empty file, not a disk image")
+    if size % SECTOR:
+        raise ImageError(f"{path}: not a disk image: {size} bytes, not a whole number of "
+                         f"{SECTOR}-byte sectors (a raw image is; qcow2 is detected by its header)")
+    if _is_text(first):
+        raise ImageError(f"{path}: not a disk image: its first sector is text (a raw image "
+                         "starts with a partition table, a boot sector, a file system or zeros)")
+
+
+def _is_text(data):
+    """Lines of printable ASCII: a test pattern that fills a sector with one letter is not text
+    (it has no line break), nor is anything with a zero byte or a byte above 126."""
+    return b"\n" in data and all(32 <= b < 127 or b in b"\t\n\r\f" for b in data)
 
 
 def data_bytes(image):
