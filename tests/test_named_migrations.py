@@ -26,9 +26,9 @@ SIZE = 128 * MiB         # the base's data in its first half: the writer's 48 Mi
 
 @pytest.fixture
 def host(workdir):
-    h = Host(workdir).start()
+    h = Host(workdir, take_back_after=1).start()
     yield h
-    h.shutdown()
+    h.close()
 
 
 def uri(sock):
@@ -283,4 +283,4 @@ def test_a_migration_resumed_before_the_take_back_keeps_its_loan(workdir):
         writer.check(uri(sock))
         assert host.record("vm1")["chain"][0]["path"] == str(workdir / "b" / "vm1-snap.qcow2")
     finally:
-        host.shutdown()
+        host.close()
