@@ -284,3 +284,32 @@ def test_a_migration_resumed_before_the_take_back_keeps_its_loan(workdir):
         assert host.record("vm1")["chain"][0]["path"] == str(workdir / "b" / "vm1-snap.qcow2")
     finally:
         host.close()
+
+
+def test_an_evacuation_killed_while_hydrating_is_resumed_after_a_reboot(workdir, host):
+    """A power cut while an evacuation hydrates: the service cannot serve the destination alone
+    (regions not hydrated yet are on the source only) nor the source (it lacks the writes), so the
+    disk stays unserved and `list` says how to resume; the same command line resumes the loan, and
+    the hand-back serves every write."""
+    base, sock = named_disk(host, workdir, "qcow2")
+    writer = ReconnectingWriter(sock)
+    argv = ("start", "vm1", "--switch-first", "--dest-dir", workdir / "b",
+            "--state-dir", workdir / "state", "--rate", "1M")
+    m = host.background("m1", *argv)
+    writer.wait_sent(writer.sent + 30)
+    host.reboot(also=[psutil.Process(m.pid)])
+    stranded = wait_until(lambda: host.disks()["vm1"]["phase"] == "stranded" and host.disks()["vm1"],
+                          "stranded", timeout=30)
+    assert "resume it" in stranded["error"], stranded
+    again = host.background("m2", *argv)
+    host.mirrorfs("rate", "vm1", "none")
+    wait_until(lambda: json.loads(host.mirrorfs("status", "vm1", "--json").stdout)["phase"]
+               == "hydrated", "hydrated")
+    host.mirrorfs("hand-back", "vm1")
+    assert again.wait(60) == 0
+    assert wait_served(host)["top"] == str(workdir / "b" / base.name)
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+    check_base_data(sock, writer)
+    check_every_chain(workdir / "a", workdir / "b")

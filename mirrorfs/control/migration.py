@@ -113,7 +113,7 @@ class Migration(Controller):
         disk back to it as it was."""
         with self.changing("start", Phase.NEW):
             saved = self._saved_state()
-            self.migration_id = lenders.migration_id(
+            self.migration_id = self.options.migration = lenders.migration_id(
                 self.state_dir, self.lender.name if self.lender and self.lender.named else None)
             if self.lender is not None:
                 self._locate_lent()

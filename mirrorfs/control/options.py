@@ -42,6 +42,9 @@ class ServeOptions:
     take_over: str | None = None
     # The named disk (mirrorfs.host.registry) borrowed from the host service: served on its socket.
     disk: str | None = None
+    # The migration's id (control.lender.migration_id), which the disk's record names while lent:
+    # the id a new state directory is made with.
+    migration: str | None = None
     # Evacuation: the destination serves from the start, the source is opened read-only and
     # hydrated into it in the background (mirrorfs.datapath.evacuee).
     switch_first: bool = False
