@@ -313,3 +313,34 @@ def test_an_evacuation_killed_while_hydrating_is_resumed_after_a_reboot(workdir,
     writer.check(uri(sock))
     check_base_data(sock, writer)
     check_every_chain(workdir / "a", workdir / "b")
+
+
+def test_a_switch_recorded_but_not_made_is_undone_by_the_resume(workdir):
+    """The record is written inside the switch's hold, just before the state: a crash between the
+    two leaves the record saying destination while the state still mirrors. The resume, which
+    reads the source again, makes the record say source before it serves (the crash is simulated
+    by recording the switch while the migration is dead)."""
+    from mirrorfs.host.registry import Registry
+    host = Host(workdir, take_back_after=600).start()
+    try:
+        base, sock = named_disk(host, workdir, "qcow2")
+        argv = ("start", "vm1", "--dest-dir", workdir / "b", "--state-dir", workdir / "state")
+        first = host.background("m1", *argv)
+        qemu_io(uri(sock), "write -P 0x77 0 1M")
+        loan = host.record("vm1")["lent"]
+        kids = first.children(recursive=True)
+        first.kill()
+        psutil.wait_procs([first, *kids], timeout=30)
+        Registry(host.registry).switched("vm1", loan["migration"])
+        assert host.record("vm1")["lent"]["serving"] == "destination"
+        host.background("m2", *argv)
+        record = host.record("vm1")
+        assert record["lent"]["serving"] == "source" and record["lent"]["migration"] == loan["migration"]
+        assert record["chain"][0]["path"] == str(workdir / "a" / "vm1-snap.qcow2")
+        qemu_io(uri(sock), "read -P 0x77 0 1M")
+        host.mirrorfs("copy", "vm1")
+        host.mirrorfs("pivot", "vm1")
+        host.mirrorfs("hand-back", "vm1")
+        qemu_io(uri(sock), "read -P 0x77 0 1M")
+    finally:
+        host.close()

@@ -84,6 +84,7 @@ class Migration(Controller):
         self._before = None             # the disk's chain before the migration (from the lender)
         self.stopped_in = None          # the phase `stop` found (control.stopreport.next_step)
         self._rebased = False           # the destination overlay is on the destination base
+        self._loan_serving = None       # the side the disk's record said at the borrow
         self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
@@ -192,6 +193,7 @@ class Migration(Controller):
         lenders.keep_identity(self.state_dir, self.migration_id,
                               self.lender.name if self.lender.named else None)
         self._listener, reply = self.lender.borrow(loan)
+        self._loan_serving = ((reply.get("record") or {}).get("lent") or {}).get("serving")
         if not known:
             self.chains = self._loan_chains(chain_of(images.info(self.source_top)))
         if "image" in reply and Path(reply["image"]) != self.source_top:
@@ -252,6 +254,13 @@ class Migration(Controller):
             # The state says switched, and the tree serves the destination alone: the record says
             # so first (a crash inside the switch, after the state and before the record).
             self._commit(Phase.SWITCHED)()
+        elif self._loan_serving == "destination" and self._commit(Phase.CANCELLED):
+            # The record took a switch the state never saw (a crash inside the switch's hold,
+            # between the two): nothing was served from the destination, and the resumed mirror
+            # reads the source again, which the record must say before it serves.
+            self.log.add("warning", what="the switch was recorded but not made; the disk is the "
+                         "source chain again")
+            self._commit(Phase.CANCELLED)()
         # The overlays are this migration's, made by the start that saved the state: a cancel
         # removes the destination's again. Whether a destination base there was copied by
         # mirrorfs or put there by a manager (cp) is not known after a restart: a cancel keeps it
