@@ -14,7 +14,7 @@ import signal
 import psutil
 import pytest
 
-from lib.commands import EXIT_USAGE, run
+from lib.commands import EXIT_ERROR, EXIT_USAGE, run
 from lib.hosted import Host
 from lib.images import MiB, make_base, qemu_io
 from lib.reconnecting import BLOCK, ReconnectingWriter
@@ -344,3 +344,24 @@ def test_a_switch_recorded_but_not_made_is_undone_by_the_resume(workdir):
         qemu_io(uri(sock), "read -P 0x77 0 1M")
     finally:
         host.close()
+
+
+def test_hand_back_waits_for_the_host_service(workdir, host):
+    """hand-back while the service is down is refused before the migration stops serving (the
+    writer goes on); once the service runs again, the same command hands the disk back."""
+    base, sock = named_disk(host, workdir, "qcow2")
+    writer = ReconnectingWriter(sock)
+    m = host.background("m", "start", "vm1", "--dest-dir", workdir / "b", "--state-dir", workdir / "state")
+    host.mirrorfs("cancel", "vm1")
+    host.kill(signal.SIGKILL)
+    res = host.mirrorfs("hand-back", "vm1", check=False)
+    assert res.returncode == EXIT_ERROR and "no host service" in res.stderr, res.stderr
+    assert m.poll() is None
+    writer.wait_sent(writer.sent + 30)          # still served by the migration
+    host.start()
+    host.mirrorfs("hand-back", "vm1")
+    assert m.wait(60) == 0
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+    assert wait_served(host)["top"] == str(workdir / "a" / "vm1-snap.qcow2")

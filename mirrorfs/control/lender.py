@@ -59,6 +59,9 @@ class ExportLender:
 
     cancelled = switched
 
+    def ready(self):
+        """An export that is gone fails the give-back itself (as it always did)."""
+
     def give_back(self, chain):
         return export.give_back(self.control, chain[0]["path"])
 
@@ -115,6 +118,13 @@ class HostLender:
 
     def cancelled(self):
         self.registry.cancelled(self.name, self.migration)
+
+    def ready(self):
+        """Before a hand-back stops serving the disk: the service must be there to take it."""
+        if not hostctl.running(self.run_dir):
+            raise UsageError(f"no host service answers at {hostctl.control_path(self.run_dir)}: "
+                             "start it (mirrorfs host, or the mirrorfs-host unit), then hand back "
+                             "again; the migration serves the disk meanwhile")
 
     def give_back(self, chain):
         """The service records the end of the loan (`returned`) and serves `chain` again."""

@@ -438,6 +438,7 @@ class Migration(Controller):
                 raise UsageError("this migration did not take the disk over (start NAME, or start "
                                  "--take-over): there is nothing to hand it back to")
             top = self._authoritative_top()
+            self.lender.ready()
             self.tree.stop()
             self.lender.give_back(self._chain_of(top))
             if self.state_dir is not None:
