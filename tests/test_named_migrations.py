@@ -365,3 +365,37 @@ def test_hand_back_waits_for_the_host_service(workdir, host):
     writer.stop()
     writer.check(uri(sock))
     assert wait_served(host)["top"] == str(workdir / "a" / "vm1-snap.qcow2")
+
+
+@pytest.mark.ceph
+def test_reboot_after_an_evacuation_to_ceph(ceph_cluster, workdir, host):
+    """start vm1 --switch-first --dest-dir rbd:POOL: the disk moves into a new RBD image of the
+    session's cluster; after the hand-back the record's chain is that image (raw), and a reboot
+    serves it with every write."""
+    (workdir / "a").mkdir()
+    name = f"nm-{workdir.name}"                 # the session's cluster is shared: a name of our own
+    base = make_base(workdir / "a" / f"{name}.qcow2", SIZE)
+    sock = workdir / "vm1.sock"
+    host.mirrorfs("add", "vm1", base, "--socket", sock)
+    writer = ReconnectingWriter(sock)
+    pool = f"rbd:rbd:conf={ceph_cluster.conf}"
+    image = f"rbd:rbd/{name}:conf={ceph_cluster.conf}"
+    try:
+        host.background("m", "start", "vm1", "--switch-first", "--dest-dir", pool,
+                        "--state-dir", workdir / "state")
+        assert host.record("vm1")["lent"]["destination"] == [{"path": image, "format": "raw"}]
+        wait_until(lambda: json.loads(host.mirrorfs("status", "vm1", "--json").stdout)["phase"]
+                   == "hydrated", "hydrated")
+        writer.wait_sent(writer.sent + 30)
+        host.mirrorfs("hand-back", "vm1")
+        assert host.record("vm1")["chain"] == [{"path": image, "format": "raw"}]
+        host.reboot()
+        assert wait_served(host)["top"] == image
+        writer.wait_sent(writer.sent + 30)
+        writer.stop()
+        writer.check(uri(sock))
+        check_base_data(sock, writer)
+        check_every_chain(workdir / "a")
+    finally:
+        host.close()
+        ceph_cluster.rbd("rm", "--no-progress", f"rbd/{name}")
