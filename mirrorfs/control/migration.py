@@ -70,6 +70,10 @@ class Migration(Controller):
         if overlay_name is not None and ("/" in overlay_name or overlay_name in ("", ".", "..")):
             raise UsageError(f"--overlay-name {overlay_name!r}: expected a file name, not a path")
         self._overlay_name = overlay_name
+        if str(dest_dir).startswith("rbd:") and not self.options.switch_first:
+            raise UsageError(f"--dest-dir {dest_dir}: a migration's overlays are qcow2 files; into "
+                             "a Ceph pool, evacuate (--switch-first) or use 'mirrorfs serve --copy "
+                             "full'")
         self.dest_dir = Path(dest_dir).absolute()
         self.source_top = self.source_overlay = self.dest_overlay = self.dest_base = None
         if source_top is not None:
