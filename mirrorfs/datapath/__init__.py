@@ -2,7 +2,7 @@
 
 Everything in this subpackage is loaded by nbdkit's embedded interpreter (Debian's /usr/bin/python3)
 and imports only the standard library, `nbd` (libnbd) and `nbdkit`: never the supervisor beside it,
-never a PyPI package (tests/test_layers.py checks it in a clean interpreter). The supervisor may import
+never a PyPI package (tests/unit/test_layers.py checks it in a clean interpreter). The supervisor may import
 from here: the constants both halves must agree on live here, once.
 
     nbdkit_script.py   the file nbdkit's python plugin loads (part of the installed package)
