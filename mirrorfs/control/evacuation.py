@@ -33,12 +33,9 @@ from mirrorfs.control.controller import Controller, PhaseError
 from mirrorfs.control.migration import Migration
 from mirrorfs.control.mirror import Hydrating, hydration_progress, switch_first_refusal
 from mirrorfs.daemons.tree import ProcessTree
-from mirrorfs.datapath.state import FILE as STATE_FILE
+from mirrorfs.datapath import statedir
 from mirrorfs.errors import UsageError
 from mirrorfs.sides import images, rbd
-
-# What the data path keeps in the state directory of an evacuation (datapath.hydration).
-HYDRATION_FILE = "hydration.map"
 
 
 class RbdDestination:
@@ -122,7 +119,7 @@ class Evacuation(Hydrating, Migration):
         self._check_state_files()
 
     def _check_state_files(self):
-        for name in (STATE_FILE, HYDRATION_FILE):
+        for name in statedir.FILES:
             if (self.state_dir / name).exists():
                 raise UsageError(f"{self.state_dir / name} exists: the state directory belongs to "
                                  "another evacuation")
@@ -173,7 +170,7 @@ class Evacuation(Hydrating, Migration):
         command line starts afresh."""
         super()._undo_start()
         if self.state_dir is not None:
-            for name in (STATE_FILE, HYDRATION_FILE):
+            for name in statedir.FILES:
                 (self.state_dir / name).unlink(missing_ok=True)
 
     def _tree(self):

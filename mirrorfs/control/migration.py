@@ -28,7 +28,8 @@ from mirrorfs.host.registry import chain_of
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
 from mirrorfs.control.controller import Controller, PhaseError, rate
-from mirrorfs.datapath.state import State, StateError
+from mirrorfs.datapath import statedir
+from mirrorfs.datapath.state import StateError
 from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.control.options import ServeOptions
 from mirrorfs.daemons.tree import ProcessTree
@@ -119,7 +120,7 @@ class Migration(Controller):
         with self.changing("start", Phase.NEW):
             saved = self._saved_state()
             self.migration_id = self.options.migration = lenders.migration_id(
-                self.state_dir, self.lender.name if self.lender and self.lender.named else None)
+                saved, self.lender.name if self.lender and self.lender.named else None)
             if self.lender is not None:
                 self._locate_lent()
             if saved is None:
@@ -194,8 +195,6 @@ class Migration(Controller):
                 "evacuation": self.options.switch_first, **({
                     "source": self.chains["source"], "destination": self.chains["destination"]}
                     if known else {})}
-        lenders.keep_identity(self.state_dir, self.migration_id,
-                              self.lender.name if self.lender.named else None)
         self._listener, reply = self.lender.borrow(loan)
         self._loan_serving = ((reply.get("record") or {}).get("lent") or {}).get("serving")
         if not known:
@@ -235,10 +234,12 @@ class Migration(Controller):
                            listener=self._listener)
 
     def _saved_state(self):
+        """The state in the state directory, every file of it checked (datapath.statedir) before
+        anything is borrowed or started; None if there is none."""
         if self.state_dir is None:
             return None
         try:
-            return State.load(self.state_dir)
+            return statedir.load(self.state_dir)
         except StateError as e:
             raise UsageError(str(e)) from None
 
@@ -450,7 +451,6 @@ class Migration(Controller):
                 state = self.state_dir / "state.json"
                 if state.exists():
                     state.rename(state.with_name("state.json.handed-back"))
-                lenders.retire_identity(self.state_dir)
             self.enter(Phase.HANDED_BACK, image=str(top))
             self.finished.set()
             return {"image": str(top), "to": self.lender.who}

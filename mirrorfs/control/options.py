@@ -118,7 +118,7 @@ def check_state_dir(path):
     """A state directory that exists, or that can be made in a directory that exists: checked
     before anything starts, and said in one line (`--state-dir notes.txt/sub` once said "does not
     exist" instead of naming notes.txt as no directory). Nothing is created here; the state makes
-    the directory when it first saves (datapath.state.open_for), and what only mkdir can tell
+    the directory when it first saves (datapath.statedir.open_for), and what only mkdir can tell
     (a /proc or read-only file system) is one line from there."""
     if path.exists():
         if not path.is_dir():

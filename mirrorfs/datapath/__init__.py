@@ -19,6 +19,8 @@ from here: the constants both halves must agree on live here, once.
     dirtymap.py        what may differ between the sides, and the write-intent rule
     copier.py          copies what may differ (full mode's first pass, regions to copy again)
     state.py           the state journal in the state directory: what survives kill -9
+    statedir.py        the state directory as a whole: every file of it, and whose it is (refused if not)
+    compare.py         a mirror's sides compared under range locks (serve --copy none's pivot)
     threadstate.py     one Python thread state per nbdkit worker thread (speed)
     lifeline.py        nbdkit is killed with its supervisor, before a storage daemon stops
     histogram.py       a per-side latency histogram, no lock on the request path (metrics)

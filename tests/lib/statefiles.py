@@ -8,7 +8,7 @@ MiB = 1 << 20
 
 def new_state(directory, copy="full", size=16 * MiB, region=MiB):
     """A new state (never a resumed one) for a `size`-byte disk of `region`-byte regions."""
-    from mirrorfs.datapath.state import open_for
+    from mirrorfs.datapath.statedir import open_for
     state, resumed = open_for(directory, copy=copy, source={"uri": "s", "size": size},
                               dest={"uri": "d", "size": size}, size=size, region_size=region)
     assert not resumed

@@ -26,6 +26,7 @@ from mirrorfs.datapath.dirtymap import DirtyMap
 from mirrorfs.datapath.disk import Disk
 from mirrorfs.datapath.errors import DataPathError, DrainTimeout, RequestError, SwitchRefused
 from mirrorfs.datapath.inflight import InFlight
+from mirrorfs.datapath.compare import CHUNK, compare
 from mirrorfs.datapath.memory import MemoryBackend
 from mirrorfs.datapath.options import DataPathOptions
 from mirrorfs.datapath.state import State, StateError
@@ -180,8 +181,9 @@ def test_a_corrupt_state_is_refused(tmp_path):
         State.load(tmp_path)
 
 
-def test_a_state_of_the_first_format_is_read():
-    """Format 1 of the state spelled copy mode none as mode "mirror"."""
+def test_a_state_of_the_first_format_is_refused():
+    """Format 1 of the state did not say whose it is (no migration id, no inode): refused with
+    the reason, not converted."""
     import hashlib
     import tempfile
     from pathlib import Path
@@ -191,8 +193,8 @@ def test_a_state_of_the_first_format_is_read():
     checksum = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "state.json").write_text(json.dumps({**fields, "checksum": checksum}))
-        state = State.load(d)
-    assert state.copy == "none" and state.cursor == SIZE and state.dirty == {3}
+        with pytest.raises(StateError, match="older mirrorfs .state format 1.*no conversion"):
+            State.load(d)
 
 
 # Options.
@@ -726,3 +728,21 @@ def test_in_place_a_failed_read_of_a_region_not_hydrated_is_the_sources(evacuee)
     s = ev.status()
     assert s["hydration"]["source_read_errors"] == 1
     assert s["sides"]["destination"]["errors"] == 1
+
+
+# serve's pivot compares the sides (tests/system/test_serve_pivot.py runs it for real).
+
+def test_compare_finds_the_first_difference_skips_zeros_and_stops_at_its_deadline():
+    """datapath.compare on two in-memory sides: the exact first differing byte (in a chunk after
+    equal ones), zeros that both sides report skipped unread, and a deadline that stops it with
+    what it compared (fewer bytes than the disk: not "identical")."""
+    size = 16 * MiB
+    src, dst = MemoryBackend("source", size), MemoryBackend("destination", size)
+    disk = Disk(src, dst, DirtyMap(size, MiB))
+    for side in (src, dst):
+        side.data[CHUNK + 7:CHUNK + 4096] = b"\x11" * (4096 - 7)
+    assert compare(disk) == (None, size)
+    assert src.commands["read"] == dst.commands["read"] == 1     # the one chunk with data
+    dst.data[2 * CHUNK + 12345] = 0x99
+    assert compare(disk) == (2 * CHUNK + 12345, 2 * CHUNK)
+    assert compare(disk, timeout=0) == (None, 0)

@@ -19,7 +19,8 @@ LAYERS = ("common", "datapath", "system", "sides", "daemons", "host", "control",
 TOP_LEVEL = {"errors": "system", "__init__": "common", "__main__": "cli"}
 ALLOWED_OUTSIDE_STDLIB = {"mirrorfs", "nbd", "libnbdmod"}
 # What the data path offers the supervisor: the script nbdkit loads, its parameters, the state file's
-# reader and the one connect path. Everything else in it is private to the nbdkit process.
+# reader, the state directory's (every file of it, and whose it is) and the one connect path.
+# Everything else in it is private to the nbdkit process.
 PROBE = """
 import json, sys
 sys.path.insert(0, {root!r})
@@ -29,7 +30,7 @@ for name in {modules!r}:
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 OFFERED_BY_DATAPATH = {"mirrorfs.datapath", "mirrorfs.datapath.options", "mirrorfs.datapath.state",
-                       "mirrorfs.datapath.backend"}
+                       "mirrorfs.datapath.statedir", "mirrorfs.datapath.backend"}
 
 
 def family(module):
