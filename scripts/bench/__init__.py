@@ -7,6 +7,7 @@ are read by the project's own parser (mirrorfs.common.sizes).
     lifecycle  a client's waits at take-over, hand-back and restarts; the export's speed
     evacuate   an evacuation's hydration against `qemu-img convert`, a client during and after it
     host       what scraping the host's metrics costs the data path
+    named      300 named disks under `mirrorfs host`: memory, start, list, a scrape, a kill -9
 
 and the pieces they share:
 

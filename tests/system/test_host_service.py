@@ -3,7 +3,9 @@ reconnecting writer across the service's SIGTERM and kill -9 and across a "reboo
 racing; a damaged record; an image of another disk; a borrower that dies."""
 
 import json
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from lib.images import MiB, make_base, make_overlay, qemu_io
 from lib.processes import still_running
 from lib.reconnecting import ReconnectingWriter
 from lib.waits import wait_until
+from mirrorfs.common import jsonlines
 from mirrorfs.host.registry import Registry
 
 
@@ -42,6 +45,11 @@ def test_add_serve_list_remove(workdir, host_service):
     assert disks["vm1"]["chain"] == [{"path": str(top), "format": "qcow2"},
                                      {"path": str(base), "format": "raw"}]
     assert oct(s1.stat().st_mode & 0o777) == "0o600"
+    status = jsonlines.call(host.run_dir / "host.ctl", {"cmd": "status", "disk": "vm1"})["disk"]
+    assert status["phase"] == "exporting" and status["history"][0]["event"] == "added"
+    assert status["retired"] == [] and len(status["id"]) == 16
+    with pytest.raises(jsonlines.ControlError, match="unknown command 'pivot': this is the mirrorfs host"):
+        jsonlines.call(host.run_dir / "host.ctl", {"cmd": "pivot"})
     daemon = psutil.Process(disks["vm2"]["pid"])
     host.cli("remove", "vm2")
     assert not still_running([daemon], timeout=30)
@@ -92,7 +100,10 @@ def test_a_reboot_serves_every_disk_on_its_records_chain(workdir, host_service):
     tops = {}
     for name in ("vm1", "vm2", "vm3"):
         tops[name], _ = _disk(workdir, name, fmt="raw" if name == "vm2" else "qcow2")
-        host.add(name, tops[name])
+    host.add("vm1", tops["vm1"])
+    (workdir / "run-vms").mkdir()           # a directory a reboot empties, as /run
+    host.add("vm2", tops["vm2"], workdir / "run-vms" / "vm2.sock")
+    host.add("vm3", tops["vm3"])
     writer = ReconnectingWriter(workdir / "vm1.sock", blocks=400, spacing=0.005)
     writer.wait_sent(100)
     qemu_io(_uri(workdir / "vm3.sock"), "write -P 0x33 0 1M")
@@ -102,6 +113,7 @@ def test_a_reboot_serves_every_disk_on_its_records_chain(workdir, host_service):
     for p in daemons:
         p.kill()
     assert not still_running(daemons, timeout=30)
+    shutil.rmtree(workdir / "run-vms")
     # While nothing runs, vm3 moves: its record now names a copy of its chain elsewhere.
     (workdir / "b").mkdir()
     moved = workdir / "b" / "vm3.qcow2"
@@ -122,6 +134,7 @@ def test_a_reboot_serves_every_disk_on_its_records_chain(workdir, host_service):
     disks = host.list()
     assert {n: d["phase"] for n, d in disks.items()} == dict.fromkeys(tops, "exporting")
     assert disks["vm3"]["top"] == str(moved)
+    qemu_io(_uri(workdir / "run-vms" / "vm2.sock"), "read -P 0x10 0 64k")
     assert {p.pid for p in host.daemons()}.isdisjoint({p.pid for p in daemons})
     writer.wait_sent(200)
     writer.stop()
@@ -277,3 +290,98 @@ def test_shutdown_stops_every_disk(workdir, host_service, sig):
     host.cli("shutdown")
     assert host.proc.wait(60) == 0
     assert not still_running(host.daemons(), timeout=30) and not (workdir / "vm1.sock").exists()
+
+
+GIVER = """
+import os, sys
+from mirrorfs.host import hostctl
+from mirrorfs.host.rundir import RunDir
+source, destination = eval(sys.argv[3]), eval(sys.argv[4])
+listener, reply = hostctl.borrow(RunDir(sys.argv[1], create=False), sys.argv[2], pid=os.getpid(),
+                                 migration="m1", control=None, state_dir=None, source=source,
+                                 destination=destination)
+print("borrowed", flush=True)
+sys.stdin.readline()
+reply = hostctl.give_back(RunDir(sys.argv[1], create=False), sys.argv[2], migration="m1", chain=source)
+print("given", reply["serving"], flush=True)
+"""
+
+
+def test_a_loan_outlives_the_service(workdir, host_service, borrowers):
+    """The service is killed (-9) while the disk is lent; the next one finds the borrower alive,
+    takes its copy of the socket back from it, and serves the chain the borrower gives back."""
+    host = host_service.start()
+    top, base = _disk(workdir, "vm1")
+    socket = host.add("vm1", top)
+    writer = ReconnectingWriter(socket, blocks=300, spacing=0.005)
+    writer.wait_sent(50)
+    (workdir / "b").mkdir()
+    dest = make_overlay(workdir / "b" / "vm1-snap.qcow2", base)
+    source = [{"path": str(top), "format": "qcow2"}, {"path": str(base), "format": "qcow2"}]
+    giver = subprocess.Popen([sys.executable, "-c", GIVER, str(host.run_dir), "vm1", repr(source),
+                              repr([{"path": str(dest), "format": "qcow2"}])],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=host.env())
+    borrowers.append(giver)
+    assert giver.stdout.readline().startswith("borrowed")
+    host.kill(signal.SIGKILL)
+    host.start()
+    disk = host.list()["vm1"]
+    assert disk["phase"] == "lent" and disk["lent"]["alive"] and disk["lent"]["pid"] == giver.pid
+    giver.stdin.write("give-back\n")
+    giver.stdin.flush()
+    assert giver.stdout.readline().split() == ["given", str(top)]
+    assert giver.wait(30) == 0
+    disk = host.list()["vm1"]
+    assert disk["phase"] == "exporting" and disk["lent"] is None and disk["top"] == str(top)
+    writer.wait_sent(150)
+    writer.stop()
+    host.close()
+    writer.check(top, fmt="qcow2")
+    record = Registry(host.registry).get("vm1")
+    assert [e["event"] for e in record["history"]] == ["added", "lent", "handed-back"]
+    assert {r["path"] for r in record["retired"]} == {str(dest)}
+
+
+@pytest.mark.slow
+@pytest.mark.serial           # 300 storage daemons: not beside the parallel pass's tests
+def test_300_disks_and_a_kill_9_under_a_writer(workdir, host_service):
+    """The issue's host: 300 named disks registered; the service killed -9 under a reconnecting
+    writer and started again adopts every daemon (same pids), and the writer sees no error."""
+    registry = Registry(host_service.registry)
+    (workdir / "img").mkdir()
+    for i in range(300):
+        image = workdir / "img" / f"d{i}.raw"
+        with open(image, "wb") as f:
+            f.truncate(4 * MiB)
+        registry.add(f"d{i}", image, workdir / "img" / f"d{i}.sock")
+    host = host_service.start(timeout=300)
+    disks = host.list()
+    assert len(disks) == 300 and {d["phase"] for d in disks.values()} == {"exporting"}
+    pids = {d["pid"] for d in disks.values()}
+    writer = ReconnectingWriter(workdir / "img" / "d7.sock", blocks=250, spacing=0.005)
+    writer.wait_sent(50)
+    host.kill(signal.SIGKILL)
+    writer.wait_sent(100)
+    host.start(timeout=300)
+    assert {d["pid"] for d in host.list().values()} == pids
+    writer.wait_sent(200)
+    writer.stop()
+    host.close()
+    writer.check(workdir / "img" / "d7.raw")
+
+
+def test_ready_once_every_disk_is_served(workdir, host_service):
+    """systemd's READY=1 (Type=notify) comes once every disk is served: a unit ordered after the
+    service finds every socket answering."""
+    registry = Registry(host_service.registry)
+    for name in ("vm1", "vm2"):
+        registry.add(name, _disk(workdir, name)[0], workdir / f"{name}.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(workdir / "notify"))
+    notify.settimeout(120)
+    with notify:
+        host_service.start(env={"NOTIFY_SOCKET": str(workdir / "notify")})
+        message = notify.recv(4096).decode()
+        assert "READY=1" in message and "2 exporting" in message, message
+    for name in ("vm1", "vm2"):
+        qemu_io(_uri(workdir / f"{name}.sock"), "read -P 0x10 0 64k")
