@@ -24,6 +24,9 @@ LIBVIRT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 # Enough for `make check` and `make lint`.
 PYTHON_PACKAGES := python3-venv python3-libnbd
 VENV := .venv
+PREFIX ?= /opt/mirrorfs
+UNITDIR ?= /etc/systemd/system
+CONFDIR ?= /etc/mirrorfs
 PY := $(VENV)/bin/python
 PYSTAMP := $(VENV)/.python
 STAMP := $(VENV)/.installed
@@ -31,7 +34,7 @@ STAMP := $(VENV)/.installed
 # than cores (tests/system/conftest.py; docs/TESTING.md has the times).
 TEST_WORKERS ?= 3
 
-.PHONY: setup venv lint check test demo bench clean
+.PHONY: setup venv lint check test demo bench clean install
 
 # install_debs(PACKAGES, PACKAGES_WITHOUT_RECOMMENDS): apt-get those not installed yet.
 define install_debs
@@ -90,6 +93,11 @@ test: lint setup
 	step env MIRRORFS_SUITE=full $(PY) -m pytest tests/system --pass=serial -p no:xdist $(PYTEST_ARGS); \
 	if [ $$ran -eq 0 ]; then echo "make test: no test ran"; exit 1; fi; \
 	exit $$failed
+
+# The package in its own venv where docs/systemd's units point (PREFIX, default /opt/mirrorfs), and
+# the units in UNITDIR (default /etc/systemd/system): scripts/install.sh says how.
+install:
+	PREFIX=$(PREFIX) UNITDIR=$(UNITDIR) CONFDIR=$(CONFDIR) sh scripts/install.sh
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -10,6 +10,7 @@ import threading
 import time
 
 from mirrorfs.cli import display
+from mirrorfs.cli import named
 from mirrorfs.cli.parser import rate as rate_type
 from mirrorfs.common import jsonlines
 from mirrorfs.common.sizes import human_size
@@ -130,11 +131,10 @@ def cmd_budget(args):
 # rate
 
 def cmd_rate(args):
-    if not args.control:
-        raise UsageError("give --control PATH (or set MIRRORFS_CONTROL)")
+    control = named.control_of(args)
     rate = _rate(args.rate, "rate")
     try:
-        jsonlines.call(args.control, {"cmd": "rate", "rate": rate}, timeout=30)
+        jsonlines.call(control, {"cmd": "rate", "rate": rate}, timeout=30)
     except jsonlines.ControlError as e:
         raise Error(str(e)) from None
     print(f"copy rate: {_size(rate) + '/s' if rate else 'unlimited'} (under the host budget)",

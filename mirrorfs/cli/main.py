@@ -7,6 +7,7 @@ SIGHUP is ignored: a served disk must not go away because the terminal that star
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 from mirrorfs.control import socket as control
 from mirrorfs.cli import display
 from mirrorfs.cli import host
+from mirrorfs.cli import named
 from mirrorfs.system import notify
 from mirrorfs.control import stopreport
 from mirrorfs.system.access import Access
@@ -84,7 +86,8 @@ def _run_controller(controller, control_path, uris, rundir):
             print(f"control {control_path}", flush=True)
         notify.ready(f"{controller.kind} {controller.phase}: {', '.join(uris())}")
         with Registration(rundir, controller.kind, control_path, uris(),
-                          take_over=getattr(controller, "take_over", None)):
+                          take_over=getattr(controller, "take_over", None),
+                          disk=getattr(getattr(controller, "lender", None), "name", None)):
             _run_registered(controller, stop, rundir, uris())
         if not stop.is_set():
             print(f"{controller.phase}; stopping", flush=True)
@@ -116,15 +119,23 @@ def _stopped(controller):
     (stopreport.py) and its exit status."""
     tree = controller.tree
     report = stopreport.divergence(tree) if tree is not None else None
+    step = (stopreport.next_step(controller, shlex.join(["mirrorfs", *sys.argv[1:]]))
+            if isinstance(controller, Migration) else None)
     if report is None:
         print("stopped", flush=True)
+        if step:
+            print(step, file=sys.stderr, flush=True)
         return 0
     line, status = report
     print(line, file=sys.stderr, flush=True)
+    if step and status == 0:
+        print(step, file=sys.stderr, flush=True)
     return status
 
 
 def cmd_serve(args):
+    for image in (args.source, args.dest):
+        named.refuse_named(args, image, "move a named disk with mirrorfs start NAME --dest-dir DIR")
     rundir = host.run_dir(args)
     options = _serve_options(args, readonly=args.readonly, copy=args.copy,
                              rate=args.rate, region=args.region,
@@ -136,26 +147,34 @@ def cmd_serve(args):
 
 def cmd_start(args):
     rundir = host.run_dir(args)
-    control_path = _control_path(args)
+    lender, source_top = named.start_lender(args, rundir)
+    disk = lender.name if lender else None
+    control_path = (args.control or named.migration_control(rundir, disk)) if disk \
+        else _control_path(args)
+    common = {"take_over": args.take_over, "disk": disk, "hold_copy": True}
     if args.switch_first:
-        migration = Evacuation(args.source_top, args.dest_dir,
-                               _serve_options(args, take_over=args.take_over, copy="full",
-                                              rate=args.rate, hold_copy=True),
-                               overlay_name=args.overlay_name)
+        migration = Evacuation(source_top, args.dest_dir,
+                               _serve_options(args, copy="full", rate=args.rate, **common),
+                               overlay_name=args.overlay_name, lender=lender, control=control_path)
     else:
         if args.rate is not None:
             raise UsageError("--rate limits the hydration of --switch-first; a migration's base "
                              "copy takes 'mirrorfs copy --rate'")
-        migration = Migration(args.source_top, args.dest_dir,
-                              _serve_options(args, take_over=args.take_over, hold_copy=True),
-                              overlay_name=args.overlay_name)
+        migration = Migration(source_top, args.dest_dir, _serve_options(args, **common),
+                              overlay_name=args.overlay_name, lender=lender, control=control_path)
     return _run_controller(migration, control_path, lambda: migration.tree.uris, rundir)
 
 
 def _control(args):
-    if not args.control:
-        raise UsageError("give --control PATH (or set MIRRORFS_CONTROL)")
-    return args.control
+    return named.control_of(args)
+
+
+def _then(args, cmd, why):
+    """The next step after a command, spelled the way the operator named the migration."""
+    target = getattr(args, "target", None)
+    how = target if named.is_name(target) and not os.path.exists(target) else \
+        f"--control {named.control_of(args)}"
+    return f"next: mirrorfs {cmd} {how} ({why})"
 
 
 def _call(args, cmd, **fields):
@@ -208,10 +227,15 @@ def cmd_status(args):
 def cmd_pivot(args):
     reply = _call(args, "pivot", force=args.force)
     print(f"switched to the destination; clients held {reply['stall_ms']:.1f} ms", flush=True)
+    if reply.get("lent"):
+        print(_then(args, "hand-back", f"{reply['lent']} serves the destination chain again"),
+              flush=True)
     return 0
 
 
 def cmd_export(args):
+    named.refuse_named(args, args.disk, "the host service serves it (mirrorfs list); a retired "
+                       "image holds old data")
     rundir = host.run_dir(args)
     exported = Export(args.disk, args.socket, cache=args.cache, access=Access(group=args.group))
     return _run_controller(exported, args.control or args.socket + ".ctl", lambda: exported.uris,
@@ -220,7 +244,7 @@ def cmd_export(args):
 
 def cmd_hand_back(args):
     reply = _call(args, "hand-back")
-    print(f"handed back: the export serves {reply['image']}", flush=True)
+    print(f"handed back: {reply.get('to', 'the export')} serves {reply['image']}", flush=True)
     return 0
 
 
@@ -233,6 +257,8 @@ def cmd_cancel(args):
         line += (f"; kept {', '.join(reply['kept'])} (not known to be this migration's: remove "
                  "it yourself if it is not needed)")
     print(line, flush=True)
+    if reply.get("lent"):
+        print(_then(args, "hand-back", f"{reply['lent']} serves the source chain again"), flush=True)
     return 0
 
 

@@ -152,10 +152,21 @@ def hosting(p):
                         "$XDG_RUNTIME_DIR/mirrorfs)")
 
 
-def controlling(p):
-    """A client subcommand: the control socket it talks to."""
+def controlling(p, target=True):
+    """A client subcommand: the control socket it talks to, or the named disk whose migration."""
+    if target:
+        p.add_argument("target", metavar="NAME", nargs="?",
+                       help="a named disk: the migration it is lent to (or a control socket's path)")
     p.add_argument("--control", "-c", metavar="PATH", default=os.environ.get("MIRRORFS_CONTROL"),
                    help="the migration's control socket (default: $MIRRORFS_CONTROL)")
+    naming(p)
+
+
+def naming(p):
+    """Where the named disks' records are (mirrorfs.host.registry)."""
+    p.add_argument("--registry", metavar="DIR",
+                   help="the named disks' records (default: $MIRRORFS_REGISTRY, /var/lib/mirrorfs/"
+                        "disks for root, else ~/.local/state/mirrorfs/disks)")
 
 
 # The subcommands: (name, help, description, groups and own options). `commands` maps each name to
@@ -171,16 +182,20 @@ def _serve(p):
     storage(p)
     access(p)
     hosting(p)
+    naming(p)
 
 
 def _start(p):
-    p.add_argument("source_top", metavar="SOURCE_TOP", nargs="?",
-                   help="the top of the disk's chain now; read-only from here on (with --take-over: "
-                        "what the export serves)")
+    p.add_argument("source_top", metavar="NAME|SOURCE_TOP", nargs="?",
+                   help="a named disk (borrowed from the host service, `mirrorfs host`), or the top "
+                        "of the disk's chain now, read-only from here on (with --take-over: what "
+                        "the export serves)")
     p.add_argument("--take-over", metavar="EXPORT_CONTROL",
                    help="take the disk over from a running `mirrorfs export` (its control socket): "
                         "its clients reconnect to this migration on the same socket")
-    p.add_argument("--dest-dir", required=True, metavar="DIR", help="where the disk moves to")
+    p.add_argument("--dest-dir", required=True, metavar="DIR",
+                   help="where the disk moves to; with --switch-first also a Ceph pool, "
+                        "rbd:POOL[:conf=FILE][:id=USER] (the image takes the source's name)")
     p.add_argument("--overlay-name", metavar="NAME",
                    help="file name of the new overlays (default: <SOURCE_TOP stem>-snap.qcow2)")
     p.add_argument("--rate", metavar="BYTES/S", type=rate("--rate"),
@@ -191,6 +206,7 @@ def _start(p):
     storage(p)
     access(p)
     hosting(p)
+    naming(p)
 
 
 def _export(p):
@@ -202,6 +218,7 @@ def _export(p):
     storage(p, io_timeout=False)
     group(p)
     hosting(p)
+    naming(p)
 
 
 def _copy(p):

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from mirrorfs.common.phases import Phase
-from mirrorfs.control import export
+from mirrorfs.control import lender as lenders
+from mirrorfs.host.registry import chain_of
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
 from mirrorfs.control.controller import Controller, PhaseError, rate
@@ -52,19 +53,28 @@ class Migration(Controller):
     # The phases in which the disk is on one chain again, which `hand-back` gives to the export.
     ENDED = (Phase.SWITCHED, Phase.CANCELLED)
 
-    def __init__(self, source_top, dest_dir, options=None, *, overlay_name=None, **serve_options):
+    def __init__(self, source_top, dest_dir, options=None, *, overlay_name=None, lender=None,
+                 control=None, **serve_options):
         """`options`: ServeOptions (or its fields as keyword arguments: socket=, state_dir=, ...).
-        With `options.take_over` (a `mirrorfs export`'s control socket) the disk is borrowed from
-        that export at start, and `source_top` may be None: the export says what it serves."""
+        The disk is borrowed at start from `lender` (control.lender: the host service for a named
+        disk), or from the export whose control socket is `options.take_over`; `source_top` may
+        then be None: the lender says what the disk is. `control`: this migration's own control
+        socket, which the disk's record names while the disk is lent to it."""
         super().__init__()
         self.options = options or ServeOptions(**serve_options)
         self._check_options()
         self.take_over = self.options.take_over
-        if source_top is None and self.take_over is None:
+        self.lender = lender or (lenders.ExportLender(self.take_over) if self.take_over else None)
+        self.control = str(control) if control else None
+        if source_top is None and self.lender is None:
             raise UsageError("give SOURCE_TOP, or --take-over the control socket of an export")
         if overlay_name is not None and ("/" in overlay_name or overlay_name in ("", ".", "..")):
             raise UsageError(f"--overlay-name {overlay_name!r}: expected a file name, not a path")
         self._overlay_name = overlay_name
+        if str(dest_dir).startswith("rbd:") and not self.options.switch_first:
+            raise UsageError(f"--dest-dir {dest_dir}: a migration's overlays are qcow2 files; into "
+                             "a Ceph pool, evacuate (--switch-first) or use 'mirrorfs serve --copy "
+                             "full'")
         self.dest_dir = Path(dest_dir).absolute()
         self.source_top = self.source_overlay = self.dest_overlay = self.dest_base = None
         if source_top is not None:
@@ -74,7 +84,13 @@ class Migration(Controller):
         self.copier = None
         self.last_switch = None
         self._created = []              # files this migration made, removed again by cancel
-        self._listener = None           # the disk's socket, borrowed from an export (take-over)
+        self._listener = None           # the disk's socket, borrowed from its lender
+        self.migration_id = None        # made with the state (control.lender.migration_id)
+        self._before = None             # the disk's chain before the migration (from the lender)
+        self.stopped_in = None          # the phase `stop` found (control.stopreport.next_step)
+        self._rebased = False           # the destination overlay is on the destination base
+        self._loan_serving = None       # the side the disk's record said at the borrow
+        self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
         # The data path's copier (the resync of degraded writes; an evacuation's hydrator), held
@@ -99,15 +115,17 @@ class Migration(Controller):
 
     def start(self):
         """Step 3; or, when the state directory holds this migration's state, resume it. With a
-        take-over, everything is checked before the export stops serving, and a failure after that
-        gives the disk back to it as it was."""
+        lender, everything is checked before it stops serving, and a failure after that gives the
+        disk back to it as it was."""
         with self.changing("start", Phase.NEW):
             saved = self._saved_state()
-            if self.take_over is not None:
-                self._locate_export()
+            self.migration_id = self.options.migration = lenders.migration_id(
+                saved, self.lender.name if self.lender and self.lender.named else None)
+            if self.lender is not None:
+                self._locate_lent()
             if saved is None:
                 self._check_paths()
-            if self.take_over is not None:
+            if self.lender is not None:
                 self._borrow()
             try:
                 if saved is not None:
@@ -119,7 +137,7 @@ class Migration(Controller):
                 raise
 
     def _return_disk(self, saved):
-        """A start that failed after the take-over: the export serves the disk again, on the chain
+        """A start that failed after the borrow: the lender serves the disk again, on the chain
         that holds it, if one image does."""
         if self._listener is None:
             return
@@ -127,7 +145,14 @@ class Migration(Controller):
         self._listener = None
         top = self._authoritative_top(saved)
         if top is not None:
-            export.give_back(self.take_over, top)
+            self.lender.give_back(self._chain_of(top))
+
+    def _chain_of(self, top):
+        """The chain (top first, with formats) whose top is `top`: one of the loan's."""
+        for chain in (self.chains["destination"], self.chains["source"], self.chains["before"]):
+            if chain[0]["path"] == str(top):
+                return chain
+        raise Error(f"{top} is the top of none of the migration's chains")
 
     def _authoritative_top(self, saved=None):
         """The top of the chain that holds every acknowledged write: the destination overlay once
@@ -140,24 +165,54 @@ class Migration(Controller):
             return self.source_top
         return self.source_overlay
 
-    def _locate_export(self):
-        """What the export serves: the top of the source chain."""
-        served = export.served_image(self.take_over)
+    def _locate_lent(self):
+        """What the lender serves: the top of the source chain."""
+        self._before = self.lender.served(self.migration_id)
+        served = self._before[0]["path"]
         if self.source_top is not None and Path(served) != self.source_top.resolve():
-            raise UsageError(f"the export serves {served}, not {self.source_top}")
+            raise UsageError(f"{self.lender.what} is {served}, not {self.source_top}")
         self._locate(served)
 
+    def _loan_chains(self, before):
+        """The chains of the loan, top first, every layer with its format: `before` (the disk
+        before the migration), `source` (what the disk is until a switch) and `destination` (what
+        it is after one)."""
+        return {"before": before,
+                "source": [{"path": str(self.source_overlay), "format": "qcow2"}, *before],
+                "destination": [{"path": str(self.dest_overlay), "format": "qcow2"},
+                                {"path": str(self.dest_base), "format": before[0]["format"]}]}
+
     def _borrow(self):
-        """Take the disk over from its export: the export stops serving (its clients' requests in
-        flight finish, nothing is answered with an error) and passes its listening socket."""
-        self._listener, reply = export.borrow(self.take_over)
-        if Path(reply["image"]) != self.source_top:
+        """Take the disk over from its lender: it records the loan, stops serving (its clients'
+        requests in flight finish, nothing is answered with an error) and passes its listening
+        socket."""
+        # A named disk's record knows the chain and its formats; an export's image is probed once
+        # the export has let it go (its daemon holds the image's lock until then).
+        known = self._before[0]["format"] is not None
+        self.chains = self._loan_chains(self._before) if known else None
+        loan = {"migration": self.migration_id, "control": self.control,
+                "state_dir": str(self.state_dir) if self.state_dir else None,
+                "evacuation": self.options.switch_first, **({
+                    "source": self.chains["source"], "destination": self.chains["destination"]}
+                    if known else {})}
+        self._listener, reply = self.lender.borrow(loan)
+        self._loan_serving = ((reply.get("record") or {}).get("lent") or {}).get("serving")
+        if not known:
+            self.chains = self._loan_chains(chain_of(images.info(self.source_top)))
+        if "image" in reply and Path(reply["image"]) != self.source_top:
             self._listener.close()
             self._listener = None
-            export.give_back(self.take_over, reply["image"])
+            self.lender.give_back([{"path": reply["image"]}])
             raise UsageError(f"the export's disk changed meanwhile: {reply['image']}")
         self.options.socket_path = Path(reply["socket"])
-        self.log.add("taken-over", image=reply["image"], socket=reply["socket"])
+        self.log.add("taken-over", image=str(self.source_top), socket=reply["socket"],
+                     migration=self.migration_id)
+
+    def _commit(self, end):
+        """The commit of a switch for the lender's record (None: the lender keeps none)."""
+        if self.lender is None or not self.lender.named:
+            return None
+        return self.lender.switched if end == Phase.SWITCHED else self.lender.cancelled
 
     def _start_new(self):
         self.base = images.info(self.source_top)
@@ -200,6 +255,17 @@ class Migration(Controller):
                                  f"{path} is missing")
         self.base = images.info(self.source_top)
         self.dest_base.with_name(self.dest_base.name + ".partial").unlink(missing_ok=True)
+        if saved.phase == Phase.SWITCHED and self._commit(Phase.SWITCHED):
+            # The state says switched, and the tree serves the destination alone: the record says
+            # so first (a crash inside the switch, after the state and before the record).
+            self._commit(Phase.SWITCHED)()
+        elif self._loan_serving == "destination" and self._commit(Phase.CANCELLED):
+            # The record took a switch the state never saw (a crash inside the switch's hold,
+            # between the two): nothing was served from the destination, and the resumed mirror
+            # reads the source again, which the record must say before it serves.
+            self.log.add("warning", what="the switch was recorded but not made; the disk is the "
+                         "source chain again")
+            self._commit(Phase.CANCELLED)()
         # The overlays are this migration's, made by the start that saved the state: a cancel
         # removes the destination's again. Whether a destination base there was copied by
         # mirrorfs or put there by a manager (cp) is not known after a restart: a cancel keeps it
@@ -321,10 +387,15 @@ class Migration(Controller):
                 # A flush just before does not help: it holds qcow2's lock about as long.
                 # A crash after the rebase and before the switch is harmless: the destination
                 # overlay's new backing holds the same bytes as the old one.
+                # A switch refused after the rebase (the record could not be written, the
+                # destination did not answer) leaves it done: a second pivot does not redo it.
                 started = time.monotonic()
-                self.tree.daemon("destination").rebase(images.info(self.dest_base))
+                if not self._rebased:
+                    self.tree.daemon("destination").rebase(images.info(self.dest_base))
+                    self._rebased = True
                 rebase = time.monotonic() - started
-                stall = self.tree.switch("destination", Phase.SWITCHED, timeout)
+                stall = self.tree.switch("destination", Phase.SWITCHED, timeout,
+                                         commit=self._commit(Phase.SWITCHED))
             except Error as e:
                 self.enter(Phase.MIRRORING)
                 self.log.add("error", what="switch failed", detail=str(e))
@@ -342,7 +413,8 @@ class Migration(Controller):
             if self.copier is not None and self.copier.running:
                 self.copier.cancel()
             try:
-                self.tree.switch("source", Phase.CANCELLED, timeout)
+                self.tree.switch("source", Phase.CANCELLED, timeout,
+                                 commit=self._commit(Phase.CANCELLED))
             except Error as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
             removed = []
@@ -359,19 +431,21 @@ class Migration(Controller):
     # After Step 5: the disk goes back to a plain export.
 
     def hand_back(self):
-        """Give the disk back to the export it was taken over from, on the chain that now holds it
-        (the destination after a pivot, the source after a cancel), and end this migration. The
-        data path is quiesced and killed (held requests stay unanswered; clients send them again to
-        the export), the storage daemons flush and close the images, then the export serves the
-        chain on the same socket. The chain does not grow from one migration to the next: the base
-        copy flattens the source's chain, so the destination is always its copy plus one overlay."""
+        """Give the disk back to its lender (the host service, or the export it was taken over
+        from), on the chain that now holds it (the destination after a pivot, the source after a
+        cancel), and end this migration. The data path is quiesced and killed (held requests stay
+        unanswered; clients send them again to the lender), the storage daemons flush and close
+        the images, then the lender records the chain (a named disk's `returned`) and serves it on
+        the same socket. The chain does not grow from one migration to the next: the base copy
+        flattens the source's chain, so the destination is always its copy plus one overlay."""
         with self.changing("hand-back", *self.ENDED):
-            if self.take_over is None:
-                raise UsageError("this migration did not take the disk over from an export "
-                                 "(start --take-over): there is nothing to hand it back to")
+            if self.lender is None:
+                raise UsageError("this migration did not take the disk over (start NAME, or start "
+                                 "--take-over): there is nothing to hand it back to")
             top = self._authoritative_top()
+            self.lender.ready()
             self.tree.stop()
-            export.give_back(self.take_over, top)
+            self.lender.give_back(self._chain_of(top))
             if self.state_dir is not None:
                 # The migration is over: a restart must not take the disk again for it.
                 state = self.state_dir / "state.json"
@@ -379,7 +453,7 @@ class Migration(Controller):
                     state.rename(state.with_name("state.json.handed-back"))
             self.enter(Phase.HANDED_BACK, image=str(top))
             self.finished.set()
-            return {"image": str(top)}
+            return {"image": str(top), "to": self.lender.who}
 
     # The host budget (mirrorfs.host.budget): the base copy draws from it, and so does the data
     # path's copier when it copies regions again after degraded writes (--on-dest-error degrade).
@@ -449,6 +523,10 @@ class Migration(Controller):
             or {"started": True},
             **self.switch_commands(),
             "hand-back": lambda r: self.hand_back(),
+            # Who the disk goes back to (the CLI says the next step): pivot's and cancel's replies.
+            "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3),
+                                "lent": self.lender and self.lender.who},
+            "cancel": lambda r: {**self.cancel(), "lent": self.lender and self.lender.who},
         })
         return table
 
@@ -461,6 +539,8 @@ class Migration(Controller):
                     self._created.remove(self.dest_base)
             if self.tree is not None:
                 self.tree.stop()
+            if self.stopped_in is None:
+                self.stopped_in = self.phase    # what the stop's last words are about
             if self.phase != Phase.NEW:
                 self.enter(Phase.STOPPED)
             self.log.close()

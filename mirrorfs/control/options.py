@@ -40,6 +40,11 @@ class ServeOptions:
     access: Access = field(default_factory=Access)
     # The control socket of a `mirrorfs export` whose disk this serves (its socket is borrowed).
     take_over: str | None = None
+    # The named disk (mirrorfs.host.registry) borrowed from the host service: served on its socket.
+    disk: str | None = None
+    # The migration's id (control.lender.migration_id), which the disk's record names while lent:
+    # the id a new state directory is made with.
+    migration: str | None = None
     # Evacuation: the destination serves from the start, the source is opened read-only and
     # hydrated into it in the background (mirrorfs.datapath.evacuee).
     switch_first: bool = False
@@ -51,7 +56,11 @@ class ServeOptions:
     def __post_init__(self):
         if self.take_over is not None and self.socket is not None:
             raise UsageError("--take-over serves the export's own socket; do not give --socket")
-        if self.socket is None and self.listen is None and self.take_over is None:
+        if self.disk is not None and (self.socket is not None or self.take_over is not None):
+            raise UsageError(f"the disk {self.disk} is served on its own socket, lent by the host "
+                             "service: do not give --socket or --take-over")
+        if self.socket is None and self.listen is None and self.take_over is None \
+                and self.disk is None:
             raise UsageError("give --socket PATH or --listen HOST:PORT (or both)")
         if not 1 <= self.threads <= MAX_THREADS:
             raise UsageError(f"--threads {self.threads}: expected a positive number up to {MAX_THREADS}")

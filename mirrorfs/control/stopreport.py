@@ -8,6 +8,7 @@ With a state directory the difference is recorded there and the same command lin
 line says where, and the exit status stays 0 (stopping mid-copy is a normal, resumable operation).
 """
 
+from mirrorfs.common.phases import Phase
 from mirrorfs.common.sizes import human_size
 
 # The exit status of `serve` and `start` when they stopped with the sides different and nothing
@@ -28,3 +29,34 @@ def divergence(tree):
     return (f"mirrorfs: stopped with up to {amount} that may differ between the sides: the "
             f"destination is not a copy of the source, and nothing records where they differ "
             f"(copy it again, or use --state-dir)", EXIT_DIVERGED)
+
+
+def next_step(migration, command):
+    """The line a migration (`start`) that stopped before its hand-back prints: how to go on, for
+    every way it can be left. `command` is its own command line, which resumes it when it has a
+    state directory. None when nothing is left to do (handed back, or never started)."""
+    phase = migration.stopped_in
+    if phase in (Phase.NEW, Phase.HANDED_BACK, None):
+        return None
+    lender = migration.lender
+    if migration.state_dir is not None:
+        line = (f"mirrorfs: stopped while {phase}; the state in {migration.state_dir} keeps it: "
+                f"resume with the same command line ({command})")
+        if lender is not None and lender.named:
+            line += (f"; if it is not resumed, the host service takes the disk {lender.name} back "
+                     f"on the chain its record names, and this migration is over")
+        elif phase in (Phase.SWITCHED, Phase.CANCELLED, Phase.HYDRATED) and lender is not None:
+            line += ", then hand the disk back (mirrorfs hand-back)"
+        return line
+    if lender is not None and lender.named:
+        side = "destination" if phase in (Phase.SWITCHED, Phase.HYDRATED) else "source"
+        return (f"mirrorfs: stopped while {phase} without a state directory: the host service takes "
+                f"the disk {lender.name} back on its {side} chain; to move it, start a new "
+                f"migration (mirrorfs start {lender.name} --dest-dir DIR --state-dir DIR)")
+    if phase == Phase.SWITCHED:
+        return (f"mirrorfs: stopped after the switch: the disk is {migration.dest_overlay} now "
+                "(serve that chain)")
+    if phase == Phase.CANCELLED:
+        return (f"mirrorfs: stopped after the cancel: the disk is {migration.source_overlay} "
+                "(serve that chain)")
+    return None

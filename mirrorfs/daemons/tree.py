@@ -247,7 +247,8 @@ class ProcessTree:
                     self.options.state_path, copy=self.options.copy,
                     source=identity(source), dest=identity(dest), size=source.size,
                     region_size=datapath.region, switch_first=self.options.switch_first,
-                    in_place=self.in_place)
+                    in_place=self.in_place, disk=self.options.disk,
+                    migration=self.options.migration)
             except StateError as e:
                 raise UsageError(str(e)) from None
         if self.state.phase == Phase.SWITCHED:
@@ -362,14 +363,34 @@ class ProcessTree:
         """The storage daemon of a side, or None if that side is an NBD URI (or retired)."""
         return self.daemons.get(side)
 
-    def switch(self, to, end, timeout=10.0):
+    def switch(self, to, end, timeout=10.0, commit=None):
         """Serve side `to` alone from now on, recording `end` ("switched", "cancelled") in the
         state; then retire the other side's daemon. Returns the stall clients saw, in seconds.
-        Raises Error with the data path's reason when it refuses (nothing changed then)."""
+        Raises Error with the data path's reason when it refuses (nothing changed then).
+
+        `commit()`, when given, runs while the data path holds the clients' requests, after its
+        checks and before the state and the sides change (datapath.disk.Disk.switch): the moment
+        to record the end where others look (a named disk's record) before anything is served
+        from the new side. It is served to the data path on a one-shot socket in the private run
+        directory; raising refuses the switch."""
+        server = None
+        args = {}
+        if commit is not None:
+            path = self.rundir / "commit.ctl"
+            path.unlink(missing_ok=True)
+            server = jsonlines.Server(sockets.bind_unix(path), _commit_handler(commit, to, end),
+                                      "switch commit").start()
+            args["commit"] = str(path)
         try:
-            reply = self.datapath("switch", to=to, end=end, timeout=timeout)
+            # The commit's own time comes on top of the drain's.
+            reply = self.datapath("switch", to=to, end=end, timeout=timeout + (30 if args else 0),
+                                  **args)
         except jsonlines.ControlError as e:
             raise Error(str(e)) from None
+        finally:
+            if server is not None:
+                server.stop()
+                Path(args["commit"]).unlink(missing_ok=True)
         self.serving = to
         self._retire_daemon(SIDES[1 - SIDES.index(to)])
         return reply["stall_ms"] / 1000
@@ -391,3 +412,16 @@ class ProcessTree:
         for child in [self.nbdkit, *list(self.daemons.values())]:
             if child is not None and child.died():
                 raise child.failure("exited unexpectedly")
+
+
+def _commit_handler(commit, to, end):
+    """The one-shot socket's handler: the data path's {"cmd": "commit"} runs `commit()` once."""
+    def handle(request):
+        if request.get("cmd") != "commit" or request.get("to") != to or request.get("end") != end:
+            raise jsonlines.ControlError(f"expected the commit of the switch to {to} ({end})")
+        try:
+            commit()
+        except Error as e:
+            raise jsonlines.ControlError(str(e)) from None
+        return {}
+    return handle

@@ -170,7 +170,7 @@ class Disk:
 
     # Switching sides, without disconnecting clients.
 
-    def switch(self, to, end, timeout=10.0):
+    def switch(self, to, end, timeout=10.0, commit=None):
         """End the mirror: serve side `to` ("source" or "destination") alone, without disconnecting
         clients, and record `end` ("switched" or "cancelled") in the state.
 
@@ -180,6 +180,9 @@ class Disk:
         - to the destination: refused unless the sides are synchronized, and unless the destination
           answers on the connections it will serve with (a dead destination keeps the source
           serving);
+        - `commit()`, when given, is called: the supervisor records the end where the host looks
+          (a named disk's record, mirrorfs.host.registry). It is the switch's commit point for
+          the host: an exception from it refuses the switch, nothing changed here;
         - the end is saved in the state *before* the sides change, so a crash at any point
           restarts on the right side; the sides change, and the held requests go on.
         The side no longer used is flushed and disconnected after requests resume. Returns the
@@ -205,6 +208,8 @@ class Disk:
                     except SideError as e:
                         raise SwitchRefused(f"the destination does not answer ({e}); still "
                                             "serving the source") from None
+                if commit is not None:
+                    commit()
                 if self.dirty.state is not None:
                     self.dirty.state.record(end=end)
                 self.ended = end

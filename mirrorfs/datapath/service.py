@@ -10,6 +10,10 @@ The control socket (the supervisor is its only client) takes:
     {"cmd": "status"}                                   the disk, the sides, the copier
     {"cmd": "switch", "to": "destination", "end": "switched", "timeout": 10}
     {"cmd": "switch", "to": "source", "end": "cancelled"}
+                                                        with "commit": PATH, the data path asks
+                                                        PATH {"cmd": "commit", "to", "end"} while
+                                                        it holds the requests, before the state
+                                                        and the sides change (Disk.switch)
     {"cmd": "quiesce"}                                  before the process stops
     {"cmd": "compare", "seconds": 580}                  a mirror's sides, byte by byte (serve's
                                                         pivot with --copy none: datapath.compare)
@@ -189,8 +193,13 @@ class DataPath:
                     raise ValueError(f"end must be one of {', '.join(ENDS)}")
             except (KeyError, TypeError, ValueError) as e:
                 raise jsonlines.ControlError(f"switch: bad arguments: {e}") from None
+            commit = request.get("commit")
+            if commit is not None and not isinstance(commit, str):
+                raise jsonlines.ControlError("switch: commit must be a socket path")
             try:
-                stall = self.disk.switch(to, end, timeout)
+                stall = self.disk.switch(to, end, timeout,
+                                         commit=_committer(commit, to, end, timeout)
+                                         if commit else None)
             except (DrainTimeout, SwitchRefused, StateError, ValueError) as e:
                 raise jsonlines.ControlError(f"switch refused: {e}") from None
             if self.copier is not None:
@@ -251,3 +260,14 @@ class DataPath:
         if self.disk is not None:
             for side in set(self.disk.writers):
                 side.retire()
+
+
+def _committer(path, to, end, timeout):
+    """The switch's commit: the supervisor's answer on `path` (a one-shot socket it serves for the
+    length of the switch). No answer, or a refusal, refuses the switch."""
+    def commit():
+        try:
+            jsonlines.call(path, {"cmd": "commit", "to": to, "end": end}, timeout=timeout)
+        except jsonlines.ControlError as e:
+            raise SwitchRefused(f"the end was not recorded ({e}); nothing changed") from None
+    return commit

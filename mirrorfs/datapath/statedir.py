@@ -75,9 +75,11 @@ def describe(identity):
 
 
 def create(directory, *, copy, source, dest, size, region_size, switch_first=False,
-           in_place=False, disk=None):
+           in_place=False, disk=None, migration=None):
     """A new state in `directory` (made if its parent exists), owned by a new migration: owner.json,
-    then the hydration map of an evacuation, then state.json. Returns the State."""
+    then the hydration map of an evacuation, then state.json. Returns the State. `migration`: the
+    id the migration already has (a named disk's record names it since the borrow), else a new
+    one."""
     directory = Path(directory)
     if not directory.is_dir():
         if not directory.parent.is_dir():
@@ -91,7 +93,7 @@ def create(directory, *, copy, source, dest, size, region_size, switch_first=Fal
     else:
         phase = Phase.COPYING if copy == "full" else Phase.SYNCHRONIZED
     refuse_taken(directory, source=source, dest=dest, switch_first=switch_first)
-    migration = secrets.token_hex(16)
+    migration = migration or secrets.token_hex(16)
     if not switch_first:
         source = _mark(source, migration, directory)
     state = State(directory, copy=copy, source=source, dest=_mark(dest, migration, directory),
@@ -227,7 +229,7 @@ def refuse_taken(directory, *, source, dest, switch_first):
 
 
 def open_for(directory, *, copy, source, dest, size, region_size, switch_first=False,
-             in_place=False, disk=None):
+             in_place=False, disk=None, migration=None):
     """The state for these sides: loaded if the directory has one (and it is theirs), created
     otherwise. Returns (state, resumed)."""
     state = load(directory)
@@ -236,7 +238,7 @@ def open_for(directory, *, copy, source, dest, size, region_size, switch_first=F
                      disk=disk), True
     return create(directory, copy=copy, source=source, dest=dest, size=size,
                   region_size=region_size, switch_first=switch_first, in_place=in_place,
-                  disk=disk), False
+                  disk=disk, migration=migration), False
 
 
 # Helpers.
