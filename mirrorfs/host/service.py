@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 
 from mirrorfs.common import jsonlines
+from mirrorfs.datapath import statedir
+from mirrorfs.datapath.errors import DataPathError
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.host import daemons as disk_daemons
 from mirrorfs.host import registry as reg
@@ -366,7 +368,7 @@ class HostService(Requests):
             lent = record["lent"]
             if not lent or reg.borrower_alive(lent) or disk.phase != Phase.LENT:
                 return                  # resumed, or handed back meanwhile
-            if lent["evacuation"] and lent["serving"] == "destination":
+            if lent["evacuation"] and lent["serving"] == "destination" and not _hydrated(lent):
                 disk.phase = Phase.STRANDED
                 disk.error = (f"the evacuation {lent['migration']} died while hydrating; its "
                               "destination has holes only its hydration map can fill: resume it "
@@ -451,3 +453,21 @@ def _children(pid):
             found += kids
             todo += kids
     return found
+
+
+def _hydrated(lent):
+    """Whether a dead evacuation's saved hydration map says its destination holds everything:
+    every region hydrated, no range held and no hole left. Then a plain daemon serving the
+    destination alone serves every acknowledged write (the map is saved after the destination's
+    flush), and the disk is taken back like any other; otherwise it stays stranded until the
+    evacuation is resumed. A state that cannot be read is not hydrated."""
+    if not lent.get("state_dir"):
+        return False
+    try:
+        state = statedir.load(lent["state_dir"])
+        if state is None or not state.switch_first:
+            return False
+        found = statedir.open_map(state)
+    except (DataPathError, OSError):
+        return False
+    return found.complete and not found.held and not found.holes

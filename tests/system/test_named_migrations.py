@@ -315,6 +315,32 @@ def test_an_evacuation_killed_while_hydrating_is_resumed_after_a_reboot(workdir,
     check_every_chain(workdir / "a", workdir / "b")
 
 
+def test_an_evacuation_that_died_once_hydrated_is_taken_back_onto_its_destination(workdir, host):
+    """An evacuation killed (-9) after it hydrated, before its hand-back: its saved map says the
+    destination holds everything, so the host takes the disk back onto the destination alone (not
+    stranded, and never onto the source, which lacks the writes made since the switch)."""
+    base, sock = named_disk(host, workdir, "qcow2")
+    writer = ReconnectingWriter(sock)
+    writer.wait_sent(30)
+    m = host.background("m", "start", "vm1", "--switch-first", "--dest-dir", workdir / "b",
+                        "--state-dir", workdir / "state")
+    wait_until(lambda: json.loads(host.mirrorfs("status", "vm1", "--json").stdout)["phase"]
+               == "hydrated", "hydrated")
+    writer.wait_sent(writer.sent + 30)
+    kids = m.children(recursive=True)
+    m.kill()
+    psutil.wait_procs([m, *kids], timeout=30)
+    served = wait_until(lambda: host.disks()["vm1"]["phase"] == "exporting" and host.disks()["vm1"],
+                        "taken back", timeout=30)
+    assert served["top"] == str(workdir / "b" / base.name)
+    assert host.record("vm1")["chain"] == [{"path": str(workdir / "b" / base.name), "format": "qcow2"}]
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+    check_base_data(sock, writer)
+    check_every_chain(workdir / "a", workdir / "b")
+
+
 def test_a_switch_recorded_but_not_made_is_undone_by_the_resume(workdir):
     """The record is written inside the switch's hold, just before the state: a crash between the
     two leaves the record saying destination while the state still mirrors. The resume, which
