@@ -44,7 +44,6 @@ from pathlib import Path
 
 from mirrorfs.common import jsonlines
 from mirrorfs.datapath import statedir
-from mirrorfs.datapath.errors import DataPathError
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.host import daemons as disk_daemons
 from mirrorfs.host import registry as reg
@@ -468,6 +467,6 @@ def _hydrated(lent):
         if state is None or not state.switch_first:
             return False
         found = statedir.open_map(state)
-    except (DataPathError, OSError):
+    except (statedir.StateError, OSError):
         return False
     return found.complete and not found.held and not found.holes
