@@ -29,6 +29,7 @@ from lib.waits import wait_until
 
 SIZE = 64 * MiB
 RATE = "12M"
+KILL_RATE = "4M"
 
 
 def settle(model, read):
@@ -60,12 +61,12 @@ def check(workdir, src, dst, model, source_hash):
     assert str(src) not in chain, chain
 
 
-def serve(workdir, src, dst, *extra):
+def serve(workdir, src, dst, *extra, rate=RATE):
     out = workdir / "serve.out"
     out.write_text("")
     proc = psutil.Popen([*MIRRORFS, "serve", "--copy", "full", "--switch-first", "--state-dir",
                          workdir / "state", src, dst, "--socket", workdir / "d.sock",
-                         "--rate", RATE, *extra],
+                         "--rate", rate, *extra],
                         stdout=open(out, "w"), stderr=open(workdir / "serve.err", "a"))
     deadline = time.monotonic() + 120
     while "control" not in out.read_text():
@@ -198,7 +199,9 @@ def kill_9_and_resume(workdir, pair, victim, seed):
     src, dst, source_hash, content = pair
     rng = random.Random(seed)
     model = Model(content)
-    proc = serve(workdir, src, dst)
+    # Slow enough that the rest of the hydration after the seeded point (30% of the disk at least)
+    # takes seconds: on a loaded machine, at RATE, it ended between the point seen and the kill.
+    proc = serve(workdir, src, dst, rate=KILL_RATE)
     clients = Clients(uri_of(workdir), seed, model)
     try:
         at = rng.randrange(10, 70) * SIZE // 100
@@ -224,8 +227,10 @@ def kill_9_and_resume(workdir, pair, victim, seed):
     assert sha256(src) == source_hash
     # Resume, with clients writing again.
     model.killing.clear()
-    proc = serve(workdir, src, dst)
+    proc = serve(workdir, src, dst, rate=KILL_RATE)
     try:
+        # The kill landed during hydration: the rest may go at full speed.
+        run(*MIRRORFS, "rate", "none", "--control", workdir / "d.sock.ctl")
         settle(model, read_through(uri_of(workdir)))
         clients = Clients(uri_of(workdir), seed + 100, model)
         try:
