@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from lib.statefiles import new_state, saved
 from mirrorfs.datapath import copier as copier_module
 from mirrorfs.datapath.copier import Copier
 from mirrorfs.datapath.dirtymap import DirtyMap
@@ -102,6 +103,37 @@ def test_the_memory_sides_write_cache_keeps_only_what_was_flushed_or_fua():
     side.zero(4096, 0)                               # after the flush: lost
     side.power_loss()
     assert side.data[:4096] == b"\x03" * 4096
+
+
+def test_the_copys_saved_cursor_survives_the_destinations_power_loss(tmp_path, monkeypatch):
+    """The first pass saves its cursor ("everything below is on the destination") only after
+    flushing the destination. Here every flush of the destination fails: the copy still runs to
+    the end in memory, but no saved cursor may claim a byte; after the power loss the
+    destination must hold the source's data below the cursor the state names. A cursor saved
+    without the flush (`flush_dest()` removed from `DirtyMap.save_cursor`) claims the whole
+    disk over a destination that lost it. Once flushes work again the cursor is saved."""
+    monkeypatch.setattr(copier_module, "MAINTENANCE_INTERVAL", 0.05)
+    src, dst = MemoryBackend("source", SIZE), MemoryBackend("destination", SIZE)
+    src.data[:] = pattern(SIZE)
+    dst.volatile()
+    dst.fail("flush", errno.EIO)
+    disk = Disk(src, dst, DirtyMap(SIZE, REGION, new_state(tmp_path), full=True),
+                policy="fail", granularity=65536)
+    copier = Copier(disk, chunk=MiB, workers=2).start()
+    try:
+        wait_until(lambda: disk.dirty.cursor == SIZE, "the first pass at the end")
+        # Two more flushes tried: a maintenance round that began after the end has tried to save
+        # the cursor (each round flushes the destination once, first or last, and fails).
+        tried = dst.commands["flush"]
+        wait_until(lambda: dst.commands["flush"] >= tried + 2, "the cursor's save tried")
+        dst.power_loss()
+        cursor = saved(tmp_path)["cursor"]
+        assert dst.data[:cursor] == src.data[:cursor], \
+            f"the saved cursor ({cursor}) claims bytes the destination lost: saved before a flush"
+        dst.clear_faults()
+        wait_until(lambda: saved(tmp_path)["cursor"] > cursor, "the cursor saved")
+    finally:
+        copier.stop()
 
 
 # A region copied again counts as differing until its copy is done.
