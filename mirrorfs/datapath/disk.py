@@ -243,6 +243,7 @@ class Disk:
         return {
             "size": self.size,
             "in_flight": self.inflight.count,
+            "paused": self.inflight.paused,     # new requests held: a switch or a stop drains
             "requests": dict(self.inflight.started),
             "request_bytes": dict(self.inflight.bytes),
             "reader": self.reader.name,

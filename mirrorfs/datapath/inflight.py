@@ -41,6 +41,11 @@ class InFlight:
     def count(self):
         return self._count
 
+    @property
+    def paused(self):
+        """Is a pause holding new requests (waiting for those in flight, or done waiting)?"""
+        return self._paused
+
     def enter(self, kind, length=0):
         """A request that does not change data (read, extents, cache, flush)."""
         with self._lock:

@@ -10,6 +10,8 @@ backends and a failing one.
     side.unreachable = True                             # no connection: every verb fails at once
     side.hold() ... side.let_go()                       # a hung server: commands wait until let go
                                                         # (or until expire() cuts them)
+    side.volatile() ... side.power_loss()               # a write cache: what no flush or FUA
+                                                        # covered is lost at the power loss
 
 A command that fails changes nothing. `commands` counts, per op, the commands that reached the side.
 This module runs inside nbdkit's embedded interpreter (it need not): standard library only.
@@ -67,6 +69,22 @@ class MemoryBackend(Verbs):
         self._held = {}                 # token of a held command -> when it began to wait
         self._cut = set()               # held commands expire() cut
         self._tokens = iter(range(1 << 62))
+        self._stable = None             # volatile(): what survives a power loss
+
+    def volatile(self):
+        """From now on the side has a write cache: a write, zero or trim reaches stable storage
+        only with FUA or at a later flush, and `power_loss()` forgets every other one. The rules
+        "flushed before saved" (the hydration map, the copy's cursor) are tested against it: a
+        side whose data survives everything cannot tell a save after the flush from one before."""
+        with self._lock:
+            self._stable = bytearray(self.data)
+
+    def power_loss(self):
+        """The host lost power: the side holds what reached stable storage, nothing more."""
+        with self._lock:
+            if self._stable is None:
+                raise RuntimeError(f"{self.name}: power_loss() needs volatile() first")
+            self.data[:] = self._stable
 
     @property
     def available(self):
@@ -232,6 +250,13 @@ class MemoryBackend(Verbs):
                 self.data[start:end] = cmd.buf
             elif op in ("zero", "trim"):
                 self.data[start:end] = bytes(cmd.length)
+            stable = self._stable
+            if stable is None:
+                return
+            if op == "flush":
+                stable[:] = self.data
+            elif op in ("write", "zero", "trim") and cmd.fua:
+                stable[start:end] = self.data[start:end]
 
 
 class MemoryPending:

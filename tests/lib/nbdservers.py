@@ -97,6 +97,36 @@ class PausableFront(NbdkitFilter):
         self._command(b"r")
 
 
+class LossyDisk:
+    """A raw file behind a volatile write cache (tests/lib/lossy_plugin.py, nbdkit's python
+    plugin): what no flush or FUA covered is lost at `power_loss()` (kill -9). Started again with
+    the same `name`, it serves the same URI over what the file kept."""
+
+    PLUGIN = Path(__file__).with_name("lossy_plugin.py")
+
+    def __init__(self, workdir, name, image):
+        self.socket = workdir / f"{name}.sock"
+        pidfile = workdir / f"{name}.pid"
+        pidfile.unlink(missing_ok=True)
+        self.socket.unlink(missing_ok=True)
+        log = workdir / f"{name}.err"
+        with open(log, "a") as err:
+            self.proc = subprocess.Popen(
+                ["nbdkit", "-f", "-U", self.socket, "--pidfile", pidfile, "python",
+                 self.PLUGIN, f"file={image}"], stdout=subprocess.DEVNULL, stderr=err)
+        assert wait_for_pidfile(self.proc, pidfile), f"nbdkit failed: {log.read_text()[-2000:]}"
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+
+    def power_loss(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
 class FuseFile:
     """An NBD export as an image file (nbdfuse, read-only): a source "file" whose reads fail when
     the export behind it fails (nbdkit's error filter), for what only opens files (an evacuation

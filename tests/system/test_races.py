@@ -37,10 +37,11 @@ def write_in_flight(log, offset, count=None):
 def test_a_client_change_during_a_copy_chunk_is_not_overwritten(workdir, serve, qemu_nbd):
     """The first copy chunk (from offset 0: 256 KiB, since the copier starts held for the host
     budget and a held copy takes its smallest chunk) writes the source's first bytes to the
-    destination; that write is held 3 s. Meanwhile a client zeroes 64 KiB inside it. The copier
-    holds the chunk's range lock until its writes are done, so the zero waits and lands after
-    them; without the lock the zero goes first and the chunk's older data covers it on the
-    destination alone."""
+    destination; that write is held 3 s. Meanwhile a client zeroes 64 KiB strictly inside it
+    (neither end on the chunk's: a lock that only sees a range starting inside another, or one
+    that starts where the chunk starts, misses it). The copier holds the chunk's range lock until
+    its writes are done, so the zero waits and lands after them; without the lock the zero goes
+    first and the chunk's older data covers it on the destination alone."""
     src, dst = make_full_pair(workdir, 8 * MiB)         # 0x30 in [0, 1 MiB), 0x31 in [2, 3 MiB)...
     export = qemu_nbd(dst, "dst-export")
     log = workdir / "dst-front.log"
@@ -53,14 +54,15 @@ def test_a_client_change_during_a_copy_chunk_is_not_overwritten(workdir, serve, 
         h = nbd.NBD()
         h.connect_uri(disk.uri)
         assert write_in_flight(log, 0)
-        h.zero(CLUSTER, 4096)                           # a client change inside the chunk
+        h.zero(CLUSTER, CLUSTER + 4096)                 # strictly inside the chunk, even as locked
         h.shutdown()
         wait_until(lambda: status_of(disk.control)["phase"] == "synchronized", "synchronized")
         assert disk.stop() == 0
     finally:
         front.stop()
     export.stop()
-    qemu_io(src, f"read -P 0 4096 {CLUSTER}", "read -P 0x30 0 4096", fmt="qcow2")
+    qemu_io(src, f"read -P 0 {CLUSTER + 4096} {CLUSTER}", f"read -P 0x30 0 {CLUSTER + 4096}",
+            fmt="qcow2")
     same, detail = images_identical(src, dst)
     assert same, f"the copier wrote older data over a client's change: {detail}"
 
