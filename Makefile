@@ -16,6 +16,9 @@ CEPH_PACKAGES := ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra
 # on loopback, never as a service). Without recommends: they would bring node-exporter and its
 # collectors.
 PROMETHEUS_PACKAGES := prometheus
+# A real libvirtd (tests/test_libvirt.py: session mode, its own directories, TCG): the daemon's QEMU
+# driver and virsh. Without recommends: they would bring dnsmasq, firewall and storage backends.
+LIBVIRT_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 VENV := .venv
 PREFIX ?= /opt/mirrorfs
 UNITDIR ?= /etc/systemd/system
@@ -30,7 +33,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@missing() { for p in "$$@"; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 	    | grep -q 'install ok installed' || echo $$p; done; }; \
-	main=$$(missing $(DEB_PACKAGES)); norec=$$(missing $(GUEST_PACKAGES) $(CEPH_PACKAGES) $(PROMETHEUS_PACKAGES)); \
+	main=$$(missing $(DEB_PACKAGES)); norec=$$(missing $(GUEST_PACKAGES) $(CEPH_PACKAGES) $(PROMETHEUS_PACKAGES) \
+	    $(LIBVIRT_PACKAGES)); \
 	if [ -n "$$main$$norec" ]; then \
 	    echo "installing Debian packages:" $$main $$norec; \
 	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lib import ceph
+from lib import ceph, libvirt
 from lib.hostservice import HostService
 from lib.images import Chains
 from lib.nbdservers import QemuNbd
@@ -27,7 +27,9 @@ REQUIRED_TOOLS = ("nbdkit", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-dae
                   # the Ceph tests' cluster (tests/lib/ceph.py)
                   *ceph.TOOLS,
                   # the host metrics' scraper (tests/test_host_metrics.py)
-                  "prometheus")
+                  "prometheus",
+                  # the libvirt guest (tests/test_libvirt.py, tests/lib/libvirt.py)
+                  *libvirt.TOOLS)
 
 
 def pytest_sessionstart(session):
