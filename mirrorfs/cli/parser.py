@@ -190,6 +190,9 @@ def _start(p):
                    help="a named disk (borrowed from the host service, `mirrorfs host`), or the top "
                         "of the disk's chain now, read-only from here on (with --take-over: what "
                         "the export serves)")
+    p.add_argument("members", metavar="NAME", nargs="*",
+                   help="more named disks: all are moved as one group (one switch, one cancel; "
+                        "needs --state-dir)")
     p.add_argument("--take-over", metavar="EXPORT_CONTROL",
                    help="take the disk over from a running `mirrorfs export` (its control socket): "
                         "its clients reconnect to this migration on the same socket")

@@ -353,35 +353,26 @@ class Migration(Controller):
             return False, f"destination base differs from the source base: {detail}"
         return True, "destination base matches the source base"
 
-    def pivot(self, force=False, timeout=10.0):
+    def pivot(self, force=False, timeout=10.0, gate=None, prepared=False):
         """Switch the disk to the destination chain without disconnecting clients. Returns the
-        stall clients saw, in seconds."""
+        stall clients saw, in seconds.
+
+        A group (control.group) pivots its members in two steps: `prepare_pivot` (verified and
+        rebased, every member, before any holds its clients), then `pivot(prepared=True,
+        gate=...)`: `gate(commit)` runs inside the hold in place of the record's `commit`, so the
+        group can wait there until every member holds, write its own record, then commit each."""
         with self.changing("pivot", Phase.MIRRORING):
-            if not self.dest_base.exists():
-                raise UsageError(f"destination base {self.dest_base} does not exist: run "
-                                 "'mirrorfs copy' or copy it there first")
-            if force:
-                self.log.add("warning", what="switching without verification (forced)")
-            else:
-                ok, detail = self._verify()
-                if not ok:
-                    raise UsageError(f"switch refused: {detail}")
+            if not prepared:
+                self._prepare_pivot(force)
             self.enter(Phase.SWITCHING, forced=force)
             try:
-                # QEMU flushes the overlay inside the reopen, with its I/O held: under write load
-                # that hold (100-300 ms here) is what clients notice, not the data path's switch.
-                # A flush just before does not help: it holds qcow2's lock about as long.
-                # A crash after the rebase and before the switch is harmless: the destination
-                # overlay's new backing holds the same bytes as the old one.
-                # A switch refused after the rebase (the record could not be written, the
-                # destination did not answer) leaves it done: a second pivot does not redo it.
                 started = time.monotonic()
                 if not self._rebased:
-                    self.tree.daemon("destination").rebase(images.info(self.dest_base))
-                    self._rebased = True
+                    self._rebase()
                 rebase = time.monotonic() - started
+                commit = self._commit(Phase.SWITCHED)
                 stall = self.tree.switch("destination", Phase.SWITCHED, timeout,
-                                         commit=self._commit(Phase.SWITCHED))
+                                         commit=gate(commit) if gate else commit)
             except Error as e:
                 self.enter(Phase.MIRRORING)
                 self.log.add("error", what="switch failed", detail=str(e))
@@ -392,15 +383,48 @@ class Migration(Controller):
             self.enter(Phase.SWITCHED, **self.last_switch)
             return stall
 
-    def cancel(self, timeout=10.0):
+    def prepare_pivot(self, force=False):
+        """A pivot's checks, and the rebase of the destination overlay onto the destination base,
+        without the switch: what a group does for every member before any member holds."""
+        with self.changing("pivot", Phase.MIRRORING):
+            self._prepare_pivot(force)
+            if not self._rebased:
+                self._rebase()
+
+    def _prepare_pivot(self, force):
+        if not self.dest_base.exists():
+            raise UsageError(f"destination base {self.dest_base} does not exist: run "
+                             "'mirrorfs copy' or copy it there first")
+        if force:
+            self.log.add("warning", what="switching without verification (forced)")
+        else:
+            ok, detail = self._verify()
+            if not ok:
+                raise UsageError(f"switch refused: {detail}")
+
+    def _rebase(self):
+        """QEMU flushes the overlay inside the reopen, with its I/O held: under write load that
+        hold (100-300 ms here) is what clients notice, not the data path's switch. A flush just
+        before does not help: it holds qcow2's lock about as long. A crash after the rebase and
+        before the switch is harmless: the destination overlay's new backing holds the same bytes
+        as the old one. A switch refused after the rebase (the record could not be written, the
+        destination did not answer) leaves it done: a second pivot does not redo it."""
+        try:
+            self.tree.daemon("destination").rebase(images.info(self.dest_base))
+        except Error as e:
+            raise Error(f"switch failed, still mirroring: {e}") from None
+        self._rebased = True
+
+    def cancel(self, timeout=10.0, gate=None):
         """Stop mirroring and keep serving the source; remove what the migration made on the
         destination."""
         with self.changing("cancel", Phase.MIRRORING, Phase.COPYING_BASE):
             if self.copier is not None and self.copier.running:
                 self.copier.cancel()
             try:
+                commit = self._commit(Phase.CANCELLED)
                 self.tree.switch("source", Phase.CANCELLED, timeout,
-                                 commit=self._commit(Phase.CANCELLED))
+                                 commit=gate(commit) if gate else commit)
             except Error as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
             removed = []
