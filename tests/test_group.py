@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from lib import dependent
-from lib.commands import EXIT_USAGE, run
+from lib.commands import EXIT_USAGE, MIRRORFS, run
 from lib.hosted import Host
 from lib.images import MiB
 from lib.waits import wait_until
@@ -132,32 +132,42 @@ def test_bad_input_changes_nothing(workdir, host):
     other.wait(60)
 
 
-def _victims(host, g, seed_rng):
-    """The processes a kill may hit: the group's process, each member's nbdkit and storage
-    daemons, the host service."""
-    kids = [p for p in g.children(recursive=True) if p.is_running()]
-    found = {"supervisor": [g], "host": [host.proc]}
-    for p in kids:
+def _victims(host, g):
+    """The processes a kill may hit: the group's process, its nbdkits and storage daemons (every
+    member's), the host service."""
+    found = {"supervisor": [g], "host": [host.proc], "nbdkit": [], "daemon": []}
+    for p in g.children(recursive=True):
         try:
             name = p.name()
-            line = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        member = next((n for n in NAMES if f"{n}-snap" in line or f"/{n}.qcow2" in line), None)
         if name == "nbdkit":
-            found.setdefault("nbdkit", []).append(p)
+            found["nbdkit"].append(p)
         elif name == "qemu-storage-daemon":
-            found.setdefault("daemon", []).append(p)
-        _ = member
+            found["daemon"].append(p)
     return found
+
+
+def _kill_group(g):
+    """kill -9 of the group's process; its children die with it (lifeline, PDEATHSIG)."""
+    kids = g.children(recursive=True)
+    try:
+        g.send_signal(signal.SIGKILL)
+    except psutil.NoSuchProcess:
+        pass
+    g.wait(60)
+    _, alive = psutil.wait_procs(kids, timeout=30)
+    assert not alive, alive
 
 
 @pytest.mark.parametrize("victim", ["supervisor", "nbdkit", "daemon", "host"])
 @pytest.mark.parametrize("ending", ["pivot", "cancel"])
 def test_kill_during_the_group_switch(workdir, host, victim, ending):
-    """kill -9 of one process at a random instant of the group's pivot (or cancel), seeded (the
-    seed is printed; MIRRORFS_SEED=N reruns one); then the same command line: every member on one
-    side, every dependency and every acknowledged write there."""
+    """kill -9 of one process at a random instant of the group's pivot (or cancel), or just as the
+    group's record is written, seeded (the seed is printed; MIRRORFS_SEED=N reruns one); then the
+    group's process is gone (it stops when a child dies; killed if it did not), and the same
+    command line runs again: every member on one side, the side the group's record says, with
+    every dependency and every acknowledged write."""
     seed = int(os.environ.get("MIRRORFS_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -167,62 +177,54 @@ def test_kill_during_the_group_switch(workdir, host, victim, ending):
     writer.wait_steps(30)
     if ending == "pivot":
         host.mirrorfs("copy", "sys")
-    command = host.background.__self__ if False else None
-    _ = command
-    victims = _victims(host, g, rng)
-    target = rng.choice(victims[victim])
+    target = rng.choice(_victims(host, g)[victim])
     at_record = rng.random() < 0.5
-    delay = rng.uniform(0, 1.0)
-    print(f"kill -9 of {victim} ({target.pid}) {'as the group record is written' if at_record else f'after {delay:.3f}s'}")
-    proc = psutil.Popen([*__import__("lib.commands", fromlist=["MIRRORFS"]).MIRRORFS, ending, "data"],
-                        env=host.env, stdout=open(workdir / "cmd.out", "w"),
-                        stderr=open(workdir / "cmd.err", "w"))
+    delay = rng.uniform(0, 1.5)
+    print(f"kill -9 of {victim} {target.pid} "
+          f"{'as the group record is written' if at_record else f'after {delay:.3f} s'}")
+    command = psutil.Popen([*MIRRORFS, ending, "data"], env=host.env,
+                           stdout=open(workdir / "cmd.out", "w"), stderr=open(workdir / "cmd.err", "w"))
     if at_record:
-        wait_until(lambda: (group_record(workdir) or {}).get("end") or proc.poll() is not None,
-                   "the group record's end", timeout=120, interval=0.0005)
+        wait_until(lambda: (group_record(workdir) or {}).get("end") or command.poll() is not None,
+                   "the group record's end", timeout=120, interval=0.0002)
     else:
         time.sleep(delay)
     try:
         target.send_signal(signal.SIGKILL)
     except psutil.NoSuchProcess:
         pass
-    proc.wait(120)
+    command.wait(120)
+    print(f"{ending}: {command.returncode} {(workdir / 'cmd.out').read_text()}"
+          f"{(workdir / 'cmd.err').read_text()}")
     if victim == "host":
         host.proc.wait(30)
         host.start()
-    # A member's process killed: the group stops (every member), or finishes on its own.
-    if g.is_running() and victim != "host":
-        wait_until(lambda: g.poll() is not None or "switched" in (workdir / "cmd.out").read_text()
-                   or "cancelled" in (workdir / "cmd.out").read_text(),
-                   "the group stops or ends", timeout=120)
     writer.stop()
+    if g.poll() is None:
+        _kill_group(g)
     end = (group_record(workdir) or {}).get("end")
-    print(f"group record: {end}; writer: {writer.steps} steps, {writer.error}")
-    if g.poll() is not None:
-        for p in host.daemons():
-            if p.pid in [d.pid for d in victims.get("daemon", [])]:
-                p.wait(30)
-        again = start_group(host, workdir, name="g2") if end != "cancelled" else None
-        if again is None:
-            res = host.mirrorfs("start", *NAMES, "--dest-dir", workdir / "b", "--state-dir",
-                                workdir / "state", check=False)
-            assert res.returncode == EXIT_USAGE and "was cancelled" in res.stderr, res
-    on = set(sides(host).values())
-    assert len(on) == 1, sides(host)
-    if end == "switched":
-        assert on == {"destination"}
-    else:
-        assert on == {"source"}
-    if end == "cancelled" and g.poll() is not None:
-        # The host takes the cancelled group's disks back on their sources.
-        host_restart(host)
+    print(f"group record: {end}; writer: {writer.steps} steps ({writer.error})")
+
+    # The same command line.
+    argv = ["start", *NAMES, "--dest-dir", workdir / "b", "--state-dir", workdir / "state"]
+    if end == "cancelled":
+        res = host.mirrorfs(*argv, check=False)
+        assert res.returncode == EXIT_USAGE and "was cancelled" in res.stderr, res
+        assert set(sides(host).values()) == {"source"}, sides(host)
+        # The host service takes the cancelled group's disks back, on their sources.
+        host.proc.send_signal(signal.SIGTERM)
+        host.proc.wait(60)
+        host.take_back_after = 1
+        host.start()
         wait_until(lambda: all(host.disks().get(n, {}).get("phase") == "exporting"
                                for n in NAMES), "every member taken back", timeout=120)
+        for n in NAMES:
+            assert host.record(n)["chain"][0]["path"] == str(workdir / "a" / f"{n}-snap.qcow2")
+    else:
+        host.background("g2", *argv)
+        on = sides(host)
+        assert set(on.values()) == {"destination" if end == "switched" else "source"}, on
+        status = json.loads(host.mirrorfs("status", "sys", "--json").stdout)
+        serving = {n: m["serving"] for n, m in status["members"].items()}
+        assert set(serving.values()) == ({"destination"} if end == "switched" else {None}), serving
     dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
-
-
-def host_restart(host):
-    host.proc.send_signal(signal.SIGTERM)
-    host.proc.wait(60)
-    host.take_back_after = 1
-    host.start()

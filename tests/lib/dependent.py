@@ -6,7 +6,7 @@ slot, A >= B >= C; a group whose members stopped at different instants (some on 
 some on the new) breaks that as soon as a write came after the earlier one.
 
 Block k, at slot k % SLOTS of a region past the bases' data, is the 8-byte k repeated: a torn block
-is seen as one. libnbd clients, no reconnection: the writer stops at the first failure (a kill), and
+is seen as one. Every write is FUA (acknowledged means durable). libnbd clients, no reconnection: the writer stops at the first failure (a kill), and
 what it had acknowledged is what each disk must still hold."""
 
 import struct
@@ -52,7 +52,10 @@ class DependentWriter:
             slot = k % SLOTS
             for d, h in enumerate(self.handles):
                 try:
-                    h.pwrite(block(k), REGION + slot * BLOCK)
+                    # FUA: acknowledged means durable. A storage daemon killed with SIGKILL takes
+                    # what it acknowledged but had not flushed with it (GUARANTEES.md), so only a
+                    # durable write can be asked of the side that serves afterwards.
+                    h.pwrite(block(k), REGION + slot * BLOCK, nbd.CMD_FLAG_FUA)
                 except nbd.Error as e:
                     self.error = str(e)
                     return
