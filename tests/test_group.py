@@ -76,10 +76,18 @@ def check_served(socks, writer):
     dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
 
 
+def snapshot_slots(workdir, names=NAMES):
+    """The slots of each member's retired source (its source overlay over its base)."""
+    return [dependent.read_slots(workdir / "a" / f"{n}-snap.qcow2") for n in names]
+
+
 def test_group_moves_as_one(workdir, host):
-    """start, copy, pivot, hand-back of three disks under the dependent writer: one switch (every
-    member's hold reported), every dependency and acknowledged write on the destinations; status
-    and pivot by any member's name act on the group; list shows it."""
+    """start, copy, pivot (the safety net), commit, hand-back of three disks under the dependent
+    writer: one switch (every member's hold reported); status and pivot by any member's name act
+    on the group; list shows it. Under the net, reads come from the destinations and every
+    dependency holds there; after the commit, the retired sources hold every dependency and every
+    write acknowledged before the commit (a crash-consistent group snapshot); the destinations
+    hold everything."""
     socks = make_disks(host, workdir)
     g = start_group(host, workdir)
     # The writer does not reconnect: it connects once the group serves the disks.
@@ -91,23 +99,68 @@ def test_group_moves_as_one(workdir, host):
     listed = json.loads(host.mirrorfs("list", "--json").stdout)
     assert any(d.get("group") == NAMES for d in listed), listed
     writer.wait_steps(writer.steps + 50)
+    res = host.mirrorfs("commit", "sys", check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res
+    assert "cannot commit while mirroring" in res.stderr, res
     host.mirrorfs("copy", "data")
     out = host.mirrorfs("pivot", "log").stdout
-    assert "switched" in out and "sys" in out and "data" in out, out
-    assert group_record(workdir)["end"] == "switched"
+    assert "switched every member" in out and "sys" in out and "safety net is up" in out, out
+    record = group_record(workdir)
+    assert record["end"] is None and record["serving"] == "destination", record
     assert set(sides(host).values()) == {"destination"}
+    writer.wait_steps(writer.steps + 100)
+    text = host.mirrorfs("status", "data").stdout
+    assert "safety net:   up for" in text and "cost sys" in text, text
+    before_commit = [list(a) for a in writer.acked]
+    out = host.mirrorfs("commit", "data").stdout
+    assert "crash-consistent image" in out, out
+    assert group_record(workdir)["end"] == "switched"
+    res = host.mirrorfs("revert", "sys", check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res
+    assert "cannot revert while switched" in res.stderr, res
     writer.wait_steps(writer.steps + 50)
     # The writer does not reconnect: it stops before the hand-back drops its connections.
     writer.stop()
     assert writer.error is None, writer.error
     check_served(socks, writer)
+    sources = snapshot_slots(workdir)
+    dependent.check(sources, before_commit)
+    assert any(src != dependent.read_slots(s) for src, s in zip(sources, socks)), \
+        "the sources took writes after the commit"
     assert "handed back" in host.mirrorfs("hand-back", "sys").stdout
     assert g.wait(60) == 0, g.err.read_text()
     wait_until(lambda: all(host.disks().get(n, {}).get("phase") == "exporting" for n in NAMES),
                "every disk served by the host again", timeout=60)
     for n in NAMES:
-        assert host.record(n)["chain"][0]["path"] == str(workdir / "b" / f"{n}-snap.qcow2")
+        record = host.record(n)
+        assert record["chain"][0]["path"] == str(workdir / "b" / f"{n}-snap.qcow2")
+        assert str(workdir / "a" / f"{n}-snap.qcow2") in [r["path"] for r in record["retired"]]
     check_served(socks, writer)
+
+
+def test_revert_after_writes_needs_no_copy(workdir, host):
+    """pivot, a while of writes under the net, revert: at the revert the sources equal the
+    destinations byte for byte (qemu-img compare of each member's two chains), every member
+    reads from its source again, and every dependency and acknowledged write is there."""
+    socks = make_disks(host, workdir)
+    start_group(host, workdir)
+    writer = dependent.DependentWriter(socks)
+    host.mirrorfs("copy", "sys")
+    host.mirrorfs("pivot", "sys")
+    writer.wait_steps(writer.steps + 1500)
+    out = host.mirrorfs("revert", "log").stdout
+    assert "reverted" in out, out
+    writer.stop()
+    assert writer.error is None, writer.error
+    for n in NAMES:
+        res = run("qemu-img", "compare", "-U", workdir / "a" / f"{n}-snap.qcow2",
+                  workdir / "b" / f"{n}-snap.qcow2", check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+    assert set(sides(host).values()) == {"source"}
+    record = group_record(workdir)
+    assert record["serving"] == "source" and record["end"] is None
+    check_served(socks, writer)
+    assert "cancelled every member" in host.mirrorfs("cancel", "data").stdout
 
 
 def test_bad_input_changes_nothing(workdir, host):

@@ -149,6 +149,22 @@ def group_text(status):
         lines.append(f"switch:       one hold of every member, clients held at most "
                      f"{switch['hold_ms']:.1f} ms ("
                      + ", ".join(f"{n} {ms:.1f}" for n, ms in switch["members_ms"].items()) + ")")
+    net = status.get("net")
+    if net:
+        up = duration(net["up_seconds"]) if net.get("up_seconds") is not None else "?"
+        lines.append(f"safety net:   up for {up}: reads from the destinations, every write to both "
+                     "sides (mirrorfs commit ends it, mirrorfs revert goes back)")
+        for name, m in net["members"].items():
+            src = (m.get("source_latency_ms") or {}).get("p50")
+            dst = (m.get("destination_latency_ms") or {}).get("p50")
+            lines.append(f"  cost {name}: write p50 source {src} ms, destination {dst} ms; "
+                         f"{m['source_degraded']} degraded on the source"
+                         + ("" if m["revert_possible"] else
+                            f"; revert refused until {human_size(m['may_differ_bytes'] or 0)} "
+                            "are copied back"))
+    snapshot = status.get("snapshot")
+    if snapshot:
+        lines.append(f"snapshot:     {snapshot['what']}")
     copy = status.get("copy")
     if copy:
         lines.append(f"copy:         {copy['percent']:.1f}% of every member's base "

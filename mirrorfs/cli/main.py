@@ -249,16 +249,41 @@ def cmd_status(args):
 
 
 def cmd_pivot(args):
-    reply = _call(args, "pivot", force=args.force)
+    reply = _call(args, "pivot", force=args.force, commit=args.commit)
     if reply.get("group"):
         holds = ", ".join(f"{n} {ms:.1f} ms" for n, ms in reply["members_ms"].items())
         print(f"switched every member of the group to its destination at once; clients held "
               f"{reply['stall_ms']:.1f} ms at most ({holds})", flush=True)
+        if reply.get("net"):
+            print("the safety net is up: reads from the destinations, writes to both sides; "
+                  f"{_then(args, 'commit', 'end it')} or "
+                  f"{_then(args, 'revert', 'every member back on its source').removeprefix('next: ')}",
+                  flush=True)
+            return 0
+    elif args.commit:
+        raise UsageError("pivot --commit is for a group (its safety net); a disk's pivot commits")
     else:
         print(f"switched to the destination; clients held {reply['stall_ms']:.1f} ms", flush=True)
     if reply.get("lent"):
         print(_then(args, "hand-back", f"{reply['lent']} serves the destination chain again"),
               flush=True)
+    return 0
+
+
+def cmd_revert(args):
+    reply = _call(args, "revert")
+    print(f"reverted: every member of the group reads from its source again; clients held "
+          f"{reply['stall_ms']:.1f} ms at most; the group mirrors", flush=True)
+    print(_then(args, "cancel", "end on the sources") + " (or pivot again)", flush=True)
+    return 0
+
+
+def cmd_commit(args):
+    reply = _call(args, "commit")
+    print(f"committed: every member serves its destination alone; clients held "
+          f"{reply['stall_ms']:.1f} ms at most; the sources are a crash-consistent image of the "
+          f"group at the commit (kept: {', '.join(reply['sources'])})", flush=True)
+    print(_then(args, "hand-back", "the host service serves the destinations again"), flush=True)
     return 0
 
 
@@ -297,7 +322,8 @@ def cmd_cancel(args):
 
 
 COMMANDS = {"serve": cmd_serve, "start": cmd_start, "copy": cmd_copy, "status": cmd_status,
-            "pivot": cmd_pivot, "hand-back": cmd_hand_back, "export": cmd_export, "cancel": cmd_cancel,
+            "pivot": cmd_pivot, "revert": cmd_revert, "commit": cmd_commit,
+            "hand-back": cmd_hand_back, "export": cmd_export, "cancel": cmd_cancel,
             "list": host.cmd_list, "top": host.cmd_list, "budget": host.cmd_budget,
             "rate": host.cmd_rate, "metrics": host.cmd_metrics,
             "host": host.cmd_host, "add": host.cmd_add, "remove": host.cmd_remove,

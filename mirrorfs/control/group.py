@@ -112,6 +112,9 @@ class Group(Controller):
         first = self.members[names[0]]
         self.options = first.options          # where the CLI finds the access rules
         self.end = None                         # the group's end, as its record says
+        self.serving = "source"                 # where every member reads, as its record says
+        self.net_since = None                   # the safety net is up since (time.time())
+        self.snapshot = None                    # the committed sources: when, which chains
         self.broken = None                      # a member failed after the group's commit
         self.last_switch = None
         self.stopped_in = None                  # the phase `stop` found (stopreport.next_step)
@@ -130,8 +133,8 @@ class Group(Controller):
             self._check_members(saved)
             if saved is not None and saved["end"] == "cancelled":
                 self._cancelled_before(saved)
-            if saved is not None and saved["end"] == "switched":
-                self._apply_end(Phase.SWITCHED)
+            if saved is not None:
+                self._apply_record(saved)
             started = []
             try:
                 for name in self.names:
@@ -147,7 +150,14 @@ class Group(Controller):
                 self._undo_start(started, resumed=saved is not None)
                 raise
             self.end = saved["end"] if saved else None
-            phase = Phase.SWITCHED if self.end == "switched" else Phase.MIRRORING
+            self.serving = (saved or {}).get("serving") or "source"
+            self.snapshot = (saved or {}).get("snapshot")
+            if self.end == "switched":
+                phase = Phase.SWITCHED
+            elif self.serving == "destination":
+                phase, self.net_since = Phase.PIVOTED, time.time()
+            else:
+                phase = Phase.MIRRORING
             self.enter(phase, members=self.names, resumed=saved is not None)
 
     def _check_members(self, saved):
@@ -171,21 +181,28 @@ class Group(Controller):
                 where[path] = name
             m.source_top = m.source_overlay = m.dest_overlay = m.dest_base = None
 
-    def _apply_end(self, end):
-        """The group record says the group ended (`end`): every member's state says so too
-        before anything is served (a crash inside the group's switch, after the record and
-        before some member's state). Each member then resumes serving that side alone."""
+    def _apply_record(self, saved):
+        """The group's record says where every member is: every member's state says so too
+        before anything is served (a crash inside a group's switch, after the record and before
+        some member's own state). Each member then resumes there."""
+        end = {"switched": Phase.SWITCHED}.get(saved["end"])
+        reader = saved.get("serving") or "source"
         for name, m in self.members.items():
             try:
                 state = State.load(m.state_dir)
             except StateError as e:
                 raise UsageError(str(e)) from None
             if state is None:
-                raise UsageError(f"the group's record says {ENDS[end]}, but {m.state_dir} holds "
-                                 f"no state of {name}")
-            if state.phase != end:
+                if end is None and reader == "source":
+                    continue            # a member that never started: nothing to bring anywhere
+                raise UsageError(f"the group's record says {saved['end'] or reader}, but "
+                                 f"{m.state_dir} holds no state of {name}")
+            if end is not None and state.phase != end:
                 state.record(end=end)
-                self.log.add("completed", member=name, end=ENDS[end])
+                self.log.add("completed", member=name, end=saved["end"])
+            elif end is None and not state.ended and state.reader != reader:
+                state.record(reader=reader)
+                self.log.add("completed", member=name, reads_from=reader)
 
     def _cancelled_before(self, saved):
         """The group was cancelled, and its process died before the hand-back: every member is
@@ -233,31 +250,70 @@ class Group(Controller):
         return (False, "; ".join(f"{n}: {d}" for n, d in bad)) if bad else \
             (True, "every destination base matches its source base")
 
-    def pivot(self, force=False, timeout=10.0):
-        """Verify every member, then switch them all at one instant (see the module's docstring).
-        Returns the longest hold a member's clients saw, in seconds."""
+    def pivot(self, force=False, timeout=10.0, commit=False):
+        """Verify every member, then switch them all at one instant (see the module's docstring)
+        to the safety net: reads from the destinations, changes still to both sides. With
+        `commit`, the net is committed at once. Returns the longest hold a member's clients saw,
+        in seconds."""
         with self.changing("pivot", Phase.MIRRORING):
             for name, m in self.members.items():
                 try:
                     m.prepare_pivot(force)
                 except Error as e:
                     raise type(e)(f"{name}: {e}; no member switched") from None
-            stalls = self._switch(Phase.SWITCHED, lambda m, gate: m.pivot(
-                force, timeout, gate=gate, prepared=True))
-            self.last_switch = {"hold_ms": round(max(stalls.values()) * 1000, 3),
-                                "members_ms": {n: round(s * 1000, 3) for n, s in stalls.items()}}
-            self.enter(Phase.SWITCHED, **self.last_switch)
-            return max(stalls.values())
+            stalls = self._switch("switch", {"serving": "destination"},
+                                  lambda m, gate: m.net_pivot(timeout, gate=gate))
+            self.net_since = time.time()
+            self.last_switch = self._holds("pivot", stalls)
+            self.enter(Phase.PIVOTED, **self.last_switch)
+        if commit:
+            self.commit(timeout)
+        return self.last_switch["hold_ms"] / 1000
+
+    def revert(self, timeout=10.0):
+        """Every member reads from its source again, at one instant: every change since the pivot
+        is there already (nothing to copy). The group mirrors again: cancel, or pivot again."""
+        with self.changing("revert", Phase.PIVOTED):
+            stalls = self._switch("revert", {"serving": "source"},
+                                  lambda m, gate: m.revert(timeout, gate=gate))
+            self.net_since = None
+            self.last_switch = self._holds("revert", stalls)
+            self.enter(Phase.MIRRORING, reverted=True, **self.last_switch)
+            return self.last_switch["hold_ms"] / 1000
+
+    def commit(self, timeout=10.0):
+        """End the net: every member on its destination alone. Every member holds at once, so
+        the sources stop receiving changes at one instant: together they are a crash-consistent
+        image of the whole group at the commit (kept: retired, never served again by mirrorfs)."""
+        with self.changing("commit", Phase.PIVOTED):
+            net = round(time.time() - self.net_since, 3) if self.net_since else None
+            stalls = self._switch("commit", {"end": "switched", "serving": "destination",
+                                             "snapshot": {"time": time.time(), "sources": {
+                                                 n: m.chains["source"] if m.chains else None
+                                                 for n, m in self.members.items()}}},
+                                  lambda m, gate: m.commit_net(timeout, gate=gate))
+            self.net_since = None
+            self.last_switch = self._holds("commit", stalls)
+            self.snapshot = self.record.load().get("snapshot")
+            self.enter(Phase.SWITCHED, net_seconds=net, **self.last_switch)
+            return self.last_switch["hold_ms"] / 1000
 
     def cancel(self, timeout=10.0):
         with self.changing("cancel", Phase.MIRRORING):
-            results = self._switch(Phase.CANCELLED, lambda m, gate: m.cancel(timeout, gate=gate))
+            results = self._switch("cancel", {"end": "cancelled", "serving": "source"},
+                                   lambda m, gate: m.cancel(timeout, gate=gate))
             self.enter(Phase.CANCELLED)
             return results
 
-    def _switch(self, end, run):
+    @staticmethod
+    def _holds(what, stalls):
+        return {"what": what, "hold_ms": round(max(stalls.values()) * 1000, 3),
+                "members_ms": {n: round(s * 1000, 3) for n, s in stalls.items()}}
+
+    def _switch(self, what, fields, run):
         """Run `run(member, gate)` for every member at once; the gate makes their commits one:
-        see the module's docstring. Returns {name: what run returned}."""
+        once every member holds, `fields` are written into the group's record (see the
+        module's docstring). Returns {name: what run returned}."""
         cond = threading.Condition()
         gate_state = {"held": 0, "go": None}
         results, failures = {}, {}
@@ -292,8 +348,11 @@ class Group(Controller):
             go = gate_state["held"] == len(threads) and not failures
             if go:
                 try:
-                    self.record.write({**self.record.load(), "end": ENDS[end], "time": time.time()})
-                    self.end = ENDS[end]
+                    saved = self.record.load()
+                    self.record.write({**saved, **fields, "time": time.time(),
+                                       "generation": saved.get("generation", 0) + 1})
+                    self.end = fields.get("end")
+                    self.serving = fields["serving"]
                 except Error as e:
                     failures["group"] = e
                     go = False
@@ -305,14 +364,13 @@ class Group(Controller):
             first = next((e for n, e in failures.items() if "another member" not in str(e)),
                          next(iter(failures.values()), None))
             reason = f"{self._who(failures, first)}: {first}" if first else "timed out"
-            raise Error(f"the group did not {'switch' if end == Phase.SWITCHED else 'cancel'}; "
-                        f"every member is still mirroring ({reason})")
+            raise Error(f"the group did not {what}; no member changed sides ({reason})")
         if failures:
-            # The group's record says every member ended: one that failed after it must end too.
-            # This process stops; the same command line finishes it from the record.
+            # The group's record says where every member is: one that failed after it must get
+            # there too. This process stops; the same command line finishes it from the record.
             self.broken = "; ".join(f"{n}: {e}" for n, e in failures.items())
-            raise Error(f"the group's record says {ENDS[end]}, but {self.broken}: stopping; run "
-                        "the same start command again to finish the switch of every member")
+            raise Error(f"the group's record says {fields}, but {self.broken}: stopping; run the "
+                        f"same start command again to finish the {what} of every member")
         return results
 
     @staticmethod
@@ -322,6 +380,8 @@ class Group(Controller):
     # After the switch.
 
     def hand_back(self):
+        if self.phase == Phase.PIVOTED:
+            self.commit()               # the net ends first: the destinations alone
         with self.changing("hand-back", *Migration.ENDED):
             handed = {name: m.hand_back() for name, m in self.members.items()}
             if self.state_dir is not None:
@@ -402,6 +462,13 @@ class Group(Controller):
                                                "record": str(self.record.path)},
                   "members": {name: m.status() for name, m in self.members.items()},
                   "events": self.log.recent(5), "state": {"directory": str(self.state_dir)}}
+        status["group"]["serving"] = self.serving
+        if self.phase == Phase.PIVOTED:
+            status["net"] = self._net_status()
+        if self.snapshot:
+            status["snapshot"] = {**self.snapshot, "what": (
+                "the retired sources: a crash-consistent image of the whole group at the commit "
+                "(every member stopped receiving writes at one instant); kept until removed")}
         copies = [m.copier.progress() for m in self.members.values() if m.copier is not None]
         if copies:
             done = sum(c["bytes_done"] for c in copies)
@@ -420,14 +487,40 @@ class Group(Controller):
             status["switch"] = self.last_switch
         return status
 
+    def _net_status(self):
+        """How long the safety net is up and what it costs: every write waits for the slower of
+        both sides; the source's latency (and its failures, degraded) is that cost."""
+        net = {"up_seconds": round(time.time() - self.net_since, 3) if self.net_since else None,
+               "members": {}}
+        for name, m in self.members.items():
+            dp = m.tree.datapath_status() if m.tree is not None else {"error": "not running"}
+            sides = dp.get("sides") or {}
+            net["members"][name] = {
+                "source_latency_ms": (sides.get("source") or {}).get("latency_ms"),
+                "destination_latency_ms": (sides.get("destination") or {}).get("latency_ms"),
+                "source_degraded": (sides.get("source") or {}).get("degraded", 0),
+                "may_differ_bytes": dp.get("dirty_bytes"),
+                "revert_possible": dp.get("synchronized", False)}
+        return net
+
     def commands(self):
         table = super().commands()
         table.update({
             "copy": lambda r: self.copy(rate=rate(r), wait=False) or {"started": True},
             "verify": lambda r: dict(zip(("identical", "detail"), self.verify())),
-            "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3),
+            "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True,
+                                                             commit=r.get("commit") is True)
+                                                  * 1000, 3),
                                 "members_ms": self.last_switch["members_ms"],
+                                "net": self.phase == Phase.PIVOTED,
                                 "lent": "the host service", "group": self.names},
+            "revert": lambda r: {"stall_ms": round(self.revert() * 1000, 3),
+                                 "members_ms": self.last_switch["members_ms"]},
+            "commit": lambda r: {"stall_ms": round(self.commit() * 1000, 3),
+                                 "members_ms": self.last_switch["members_ms"],
+                                 "sources": [layer["path"] for chain in
+                                             self.snapshot["sources"].values() if chain
+                                             for layer in chain[:1]]},
             "cancel": lambda r: {"removed": [], "kept": [], "cancelled": self.names,
                                  "lent": "the host service", "group": self.names,
                                  **_merge(self.cancel())},

@@ -57,7 +57,7 @@ class ExportLender:
     def switched(self):
         """An export keeps no record: nothing to commit."""
 
-    cancelled = switched
+    cancelled = reverted = switched
 
     def give_back(self, chain):
         return export.give_back(self.control, chain[0]["path"])
@@ -115,6 +115,10 @@ class HostLender:
 
     def cancelled(self):
         self.registry.cancelled(self.name, self.migration)
+
+    def reverted(self):
+        """A group's revert: the disk is the source's chain again (inside the hold)."""
+        self.registry.reverted(self.name, self.migration)
 
     def give_back(self, chain):
         """The service records the end of the loan (`returned`) and serves `chain` again."""

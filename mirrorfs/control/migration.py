@@ -84,6 +84,7 @@ class Migration(Controller):
         self._before = None             # the disk's chain before the migration (from the lender)
         self.stopped_in = None          # the phase `stop` found (control.stopreport.next_step)
         self._rebased = False           # the destination overlay is on the destination base
+        self.net_since = None           # a group's safety net: up since (time.time())
         self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
@@ -153,7 +154,7 @@ class Migration(Controller):
         switched; the source overlay once anything was served from it; else the source's top."""
         phase = self.phase if self.phase not in (Phase.NEW, Phase.STOPPED) else (saved.phase if saved
                                                                           else Phase.NEW)
-        if phase == Phase.SWITCHED:
+        if phase in (Phase.SWITCHED, Phase.PIVOTED):
             return self.dest_overlay
         if phase == Phase.NEW and self.source_overlay not in self._created and saved is None:
             return self.source_top
@@ -248,10 +249,14 @@ class Migration(Controller):
                                  f"{path} is missing")
         self.base = images.info(self.source_top)
         self.dest_base.with_name(self.dest_base.name + ".partial").unlink(missing_ok=True)
-        if saved.phase == Phase.SWITCHED and self._commit(Phase.SWITCHED):
+        net = saved.reader == "destination" and not saved.ended
+        if (saved.phase == Phase.SWITCHED or net) and self._commit(Phase.SWITCHED):
             # The state says switched, and the tree serves the destination alone: the record says
-            # so first (a crash inside the switch, after the state and before the record).
+            # so first (a crash inside the switch, after the state and before the record). The
+            # same for a group's net (reads from the destination).
             self._commit(Phase.SWITCHED)()
+        elif saved.phase != Phase.SWITCHED and self.lender is not None and self.lender.named:
+            self.lender.reverted()          # a crash inside a group's revert: the source again
         # The overlays are this migration's, made by the start that saved the state: a cancel
         # removes the destination's again. Whether a destination base there was copied by
         # mirrorfs or put there by a manager (cp) is not known after a restart: a cancel keeps it
@@ -261,6 +266,10 @@ class Migration(Controller):
         self.tree.start()
         if saved.phase == Phase.SWITCHED:
             self.enter(Phase.SWITCHED, resumed=True)
+        elif net:
+            self._rebased = True
+            self.net_since = time.time()
+            self.enter(Phase.PIVOTED, resumed=True, dirty_regions=len(saved.dirty))
         else:
             self.enter(Phase.MIRRORING, resumed=True, dirty_regions=len(saved.dirty))
 
@@ -383,6 +392,56 @@ class Migration(Controller):
             self.enter(Phase.SWITCHED, **self.last_switch)
             return stall
 
+    # A group's safety net (control.group): after its pivot, reads come from the destination and
+    # changes still go to both sides, until `commit` (the destination alone) or `revert`.
+
+    def net_pivot(self, timeout=10.0, gate=None):
+        """Read from the destination, write to both (after `prepare_pivot`). The disk's record
+        says the destination from now on (its commit, inside the hold)."""
+        with self.changing("pivot", Phase.MIRRORING):
+            self.enter(Phase.SWITCHING)
+            commit = self._commit(Phase.SWITCHED)
+            try:
+                stall = self.tree.read_from("destination", timeout,
+                                            commit=gate(commit) if gate else commit)
+            except Error as e:
+                self.enter(Phase.MIRRORING)
+                self.log.add("error", what="switch failed", detail=str(e))
+                raise Error(f"switch failed, still mirroring: {e}") from None
+            self.net_since = time.time()
+            self.last_switch = {"stall_ms": round(stall * 1000, 3), "net": True}
+            self.enter(Phase.PIVOTED, **self.last_switch)
+            return stall
+
+    def revert(self, timeout=10.0, gate=None):
+        """Read from the source again: every change since the pivot is there already."""
+        with self.changing("revert", Phase.PIVOTED):
+            commit = self.lender.reverted if self.lender is not None and self.lender.named \
+                else None
+            try:
+                stall = self.tree.read_from("source", timeout,
+                                            commit=gate(commit) if gate else commit)
+            except Error as e:
+                raise Error(f"revert failed, still on the destination: {e}") from None
+            self.net_since = None
+            self.enter(Phase.MIRRORING, reverted=True, stall_ms=round(stall * 1000, 3))
+            return stall
+
+    def commit_net(self, timeout=10.0, gate=None):
+        """End the net: the destination alone; the source's daemon flushes and closes its images,
+        which stay as they were at the commit's hold."""
+        with self.changing("commit", Phase.PIVOTED):
+            commit = self._commit(Phase.SWITCHED)
+            try:
+                stall = self.tree.switch("destination", Phase.SWITCHED, timeout,
+                                         commit=gate(commit) if gate else commit)
+            except Error as e:
+                raise Error(f"commit failed, the net is still up: {e}") from None
+            self._created.clear()
+            self.net_since = None
+            self.enter(Phase.SWITCHED, committed=True, stall_ms=round(stall * 1000, 3))
+            return stall
+
     def prepare_pivot(self, force=False):
         """A pivot's checks, and the rebase of the destination overlay onto the destination base,
         without the switch: what a group does for every member before any member holds."""
@@ -471,7 +530,7 @@ class Migration(Controller):
     # of the share.
 
     copies = True
-    datapath_copies = (Phase.MIRRORING, Phase.COPYING_BASE)
+    datapath_copies = (Phase.MIRRORING, Phase.COPYING_BASE, Phase.PIVOTED)
 
     def shown_phase(self):
         return Phase.QUEUED if self.phase == Phase.COPYING_BASE and self.queued else self.phase

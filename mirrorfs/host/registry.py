@@ -390,6 +390,18 @@ class Registry:
             record["chain"] = lent["destination"]
             return self._save(record, "switched", migration=migration, chain=paths(record["chain"]))
 
+    def reverted(self, name, migration):
+        """A group's revert (control.group): reads come from the source again, which holds every
+        write since the pivot: the disk is the source's chain again, the loan goes on. Nothing
+        changes (and nothing is written) when the record says so already."""
+        with self.locked():
+            record, lent = self._loan(name, migration, "reverted")
+            if lent["serving"] == "source" and record["chain"] == lent["source"]:
+                return record
+            lent["serving"] = "source"
+            record["chain"] = lent["source"]
+            return self._save(record, "reverted", migration=migration, chain=paths(record["chain"]))
+
     def cancelled(self, name, migration):
         """The migration was cancelled: the disk is the source's chain (the new source overlay)."""
         with self.locked():
@@ -450,13 +462,16 @@ def serving_side(lent):
         return lent["serving"]
     try:
         with open(group) as f:
-            end = json.load(f).get("end")
+            saved = json.load(f)
+        end = saved.get("end")
     except FileNotFoundError:
         return lent["serving"]          # not written yet: no member switched
     except (OSError, ValueError, AttributeError) as e:
         raise RecordError(f"cannot read the group record {group} of migration "
                           f"{lent['migration']}: {e}") from None
-    return {"switched": "destination", "cancelled": "source"}.get(end, lent["serving"])
+    ends = {"switched": "destination", "cancelled": "source"}
+    return ends.get(end) or (saved.get("serving") if saved.get("serving") in SIDES
+                             else lent["serving"])
 
 
 def role_of(record, real):

@@ -6,7 +6,8 @@ slot, A >= B >= C; a group whose members stopped at different instants (some on 
 some on the new) breaks that as soon as a write came after the earlier one.
 
 Block k, at slot k % SLOTS of a region past the bases' data, is the 8-byte k repeated: a torn block
-is seen as one. Every write is FUA (acknowledged means durable). libnbd clients, no reconnection: the writer stops at the first failure (a kill), and
+is seen as one. Every write is FUA (acknowledged means durable). libnbd clients, no
+reconnection: the writer stops at the first failure (a kill), and
 what it had acknowledged is what each disk must still hold."""
 
 import struct
@@ -87,7 +88,10 @@ def read_slots(target):
         h.connect_uri(uri(target))
     else:
         fmt = "qcow2" if str(target).endswith(".qcow2") else "raw"
-        h.connect_systemd_socket_activation(["qemu-nbd", "-r", "-U", "-f", fmt, str(target)])
+        # Debian 12's qemu-nbd has no --force-share: the top's lock is turned off instead.
+        h.connect_systemd_socket_activation([
+            "qemu-nbd", "-r", "--image-opts",
+            f"driver={fmt},file.driver=file,file.filename={target},file.locking=off"])
     try:
         data = h.pread(SLOTS * BLOCK, REGION)
     finally:
