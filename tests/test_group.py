@@ -214,13 +214,14 @@ def _kill_group(g):
 
 
 @pytest.mark.parametrize("victim", ["supervisor", "nbdkit", "daemon", "host"])
-@pytest.mark.parametrize("ending", ["pivot", "cancel"])
+@pytest.mark.parametrize("ending", ["pivot", "cancel", "revert", "commit"])
 def test_kill_during_the_group_switch(workdir, host, victim, ending):
-    """kill -9 of one process at a random instant of the group's pivot (or cancel), or just as the
-    group's record is written, seeded (the seed is printed; MIRRORFS_SEED=N reruns one); then the
-    group's process is gone (it stops when a child dies; killed if it did not), and the same
-    command line runs again: every member on one side, the side the group's record says, with
-    every dependency and every acknowledged write."""
+    """kill -9 of one process at a random instant of the group's pivot, cancel, revert or commit,
+    or just as the group's record is written, seeded (the seed is printed; MIRRORFS_SEED=N reruns
+    one); then the group's process is gone (it stops when a child dies; killed if it did not),
+    and the same command line runs again: every member on one side, the side the group's record
+    says, with every dependency and every acknowledged write. After a commit, the retired
+    sources hold every dependency, and every write acknowledged before the commit began."""
     seed = int(os.environ.get("MIRRORFS_SEED", random.randrange(1 << 30)))
     print(f"seed {seed}")
     rng = random.Random(seed)
@@ -228,18 +229,24 @@ def test_kill_during_the_group_switch(workdir, host, victim, ending):
     g = start_group(host, workdir)
     writer = dependent.DependentWriter(socks)
     writer.wait_steps(30)
-    if ending == "pivot":
+    if ending != "cancel":
         host.mirrorfs("copy", "sys")
+    if ending in ("revert", "commit"):
+        host.mirrorfs("pivot", "sys")
+        writer.wait_steps(writer.steps + 100)
+    before = [list(a) for a in writer.acked]
     target = rng.choice(_victims(host, g)[victim])
     at_record = rng.random() < 0.5
     delay = rng.uniform(0, 1.5)
     print(f"kill -9 of {victim} {target.pid} "
           f"{'as the group record is written' if at_record else f'after {delay:.3f} s'}")
+    generation = (group_record(workdir) or {}).get("generation", 0)
     command = psutil.Popen([*MIRRORFS, ending, "data"], env=host.env,
                            stdout=open(workdir / "cmd.out", "w"), stderr=open(workdir / "cmd.err", "w"))
     if at_record:
-        wait_until(lambda: (group_record(workdir) or {}).get("end") or command.poll() is not None,
-                   "the group record's end", timeout=120, interval=0.0002)
+        wait_until(lambda: (group_record(workdir) or {}).get("generation", 0) > generation
+                   or command.poll() is not None,
+                   "the group record's change", timeout=120, interval=0.0002)
     else:
         time.sleep(delay)
     try:
@@ -255,8 +262,11 @@ def test_kill_during_the_group_switch(workdir, host, victim, ending):
     writer.stop()
     if g.poll() is None:
         _kill_group(g)
-    end = (group_record(workdir) or {}).get("end")
-    print(f"group record: {end}; writer: {writer.steps} steps ({writer.error})")
+    record = group_record(workdir) or {}
+    end = record.get("end")
+    side = {"switched": "destination", "cancelled": "source"}.get(end) or \
+        record.get("serving") or "source"
+    print(f"group record: end {end}, serving {record.get('serving')}, generation {record.get('generation')}; writer: {writer.steps} steps ({writer.error})")
 
     # The same command line.
     argv = ["start", *NAMES, "--dest-dir", workdir / "b", "--state-dir", workdir / "state"]
@@ -276,8 +286,11 @@ def test_kill_during_the_group_switch(workdir, host, victim, ending):
     else:
         host.background("g2", *argv)
         on = sides(host)
-        assert set(on.values()) == {"destination" if end == "switched" else "source"}, on
+        assert set(on.values()) == {side}, on
         status = json.loads(host.mirrorfs("status", "sys", "--json").stdout)
-        serving = {n: m["serving"] for n, m in status["members"].items()}
-        assert set(serving.values()) == ({"destination"} if end == "switched" else {None}), serving
+        assert status["group"]["serving"] == side, status["group"]
+        readers = {n: m["datapath"]["reader"] for n, m in status["members"].items()}
+        assert set(readers.values()) == {side}, readers
     dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
+    if end == "switched" and ending == "commit":
+        dependent.check(snapshot_slots(workdir), before)
