@@ -266,7 +266,8 @@ def test_kill_during_the_group_switch(workdir, host, victim, ending):
     end = record.get("end")
     side = {"switched": "destination", "cancelled": "source"}.get(end) or \
         record.get("serving") or "source"
-    print(f"group record: end {end}, serving {record.get('serving')}, generation {record.get('generation')}; writer: {writer.steps} steps ({writer.error})")
+    print(f"group record: end {end}, serving {record.get('serving')}, generation "
+          f"{record.get('generation')}; writer: {writer.steps} steps ({writer.error})")
 
     # The same command line.
     argv = ["start", *NAMES, "--dest-dir", workdir / "b", "--state-dir", workdir / "state"]
@@ -294,3 +295,32 @@ def test_kill_during_the_group_switch(workdir, host, victim, ending):
     dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
     if end == "switched" and ending == "commit":
         dependent.check(snapshot_slots(workdir), before)
+
+
+def test_a_dead_group_is_taken_back_on_one_side(workdir, host):
+    """kill -9 of the group's process as its record is written (pivot), then no restart: the host
+    service takes every member back, on the side the group's record says, even for a member
+    whose own record still says the other side (each loan names the group's record)."""
+    socks = make_disks(host, workdir)
+    g = start_group(host, workdir)
+    writer = dependent.DependentWriter(socks)
+    host.mirrorfs("copy", "sys")
+    writer.wait_steps(writer.steps + 50)
+    command = psutil.Popen([*MIRRORFS, "pivot", "data"], env=host.env,
+                           stdout=open(workdir / "cmd.out", "w"), stderr=open(workdir / "cmd.err", "w"))
+    wait_until(lambda: (group_record(workdir) or {}).get("serving") == "destination"
+               or command.poll() is not None, "the group's record", timeout=120, interval=0.0002)
+    _kill_group(g)
+    command.wait(120)
+    writer.stop()
+    lent = {n: host.record(n)["lent"]["serving"] for n in NAMES}
+    print(f"the members' own records at the kill: {lent}")
+    host.proc.send_signal(signal.SIGTERM)
+    host.proc.wait(60)
+    host.take_back_after = 1
+    host.start()
+    wait_until(lambda: all(host.disks().get(n, {}).get("phase") == "exporting" for n in NAMES),
+               "every member taken back", timeout=120)
+    tops = {n: host.record(n)["chain"][0]["path"] for n in NAMES}
+    assert tops == {n: str(workdir / "b" / f"{n}-snap.qcow2") for n in NAMES}, tops
+    dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
