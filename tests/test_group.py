@@ -324,3 +324,31 @@ def test_a_dead_group_is_taken_back_on_one_side(workdir, host):
     tops = {n: host.record(n)["chain"][0]["path"] for n in NAMES}
     assert tops == {n: str(workdir / "b" / f"{n}-snap.qcow2") for n in NAMES}, tops
     dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
+
+
+def test_a_member_whose_destination_fails_keeps_the_group_on_its_sources(workdir, host):
+    """The destination of one member fails (its storage daemon killed) during the group's copy:
+    the group stops, every member's record says the source, the same command line resumes every
+    member mirroring on its source, and a pivot is refused for the whole group (that member's
+    base was not copied): no member switches, every dependency holds."""
+    socks = make_disks(host, workdir)
+    g = start_group(host, workdir)
+    writer = dependent.DependentWriter(socks)
+    writer.wait_steps(50)
+    host.mirrorfs("copy", "sys", "--background", "--rate", "1M")
+    victim = next(p for p in g.children(recursive=True) if p.name() == "qemu-storage-daemon"
+                  and str(workdir / "b" / "data-snap.qcow2") in " ".join(p.cmdline()))
+    victim.send_signal(signal.SIGKILL)
+    assert g.wait(60) != 0
+    writer.stop()
+    assert set(sides(host).values()) == {"source"}, sides(host)
+    assert group_record(workdir)["end"] is None
+    host.background("g2", "start", *NAMES, "--dest-dir", workdir / "b", "--state-dir",
+                    workdir / "state")
+    res = host.mirrorfs("pivot", "log", check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res
+    assert "no member switched" in res.stderr, res.stderr
+    assert set(sides(host).values()) == {"source"}, sides(host)
+    status = json.loads(host.mirrorfs("status", "sys", "--json").stdout)
+    assert {m["datapath"]["reader"] for m in status["members"].values()} == {"source"}
+    dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
