@@ -352,3 +352,29 @@ def test_a_member_whose_destination_fails_keeps_the_group_on_its_sources(workdir
     status = json.loads(host.mirrorfs("status", "sys", "--json").stdout)
     assert {m["datapath"]["reader"] for m in status["members"].values()} == {"source"}
     dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
+
+
+def test_a_source_that_fails_under_the_net_degrades_the_group(workdir, host):
+    """The source of one member fails (its storage daemon killed) after the pivot: no write of
+    the writer fails, the group commits on its own to the destinations alone and says so
+    (status: the sources are not a consistent image), every dependency holds."""
+    socks = make_disks(host, workdir)
+    start_group(host, workdir)
+    writer = dependent.DependentWriter(socks)
+    host.mirrorfs("copy", "sys")
+    host.mirrorfs("pivot", "sys")
+    writer.wait_steps(writer.steps + 50)
+    g = next(p for p in psutil.process_iter() if p.pid == host.started[-1].pid)
+    victim = next(p for p in g.children(recursive=True) if p.name() == "qemu-storage-daemon"
+                  and str(workdir / "a" / "data-snap.qcow2") in " ".join(p.cmdline()))
+    victim.send_signal(signal.SIGKILL)
+    status = wait_until(lambda: (s := json.loads(host.mirrorfs("status", "sys", "--json").stdout))
+                        ["phase"] == "switched" and s, "the group degraded", timeout=60)
+    assert "NOT a consistent image" in status["snapshot"]["what"], status["snapshot"]
+    assert "data" in status["snapshot"]["degraded"]
+    assert "NOT a consistent image" in host.mirrorfs("status", "log").stdout
+    writer.wait_steps(writer.steps + 50)
+    writer.stop()
+    assert writer.error is None, writer.error
+    assert set(sides(host).values()) == {"destination"}
+    check_served(socks, writer)

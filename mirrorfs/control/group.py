@@ -281,16 +281,19 @@ class Group(Controller):
             self.enter(Phase.MIRRORING, reverted=True, **self.last_switch)
             return self.last_switch["hold_ms"] / 1000
 
-    def commit(self, timeout=10.0):
+    def commit(self, timeout=10.0, degraded=None):
         """End the net: every member on its destination alone. Every member holds at once, so
         the sources stop receiving changes at one instant: together they are a crash-consistent
-        image of the whole group at the commit (kept: retired, never served again by mirrorfs)."""
+        image of the whole group at the commit (kept: retired, never served again by mirrorfs).
+        `degraded`: why the group commits on its own (a source failed): then they are not."""
         with self.changing("commit", Phase.PIVOTED):
             net = round(time.time() - self.net_since, 3) if self.net_since else None
+            snapshot = {"time": time.time(), "consistent": degraded is None, "sources": {
+                n: m.chains["source"] if m.chains else None for n, m in self.members.items()}}
+            if degraded:
+                snapshot["degraded"] = degraded
             stalls = self._switch("commit", {"end": "switched", "serving": "destination",
-                                             "snapshot": {"time": time.time(), "sources": {
-                                                 n: m.chains["source"] if m.chains else None
-                                                 for n, m in self.members.items()}}},
+                                             "snapshot": snapshot},
                                   lambda m, gate: m.commit_net(timeout, gate=gate))
             self.net_since = None
             self.last_switch = self._holds("commit", stalls)
@@ -449,11 +452,31 @@ class Group(Controller):
         while not stop.wait(interval) and not self.finished.is_set():
             if self.broken:
                 raise ProcessError(f"the group must be restarted to finish its switch: {self.broken}")
+            if self.phase == Phase.PIVOTED:
+                self._degrade_if_a_source_died()
             for name, m in self.members.items():
                 try:
                     m.check(seen[name])
                 except Error as e:
                     raise type(e)(f"{name}: {e}") from None
+
+    def _degrade_if_a_source_died(self):
+        """A member's source failed (its storage daemon died) under the safety net: the data is
+        safe on the destinations, which serve reads and take every write first; the sources can
+        no longer be reverted to. The group commits on its own (every member on its destination
+        alone) and says so: the retired sources are not a consistent image of the group."""
+        failed = [name for name, m in self.members.items()
+                  if (d := m.tree.daemon("source")) is not None and d.died()]
+        if not failed:
+            return
+        why = f"the source of {', '.join(failed)} failed (its storage daemon died)"
+        self.log.add("degraded", members=failed, why=why)
+        for name in failed:
+            self.members[name].tree.drop_source()
+        try:
+            self.commit(degraded=why)
+        except PhaseError:
+            return                      # a command runs: the next look commits
 
     def status(self):
         status = {"kind": self.kind, "phase": self.shown_phase(),
@@ -468,7 +491,10 @@ class Group(Controller):
         if self.snapshot:
             status["snapshot"] = {**self.snapshot, "what": (
                 "the retired sources: a crash-consistent image of the whole group at the commit "
-                "(every member stopped receiving writes at one instant); kept until removed")}
+                "(every member stopped receiving writes at one instant); kept until removed"
+                if self.snapshot.get("consistent", True) else
+                f"degraded to the destinations alone: {self.snapshot.get('degraded')}; the retired "
+                "sources are NOT a consistent image of the group")}
         copies = [m.copier.progress() for m in self.members.values() if m.copier is not None]
         if copies:
             done = sum(c["bytes_done"] for c in copies)

@@ -302,6 +302,12 @@ class ProcessTree:
             dest.drop_backing()
         self._retire_daemon("source")
 
+    def drop_source(self):
+        """A group's safety net lost its source (its daemon died): the daemon leaves the list,
+        so that its death is not taken for a crash of the disk; the data path degrades the
+        source's failures until the commit retires it."""
+        self._retire_daemon("source")
+
     def _retire_daemon(self, side):
         """Stop a side's storage daemon once the data path no longer uses it. It leaves the list
         first: the controller's watch (another thread) must not take its exit for a crash."""
