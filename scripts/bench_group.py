@@ -6,8 +6,8 @@ safety net").
 
 1. The hold: a host service (`mirrorfs host`) with --disks named disks; each round moves them once
    with `start NAME` one at a time (the hold of one disk's pivot) and once as a group (`start
-   NAME...`: the group's pivot, then its commit), under fio 4k randwrite (iodepth 4) on every
-   disk. Prints the median and maximum holds clients saw.
+   NAME...`: the group's pivot, then its commit), under fio 4k randwrite (--depth, default 4;
+   0: idle) on every disk. Prints the median and maximum holds clients saw.
 2. The net's cost: fio 4k randwrite, iodepth 16 and 1, for --seconds on the first member of a
    group: before the pivot (mirroring), under the net (after the pivot), and after the commit
    (the destination alone).
@@ -90,14 +90,16 @@ def disks(bench, prefix, n):
 def move(bench, names, group, state):
     """Start, copy, pivot (and commit for a group) under fio on every disk: the holds."""
     loads = []
+    state.mkdir()
     if group:
         bench.background(state.name, "start", *names, "--dest-dir", bench.work / "b",
-                         "--state-dir", state, ready="control ")
+                         "--state-dir", state / "g", ready="control ")
     for name in names:
         if not group:
             bench.background(name, "start", name, "--dest-dir", bench.work / "b",
                              "--state-dir", state / name, ready="control ")
-        loads.append(bench.fio(bench.work / f"{name}.sock", 4))
+        if bench.depth:
+            loads.append(bench.fio(bench.work / f"{name}.sock", bench.depth))
     time.sleep(2)
     holds = []
     for name in (names[:1] if group else names):
@@ -119,11 +121,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--disks", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--depth", type=int, default=4,
+                        help="the iodepth of the fio load on every disk while it switches (0: idle)")
+    parser.add_argument("--no-net", action="store_true", help="measure the holds only")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mfsg-", dir="/tmp"))
     (work / "a").mkdir()
     (work / "b").mkdir()
     bench = Bench(work)
+    bench.depth = args.depth
     host = bench.background("host", "host", "--take-back-after", "600", ready="host service:")
     bench.procs = []
     try:
@@ -143,6 +149,8 @@ def main():
               f"{statistics.median(commits):.2f} ms, max {max(commits):.2f} ms "
               f"({len(group)} groups)")
 
+        if args.no_net:
+            return
         names = disks(bench, "net-", 2)
         bench.background("net", "start", *names, "--dest-dir", work / "b", "--state-dir",
                          work / "net", ready="control ")
