@@ -378,3 +378,34 @@ def test_a_source_that_fails_under_the_net_degrades_the_group(workdir, host):
     assert writer.error is None, writer.error
     assert set(sides(host).values()) == {"destination"}
     check_served(socks, writer)
+
+
+@pytest.mark.parametrize("how", ["pivot --commit", "hand-back after a pivot"])
+def test_pivot_commit_and_hand_back_after_a_pivot(workdir, host, how):
+    """`pivot --commit` ends the net at once; `hand-back` while the net is up commits first:
+    either way every disk ends on its destination chain, its source retired, and the group's
+    record says switched with the snapshot of the sources."""
+    names = NAMES[:2]
+    socks = make_disks(host, workdir, names)
+    g = start_group(host, workdir, names)
+    writer = dependent.DependentWriter(socks)
+    host.mirrorfs("copy", "sys")
+    if how == "pivot --commit":
+        host.mirrorfs("pivot", "data", "--commit")
+        status = json.loads(host.mirrorfs("status", "sys", "--json").stdout)
+        assert status["phase"] == "switched" and "crash-consistent" in status["snapshot"]["what"]
+    else:
+        host.mirrorfs("pivot", "data")
+    writer.wait_steps(writer.steps + 50)
+    writer.stop()
+    assert writer.error is None, writer.error
+    check_served(socks, writer)
+    host.mirrorfs("hand-back", "data")
+    assert g.wait(60) == 0, g.err.read_text()
+    record = json.loads((workdir / "state" / "group.json.handed-back").read_text())
+    assert record["end"] == "switched" and record["snapshot"]["consistent"], record
+    for n in names:
+        disk = host.record(n)
+        assert disk["lent"] is None
+        assert disk["chain"][0]["path"] == str(workdir / "b" / f"{n}-snap.qcow2")
+        assert str(workdir / "a" / f"{n}-snap.qcow2") in [r["path"] for r in disk["retired"]]
