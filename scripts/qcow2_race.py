@@ -8,7 +8,7 @@ against a bare export, without mirrorfs. Any pair of those operations alone does
 
 `--pattern cluster` needs no overlapping bytes and no luck: clusters written whole, zeroed keeping
 their allocation, then a 4 KiB write and a 4 KiB zero that may unmap, at once, in each; every run
-is damaged (tests/test_races.py sends the same through mirrorfs, which must keep them apart).
+is damaged (tests/system/test_races.py sends the same through mirrorfs, which must keep them apart).
 
     .venv/bin/python scripts/qcow2_race.py [--runs 20] [--pattern random|cluster]
 """

@@ -69,7 +69,10 @@ def status_text(status):
     if mirror:
         pids = list((status.get("storage_daemons") or {}).values())
         shared = ", one storage daemon for both sides" if len(pids) == 2 and pids[0] == pids[1] else ""
-        lines.append(f"mirror:       copy {mirror['copy_mode']}, on destination error "
+        copy_mode = mirror["copy_mode"]
+        if copy_mode == "none" and not mirror.get("switch_first"):
+            copy_mode = "none (the sides were said to be equal; pivot compares them first)"
+        lines.append(f"mirror:       copy {copy_mode}, on destination error "
                      f"{mirror['policy']}{', resumed' if mirror['resumed'] else ''}{shared}")
     state = status.get("state")
     if state:
@@ -104,6 +107,12 @@ def status_text(status):
                          f"({hydration['bytes_at_risk']} bytes): the source fails; "
                          f"{hydration['source_read_errors']} client reads failed, "
                          f"{len(hydration['unreadable'])} regions it cannot copy yet")
+        if hydration.get("destination_failing"):
+            errnos = sorted({u["errno"] for u in hydration["unwritable"]})
+            lines.append(f"  failing:    the destination ({', '.join(errnos)}): "
+                         f"{len(hydration['unwritable'])} regions it cannot take yet "
+                         f"({human_size(hydration['bytes_unwritable'])}), retried; nothing is at "
+                         "risk on the source; clients' changes fail meanwhile")
     switch = status.get("switch")
     if switch:
         rebase = f" (backing change {switch['rebase_ms']:.1f} ms)" if "rebase_ms" in switch else ""

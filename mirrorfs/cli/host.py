@@ -71,6 +71,13 @@ HEADER = (f"{'SOCKET':<32} {'KIND':<9} {'PHASE':<14} {'COPIED':<22} {'RATE':<30}
 
 def cmd_list(args):
     rundir = run_dir(args, create=False)
+    # --watch ends at SIGINT/SIGTERM after the refresh under way: a KeyboardInterrupt raised while
+    # view.disks joins its threads could leave the interpreter waiting for one at exit, forever
+    # (seen: `top --json` still running 30 s after its SIGINT, tests/system/test_host_list.py).
+    stop = threading.Event()
+    if args.watch:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop.set())
     while True:
         records = view.disks(rundir)
         if args.json:
@@ -86,9 +93,8 @@ def cmd_list(args):
             for r in records:
                 print(line(r))
             sys.stdout.flush()
-        if not args.watch:
+        if not args.watch or stop.wait(1):
             return 0
-        time.sleep(1)
 
 
 # budget

@@ -116,7 +116,12 @@ def migration_control(run_dir, name):
 
 def resume_command(name, lent):
     """The command line that resumes the migration of a loan (the record knows its directories)."""
-    dest_dir = os.path.dirname(lent["destination"][0]["path"])
+    dest = lent["destination"][0]["path"]
+    if dest.startswith("rbd:"):     # rbd:POOL/IMAGE[:options] -> rbd:POOL[:options]
+        pool, _, rest = dest.partition("/")
+        dest_dir = pool + rest[len(rest.split(":")[0]):]
+    else:
+        dest_dir = os.path.dirname(dest)
     switch_first = " --switch-first" if lent.get("evacuation") else ""
     return (f"mirrorfs start {name} --dest-dir {dest_dir} --state-dir {lent['state_dir']}"
             f"{switch_first}")

@@ -196,7 +196,9 @@ def _start(p):
     p.add_argument("--take-over", metavar="EXPORT_CONTROL",
                    help="take the disk over from a running `mirrorfs export` (its control socket): "
                         "its clients reconnect to this migration on the same socket")
-    p.add_argument("--dest-dir", required=True, metavar="DIR", help="where the disk moves to")
+    p.add_argument("--dest-dir", required=True, metavar="DIR",
+                   help="where the disk moves to; with --switch-first also a Ceph pool, "
+                        "rbd:POOL[:conf=FILE][:id=USER] (the image takes the source's name)")
     p.add_argument("--overlay-name", metavar="NAME",
                    help="file name of the new overlays (default: <SOURCE_TOP stem>-snap.qcow2)")
     p.add_argument("--rate", metavar="BYTES/S", type=rate("--rate"),

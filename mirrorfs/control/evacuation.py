@@ -33,12 +33,33 @@ from mirrorfs.control.controller import Controller, PhaseError
 from mirrorfs.control.migration import Migration
 from mirrorfs.control.mirror import Hydrating, hydration_progress, switch_first_refusal
 from mirrorfs.daemons.tree import ProcessTree
-from mirrorfs.datapath.state import FILE as STATE_FILE
+from mirrorfs.datapath import statedir
 from mirrorfs.errors import UsageError
-from mirrorfs.sides import images
+from mirrorfs.sides import images, rbd
 
-# What the data path keeps in the state directory of an evacuation (datapath.hydration).
-HYDRATION_FILE = "hydration.map"
+
+class RbdDestination:
+    """An evacuation's destination image in a Ceph pool (`--dest-dir rbd:POOL[:conf=..][:id=..]`),
+    with the few verbs the evacuation uses on a destination file's Path. Its name is its spec."""
+
+    def __init__(self, image):
+        self.image = image
+        self.name = image.name
+
+    def __str__(self):
+        return self.image.spec
+
+    def __eq__(self, other):
+        return str(self) == str(other)
+
+    def __hash__(self):
+        return hash(str(self))
+
+    def exists(self):
+        return rbd.exists(self.image)
+
+    def unlink(self, missing_ok=False):
+        rbd.remove(self.image)
 
 
 class Evacuation(Hydrating, Migration):
@@ -49,6 +70,13 @@ class Evacuation(Hydrating, Migration):
         e.hand_back()   # with take_over: the export serves /new/vm1.qcow2
     """
     ENDED = (Phase.HYDRATED,)
+
+    def __init__(self, source_top, dest_dir, options=None, **kw):
+        """`dest_dir`: a directory, or a Ceph pool (`rbd:POOL[:conf=FILE][:id=USER]`): the new
+        image is then POOL/<the source top's stem>, raw."""
+        self._pool = (rbd.pool_of("--dest-dir", str(dest_dir)) if rbd.is_spec(str(dest_dir))
+                      else None)
+        super().__init__(source_top, dest_dir, options, **kw)
     # The host budget: the hydration is the data path's copy (Migration.copy_probe); there is no
     # base copy.
     datapath_copies = (Phase.HYDRATING,)
@@ -63,13 +91,23 @@ class Evacuation(Hydrating, Migration):
             raise UsageError("--overlay-name: with --switch-first there is no overlay; the "
                              "destination image takes the source top's name")
         self.source_top = self.source_overlay = Path(source_top).absolute()
-        self.dest_base = self.dest_overlay = self.dest_dir / self.source_top.name
+        if self._pool is not None:
+            self.dest_base = self.dest_overlay = RbdDestination(
+                rbd.image_in(self._pool, self.source_top.stem))
+        else:
+            self.dest_base = self.dest_overlay = self.dest_dir / self.source_top.name
 
     @property
     def dest_image(self):
         return self.dest_overlay
 
     def _check_paths(self):
+        if self._pool is not None:
+            if self.dest_image.exists():
+                raise UsageError(f"destination image {self.dest_image} already exists (an "
+                                 "evacuation already started? then give its --state-dir)")
+            self._check_state_files()
+            return
         if not self.dest_dir.is_dir():
             raise UsageError(f"destination directory {self.dest_dir} does not exist")
         if self.dest_dir.resolve() == self.source_top.parent.resolve():
@@ -78,7 +116,10 @@ class Evacuation(Hydrating, Migration):
         if self.dest_image.exists():
             raise UsageError(f"destination image {self.dest_image} already exists (an evacuation "
                              "already started? then give its --state-dir)")
-        for name in (STATE_FILE, HYDRATION_FILE):
+        self._check_state_files()
+
+    def _check_state_files(self):
+        for name in statedir.FILES:
             if (self.state_dir / name).exists():
                 raise UsageError(f"{self.state_dir / name} exists: the state directory belongs to "
                                  "another evacuation")
@@ -88,8 +129,9 @@ class Evacuation(Hydrating, Migration):
     def _loan_chains(self, before):
         """An evacuation's loan: the source is the chain as it was (read-only), the destination one
         image; the disk is the destination's from the first write (`_switch_first`)."""
+        fmt = "raw" if self._pool is not None else before[0]["format"]
         return {"before": before, "source": before,
-                "destination": [{"path": str(self.dest_image), "format": before[0]["format"]}]}
+                "destination": [{"path": str(self.dest_image), "format": fmt}]}
 
     def _switch_first(self):
         """The destination takes every write from the start: a named disk's record says so before
@@ -110,7 +152,10 @@ class Evacuation(Hydrating, Migration):
     def _start_new(self):
         self.base = images.info(self.source_top)
         try:
-            images.create_image(self.dest_image, self.base.format, self.base.virtual_size)
+            if self._pool is not None:
+                rbd.create(self.dest_image.image, self.base.virtual_size)
+            else:
+                images.create_image(self.dest_image, self.base.format, self.base.virtual_size)
             self._created.append(self.dest_image)
             self._switch_first()
             self.tree = self._tree()
@@ -125,7 +170,7 @@ class Evacuation(Hydrating, Migration):
         command line starts afresh."""
         super()._undo_start()
         if self.state_dir is not None:
-            for name in (STATE_FILE, HYDRATION_FILE):
+            for name in statedir.FILES:
                 (self.state_dir / name).unlink(missing_ok=True)
 
     def _tree(self):

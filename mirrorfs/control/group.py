@@ -169,7 +169,7 @@ class Group(Controller):
         destination files would be the same."""
         where = {}
         for name, m in self.members.items():
-            mid = lenders.migration_id(m.state_dir, name)
+            mid = lenders.migration_id(m._saved_state(), name)
             before = m.lender.served(mid)
             if saved is not None and saved["migrations"].get(name) not in (None, mid):
                 raise UsageError(f"the state of {name} in {m.state_dir} is not the group's "

@@ -27,7 +27,6 @@ One interface, so the migration never asks which one it holds:
 two chains); the export needs only the pid.
 """
 
-import json
 import os
 import secrets
 
@@ -35,7 +34,6 @@ from mirrorfs.control import export
 from mirrorfs.errors import UsageError
 from mirrorfs.host import hostctl
 from mirrorfs.host import registry as disks
-from mirrorfs.host.rundir import write_atomically
 
 
 class ExportLender:
@@ -58,6 +56,9 @@ class ExportLender:
         """An export keeps no record: nothing to commit."""
 
     cancelled = reverted = switched
+
+    def ready(self):
+        """An export that is gone fails the give-back itself (as it always did)."""
 
     def give_back(self, chain):
         return export.give_back(self.control, chain[0]["path"])
@@ -120,6 +121,13 @@ class HostLender:
         """A group's revert: the disk is the source's chain again (inside the hold)."""
         self.registry.reverted(self.name, self.migration)
 
+    def ready(self):
+        """Before a hand-back stops serving the disk: the service must be there to take it."""
+        if not hostctl.running(self.run_dir):
+            raise UsageError(f"no host service answers at {hostctl.control_path(self.run_dir)}: "
+                             "start it (mirrorfs host, or the mirrorfs-host unit), then hand back "
+                             "again; the migration serves the disk meanwhile")
+
     def give_back(self, chain):
         """The service records the end of the loan (`returned`) and serves `chain` again."""
         return hostctl.give_back(self.run_dir, self.name, migration=self.migration, chain=chain)
@@ -129,55 +137,17 @@ class HostLender:
         return f"the host service ({self.name})"
 
 
-# The migration's identity: made when its state directory is first used, kept there, named by the
-# disk's record while the disk is lent to it. Without a state directory it lives as long as the
-# process: nothing can resume such a migration anyway.
+# The migration's identity: made when its state is first made (datapath.statedir keeps it in
+# owner.json, with the disk's name), named by the disk's record while the disk is lent to it. A
+# resume reads it back from the state, so it borrows the same loan. Without a state directory it
+# lives as long as the process: nothing can resume such a migration anyway.
 
-IDENTITY = "migration.json"
-
-
-def migration_id(state_dir, disk=None):
-    """The id of the migration whose state is in `state_dir` (a new one if there is none yet: it is
-    saved there by `keep_identity`, at the borrow); refused if the directory is another disk's."""
-    if state_dir is None:
-        return secrets.token_hex(8)
-    path = state_dir / IDENTITY
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        saved = None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: cannot read the migration's identity "
-                         f"({getattr(e, 'strerror', None) or e}); remove the state directory to "
-                         "start a new migration") from None
-    if saved is not None:
-        if not isinstance(saved, dict) or not isinstance(saved.get("migration"), str):
-            raise UsageError(f"{path}: not a migration's identity; remove the state directory to "
-                             "start a new migration")
-        if saved.get("disk") != disk:
-            owner = f"the disk {saved['disk']}" if saved.get("disk") else "a disk without a name"
-            raise UsageError(f"the state in {state_dir} is a migration of {owner}, not of "
-                             f"{f'the disk {disk}' if disk else 'this image'}; give another "
-                             "--state-dir")
-        return saved["migration"]
-    return secrets.token_hex(8)
-
-
-def keep_identity(state_dir, migration, disk=None):
-    """Save the migration's id in its state directory (made if missing), before the disk is lent
-    to it: a resume must borrow the loan with the same id."""
-    if state_dir is None or (state_dir / IDENTITY).exists():
-        return
-    try:
-        state_dir.mkdir(mode=0o700, exist_ok=True)
-        write_atomically(state_dir / IDENTITY, {"migration": migration, "disk": disk})
-    except OSError as e:
-        raise UsageError(f"--state-dir {state_dir}: {e.strerror or e}") from None
-
-
-def retire_identity(state_dir):
-    """The migration is over (handed back): its id must not borrow the disk again."""
-    if state_dir is not None:
-        path = state_dir / IDENTITY
-        if path.exists():
-            path.rename(path.with_name(IDENTITY + ".handed-back"))
+def migration_id(saved, disk=None):
+    """The id of the migration whose state `saved` is (a State, or None: a new id); refused if the
+    state is another disk's."""
+    if saved is None:
+        return secrets.token_hex(16)
+    if disk is not None and saved.disk is not None and saved.disk != disk:
+        raise UsageError(f"the state in {saved.directory} is a migration of the disk {saved.disk}, "
+                         f"not of {disk}; give another --state-dir")
+    return saved.migration

@@ -28,7 +28,8 @@ from mirrorfs.host.registry import chain_of
 from mirrorfs.sides import images
 from mirrorfs.control.basecopy import BaseCopy
 from mirrorfs.control.controller import Controller, PhaseError, rate
-from mirrorfs.datapath.state import State, StateError
+from mirrorfs.datapath import statedir
+from mirrorfs.datapath.state import StateError
 from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.control.options import ServeOptions
 from mirrorfs.daemons.tree import ProcessTree
@@ -70,6 +71,10 @@ class Migration(Controller):
         if overlay_name is not None and ("/" in overlay_name or overlay_name in ("", ".", "..")):
             raise UsageError(f"--overlay-name {overlay_name!r}: expected a file name, not a path")
         self._overlay_name = overlay_name
+        if str(dest_dir).startswith("rbd:") and not self.options.switch_first:
+            raise UsageError(f"--dest-dir {dest_dir}: a migration's overlays are qcow2 files; into "
+                             "a Ceph pool, evacuate (--switch-first) or use 'mirrorfs serve --copy "
+                             "full'")
         self.dest_dir = Path(dest_dir).absolute()
         self.source_top = self.source_overlay = self.dest_overlay = self.dest_base = None
         if source_top is not None:
@@ -85,6 +90,7 @@ class Migration(Controller):
         self.stopped_in = None          # the phase `stop` found (control.stopreport.next_step)
         self._rebased = False           # the destination overlay is on the destination base
         self.net_since = None           # a group's safety net: up since (time.time())
+        self._loan_serving = None       # the side the disk's record said at the borrow
         self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
         self._cap = self.options.rate
@@ -114,8 +120,8 @@ class Migration(Controller):
         disk back to it as it was."""
         with self.changing("start", Phase.NEW):
             saved = self._saved_state()
-            self.migration_id = lenders.migration_id(
-                self.state_dir, self.lender.name if self.lender and self.lender.named else None)
+            self.migration_id = self.options.migration = lenders.migration_id(
+                saved, self.lender.name if self.lender and self.lender.named else None)
             if self.lender is not None:
                 self._locate_lent()
             if saved is None:
@@ -190,9 +196,8 @@ class Migration(Controller):
                 "evacuation": self.options.switch_first, **({
                     "source": self.chains["source"], "destination": self.chains["destination"]}
                     if known else {})}
-        lenders.keep_identity(self.state_dir, self.migration_id,
-                              self.lender.name if self.lender.named else None)
         self._listener, reply = self.lender.borrow(loan)
+        self._loan_serving = ((reply.get("record") or {}).get("lent") or {}).get("serving")
         if not known:
             self.chains = self._loan_chains(chain_of(images.info(self.source_top)))
         if "image" in reply and Path(reply["image"]) != self.source_top:
@@ -230,10 +235,12 @@ class Migration(Controller):
                            listener=self._listener)
 
     def _saved_state(self):
+        """The state in the state directory, every file of it checked (datapath.statedir) before
+        anything is borrowed or started; None if there is none."""
         if self.state_dir is None:
             return None
         try:
-            return State.load(self.state_dir)
+            return statedir.load(self.state_dir)
         except StateError as e:
             raise UsageError(str(e)) from None
 
@@ -255,8 +262,13 @@ class Migration(Controller):
             # so first (a crash inside the switch, after the state and before the record). The
             # same for a group's net (reads from the destination).
             self._commit(Phase.SWITCHED)()
-        elif saved.phase != Phase.SWITCHED and self.lender is not None and self.lender.named:
-            self.lender.reverted()          # a crash inside a group's revert: the source again
+        elif self._loan_serving == "destination" and self._commit(Phase.CANCELLED):
+            # The record took a switch the state never saw (a crash inside the switch's hold,
+            # between the two): nothing was served from the destination, and the resumed mirror
+            # reads the source again, which the record must say before it serves.
+            self.log.add("warning", what="the switch was recorded but not made; the disk is the "
+                         "source chain again")
+            self._commit(Phase.CANCELLED)()
         # The overlays are this migration's, made by the start that saved the state: a cancel
         # removes the destination's again. Whether a destination base there was copied by
         # mirrorfs or put there by a manager (cp) is not known after a restart: a cancel keeps it
@@ -512,6 +524,7 @@ class Migration(Controller):
                 raise UsageError("this migration did not take the disk over (start NAME, or start "
                                  "--take-over): there is nothing to hand it back to")
             top = self._authoritative_top()
+            self.lender.ready()
             self.tree.stop()
             self.lender.give_back(self._chain_of(top))
             if self.state_dir is not None:
@@ -519,7 +532,6 @@ class Migration(Controller):
                 state = self.state_dir / "state.json"
                 if state.exists():
                     state.rename(state.with_name("state.json.handed-back"))
-                lenders.retire_identity(self.state_dir)
             self.enter(Phase.HANDED_BACK, image=str(top))
             self.finished.set()
             return {"image": str(top), "to": self.lender.who}

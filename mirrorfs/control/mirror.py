@@ -15,12 +15,17 @@ The first two are the data path's to tell (the controller's own phase is "mirror
 only the data path knows, under its drain, whether anything may differ.
 """
 
+from mirrorfs.common import jsonlines
 from mirrorfs.common.pacing import eta_seconds
 from mirrorfs.common.phases import Phase
 from mirrorfs.control.controller import Controller, PhaseError
 from mirrorfs.common.sizes import human_size
-from mirrorfs.errors import Error
+from mirrorfs.errors import Error, UsageError
 from mirrorfs.daemons.tree import ProcessTree
+
+# How long the data path may take to compare the sides (a `--copy none` pivot or verify): within
+# the CLI's wait for a control command's reply (600 s); it stops then, reading nothing more.
+COMPARE_TIMEOUT = 580
 
 
 class Hydrating:
@@ -112,26 +117,61 @@ class Mirror(Hydrating, Controller):
     # Commands.
 
     def verify(self):
-        """Does the destination hold the whole disk? Returns (ok, detail)."""
+        """Does the destination hold the whole disk? Returns (ok, detail). With --copy none
+        nothing was copied: the sides are compared (datapath.compare), as pivot does."""
         dp = self.tree.datapath_status()
         if "error" in dp:
             raise Error(f"cannot ask the data path: {dp['error']}")
-        if dp.get("synchronized"):
-            return True, "the destination holds the whole disk"
-        return False, f"{human_size(dp['dirty_bytes'])} may still differ"
+        if not dp.get("synchronized"):
+            return False, (f"{human_size(dp['dirty_bytes'])} may still differ between the sides; "
+                           "wait until synchronized")
+        if self.options.copy == "none":
+            return self._compare()
+        return True, "the destination holds the whole disk"
+
+    def _compare(self):
+        """--copy none: the operator said the sides start equal, and nothing copied anything; are
+        they? (ok, detail), the first differing offset in the detail."""
+        try:
+            reply = self.tree.datapath("compare", timeout=COMPARE_TIMEOUT + 10,
+                                       seconds=COMPARE_TIMEOUT)
+        except jsonlines.ControlError as e:
+            raise Error(f"cannot compare the sides: {e}") from None
+        if reply["identical"]:
+            return True, (f"the destination holds the same {human_size(reply['bytes'])} as the "
+                          "source (compared)")
+        if reply["offset"] is None:
+            return False, (f"compared {human_size(reply['bytes'])} of {human_size(reply['size'])} "
+                           f"in {COMPARE_TIMEOUT} s without a difference; the rest is not "
+                           "compared: with --copy none nothing copied the source, so the sides "
+                           "are equal only if you know they were; then pivot --force")
+        return False, (f"the destination differs from the source at offset {reply['offset']}: "
+                       "with --copy none the sides were said to be equal, and nothing copied "
+                       "the source; cancel (the source keeps the disk), then copy it with "
+                       "'mirrorfs serve --copy full' and a new --state-dir")
 
     def pivot(self, force=False, timeout=10.0):
         """Serve the destination alone. The data path refuses unless synchronized and unless the
-        destination answers. `force` is accepted for symmetry with a migration and changes nothing:
-        there is no base to verify here. Returns the stall clients saw, in seconds."""
+        destination answers. With --copy none the sides are compared first (the destination may
+        be an image created empty by mistake) and a difference is refused with its first offset;
+        `force` skips that comparison (recorded as an event). Returns the stall clients saw, in
+        seconds."""
         self._refuse_with_switch_first("pivot")
         with self.changing("pivot", Phase.MIRRORING):
+            if self.options.copy == "none":
+                if force:
+                    self.log.add("warning", what="switching without comparing the sides (forced)")
+                else:
+                    ok, detail = self.verify()
+                    if not ok:
+                        self.log.add("error", what="switch refused", detail=detail)
+                        raise UsageError(f"switch refused: {detail}")
             try:
                 stall = self.tree.switch("destination", Phase.SWITCHED, timeout)
             except Error as e:
                 self.log.add("error", what="switch refused", detail=str(e))
                 raise
-            self.last_switch = {"stall_ms": round(stall * 1000, 3)}
+            self.last_switch = {"stall_ms": round(stall * 1000, 3), "forced": force}
             self.enter(Phase.SWITCHED, **self.last_switch)
             return stall
 
@@ -158,7 +198,9 @@ class Mirror(Hydrating, Controller):
             status["switch"] = self.last_switch
         dp = status.get("datapath") or {}
         copy = dp.get("copy")
-        if copy and self.phase == Phase.MIRRORING:
+        # Only a copy that runs: with --copy none the data path's copier only copies again what a
+        # degraded write left behind, and the first pass it reports "done" never ran.
+        if copy and self.phase == Phase.MIRRORING and self.options.copy == "full":
             status["copy"] = copy_progress(copy)
         if self.options.switch_first:
             status["mirror"]["switch_first"] = True
@@ -189,23 +231,29 @@ def switch_first_refusal(command, phase):
 
 def hydration_progress(dp):
     """An evacuation's progress from the data path's status: bytes hydrated of the disk, the rate,
-    the ETA, and what is at risk while the source fails (every byte the destination does not hold
-    yet: it exists on the source alone; held ranges of regions not hydrated are on the
-    destination)."""
+    the ETA, and each side's failures, counted against the side that failed (the data path says
+    which): while the **source** fails, every byte the destination does not hold yet is at risk (it
+    exists on the source alone; held ranges of regions not hydrated are on the destination); while
+    the **destination** fails (full: ENOSPC), nothing is at risk on the source, the hydration waits
+    for room and the clients' changes fail."""
     h, hydrator = dp["hydration"], dp.get("hydrator") or {}
     done, total = h["bytes_hydrated"], h["bytes_total"]
     source_only = total - done - h.get("bytes_held", 0)
     copy_on_read = h.get("copy_on_read")
     rate = hydrator.get("rate") or 0
     unreadable = hydrator.get("unreadable", [])
+    unwritable = hydrator.get("unwritable", [])
+    source_failing = bool(unreadable or h["source_read_errors"])
+    dest_side = (dp.get("sides") or {}).get("destination") or {}
     return {"bytes_done": done, "bytes_total": total,
             "percent": round(100 * done / total, 2) if total else 100.0,
             "rate": rate, "rate_limit": hydrator.get("rate_limit"),
             "eta_seconds": eta_seconds(total - done, rate, hydrator.get("rate_limit")),
             "running": not h["complete"],
-            "source_failing": bool(unreadable or h["source_read_errors"]),
+            "source_failing": source_failing,
+            "destination_failing": bool(unwritable),
             "bytes_on_source_only": source_only,
-            "bytes_at_risk": source_only if unreadable or h["source_read_errors"] else 0,
+            "bytes_at_risk": source_only if source_failing else 0,
             "bytes_held": h.get("bytes_held", 0), "held_changes": h.get("held_changes", 0),
             "bytes_in_holes": h.get("bytes_in_holes", 0),
             "written_around": h.get("written_around", 0),
@@ -213,6 +261,10 @@ def hydration_progress(dp):
             "bytes_copied_on_read": copy_on_read["bytes"] if copy_on_read else 0,
             "bytes_unreadable": sum(u["length"] for u in unreadable),
             "unreadable": unreadable,
+            "bytes_unwritable": sum(u["length"] for u in unwritable),
+            "unwritable": unwritable,
+            # The destination's failed requests (clients' and the hydrator's) and commits.
+            "destination_errors": dest_side.get("errors", 0) + hydrator.get("commit_failures", 0),
             "source_read_errors": h["source_read_errors"], "failed_reads": h["failed_reads"]}
 
 

@@ -42,6 +42,9 @@ class ServeOptions:
     take_over: str | None = None
     # The named disk (mirrorfs.host.registry) borrowed from the host service: served on its socket.
     disk: str | None = None
+    # The migration's id (control.lender.migration_id), which the disk's record names while lent:
+    # the id a new state directory is made with.
+    migration: str | None = None
     # Evacuation: the destination serves from the start, the source is opened read-only and
     # hydrated into it in the background (mirrorfs.datapath.evacuee).
     switch_first: bool = False
@@ -115,7 +118,7 @@ def check_state_dir(path):
     """A state directory that exists, or that can be made in a directory that exists: checked
     before anything starts, and said in one line (`--state-dir notes.txt/sub` once said "does not
     exist" instead of naming notes.txt as no directory). Nothing is created here; the state makes
-    the directory when it first saves (datapath.state.open_for), and what only mkdir can tell
+    the directory when it first saves (datapath.statedir.open_for), and what only mkdir can tell
     (a /proc or read-only file system) is one line from there."""
     if path.exists():
         if not path.is_dir():

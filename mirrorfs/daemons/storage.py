@@ -82,11 +82,18 @@ def format_options(cache):
     return {"cache": {"direct": True}} if cache == "none" else {}
 
 
-def file_node(path, cache, **options):
-    """A `file` block node for `path` in cache mode `cache` (none or writeback)."""
+def file_node(path, cache, aio=None, **options):
+    """A `file` block node for `path` in cache mode `cache` (none or writeback). `aio`: QEMU's I/O
+    engine; by default Linux native AIO with O_DIRECT, QEMU's thread pool otherwise.
+
+    Why a named disk's daemon takes io_uring instead (mirrorfs.host.service): each native AIO
+    context reserves 2048 of the host's fs.aio-max-nr (65536 by default), so one host runs at most
+    ~30 idle daemons on native AIO; io_uring has no such host-wide limit."""
     node = {"driver": "file", "filename": os.fspath(path), **options}
     if cache == "none":
-        node.update({"cache": {"direct": True}, "aio": "native"})
+        node.update({"cache": {"direct": True}, "aio": aio or "native"})
+    elif aio:
+        node["aio"] = aio
     return node
 
 
@@ -94,19 +101,21 @@ class StorageDaemon:
     """One image exported at `uri` from `start()` until `stop()` (which is safe to call twice)."""
 
     def __init__(self, image, rundir, name, readonly=False, cache="auto", listener=None,
-                 backing=None, detached=False):
+                 backing=None, detached=False, aio=None):
         """`listener`: a listening socket to export on (a disk's own socket, which outlives this
         daemon: `mirrorfs export`); by default the daemon gets a socket of its own in `rundir`.
         `backing`: an image (ImageInfo, with its chain) opened read-only as the image's backing
         while the daemon runs, never written to the image's header: an evacuation hydrating in
         place (see `drop_backing`, and docs/EVACUATION.md). `detached`: the daemon outlives this
-        process (no PDEATHSIG): a named disk's, which the next host service adopts (mirrorfs.host)."""
+        process (no PDEATHSIG): a named disk's, which the next host service adopts (mirrorfs.host).
+        `aio`: the image file's I/O engine (file_node)."""
         self.image = image
         self.backing = backing
         self.name = name
         self.readonly = readonly
         self.cache = cache_mode(image, cache)
         self.listener = listener
+        self.aio = aio
         # Node and export names: SharedStorageDaemon gives each of its images its own.
         self.node, self.file_node, self.backing_node = NODE, FILE_NODE, BACKING_NODE
         self.export, self.export_id = "", "export0"
@@ -129,7 +138,7 @@ class StorageDaemon:
         if isinstance(self.image, rbd.RbdImage):
             image_file = rbd.file_node(self.image, self.cache, **options)
         else:
-            image_file = file_node(self.image.path, self.cache, **options)
+            image_file = file_node(self.image.path, self.cache, aio=self.aio, **options)
         node = {"driver": self.image.format, "node-name": self.node, "file": self.file_node,
                 "discard": "unmap", "read-only": self.readonly, **format_options(self.cache)}
         backing = []
@@ -346,6 +355,7 @@ class _SharedSide(StorageDaemon):
         self.image, self.backing, self.name, self.readonly = image, None, label, readonly
         self.cache = cache_mode(image, cache)
         self.listener = None
+        self.aio = None
         self.node, self.file_node, self.backing_node = f"{label}-top", f"{label}-file", f"{label}-new-backing"
         self.export, self.export_id = label, f"export-{label}"
         self.nbd_socket, self.qmp_socket, self._child = owner.nbd_socket, owner.qmp_socket, owner._child

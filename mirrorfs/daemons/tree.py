@@ -28,8 +28,8 @@ from mirrorfs.sides import endpoints, images
 from mirrorfs.system import sockets
 from mirrorfs.common import jsonlines
 from mirrorfs.datapath.options import LOCK_GRANULARITY
-from mirrorfs.datapath.state import State, StateError
-from mirrorfs.datapath.state import open_for as open_state
+from mirrorfs.datapath import statedir
+from mirrorfs.datapath.state import StateError
 from mirrorfs.errors import Error, ProcessError, UsageError
 from mirrorfs.daemons.nbdkit import Nbdkit, OperatorLines
 from mirrorfs.system.children import LogRelay
@@ -60,10 +60,18 @@ def make_rundir():
 
 
 def identity(endpoint):
-    """How the state names an endpoint: the image file, or the URI; and its size."""
+    """How the state names an endpoint: the image file, or the URI; and its size. A file also by
+    its inode, so that another file put at the same path (a destination created afresh) is not
+    taken for the one the state describes (datapath.statedir)."""
     if endpoint.is_image:
-        return {"image": str(endpoint.image.path), "format": endpoint.image.format,
-                "size": endpoint.size}
+        found = {"image": str(endpoint.image.path), "format": endpoint.image.format,
+                 "size": endpoint.size}
+        if isinstance(endpoint.image, images.ImageInfo):        # not RBD
+            try:
+                found["inode"] = os.stat(endpoint.image.path).st_ino
+            except OSError:
+                pass
+        return found
     return {"uri": endpoint.uri, "size": endpoint.size}
 
 
@@ -133,6 +141,9 @@ class ProcessTree:
             endpoints.check_distinct(source, dest)
         if shutil.which("nbdkit") is None:
             raise ProcessError("nbdkit is not installed (run 'make setup')")
+        # The state directory before anything starts: a file missing, corrupt or someone else's
+        # is refused while no storage daemon, no nbdkit and no socket exists yet.
+        saved = self._check_state(source, dest)
 
         # The listening sockets first: a busy path or port fails before any daemon opens an image.
         if self.borrowed is not None:
@@ -145,7 +156,7 @@ class ProcessTree:
             self._listeners.append(sockets.bind_tcp(*o.listen_address))
 
         self.rundir = make_rundir()
-        in_place = self.in_place = self._hydrates_in_place(source, dest)
+        in_place = self.in_place = self._hydrates_in_place(source, dest, saved)
         if o.one_daemon and source.is_image and dest is not None and dest.is_image:
             self._shared = SharedStorageDaemon(
                 [("source", source.image, False), ("destination", dest.image, False)],
@@ -179,7 +190,7 @@ class ProcessTree:
         if dest is None:
             self.serving = "source"
         elif o.state_path is not None:
-            datapath = self._open_state(datapath)
+            datapath = self._open_state(datapath, saved)
         self.nbdkit = Nbdkit(self.rundir, self._listeners, datapath.to_params(),
                              readonly=o.readonly, threads=o.threads, access=self.access)
         self._relay = LogRelay(self.nbdkit.log_path, sys.stderr, select=OperatorLines()).start()
@@ -189,7 +200,28 @@ class ProcessTree:
                 s.close()
         self._listeners = []
 
-    def _hydrates_in_place(self, source, dest):
+    def _check_state(self, source, dest):
+        """The saved state, checked (datapath.statedir: every file there, one owner, these sides),
+        or None when the directory holds none (and no other state directory holds these images).
+        An NBD URI's size is asked now: a connection, no process."""
+        o = self.options
+        if o.state_path is None or dest is None:
+            return None
+        try:
+            saved = statedir.load(o.state_path)
+            if saved is None:
+                statedir.refuse_taken(o.state_path, source=identity(source), dest=identity(dest),
+                                      switch_first=o.switch_first)
+                return None
+            for ep in (source, dest):
+                if not ep.is_image:
+                    endpoints.probe(ep)
+            return statedir.check(saved, copy=o.copy, source=identity(source),
+                                  dest=identity(dest), switch_first=o.switch_first)
+        except StateError as e:
+            raise UsageError(str(e)) from None
+
+    def _hydrates_in_place(self, source, dest, saved):
         """Whether an evacuation hydrates in place (datapath.evacuee): both sides image files, the
         destination a qcow2 with no backing file of its own (the source chain becomes its runtime
         backing), and empty (copy-on-read keeps what it holds already); a resumed evacuation goes
@@ -197,10 +229,6 @@ class ProcessTree:
         o = self.options
         if not (o.switch_first and dest is not None and source.is_image and dest.is_image):
             return False
-        try:
-            saved = State.load(o.state_path)
-        except StateError:
-            return False                # refused by _open_state, with the reason
         if saved is not None:
             return saved.switch_first and saved.in_place and not saved.ended
         if not all(isinstance(ep.image, images.ImageInfo) for ep in (source, dest)):
@@ -208,18 +236,22 @@ class ProcessTree:
         return (dest.image.format == "qcow2" and len(dest.image.chain) == 1
                 and images.is_empty(dest.image))
 
-    def _open_state(self, datapath):
-        """Load or create the state; a restart after a switch or a cancel serves one side alone.
-        Returns the data path's options."""
+    def _open_state(self, datapath, saved):
+        """The state checked before anything started (`saved`), or a new one; a restart after a
+        switch or a cancel serves one side alone. Returns the data path's options."""
         source, dest = self.source, self.dest
-        try:
-            self.state, self.resumed = open_state(
-                self.options.state_path, copy=self.options.copy,
-                source=identity(source), dest=identity(dest), size=source.size,
-                region_size=datapath.region, switch_first=self.options.switch_first,
-                in_place=self.in_place)
-        except StateError as e:
-            raise UsageError(str(e)) from None
+        if saved is not None:
+            self.state, self.resumed = saved, True
+        else:
+            try:
+                self.state, self.resumed = statedir.open_for(
+                    self.options.state_path, copy=self.options.copy,
+                    source=identity(source), dest=identity(dest), size=source.size,
+                    region_size=datapath.region, switch_first=self.options.switch_first,
+                    in_place=self.in_place, disk=self.options.disk,
+                    migration=self.options.migration)
+            except StateError as e:
+                raise UsageError(str(e)) from None
         if self.state.phase == Phase.SWITCHED:
             log.warning("the state says this disk switched to the destination: serving %s alone",
                         dest.spec)

@@ -2,7 +2,7 @@
 
 Everything in this subpackage is loaded by nbdkit's embedded interpreter (Debian's /usr/bin/python3)
 and imports only the standard library, `nbd` (libnbd) and `nbdkit`: never the supervisor beside it,
-never a PyPI package (tests/test_layers.py checks it in a clean interpreter). The supervisor may import
+never a PyPI package (tests/unit/test_layers.py checks it in a clean interpreter). The supervisor may import
 from here: the constants both halves must agree on live here, once.
 
     nbdkit_script.py   the file nbdkit's python plugin loads (part of the installed package)
@@ -19,6 +19,8 @@ from here: the constants both halves must agree on live here, once.
     dirtymap.py        what may differ between the sides, and the write-intent rule
     copier.py          copies what may differ (full mode's first pass, regions to copy again)
     state.py           the state journal in the state directory: what survives kill -9
+    statedir.py        the state directory as a whole: every file of it, and whose it is (refused if not)
+    compare.py         a mirror's sides compared under range locks (serve --copy none's pivot)
     threadstate.py     one Python thread state per nbdkit worker thread (speed)
     lifeline.py        nbdkit is killed with its supervisor, before a storage daemon stops
     histogram.py       a per-side latency histogram, no lock on the request path (metrics)

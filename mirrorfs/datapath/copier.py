@@ -30,7 +30,7 @@ log = logging.getLogger("mirrorfs")
 CHUNK = 4 * 1024 * 1024         # held under the range lock at a time: what a client write may wait for
 PIECE = 1024 * 1024             # the requests a chunk's data is read and written in
 # Chunks copied at once. A chunk reads, then writes: with a remote destination the writes wait for
-# its latency, so too few chunks leave it idle between them (bench_remote, 1 GiB to RBD: 0.75x of
+# its latency, so too few chunks leave it idle between them (scripts/bench/remote.py, 1 GiB to RBD: 0.75x of
 # qemu-img convert with 3, 0.80-0.89x with 6, the same with 8; to a local export or a 1 ms NBD one,
 # 3 and 6 are the same). More also holds more of the disk under range locks (6 x CHUNK = 24 MiB).
 WORKERS = 6

@@ -46,10 +46,14 @@ destination was flushed with the change, before the change is acknowledged); cop
 copies its holes from the source (NBD_CMD_CACHE leaves an allocated cluster alone).
 
 The file, `hydration.map` in the state directory, replaced atomically (state.write_atomically):
-JSON with the disk size, region size, the bitmap (one bit per region, zlib, base64), the held
-ranges if any, and a SHA-256 checksum. A file that disagrees with the disk or its checksum is
-refused, never reset. While any range is held the file has another format (FORMAT_HELD), so a
-mirrorfs that does not know held ranges refuses it rather than read the source over them; while
+JSON with its owner (the migration, the disk and the sides it belongs to, as state.json names them:
+datapath.statedir), the disk size, region size, the bitmap (one bit per region, zlib, base64), the
+held ranges if any, and a SHA-256 checksum. A file that disagrees with the disk or its checksum is
+refused, never reset; so is a missing one (`open(create=False)`): the supervisor makes the map with
+the state, before anything starts, so a map that is gone was lost, and starting the hydration
+over would read the source over the changes the destination holds. While any range is held the
+file has another format (FORMAT_HELD), so a mirrorfs that does not know held ranges refuses it
+rather than read the source over them; while
 there are holes, likewise (FORMAT_IN_PLACE_HOLES): one that does not know them would read the
 destination's zeros.
 
@@ -123,8 +127,9 @@ def subtract(lo, hi, ranges):
 
 class HydrationMap:
     def __init__(self, directory, size, region_size, bits=None, in_place=False, held=None,
-                 holes=None):
+                 holes=None, owner=None):
         self.directory = Path(directory) if directory is not None else None
+        self.owner = owner              # whose the map is (datapath.statedir), saved with it
         self.format = FORMAT_IN_PLACE if in_place else FORMAT
         self.size = size
         self.region_size = region_size
@@ -156,16 +161,21 @@ class HydrationMap:
         self.commits = 0                # batches saved (status)
 
     @classmethod
-    def open(cls, directory, size, region_size, in_place=False):
-        """The saved map, or a new empty one (saved at once) if the directory holds none."""
+    def open(cls, directory, size, region_size, in_place=False, owner=None, create=True):
+        """The saved map; if the directory holds none, a new empty one owned by `owner` (saved at
+        once), or with `create` False, HydrationError: the map is missing."""
         path = Path(directory) / FILE
         plain, ranged, field = FORMATS[in_place]
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            found = cls(directory, size, region_size, in_place=in_place)
+            if not create:
+                raise HydrationError(f"{path} is missing") from None
+            found = cls(directory, size, region_size, in_place=in_place, owner=owner)
             found._write(bytes(found.bits))
             return found
+        except OSError as e:
+            raise HydrationError(f"cannot read {path}: {e.strerror}") from None
         try:
             saved = json.loads(raw)
             if saved.pop("checksum") != _checksum(saved):
@@ -181,7 +191,8 @@ class HydrationMap:
                 raise ValueError(f"it is for a {saved['size']}-byte disk in regions of "
                                  f"{saved['region_size']}, not {size} in {region_size}")
             bits = zlib.decompress(base64.b64decode(saved["bits"]))
-            found = cls(directory, size, region_size, bits, in_place=in_place)
+            found = cls(directory, size, region_size, bits, in_place=in_place,
+                        owner=saved.get("owner"))
             if len(bits) != len(found.bits) or found.hydrated_count != saved["hydrated"]:
                 raise ValueError("bitmap length or count mismatch")
             ranges = found._parse_ranges(field, saved.get(field, {}))
@@ -468,7 +479,7 @@ class HydrationMap:
         if self.directory is None:
             return
         fmt = FORMAT_HELD if held else FORMAT_IN_PLACE_HOLES if holes else self.format
-        fields = {"format": fmt, "size": self.size,
+        fields = {"format": fmt, "owner": self.owner, "size": self.size,
                   "region_size": self.region_size,
                   "hydrated": sum(bin(b).count("1") for b in bits),
                   "bits": base64.b64encode(zlib.compress(bits)).decode()}

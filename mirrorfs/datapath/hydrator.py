@@ -20,8 +20,12 @@ released (Evacuee.finish).
   nbdkit the data read (zero extents are given back), in place the whole batch (the destination's
   daemon reads all of it). And it yields to clients: while a client request came in the last
   YIELD_WINDOW, only one worker copies.
-- A region the source cannot read is retried with backoff (RETRY_FIRST doubling to RETRY_MAX) and
-  listed in status (`unreadable`) with the error; the others go on meanwhile.
+- A region that cannot be copied is retried with backoff (RETRY_FIRST doubling to RETRY_MAX) and
+  listed in status with the error and **the side that failed** (the SideFailure's, which in place
+  already tells the source's failure through the destination's backing from the destination's
+  own, datapath.evacuee): `unreadable` when the source could not read it (its data is at risk),
+  `unwritable` when the destination could not take it (full: ENOSPC; failing). The others go on
+  meanwhile. A commit whose flush or save fails is the destination's too (`commit_failures`).
 
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
@@ -63,7 +67,12 @@ class Hydrator(Paced):
         self._lock = threading.Lock()
         self._next = 0                  # the next region to look at
         self._taken = set()             # regions a worker is copying now
-        self._unreadable = {}           # region -> {"error", "errno", "attempts", "retry_at"}
+        # region -> {"side", "error", "errno", "attempts", "retry_at"}: regions that failed to copy
+        self._unreadable = {}
+        # Commits whose flush or save failed (the destination's; its failed copies are counted in
+        # the side's stats, as a client request's)
+        self.commit_failures = 0
+        self.last_commit_error = None
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"hydrator {i}",
                                           daemon=True) for i in range(workers)]
@@ -86,14 +95,18 @@ class Hydrator(Paced):
         m = self.map
         with self._lock:
             now = time.monotonic()
-            unreadable = [{"offset": m.span(r)[0], "length": m.span(r)[1] - m.span(r)[0],
-                           "error": info["error"], "errno": info["errno"],
-                           "attempts": info["attempts"],
-                           "retry_in": round(max(0.0, info["retry_at"] - now), 1)}
-                          for r, info in sorted(self._unreadable.items())]
+            failed = [{"offset": m.span(r)[0], "length": m.span(r)[1] - m.span(r)[0],
+                       "side": info["side"], "error": info["error"], "errno": info["errno"],
+                       "attempts": info["attempts"],
+                       "retry_in": round(max(0.0, info["retry_at"] - now), 1)}
+                      for r, info in sorted(self._unreadable.items())]
         return {"bytes_read": self.bytes_read, "bytes_zeroed": self.bytes_zeroed,
                 "rate": round((self.bytes_read + self.bytes_zeroed) / elapsed) if elapsed else 0,
-                "rate_limit": self.rate, "paid_bytes": self.pacer.paid, "unreadable": unreadable,
+                "rate_limit": self.rate, "paid_bytes": self.pacer.paid,
+                "unreadable": [f for f in failed if f["side"] != "destination"],
+                "unwritable": [f for f in failed if f["side"] == "destination"],
+                "commit_failures": self.commit_failures,
+                "last_commit_error": self.last_commit_error,
                 "seconds": round(elapsed, 3), "finished": self.finished_at is not None}
 
     # The loop.
@@ -180,7 +193,7 @@ class Hydrator(Paced):
                 try:
                     read, zeroed = disk.copy_region(r)
                 except sideio.SideFailure as e:
-                    self._cannot_read(r, e)
+                    self._cannot_copy(r, e)
                     continue
                 paid += read
                 self.bytes_read += read
@@ -196,15 +209,21 @@ class Hydrator(Paced):
             try:
                 m.commit(copied, disk._flush_dest)
             except HydrationError as e:
+                with self._lock:
+                    self.commit_failures += 1
+                    self.last_commit_error = str(e)
                 log.warning("hydration of [%d, %d) not saved, will retry: %s", lo, hi, e)
                 self._stop.wait(RETRY_FIRST)
 
-    def _cannot_read(self, r, e):
+    def _cannot_copy(self, r, e):
+        """Region `r` failed to copy: `e.side` failed (the source could not read it, or the
+        destination could not take it); retried later, listed under that side meanwhile."""
+        side = e.side.name
         with self._lock:
             info = self._unreadable.get(r, {"attempts": 0})
             attempts = info["attempts"] + 1
             delay = min(RETRY_FIRST * 2 ** (attempts - 1), RETRY_MAX)
-            self._unreadable[r] = {"attempts": attempts, "error": str(e),
+            self._unreadable[r] = {"side": side, "attempts": attempts, "error": str(e),
                                    "errno": errno.errorcode.get(e.errno, str(e.errno)),
                                    "retry_at": time.monotonic() + delay}
         self.disk.stats[e.side.name].failed("hydrate", e.offset, e.length, e.cause)

@@ -8,7 +8,7 @@
 - Ranges are widened to whole `granularity` units (the qcow2 cluster size), so two changes that
   touch the same cluster never run at once even when their bytes do not overlap. qemu-storage-daemon
   7.2 (Debian 12) corrupts qcow2 refcounts when writes, zeroes without unmap and discards hit a
-  cluster concurrently (tests/test_stress.py shows it against a bare export); mirrorfs does not send
+  cluster concurrently (tests/system/test_stress.py shows it against a bare export); mirrorfs does not send
   it such a mix.
 - `pause()` holds new requests and waits for those in flight to drain; the switch to the destination
   happens in that window and `resume()` lets the held requests go on, so clients never disconnect.

@@ -14,7 +14,7 @@ images; nbdkit gets SIGKILL and runs no more code. Had nbdkit lived on for even 
 the source had done and the destination lost with its connection failed under `--on-dest-error
 fail`, and the client got EINVAL (nbdkit's wire errno for ENOTCONN): QEMU passes that to its guest
 as an I/O error, where a request left unanswered is sent again to whatever serves the socket next
-(`tests/test_supervisor_death.py`). Killed, nbdkit answers nothing. Nothing a client was told is
+(`tests/system/test_supervisor_death.py`). Killed, nbdkit answers nothing. Nothing a client was told is
 lost: a change is acknowledged only after both sides answered, a flush only after both sides
 flushed, and the storage daemons close their images cleanly on their SIGTERM; a change that reached
 one side only is covered by the write intent (docs/GUARANTEES.md).

@@ -1,6 +1,6 @@
 """A side held in memory: a bytearray behind the verbs and capabilities of NbdBackend, and failures
 to order. `Disk`, the dirty map and the copier run on it unchanged, so their rules are tested in this
-process in milliseconds (tests/test_core.py), as ovirt-imageio tests its copy between memory
+process in milliseconds (tests/unit/test_core.py), as ovirt-imageio tests its copy between memory
 backends and a failing one.
 
     side = MemoryBackend("destination", 16 * MiB)

@@ -4,7 +4,7 @@ back, validated once, with the allowed values stated here and nowhere else.
 The supervisor builds `DataPathOptions` from what the operator asked for (mirrorfs.daemons.tree), turns it into
 nbdkit's parameters with `to_params()`; inside nbdkit, `from_params()` rebuilds the same object from
 them. Both directions sit side by side so a new option cannot be added to one and forgotten in the
-other (tests/test_core.py round-trips every field).
+other (tests/unit/test_core.py round-trips every field).
 
 This module runs inside nbdkit's embedded interpreter: standard library only.
 """

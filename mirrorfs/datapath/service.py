@@ -2,7 +2,9 @@
 
 The options (mirrorfs.datapath.options) come from nbdkit's `key=value` parameters, written by the
 supervisor, which also starts the storage daemons and creates the state directory: this module only
-loads a state, it never creates one, and refuses one whose size disagrees with the source.
+loads a state, it never creates one (nor a hydration map), and refuses one whose size disagrees with
+the source, or whose files are missing, corrupt or not all of one migration (datapath.statedir: the
+supervisor checked them before starting anything; this is the second line of defence).
 
 The control socket (the supervisor is its only client) takes:
     {"cmd": "status"}                                   the disk, the sides, the copier
@@ -13,6 +15,8 @@ The control socket (the supervisor is its only client) takes:
                                                         it holds the requests, before the state
                                                         and the sides change (Disk.switch)
     {"cmd": "quiesce"}                                  before the process stops
+    {"cmd": "compare", "seconds": 580}                  a mirror's sides, byte by byte (serve's
+                                                        pivot with --copy none: datapath.compare)
     {"cmd": "set-rate", "rate": N}                      the limit of the copier or the hydrator
                                                         (the host budget's share)
 
@@ -27,7 +31,7 @@ import socket
 import threading
 import time
 
-from mirrorfs.datapath import lifeline
+from mirrorfs.datapath import compare, lifeline, sideio
 from mirrorfs.common import jsonlines
 from mirrorfs.datapath.backend import NbdBackend
 from mirrorfs.datapath.copier import Copier
@@ -38,7 +42,8 @@ from mirrorfs.datapath.evacuee import Evacuee
 from mirrorfs.datapath.hydration import HydrationError, HydrationMap
 from mirrorfs.datapath.hydrator import Hydrator
 from mirrorfs.datapath.options import DataPathOptions
-from mirrorfs.datapath.state import ENDS, State
+from mirrorfs.datapath.state import ENDS
+from mirrorfs.datapath import statedir
 
 log = logging.getLogger("mirrorfs")
 
@@ -98,7 +103,10 @@ class DataPath:
         try:
             in_place = self.options.in_place
             hydration = HydrationMap.open(state.directory, source.size, state.region_size,
-                                          in_place=in_place)
+                                          in_place=in_place, create=False)
+            if hydration.owner != state.owner:
+                raise HydrationError(f"{state.directory / statedir.HYDRATION} is not migration "
+                                     f"{state.migration}'s")
             self.disk = Evacuee(source, dest, hydration, state, granularity=self.options.granularity,
                                 in_place=in_place, copy_on_read=self.options.copy_on_read,
                                 unit=self.options.in_place_unit)
@@ -112,7 +120,7 @@ class DataPath:
     def _state(self, source):
         directory = self.options.state
         try:
-            state = State.load(directory)
+            state = statedir.load(directory)
         except StateError as e:
             raise RuntimeError(str(e)) from None
         if state is None:
@@ -218,6 +226,12 @@ class DataPath:
             return {"stall_ms": stall * 1000}
         if cmd == "set-rate":
             return self._set_rate(request.get("rate"))
+        if cmd == "compare":
+            seconds = request.get("seconds")
+            if seconds is not None and (isinstance(seconds, bool) or
+                                        not isinstance(seconds, (int, float)) or seconds <= 0):
+                raise jsonlines.ControlError("compare: seconds must be a positive number")
+            return self._compare(seconds)
         if cmd == "quiesce":
             try:
                 self.disk.quiesce(float(request.get("timeout", 10)))
@@ -225,6 +239,21 @@ class DataPath:
                 raise jsonlines.ControlError(f"quiesce: {e}") from None
             return {}
         raise jsonlines.ControlError(f"unknown command {cmd!r}")
+
+    def _compare(self, seconds):
+        """The first offset where the mirror's sides differ (None: none found), the bytes compared
+        (the whole disk, unless `seconds` ran out first) and whether the sides are
+        identical; refused once the mirror ended, and in an evacuation (only the destination holds
+        the changes there)."""
+        if self.options.switch_first or self.disk.dest is None or self.disk.ended:
+            raise jsonlines.ControlError("compare: only a mirror that has not ended compares its "
+                                         "sides")
+        try:
+            offset, compared = compare.compare(self.disk, seconds)
+        except sideio.SideFailure as e:
+            raise jsonlines.ControlError(f"compare: {e}") from None
+        return {"identical": offset is None and compared >= self.disk.size, "offset": offset,
+                "bytes": compared, "size": self.disk.size}
 
     def _set_rate(self, rate):
         """The limit of the copy from now on (the mirror's copier, or an evacuation's hydrator):

@@ -4,7 +4,10 @@ One file, `state.json`, replaced atomically (write a temporary file, fsync it, r
 one, fsync the directory), so a crash leaves either the old state or the new one, never a mixture. It
 holds:
 
-- which source and destination it belongs to (a restart with other endpoints is refused);
+- whose it is (`owner`, datapath.statedir): the migration (a random id made once, with the state),
+  the disk's name when it has one, and each side's identity (its path or URI, format, size and, for
+  a file, its inode); every file of the state directory carries the same owner, and a restart with
+  other endpoints, or beside another migration's files, is refused;
 - the phase: copying (something may still differ), synchronized, switched, cancelled. The first two
   are not decided by anyone: every save computes them from the cursor and the regions known to
   differ, so the saved phase is always true. The last two end the mirror: once saved, nothing changes
@@ -20,9 +23,10 @@ After a crash, a region may differ between the sides only if it is at or above t
 `dirty`; resuming copies exactly those from the source. A checksum guards against a file damaged on
 disk: a corrupt state is refused, never silently reset.
 
-One owner: the supervisor creates the state (`open_for`, which checks it belongs to these
-endpoints); inside nbdkit the data path loads it and changes it only through `record`, under one
-lock, from the dirty map (intent, cursor) and the switch (the end of the mirror).
+One owner: the supervisor creates the state (datapath.statedir, which also checks, before anything
+starts, that every file of the directory is there and belongs to these endpoints); inside nbdkit
+the data path loads it and changes it only through `record`, under one lock, from
+the dirty map (intent, cursor) and the switch (the end of the mirror).
 
 This module runs in nbdkit's embedded interpreter too: standard library only.
 """
@@ -37,15 +41,13 @@ from mirrorfs.common.phases import ENDS, Phase
 from mirrorfs.datapath.errors import StateError  # noqa: F401 (raised here; the supervisor catches it)
 from mirrorfs.datapath.options import COPY_MODES
 
-FORMAT = 1
+# Format 2 names its owner; format 1 did not, and is refused (there is no conversion: see load).
+FORMAT = 2
 FILE = "state.json"
 # The saved phase of a mirror: derived from its cursor and dirty map while mirroring, else its end.
 MIRRORING = (Phase.COPYING, Phase.SYNCHRONIZED)
 # An evacuation (--switch-first) is hydrating until it ends as switched (the destination alone).
 PHASES = MIRRORING + (Phase.HYDRATING,) + ENDS
-
-# Format 1 spelled copy mode none as "mirror".
-_LEGACY_COPY = {"mirror": "none"}
 
 
 def _checksum(fields):
@@ -54,8 +56,13 @@ def _checksum(fields):
 
 class State:
     def __init__(self, directory, *, copy, source, dest, size, region_size, phase=Phase.COPYING,
-                 cursor=0, dirty=(), switch_first=False, in_place=False, reader="source"):
+                 cursor=0, dirty=(), switch_first=False, in_place=False, migration=None, disk=None,
+                 reader="source"):
         self.directory = Path(directory)
+        # Whose the state is (datapath.statedir): a random id made once, when the state was made,
+        # and the disk's name when it has one (None: a disk without a name).
+        self.migration = migration
+        self.disk = disk
         # The side reads come from while the mirror goes on: "destination" after a group's pivot
         # with its safety net (control.group), until its commit or revert.
         self.reader = reader
@@ -74,6 +81,12 @@ class State:
         self.cursor = cursor
         self.dirty = set(dirty)         # region numbers
         self._lock = threading.Lock()
+
+    @property
+    def owner(self):
+        """What every file of the state directory names as its owner."""
+        return {"migration": self.migration, "disk": self.disk, "source": self.source,
+                "dest": self.dest}
 
     @property
     def ended(self):
@@ -116,7 +129,7 @@ class State:
             mode["in_place"] = True
         if self.reader != "source":
             mode["reader"] = self.reader
-        return {"format": FORMAT, **mode, "copy": self.copy, "source": self.source, "dest": self.dest,
+        return {"format": FORMAT, "owner": self.owner, **mode, "copy": self.copy,
                 "size": self.size, "region_size": self.region_size, "phase": self.phase,
                 "cursor": self.cursor, "dirty": sorted(self.dirty)}
 
@@ -140,9 +153,19 @@ class State:
             checksum = saved.pop("checksum")
             if checksum != _checksum(saved):
                 raise ValueError("checksum mismatch")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise StateError(f"{path} is corrupt ({e}); refusing to guess. Inspect it; see "
+                             "OPERATING.md, \"Nothing resets silently\"") from None
+        if saved.get("format") == 1:
+            raise StateError(f"{path} was written by an older mirrorfs (state format 1), which did "
+                             "not record which migration and images it belongs to; this one cannot "
+                             "tell whose it is and refuses it (there is no conversion): finish or "
+                             "cancel that migration with the mirrorfs that started it")
+        try:
             if saved["format"] != FORMAT:
                 raise ValueError(f"unknown format {saved['format']}")
-            copy = saved.get("copy") or _LEGACY_COPY.get(saved.get("mode"), saved.get("mode"))
+            owner = saved["owner"]
+            copy = saved["copy"]
             switch_first = saved.get("switch_first", False)
             in_place = saved.get("in_place", False)
             reader = saved.get("reader", "source")
@@ -151,15 +174,19 @@ class State:
             if saved["phase"] not in PHASES or copy not in COPY_MODES or \
                     not isinstance(switch_first, bool) or not isinstance(in_place, bool):
                 raise ValueError("unknown phase, copy mode or switch_first")
-            state = cls(directory, copy=copy, source=saved["source"], dest=saved["dest"],
+            if not isinstance(owner["migration"], str) or not owner["migration"] or \
+                    not isinstance(owner["source"], dict) or not isinstance(owner["dest"], dict):
+                raise ValueError("its owner names no migration or no sides")
+            state = cls(directory, copy=copy, source=owner["source"], dest=owner["dest"],
                         size=int(saved["size"]), region_size=int(saved["region_size"]),
                         phase=saved["phase"],
                         cursor=int(saved["cursor"]) if copy == "full" else int(saved["size"]),
                         dirty=[int(r) for r in saved["dirty"]], switch_first=switch_first,
-                        in_place=in_place, reader=reader)
+                        in_place=in_place, migration=owner["migration"], disk=owner.get("disk"),
+                        reader=reader)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise StateError(f"{path} is corrupt ({e}); refusing to guess. Inspect it, or move it "
-                             "away to start over with a full copy") from None
+            raise StateError(f"{path} is corrupt ({e}); refusing to guess. Inspect it; see "
+                             "OPERATING.md, \"Nothing resets silently\"") from None
         return state
 
 
@@ -180,48 +207,3 @@ def write_atomically(directory, name, data):
         os.fsync(dfd)
     finally:
         os.close(dfd)
-
-
-def open_for(directory, *, copy, source, dest, size, region_size, switch_first=False,
-             in_place=False):
-    """The state for this source and destination: loaded if the directory has one (and it is theirs),
-    created otherwise. `source` and `dest` are identities (dicts) as the supervisor names them;
-    `switch_first`: an evacuation's state; a state of the other mode is refused."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        if not directory.parent.is_dir():
-            raise StateError(f"state directory {directory}: {directory.parent} does not exist")
-        try:
-            directory.mkdir(mode=0o700)
-        except OSError as e:
-            raise StateError(f"cannot create the state directory {directory}: {e.strerror}") from None
-    state = State.load(directory)
-    if state is None:
-        if switch_first:
-            phase = Phase.HYDRATING
-        else:
-            phase = Phase.COPYING if copy == "full" else Phase.SYNCHRONIZED
-        state = State(directory, copy=copy, source=source, dest=dest, size=size,
-                      region_size=region_size, phase=phase, cursor=0 if copy == "full" else size,
-                      switch_first=switch_first, in_place=in_place)
-        try:
-            state.save()
-        except OSError as e:
-            raise StateError(f"cannot write the state in {directory}: {e.strerror}") from None
-        return state, False
-    for label, saved, given in (("source", state.source, source), ("destination", state.dest, dest)):
-        if saved != given:
-            raise StateError(f"the state in {directory} belongs to another {label}: "
-                             f"{_describe(saved)}, not {_describe(given)}")
-    if state.switch_first != switch_first:
-        names = {True: "--switch-first", False: "a mirror (without --switch-first)"}
-        raise StateError(f"the state in {directory} is for {names[state.switch_first]}, not "
-                         f"{names[switch_first]}: the sides hold different things in the two modes")
-    if state.copy != copy:
-        raise StateError(f"the state in {directory} is for --copy {state.copy}, not --copy {copy}")
-    return state, True
-
-
-def _describe(identity):
-    name = identity.get("image") or identity.get("uri")
-    return f"{name} ({identity.get('size')} bytes)"

@@ -28,6 +28,7 @@ from mirrorfs.host.rundir import process_running, process_start, write_atomicall
 from mirrorfs.system import pidfd as pidfds
 
 SUBDIR = "host"
+_aio = "io_uring"               # the daemons' I/O engine: "threads" once io_uring failed here
 STOP_TIMEOUT = 30
 
 
@@ -76,9 +77,21 @@ class DiskDaemon:
 
     @classmethod
     def start(cls, directory, name, image, chain, listener, cache):
-        """Serve `image` (an ImageInfo or RbdImage) on `listener`, detached."""
-        storage = StorageDaemon(image, directory, name, cache=cache, listener=listener, detached=True)
-        storage.start()
+        """Serve `image` (an ImageInfo or RbdImage) on `listener`, detached; on io_uring (see
+        daemons.storage.file_node: native AIO would cap a host at ~30 disks), or QEMU's thread
+        pool where this QEMU or kernel has no io_uring."""
+        global _aio
+        storage = StorageDaemon(image, directory, name, cache=cache, listener=listener, detached=True,
+                                aio=_aio)
+        try:
+            storage.start()
+        except ProcessError as e:
+            if _aio != "io_uring" or "io_uring" not in str(e) and "io-uring" not in str(e):
+                raise
+            _aio = "threads"
+            storage = StorageDaemon(image, directory, name, cache=cache, listener=listener,
+                                    detached=True, aio=_aio)
+            storage.start()
         try:
             return cls(directory, name, storage.pid, process_start(storage.pid), chain, storage)
         except BaseException:

@@ -16,7 +16,7 @@ disk's life, as `mirrorfs export` does: a daemon gets it by fd, a migration gets
 instead of being refused.
 
 Control socket RUN_DIR/host.ctl (JSON lines, 0600), one request {"cmd": ..., "disk": NAME}:
-    add (image, socket), remove, list, status, lend, give-back, shutdown
+    add (image, socket), remove, list, status, lend, give-back, shutdown (mirrorfs.host.requests)
 
 A lend is recorded (registry.lend) before the daemon stops; a give-back (registry.returned) before the
 chain it names is served. A borrower that died is taken back once it has been dead for
@@ -47,6 +47,8 @@ from mirrorfs.errors import Error, UsageError
 from mirrorfs.host import daemons as disk_daemons
 from mirrorfs.host import registry as reg
 from mirrorfs.host.daemons import DiskDaemon
+from mirrorfs.host.named import Disk, Phase
+from mirrorfs.host.requests import Requests
 from mirrorfs.host.rundir import DISKS
 from mirrorfs.sides import images, rbd
 from mirrorfs.system import notify, sockets
@@ -61,37 +63,13 @@ START_WORKERS = 8
 RESTARTS, RESTART_WINDOW = 3, 60.0
 
 
-class Phase:
-    STARTING = "starting"
-    EXPORTING = "exporting"
-    LENT = "lent"
-    TAKING_BACK = "taking-back"
-    STRANDED = "stranded"           # a lent evacuation whose borrower died: resume it
-    FAILED = "failed"
-    STOPPED = "stopped"
+class HostService(Requests):
+    """    service = HostService(Registry(path), RunDir(path)).start()   # every disk up; READY=1
+           service.run(stop)                    # until a signal or a `shutdown` request
+           service.close(shutdown=service.shutdown_requested)
 
+    The control socket's commands are its base class's (mirrorfs.host.requests)."""
 
-class Disk:
-    """What the service knows of one named disk; every change under `lock`."""
-
-    def __init__(self, name):
-        self.name = name
-        self.lock = threading.RLock()
-        self.phase = Phase.STARTING
-        self.error = None
-        self.socket = None
-        self.listener = None
-        self.daemon = None
-        self.borrower = None            # (pid, pidfd) of a live borrower being watched
-        self.dead_since = None          # monotonic time the borrower was found dead
-        self.restarts = []
-
-    @property
-    def inode(self):
-        return pidfds.inode(self.listener) if self.listener is not None else None
-
-
-class HostService:
     def __init__(self, registry, rundir, cache="auto", take_back_after=TAKE_BACK_AFTER):
         self.registry = registry
         self.rundir = rundir
@@ -102,6 +80,7 @@ class HostService:
         self.disks = {}
         self._lock = threading.Lock()          # the dict of disks
         self._stop = threading.Event()
+        self._ready = threading.Event()         # every disk of the registry brought up
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._pool = concurrent.futures.ThreadPoolExecutor(START_WORKERS, thread_name_prefix="serve")
         self._server = None
@@ -115,7 +94,7 @@ class HostService:
             control = sockets.bind_unix(self.control_path)
         except UsageError as e:
             raise UsageError(f"{e} (a host service runs already?)") from None
-        self._server = jsonlines.Server(control, self._handle, name="host control").start()
+        self._server = jsonlines.Server(control, self._handle, name="host control")
         good, bad = self.registry.scan()
         for path, error in bad:
             disk = self.disks[Path(path).stem] = Disk(Path(path).stem)
@@ -124,8 +103,10 @@ class HostService:
         for record in good:
             self.disks[record["name"]] = Disk(record["name"])
         self._stop_orphans()
+        self._server.start()            # requests wait until every disk is up (_disk)
         t0 = time.monotonic()
         list(self._pool.map(lambda r: self._bring_up(self.disks[r["name"]], r), good))
+        self._ready.set()
         self._monitor.start()
         self.rundir.register(DISKS, {"kind": "host", "control": str(self.control_path), "uris": [],
                                      "since": time.time(), "registry": str(self.registry.path)})
@@ -135,9 +116,14 @@ class HostService:
         notify.ready(f"{len(self.disks)} disks: {summary}")
         return self
 
+    def _all(self):
+        """The disks now (a copy: requests add and remove disks meanwhile)."""
+        with self._lock:
+            return list(self.disks.values())
+
     def counts(self):
         counts = {}
-        for disk in list(self.disks.values()):
+        for disk in self._all():
             counts[disk.phase] = counts.get(disk.phase, 0) + 1
         return counts
 
@@ -157,11 +143,11 @@ class HostService:
             self._server = None
             self.control_path.unlink(missing_ok=True)
         if shutdown:
-            list(self._pool.map(self._shut, list(self.disks.values())))
+            list(self._pool.map(self._shut, self._all()))
         self._pool.shutdown(wait=True)
         if self._monitor.is_alive():
             self._monitor.join(5)
-        for disk in self.disks.values():
+        for disk in self._all():
             if disk.daemon is not None:
                 disk.daemon.close()
             if disk.listener is not None:
@@ -228,8 +214,19 @@ class HostService:
                 self._failed(disk, str(e))
 
     def _listen(self, disk):
-        """The disk's listening socket: ours already, or bound anew (a stale path replaced)."""
+        """The disk's listening socket: ours already, or bound anew (a stale path replaced). Its
+        directory is made if it is missing: after a reboot /run is empty again."""
         if disk.listener is None:
+            parent = Path(disk.socket).parent
+            if not parent.exists():
+                old = os.umask(0o022)
+                try:
+                    parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                except OSError as e:
+                    raise UsageError(f"cannot make the directory of the socket {disk.socket}: "
+                                     f"{e.strerror}") from None
+                finally:
+                    os.umask(old)
             disk.listener = sockets.bind_unix(disk.socket)
         return disk.listener
 
@@ -290,7 +287,7 @@ class HostService:
             poll.register(self._wake_r, select.POLLIN)
             watched = {}
             pending = False
-            for disk in list(self.disks.values()):
+            for disk in self._all():
                 daemon, borrower = disk.daemon, disk.borrower
                 if daemon is not None and daemon.pidfd is not None and not daemon.stopping \
                         and not daemon.reported:
@@ -315,7 +312,7 @@ class HostService:
                 else:
                     self._borrower_exited(disk, what)
             now = time.monotonic()
-            for disk in list(self.disks.values()):
+            for disk in self._all():
                 if disk.dead_since is not None and now - disk.dead_since >= self.take_back_after:
                     disk.dead_since = None
                     self._pool_submit(self._take_back, disk)
@@ -403,72 +400,6 @@ class HostService:
                     raise
                 time.sleep(0.5)
 
-    # Requests.
-
-    def _handle(self, request):
-        cmd = request["cmd"]
-        handler = {"add": self.add, "remove": self.remove, "list": self.list, "status": self.status,
-                   "lend": self.lend, "give-back": self.give_back, "shutdown": self.shutdown}.get(cmd)
-        if handler is None:
-            raise jsonlines.ControlError(f"unknown command {cmd!r}: this is the mirrorfs host service "
-                                         f"({self.control_path})")
-        try:
-            return handler(request)
-        except Error as e:
-            raise jsonlines.ControlError(str(e)) from None
-
-    def _disk(self, request):
-        name = reg.check_name(request.get("disk"))
-        disk = self.disks.get(name)
-        if disk is None:
-            raise UsageError(f"no disk named {name} (mirrorfs list)")
-        return disk
-
-    def add(self, request):
-        name = reg.check_name(request.get("disk"))
-        image, socket_path = request.get("image"), request.get("socket")
-        if not isinstance(image, str) or not isinstance(socket_path, str):
-            raise UsageError("add: give the image and the socket")
-        socket_path = os.path.abspath(socket_path)
-        sockets.check_unix_path(socket_path)
-        with self._lock:
-            if name in self.disks:
-                raise UsageError(f"a disk named {name} exists already")
-            for other in self.disks.values():
-                if other.socket == socket_path:
-                    raise UsageError(f"socket {socket_path} is the disk {other.name}'s")
-            disk = self.disks[name] = Disk(name)
-            disk.socket = socket_path
-        with disk.lock:
-            try:
-                listener = sockets.bind_unix(socket_path)
-                try:
-                    record = self.registry.add(name, image, socket_path)
-                except BaseException:
-                    listener.close()
-                    Path(socket_path).unlink(missing_ok=True)
-                    raise
-                disk.listener = listener
-            except BaseException:
-                with self._lock:
-                    del self.disks[name]
-                raise
-            try:
-                self._serve(disk, record)
-            except BaseException:
-                # "add" registers *and* serves: a disk that cannot be served is not registered.
-                self.registry.remove(name)
-                self._forget(disk)
-                raise
-            return {"disk": self._view(disk, record)}
-
-    def remove(self, request):
-        disk = self._disk(request)
-        with disk.lock:
-            record = self.registry.remove(disk.name)
-            self._forget(disk)
-            return {"removed": disk.name, "chain": reg.paths(record["chain"])}
-
     def _forget(self, disk):
         """Stop serving the disk and drop it (its record is gone, or never was)."""
         with disk.lock:
@@ -484,107 +415,6 @@ class HostService:
             with self._lock:
                 self.disks.pop(disk.name, None)
             self._wake()
-
-    def lend(self, request):
-        disk = self._disk(request)
-        pid = request.get("pid")
-        if not isinstance(pid, int) or pid <= 0:
-            raise UsageError("lend: pid must be the borrower's process id")
-        with disk.lock:
-            if disk.phase in (Phase.FAILED, Phase.STOPPED, Phase.STARTING):
-                raise UsageError(f"the disk {disk.name} cannot be lent: it is {disk.phase}"
-                                 + (f" ({disk.error})" if disk.error else ""))
-            if disk.listener is None:
-                raise UsageError(f"the host service has no socket of the disk {disk.name} to lend "
-                                 f"(it is held by pid {disk.borrower[0] if disk.borrower else '?'})")
-            record = self.registry.lend(
-                disk.name, migration=request.get("migration"), pid=pid, control=request.get("control"),
-                state_dir=request.get("state_dir"), source=request.get("source"),
-                destination=request.get("destination"), evacuation=bool(request.get("evacuation")))
-            if disk.daemon is not None:
-                disk.daemon.stop()          # clients' requests unanswered (resent), images flushed
-                disk.daemon = None
-            if disk.borrower is not None:
-                os.close(disk.borrower[1])
-            pidfd = pidfds.pidfd_of(pid)
-            disk.borrower = (pid, pidfd) if pidfd is not None else None
-            disk.dead_since = None if pidfd is not None else time.monotonic()
-            disk.phase, disk.error = Phase.LENT, None
-            disk_daemons.write_entry(self.directory, disk.name, disk.inode, None)
-            self._wake()
-            notify.status(f"{disk.name} lent to migration {request.get('migration')} (pid {pid})")
-            return {"record": record, "socket": disk.socket, "_fds": [disk.listener.fileno()]}
-
-    def give_back(self, request):
-        disk = self._disk(request)
-        migration, chain = request.get("migration"), request.get("chain")
-        with disk.lock:
-            record = self.registry.get(disk.name)
-            if record["lent"] and record["lent"]["migration"] == migration:
-                record = self.registry.returned(disk.name, migration, chain)
-            elif record["lent"] or reg.paths(record["chain"]) != reg.paths(reg.check_chain(chain, "give-back")):
-                raise UsageError(f"give-back: the disk {disk.name} is not lent to migration {migration}")
-            if disk.phase != Phase.LENT and disk.daemon is not None:
-                return {"serving": reg.top(record), "record": record}
-            if disk.borrower is not None:
-                os.close(disk.borrower[1])
-                disk.borrower = None
-            disk.dead_since = None
-            if disk.listener is None:
-                disk.listener = self._socket_from_borrower(request.get("pid") or 0, disk.socket, None)
-            self._serve(disk, record)
-            notify.status(f"{disk.name} exporting {reg.top(record)}")
-            return {"serving": reg.top(record), "record": record}
-
-    def shutdown(self, request):
-        threading.Thread(target=self._shutdown_now, name="shutdown", daemon=True).start()
-        return {"stopping": len(self.disks)}
-
-    def _shutdown_now(self):
-        self.shutdown_requested = True
-        self._stop.set()
-
-    shutdown_requested = False
-
-    # Views.
-
-    def list(self, request):
-        records = {}
-        for name in list(self.disks):
-            try:
-                records[name] = self.registry.get(name)
-            except Error:
-                records[name] = None
-        return {"disks": [self._view(self.disks[n], records[n]) for n in sorted(records)
-                          if n in self.disks]}
-
-    def status(self, request):
-        disk = self._disk(request)
-        try:
-            record = self.registry.get(disk.name)
-        except Error:
-            record = None
-        view = self._view(disk, record)
-        if record is not None:
-            view.update(history=record["history"][-10:], retired=record["retired"], id=record["id"])
-        if disk.daemon is not None:
-            view["log"] = disk.daemon.log_tail()
-        return {"disk": view}
-
-    def _view(self, disk, record):
-        view = {"name": disk.name, "socket": disk.socket or (record or {}).get("socket"),
-                "phase": disk.phase, "top": reg.top(record) if record else None,
-                "chain": record["chain"] if record else None, "size": record["size"] if record else None,
-                "pid": disk.daemon.pid if disk.daemon is not None else None,
-                "lent": None, "error": disk.error, "generation": record["generation"] if record else None}
-        if record and record["lent"]:
-            lent = dict(record["lent"])
-            lent["alive"] = reg.borrower_alive(lent)
-            view["lent"] = lent
-        if disk.phase == Phase.LENT and disk.dead_since is not None:
-            left = max(0.0, self.take_back_after - (time.monotonic() - disk.dead_since))
-            view["error"] = f"the borrower is gone; taken back in {left:.0f} s unless resumed"
-        return view
 
 
 def _image(record):

@@ -239,3 +239,60 @@ def file_node(image, cache, **options):
     if cache == "none":
         node["cache"] = {"direct": True}
     return node
+
+
+# An evacuation's destination in a pool (`start --switch-first --dest-dir rbd:POOL[:conf=..]`):
+# a new image there, named as the source's top (its stem), created and removed with the `rbd`
+# tool (ceph-common) as the spec's user, with the spec's configuration.
+
+def pool_of(label, spec):
+    """`rbd:POOL[:conf=FILE][:id=USER]` (a destination pool, no image) -> an RbdImage without a
+    name yet (`image_in` names it)."""
+    pool, _, options = spec[len(PREFIX):].partition(":")
+    if not pool or "/" in pool:
+        raise UsageError(f"{label} {spec!r}: expected rbd:POOL[:conf=FILE][:id=USER] (a pool: the "
+                         "image takes the source's name)")
+    return parse(label, f"{PREFIX}{pool}/-" + (f":{options}" if options else ""))
+
+
+def image_in(pool, name):
+    return RbdImage(pool=pool.pool, name=name, conf=pool.conf, user=pool.user)
+
+
+def _tool(image, *args):
+    argv = ["rbd", *args]
+    if image.conf:
+        argv[1:1] = ["--conf", os.fspath(image.conf)]
+    if image.user:
+        argv[1:1] = ["--id", image.user]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              env=environment(), timeout=3 * MON_TIMEOUT + 10)
+    except FileNotFoundError:
+        raise ImageError("the rbd tool is not installed (Debian: ceph-common)") from None
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"{image}: the cluster did not answer in {3 * MON_TIMEOUT + 10}s") from None
+
+
+def exists(image):
+    res = _tool(image, "info", f"{image.pool}/{image.name}")
+    if res.returncode == 0:
+        return True
+    if "No such file or directory" in res.stderr:
+        return False
+    raise ImageError(f"{image}: {_explain(image, res.stderr.strip().splitlines()[-1])}")
+
+
+def create(image, size):
+    """A new image of `size` bytes (raw; thin-provisioned: it holds nothing yet), made by qemu-img
+    with QEMU's rbd driver, as the storage daemon will open it."""
+    res = subprocess.run(["qemu-img", "create", "-q", "-f", "raw", image.spec, str(size)],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                         env=environment(), timeout=3 * MON_TIMEOUT + 10)
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines() or [f"exit status {res.returncode}"]
+        raise ImageError(f"cannot create {image}: {_explain(image, lines[-1])}")
+
+
+def remove(image):
+    _tool(image, "rm", "--no-progress", f"{image.pool}/{image.name}")

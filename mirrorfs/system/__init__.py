@@ -4,4 +4,5 @@
     sockets.py     listening sockets bound by us and handed to children by fd
     access.py      who can reach a served disk: TLS, export name, socket group
     notify.py      systemd's readiness protocol (sd_notify)
+    pidfd.py       process fds: watching processes we did not start, taking a socket back from one
 """

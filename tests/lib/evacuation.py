@@ -1,4 +1,4 @@
-"""Clients of an evacuation's tests (tests/test_evacuate*.py): writers at odd offsets and sizes in
+"""Clients of an evacuation's tests (tests/system/test_evacuate*.py): writers at odd offsets and sizes in
 stripes of their own, with FUA, a reader of regions nobody writes, and the model of what the disk
 must read (the source's bytes, then every acknowledged write)."""
 

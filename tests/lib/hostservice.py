@@ -31,7 +31,7 @@ class HostService:
     def argv(self, *args):
         return [*MIRRORFS, *map(str, args)]
 
-    def start(self, timeout=120):
+    def start(self, timeout=120, env=None):
         self.starts += 1
         self.out = self.workdir / f"host{self.starts}.out"
         self.err = self.workdir / f"host{self.starts}.err"
@@ -39,7 +39,7 @@ class HostService:
             self.proc = subprocess.Popen(
                 self.argv("host", "--registry", self.registry, "--run-dir", self.run_dir,
                           "--take-back-after", self.take_back_after),
-                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + timeout
         while "host service:" not in self.out.read_text():
             assert self.proc.poll() is None, f"mirrorfs host exited {self.proc.returncode}: {self.stderr}"

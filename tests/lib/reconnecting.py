@@ -1,6 +1,6 @@
 """A client that reconnects (QEMU's NBD client with reconnect-delay, in qemu-io), writing one block at
 a time: the life-of-a-disk tests ask whether any of its writes failed and whether each is on the disk
-afterwards (tests/test_lifecycle.py, tests/test_evacuate_start.py, the guest tests)."""
+afterwards (tests/system/test_lifecycle.py, tests/system/test_evacuate_start.py, the guest tests)."""
 
 import subprocess
 import threading
