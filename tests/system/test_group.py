@@ -31,7 +31,7 @@ def host(workdir):
     # A long take-back: a killed group is resumed by its command line, not taken back meanwhile.
     h = Host(workdir, take_back_after=600).start()
     yield h
-    h.shutdown()
+    h.close()
 
 
 def make_disks(host, workdir, names=NAMES):
@@ -241,7 +241,7 @@ def test_kill_during_the_group_switch(workdir, host, victim, ending):
     print(f"kill -9 of {victim} {target.pid} "
           f"{'as the group record is written' if at_record else f'after {delay:.3f} s'}")
     generation = (group_record(workdir) or {}).get("generation", 0)
-    command = psutil.Popen([*MIRRORFS, ending, "data"], env=host.env,
+    command = psutil.Popen([*MIRRORFS, ending, "data"], env=host.env(),
                            stdout=open(workdir / "cmd.out", "w"), stderr=open(workdir / "cmd.err", "w"))
     if at_record:
         wait_until(lambda: (group_record(workdir) or {}).get("generation", 0) > generation
@@ -306,7 +306,7 @@ def test_a_dead_group_is_taken_back_on_one_side(workdir, host):
     writer = dependent.DependentWriter(socks)
     host.mirrorfs("copy", "sys")
     writer.wait_steps(writer.steps + 50)
-    command = psutil.Popen([*MIRRORFS, "pivot", "data"], env=host.env,
+    command = psutil.Popen([*MIRRORFS, "pivot", "data"], env=host.env(),
                            stdout=open(workdir / "cmd.out", "w"), stderr=open(workdir / "cmd.err", "w"))
     wait_until(lambda: (group_record(workdir) or {}).get("serving") == "destination"
                or command.poll() is not None, "the group's record", timeout=120, interval=0.0002)
@@ -359,12 +359,11 @@ def test_a_source_that_fails_under_the_net_degrades_the_group(workdir, host):
     the writer fails, the group commits on its own to the destinations alone and says so
     (status: the sources are not a consistent image), every dependency holds."""
     socks = make_disks(host, workdir)
-    start_group(host, workdir)
+    g = start_group(host, workdir)
     writer = dependent.DependentWriter(socks)
     host.mirrorfs("copy", "sys")
     host.mirrorfs("pivot", "sys")
     writer.wait_steps(writer.steps + 50)
-    g = next(p for p in psutil.process_iter() if p.pid == host.started[-1].pid)
     victim = next(p for p in g.children(recursive=True) if p.name() == "qemu-storage-daemon"
                   and str(workdir / "a" / "data-snap.qcow2") in " ".join(p.cmdline()))
     victim.send_signal(signal.SIGKILL)

@@ -189,7 +189,7 @@ def test_libvirt_guest_on_a_group_of_two_disks(guest_image, workdir, libvirtd):
         assert "handed back" in host.mirrorfs("hand-back", "sys").stdout
         assert group.wait(60) == 0, group.err.read_text()
     finally:
-        host.shutdown()
+        host.close()
     assert not [line for line in lines if line.startswith("FAIL")], lines
     written, final_sums = checksums(lines, "FILE"), checksums(lines, "FINAL")
     assert final_sums == written and len(final_sums) == 24
