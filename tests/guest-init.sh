@@ -3,6 +3,8 @@
 # line's mfs_task= says, reports with "MFS ..." lines on the console (ttyS0), and powers off.
 #   mfs_task=disk   the disk is /dev/vda (QEMU's virtio drive on mirrorfs): make ext4, then write
 #                   files until the host sends a line on ttyS1; every file's checksum is printed
+#   mfs_task=group  two disks, /dev/vda and /dev/vdb (a group of mirrorfs disks): files on vda, and
+#                   after each, a record on vdb naming it and its checksum
 #   mfs_task=nbd    attach mirrorfs with nbd-client over the network (a QEMU guestfwd to mirrorfs's
 #                   socket on the host), make ext4 on /dev/nbd0, write files, detach
 # Both end with the checksums read back from the disk (page cache dropped), and the file system
@@ -55,6 +57,33 @@ disk)
         i=$((i + 1))
     done
     finish
+    ;;
+group)
+    # Two disks of one group (tests/test_libvirt.py): file f<k> on /dev/vda, fsynced, then the
+    # record r<k> on /dev/vdb naming it and its hash, fsynced: a record names a write the other
+    # disk acknowledged first.
+    stty -F /dev/ttyS1 -echo
+    mkfs.ext4 -q -F /dev/vda || fail "mkfs.ext4 /dev/vda"
+    mkfs.ext4 -q -F /dev/vdb || fail "mkfs.ext4 /dev/vdb"
+    mount -t ext4 /dev/vda /mnt || fail "mount /dev/vda"
+    mkdir -p /rec
+    mount -t ext4 /dev/vdb /rec || fail "mount /dev/vdb"
+    (read -r line < /dev/ttyS1; : > /tmp/stop) &
+    say READY
+    i=0
+    while [ ! -e /tmp/stop ]; do
+        write_file $i
+        k=$((i % 24))
+        echo "f$k $(sum "/mnt/f$k")" | dd of="/rec/r$k" conv=fsync 2>/dev/null || fail "record r$k"
+        i=$((i + 1))
+    done
+    finish
+    echo 3 > /proc/sys/vm/drop_caches
+    for r in /rec/r*; do
+        say RECORD "${r#/rec/}" $(cat "$r")
+        say FINALREC "${r#/rec/}" "$(sum "$r")"
+    done
+    umount /rec || fail "umount /rec"
     ;;
 nbd)
     ip link set lo up

@@ -54,6 +54,8 @@ def _side(side):
 
 
 def status_text(status):
+    if status.get("kind") == "group":
+        return group_text(status)
     lines = [f"phase:        {status['phase']} (for {duration(status['phase_seconds'])})"]
     for uri in status.get("uris", []):
         lines.append(f"serving:      {uri}")
@@ -143,3 +145,40 @@ def _datapath_lines(dp):
             lines.append(f"  {'':13} last error {when}: {last['op']} at {last['offset']} "
                          f"length {last['length']}: {last['error']}")
     return lines
+
+
+def group_text(status):
+    """A group migration (control.group): the group's phase and record, then each member."""
+    group = status["group"]
+    lines = [f"group:        {' '.join(group['members'])} ({status['phase']} for "
+             f"{duration(status['phase_seconds'])}; record {group['record']}"
+             f"{', ended ' + group['end'] if group.get('end') else ''})"]
+    switch = status.get("switch")
+    if switch:
+        lines.append(f"switch:       one hold of every member, clients held at most "
+                     f"{switch['hold_ms']:.1f} ms ("
+                     + ", ".join(f"{n} {ms:.1f}" for n, ms in switch["members_ms"].items()) + ")")
+    net = status.get("net")
+    if net:
+        up = duration(net["up_seconds"]) if net.get("up_seconds") is not None else "?"
+        lines.append(f"safety net:   up for {up}: reads from the destinations, every write to both "
+                     "sides (mirrorfs commit ends it, mirrorfs revert goes back)")
+        for name, m in net["members"].items():
+            src = (m.get("source_latency_ms") or {}).get("p50")
+            dst = (m.get("destination_latency_ms") or {}).get("p50")
+            lines.append(f"  cost {name}: write p50 source {src} ms, destination {dst} ms; "
+                         f"{m['source_degraded']} degraded on the source"
+                         + ("" if m["revert_possible"] else
+                            f"; revert refused until {human_size(m['may_differ_bytes'] or 0)} "
+                            "are copied back"))
+    snapshot = status.get("snapshot")
+    if snapshot:
+        lines.append(f"snapshot:     {snapshot['what']}")
+    copy = status.get("copy")
+    if copy:
+        lines.append(f"copy:         {copy['percent']:.1f}% of every member's base "
+                     f"({copy_line(copy)})")
+    for name, member in status["members"].items():
+        lines.append(f"--- {name}")
+        lines += ["  " + line for line in status_text(member).splitlines()]
+    return "\n".join(lines)

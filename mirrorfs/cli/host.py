@@ -55,6 +55,8 @@ def line(record):
             holder += f", lent to {lent['migration']} (pid {lent['pid']}{'' if lent.get('alive') else ', dead'})"
         if record.get("error"):
             holder += f"; {record['error']}"
+    elif record.get("group"):
+        holder = f"group of {' '.join(record['group'])}"
     elif record.get("lent_to"):
         holder = f"lent to pid {record['lent_to']['pid']}"
     elif record.get("taken_over_from"):

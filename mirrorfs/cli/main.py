@@ -26,6 +26,7 @@ from mirrorfs.common import jsonlines
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.control.evacuation import Evacuation
 from mirrorfs.control.export import Export
+from mirrorfs.control.group import Group
 from mirrorfs.control.migration import Migration
 from mirrorfs.control.mirror import Mirror
 from mirrorfs.control.options import ServeOptions
@@ -87,7 +88,8 @@ def _run_controller(controller, control_path, uris, rundir):
         notify.ready(f"{controller.kind} {controller.phase}: {', '.join(uris())}")
         with Registration(rundir, controller.kind, control_path, uris(),
                           take_over=getattr(controller, "take_over", None),
-                          disk=getattr(getattr(controller, "lender", None), "name", None)):
+                          disk=getattr(getattr(controller, "lender", None), "name", None),
+                          **({"group": controller.names} if isinstance(controller, Group) else {})):
             _run_registered(controller, stop, rundir, uris())
         if not stop.is_set():
             print(f"{controller.phase}; stopping", flush=True)
@@ -120,7 +122,7 @@ def _stopped(controller):
     tree = controller.tree
     report = stopreport.divergence(tree) if tree is not None else None
     step = (stopreport.next_step(controller, shlex.join(["mirrorfs", *sys.argv[1:]]))
-            if isinstance(controller, Migration) else None)
+            if isinstance(controller, (Migration, Group)) else None)
     if report is None:
         print("stopped", flush=True)
         if step:
@@ -146,6 +148,8 @@ def cmd_serve(args):
 
 
 def cmd_start(args):
+    if args.members:
+        return _start_group(args)
     rundir = host.run_dir(args)
     lender, source_top = named.start_lender(args, rundir)
     disk = lender.name if lender else None
@@ -163,6 +167,26 @@ def cmd_start(args):
         migration = Migration(source_top, args.dest_dir, _serve_options(args, **common),
                               overlay_name=args.overlay_name, lender=lender, control=control_path)
     return _run_controller(migration, control_path, lambda: migration.tree.uris, rundir)
+
+
+def _start_group(args):
+    """`mirrorfs start NAME NAME... --dest-dir DIR --state-dir DIR`: one group (control.group)."""
+    names = [args.source_top, *args.members]
+    if args.take_over or args.switch_first or args.overlay_name or args.socket or args.listen:
+        raise UsageError("a group moves named disks: no --take-over, --switch-first, "
+                         "--overlay-name, --socket or --listen")
+    if args.rate is not None:
+        raise UsageError("a group's base copies take 'mirrorfs copy --rate'")
+    rundir = host.run_dir(args)
+    lenders = [named.group_lender(args, rundir, name) for name in names]
+    control_path = args.control or named.group_control(rundir, names[0])
+
+    def member_options(name, state_dir):
+        args.state_dir = str(state_dir)
+        return _serve_options(args, disk=name, hold_copy=True)
+
+    group = Group(names, lenders, args.dest_dir, member_options, args.state_dir, control_path)
+    return _run_controller(group, control_path, lambda: group.uris, rundir)
 
 
 def _control(args):
@@ -225,11 +249,41 @@ def cmd_status(args):
 
 
 def cmd_pivot(args):
-    reply = _call(args, "pivot", force=args.force)
-    print(f"switched to the destination; clients held {reply['stall_ms']:.1f} ms", flush=True)
+    reply = _call(args, "pivot", force=args.force, commit=args.commit)
+    if reply.get("group"):
+        holds = ", ".join(f"{n} {ms:.1f} ms" for n, ms in reply["members_ms"].items())
+        print(f"switched every member of the group to its destination at once; clients held "
+              f"{reply['stall_ms']:.1f} ms at most ({holds})", flush=True)
+        if reply.get("net"):
+            print("the safety net is up: reads from the destinations, writes to both sides; "
+                  f"{_then(args, 'commit', 'end it')} or "
+                  f"{_then(args, 'revert', 'every member back on its source').removeprefix('next: ')}",
+                  flush=True)
+            return 0
+    elif args.commit:
+        raise UsageError("pivot --commit is for a group (its safety net); a disk's pivot commits")
+    else:
+        print(f"switched to the destination; clients held {reply['stall_ms']:.1f} ms", flush=True)
     if reply.get("lent"):
         print(_then(args, "hand-back", f"{reply['lent']} serves the destination chain again"),
               flush=True)
+    return 0
+
+
+def cmd_revert(args):
+    reply = _call(args, "revert")
+    print(f"reverted: every member of the group reads from its source again; clients held "
+          f"{reply['stall_ms']:.1f} ms at most; the group mirrors", flush=True)
+    print(_then(args, "cancel", "end on the sources") + " (or pivot again)", flush=True)
+    return 0
+
+
+def cmd_commit(args):
+    reply = _call(args, "commit")
+    print(f"committed: every member serves its destination alone; clients held "
+          f"{reply['stall_ms']:.1f} ms at most; the sources are a crash-consistent image of the "
+          f"group at the commit (kept: {', '.join(reply['sources'])})", flush=True)
+    print(_then(args, "hand-back", "the host service serves the destinations again"), flush=True)
     return 0
 
 
@@ -244,13 +298,18 @@ def cmd_export(args):
 
 def cmd_hand_back(args):
     reply = _call(args, "hand-back")
+    if "members" in reply:
+        for name, member in reply["members"].items():
+            print(f"handed back: {member['to']} serves {member['image']}", flush=True)
+        return 0
     print(f"handed back: {reply.get('to', 'the export')} serves {reply['image']}", flush=True)
     return 0
 
 
 def cmd_cancel(args):
     reply = _call(args, "cancel")
-    line = "cancelled; serving the source chain"
+    line = ("cancelled every member of the group; each serves its source chain"
+            if reply.get("group") else "cancelled; serving the source chain")
     if reply.get("removed"):
         line += f"; removed {', '.join(reply['removed'])}"
     if reply.get("kept"):
@@ -263,7 +322,8 @@ def cmd_cancel(args):
 
 
 COMMANDS = {"serve": cmd_serve, "start": cmd_start, "copy": cmd_copy, "status": cmd_status,
-            "pivot": cmd_pivot, "hand-back": cmd_hand_back, "export": cmd_export, "cancel": cmd_cancel,
+            "pivot": cmd_pivot, "revert": cmd_revert, "commit": cmd_commit,
+            "hand-back": cmd_hand_back, "export": cmd_export, "cancel": cmd_cancel,
             "list": host.cmd_list, "top": host.cmd_list, "budget": host.cmd_budget,
             "rate": host.cmd_rate, "metrics": host.cmd_metrics,
             "host": host.cmd_host, "add": host.cmd_add, "remove": host.cmd_remove,

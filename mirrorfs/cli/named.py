@@ -48,6 +48,23 @@ def start_lender(args, run_dir):
     return None, target
 
 
+def group_lender(args, run_dir, name):
+    """A member of `start NAME NAME...`: a named disk (an unknown name refused in one line)."""
+    reg = registry(args)
+    if not is_name(name) or reg is None or not reg.file(name).exists():
+        where = reg.path if reg is not None else disks.default_path()
+        raise UsageError(f"no disk named {name} in {where}: a group moves named disks "
+                         "(mirrorfs add NAME IMAGE --socket PATH)")
+    reg.get(name)
+    return HostLender(reg, run_dir, name)
+
+
+def group_control(run_dir, first):
+    """Where a group puts its control socket when --control is not given (every member's record
+    names it)."""
+    return str(run_dir.file(f"{first}.group.ctl"))
+
+
 def refuse_named(args, image, what_to_do):
     """Refuse to serve `image` outside the host service when a named disk holds it (its current
     chain, a loan's, or a retired image): served twice, or served old, it would lose writes."""

@@ -190,6 +190,9 @@ def _start(p):
                    help="a named disk (borrowed from the host service, `mirrorfs host`), or the top "
                         "of the disk's chain now, read-only from here on (with --take-over: what "
                         "the export serves)")
+    p.add_argument("members", metavar="NAME", nargs="*",
+                   help="more named disks: all are moved as one group (one switch, one cancel; "
+                        "needs --state-dir)")
     p.add_argument("--take-over", metavar="EXPORT_CONTROL",
                    help="take the disk over from a running `mirrorfs export` (its control socket): "
                         "its clients reconnect to this migration on the same socket")
@@ -239,6 +242,8 @@ def _status(p):
 def _pivot(p):
     controlling(p)
     p.add_argument("--force", action="store_true", help="switch without verifying the base")
+    p.add_argument("--commit", action="store_true",
+                   help="a group: commit at once (no safety net; see mirrorfs commit)")
 
 
 def _list(p, watch=True):
@@ -349,6 +354,14 @@ SUBCOMMANDS = (
      "Serve DISK over NBD with a plain qemu-storage-daemon on --socket, and keep that socket for the "
      "disk's life: `mirrorfs start --take-over` borrows it for a migration, and `mirrorfs hand-back` "
      "returns the disk. Runs until SIGINT/SIGTERM."),
+    ("revert", controlling, "a group after pivot: every member reads from its source again",
+     "Undo a group's pivot while its safety net is up: every member reads from its source again, "
+     "at one instant, with nothing to copy (every change since the pivot reached both sides). "
+     "The group mirrors again: pivot again later, or cancel."),
+    ("commit", controlling, "a group after pivot: end the safety net, the destinations alone",
+     "End a group's safety net: every member serves its destination alone. The members hold at "
+     "one instant, so the retired sources form a crash-consistent image of the whole group at "
+     "the commit; they are kept (retired in the disks' records) until the operator removes them."),
     ("cancel", controlling, "stop mirroring; the source stays authoritative",
      "Stop mirroring, keep serving the source chain, and remove the destination overlay (and a base "
      "copy mirrorfs made)."),

@@ -22,6 +22,8 @@ class Phase(enum.StrEnum):
                                         # for a slot of the host's concurrent copies
     COPYING_BASE = "copying-base"       # start: mirroring while Step 4 copies the base
     SWITCHING = "switching"             # start: a pivot holds the clients' requests
+    PIVOTED = "pivoted"                 # a group's safety net: reads from the destination, changes
+                                        # still to both (destination first); revert or commit
     SWITCHED = "switched"               # the destination alone (an end, saved in the state)
     CANCELLED = "cancelled"             # the source alone (an end, saved in the state)
     HANDED_BACK = "handed-back"         # start --take-over: the disk went back to its export

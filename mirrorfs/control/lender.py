@@ -55,7 +55,7 @@ class ExportLender:
     def switched(self):
         """An export keeps no record: nothing to commit."""
 
-    cancelled = switched
+    cancelled = reverted = switched
 
     def ready(self):
         """An export that is gone fails the give-back itself (as it always did)."""
@@ -116,6 +116,10 @@ class HostLender:
 
     def cancelled(self):
         self.registry.cancelled(self.name, self.migration)
+
+    def reverted(self):
+        """A group's revert: the disk is the source's chain again (inside the hold)."""
+        self.registry.reverted(self.name, self.migration)
 
     def ready(self):
         """Before a hand-back stops serving the disk: the service must be there to take it."""

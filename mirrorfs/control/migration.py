@@ -89,6 +89,7 @@ class Migration(Controller):
         self._before = None             # the disk's chain before the migration (from the lender)
         self.stopped_in = None          # the phase `stop` found (control.stopreport.next_step)
         self._rebased = False           # the destination overlay is on the destination base
+        self.net_since = None           # a group's safety net: up since (time.time())
         self._loan_serving = None       # the side the disk's record said at the borrow
         self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
@@ -159,7 +160,7 @@ class Migration(Controller):
         switched; the source overlay once anything was served from it; else the source's top."""
         phase = self.phase if self.phase not in (Phase.NEW, Phase.STOPPED) else (saved.phase if saved
                                                                           else Phase.NEW)
-        if phase == Phase.SWITCHED:
+        if phase in (Phase.SWITCHED, Phase.PIVOTED):
             return self.dest_overlay
         if phase == Phase.NEW and self.source_overlay not in self._created and saved is None:
             return self.source_top
@@ -255,9 +256,11 @@ class Migration(Controller):
                                  f"{path} is missing")
         self.base = images.info(self.source_top)
         self.dest_base.with_name(self.dest_base.name + ".partial").unlink(missing_ok=True)
-        if saved.phase == Phase.SWITCHED and self._commit(Phase.SWITCHED):
+        net = saved.reader == "destination" and not saved.ended
+        if (saved.phase == Phase.SWITCHED or net) and self._commit(Phase.SWITCHED):
             # The state says switched, and the tree serves the destination alone: the record says
-            # so first (a crash inside the switch, after the state and before the record).
+            # so first (a crash inside the switch, after the state and before the record). The
+            # same for a group's net (reads from the destination).
             self._commit(Phase.SWITCHED)()
         elif self._loan_serving == "destination" and self._commit(Phase.CANCELLED):
             # The record took a switch the state never saw (a crash inside the switch's hold,
@@ -275,6 +278,10 @@ class Migration(Controller):
         self.tree.start()
         if saved.phase == Phase.SWITCHED:
             self.enter(Phase.SWITCHED, resumed=True)
+        elif net:
+            self._rebased = True
+            self.net_since = time.time()
+            self.enter(Phase.PIVOTED, resumed=True, dirty_regions=len(saved.dirty))
         else:
             self.enter(Phase.MIRRORING, resumed=True, dirty_regions=len(saved.dirty))
 
@@ -367,35 +374,26 @@ class Migration(Controller):
             return False, f"destination base differs from the source base: {detail}"
         return True, "destination base matches the source base"
 
-    def pivot(self, force=False, timeout=10.0):
+    def pivot(self, force=False, timeout=10.0, gate=None, prepared=False):
         """Switch the disk to the destination chain without disconnecting clients. Returns the
-        stall clients saw, in seconds."""
+        stall clients saw, in seconds.
+
+        A group (control.group) pivots its members in two steps: `prepare_pivot` (verified and
+        rebased, every member, before any holds its clients), then `pivot(prepared=True,
+        gate=...)`: `gate(commit)` runs inside the hold in place of the record's `commit`, so the
+        group can wait there until every member holds, write its own record, then commit each."""
         with self.changing("pivot", Phase.MIRRORING):
-            if not self.dest_base.exists():
-                raise UsageError(f"destination base {self.dest_base} does not exist: run "
-                                 "'mirrorfs copy' or copy it there first")
-            if force:
-                self.log.add("warning", what="switching without verification (forced)")
-            else:
-                ok, detail = self._verify()
-                if not ok:
-                    raise UsageError(f"switch refused: {detail}")
+            if not prepared:
+                self._prepare_pivot(force)
             self.enter(Phase.SWITCHING, forced=force)
             try:
-                # QEMU flushes the overlay inside the reopen, with its I/O held: under write load
-                # that hold (100-300 ms here) is what clients notice, not the data path's switch.
-                # A flush just before does not help: it holds qcow2's lock about as long.
-                # A crash after the rebase and before the switch is harmless: the destination
-                # overlay's new backing holds the same bytes as the old one.
-                # A switch refused after the rebase (the record could not be written, the
-                # destination did not answer) leaves it done: a second pivot does not redo it.
                 started = time.monotonic()
                 if not self._rebased:
-                    self.tree.daemon("destination").rebase(images.info(self.dest_base))
-                    self._rebased = True
+                    self._rebase()
                 rebase = time.monotonic() - started
+                commit = self._commit(Phase.SWITCHED)
                 stall = self.tree.switch("destination", Phase.SWITCHED, timeout,
-                                         commit=self._commit(Phase.SWITCHED))
+                                         commit=gate(commit) if gate else commit)
             except Error as e:
                 self.enter(Phase.MIRRORING)
                 self.log.add("error", what="switch failed", detail=str(e))
@@ -406,15 +404,98 @@ class Migration(Controller):
             self.enter(Phase.SWITCHED, **self.last_switch)
             return stall
 
-    def cancel(self, timeout=10.0):
+    # A group's safety net (control.group): after its pivot, reads come from the destination and
+    # changes still go to both sides, until `commit` (the destination alone) or `revert`.
+
+    def net_pivot(self, timeout=10.0, gate=None):
+        """Read from the destination, write to both (after `prepare_pivot`). The disk's record
+        says the destination from now on (its commit, inside the hold)."""
+        with self.changing("pivot", Phase.MIRRORING):
+            self.enter(Phase.SWITCHING)
+            commit = self._commit(Phase.SWITCHED)
+            try:
+                stall = self.tree.read_from("destination", timeout,
+                                            commit=gate(commit) if gate else commit)
+            except Error as e:
+                self.enter(Phase.MIRRORING)
+                self.log.add("error", what="switch failed", detail=str(e))
+                raise Error(f"switch failed, still mirroring: {e}") from None
+            self.net_since = time.time()
+            self.last_switch = {"stall_ms": round(stall * 1000, 3), "net": True}
+            self.enter(Phase.PIVOTED, **self.last_switch)
+            return stall
+
+    def revert(self, timeout=10.0, gate=None):
+        """Read from the source again: every change since the pivot is there already."""
+        with self.changing("revert", Phase.PIVOTED):
+            commit = self.lender.reverted if self.lender is not None and self.lender.named \
+                else None
+            try:
+                stall = self.tree.read_from("source", timeout,
+                                            commit=gate(commit) if gate else commit)
+            except Error as e:
+                raise Error(f"revert failed, still on the destination: {e}") from None
+            self.net_since = None
+            self.enter(Phase.MIRRORING, reverted=True, stall_ms=round(stall * 1000, 3))
+            return stall
+
+    def commit_net(self, timeout=10.0, gate=None):
+        """End the net: the destination alone; the source's daemon flushes and closes its images,
+        which stay as they were at the commit's hold."""
+        with self.changing("commit", Phase.PIVOTED):
+            commit = self._commit(Phase.SWITCHED)
+            try:
+                stall = self.tree.switch("destination", Phase.SWITCHED, timeout,
+                                         commit=gate(commit) if gate else commit)
+            except Error as e:
+                raise Error(f"commit failed, the net is still up: {e}") from None
+            self._created.clear()
+            self.net_since = None
+            self.enter(Phase.SWITCHED, committed=True, stall_ms=round(stall * 1000, 3))
+            return stall
+
+    def prepare_pivot(self, force=False):
+        """A pivot's checks, and the rebase of the destination overlay onto the destination base,
+        without the switch: what a group does for every member before any member holds."""
+        with self.changing("pivot", Phase.MIRRORING):
+            self._prepare_pivot(force)
+            if not self._rebased:
+                self._rebase()
+
+    def _prepare_pivot(self, force):
+        if not self.dest_base.exists():
+            raise UsageError(f"destination base {self.dest_base} does not exist: run "
+                             "'mirrorfs copy' or copy it there first")
+        if force:
+            self.log.add("warning", what="switching without verification (forced)")
+        else:
+            ok, detail = self._verify()
+            if not ok:
+                raise UsageError(f"switch refused: {detail}")
+
+    def _rebase(self):
+        """QEMU flushes the overlay inside the reopen, with its I/O held: under write load that
+        hold (100-300 ms here) is what clients notice, not the data path's switch. A flush just
+        before does not help: it holds qcow2's lock about as long. A crash after the rebase and
+        before the switch is harmless: the destination overlay's new backing holds the same bytes
+        as the old one. A switch refused after the rebase (the record could not be written, the
+        destination did not answer) leaves it done: a second pivot does not redo it."""
+        try:
+            self.tree.daemon("destination").rebase(images.info(self.dest_base))
+        except Error as e:
+            raise Error(f"switch failed, still mirroring: {e}") from None
+        self._rebased = True
+
+    def cancel(self, timeout=10.0, gate=None):
         """Stop mirroring and keep serving the source; remove what the migration made on the
         destination."""
         with self.changing("cancel", Phase.MIRRORING, Phase.COPYING_BASE):
             if self.copier is not None and self.copier.running:
                 self.copier.cancel()
             try:
+                commit = self._commit(Phase.CANCELLED)
                 self.tree.switch("source", Phase.CANCELLED, timeout,
-                                 commit=self._commit(Phase.CANCELLED))
+                                 commit=gate(commit) if gate else commit)
             except Error as e:
                 raise Error(f"cancel failed, still mirroring: {e}") from None
             removed = []
@@ -461,7 +542,7 @@ class Migration(Controller):
     # of the share.
 
     copies = True
-    datapath_copies = (Phase.MIRRORING, Phase.COPYING_BASE)
+    datapath_copies = (Phase.MIRRORING, Phase.COPYING_BASE, Phase.PIVOTED)
 
     def shown_phase(self):
         return Phase.QUEUED if self.phase == Phase.COPYING_BASE and self.queued else self.phase

@@ -111,6 +111,7 @@ class ProcessTree:
         self.resumed = False
         self.in_place = False           # an evacuation hydrating in place (datapath.evacuee)
         self.serving = None
+        self.reader = "source"          # while mirroring: the side reads come from (a group's net)
         self.rundir = None
         self.daemons = {}               # side -> StorageDaemon, for image sides
         self._shared = None             # with --one-daemon: the SharedStorageDaemon behind both
@@ -257,6 +258,11 @@ class ProcessTree:
             self._retire_daemon("source")
             self.serving = "destination"
             return datapath.alone(dest.uri, "destination")
+        if self.state.reader == "destination":
+            log.warning("the state says a group's pivot left this disk reading from %s, writing "
+                        "to both", dest.spec)
+            self.reader = "destination"
+            return dataclasses.replace(datapath, net=True)
         if self.state.phase == Phase.CANCELLED:
             log.warning("the state says this mirror was cancelled: serving %s alone", source.spec)
             self._retire_daemon("destination")
@@ -328,6 +334,12 @@ class ProcessTree:
             dest.drop_backing()
         self._retire_daemon("source")
 
+    def drop_source(self):
+        """A group's safety net lost its source (its daemon died): the daemon leaves the list,
+        so that its death is not taken for a crash of the disk; the data path degrades the
+        source's failures until the commit retires it."""
+        self._retire_daemon("source")
+
     def _retire_daemon(self, side):
         """Stop a side's storage daemon once the data path no longer uses it. It leaves the list
         first: the controller's watch (another thread) must not take its exit for a crash."""
@@ -393,6 +405,29 @@ class ProcessTree:
                 Path(args["commit"]).unlink(missing_ok=True)
         self.serving = to
         self._retire_daemon(SIDES[1 - SIDES.index(to)])
+        return reply["stall_ms"] / 1000
+
+    def read_from(self, to, timeout=10.0, commit=None):
+        """A group's safety net (datapath.disk.Disk.read_from): reads from side `to`, changes
+        still to both. `commit()` as for `switch`. Returns the stall clients saw, in seconds."""
+        server = None
+        args = {}
+        if commit is not None:
+            path = self.rundir / "commit.ctl"
+            path.unlink(missing_ok=True)
+            server = jsonlines.Server(sockets.bind_unix(path),
+                                      _commit_handler(commit, to, "read-from"),
+                                      "switch commit").start()
+            args["commit"] = str(path)
+        try:
+            reply = self.datapath("read-from", to=to, timeout=timeout + (30 if args else 0), **args)
+        except jsonlines.ControlError as e:
+            raise Error(str(e)) from None
+        finally:
+            if server is not None:
+                server.stop()
+                Path(args["commit"]).unlink(missing_ok=True)
+        self.reader = to
         return reply["stall_ms"] / 1000
 
     @property

@@ -109,7 +109,14 @@ class Copier(Paced):
 
     def _mirroring(self):
         d = self.disk
-        return d.dest is not None and d.reader is d.source and d.dest in d.writers
+        return d.dest is not None and len(d.writers) == 2
+
+    @property
+    def _to(self):
+        """The side copied to: the one that does not read (the destination, or, under a group's
+        safety net, the source)."""
+        d = self.disk
+        return d.source if d.reader is d.dest else d.dest
 
     def _run(self, maintains):
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
@@ -129,7 +136,7 @@ class Copier(Paced):
                     if generation == self._generation:
                         self._generation += 1
                         self._settle = min(self._settle * 2, SETTLE_MAX)
-                self._stop.wait(max(RETRY_DELAY, self.disk.dest.down_until - time.monotonic()))
+                self._stop.wait(max(RETRY_DELAY, self._to.down_until - time.monotonic()))
                 continue
             if worked:
                 self._settle = SETTLE_FIRST
@@ -148,7 +155,7 @@ class Copier(Paced):
     def _unsettled(self):
         """Seconds to wait before the destination has gone `_settle` seconds without a failure,
         and has no request waiting for a second or more (a hang the watchdog has not cut yet)."""
-        dest = self.disk.dest
+        dest = self._to
         if dest.oldest_wait() >= 1.0:
             return RETRY_DELAY
         last = self.disk.stats[dest.name].last_error
@@ -210,7 +217,7 @@ class Copier(Paced):
 
     def _maintain(self):
         try:
-            self.dirty.save_cursor(self.disk.dest.flush)
+            self.dirty.save_cursor(self._to.flush)
             self.dirty.clean(self._flush_sides)
         except SideError as e:
             log.warning("saving the copy's progress failed (will retry): %s", describe(e))
@@ -248,9 +255,9 @@ class Copier(Paced):
         """All the chunk's reads in flight at once on one source connection, then all its writes
         and zeroes at once on one destination connection: the servers see a queue, not one
         request at a time."""
-        source, dest = self.disk.source, self.disk.dest
+        source, dest = self.disk.reader, self._to
         reads, zeroes = [], []
-        for offset, length, zero in self.disk.source.allocation(start, end):
+        for offset, length, zero in source.allocation(start, end):
             if zero:
                 zeroes.append(Zero(length, offset, may_trim=True))
             else:

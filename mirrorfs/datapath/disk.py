@@ -105,7 +105,8 @@ class SideStats:
 
 
 class Disk:
-    def __init__(self, source, dest=None, dirty=None, policy="fail", granularity=LOCK_GRANULARITY):
+    def __init__(self, source, dest=None, dirty=None, policy="fail", granularity=LOCK_GRANULARITY,
+                 net=False):
         self.size = source.size
         self.inflight = InFlight(granularity)
         # Every backend this disk may use, now or after a switch: capabilities are what all can do,
@@ -114,6 +115,8 @@ class Disk:
         self.source, self.dest = source, dest
         self.reader = source            # the authoritative side: reads, and its errors fail requests
         self.writers = self.backends
+        if net:         # a group's safety net, restarted: the destination reads, both are written
+            self.reader, self.writers = dest, (dest, source)
         self.dirty = dirty if dirty is not None else DirtyMap(self.size, DEFAULT_REGION)
         self.policy = policy            # a destination failure: "fail" the request, or "degrade"
         self.stats = {b.name: SideStats(b.name) for b in self.backends}
@@ -198,7 +201,7 @@ class Disk:
             started = time.monotonic()
             self.inflight.pause(timeout)
             try:
-                if side is self.dest:
+                if side is self.dest and self.reader is not self.dest:
                     if not self.dirty.synchronized():
                         raise SwitchRefused(
                             f"{human_size(self.dirty.dirty_bytes())} may still differ between "
@@ -224,6 +227,48 @@ class Disk:
         for b in retired:
             b.retire()
             log.info("%s released", b.name)
+        return stall
+
+    def read_from(self, to, timeout=10.0, commit=None):
+        """A group's safety net (control.group): read from side `to` from now on, and go on
+        writing both sides, `to` first (its failures fail the client's request; the other's are
+        degraded: recorded, the region marked to copy again). To the destination after a pivot; to
+        the source again at a revert, which needs the sides synchronized (nothing to copy: every
+        change since the pivot reached both). The same hold as `switch`: new requests wait, those
+        in flight drain, `commit()` runs, the state records the reader, then the sides change."""
+        side = {b.name: b for b in self.backends}.get(to)
+        if side is None or self.dest is None:
+            raise ValueError(f"unknown side {to!r}")
+        if not self._switching.acquire(blocking=False):
+            raise SwitchRefused("another switch is in progress")
+        try:
+            if self.ended:
+                raise SwitchRefused(f"the mirror already ended ({self.ended})")
+            started = time.monotonic()
+            self.inflight.pause(timeout)
+            try:
+                if side is self.reader:
+                    raise SwitchRefused(f"reads come from the {to} already")
+                if not self.dirty.synchronized():
+                    raise SwitchRefused(
+                        f"{human_size(self.dirty.dirty_bytes())} may still differ between the "
+                        f"sides; the {to} does not hold every change")
+                try:
+                    side.check(timeout)
+                except SideError as e:
+                    raise SwitchRefused(f"the {to} does not answer ({e})") from None
+                if commit is not None:
+                    commit()
+                if self.dirty.state is not None:
+                    self.dirty.state.record(reader=to)
+                other = self.source if side is self.dest else self.dest
+                self.reader, self.writers = side, (side, other)
+            finally:
+                self.inflight.resume()
+        finally:
+            self._switching.release()
+        stall = time.monotonic() - started
+        self.switches.append(stall)
         return stall
 
     def quiesce(self, timeout=10.0):
@@ -253,6 +298,7 @@ class Disk:
             "switch_stalls_ms": [round(s * 1000, 3) for s in self.switches],
             "policy": self.policy,
             "ended": self.ended,
+            "net": self.reader is self.dest and self.dest is not None and self.ended is None,
             "synchronized": self.dirty.synchronized(),
             "dirty_bytes": self.dirty.dirty_bytes(),
         }
@@ -410,7 +456,11 @@ class Disk:
         if cmd.op == "flush" and not primary:
             # A mirror that failed a flush may have lost writes it acknowledged: copy them again.
             self.dirty.mark_all()
-        if primary or self.policy == "fail":
+        # Under a group's safety net (the destination reads) the source is the mirror, and its
+        # failures are always degraded: the destination holds the write, and the source is only
+        # what a revert would go back to (refused while they differ).
+        net = self.reader is self.dest and self.dest is not None
+        if primary or (self.policy == "fail" and not net):
             side, e = (primary or failures)[0]
             raise RequestError(e.errno, f"{side.name} {cmd.op}: {describe(e)}")
         for side, _ in failures:

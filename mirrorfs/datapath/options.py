@@ -61,6 +61,9 @@ class DataPathOptions:
     # With switch_first: a client's read of a region not hydrated also hydrates it
     # (datapath.copyonread), so the working set leaves the source first.
     copy_on_read: bool = False
+    # A group's safety net (control.group): reads from the destination, changes to both sides,
+    # the destination first; what a restart between a group's pivot and its commit serves.
+    net: bool = False
 
     def __post_init__(self):
         problem = self.problem()
@@ -97,6 +100,8 @@ class DataPathOptions:
             if self.region % self.granularity:
                 return (f"--region {self.region}: with --switch-first, a multiple of the "
                         f"destination's cluster size ({self.granularity})")
+        if self.net and (self.dest is None or self.switch_first):
+            return "net: a mirror's destination serves reads: it needs a destination, no --switch-first"
         if self.in_place and not self.switch_first:
             return "in_place hydrates an evacuation: it needs --switch-first"
         if self.in_place_unit and (not self.in_place or self.in_place_unit < 512 or
@@ -147,4 +152,4 @@ def boolean(text):
 
 _KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
           "switch_first": boolean, "hold": boolean, "in_place": boolean,
-          "in_place_unit": int, "copy_on_read": boolean}
+          "in_place_unit": int, "copy_on_read": boolean, "net": boolean}

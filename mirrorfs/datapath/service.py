@@ -84,7 +84,8 @@ class DataPath:
             return
         region = state.region_size if state is not None else o.region
         dirty = DirtyMap(source.size, region, state, full=o.copy == "full")
-        self.disk = Disk(source, dest, dirty, policy=o.policy, granularity=o.granularity)
+        self.disk = Disk(source, dest, dirty, policy=o.policy, granularity=o.granularity,
+                         net=o.net)
         if dest is not None:
             # In every mode: a change that reached only the source (degrade) is copied again by it.
             # Held (rate 0) until the supervisor gives it its share of the host budget.
@@ -205,6 +206,23 @@ class DataPath:
             if self.copier is not None:
                 self.copier.stop()
             log.info("%s: serving the %s alone; clients held %.1f ms", end, to, stall * 1000)
+            return {"stall_ms": stall * 1000}
+        if cmd == "read-from":
+            # A group's safety net (Disk.read_from): reads from `to`, changes still to both.
+            try:
+                to = request["to"]
+                timeout = float(request.get("timeout", 10))
+            except (KeyError, TypeError, ValueError) as e:
+                raise jsonlines.ControlError(f"read-from: bad arguments: {e}") from None
+            commit = request.get("commit")
+            if commit is not None and not isinstance(commit, str):
+                raise jsonlines.ControlError("read-from: commit must be a socket path")
+            try:
+                stall = self.disk.read_from(to, timeout, commit=_committer(
+                    commit, to, "read-from", timeout) if commit else None)
+            except (DrainTimeout, SwitchRefused, StateError, ValueError) as e:
+                raise jsonlines.ControlError(f"switch refused: {e}") from None
+            log.info("reading from the %s, writing to both; clients held %.1f ms", to, stall * 1000)
             return {"stall_ms": stall * 1000}
         if cmd == "set-rate":
             return self._set_rate(request.get("rate"))

@@ -56,12 +56,16 @@ def _checksum(fields):
 
 class State:
     def __init__(self, directory, *, copy, source, dest, size, region_size, phase=Phase.COPYING,
-                 cursor=0, dirty=(), switch_first=False, in_place=False, migration=None, disk=None):
+                 cursor=0, dirty=(), switch_first=False, in_place=False, migration=None, disk=None,
+                 reader="source"):
         self.directory = Path(directory)
         # Whose the state is (datapath.statedir): a random id made once, when the state was made,
         # and the disk's name when it has one (None: a disk without a name).
         self.migration = migration
         self.disk = disk
+        # The side reads come from while the mirror goes on: "destination" after a group's pivot
+        # with its safety net (control.group), until its commit or revert.
+        self.reader = reader
         # How the disk is served until its end: a mirror (changes to both sides), or an evacuation
         # (--switch-first: changes to the destination alone, the source read-only; datapath.evacuee).
         self.switch_first = switch_first
@@ -88,7 +92,7 @@ class State:
     def ended(self):
         return self.phase in ENDS
 
-    def record(self, *, dirty=None, cursor=None, synchronized=None, end=None):
+    def record(self, *, dirty=None, cursor=None, synchronized=None, end=None, reader=None):
         """Change the state and save it before returning: the regions that may differ, the first
         pass's cursor, whether anything is known to differ (`synchronized`, from the dirty map,
         which tells regions being written from regions to copy again), or the end of the mirror
@@ -101,6 +105,10 @@ class State:
                 if self.ended and self.phase != end:
                     raise StateError(f"the mirror was already {self.phase}")
                 self.phase = end
+            if reader is not None:
+                if reader not in ("source", "destination"):
+                    raise ValueError(f"not a side: {reader}")
+                self.reader = reader
             if dirty is not None:
                 self.dirty = set(dirty)
             if cursor is not None:
@@ -119,6 +127,8 @@ class State:
         mode = {"switch_first": True} if self.switch_first else {}
         if self.in_place:
             mode["in_place"] = True
+        if self.reader != "source":
+            mode["reader"] = self.reader
         return {"format": FORMAT, "owner": self.owner, **mode, "copy": self.copy,
                 "size": self.size, "region_size": self.region_size, "phase": self.phase,
                 "cursor": self.cursor, "dirty": sorted(self.dirty)}
@@ -158,6 +168,9 @@ class State:
             copy = saved["copy"]
             switch_first = saved.get("switch_first", False)
             in_place = saved.get("in_place", False)
+            reader = saved.get("reader", "source")
+            if reader not in ("source", "destination"):
+                raise ValueError(f"unknown reader {reader}")
             if saved["phase"] not in PHASES or copy not in COPY_MODES or \
                     not isinstance(switch_first, bool) or not isinstance(in_place, bool):
                 raise ValueError("unknown phase, copy mode or switch_first")
@@ -169,7 +182,8 @@ class State:
                         phase=saved["phase"],
                         cursor=int(saved["cursor"]) if copy == "full" else int(saved["size"]),
                         dirty=[int(r) for r in saved["dirty"]], switch_first=switch_first,
-                        in_place=in_place, migration=owner["migration"], disk=owner.get("disk"))
+                        in_place=in_place, migration=owner["migration"], disk=owner.get("disk"),
+                        reader=reader)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StateError(f"{path} is corrupt ({e}); refusing to guess. Inspect it; see "
                              "OPERATING.md, \"Nothing resets silently\"") from None

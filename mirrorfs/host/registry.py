@@ -369,6 +369,18 @@ class Registry:
             raise UsageError(f"{what}: the disk {name} is lent to {holder}, not to {migration}")
         return record, lent
 
+    def join_group(self, name, migration, group):
+        """The loan is one member of a group migration (control.group) whose commit record is the
+        file `group`: from now on the side the loan ends on, if its borrower dies, is the one
+        that record says (`serving_side`), whatever this record's `serving` says: the members'
+        records are updated one after the other, the group's record once for all of them."""
+        with self.locked():
+            record, lent = self._loan(name, migration, "group")
+            if lent.get("group") == str(group):
+                return record
+            lent["group"] = str(group)
+            return self._save(record, "grouped", migration=migration, group=str(group))
+
     def switched(self, name, migration):
         """The migration switched to the destination: from now on the disk *is* the destination's
         chain. Called inside the switch, before any request is served from the destination."""
@@ -377,6 +389,18 @@ class Registry:
             lent["serving"] = "destination"
             record["chain"] = lent["destination"]
             return self._save(record, "switched", migration=migration, chain=paths(record["chain"]))
+
+    def reverted(self, name, migration):
+        """A group's revert (control.group): reads come from the source again, which holds every
+        write since the pivot: the disk is the source's chain again, the loan goes on. Nothing
+        changes (and nothing is written) when the record says so already."""
+        with self.locked():
+            record, lent = self._loan(name, migration, "reverted")
+            if lent["serving"] == "source" and record["chain"] == lent["source"]:
+                return record
+            lent["serving"] = "source"
+            record["chain"] = lent["source"]
+            return self._save(record, "reverted", migration=migration, chain=paths(record["chain"]))
 
     def cancelled(self, name, migration):
         """The migration was cancelled: the disk is the source's chain (the new source overlay)."""
@@ -408,12 +432,13 @@ class Registry:
             record, lent = self._loan(name, migration, "take back")
             if borrower_alive(lent):
                 raise UsageError(f"the disk {name}'s borrower (pid {lent['pid']}) is alive")
-            chain = lent[lent["serving"]]
-            if lent["serving"] == "source" and not _exists(chain[0]["path"]):
+            serving = serving_side(lent)
+            chain = lent[serving]
+            if serving == "source" and not _exists(chain[0]["path"]):
                 chain = record["chain"]
             self._end_loan(record, lent, chain, "taken back")
             return self._save(record, "taken-back", migration=migration, pid=lent["pid"],
-                              serving=lent["serving"], state_dir=lent["state_dir"],
+                              serving=serving, state_dir=lent["state_dir"],
                               chain=paths(chain))
 
     def _end_loan(self, record, lent, chain, why):
@@ -426,6 +451,27 @@ class Registry:
                                           "time": _now(), "why": why})
         record["chain"] = chain
         record["lent"] = None
+
+
+def serving_side(lent):
+    """The side a loan serves: its `serving`, unless it is a member of a group whose commit record
+    (control.group) ended the group: then the group's end, for every member alike. A group record
+    that cannot be read is an error: guessing could put members on different sides."""
+    group = lent.get("group")
+    if not group:
+        return lent["serving"]
+    try:
+        with open(group) as f:
+            saved = json.load(f)
+        end = saved.get("end")
+    except FileNotFoundError:
+        return lent["serving"]          # not written yet: no member switched
+    except (OSError, ValueError, AttributeError) as e:
+        raise RecordError(f"cannot read the group record {group} of migration "
+                          f"{lent['migration']}: {e}") from None
+    ends = {"switched": "destination", "cancelled": "source"}
+    return ends.get(end) or (saved.get("serving") if saved.get("serving") in SIDES
+                             else lent["serving"])
 
 
 def role_of(record, real):

@@ -87,6 +87,8 @@ def disks(rundir):
             holder = next((e for e in entries if e["pid"] == lent["pid"]), None)
             record["lent_to"] = {"pid": lent["pid"], "alive": lent.get("alive"),
                                  "control": holder.get("control") if holder else None}
+        if entry.get("group"):
+            record["group"] = entry["group"]        # a group migration: its members' names
         if entry.get("take_over"):
             export = by_control.get(entry["take_over"])
             record["taken_over_from"] = {"control": entry["take_over"],
