@@ -229,6 +229,9 @@ class Copier(Paced):
         copied = 0
         token = disk.inflight.enter_range("copy", start, end)
         try:
+            if disk.lag is not None and disk.lag_in_force():
+                # The lag's changes to this range reach the destination before the chunk does.
+                disk.lag.wait_range(*token)
             intent = self.dirty.before_change(start, end)
             ok = False
             try:

@@ -61,6 +61,9 @@ class DataPathOptions:
     # With switch_first: a client's read of a region not hydrated also hydrates it
     # (datapath.copyonread), so the working set leaves the source first.
     copy_on_read: bool = False
+    # The bounded lag (datapath.lag): up to this many bytes of acknowledged changes may be on the
+    # source only; 0: every change waits for both sides.
+    lag: int = 0
 
     def __post_init__(self):
         problem = self.problem()
@@ -104,6 +107,14 @@ class DataPathOptions:
                                    self.granularity % self.in_place_unit):
             return (f"in_place_unit {self.in_place_unit}: expected, in place, a power of two of "
                     f"at least 512 dividing the granularity ({self.granularity})")
+        if self.lag < 0:
+            return f"--lag {self.lag}: expected a size, 0 for none"
+        if self.lag and self.switch_first:
+            return ("--lag lets the destination fall behind the source; with --switch-first the "
+                    "destination takes every write first: there is nothing to lag")
+        if self.lag and (self.dest is None or self.state is None):
+            return ("--lag needs --state-dir: the changes acknowledged before the destination has "
+                    "them are known only to the dirty map there, and must survive a crash")
         if not math.isfinite(self.io_timeout) or self.io_timeout < 0:
             return f"--io-timeout {self.io_timeout}: expected seconds, 0 for none"
         return None
@@ -147,4 +158,4 @@ def boolean(text):
 
 _KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
           "switch_first": boolean, "hold": boolean, "in_place": boolean,
-          "in_place_unit": int, "copy_on_read": boolean}
+          "in_place_unit": int, "copy_on_read": boolean, "lag": int}
