@@ -27,7 +27,7 @@ from mirrorfs.common.phases import Phase
 from mirrorfs.sides import endpoints, images
 from mirrorfs.system import sockets
 from mirrorfs.common import jsonlines
-from mirrorfs.datapath.options import LOCK_GRANULARITY
+from mirrorfs.datapath.options import LAG_CONVERGE_MAX, LOCK_GRANULARITY
 from mirrorfs.datapath.state import State, StateError
 from mirrorfs.datapath.state import open_for as open_state
 from mirrorfs.errors import Error, ProcessError, UsageError
@@ -336,7 +336,11 @@ class ProcessTree:
         state; then retire the other side's daemon. Returns the stall clients saw, in seconds.
         Raises Error with the data path's reason when it refuses (nothing changed then)."""
         try:
-            reply = self.datapath("switch", to=to, end=end, timeout=timeout)
+            # The data path's own `timeout` (its drain) goes in the request; the reply may take
+            # longer: with --lag the switch first drains the lag (LAG_CONVERGE_MAX).
+            reply = jsonlines.call(self.datapath_socket, {"cmd": "switch", "to": to, "end": end,
+                                                          "timeout": timeout},
+                                   timeout=timeout + LAG_CONVERGE_MAX + 60)
         except jsonlines.ControlError as e:
             raise Error(str(e)) from None
         self.serving = to

@@ -44,17 +44,22 @@ import time
 from mirrorfs.datapath.backend import describe
 from mirrorfs.datapath.commands import FLUSH, Trim, Write, Zero
 from mirrorfs.datapath.errors import DrainTimeout, SideError
+from mirrorfs.datapath.options import LAG_CONVERGE_MAX
 
 log = logging.getLogger("mirrorfs")
 
-# Threads that send queued changes to the destination: changes in flight on it at once. A 2 ms
-# destination needs about rate x latency of them (16 small writes in flight take 8,000/s).
-WORKERS = 24
+# Threads that send queued changes to the destination: changes in flight on it at once, each on a
+# connection of its own. A 2 ms destination needs about rate x latency of them (16 small writes in
+# flight take 8,000/s); more would open more connections than some servers take, with the
+# synchronous writes' own beside them while a pivot drains the lag (qemu-nbd's default --shared is
+# 1, the tests' 16: a connection over the limit hangs until its connect timeout).
+WORKERS = 12
 # The largest write coalescing builds (the destinations' usual maximum request is 32 MiB).
 COALESCE_MAX = 1 << 20
 # With --on-dest-error fail: how long after a destination failure the mirror stays synchronous.
 SETTLE = 2.0
-# A pivot's drain: how often it looks whether the lag shrinks.
+# A pivot's drain: how often it looks whether the lag shrinks (the longest it may take in all is
+# options.LAG_CONVERGE_MAX).
 CONVERGE_LOOK = 0.25
 
 LAGGING, SYNCHRONOUS = "lagging", "synchronous"
@@ -253,13 +258,15 @@ class Lag:
             before = self.bytes
             sent, since = self.sent, time.monotonic()
             look = since + CONVERGE_LOOK
+            give_up = since + LAG_CONVERGE_MAX
             while self._pending:
                 now = time.monotonic()
                 if self.sent != sent:
                     sent, since = self.sent, now
-                if now - since >= timeout:
-                    raise DrainTimeout(f"the lag of {len(self._pending)} changes did not move "
-                                       f"for {timeout:g}s")
+                if now - since >= timeout or now >= give_up:
+                    raise DrainTimeout(f"the lag of {len(self._pending)} changes did not drain "
+                                       f"(no progress for {timeout:g}s, or {LAG_CONVERGE_MAX:g}s "
+                                       "in all)")
                 if now >= look:
                     if not self.forced and self.bytes >= before and self.bytes:
                         self.forced = True

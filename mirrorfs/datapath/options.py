@@ -28,6 +28,9 @@ MIN_REGION = 1 << 20
 DEFAULT_HYDRATION_REGION = 1 << 20
 # A mirror side's request that waits longer is cut (backend.NbdBackend.expire); 0: never.
 DEFAULT_IO_TIMEOUT = 30.0
+# The longest a switch drains a --lag before its hold (datapath.lag.Lag.converge): a lag of 64 MiB
+# to a destination taking 1 MiB/s drains in 64 s. The supervisor waits for the switch this long more.
+LAG_CONVERGE_MAX = 300.0
 
 
 @dataclass(frozen=True)
