@@ -115,6 +115,11 @@ class Mirror(Hydrating, Controller):
         dp = self.tree.datapath_status()
         if "error" in dp:
             raise Error(f"cannot ask the data path: {dp['error']}")
+        lag = dp.get("lag") or {}
+        if dp.get("synchronized") and lag.get("bytes"):
+            return True, (f"the destination holds the whole disk but the lag, "
+                          f"{human_size(lag['bytes'])} it receives in the background (drained "
+                          "by pivot)")
         if dp.get("synchronized"):
             return True, "the destination holds the whole disk"
         return False, f"{human_size(dp['dirty_bytes'])} may still differ"

@@ -139,6 +139,11 @@ class Lag:
         return LAGGING
 
     @property
+    def empty(self):
+        """Does the destination have every change queued so far?"""
+        return not self._pending
+
+    @property
     def lagging(self):
         return self.mode == LAGGING
 
