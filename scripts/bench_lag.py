@@ -79,7 +79,7 @@ class Mirror:
         argv = [*MIRRORFS, "serve", src, dest_uri, "--socket", self.socket, "--cache",
                 bench.HOST_CACHE, "--state-dir", d / "state"]
         if lag:
-            argv += ["--lag", str(lag)]
+            argv += ["--lag", f"{lag}B"]        # a unit: --lag refuses a bare number
         self.server = Child("mirrorfs serve", argv, d / "mirrorfs.log")
         self.uri = f"nbd+unix:///?socket={self.socket}"
 
