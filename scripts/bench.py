@@ -903,6 +903,70 @@ def first_line(argv, containing=""):
     return next((line for line in out.splitlines() if containing in line), "unknown").strip()
 
 
+# Which regime a run measured (issue #28). The same two mirrors rank differently on different
+# storage: where the storage takes fewer small writes than one nbdkit interpreter can pass on, both
+# wait for the disk and mirrorfs's concurrent fan-out to the two sides wins; where the storage is
+# faster, both are bound by the CPU and mirrorfs's extra hops (a Python plugin, a second daemon)
+# lose. So every run first measures the two numbers that decide it.
+
+PROBE_RUNTIME = 3
+
+
+def measure_storage(workdir, cache):
+    """The storage's own 4k randwrite qd16 IOPS: fio straight on a file in the work directory
+    (libaio; O_DIRECT when the run's daemons use cache=none, else through the page cache), no
+    NBD, no qcow2: the most any target of this run could get from it."""
+    probe = Path(workdir) / "storage-probe"
+    try:
+        out = run_tool(["fio", "--name=storage", f"--filename={probe}", "--size=256M",
+                        "--rw=randwrite", "--bs=4k", "--iodepth=16", "--ioengine=libaio",
+                        f"--direct={1 if cache == 'none' else 0}", "--time_based",
+                        f"--runtime={PROBE_RUNTIME}", "--output-format=json"],
+                       timeout=PROBE_RUNTIME + FIO_GRACE)
+    finally:
+        probe.unlink(missing_ok=True)
+    return parse_fio(out)["write"]["iops"]
+
+
+def measure_ceiling(workdir):
+    """One interpreter's ceiling: `mirrorfs serve` with both sides in memory (source `nbdkit
+    memory`, destination `nbdkit null`), one client connection, 4k randwrite qd16. Nothing waits for
+    storage: the IOPS are what one nbdkit process's Python data path passes on, on this CPU."""
+    d = Path(workdir) / "ceiling"
+    d.mkdir()
+    servers = []
+    try:
+        uris = []
+        for name, plugin in (("src", ["memory", "1G"]), ("dst", ["null", "1G"])):
+            sock = sockets.check_unix_path(d / f"{name}.sock")
+            pidfile = d / f"{name}.pid"
+            child = Child(f"nbdkit {plugin[0]}", ["nbdkit", "--foreground", "--exit-with-parent",
+                                                  "--pidfile", pidfile, "--unix", sock, *plugin],
+                          d / f"{name}.log", pidfile=pidfile)
+            child.start()
+            servers.append(child)
+            uris.append(f"nbd+unix:///?socket={sock}")
+        socket_path = sockets.check_unix_path(d / "m.sock")
+        server = Child("mirrorfs serve (ceiling)", [*MIRRORFS, "serve", *uris, "--socket",
+                                                    socket_path], d / "mirrorfs.log")
+        server.start()
+        servers.append(server)
+        wait_for_output(server, "serving ")
+        out = run_tool(fio_argv(f"nbd+unix:///?socket={socket_path}", GiB,
+                                ("--rw=randwrite", "--bs=4k", "--iodepth=16"), PROBE_RUNTIME, 1),
+                       timeout=PROBE_RUNTIME + 1 + FIO_GRACE)
+        return parse_fio(out)["write"]["iops"]
+    finally:
+        for child in reversed(servers):
+            child.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def regime_of(storage_iops, ceiling_iops):
+    """storage-bound when the storage takes fewer 4 KiB writes than one interpreter passes on."""
+    return "storage-bound" if storage_iops < ceiling_iops else "CPU-bound"
+
+
 def machine():
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
@@ -928,6 +992,16 @@ def print_report(report, config):
     print(f"         {m['nbdkit']}, {m['qemu']}, {m['libnbd']}, {m['fio']}")
     print(f"         load average {report['load'][0]:.2f} before, {report['load'][1]:.2f} after "
           "(1 min; anything else running skews every number)")
+    regime = report.get("regime")
+    if regime:
+        print(f"\nstorage: {regime['storage_iops']:,.0f} IOPS 4k randwrite qd16 (fio libaio "
+              f"straight on a file in {regime['where']}, "
+              f"{'O_DIRECT' if report['config']['cache'] == 'none' else 'page cache'})")
+        print(f"one interpreter's ceiling: {regime['ceiling_iops']:,.0f} IOPS (mirrorfs serve, "
+              "nbdkit memory -> nbdkit null, 1 connection, 4k randwrite qd16)")
+        print(f"regime: {regime['regime']} (the storage takes "
+              f"{'fewer' if regime['regime'] == 'storage-bound' else 'more'} small writes than one "
+              "interpreter passes on); the ratios below hold for this regime")
     print(f"\nfio --ioengine=nbd over the whole {config.size // MiB} MiB disk, {config.runtime} s "
           f"per job after {config.ramp} s ramp; median of {config.runs} run(s); storage daemons "
           f"with cache={report['config']['cache']}")
@@ -1039,6 +1113,12 @@ def parse_args(argv=None):
                         "--cache (default auto: none where the work directory allows O_DIRECT)")
     p.add_argument("--cpu", action="store_true",
                    help="also measure and print the CPU each process spends per request")
+    p.add_argument("--regime", choices=REGIMES, default="auto",
+                   help="where the images live: disk (/tmp, O_DIRECT: cache=none), fast (tmpfs "
+                        "in /dev/shm through the page cache: cache=writeback), both (the whole "
+                        "bench once in each), or auto (/tmp with --cache; the default)")
+    p.add_argument("--no-regime", action="store_true",
+                   help="skip measuring the storage's own IOPS and one interpreter's ceiling")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -1099,6 +1179,15 @@ def bench(config, log):
                          "jobs": [j.label for j in config.jobs], "cache": HOST_CACHE},
               "errors": [], "load": [os.getloadavg()[0], None]}
     try:
+        if not config.no_regime:
+            log("the storage's own 4k randwrite qd16, and one interpreter's ceiling")
+            storage_iops = measure_storage(workdir, HOST_CACHE)
+            ceiling_iops = measure_ceiling(workdir)
+            report["regime"] = {"storage_iops": storage_iops, "ceiling_iops": ceiling_iops,
+                                "where": WORK_PARENT,
+                                "regime": regime_of(storage_iops, ceiling_iops)}
+            log(f"  storage {storage_iops:,.0f} IOPS, ceiling {ceiling_iops:,.0f} IOPS: "
+                f"{report['regime']['regime']}")
         log(f"work directory {workdir}; writing the {config.size // MiB} MiB base")
         base = make_base(workdir / "base.qcow2", config.size)
         samples, report["errors"] = run_matrix(base, workdir, config, log)
@@ -1117,29 +1206,43 @@ def bench(config, log):
     return report
 
 
+# --regime: where the images live and how the daemons open them (WORK_PARENT, HOST_CACHE).
+REGIMES = ("auto", "disk", "fast", "both")
+REGIME_PLACES = {"disk": ("/tmp", "none"), "fast": ("/dev/shm", "writeback")}
+
+
 def main():
-    global HOST_CACHE
+    global HOST_CACHE, WORK_PARENT
     config = parse_args()
-    HOST_CACHE = config.cache
-    if HOST_CACHE == "auto":
-        with tempfile.NamedTemporaryFile(dir=WORK_PARENT) as probe:
-            HOST_CACHE = "none" if storage.direct_io_supported(probe.name) else "writeback"
     interrupt_on_signals()
 
     def log(line):
         print(line, file=sys.stderr, flush=True)
 
-    try:
-        report = bench(config, log)
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        return 130
-    if config.json:
-        print(json.dumps(report, indent=2))
+    if config.regime == "auto":
+        places = [(WORK_PARENT, config.cache)]
     else:
-        print_report(report, config)
-    log(f"bench: done in {report['elapsed_s']:.0f} s")
-    return 1 if report["errors"] else 0
+        places = [REGIME_PLACES[r] for r in (("disk", "fast") if config.regime == "both"
+                                             else (config.regime,))]
+    reports = []
+    for parent, cache in places:
+        WORK_PARENT, HOST_CACHE = parent, cache
+        if HOST_CACHE == "auto":
+            with tempfile.NamedTemporaryFile(dir=WORK_PARENT) as probe:
+                HOST_CACHE = "none" if storage.direct_io_supported(probe.name) else "writeback"
+        log(f"images in {WORK_PARENT}, storage daemons with cache={HOST_CACHE}")
+        try:
+            report = bench(config, log)
+        except KeyboardInterrupt:
+            log("bench: interrupted")
+            return 130
+        reports.append(report)
+        if not config.json:
+            print_report(report, config)
+        log(f"bench: done in {report['elapsed_s']:.0f} s")
+    if config.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    return 1 if any(r["errors"] for r in reports) else 0
 
 
 if __name__ == "__main__":

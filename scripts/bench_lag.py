@@ -4,7 +4,8 @@
 Every mirror is `mirrorfs serve SRC DEST --state-dir D` on a fresh empty source qcow2 (a storage
 daemon, the run's cache mode, as in bench.py), DEST a fresh empty qcow2 exported by its own
 qemu-storage-daemon, reached directly (local) or through nbdkit's delay filter (N ms a write, zero
-and trim). In the same run, each setup gets the same fio jobs (4k randwrite qd1, qd16, 1M write qd4):
+and trim). In the same run, each setup gets the same fio jobs (4k randwrite qd16, qd1, 1M write qd4), each
+starting with an empty lag (the bench waits for the lag to drain after a job, and says how long):
 
     local            the destination export itself, no lag: the cost of a migration to local storage
     Nms              behind the delay filter, no lag: today's synchronous mirror to a slow destination
@@ -97,6 +98,16 @@ class Mirror:
             self.front.stop()
         self.export.stop()
 
+    def drain(self, timeout=300):
+        """Wait until the destination has every change (the next job starts from an empty lag);
+        returns the seconds it took."""
+        started = time.monotonic()
+        while (self.datapath().get("lag") or {}).get("changes"):
+            if time.monotonic() - started > timeout:
+                raise BenchError(f"the lag did not drain in {timeout} s")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
     def datapath(self):
         return jsonlines.call(self.control, {"cmd": "status"}, timeout=30)["status"]["datapath"]
 
@@ -117,12 +128,16 @@ def measure_jobs(workdir, config, log):
                 for job in config.jobs:
                     rows = run_job(m.uri, job, config)
                     lagged = m.datapath().get("lag") or {}
+                    drained = m.drain()
                     for label, metrics in rows.items():
+                        metrics["lag_end_bytes"] = lagged.get("bytes", 0)
                         metrics["lag_peak_bytes"] = lagged.get("peak_bytes", 0)
+                        metrics["drain_s"] = drained
                         samples.setdefault(name, {}).setdefault(label, []).append(metrics)
                         log(f"  run {run + 1} {name:18} {label:20} {metrics['iops']:9,.0f} IOPS"
-                            + (f"  lag peak {lagged.get('peak_bytes', 0) / MiB:.1f} MiB"
-                               if lag else ""))
+                            + (f"  lag at the end {lagged.get('bytes', 0) / MiB:.1f} MiB, "
+                               f"peak so far {lagged.get('peak_bytes', 0) / MiB:.1f} MiB, "
+                               f"drained in {drained:.1f} s" if lag else ""))
             shutil.rmtree(d, ignore_errors=True)
     return {name: {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                    for label, runs in rows.items()} for name, rows in samples.items()}
@@ -158,8 +173,14 @@ def measure_rate(workdir, config, log):
                     raise BenchError("the lag never filled: is the writer faster than the "
                                      "destination?")
                 time.sleep(0.1)
-            time.sleep(1)
-            found["lag_before_pivot"] = m.datapath()["lag"]["bytes"]
+            # The destination's real bandwidth, while the lag is full: what it took in 2 s.
+            first = m.datapath()["lag"]
+            t0 = time.monotonic()
+            time.sleep(2)
+            second = m.datapath()["lag"]
+            found["dest_measured"] = (second["sent_bytes"] - first["sent_bytes"]) / (
+                time.monotonic() - t0)
+            found["lag_before_pivot"] = second["bytes"]
             started = time.monotonic()
             reply = jsonlines.call(m.control, {"cmd": "pivot"}, timeout=600)
             found["pivot_s"] = time.monotonic() - started
@@ -171,6 +192,7 @@ def measure_rate(workdir, config, log):
             fio.communicate(timeout=60)
         found["lag_peak"] = peak[0]
         found["bound_s"] = config.lag / rate + 1
+        found["bound_measured_s"] = config.lag / found["dest_measured"] + 1
         log(f"  rate: lag peak {peak[0] / MiB:.1f} MiB of {config.lag / MiB:.0f}; pivot "
             f"{found['pivot_s']:.2f} s (bound {found['bound_s']:.2f} s), stall "
             f"{found['stall_ms']:.1f} ms")
@@ -200,10 +222,13 @@ def print_report(report, config):
         print(f"\nrate: destination {rate['dest_rate'] / MB:.1f} MB/s (nbdkit rate filter), writer "
               f"{rate['writer_rate'] / MB:.1f} MB/s (fio 1M seq write qd4 --rate), --lag "
               f"{config.lag_text}")
+        print(f"  the destination took {rate['dest_measured'] / MB:.1f} MB/s while the lag was "
+              f"full (measured: what the lag sent in 2 s)")
         print(f"  lag peak {rate['lag_peak'] / MiB:.1f} MiB (bound {config.lag / MiB:.0f} MiB); "
               f"{rate['lag_before_pivot'] / MiB:.1f} MiB when pivot was asked")
         print(f"  pivot under the writer: {rate['pivot_s']:.2f} s (goal: within SIZE/bandwidth + 1 s "
-              f"= {rate['bound_s']:.2f} s); clients held {rate['stall_ms']:.1f} ms at the switch")
+              f"= {rate['bound_s']:.2f} s nominal, {rate['bound_measured_s']:.2f} s measured); "
+              f"clients held {rate['stall_ms']:.1f} ms at the switch")
     print(f"\nelapsed: {report['elapsed_s']:.0f} s; load average {report['load'][0]:.2f} before, "
           f"{report['load'][1]:.2f} after")
     for error in report["errors"]:

@@ -365,6 +365,27 @@ class NbdBackend(Verbs):
         finally:
             self._release(h, failed)
 
+    def run_each(self, cmds):
+        """Run `cmds` at once on one connection, as `run_all`, but return the outcome of each: None
+        or its SideError (the lag's batches, datapath.lag: one failure must not hide which
+        commands succeeded)."""
+        h = self._acquire()
+        results = []
+        try:
+            cookies, error = [], None
+            for cmd in cmds:
+                try:
+                    cookies.append(_START[cmd.op](h, cmd))
+                except nbd.Error as e:
+                    error = _side_error(e)      # the rest is not started: each fails with it
+                    break
+            results = [None if r is None else _side_error(r)
+                       for r in drive([(h, c) for c in cookies])]
+            results += [error] * (len(cmds) - len(results))
+        finally:
+            self._release(h, len(results) < len(cmds) or any(results))
+        return results
+
     def retire(self):
         """No longer used (after a switch, on exit): flush what it holds, then disconnect. Callers
         must have drained their requests first. A failing flush is reported, not raised: the

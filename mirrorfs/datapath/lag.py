@@ -48,12 +48,15 @@ from mirrorfs.datapath.options import LAG_CONVERGE_MAX
 
 log = logging.getLogger("mirrorfs")
 
-# Threads that send queued changes to the destination: changes in flight on it at once, each on a
-# connection of its own. A 2 ms destination needs about rate x latency of them (16 small writes in
-# flight take 8,000/s); more would open more connections than some servers take, with the
-# synchronous writes' own beside them while a pivot drains the lag (qemu-nbd's default --shared is
-# 1, the tests' 16: a connection over the limit hangs until its connect timeout).
-WORKERS = 12
+# Threads that send queued changes to the destination, each a batch of up to BATCH at once on one
+# connection (libnbd's aio, backend.run_each): up to WORKERS x BATCH changes in flight. A 2 ms
+# destination needs about rate x latency of them (16 small writes in flight take 8,000/s; one at a
+# time per thread, 12 threads, could not keep up with 4k writes at qd16). Few threads, few
+# connections: some servers take few (qemu-nbd's default --shared is 1, the tests' 16; a
+# connection over the limit hangs until its connect timeout), and a pivot's synchronous writes
+# need theirs beside them.
+WORKERS = 4
+BATCH = 16
 # The largest write coalescing builds (the destinations' usual maximum request is 32 MiB).
 COALESCE_MAX = 1 << 20
 # With --on-dest-error fail: how long after a destination failure the mirror stays synchronous.
@@ -315,32 +318,38 @@ class Lag:
         return all(self._chains[c][0] is entry for c in range(entry.first, entry.last + 1))
 
     def _take(self):
-        """The next entry to send, or None once stopped with nothing left."""
+        """The next entries to send (up to BATCH; no two share a cluster, as each is first in the
+        chains of all its clusters), or [] once stopped with nothing left."""
         with self._lock:
             while True:
-                while self._ready:
+                batch = []
+                while self._ready and len(batch) < BATCH:
                     entry = self._ready.popleft()
                     entry.ready = False
                     if self._first_everywhere(entry):   # a coalesced write may have grown
                         entry.started = True
                         if self._tail is entry:
                             self._tail = None
-                        return entry
+                        batch.append(entry)
+                if batch:
+                    if self._ready:
+                        self._work.notify()             # more for another worker
+                    return batch
                 if self._stopped and not self._pending:
-                    return None
+                    return []
                 self._work.wait(1.0)
 
     def _run(self):
         while True:
-            entry = self._take()
-            if entry is None:
+            batch = self._take()
+            if not batch:
                 return
-            error = None
             try:
-                self.dest.run(entry.cmd)
-            except SideError as e:
-                error = e
-            self._finish(entry, error)
+                results = self.dest.run_each([entry.cmd for entry in batch])
+            except SideError as e:          # no connection at all: every one failed with it
+                results = [e] * len(batch)
+            for entry, error in zip(batch, results):
+                self._finish(entry, error)
 
     def _finish(self, entry, error):
         if error is not None:
