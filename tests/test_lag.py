@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from lib.commands import run
-from lib.control import control_request, saved_state, status
+from lib.control import control_request, ctl, saved_state, status
 from lib.failures import serve_fails
 from lib.images import MiB, images_identical, make_full_pair
 from lib.nbdservers import NbdkitFilter
@@ -174,6 +174,8 @@ def test_a_destination_that_stops_answering_makes_writes_wait_not_fail(cut, work
                 time.sleep(0.05)
             if not cut:
                 assert lag["bytes"] == limit and lag["waits"] > 0, lag
+                shown = ctl(disk.control, "status").stdout
+                assert "lag:          4.0 MiB of 4.0 MiB (lagging" in shown, shown
                 acked = model.writes
                 time.sleep(0.5)
                 assert model.writes == acked, "writes acknowledged beyond the lag's limit"
