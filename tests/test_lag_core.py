@@ -189,3 +189,21 @@ def test_the_switch_drains_the_lag_first(lagged):
     disk.switch("destination", "switched", timeout=10)
     assert disk.dest.data == disk.source.data
     assert disk.lag.status()["mode"] == "ended"
+
+
+def test_a_flush_waits_for_the_source_alone_and_the_destination_is_flushed_behind_the_lag(lagged):
+    """A client's flush is answered once the source flushed; the destination is flushed once the
+    changes queued before the flush reached it, by the lag's own thread; a failing destination flush
+    marks every region written to copy again, as without a lag."""
+    disk = lagged(64 * MiB)
+    disk.dest.hold()
+    disk.pwrite(b"\x01" * 4096, 3 * MiB, False)
+    disk.flush()                                    # returns with the destination still held
+    assert disk.source.commands["flush"] == 1 and disk.dest.commands["flush"] == 0
+    disk.dest.let_go()
+    wait_until(lambda: disk.dest.commands["flush"] == 1, "the destination's flush")
+    assert disk.dest.data == disk.source.data
+    disk.dest.fail("flush")
+    disk.flush()
+    wait_until(lambda: not disk.dirty.synchronized(), "the written regions marked")
+    assert 3 in disk.dirty.needs_copy

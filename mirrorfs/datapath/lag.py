@@ -57,6 +57,9 @@ log = logging.getLogger("mirrorfs")
 # need theirs beside them.
 WORKERS = 4
 BATCH = 16
+# ... and at most this many bytes a batch (one change at least): a batch holds its connection until
+# its last change is done, and --io-timeout cuts a connection held longer than that.
+BATCH_BYTES = 4 << 20
 # The largest write coalescing builds (the destinations' usual maximum request is 32 MiB).
 COALESCE_MAX = 1 << 20
 # With --on-dest-error fail: how long after a destination failure the mirror stays synchronous.
@@ -122,8 +125,10 @@ class Lag:
         self.forced = False             # synchronous until the switch (converge)
         self._failed_at = -SETTLE       # monotonic time of the last destination failure
         self._stopped = False
+        self._flush_due = threading.Event()     # the destination's flush is due (the flusher)
         self._threads = [threading.Thread(target=self._run, name=f"lag {i}", daemon=True)
                          for i in range(WORKERS)]
+        self._threads.append(threading.Thread(target=self._flusher, name="lag flush", daemon=True))
 
     def start(self):
         for t in self._threads:
@@ -228,7 +233,7 @@ class Lag:
                 else:
                     self._flush_later = self._seq
                 return
-        self._flush_dest()
+        self._flush_due.set()
 
     # What waits for the queue.
 
@@ -322,8 +327,9 @@ class Lag:
         chains of all its clusters), or [] once stopped with nothing left."""
         with self._lock:
             while True:
-                batch = []
-                while self._ready and len(batch) < BATCH:
+                batch, size = [], 0
+                while self._ready and len(batch) < BATCH and (
+                        not batch or size + self._ready[0].cmd.length <= BATCH_BYTES):
                     entry = self._ready.popleft()
                     entry.ready = False
                     if self._first_everywhere(entry):   # a coalesced write may have grown
@@ -331,6 +337,7 @@ class Lag:
                         if self._tail is entry:
                             self._tail = None
                         batch.append(entry)
+                        size += entry.cmd.length
                 if batch:
                     if self._ready:
                         self._work.notify()             # more for another worker
@@ -396,7 +403,15 @@ class Lag:
                 self._work.notify_all()
             self._moved.notify_all()
         if flush:
-            self._flush_dest()
+            self._flush_due.set()
+
+    def _flusher(self):
+        """One thread flushes the destination when a client's flush asked for it: the client
+        does not wait for it, and flushes asked for meanwhile are covered by the next one."""
+        while not self._stopped:
+            if self._flush_due.wait(1.0):
+                self._flush_due.clear()
+                self._flush_dest()
 
     def _flush_dest(self):
         try:
