@@ -302,3 +302,31 @@ def test_bad_lag(extra, expect, workdir, chains):
     lag = [] if extra else ["--lag", "64M"]
     serve_fails(workdir, chains.source, chains.dest, "--socket", workdir / "disk.sock", *state,
                 *lag, *extra, expect=expect, status=2)
+
+
+def test_a_migration_lags_too_and_its_pivot_drains_the_lag(migration, workdir):
+    """`mirrorfs start --lag`: the same data path. The destination overlay's daemon is stopped
+    (SIGSTOP) while a client writes, so the writes sit in the lag; `copy` and `pivot` then run
+    with it answering again, and the destination overlay holds every write."""
+    disk = migration.start("--state-dir", workdir / "state", "--lag", "8M")
+    [dst_daemon] = [p for p in psutil.Process(disk.proc.pid).children()
+                    if p.name() == "qemu-storage-daemon" and "/dst.pid" in " ".join(p.cmdline())]
+    h = nbd.NBD()
+    h.connect_uri(disk.uri)
+    dst_daemon.suspend()
+    try:
+        for i in range(64):
+            h.pwrite(bytes([i + 1]) * 65536, i * MiB)     # acknowledged: the lag has room
+        lag = lag_of(disk)
+        assert lag["bytes"] == 64 * 65536 and lag["mode"] == "lagging", lag
+    finally:
+        dst_daemon.resume()
+    h.shutdown()
+    migration.ctl("copy")
+    migration.ctl("pivot")
+    assert status(disk.control)["phase"] == "switched"
+    assert disk.stop() == 0
+    for i in range(64):
+        out = run("qemu-io", "-f", "qcow2", "-c", f"read -P {i + 1} {i * MiB} 65536",
+                  migration.dest_overlay).stdout
+        assert "read 65536/65536" in out, out
