@@ -199,51 +199,43 @@ class Disk:
             if self.ended:
                 raise SwitchRefused(f"the mirror already ended ({self.ended})")
             lag = self.lag if self.reader is self.source else None
-            if lag is not None and side is self.dest:
-                # Drained while the clients go on (synchronous if it does not shrink): the hold
-                # below then finds the lag empty, as today's finds nothing in flight.
-                try:
-                    lag.converge(timeout)
-                except DrainTimeout as e:
-                    lag.release()
-                    raise SwitchRefused(f"{e}; still mirroring") from None
-            started = time.monotonic()
+            ended = False
             try:
+                if lag is not None and side is self.dest:
+                    # Drained while the clients go on (synchronous if it does not shrink): the
+                    # hold below then finds the lag empty, as today's finds nothing in flight.
+                    try:
+                        lag.converge(timeout)
+                    except DrainTimeout as e:
+                        raise SwitchRefused(f"{e}; still mirroring") from None
+                started = time.monotonic()
                 self.inflight.pause(timeout)
-            except DrainTimeout:
-                if lag is not None:
-                    lag.release()
-                raise
-            try:
-                if lag is not None:
-                    try:
+                try:
+                    if lag is not None:
                         lag.drain(timeout)
-                    except DrainTimeout:
-                        lag.release()
-                        raise
-                if side is self.dest:
-                    if not self.dirty.synchronized():
-                        if lag is not None:
-                            lag.release()
-                        raise SwitchRefused(
-                            f"{human_size(self.dirty.dirty_bytes())} may still differ between "
-                            "the sides; wait until synchronized")
-                    try:
-                        side.check(timeout)
-                    except SideError as e:
-                        if lag is not None:
-                            lag.release()
-                        raise SwitchRefused(f"the destination does not answer ({e}); still "
-                                            "serving the source") from None
-                if self.dirty.state is not None:
-                    self.dirty.state.record(end=end)
-                if lag is not None:
-                    lag.stop()
-                self.ended = end
-                retired = [b for b in self.backends if b is not side]
-                self.reader, self.writers = side, (side,)
+                    if side is self.dest:
+                        if not self.dirty.synchronized():
+                            raise SwitchRefused(
+                                f"{human_size(self.dirty.dirty_bytes())} may still differ "
+                                "between the sides; wait until synchronized")
+                        try:
+                            side.check(timeout)
+                        except SideError as e:
+                            raise SwitchRefused(f"the destination does not answer ({e}); still "
+                                                "serving the source") from None
+                    if self.dirty.state is not None:
+                        self.dirty.state.record(end=end)
+                    if lag is not None:
+                        lag.stop()
+                    ended = True
+                    self.ended = end
+                    retired = [b for b in self.backends if b is not side]
+                    self.reader, self.writers = side, (side,)
+                finally:
+                    self.inflight.resume()
             finally:
-                self.inflight.resume()
+                if lag is not None and not ended:
+                    lag.release()           # refused: the mirror lags again
         finally:
             self._switching.release()
         stall = time.monotonic() - started
