@@ -155,7 +155,7 @@ class Mirror(Hydrating, Controller):
         status["source"] = {"spec": self.tree.source_spec}
         status["destination"] = {"spec": self.tree.dest_spec} if self.tree.dest_spec else None
         status["mirror"] = {"copy_mode": self.options.copy, "policy": self.options.policy,
-                            "resumed": self.tree.resumed}
+                            "resumed": self.tree.resumed, "lag": self.options.lag}
         if self.options.state_path:
             status["state"] = {"directory": str(self.options.state_path)}
         if self.last_switch:
