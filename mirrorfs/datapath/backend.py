@@ -644,7 +644,16 @@ def drive(commands, deadline=None):
         handles = {commands[i][0] for i in still}
         if len(handles) == 1 and deadline is None:
             (h,) = handles
-            h.poll(-1)          # one libnbd call, the GIL released while it waits
+            try:
+                h.poll(-1)      # one libnbd call, the GIL released while it waits
+            except nbd.Error as e:
+                # The connection died under the commands (ECONNRESET): those libnbd has not
+                # retired fail with its error; raised from here it would kill the caller's
+                # thread (a copier's or the lag's worker) with commands still counted in flight.
+                if h.aio_is_dead() or h.aio_is_closed():
+                    for i in still:
+                        results[i] = e
+                    return results
             pending = still
             continue
         if deadline is not None and time.monotonic() >= deadline:

@@ -37,13 +37,14 @@ This module runs inside nbdkit's embedded interpreter: standard library only.
 """
 
 import collections
+import errno
 import logging
 import threading
 import time
 
 from mirrorfs.datapath.backend import describe
 from mirrorfs.datapath.commands import FLUSH, Trim, Write, Zero
-from mirrorfs.datapath.errors import DrainTimeout, SideError
+from mirrorfs.datapath.errors import DrainTimeout, SideError, side_error
 from mirrorfs.datapath.options import LAG_CONVERGE_MAX
 
 log = logging.getLogger("mirrorfs")
@@ -360,6 +361,9 @@ class Lag:
                     results = self.dest.run_each([entry.cmd for entry in batch])
             except SideError as e:          # no connection at all: every one failed with it
                 results = [e] * len(batch)
+            except Exception as e:          # never leave a batch started and unfinished
+                log.exception("the lag's destination batch failed unexpectedly")
+                results = [side_error(errno.EIO, f"{self.dest.name}: {e}")] * len(batch)
             for entry, error in zip(batch, results):
                 self._finish(entry, error)
 
