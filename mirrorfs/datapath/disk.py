@@ -7,6 +7,11 @@
 - flush → every write side, at once.
 - A failure on any side fails the client's request with that side's errno (the source's first), and is
   counted and logged with the side, the offset and the length.
+- With --lag (datapath.lag): a write, zero or trim runs on the source under its range lock and
+  write intent, is queued for the destination, and is answered once the lag has room for it (at
+  most SIZE bytes acknowledged that the destination lacks) or the destination has it. A flush is
+  answered by the source; the destination is flushed behind the lag. The switch drains the lag
+  first (`_change_lagged`, `switch`, `quiesce`).
 
 Each request becomes one command (mirrorfs.datapath.commands: `Write(buf, offset, fua)`, ...) that
 every side's backend runs with its verbs (`start` / `run`); this module never sees a connection.
