@@ -365,7 +365,7 @@ class Disk:
             return self._change_in_pieces(cmd, step)
         token = self.inflight.enter_range(cmd.op, cmd.offset, cmd.offset + cmd.length)
         lagged = self.lag_in_force()
-        if lagged and self.lag.lagging and cmd.length <= self.lag.limit:
+        if lagged and self.lag.room_for(cmd.length):
             return self._change_lagged(cmd, token)
         try:
             if lagged:

@@ -9,9 +9,12 @@ What a change does with a lag (Disk._change_lagged):
    may lack is in the map and a restart copies it;
 2. the source runs it; a copy of it is queued here for the destination (`add`);
 3. the range lock is let go (other changes to those clusters may start on the source), and the
-   client waits in `admit` until either the lag has room for its bytes (it is acknowledged: "acked")
-   or the destination has it. That wait is the backpressure: the acknowledged bytes the destination
-   lacks (`bytes`) never exceed the limit; a change larger than the limit waits for the destination.
+   client is answered in `admit` as soon as the lag has room for its bytes (it is acknowledged:
+   "acked"), or once the destination has it: the acknowledged bytes the destination lacks
+   (`bytes`) never exceed the limit.
+A change that finds the lag full, or is larger than it, is not queued (`room_for`): it waits for
+the queued changes of its range and goes to both sides at once, as without a lag. That is the
+backpressure: the guest goes at the destination's pace only while the lag is full.
 
 The destination gets the queue in order where it matters: each change waits for every earlier
 change that touches one of its clusters (`_chains`, one FIFO per cluster), so two changes to one
@@ -121,7 +124,7 @@ class Lag:
         self.queued_bytes = 0           # every change queued, acknowledged or not
         self.sent = 0                   # bytes the destination got from the queue
         self.coalesced = 0              # changes appended to the entry before them
-        self.waits = 0                  # changes that waited for room (backpressure)
+        self.waits = 0                  # changes that found the lag full (backpressure)
         self.failures = 0
         self.forced = False             # synchronous until the switch (converge)
         self._failed_at = -SETTLE       # monotonic time of the last destination failure
@@ -200,6 +203,18 @@ class Lag:
             if head:
                 self._make_ready(entry)
         return change
+
+    def room_for(self, length):
+        """Would a change of `length` bytes be acknowledged at once? When not (the lag is full,
+        or the change larger than it), the change goes to both sides at once, as without a lag,
+        once the queued changes of its range reached the destination: while the lag is full the
+        guest goes at the destination's pace either way, and that path adds no copy and no queue
+        to it (1M writes at qd4 to a 2 ms destination: 0.73-0.84x of a local one through the
+        queue). Counted as a wait (backpressure)."""
+        if self.lagging and self.bytes + length <= self.limit:
+            return True
+        self.waits += 1
+        return False
 
     def admit(self, change):
         """Wait until `change` may be acknowledged: the lag has room for it (lagging), or the
