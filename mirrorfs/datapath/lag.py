@@ -205,13 +205,20 @@ class Lag:
         return change
 
     def room_for(self, length):
-        """Would a change of `length` bytes be acknowledged at once? When not (the lag is full,
-        or the change larger than it), the change goes to both sides at once, as without a lag,
+        """Does a change of `length` bytes go through the queue? While lagging, if it can be
+        acknowledged at once. When not (the lag is full, or the change larger than it), the change
+        goes to both sides at once, as without a lag,
         once the queued changes of its range reached the destination: while the lag is full the
         guest goes at the destination's pace either way, and that path adds no copy and no queue
         to it (1M writes at qd4 to a 2 ms destination: 0.73-0.84x of a local one through the
         queue). Counted as a wait (backpressure)."""
-        if self.lagging and self.bytes + length <= self.limit:
+        if not self.lagging:
+            # Synchronous (a pivot's drain, or after a failure under `fail`): queued all the same,
+            # behind everything, the client waiting for the destination. The backlog keeps the
+            # destination first (the workers take ready changes in order), so a pivot drains it
+            # in SIZE / bandwidth instead of sharing the bandwidth with new writes.
+            return True
+        if self.bytes + length <= self.limit:
             return True
         self.waits += 1
         return False
@@ -280,15 +287,16 @@ class Lag:
 
     def converge(self, timeout):
         """Before a pivot's hold: drain the lag while the clients go on, and turn synchronous
-        while it does not shrink (a writer faster than the destination). Returns with the lag
-        empty, the mode synchronous until `release()` or `stop()`; raises DrainTimeout after
-        `timeout` seconds without progress."""
+        while it does not shrink (a writer faster than the destination). Returns once nothing
+        acknowledged is missing on the destination (what is still queued is the clients' requests
+        in flight, which the hold waits for as it does without a lag), the mode synchronous until
+        `release()` or `stop()`; raises DrainTimeout after `timeout` seconds without progress."""
         with self._lock:
             before = self.bytes
             sent, since = self.sent, time.monotonic()
             look = since + CONVERGE_LOOK
             give_up = since + LAG_CONVERGE_MAX
-            while self._pending:
+            while self.bytes:
                 now = time.monotonic()
                 if self.sent != sent:
                     sent, since = self.sent, now
