@@ -131,6 +131,11 @@ def _datapath_lines(dp):
              f"reads from:   {dp['reader']}; writes to: {', '.join(dp['writers'])}"]
     if dp.get("dirty_bytes"):
         lines.append(f"may differ:   {human_size(dp['dirty_bytes'])}")
+    lag = dp.get("lag")
+    if lag and lag["mode"] != "ended":
+        lines.append(f"lag:          {human_size(lag['bytes'])} of {human_size(lag['limit'])} "
+                     f"({lag['mode']}; oldest change {lag['oldest_age_s']:.1f} s; "
+                     f"{lag['waits']} writes waited for room)")
     for name, side in dp.get("sides", {}).items():
         lat = side["latency_ms"]
         lat_text = (f"p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms" if lat["samples"]

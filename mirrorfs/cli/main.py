@@ -54,7 +54,7 @@ def _serve_options(args, **extra):
                         state_dir=args.state_dir, policy=args.on_dest_error,
                         switch_first=args.switch_first, copy_on_read=args.copy_on_read,
                         io_timeout=args.io_timeout, cache=args.cache, one_daemon=args.one_daemon,
-                        access=options.access_of(args), **extra)
+                        lag=args.lag, access=options.access_of(args), **extra)
 
 
 def _control_path(args):

@@ -48,6 +48,21 @@ def rate(option, unlimited=False):
     return parse
 
 
+def lag_size(text):
+    """--lag's argparse type: 0 (no lag), or a size with its unit ('64M'). A number without a
+    unit is refused rather than read as bytes: '--lag 64' is far likelier to mean 64M than 64
+    bytes, and a lag of a few bytes makes every write synchronous without saying so."""
+    text = text.strip()
+    if text == "0":
+        return 0
+    if not text[-1:].isalpha():
+        raise UsageError(f"--lag {text!r}: give a unit, like 64M or 1G (0: no lag)")
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--lag {e}") from None
+
+
 def integer(text):
     try:
         return int(text)
@@ -80,6 +95,11 @@ def mirroring(p, state_help):
     p.add_argument("--copy-on-read", action="store_true",
                    help="with --switch-first: a client's read of a region not hydrated yet "
                         "hydrates that region too, so what the clients use leaves the source first")
+    p.add_argument("--lag", metavar="SIZE", type=lag_size, default=0,
+                   help="let the destination fall up to SIZE behind (e.g. 64M): a write is "
+                        "acknowledged once the source has it and its region is in the dirty map; "
+                        "at SIZE, writes wait for the destination; pivot drains it. Needs "
+                        "--state-dir (default 0: every write waits for both sides)")
     p.add_argument("--on-dest-error", metavar=_one_of(POLICIES),
                    help="a destination failure fails the client's request (fail), or is recorded "
                         "and copied again later (degrade; the default with --state-dir)")

@@ -127,6 +127,11 @@ class Mirror(Hydrating, Controller):
                            "wait until synchronized")
         if self.options.copy == "none":
             return self._compare()
+        lag = dp.get("lag") or {}
+        if lag.get("bytes"):
+            return True, (f"the destination holds the whole disk but the lag, "
+                          f"{human_size(lag['bytes'])} it receives in the background (drained "
+                          "by pivot)")
         return True, "the destination holds the whole disk"
 
     def _compare(self):
@@ -191,7 +196,7 @@ class Mirror(Hydrating, Controller):
         status["source"] = {"spec": self.tree.source_spec}
         status["destination"] = {"spec": self.tree.dest_spec} if self.tree.dest_spec else None
         status["mirror"] = {"copy_mode": self.options.copy, "policy": self.options.policy,
-                            "resumed": self.tree.resumed}
+                            "resumed": self.tree.resumed, "lag": self.options.lag}
         if self.options.state_path:
             status["state"] = {"directory": str(self.options.state_path)}
         if self.last_switch:

@@ -52,6 +52,9 @@ class ServeOptions:
     copy_on_read: bool = False
     # The data path's copier starts held; the host budget (mirrorfs.host.budget) then sets its rate.
     hold_copy: bool = False
+    # The bounded lag (mirrorfs.datapath.lag): bytes of acknowledged changes the destination may
+    # lack; 0: synchronous.
+    lag: int = 0
 
     def __post_init__(self):
         if self.take_over is not None and self.socket is not None:
@@ -75,6 +78,9 @@ class ServeOptions:
         if self.one_daemon and self.switch_first:
             raise UsageError("--one-daemon cannot be used with --switch-first: an evacuation's "
                              "source may be failing, and must not share the destination's daemon")
+        if self.lag and self.readonly:
+            raise UsageError("--lag lets a destination fall behind; --readonly serves the source "
+                             "alone")
         if self.one_daemon and self.readonly:
             raise UsageError("--one-daemon shares a daemon between two sides; --readonly serves one")
         check_cache(self.cache)
@@ -109,7 +115,7 @@ class ServeOptions:
                 granularity=granularity, switch_first=self.switch_first,
                 copy_on_read=self.copy_on_read,
                 io_timeout=DEFAULT_IO_TIMEOUT if self.io_timeout is None else self.io_timeout,
-                hold=True if self.hold_copy else None)
+                hold=True if self.hold_copy else None, lag=self.lag)
         except ValueError as e:
             raise UsageError(str(e)) from None
 

@@ -27,7 +27,7 @@ from mirrorfs.common.phases import Phase
 from mirrorfs.sides import endpoints, images
 from mirrorfs.system import sockets
 from mirrorfs.common import jsonlines
-from mirrorfs.datapath.options import LOCK_GRANULARITY
+from mirrorfs.datapath.options import LAG_CONVERGE_MAX, LOCK_GRANULARITY
 from mirrorfs.datapath import statedir
 from mirrorfs.datapath.state import StateError
 from mirrorfs.errors import Error, ProcessError, UsageError
@@ -394,9 +394,12 @@ class ProcessTree:
                                       "switch commit").start()
             args["commit"] = str(path)
         try:
-            # The commit's own time comes on top of the drain's.
-            reply = self.datapath("switch", to=to, end=end, timeout=timeout + (30 if args else 0),
-                                  **args)
+            # The data path's own `timeout` (its drain) goes in the request; the reply may take
+            # longer: with --lag the switch first drains the lag (LAG_CONVERGE_MAX), and a commit's
+            # own time comes on top of the drain's.
+            reply = jsonlines.call(self.datapath_socket,
+                                   {"cmd": "switch", "to": to, "end": end, "timeout": timeout, **args},
+                                   timeout=timeout + LAG_CONVERGE_MAX + 60 + (30 if args else 0))
         except jsonlines.ControlError as e:
             raise Error(str(e)) from None
         finally:

@@ -365,6 +365,27 @@ class NbdBackend(Verbs):
         finally:
             self._release(h, failed)
 
+    def run_each(self, cmds):
+        """Run `cmds` at once on one connection, as `run_all`, but return the outcome of each: None
+        or its SideError (the lag's batches, datapath.lag: one failure must not hide which
+        commands succeeded)."""
+        h = self._acquire()
+        results = []
+        try:
+            cookies, error = [], None
+            for cmd in cmds:
+                try:
+                    cookies.append(_START[cmd.op](h, cmd))
+                except nbd.Error as e:
+                    error = _side_error(e)      # the rest is not started: each fails with it
+                    break
+            results = [None if r is None else _side_error(r)
+                       for r in drive([(h, c) for c in cookies])]
+            results += [error] * (len(cmds) - len(results))
+        finally:
+            self._release(h, len(results) < len(cmds) or any(results))
+        return results
+
     def retire(self):
         """No longer used (after a switch, on exit): flush what it holds, then disconnect. Callers
         must have drained their requests first. A failing flush is reported, not raised: the
@@ -623,7 +644,16 @@ def drive(commands, deadline=None):
         handles = {commands[i][0] for i in still}
         if len(handles) == 1 and deadline is None:
             (h,) = handles
-            h.poll(-1)          # one libnbd call, the GIL released while it waits
+            try:
+                h.poll(-1)      # one libnbd call, the GIL released while it waits
+            except nbd.Error as e:
+                # The connection died under the commands (ECONNRESET): those libnbd has not
+                # retired fail with its error; raised from here it would kill the caller's
+                # thread (a copier's or the lag's worker) with commands still counted in flight.
+                if h.aio_is_dead() or h.aio_is_closed():
+                    for i in still:
+                        results[i] = e
+                    return results
             pending = still
             continue
         if deadline is not None and time.monotonic() >= deadline:

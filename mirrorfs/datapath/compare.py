@@ -9,8 +9,9 @@ zeros.
 
 While clients write: each chunk is compared under its range lock (datapath.inflight), so no change
 to it is in flight while both sides are read, and a change either reached both sides before or
-comes after. Every change goes to both sides, so a chunk found equal stays equal; a change that
-reached one side only is the dirty map's to know, and the switch refuses then.
+comes after (with --lag, what the lag still holds for the chunk reaches the destination first).
+Every change goes to both sides, so a chunk found equal stays equal; a change that reached one
+side only is the dirty map's to know, and the switch refuses then.
 
 Allocation-aware, as `qemu-img compare`: a chunk that both sides say reads as zeros
 (base:allocation) is equal without reading it.
@@ -49,6 +50,10 @@ def compare(disk, timeout=None, chunk=CHUNK):
         end = min(pos + chunk, size)
         token = disk.inflight.enter_range("compare", pos, end)
         try:
+            if disk.lag_in_force():
+                # --lag: a change the source acknowledged may still be on its way to the
+                # destination; under the range lock no new one is queued, so wait for those.
+                disk.lag.wait_range(pos, end)
             if not (all_zero(source, pos, end) and all_zero(dest, pos, end)):
                 n = end - pos
                 ba, bb = memoryview(a)[:n], memoryview(b)[:n]

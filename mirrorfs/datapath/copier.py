@@ -144,13 +144,20 @@ class Copier(Paced):
                 self._maintain()
                 next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
             if not worked:
-                if maintains and self.synchronized_at is None and self.dirty.synchronized():
+                if maintains and self.synchronized_at is None and self.dirty.synchronized() \
+                        and self._lag_drained():
                     self.synchronized_at = time.monotonic()
                     log.info("synchronized: the destination holds the whole disk (%.1fs)",
                              self.synchronized_at - self.started)
                     self._maintain()        # the cursor saved (after a flush) and the phase with it
                 self.dirty.changed.wait(MAINTENANCE_INTERVAL)
                 self.dirty.changed.clear()
+
+    def _lag_drained(self):
+        """With --lag, the copy ends once the lag has drained too: only then did the destination
+        hold the whole disk at one moment (the lag then stays within its bound)."""
+        lag = self.disk.lag
+        return lag is None or not self.disk.lag_in_force() or lag.empty
 
     def _unsettled(self):
         """Seconds to wait before the destination has gone `_settle` seconds without a failure,
@@ -236,6 +243,9 @@ class Copier(Paced):
         copied = 0
         token = disk.inflight.enter_range("copy", start, end)
         try:
+            if disk.lag is not None and disk.lag_in_force():
+                # The lag's changes to this range reach the destination before the chunk does.
+                disk.lag.wait_range(*token)
             intent = self.dirty.before_change(start, end)
             ok = False
             try:

@@ -7,6 +7,11 @@
 - flush → every write side, at once.
 - A failure on any side fails the client's request with that side's errno (the source's first), and is
   counted and logged with the side, the offset and the length.
+- With --lag (datapath.lag): a write, zero or trim runs on the source under its range lock and
+  write intent, is queued for the destination, and is answered once the lag has room for it (at
+  most SIZE bytes acknowledged that the destination lacks) or the destination has it. A flush is
+  answered by the source; the destination is flushed behind the lag. The switch drains the lag
+  first (`_change_lagged`, `switch`, `quiesce`).
 
 Each request becomes one command (mirrorfs.datapath.commands: `Write(buf, offset, fua)`, ...) that
 every side's backend runs with its verbs (`start` / `run`); this module never sees a connection.
@@ -30,6 +35,7 @@ from mirrorfs.datapath.histogram import Histogram
 from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.common.sizes import human_size
 from mirrorfs.datapath.inflight import InFlight
+from mirrorfs.datapath.lag import Lag
 
 log = logging.getLogger("mirrorfs")
 
@@ -106,7 +112,7 @@ class SideStats:
 
 class Disk:
     def __init__(self, source, dest=None, dirty=None, policy="fail", granularity=LOCK_GRANULARITY,
-                 net=False):
+                 net=False, lag=0):
         self.size = source.size
         self.inflight = InFlight(granularity)
         # Every backend this disk may use, now or after a switch: capabilities are what all can do,
@@ -130,6 +136,10 @@ class Disk:
         # (see _change_in_pieces), and one comparison is all they cost a request of ordinary size.
         self.max_request = self.block_size()[2]
         self.max_effect = max(MAX_EFFECT, self.max_request)
+        # --lag: changes reach the destination in the background (datapath.lag); its threads are
+        # started with the data path's (after nbdkit's fork).
+        self.lag = (Lag(dest, lag, granularity, self.dirty, self.stats[dest.name], policy)
+                    if lag and dest is not None else None)
 
     # Capabilities.
 
@@ -198,28 +208,46 @@ class Disk:
         try:
             if self.ended:
                 raise SwitchRefused(f"the mirror already ended ({self.ended})")
-            started = time.monotonic()
-            self.inflight.pause(timeout)
+            lag = self.lag if self.reader is self.source else None
+            ended = False
             try:
-                if side is self.dest and self.reader is not self.dest:
-                    if not self.dirty.synchronized():
-                        raise SwitchRefused(
-                            f"{human_size(self.dirty.dirty_bytes())} may still differ between "
-                            "the sides; wait until synchronized")
+                if lag is not None and side is self.dest:
+                    # Drained while the clients go on (synchronous if it does not shrink): the
+                    # hold below then finds the lag empty, as today's finds nothing in flight.
                     try:
-                        side.check(timeout)
-                    except SideError as e:
-                        raise SwitchRefused(f"the destination does not answer ({e}); still "
-                                            "serving the source") from None
-                if commit is not None:
-                    commit()
-                if self.dirty.state is not None:
-                    self.dirty.state.record(end=end)
-                self.ended = end
-                retired = [b for b in self.backends if b is not side]
-                self.reader, self.writers = side, (side,)
+                        lag.converge(timeout)
+                    except DrainTimeout as e:
+                        raise SwitchRefused(f"{e}; still mirroring") from None
+                started = time.monotonic()
+                self.inflight.pause(timeout)
+                try:
+                    if lag is not None:
+                        lag.drain(timeout)
+                    if side is self.dest and self.reader is not self.dest:
+                        if not self.dirty.synchronized():
+                            raise SwitchRefused(
+                                f"{human_size(self.dirty.dirty_bytes())} may still differ "
+                                "between the sides; wait until synchronized")
+                        try:
+                            side.check(timeout)
+                        except SideError as e:
+                            raise SwitchRefused(f"the destination does not answer ({e}); still "
+                                                "serving the source") from None
+                    if commit is not None:
+                        commit()
+                    if self.dirty.state is not None:
+                        self.dirty.state.record(end=end)
+                    if lag is not None:
+                        lag.stop()
+                    ended = True
+                    self.ended = end
+                    retired = [b for b in self.backends if b is not side]
+                    self.reader, self.writers = side, (side,)
+                finally:
+                    self.inflight.resume()
             finally:
-                self.inflight.resume()
+                if lag is not None and not ended:
+                    lag.release()           # refused: the mirror lags again
         finally:
             self._switching.release()
         stall = time.monotonic() - started
@@ -239,6 +267,10 @@ class Disk:
         side = {b.name: b for b in self.backends}.get(to)
         if side is None or self.dest is None:
             raise ValueError(f"unknown side {to!r}")
+        if self.lag is not None:
+            # The net writes both sides synchronously, the lag writes one in the background: a
+            # disk has one or the other (a group refuses --lag).
+            raise SwitchRefused("a disk with --lag has no safety net")
         if not self._switching.acquire(blocking=False):
             raise SwitchRefused("another switch is in progress")
         try:
@@ -278,6 +310,11 @@ class Disk:
         if not self._switching.acquire(timeout=timeout):
             raise DrainTimeout(f"a switch still runs after {timeout}s")
         self.inflight.pause(timeout)
+        if self.lag is not None and self.reader is self.source and not self.ended:
+            # A graceful stop leaves the sides equal: what the destination lacks reaches it now
+            # (kill -9 instead leaves it to the dirty map).
+            self.lag.drain(timeout)
+            self.lag.stop()
         for b in set(self.writers):
             try:
                 b.flush()
@@ -301,6 +338,7 @@ class Disk:
             "net": self.reader is self.dest and self.dest is not None and self.ended is None,
             "synchronized": self.dirty.synchronized(),
             "dirty_bytes": self.dirty.dirty_bytes(),
+            "lag": self.lag.status() if self.lag is not None else None,
         }
 
     # Reads.
@@ -355,11 +393,25 @@ class Disk:
     def flush(self):
         self.inflight.enter("flush")
         try:
+            if self.lag_in_force():
+                # The client needs its writes on stable storage where it reads them: the source.
+                # The destination is flushed once the lag queued so far reached it.
+                failures = self._on_every_side(FLUSH, sides=(self.reader,))
+                if failures:
+                    self._settle(FLUSH, failures)
+                self.lag.flush_requested()
+                return
             failures = self._on_every_side(FLUSH)
             if failures:
                 self._settle(FLUSH, failures)
         finally:
             self.inflight.leave()
+
+    def lag_in_force(self):
+        """Is the lag in force (--lag, mirroring, source authoritative)? Asked under a range
+        lock or an `enter`: a switch changes the sides only while nothing is in flight."""
+        lag = self.lag
+        return lag is not None and not self.ended and self.reader is self.source
 
     def _change(self, cmd):
         """Apply one change to every write side, holding its range lock and its write intent."""
@@ -367,7 +419,13 @@ class Disk:
         if cmd.length > step:
             return self._change_in_pieces(cmd, step)
         token = self.inflight.enter_range(cmd.op, cmd.offset, cmd.offset + cmd.length)
+        lagged = self.lag_in_force()
+        if lagged and self.lag.room_for(cmd.length):
+            return self._change_lagged(cmd, token)
         try:
+            if lagged:
+                # Earlier changes to these clusters reach the destination first.
+                self.lag.wait_range(*token)
             intent = self.dirty.before_change(cmd.offset, cmd.offset + cmd.length)
             failures = []
             try:
@@ -383,6 +441,39 @@ class Disk:
                 self._settle(cmd, failures)
         finally:
             self.inflight.leave(token)
+
+    def _change_lagged(self, cmd, token):
+        """`_change` with a lag (datapath.lag): the source runs the change under its range lock
+        and intent; the destination gets a copy in the background. The client is answered once
+        the lag has room for it, or once the destination has it."""
+        ranged = True
+        try:
+            intent = self.dirty.before_change(cmd.offset, cmd.offset + cmd.length)
+            source = self.reader
+            failures = self._on_every_side(cmd, sides=(source,))
+            if failures and failures[0][1].lost and self._resend(source, cmd):
+                failures = []
+            if failures:
+                if cmd.op == "zero" and cmd.fast and failures[0][1].errno == errno.ENOTSUP:
+                    self.dirty.after_change(intent, both_sides=True)    # nothing changed
+                    raise RequestError(errno.ENOTSUP, "fast zero not supported")
+                # The destination has not got it; the source may have part of it.
+                self.dirty.after_change(intent, both_sides=False)
+                self._settle(cmd, failures)
+                return
+            change = self.lag.add(cmd, intent)
+            # Other changes to these clusters may start on the source; on the destination the
+            # lag keeps their order.
+            self.inflight.release_range(token)
+            ranged = False
+            error = self.lag.admit(change)
+            if error is not None and self.policy == "fail":
+                raise RequestError(error.errno, f"{self.dest.name} {cmd.op}: {describe(error)}")
+        finally:
+            if ranged:
+                self.inflight.leave(token)
+            else:
+                self.inflight.leave()
 
     def _resend_lost(self, failures, cmd):
         """The failures left once a change the authoritative side lost with its connection was
@@ -428,6 +519,8 @@ class Disk:
         different."""
         token = self.inflight.enter_range(cmd.op, cmd.offset, cmd.offset + cmd.length)
         try:
+            if self.lag_in_force():
+                self.lag.wait_range(*token)     # too large to lag: after what is queued there
             intent = self.dirty.before_change(cmd.offset, cmd.offset + cmd.length)
             failures = []
             try:

@@ -79,6 +79,15 @@ class InFlight:
             if self._waiters:
                 self._cond.notify_all()
 
+    def release_range(self, token):
+        """Let other changes to the range of `token` start while the request stays in flight
+        (a lagged change waiting for room: datapath.lag orders the destination's copies); end
+        it with `leave()` without a token."""
+        with self._lock:
+            self._ranges.remove(token)
+            if self._waiters:
+                self._cond.notify_all()
+
     def _overlaps(self, start, end):
         for s, e in self._ranges:
             if s < end and start < e:

@@ -174,6 +174,16 @@ class MemoryBackend(Verbs):
         if failures:
             raise failures[0]
 
+    def run_each(self, cmds):
+        results = []
+        for cmd in cmds:
+            try:
+                self.run(cmd)
+                results.append(None)
+            except SideError as e:
+                results.append(e)
+        return results
+
     # What NbdBackend offers the rest of the data path.
 
     def check(self, timeout):

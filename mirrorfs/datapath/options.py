@@ -28,6 +28,9 @@ MIN_REGION = 1 << 20
 DEFAULT_HYDRATION_REGION = 1 << 20
 # A mirror side's request that waits longer is cut (backend.NbdBackend.expire); 0: never.
 DEFAULT_IO_TIMEOUT = 30.0
+# The longest a switch drains a --lag before its hold (datapath.lag.Lag.converge): a lag of 64 MiB
+# to a destination taking 1 MiB/s drains in 64 s. The supervisor waits for the switch this long more.
+LAG_CONVERGE_MAX = 300.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class DataPathOptions:
     # A group's safety net (control.group): reads from the destination, changes to both sides,
     # the destination first; what a restart between a group's pivot and its commit serves.
     net: bool = False
+    # The bounded lag (datapath.lag): up to this many bytes of acknowledged changes may be on the
+    # source only; 0: every change waits for both sides.
+    lag: int = 0
 
     def __post_init__(self):
         problem = self.problem()
@@ -109,6 +115,14 @@ class DataPathOptions:
                                    self.granularity % self.in_place_unit):
             return (f"in_place_unit {self.in_place_unit}: expected, in place, a power of two of "
                     f"at least 512 dividing the granularity ({self.granularity})")
+        if self.lag < 0:
+            return f"--lag {self.lag}: expected a size, 0 for none"
+        if self.lag and self.switch_first:
+            return ("--lag lets the destination fall behind the source; with --switch-first the "
+                    "destination takes every write first: there is nothing to lag")
+        if self.lag and (self.dest is None or self.state is None):
+            return ("--lag needs --state-dir: the changes acknowledged before the destination has "
+                    "them are known only to the dirty map there, and must survive a crash")
         if not math.isfinite(self.io_timeout) or self.io_timeout < 0:
             return f"--io-timeout {self.io_timeout}: expected seconds, 0 for none"
         return None
@@ -152,4 +166,5 @@ def boolean(text):
 
 _KINDS = {"rate": int, "region": int, "granularity": int, "io_timeout": float, "parent": int,
           "switch_first": boolean, "hold": boolean, "in_place": boolean,
-          "in_place_unit": int, "copy_on_read": boolean, "net": boolean}
+          "in_place_unit": int, "copy_on_read": boolean, "net": boolean,
+          "lag": int}

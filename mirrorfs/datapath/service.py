@@ -85,7 +85,7 @@ class DataPath:
         region = state.region_size if state is not None else o.region
         dirty = DirtyMap(source.size, region, state, full=o.copy == "full")
         self.disk = Disk(source, dest, dirty, policy=o.policy, granularity=o.granularity,
-                         net=o.net)
+                         net=o.net, lag=o.lag)
         if dest is not None:
             # In every mode: a change that reached only the source (degrade) is copied again by it.
             # Held (rate 0) until the supervisor gives it its share of the host budget.
@@ -150,6 +150,8 @@ class DataPath:
             self.control = jsonlines.Server(sock, self.handle, "datapath control").start()
         if self.copier is not None:
             self.copier.start()
+        if getattr(self.disk, "lag", None) is not None:
+            self.disk.lag.start()
         if getattr(self.disk, "copy_on_read", None) is not None:
             self.disk.copy_on_read.start()
         timeout = self.options.io_timeout

@@ -21,6 +21,11 @@ scrape (docs/PERFORMANCE.md: "Scraping the host's metrics" has the measurement).
     mirrorfs_side_degraded_writes_total{disk,side}        changes acknowledged without that side
     mirrorfs_side_request_duration_seconds{disk,side}     histogram of change latencies per side
     mirrorfs_dirty_bytes{disk}                            bytes that may still differ
+    mirrorfs_lag_bytes{disk} / _lag_limit_bytes{disk}     --lag: acknowledged bytes the
+                                                          destination lacks, and its bound
+    mirrorfs_lag_oldest_seconds{disk}                     the age of the oldest change it lacks
+    mirrorfs_lag_mode{disk,mode}                          1 for lagging or synchronous
+    mirrorfs_lag_waits_total{disk}                        writes that waited for room (backpressure)
     mirrorfs_copy_bytes_done{disk} / _copy_bytes_to_copy{disk}
     mirrorfs_copy_rate_bytes_per_second{disk}             measured over the last second
     mirrorfs_copy_share_bytes_per_second{disk}            its share of the host budget (0: queued)
@@ -93,6 +98,11 @@ class Collector:
         rate = g("copy_rate_bytes_per_second", "The copy's rate over the last second")
         share = g("copy_share_bytes_per_second", "The copy's share of the host budget (0: queued)")
         cap = g("copy_cap_bytes_per_second", "The copy's own rate limit")
+        lag_bytes = g("lag_bytes", "Acknowledged bytes the destination lacks (--lag)")
+        lag_limit = g("lag_limit_bytes", "The bound of the lag (--lag)")
+        lag_oldest = g("lag_oldest_seconds", "Age of the oldest change the destination lacks")
+        lag_mode = g("lag_mode", "1 for the mode the lag is in", ("disk", "mode"))
+        lag_waits = c("lag_waits", "Writes that waited for room in the lag (backpressure)")
         for r in records:
             disk = r["socket"]
             st = r["status"]
@@ -109,6 +119,14 @@ class Collector:
                     rbytes.add_metric([disk, op], n)
                 inflight.add_metric([disk], dp.get("in_flight", 0))
                 dirty.add_metric([disk], dp.get("dirty_bytes", 0))
+                lag = dp.get("lag")
+                if lag:
+                    lag_bytes.add_metric([disk], lag["bytes"])
+                    lag_limit.add_metric([disk], lag["limit"])
+                    lag_oldest.add_metric([disk], lag["oldest_age_s"])
+                    for mode in ("lagging", "synchronous"):
+                        lag_mode.add_metric([disk, mode], 1 if lag["mode"] == mode else 0)
+                    lag_waits.add_metric([disk], lag["waits"])
                 for side, s in dp.get("sides", {}).items():
                     for op in ("read", "write", "zero", "trim", "flush"):
                         errors.add_metric([disk, side, op], s.get("errors_by_op", {}).get(op, 0))
@@ -132,7 +150,8 @@ class Collector:
             if copy.get("cap"):
                 cap.add_metric([disk], copy["cap"])
         yield from (info, up, phase, requests, rbytes, inflight, errors, degraded, latency, dirty,
-                    done, total, rate, share, cap)
+                    done, total, rate, share, cap, lag_bytes, lag_limit, lag_oldest, lag_mode,
+                    lag_waits)
         b = GaugeMetricFamily("mirrorfs_budget_bytes_per_second",
                               "The host budget for all copies together (+Inf: none)")
         b.add_metric([], budget["rate"] or float("inf"))

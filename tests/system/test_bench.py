@@ -49,6 +49,28 @@ def test_quick_bench_measures_every_target():
     assert report["copy"]["nbdcopy"]["mbps"] > 0
     assert report["switch"]["probe_around_switch"]["requests"] > 0
     assert set(report["rss"]) == {"64 MiB", "1 TiB sparse"}
+    # Which regime the run measured (issue #28): both numbers that decide it, then the name.
+    regime = report["regime"]
+    assert regime["storage_iops"] > 0 and regime["ceiling_iops"] > 0, regime
+    assert regime["regime"] == ("storage-bound" if regime["storage_iops"] < regime["ceiling_iops"]
+                                else "CPU-bound")
+
+
+LAG = Path(__file__).resolve().parent.parent / "scripts" / "bench_lag.py"
+
+
+def test_quick_lag_bench_measures_every_setup_and_the_pivot():
+    """`scripts/bench_lag.py --quick --json` (issue #28): the four setups measured, the rate case's
+    lag within its bound and its pivot done (no speed asserted)."""
+    res = run(sys.executable, LAG, "--quick", "--json", "--lag", "16M", check=False, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["errors"] == []
+    assert set(report["results"]) == {"local", "2ms", "2ms lag 16M", "0ms front"}
+    for setup, rows in report["results"].items():
+        assert len(rows) == 3 and all(row["iops"] > 0 for row in rows.values()), (setup, rows)
+    rate = report["rate"]
+    assert 0 < rate["lag_peak"] <= 16 << 20 and rate["pivot_s"] > 0, rate
 
 
 @pytest.mark.serial         # measures throughput and CPU

@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""`--lag` (issue #28): what a slow destination costs the guest with and without a bounded lag.
+
+Every mirror is `mirrorfs serve SRC DEST --state-dir D` on a fresh empty source qcow2 (a storage
+daemon, the run's cache mode, as in bench.py), DEST a fresh empty qcow2 exported by its own
+qemu-storage-daemon, reached directly (local) or through nbdkit's delay filter (N ms a write, zero
+and trim). In the same run, each setup gets the same fio jobs (4k randwrite qd16, qd1, 1M write qd4), each
+starting with an empty lag (the bench waits for the lag to drain after a job, and says how long):
+
+    local            the destination export itself, no lag: the cost of a migration to local storage
+    Nms              behind the delay filter, no lag: today's synchronous mirror to a slow destination
+    Nms lag SIZE     behind the delay filter, --lag SIZE: the issue's case
+    0ms front        the local export behind the same nbdkit process at 0 ms: what the emulated
+                     network costs in CPU on a machine whose cores it shares, without its latency
+
+The ratios printed are "Nms lag SIZE" over "local" (the issue's goals: qd1 >= 0.8, qd16 >= 0.9,
+1M qd4 >= 0.8) and "Nms" over "local" for comparison.
+
+Then the rate case: the destination behind nbdkit's rate filter at R bytes/s, a writer (fio, 1M
+sequential writes, --rate 2R) twice as fast, --lag SIZE. While it writes the lag is sampled (its
+peak must stay <= SIZE); once it is full, `mirrorfs pivot` runs under the writer and is timed
+(goal: within SIZE / R + 1 s); after it the destination must equal the source (qemu-img compare,
+the writer stopped first, only what it wrote after the switch differs: so the comparison is of the
+destination against the source at the moment of the switch, see the report's note).
+
+    .venv/bin/python scripts/bench_lag.py                 # 512 MiB, 5 s per job, 3 runs
+    .venv/bin/python scripts/bench_lag.py --quick         # smoke run
+    .venv/bin/python scripts/bench_lag.py --delay 1 --lag 16M --runs 1
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench                                    # noqa: E402  (scripts/bench.py)
+from bench import (MIRRORFS, MB, MiB, BenchError, StorageExport, qcow2_node,  # noqa: E402
+                   run_job, wait_for_output)
+from mirrorfs.common import jsonlines           # noqa: E402
+from mirrorfs.common.sizes import parse_size    # noqa: E402
+from mirrorfs.system import sockets             # noqa: E402
+from mirrorfs.system.children import Child      # noqa: E402
+
+JOBS = tuple(job for job in bench.JOBS if job.key in ("4k-randwrite-qd1", "4k-randwrite", "1m-write"))
+GOALS = {"4k randwrite qd1": 0.8, "4k randwrite qd16": 0.9, "1M seq write qd4": 0.8}
+
+
+class Mirror:
+    """`mirrorfs serve` on fresh images in `d`: the destination exported by its own storage daemon,
+    optionally behind an nbdkit filter (`front`: its filter and parameters)."""
+
+    def __init__(self, d, size, lag, front=()):
+        self.d = d
+        d.mkdir()
+        src, dst = d / "src.qcow2", d / "dst.qcow2"
+        for image in (src, dst):
+            bench.qemu_img("create", "-q", "-f", "qcow2", image, size)
+        self.src, self.dst = src, dst
+        self.export = StorageExport(d, "dest", [qcow2_node("dst", dst)], "dst")
+        self.front = None
+        dest_uri = self.export.uri
+        if front:
+            sock = sockets.check_unix_path(d / "front.sock")
+            pidfile = d / "front.pid"
+            self.front = Child("nbdkit (front)", [
+                "nbdkit", "--foreground", "--exit-with-parent", "--pidfile", pidfile,
+                "--threads", 16, "--unix", sock, *front[:1], "nbd",
+                f"socket={self.export.socket}", *front[1:]], d / "front.log", pidfile=pidfile)
+            dest_uri = f"nbd+unix:///?socket={sock}"
+        self.socket = sockets.check_unix_path(d / "m.sock")
+        self.control = f"{self.socket}.ctl"
+        argv = [*MIRRORFS, "serve", src, dest_uri, "--socket", self.socket, "--cache",
+                bench.HOST_CACHE, "--state-dir", d / "state"]
+        if lag:
+            argv += ["--lag", f"{lag}B"]        # a unit: --lag refuses a bare number
+        self.server = Child("mirrorfs serve", argv, d / "mirrorfs.log")
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+
+    def __enter__(self):
+        self.export.start()
+        if self.front is not None:
+            self.front.start()
+        self.server.start()
+        wait_for_output(self.server, "serving ")
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop()
+        if self.front is not None:
+            self.front.stop()
+        self.export.stop()
+
+    def drain(self, timeout=300):
+        """Wait until the destination has every change (the next job starts from an empty lag);
+        returns the seconds it took."""
+        started = time.monotonic()
+        while (self.datapath().get("lag") or {}).get("changes"):
+            if time.monotonic() - started > timeout:
+                raise BenchError(f"the lag did not drain in {timeout} s")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def datapath(self):
+        return jsonlines.call(self.control, {"cmd": "status"}, timeout=30)["status"]["datapath"]
+
+
+def setups(config):
+    """(name, lag, front): the local destination, the slow one without and with the lag, and the
+    local one through the same nbdkit front at 0 ms (the front's own CPU, on a machine whose cores
+    it shares, without its latency)."""
+    delay = [f"delay-{k}={config.delay}ms" for k in ("write", "zero", "trim")]
+    return [("local", 0, ()),
+            (f"{config.delay}ms", 0, ("--filter=delay", *delay)),
+            (f"{config.delay}ms lag {config.lag_text}", config.lag, ("--filter=delay", *delay)),
+            ("0ms front", 0, ("--filter=delay", "delay-write=0ms"))]
+
+
+def measure_jobs(workdir, config, log):
+    samples = {}
+    for run in range(config.runs):
+        for name, lag, front in setups(config):
+            d = workdir / f"r{run}-{name.replace(' ', '-')}"
+            with Mirror(d, config.size, lag, front) as m:
+                for job in config.jobs:
+                    rows = run_job(m.uri, job, config)
+                    lagged = m.datapath().get("lag") or {}
+                    drained = m.drain()
+                    for label, metrics in rows.items():
+                        metrics["lag_end_bytes"] = lagged.get("bytes", 0)
+                        metrics["lag_peak_bytes"] = lagged.get("peak_bytes", 0)
+                        metrics["drain_s"] = drained
+                        samples.setdefault(name, {}).setdefault(label, []).append(metrics)
+                        log(f"  run {run + 1} {name:18} {label:20} {metrics['iops']:9,.0f} IOPS"
+                            + (f"  lag at the end {lagged.get('bytes', 0) / MiB:.1f} MiB, "
+                               f"peak so far {lagged.get('peak_bytes', 0) / MiB:.1f} MiB, "
+                               f"drained in {drained:.1f} s" if lag else ""))
+            shutil.rmtree(d, ignore_errors=True)
+    return {name: {label: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                   for label, runs in rows.items()} for name, rows in samples.items()}
+
+
+def measure_rate(workdir, config, log):
+    """The destination at config.dest_rate bytes/s, a writer at twice that, --lag: the lag's peak,
+    and how long `pivot` takes under the writer."""
+    rate = config.dest_rate
+    front = ("--filter=rate", f"rate={rate * 8}", "burstiness=0.5")     # the filter counts bits
+    d = workdir / "rate"
+    found = {"dest_rate": rate, "writer_rate": 2 * rate, "lag": config.lag}
+    with Mirror(d, config.size, config.lag, front) as m:
+        fio = subprocess.Popen(bench.fio_argv(m.uri, config.size, (
+            "--rw=write", "--bs=1m", "--iodepth=4", f"--rate={2 * rate}"), 600, 0),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        peak, samples, stop = [0], [], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                lag = m.datapath()["lag"]
+                peak[0] = max(peak[0], lag["bytes"])
+                samples.append((time.monotonic(), lag["bytes"], lag["mode"]))
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            # The lag fills at (2R - R) = R bytes/s: wait until it is full (or 3x that long).
+            deadline = time.monotonic() + 3 * config.lag / rate + 10
+            while m.datapath()["lag"]["waits"] == 0:
+                if time.monotonic() > deadline or fio.poll() is not None:
+                    raise BenchError("the lag never filled: is the writer faster than the "
+                                     "destination?")
+                time.sleep(0.1)
+            # The destination's real bandwidth, while the lag is full: what it took in 2 s.
+            first = m.datapath()["lag"]
+            t0 = time.monotonic()
+            time.sleep(2)
+            second = m.datapath()["lag"]
+            found["dest_measured"] = (second["sent_bytes"] - first["sent_bytes"]) / (
+                time.monotonic() - t0)
+            found["lag_before_pivot"] = second["bytes"]
+            started = time.monotonic()
+            reply = jsonlines.call(m.control, {"cmd": "pivot"}, timeout=600)
+            found["pivot_s"] = time.monotonic() - started
+            found["stall_ms"] = reply["stall_ms"]
+        finally:
+            stop.set()
+            sampler.join()
+            fio.terminate()
+            fio.communicate(timeout=60)
+        found["lag_peak"] = peak[0]
+        found["bound_s"] = config.lag / rate + 1
+        found["bound_measured_s"] = config.lag / found["dest_measured"] + 1
+        log(f"  rate: lag peak {peak[0] / MiB:.1f} MiB of {config.lag / MiB:.0f}; pivot "
+            f"{found['pivot_s']:.2f} s (bound {found['bound_s']:.2f} s), stall "
+            f"{found['stall_ms']:.1f} ms")
+    shutil.rmtree(d, ignore_errors=True)
+    return found
+
+
+def print_report(report, config):
+    print(f"\n--lag (issue #28): fio --ioengine=nbd over a {config.size // MiB} MiB disk, "
+          f"{config.runtime} s per job after {config.ramp} s ramp, median of {config.runs} "
+          f"run(s); storage daemons with cache={bench.HOST_CACHE}; destination a qcow2 export, "
+          f"'{config.delay}ms' behind nbdkit's delay filter")
+    results = report["results"]
+    names = [name for name, _, _ in setups(config)]
+    print(f"\n{'job':22}" + "".join(f"{n + ' IOPS':>20}" for n in names)
+          + f"{'lag/local':>11}{'sync/local':>11}{'lag/front':>11}{'goal':>6}")
+    for job in config.jobs:
+        label = job.label
+        iops = [results.get(n, {}).get(label, {}).get("iops") for n in names]
+
+        def ratio(a, b):
+            return iops[a] / iops[b] if iops[a] and iops[b] else None
+
+        print(f"{label:22}" + "".join(f"{bench.fmt(i, '20,.0f')}" for i in iops)
+              + f"{bench.fmt(ratio(2, 0), '11.2f')}{bench.fmt(ratio(1, 0), '11.2f')}"
+              f"{bench.fmt(ratio(2, 3), '11.2f')}{GOALS.get(label, 0):6.1f}")
+    print("lag/local: the issue's ratio (goal in the last column); lag/front: against a local "
+          "destination behind the same nbdkit front at 0 ms (the emulated network's CPU on both)")
+    rate = report.get("rate")
+    if rate:
+        print(f"\nrate: destination {rate['dest_rate'] / MB:.1f} MB/s (nbdkit rate filter), writer "
+              f"{rate['writer_rate'] / MB:.1f} MB/s (fio 1M seq write qd4 --rate), --lag "
+              f"{config.lag_text}")
+        print(f"  the destination took {rate['dest_measured'] / MB:.1f} MB/s while the lag was "
+              f"full (measured: what the lag sent in 2 s)")
+        print(f"  lag peak {rate['lag_peak'] / MiB:.1f} MiB (bound {config.lag / MiB:.0f} MiB); "
+              f"{rate['lag_before_pivot'] / MiB:.1f} MiB when pivot was asked")
+        print(f"  pivot under the writer: {rate['pivot_s']:.2f} s (goal: within SIZE/bandwidth + 1 s "
+              f"= {rate['bound_s']:.2f} s nominal, {rate['bound_measured_s']:.2f} s measured); "
+              f"clients held {rate['stall_ms']:.1f} ms at the switch")
+    print(f"\nelapsed: {report['elapsed_s']:.0f} s; load average {report['load'][0]:.2f} before, "
+          f"{report['load'][1]:.2f} after")
+    for error in report["errors"]:
+        print(f"ERROR: {error}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--size", type=bench.parse_size, help="virtual disk size (default 512M)")
+    p.add_argument("--runtime", type=int, help="seconds per fio job (default 5; --quick 1)")
+    p.add_argument("--runs", type=int, help="runs, medians reported (default 3; --quick 1)")
+    p.add_argument("--delay", type=int, default=2, help="the slow destination's ms a write (2)")
+    p.add_argument("--lag", default="64M", help="--lag SIZE (default 64M)")
+    p.add_argument("--dest-rate", default="16M",
+                   help="the rate case's destination bandwidth, bytes/s (default 16M)")
+    p.add_argument("--no-rate", action="store_true", help="skip the rate case")
+    p.add_argument("--cache", default="auto", help="as bench.py's --cache")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    args.size = args.size or (128 * MiB if args.quick else 512 * MiB)
+    args.runtime = args.runtime or (1 if args.quick else 5)
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.ramp = 0 if args.quick else 1
+    args.lag_text = args.lag
+    args.lag = parse_size(args.lag)
+    args.dest_rate = parse_size(args.dest_rate)
+    args.jobs = list(JOBS)
+    return args
+
+
+def main():
+    config = parse_args()
+    bench.HOST_CACHE = config.cache
+    if config.cache == "auto":
+        with tempfile.NamedTemporaryFile(dir=bench.WORK_PARENT) as probe:
+            bench.HOST_CACHE = ("none" if bench.storage.direct_io_supported(probe.name)
+                                else "writeback")
+    bench.interrupt_on_signals()
+
+    def log(line):
+        print(line, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="mfslag-", dir=bench.WORK_PARENT))
+    report = {"machine": bench.machine(), "errors": [], "load": [os.getloadavg()[0], None],
+              "config": {"size": config.size, "runtime": config.runtime, "runs": config.runs,
+                         "delay_ms": config.delay, "lag": config.lag, "cache": bench.HOST_CACHE}}
+    try:
+        try:
+            report["results"] = measure_jobs(workdir, config, log)
+        except Exception as e:
+            report["errors"].append(f"jobs: {type(e).__name__}: {e}")
+            report["results"] = {}
+        if not config.no_rate:
+            try:
+                report["rate"] = measure_rate(workdir, config, log)
+            except Exception as e:
+                report["errors"].append(f"rate: {type(e).__name__}: {e}")
+    except KeyboardInterrupt:
+        log("bench_lag: interrupted")
+        return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["elapsed_s"] = time.monotonic() - started
+    report["load"][1] = os.getloadavg()[0]
+    if config.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, config)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
