@@ -104,6 +104,7 @@ class Group(Controller):
         self.names = list(names)
         self.state_dir = Path(state_dir).absolute()
         self.record = GroupRecord(self.state_dir)
+        created = not self.state_dir.exists()
         try:
             self.state_dir.mkdir(mode=0o700, exist_ok=True)
         except OSError as e:
@@ -112,6 +113,12 @@ class Group(Controller):
         self.members = {name: Migration(None, dest_dir, options(name, self.state_dir / name),
                                         lender=lender, control=control)
                         for name, lender in zip(names, lenders_)}
+        if any(m.options.lag for m in self.members.values()):
+            if created:
+                self.state_dir.rmdir()
+            # The net after the pivot writes both sides synchronously; a lag writes one behind.
+            raise UsageError("--lag: a group keeps a safety net after its pivot, which writes "
+                             "both sides at once; a group has no lag")
         first = self.members[names[0]]
         self.options = first.options          # where the CLI finds the access rules
         self.end = None                         # the group's end, as its record says

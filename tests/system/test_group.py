@@ -164,9 +164,16 @@ def test_revert_after_writes_needs_no_copy(workdir, host):
 
 
 def test_bad_input_changes_nothing(workdir, host):
-    """An unknown name, the same disk twice, a member lent to another migration: one line each,
-    no record changed, nothing created."""
+    """An unknown name, the same disk twice, a member lent to another migration, --lag: one line
+    each, no record changed, nothing created."""
     make_disks(host, workdir, ["sys", "data"])
+    generations = {n: host.record(n)["generation"] for n in ("sys", "data")}
+    res = host.mirrorfs("start", "sys", "data", "--dest-dir", workdir / "b", "--state-dir",
+                        workdir / "state", "--lag", "64M", check=False)
+    assert res.returncode == EXIT_USAGE and res.stderr.count("\n") == 1, res
+    assert "a group has no lag" in res.stderr, res.stderr
+    assert {n: host.record(n)["generation"] for n in ("sys", "data")} == generations
+    assert not (workdir / "state").exists()
     other = host.background("m", "start", "data", "--dest-dir", workdir / "b",
                             "--state-dir", workdir / "other")
     before = {n: host.record(n)["generation"] for n in ("sys", "data")}
