@@ -2,9 +2,12 @@
 stripes of their own, with FUA, a reader of regions nobody writes, and the model of what the disk
 must read (the source's bytes, then every acknowledged write)."""
 
+import base64
+import json
 import random
 import threading
 import time
+import zlib
 
 import nbd
 import psutil
@@ -119,3 +122,11 @@ def serve_switch_first(workdir, source, dest, *extra):
         assert time.monotonic() < deadline, "not ready"
         time.sleep(0.02)
     return proc
+
+
+def saved_hydrated(state_dir):
+    """(region size, the regions the saved hydration map in `state_dir` names hydrated): what a
+    restart would take as on the destination, read from the file, not from status."""
+    saved = json.loads((state_dir / "hydration.map").read_text())
+    bits = zlib.decompress(base64.b64decode(saved["bits"]))
+    return saved["region_size"], {r for r in range(len(bits) * 8) if bits[r >> 3] & (1 << (r & 7))}

@@ -17,7 +17,7 @@ import psutil
 
 from lib.commands import run
 from lib.control import ctl, status as status_over
-from lib.evacuation import raw_bytes, serve_switch_first
+from lib.evacuation import saved_hydrated, raw_bytes, serve_switch_first
 from lib.images import MiB, make_full_pair, sha256
 from lib.nbdservers import LossyDisk
 from lib.waits import wait_until
@@ -94,10 +94,5 @@ class HydrationBits:
     """The regions the saved hydration map names hydrated."""
 
     def __init__(self, workdir):
-        import base64
-        import json
-        import zlib
-        saved = json.loads((workdir / "state" / "hydration.map").read_text())
-        bits = zlib.decompress(base64.b64decode(saved["bits"]))
-        assert saved["region_size"] == MiB, saved["region_size"]
-        self.hydrated = {r for r in range(len(bits) * 8) if bits[r >> 3] & (1 << (r & 7))}
+        region_size, self.hydrated = saved_hydrated(workdir / "state")
+        assert region_size == MiB, region_size
