@@ -385,27 +385,8 @@ class ProcessTree:
         to record the end where others look (a named disk's record) before anything is served
         from the new side. It is served to the data path on a one-shot socket in the private run
         directory; raising refuses the switch."""
-        server = None
-        args = {}
-        if commit is not None:
-            path = self.rundir / "commit.ctl"
-            path.unlink(missing_ok=True)
-            server = jsonlines.Server(sockets.bind_unix(path), _commit_handler(commit, to, end),
-                                      "switch commit").start()
-            args["commit"] = str(path)
-        try:
-            # The data path's own `timeout` (its drain) goes in the request; the reply may take
-            # longer: with --lag the switch first drains the lag (LAG_CONVERGE_MAX), and a commit's
-            # own time comes on top of the drain's.
-            reply = jsonlines.call(self.datapath_socket,
-                                   {"cmd": "switch", "to": to, "end": end, "timeout": timeout, **args},
-                                   timeout=timeout + LAG_CONVERGE_MAX + 60 + (30 if args else 0))
-        except jsonlines.ControlError as e:
-            raise Error(str(e)) from None
-        finally:
-            if server is not None:
-                server.stop()
-                Path(args["commit"]).unlink(missing_ok=True)
+        reply = self._held("switch", to, end, timeout, commit, timeout + LAG_CONVERGE_MAX + 60,
+                           end=end)
         self.serving = to
         self._retire_daemon(SIDES[1 - SIDES.index(to)])
         return reply["stall_ms"] / 1000
@@ -413,25 +394,32 @@ class ProcessTree:
     def read_from(self, to, timeout=10.0, commit=None):
         """A group's safety net (datapath.disk.Disk.read_from): reads from side `to`, changes
         still to both. `commit()` as for `switch`. Returns the stall clients saw, in seconds."""
+        reply = self._held("read-from", to, "read-from", timeout, commit, timeout + 60)
+        self.reader = to
+        return reply["stall_ms"] / 1000
+
+    def _held(self, cmd, to, what, timeout, commit, wait, **request):
+        """Ask the data path for `cmd` (a switch, a change of reader) with `timeout` for its drain,
+        waiting `wait` seconds for the reply (with --lag a switch first drains the lag), and serve
+        `commit()` to it on a one-shot socket while it holds the requests (the commit's own time
+        comes on top). Raises Error with the data path's reason when it refuses."""
         server = None
-        args = {}
         if commit is not None:
             path = self.rundir / "commit.ctl"
             path.unlink(missing_ok=True)
-            server = jsonlines.Server(sockets.bind_unix(path),
-                                      _commit_handler(commit, to, "read-from"),
+            server = jsonlines.Server(sockets.bind_unix(path), _commit_handler(commit, to, what),
                                       "switch commit").start()
-            args["commit"] = str(path)
+            request["commit"] = str(path)
+            wait += 30
         try:
-            reply = self.datapath("read-from", to=to, timeout=timeout + (30 if args else 0), **args)
+            return jsonlines.call(self.datapath_socket,
+                                  {"cmd": cmd, "to": to, "timeout": timeout, **request}, timeout=wait)
         except jsonlines.ControlError as e:
             raise Error(str(e)) from None
         finally:
             if server is not None:
                 server.stop()
-                Path(args["commit"]).unlink(missing_ok=True)
-        self.reader = to
-        return reply["stall_ms"] / 1000
+                Path(request["commit"]).unlink(missing_ok=True)
 
     @property
     def uris(self):
