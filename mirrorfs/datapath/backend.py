@@ -348,22 +348,9 @@ class NbdBackend(Verbs):
         """Run `cmds` at once on one connection, so the side sees a queue rather than one command
         at a time, and wait for every one (also after a failure: see drive). Raises the first
         failure."""
-        h = self._acquire()
-        failed = True
-        try:
-            cookies, error = [], None
-            for cmd in cmds:
-                try:
-                    cookies.append(_START[cmd.op](h, cmd))
-                except nbd.Error as e:
-                    error = e           # the rest is not started; those started are waited for
-                    break
-            results = [r for r in drive([(h, c) for c in cookies]) if r is not None]
-            if results or error is not None:
-                raise _side_error(results[0] if results else error)
-            failed = False
-        finally:
-            self._release(h, failed)
+        failures = [r for r in self.run_each(cmds) if r is not None]
+        if failures:
+            raise failures[0]
 
     def run_each(self, cmds):
         """Run `cmds` at once on one connection, as `run_all`, but return the outcome of each: None
