@@ -345,7 +345,7 @@ class Group(Controller):
                     # The member's registry record follows the group's record after the hold:
                     # the group's record is what a take-back reads (registry.serving_side), and
                     # the members' records written one after the other, under the registry's
-                    # lock, inside the hold, tripled the group's hold (bench_group.py).
+                    # lock, inside the hold, tripled the group's hold (scripts/bench/group.py).
                     later.append(commit)
             return inside
 

@@ -8,10 +8,13 @@ are read by the project's own parser (mirrorfs.common.sizes).
     evacuate   an evacuation's hydration against `qemu-img convert`, a client during and after it
     host       what scraping the host's metrics costs the data path
     named      300 named disks under `mirrorfs host`: memory, start, list, a scrape, a kill -9
+    lag        --lag (issue #28): a slow destination with and without a bounded lag; the rate case
+    group      a group's switch: its holds against one disk's, and what its safety net costs
 
 and the pieces they share:
 
     common     units, the mirrorfs command, tools run with a deadline, the command line's helpers
+    regime     which regime a run measures: the storage's IOPS against one interpreter's ceiling
     images     the base and overlays every target serves, qemu-storage-daemon exports of them
     targets    the ways to serve the disk: mirrorfs, mirrorfs-1d, direct, qemu-mirror, nbd-proxy
     fio        the fio jobs, fio's command line over NBD, one job's run and numbers

@@ -12,9 +12,15 @@ fio jobs over NBD, in the same run, on the same machine:
 Then, outside the matrix: the base copy (nbdcopy between two exports), the switch stall of
 `mirrorfs pivot` under fio load, and nbdkit's memory serving a 1 GiB and a 1 TiB disk.
 
+First, the regime (issue #28; regime.py): the storage's own 4k randwrite qd16 IOPS and one
+interpreter's ceiling (mirrorfs serve, nbdkit memory -> nbdkit null, 1 connection), and which of
+the two is lower: the ratios hold for that regime. --regime both runs the whole bench twice, with
+the images on disk (/tmp, cache=none) and in memory (/dev/shm, cache=writeback).
+
     make bench                                  # 1 GiB, 5 s per job, 3 runs: about 8 minutes
     make bench BENCH_ARGS=--quick               # a smoke run of about 20 seconds
     .venv/bin/python -m scripts.bench --targets mirrorfs,direct --jobs 4k-randwrite --runs 1
+    .venv/bin/python -m scripts.bench --regime both --targets mirrorfs,qemu-mirror --no-extras
 """
 
 import argparse
@@ -29,11 +35,12 @@ from pathlib import Path
 from mirrorfs.daemons import storage
 
 from . import images
-from .common import WORK_PARENT, GiB, MiB, interrupt_on_signals, pick, size_arg
+from .common import GiB, MiB, interrupt_on_signals, pick, size_arg
 from .extras import run_extras
 from .fio import JOBS, QUICK_JOBS
 from .images import make_base
 from .matrix import medians, ratios, run_matrix
+from .regime import REGIMES, measure_regime, places
 from .report import machine, print_report
 from .targets import TARGETS
 
@@ -56,6 +63,12 @@ def parse_args(argv=None):
                         "--cache (default auto: none where the work directory allows O_DIRECT)")
     p.add_argument("--cpu", action="store_true",
                    help="also measure and print the CPU each process spends per request")
+    p.add_argument("--regime", choices=REGIMES, default="auto",
+                   help="where the images live: disk (/tmp, O_DIRECT: cache=none), fast (tmpfs "
+                        "in /dev/shm through the page cache: cache=writeback), both (the whole "
+                        "bench once in each), or auto (/tmp with --cache; the default)")
+    p.add_argument("--no-regime", action="store_true",
+                   help="skip measuring the storage's own IOPS and one interpreter's ceiling")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -75,15 +88,19 @@ def parse_args(argv=None):
     return args
 
 
-def bench(config, log):
+def bench(config, parent, log):
+    """One whole run with its work directory in `parent` and the daemons' cache mode in
+    images.HOST_CACHE: the report (the JSON as printed)."""
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="mfsbench-", dir=WORK_PARENT))
+    workdir = Path(tempfile.mkdtemp(prefix="mfsbench-", dir=parent))
     report = {"machine": machine(),
               "config": {"size": config.size, "runtime": config.runtime, "ramp": config.ramp,
                          "runs": config.runs, "targets": [k.name for k in config.targets],
                          "jobs": [j.label for j in config.jobs], "cache": images.HOST_CACHE},
               "errors": [], "load": [os.getloadavg()[0], None]}
     try:
+        if not config.no_regime:
+            report["regime"] = measure_regime(workdir, parent, images.HOST_CACHE, log)
         log(f"work directory {workdir}; writing the {config.size // MiB} MiB base")
         base = make_base(workdir / "base.qcow2", config.size)
         samples, report["errors"] = run_matrix(base, workdir, config, log)
@@ -103,29 +120,32 @@ def bench(config, log):
 
 
 def main():
-    """The local bench: parse, measure, print. The other benches are this package's modules:
-    remote, lifecycle, evacuate, host (`python -m scripts.bench.remote`, ...)."""
+    """The local bench: parse, measure, print; once per place of --regime (both: disk, then
+    memory), the JSON one report (a list of two with --regime both). The other benches are this
+    package's modules: remote, lifecycle, evacuate, host, named, lag, group (`python -m
+    scripts.bench.remote`, ...)."""
     config = parse_args()
-    images.HOST_CACHE = config.cache
-    if images.HOST_CACHE == "auto":
-        with tempfile.NamedTemporaryFile(dir=WORK_PARENT) as probe:
-            images.HOST_CACHE = "none" if storage.direct_io_supported(probe.name) else "writeback"
     interrupt_on_signals()
 
     def log(line):
         print(line, file=sys.stderr, flush=True)
 
-    try:
-        report = bench(config, log)
-    except KeyboardInterrupt:
-        log("bench: interrupted")
-        return 130
+    reports = []
+    for parent, cache in places(config.regime, config.cache):
+        images.HOST_CACHE = images.resolve_cache(parent, cache)
+        log(f"images in {parent}, storage daemons with cache={images.HOST_CACHE}")
+        try:
+            report = bench(config, parent, log)
+        except KeyboardInterrupt:
+            log("bench: interrupted")
+            return 130
+        reports.append(report)
+        if not config.json:
+            print_report(report, config)
+        log(f"bench: done in {report['elapsed_s']:.0f} s")
     if config.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_report(report, config)
-    log(f"bench: done in {report['elapsed_s']:.0f} s")
-    return 1 if report["errors"] else 0
+        print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    return 1 if any(r["errors"] for r in reports) else 0
 
 
 if __name__ == "__main__":

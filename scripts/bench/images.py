@@ -4,6 +4,7 @@ run (`--cache`; set once by the bench that runs, read as `images.HOST_CACHE`).""
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -56,6 +57,15 @@ class Disk:
 
 # The host cache mode of every storage daemon in the run (--cache): mirrorfs's daemons get it too.
 HOST_CACHE = "none"
+
+
+def resolve_cache(parent, cache):
+    """--cache as the daemons take it: auto is none where `parent` allows O_DIRECT (a tmpfs does
+    not), else writeback."""
+    if cache != "auto":
+        return cache
+    with tempfile.NamedTemporaryFile(dir=parent) as probe:
+        return "none" if storage.direct_io_supported(probe.name) else "writeback"
 
 
 def qcow2_node(name, path, backing=None, readonly=False):

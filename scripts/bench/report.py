@@ -1,5 +1,5 @@
-"""The report as a person reads it (the JSON is the report itself): the machine, the table, CPU
-per request, the extras."""
+"""The report as a person reads it (the JSON is the report itself): the machine, the regime, the
+table, CPU per request, the extras."""
 
 import os
 import platform
@@ -47,6 +47,7 @@ def print_report(report, config):
     print(f"         {m['nbdkit']}, {m['qemu']}, {m['libnbd']}, {m['fio']}")
     print(f"         load average {report['load'][0]:.2f} before, {report['load'][1]:.2f} after "
           "(1 min; anything else running skews every number)")
+    print_regime(report)
     print(f"\nfio --ioengine=nbd over the whole {config.size // MiB} MiB disk, {config.runtime} s "
           f"per job after {config.ramp} s ramp; median of {config.runs} run(s); storage daemons "
           f"with cache={report['config']['cache']}")
@@ -70,6 +71,22 @@ def print_report(report, config):
     print(f"\nelapsed: {report['elapsed_s']:.0f} s")
     for error in report["errors"]:
         print(f"ERROR: {error}")
+
+
+def print_regime(report):
+    """The two numbers that decide the regime, and its name (regime.py): printed first, because
+    the ratios that follow hold for this regime only."""
+    regime = report.get("regime")
+    if not regime:
+        return
+    print(f"\nstorage: {regime['storage_iops']:,.0f} IOPS 4k randwrite qd16 (fio libaio "
+          f"straight on a file in {regime['where']}, "
+          f"{'O_DIRECT' if report['config']['cache'] == 'none' else 'page cache'})")
+    print(f"one interpreter's ceiling: {regime['ceiling_iops']:,.0f} IOPS (mirrorfs serve, "
+          "nbdkit memory -> nbdkit null, 1 connection, 4k randwrite qd16)")
+    print(f"regime: {regime['regime']} (the storage takes "
+          f"{'fewer' if regime['regime'] == 'storage-bound' else 'more'} small writes than one "
+          "interpreter passes on); the ratios below hold for this regime")
 
 
 def print_cpu(report, config):

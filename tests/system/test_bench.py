@@ -56,13 +56,11 @@ def test_quick_bench_measures_every_target():
                                 else "CPU-bound")
 
 
-LAG = Path(__file__).resolve().parent.parent / "scripts" / "bench_lag.py"
-
-
 def test_quick_lag_bench_measures_every_setup_and_the_pivot():
-    """`scripts/bench_lag.py --quick --json` (issue #28): the four setups measured, the rate case's
-    lag within its bound and its pivot done (no speed asserted)."""
-    res = run(sys.executable, LAG, "--quick", "--json", "--lag", "16M", check=False, timeout=300)
+    """`python -m scripts.bench.lag --quick --json` (issue #28): the four setups measured, the rate
+    case's lag within its bound and its pivot done (no speed asserted)."""
+    res = run(sys.executable, "-m", "scripts.bench.lag", "--quick", "--json", "--lag", "16M",
+              cwd=ROOT, check=False, timeout=300)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["errors"] == []

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """What a group's switch and its safety net cost (docs/PERFORMANCE.md, "A group's switch and its
 safety net").
 
-    .venv/bin/python scripts/bench_group.py [--rounds 5] [--disks 3] [--seconds 10]
+    .venv/bin/python -m scripts.bench.group [--rounds 5] [--disks 3] [--seconds 10] [--size 1G]
 
 1. The hold: a host service (`mirrorfs host`) with --disks named disks; each round moves them once
    with `start NAME` one at a time (the hold of one disk's pivot) and once as a group (`start
@@ -20,13 +19,11 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-MIRRORFS = [sys.executable, "-m", "mirrorfs"]
-SIZE = "1G"
+from .common import MIRRORFS, WORK_PARENT, GiB, size_arg
 
 
 class Bench:
@@ -80,7 +77,8 @@ def disks(bench, prefix, n):
     for i in range(n):
         name = f"{prefix}{i}"
         image = bench.work / "a" / f"{name}.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, SIZE], check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, str(bench.size)],
+                       check=True)
         bench.mirrorfs("add", name, image, "--socket", bench.work / f"{name}.sock")
         names.append(name)
     time.sleep(1)
@@ -117,19 +115,23 @@ def move(bench, names, group, state):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench.group",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--disks", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--depth", type=int, default=4,
                         help="the iodepth of the fio load on every disk while it switches (0: idle)")
+    parser.add_argument("--size", type=size_arg, default=GiB,
+                        help="each disk's virtual size (default 1G)")
     parser.add_argument("--no-net", action="store_true", help="measure the holds only")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="mfsg-", dir="/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="mfsg-", dir=WORK_PARENT))
     (work / "a").mkdir()
     (work / "b").mkdir()
     bench = Bench(work)
     bench.depth = args.depth
+    bench.size = args.size
     host = bench.background("host", "host", "--take-back-after", "600", ready="host service:")
     bench.procs = []
     try:

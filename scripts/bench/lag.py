@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """`--lag` (issue #28): what a slow destination costs the guest with and without a bounded lag.
 
 Every mirror is `mirrorfs serve SRC DEST --state-dir D` on a fresh empty source qcow2 (a storage
-daemon, the run's cache mode, as in bench.py), DEST a fresh empty qcow2 exported by its own
+daemon, the run's cache mode, as in the local bench), DEST a fresh empty qcow2 exported by its own
 qemu-storage-daemon, reached directly (local) or through nbdkit's delay filter (N ms a write, zero
 and trim). In the same run, each setup gets the same fio jobs (4k randwrite qd16, qd1, 1M write qd4), each
 starting with an empty lag (the bench waits for the lag to drain after a job, and says how long):
@@ -23,9 +22,9 @@ peak must stay <= SIZE); once it is full, `mirrorfs pivot` runs under the writer
 the writer stopped first, only what it wrote after the switch differs: so the comparison is of the
 destination against the source at the moment of the switch, see the report's note).
 
-    .venv/bin/python scripts/bench_lag.py                 # 512 MiB, 5 s per job, 3 runs
-    .venv/bin/python scripts/bench_lag.py --quick         # smoke run
-    .venv/bin/python scripts/bench_lag.py --delay 1 --lag 16M --runs 1
+    .venv/bin/python -m scripts.bench.lag                 # 512 MiB, 5 s per job, 3 runs
+    .venv/bin/python -m scripts.bench.lag --quick         # smoke run
+    .venv/bin/python -m scripts.bench.lag --delay 1 --lag 16M --runs 1
 """
 
 import argparse
@@ -40,18 +39,19 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from mirrorfs.common import jsonlines
+from mirrorfs.daemons import storage
+from mirrorfs.system import sockets
+from mirrorfs.system.children import Child
 
-import bench                                    # noqa: E402  (scripts/bench.py)
-from bench import (MIRRORFS, MB, MiB, BenchError, StorageExport, qcow2_node,  # noqa: E402
-                   run_job, wait_for_output)
-from mirrorfs.common import jsonlines           # noqa: E402
-from mirrorfs.common.sizes import parse_size    # noqa: E402
-from mirrorfs.system import sockets             # noqa: E402
-from mirrorfs.system.children import Child      # noqa: E402
+from . import images
+from .common import (MIRRORFS, WORK_PARENT, MB, MiB, BenchError, interrupt_on_signals, size_arg,
+                     wait_for_output)
+from .fio import JOBS as ALL_JOBS, fio_argv, run_job
+from .images import StorageExport, qcow2_node, qemu_img
+from .report import fmt, machine
 
-JOBS = tuple(job for job in bench.JOBS if job.key in ("4k-randwrite-qd1", "4k-randwrite", "1m-write"))
+JOBS = tuple(job for job in ALL_JOBS if job.key in ("4k-randwrite-qd1", "4k-randwrite", "1m-write"))
 GOALS = {"4k randwrite qd1": 0.8, "4k randwrite qd16": 0.9, "1M seq write qd4": 0.8}
 
 
@@ -64,7 +64,7 @@ class Mirror:
         d.mkdir()
         src, dst = d / "src.qcow2", d / "dst.qcow2"
         for image in (src, dst):
-            bench.qemu_img("create", "-q", "-f", "qcow2", image, size)
+            qemu_img("create", "-q", "-f", "qcow2", image, size)
         self.src, self.dst = src, dst
         self.export = StorageExport(d, "dest", [qcow2_node("dst", dst)], "dst")
         self.front = None
@@ -80,7 +80,7 @@ class Mirror:
         self.socket = sockets.check_unix_path(d / "m.sock")
         self.control = f"{self.socket}.ctl"
         argv = [*MIRRORFS, "serve", src, dest_uri, "--socket", self.socket, "--cache",
-                bench.HOST_CACHE, "--state-dir", d / "state"]
+                images.HOST_CACHE, "--state-dir", d / "state"]
         if lag:
             argv += ["--lag", f"{lag}B"]        # a unit: --lag refuses a bare number
         self.server = Child("mirrorfs serve", argv, d / "mirrorfs.log")
@@ -157,7 +157,7 @@ def measure_rate(workdir, config, log):
     d = workdir / "rate"
     found = {"dest_rate": rate, "writer_rate": 2 * rate, "lag": config.lag}
     with Mirror(d, config.size, config.lag, front) as m:
-        fio = subprocess.Popen(bench.fio_argv(m.uri, config.size, (
+        fio = subprocess.Popen(fio_argv(m.uri, config.size, (
             "--rw=write", "--bs=1m", "--iodepth=4", f"--rate={2 * rate}"), 600, 0),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         peak, samples, stop = [0], [], threading.Event()
@@ -209,7 +209,7 @@ def measure_rate(workdir, config, log):
 def print_report(report, config):
     print(f"\n--lag (issue #28): fio --ioengine=nbd over a {config.size // MiB} MiB disk, "
           f"{config.runtime} s per job after {config.ramp} s ramp, median of {config.runs} "
-          f"run(s); storage daemons with cache={bench.HOST_CACHE}; destination a qcow2 export, "
+          f"run(s); storage daemons with cache={images.HOST_CACHE}; destination a qcow2 export, "
           f"'{config.delay}ms' behind nbdkit's delay filter")
     results = report["results"]
     names = [name for name, _, _ in setups(config)]
@@ -222,9 +222,9 @@ def print_report(report, config):
         def ratio(a, b):
             return iops[a] / iops[b] if iops[a] and iops[b] else None
 
-        print(f"{label:22}" + "".join(f"{bench.fmt(i, '20,.0f')}" for i in iops)
-              + f"{bench.fmt(ratio(2, 0), '11.2f')}{bench.fmt(ratio(1, 0), '11.2f')}"
-              f"{bench.fmt(ratio(2, 3), '11.2f')}{GOALS.get(label, 0):6.1f}")
+        print(f"{label:22}" + "".join(f"{fmt(i, '20,.0f')}" for i in iops)
+              + f"{fmt(ratio(2, 0), '11.2f')}{fmt(ratio(1, 0), '11.2f')}"
+              f"{fmt(ratio(2, 3), '11.2f')}{GOALS.get(label, 0):6.1f}")
     print("lag/local: the issue's ratio (goal in the last column); lag/front: against a local "
           "destination behind the same nbdkit front at 0 ms (the emulated network's CPU on both)")
     rate = report.get("rate")
@@ -246,18 +246,19 @@ def print_report(report, config):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.lag", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--size", type=bench.parse_size, help="virtual disk size (default 512M)")
+    p.add_argument("--size", type=size_arg, help="virtual disk size (default 512M)")
     p.add_argument("--runtime", type=int, help="seconds per fio job (default 5; --quick 1)")
     p.add_argument("--runs", type=int, help="runs, medians reported (default 3; --quick 1)")
     p.add_argument("--delay", type=int, default=2, help="the slow destination's ms a write (2)")
     p.add_argument("--lag", default="64M", help="--lag SIZE (default 64M)")
-    p.add_argument("--dest-rate", default="16M",
+    p.add_argument("--dest-rate", type=size_arg, default="16M",
                    help="the rate case's destination bandwidth, bytes/s (default 16M)")
     p.add_argument("--no-rate", action="store_true", help="skip the rate case")
-    p.add_argument("--cache", default="auto", help="as bench.py's --cache")
+    p.add_argument("--cache", choices=storage.CACHE_MODES, default="auto",
+                   help="as `python -m scripts.bench`'s --cache")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -265,30 +266,28 @@ def parse_args(argv=None):
     args.runtime = args.runtime or (1 if args.quick else 5)
     args.runs = args.runs or (1 if args.quick else 3)
     args.ramp = 0 if args.quick else 1
-    args.lag_text = args.lag
-    args.lag = parse_size(args.lag)
-    args.dest_rate = parse_size(args.dest_rate)
+    args.lag_text = args.lag        # as given: the setups' names ("2ms lag 16M")
+    try:
+        args.lag = size_arg(args.lag)
+    except argparse.ArgumentTypeError as e:
+        p.error(f"argument --lag: {e}")
     args.jobs = list(JOBS)
     return args
 
 
 def main():
     config = parse_args()
-    bench.HOST_CACHE = config.cache
-    if config.cache == "auto":
-        with tempfile.NamedTemporaryFile(dir=bench.WORK_PARENT) as probe:
-            bench.HOST_CACHE = ("none" if bench.storage.direct_io_supported(probe.name)
-                                else "writeback")
-    bench.interrupt_on_signals()
+    images.HOST_CACHE = images.resolve_cache(WORK_PARENT, config.cache)
+    interrupt_on_signals()
 
     def log(line):
         print(line, file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="mfslag-", dir=bench.WORK_PARENT))
-    report = {"machine": bench.machine(), "errors": [], "load": [os.getloadavg()[0], None],
+    workdir = Path(tempfile.mkdtemp(prefix="mfslag-", dir=WORK_PARENT))
+    report = {"machine": machine(), "errors": [], "load": [os.getloadavg()[0], None],
               "config": {"size": config.size, "runtime": config.runtime, "runs": config.runs,
-                         "delay_ms": config.delay, "lag": config.lag, "cache": bench.HOST_CACHE}}
+                         "delay_ms": config.delay, "lag": config.lag, "cache": images.HOST_CACHE}}
     try:
         try:
             report["results"] = measure_jobs(workdir, config, log)
@@ -301,7 +300,7 @@ def main():
             except Exception as e:
                 report["errors"].append(f"rate: {type(e).__name__}: {e}")
     except KeyboardInterrupt:
-        log("bench_lag: interrupted")
+        log("bench.lag: interrupted")
         return 130
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
