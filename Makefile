@@ -109,6 +109,9 @@ bench: setup
 	$(PY) -m scripts.bench.remote $(BENCH_REMOTE_ARGS)
 	$(PY) -m scripts.bench.lifecycle $(BENCH_LIFECYCLE_ARGS)
 	$(PY) -m scripts.bench.evacuate $(BENCH_EVACUATE_ARGS)
+	$(PY) -m scripts.bench.lag $(BENCH_LAG_ARGS)
+	$(PY) -m scripts.bench.group $(BENCH_GROUP_ARGS)
+	$(PY) -m scripts.bench.named $(BENCH_NAMED_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
