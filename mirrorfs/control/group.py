@@ -31,7 +31,6 @@ state to that end before serving anything (`_apply_end`); the host service, taki
 disks back, reads it too (registry.serving_side: each loan names the record, `join_group`).
 """
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -42,45 +41,15 @@ from mirrorfs.control.controller import Controller, PhaseError, rate
 from mirrorfs.control.migration import Migration
 from mirrorfs.datapath.state import State, StateError
 from mirrorfs.errors import Error, ProcessError, UsageError
-from mirrorfs.host.rundir import write_atomically
+from mirrorfs.host import grouprecord
+from mirrorfs.host.grouprecord import GroupRecord
 
-__all__ = ["Group", "GroupRecord"]
+__all__ = ["Group"]
 
-FORMAT = "mirrorfs-group/1"
-RECORD = "group.json"
+RECORD = grouprecord.NAME
 ENDS = {Phase.SWITCHED: "switched", Phase.CANCELLED: "cancelled"}
 # How long a member waits inside its hold for the others (on top of their drains).
 GATE_TIMEOUT = 30.0
-
-
-class GroupRecord:
-    """STATE_DIR/group.json: the members (names and migration ids) and the group's end (null,
-    "switched" or "cancelled"), written atomically (temp file, fsync, rename, fsync of the
-    directory). The end is written once and never changes."""
-
-    def __init__(self, state_dir):
-        self.path = Path(state_dir) / RECORD
-
-    def load(self):
-        try:
-            saved = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{self.path}: cannot read the group's record ({e}); refusing to "
-                             "guess which side its members are on") from None
-        if not isinstance(saved, dict) or saved.get("format") != FORMAT or \
-                not isinstance(saved.get("members"), list) or \
-                saved.get("end") not in (None, "switched", "cancelled"):
-            raise UsageError(f"{self.path}: not a group's record; refusing to guess which side "
-                             "its members are on")
-        return saved
-
-    def write(self, fields):
-        try:
-            write_atomically(self.path, {"format": FORMAT, **fields})
-        except OSError as e:
-            raise Error(f"cannot write the group's record {self.path}: {e.strerror or e}") from None
 
 
 class Group(Controller):
@@ -103,7 +72,7 @@ class Group(Controller):
             raise UsageError("a group migration needs --state-dir: its commit record is kept there")
         self.names = list(names)
         self.state_dir = Path(state_dir).absolute()
-        self.record = GroupRecord(self.state_dir)
+        self.record = GroupRecord(self.state_dir / RECORD)
         created = not self.state_dir.exists()
         try:
             self.state_dir.mkdir(mode=0o700, exist_ok=True)

@@ -11,4 +11,5 @@ Named disks (issue #26) add the one long-lived process of the host, and the one 
     requests.py    its control socket's commands; named.py: one disk as the service holds it
     daemons.py     a named disk's detached storage daemon, and its adoption by the next service
     hostctl.py     the service's client: add, remove, borrow, give back
+    grouprecord.py a group migration's commit record, read by the group and by the take-back
 """

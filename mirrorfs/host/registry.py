@@ -50,6 +50,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mirrorfs.errors import Error, UsageError
+from mirrorfs.host.grouprecord import GroupRecord, GroupRecordError
 from mirrorfs.host.rundir import process_running, process_start, write_atomically
 from mirrorfs.sides import images
 
@@ -461,17 +462,14 @@ def serving_side(lent):
     if not group:
         return lent["serving"]
     try:
-        with open(group) as f:
-            saved = json.load(f)
-        end = saved.get("end")
-    except FileNotFoundError:
+        saved = GroupRecord(group).load()
+    except GroupRecordError as e:
+        raise RecordError(f"migration {lent['migration']}: {e}") from None
+    if saved is None:
         return lent["serving"]          # not written yet: no member switched
-    except (OSError, ValueError, AttributeError) as e:
-        raise RecordError(f"cannot read the group record {group} of migration "
-                          f"{lent['migration']}: {e}") from None
     ends = {"switched": "destination", "cancelled": "source"}
-    return ends.get(end) or (saved.get("serving") if saved.get("serving") in SIDES
-                             else lent["serving"])
+    return ends.get(saved["end"]) or (saved.get("serving") if saved.get("serving") in SIDES
+                                      else lent["serving"])
 
 
 def role_of(record, real):

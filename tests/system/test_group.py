@@ -333,6 +333,33 @@ def test_a_dead_group_is_taken_back_on_one_side(workdir, host):
     dependent.check([dependent.read_slots(s) for s in socks], writer.acked)
 
 
+def test_a_corrupt_group_record_is_refused_not_guessed(workdir, host):
+    """The group's record edited behind its back (its end turned to "switched" before any pivot:
+    a checksum mismatch): the same command line refuses it in one line and starts nothing, and
+    the host's take-back of the dead group refuses to guess too (the members stay unserved)."""
+    make_disks(host, workdir, ["sys", "data"])
+    g = start_group(host, workdir, ["sys", "data"])
+    _kill_group(g)
+    path = workdir / "state" / "group.json"
+    saved = json.loads(path.read_text())
+    assert saved["end"] is None
+    path.write_text(json.dumps({**saved, "end": "switched"}))
+    res = host.mirrorfs("start", "sys", "data", "--dest-dir", workdir / "b", "--state-dir",
+                        workdir / "state", check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res
+    assert "corrupt" in res.stderr and "group.json" in res.stderr, res.stderr
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "nbdkit" in " ".join(
+        p.info["cmdline"] or []) and str(workdir) in " ".join(p.info["cmdline"] or [])]
+    host.proc.send_signal(signal.SIGTERM)
+    host.proc.wait(60)
+    host.take_back_after = 1
+    host.start()
+    wait_until(lambda: all(host.disks().get(n, {}).get("phase") == "failed" for n in ("sys", "data")),
+               "both members refused", timeout=60)
+    assert all(host.record(n)["lent"] for n in ("sys", "data"))      # nothing decided for them
+    assert all("corrupt" in host.disks()[n]["error"] for n in ("sys", "data"))
+
+
 def test_a_member_whose_destination_fails_keeps_the_group_on_its_sources(workdir, host):
     """The destination of one member fails (its storage daemon killed) during the group's copy:
     the group stops, every member's record says the source, the same command line resumes every
