@@ -44,14 +44,13 @@ import json
 import os
 import re
 import secrets
-import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.host.grouprecord import GroupRecord, GroupRecordError
-from mirrorfs.host.rundir import process_running, process_start, write_atomically
+from mirrorfs.host.rundir import check_dir, process_running, process_start, write_atomically
 from mirrorfs.sides import images
 
 FORMAT = "mirrorfs-disk/1"
@@ -127,6 +126,10 @@ def describe(record):
     return f"{record['name']} (chain {' <- '.join(paths(record['chain'])) or 'empty'})"
 
 
+# What another user could do with a registry it may write (rundir.check_dir refuses that).
+RISK = "another user could change which images a disk serves"
+
+
 def borrower_alive(lent):
     """Whether the process a loan names still runs: same pid *and* same start time, so a recycled
     pid is not mistaken for the borrower."""
@@ -135,17 +138,6 @@ def borrower_alive(lent):
 
 def _now():
     return round(time.time(), 3)
-
-
-def _check_dir(path):
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"registry {path} is not a directory")
-    if st.st_mode & stat.S_IWOTH:
-        raise UsageError(f"registry {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                         "another user could change which images a disk serves")
-    if st.st_uid not in (0, os.geteuid()):
-        raise UsageError(f"registry {path} belongs to uid {st.st_uid}, not to this user or root")
 
 
 class Registry:
@@ -160,9 +152,7 @@ class Registry:
 
     def __init__(self, path=None, create=True):
         self.path = Path(path if path is not None else default_path()).absolute()
-        try:
-            _check_dir(self.path)
-        except FileNotFoundError:
+        if not check_dir(self.path, "registry", RISK):
             if not create:
                 raise UsageError(f"registry {self.path} does not exist (no disk was added)") from None
             old = os.umask(0o022)
@@ -172,7 +162,7 @@ class Registry:
                 raise UsageError(f"cannot create the registry {self.path}: {e.strerror}") from None
             finally:
                 os.umask(old)
-            _check_dir(self.path)
+            check_dir(self.path, "registry", RISK)
 
     def file(self, name):
         return self.path / f"{name}.json"

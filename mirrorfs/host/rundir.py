@@ -83,7 +83,9 @@ def write_atomically(path, data):
         os.close(dirfd)
 
 
-def _check_dir(path, what):
+def check_dir(path, what, risk="another user could register disks or change the budget"):
+    """Whether the directory `path` exists (False if not); UsageError if it is not a directory,
+    is writable by others (`risk` says what they could do) or belongs to another user."""
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -92,7 +94,7 @@ def _check_dir(path, what):
         raise UsageError(f"{what} {path} is not a directory")
     if st.st_mode & stat.S_IWOTH:
         raise UsageError(f"{what} {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                         "another user could register disks or change the budget")
+                         f"{risk}")
     if st.st_uid not in (0, os.geteuid()):
         raise UsageError(f"{what} {path} belongs to uid {st.st_uid}, not to this user or root")
     return True
@@ -107,7 +109,7 @@ class RunDir:
     def __init__(self, path=None, create=True):
         self.path = Path(path) if path is not None else default_path()
         self.path = self.path.absolute()
-        if not _check_dir(self.path, "run directory"):
+        if not check_dir(self.path, "run directory"):
             if not create:
                 raise UsageError(f"run directory {self.path} does not exist (no mirrorfs process "
                                  "registered here)")
@@ -116,10 +118,10 @@ class RunDir:
                 self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
             finally:
                 os.umask(old)
-            _check_dir(self.path, "run directory")
+            check_dir(self.path, "run directory")
         for sub in (DISKS, COPIES):
             d = self.path / sub
-            if not _check_dir(d, "run directory entry") and create:
+            if not check_dir(d, "run directory entry") and create:
                 d.mkdir(mode=0o755, exist_ok=True)
 
     def file(self, name):
