@@ -1,5 +1,5 @@
 # A pointer for people who look here first: the script nbdkit loads is part of the installed package,
-# mirrorfs/datapath/nbdkit_script.py (so that `pip install .` serves a disk too). This file does the
+# mirrorfs/datapath/nbdkit/script.py (so that `pip install .` serves a disk too). This file does the
 # same from a checkout:   nbdkit python plugin/mirrorfs_nbdkit.py source=URI dest=URI
 
 import os
@@ -7,4 +7,4 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mirrorfs.datapath.callbacks import *  # noqa: F401,F403,E402
+from mirrorfs.datapath.nbdkit.callbacks import *  # noqa: F401,F403,E402

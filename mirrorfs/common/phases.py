@@ -27,7 +27,7 @@ class Phase(enum.StrEnum):
     SWITCHED = "switched"               # the destination alone (an end, saved in the state)
     CANCELLED = "cancelled"             # the source alone (an end, saved in the state)
     HANDED_BACK = "handed-back"         # start --take-over: the disk went back to its export
-    # --switch-first (datapath.evacuee): the destination serves from the start.
+    # --switch-first (datapath.evacuation.evacuee): the destination serves from the start.
     HYDRATING = "hydrating"             # unhydrated regions are read from the read-only source
     HYDRATED = "hydrated"               # the destination holds everything; the source is released
     # `export` (control.export).

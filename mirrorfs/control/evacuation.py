@@ -2,12 +2,12 @@
 
     start     [src/...base] <- [src/top]                     read-only from now on, never written
               [dst/top]  (no backing file)  <= every write; reads of what is not hydrated yet
-                                               come from the source chain (datapath.evacuee)
+                                               come from the source chain (datapath.evacuation.evacuee)
     hydrated  [dst/top]  stands alone; the source chain is released (its daemon stopped)
     hand-back (--take-over) the export serves dst/top
 
 `dst/top` has the name and format of the source's top and the disk's size, and is empty: a qcow2
-one hydrates in place (datapath.evacuee: the destination's daemon has the source chain as its
+one hydrates in place (datapath.evacuation.evacuee: the destination's daemon has the source chain as its
 runtime backing, never written to the header, and copies it with copy-on-read). Either way the
 destination is the whole disk flattened into one image: the chain does not grow from one
 evacuation to the next, and nothing is rebased at the end.
@@ -19,7 +19,7 @@ qcow2 overlay written while its backing is absent fills the unwritten part of ev
 cluster with zeros, and those zeros hide the backing's data once it arrives. A destination with no
 backing file has no "later": what it reads as is what was written to it, and the hydration map
 alone says which regions that is. A partial write into a region not hydrated copies the whole
-region (a multiple of the cluster size) first (datapath.evacuee), so qcow2's zero fill never
+region (a multiple of the cluster size) first (datapath.evacuation.evacuee), so qcow2's zero fill never
 stands where the source had data.
 
 Phases: hydrating, hydrated, handed-back, stopped. There is nothing to copy, verify (beyond "is it

@@ -20,7 +20,7 @@ own state in STATE_DIR/NAME); this module runs them in **one process** and makes
   instant) and `cancel` (`"end": "cancelled"`) go through the same gate and record.
 
 Why one process: the hold is a barrier between threads, not a protocol between processes, and a
-kill -9 of the group's process takes every member's nbdkit with it at once (datapath.lifeline):
+kill -9 of the group's process takes every member's nbdkit with it at once (datapath.nbdkit.lifeline):
 no member serves on while the others' fate is undecided.
 
 Why the group record decides, whatever was killed when: before it is written, no member serves from

@@ -8,7 +8,7 @@ Phases (status):
     cancelled      the source alone serves it (cancel)
     serving        --readonly: the source alone, no mirror
     hydrating      --switch-first: the destination serves, regions not hydrated yet are read from
-                   the read-only source and copied in the background (mirrorfs.datapath.evacuee)
+                   the read-only source and copied in the background (mirrorfs.datapath.evacuation.evacuee)
     hydrated       --switch-first: the destination holds everything and serves alone
     stopped
 The first two are the data path's to tell (the controller's own phase is "mirroring" meanwhile):
@@ -118,7 +118,7 @@ class Mirror(Hydrating, Controller):
 
     def verify(self):
         """Does the destination hold the whole disk? Returns (ok, detail). With --copy none
-        nothing was copied: the sides are compared (datapath.compare), as pivot does."""
+        nothing was copied: the sides are compared (datapath.mirror.compare), as pivot does."""
         dp = self.tree.datapath_status()
         if "error" in dp:
             raise Error(f"cannot ask the data path: {dp['error']}")

@@ -46,13 +46,13 @@ class ServeOptions:
     # the id a new state directory is made with.
     migration: str | None = None
     # Evacuation: the destination serves from the start, the source is opened read-only and
-    # hydrated into it in the background (mirrorfs.datapath.evacuee).
+    # hydrated into it in the background (mirrorfs.datapath.evacuation.evacuee).
     switch_first: bool = False
     # With switch_first: a client's read of a region not hydrated hydrates it too.
     copy_on_read: bool = False
     # The data path's copier starts held; the host budget (mirrorfs.host.budget) then sets its rate.
     hold_copy: bool = False
-    # The bounded lag (mirrorfs.datapath.lag): bytes of acknowledged changes the destination may
+    # The bounded lag (mirrorfs.datapath.mirror.lag): bytes of acknowledged changes the destination may
     # lack; 0: synchronous.
     lag: int = 0
 

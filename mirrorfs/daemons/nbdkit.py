@@ -74,12 +74,12 @@ class Nbdkit(Child):
         if readonly:
             argv.append("--readonly")
         # parent=: the data path makes SIGKILL nbdkit's death signal again once nbdkit has set its
-        # own, and checks that we are still its parent (mirrorfs/datapath/lifeline.py).
+        # own, and checks that we are still its parent (mirrorfs/datapath/nbdkit/lifeline.py).
         params = {**params, "parent": os.getpid()}
         argv += ["python", NBDKIT_SCRIPT] + [f"{k}={v}" for k, v in params.items()] + EXPORT_PARAMS
         # nbdkit's embedded interpreter is /usr/bin/python3, not our venv: show it where we live.
         pythonpath = os.pathsep.join(
-            p for p in (os.fspath(NBDKIT_SCRIPT.parents[2]), os.environ.get("PYTHONPATH")) if p)
+            p for p in (os.fspath(NBDKIT_SCRIPT.parents[3]), os.environ.get("PYTHONPATH")) if p)
         # If the supervisor dies, nbdkit gets SIGKILL, not SIGTERM: on SIGTERM nbdkit 1.32 answers
         # the requests it holds with ESHUTDOWN, which a reconnecting client (QEMU's reconnect-delay)
         # passes on to its guest instead of sending them again; and with an idle client connected

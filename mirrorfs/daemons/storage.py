@@ -152,7 +152,7 @@ class StorageDaemon:
                   "writable": not self.readonly}
         if self.backing is not None:
             # Which layer holds each byte: the data path asks it before it writes around the
-            # unreadable part of a cluster (datapath.evacuee, "the rare path in place").
+            # unreadable part of a cluster (datapath.evacuation.evacuee, "the rare path in place").
             export["allocation-depth"] = True
         return export
 

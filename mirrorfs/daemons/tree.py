@@ -109,7 +109,7 @@ class ProcessTree:
         self.source = self.dest = None
         self.state = None
         self.resumed = False
-        self.in_place = False           # an evacuation hydrating in place (datapath.evacuee)
+        self.in_place = False           # an evacuation hydrating in place (datapath.evacuation.evacuee)
         self.serving = None
         self.reader = "source"          # while mirroring: the side reads come from (a group's net)
         self.rundir = None
@@ -222,7 +222,7 @@ class ProcessTree:
             raise UsageError(str(e)) from None
 
     def _hydrates_in_place(self, source, dest, saved):
-        """Whether an evacuation hydrates in place (datapath.evacuee): both sides image files, the
+        """Whether an evacuation hydrates in place (datapath.evacuation.evacuee): both sides image files, the
         destination a qcow2 with no backing file of its own (the source chain becomes its runtime
         backing), and empty (copy-on-read keeps what it holds already); a resumed evacuation goes
         on as its state says."""
@@ -308,7 +308,7 @@ class ProcessTree:
         client sends them again to whatever serves the socket next. Nothing is lost: every request
         that reached a side was finished and flushed before the kill.
         If the data path cannot be quiesced (it is hung, or a side is gone), it is killed all the
-        same (nbdkit ignores SIGTERM, see mirrorfs.datapath.callbacks): a request that reached one
+        same (nbdkit ignores SIGTERM, see mirrorfs.datapath.nbdkit.callbacks): a request that reached one
         side only is then covered by the write intent, with a state directory."""
         if self.nbdkit.alive():
             # A request waiting for a storage daemon that died never finishes (nothing starts it
@@ -381,7 +381,7 @@ class ProcessTree:
         Raises Error with the data path's reason when it refuses (nothing changed then).
 
         `commit()`, when given, runs while the data path holds the clients' requests, after its
-        checks and before the state and the sides change (datapath.disk.Disk.switch): the moment
+        checks and before the state and the sides change (datapath.mirror.disk.Disk.switch): the moment
         to record the end where others look (a named disk's record) before anything is served
         from the new side. It is served to the data path on a one-shot socket in the private run
         directory; raising refuses the switch."""
@@ -392,7 +392,7 @@ class ProcessTree:
         return reply["stall_ms"] / 1000
 
     def read_from(self, to, timeout=10.0, commit=None):
-        """A group's safety net (datapath.disk.Disk.read_from): reads from side `to`, changes
+        """A group's safety net (datapath.mirror.disk.Disk.read_from): reads from side `to`, changes
         still to both. `commit()` as for `switch`. Returns the stall clients saw, in seconds."""
         reply = self._held("read-from", to, "read-from", timeout, commit, timeout + 60)
         self.reader = to

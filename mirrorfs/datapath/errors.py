@@ -6,7 +6,7 @@ client's.
     │   ├── SideUnreachable     no connection to it: connect failed, backing off, closed
     │   ├── ConnectionLost      the connection went away under the command (it may have run or not)
     │   └── SideRefused         the side answered the command with an error (ENOSPC, EIO, ENOTSUP...)
-    ├── RequestError        what the client's request gets: `errno` (mirrorfs.datapath.disk decides)
+    ├── RequestError        what the client's request gets: `errno` (mirrorfs.datapath.mirror.disk decides)
     ├── SwitchRefused       a switch that must not happen; nothing changed
     ├── DrainTimeout        requests still in flight when a pause gave up
     ├── CopyFailed          a copier chunk failed; it is tried again

@@ -81,7 +81,7 @@ class InFlight:
 
     def release_range(self, token):
         """Let other changes to the range of `token` start while the request stays in flight
-        (a lagged change waiting for room: datapath.lag orders the destination's copies); end
+        (a lagged change waiting for room: datapath.mirror.lag orders the destination's copies); end
         it with `leave()` without a token."""
         with self._lock:
             self._ranges.remove(token)

@@ -23,12 +23,12 @@ LOCK_GRANULARITY = 64 * 1024
 # Regions of the dirty map: the unit of write intent and of copying again after a failure.
 DEFAULT_REGION = 64 * 1024 * 1024
 MIN_REGION = 1 << 20
-# Regions of an evacuation's hydration map (--switch-first, datapath.hydration): what a partial
+# Regions of an evacuation's hydration map (--switch-first, datapath.evacuation.hydration): what a partial
 # write into a region not hydrated yet copies first, so small.
 DEFAULT_HYDRATION_REGION = 1 << 20
 # A mirror side's request that waits longer is cut (backend.NbdBackend.expire); 0: never.
 DEFAULT_IO_TIMEOUT = 30.0
-# The longest a switch drains a --lag before its hold (datapath.lag.Lag.converge): a lag of 64 MiB
+# The longest a switch drains a --lag before its hold (datapath.mirror.lag.Lag.converge): a lag of 64 MiB
 # to a destination taking 1 MiB/s drains in 64 s. The supervisor waits for the switch this long more.
 LAG_CONVERGE_MAX = 300.0
 
@@ -48,26 +48,26 @@ class DataPathOptions:
     granularity: int = LOCK_GRANULARITY
     io_timeout: float = DEFAULT_IO_TIMEOUT
     parent: int | None = None           # the supervisor's pid: the data path ends with it (lifeline)
-    # Evacuation (datapath.evacuee): the destination serves from the start, the source is only read.
+    # Evacuation (datapath.evacuation.evacuee): the destination serves from the start, the source is only read.
     switch_first: bool = False
     # The copier starts held, until the supervisor sets its rate (set-rate): its share of the host
     # budget (mirrorfs.host.budget), so a copy never runs unlimited before it has one.
     hold: bool | None = None
     # With switch_first: the destination's daemon has the source chain as its runtime backing, so
     # every request goes to the destination and hydration is NBD_CMD_CACHE (copy-on-read in that
-    # daemon: the bytes never cross nbdkit; datapath.evacuee).
+    # daemon: the bytes never cross nbdkit; datapath.evacuation.evacuee).
     in_place: bool = False
     # With in_place: the destination image's allocation unit (its cluster, or subcluster), the
     # most a write that failed because the source could not be read is widened to (the rare path
-    # in place, datapath.evacuee). 0: no such path (such a write fails).
+    # in place, datapath.evacuation.evacuee). 0: no such path (such a write fails).
     in_place_unit: int = 0
     # With switch_first: a client's read of a region not hydrated also hydrates it
-    # (datapath.copyonread), so the working set leaves the source first.
+    # (datapath.evacuation.copyonread), so the working set leaves the source first.
     copy_on_read: bool = False
     # A group's safety net (control.group): reads from the destination, changes to both sides,
     # the destination first; what a restart between a group's pivot and its commit serves.
     net: bool = False
-    # The bounded lag (datapath.lag): up to this many bytes of acknowledged changes may be on the
+    # The bounded lag (datapath.mirror.lag): up to this many bytes of acknowledged changes may be on the
     # source only; 0: every change waits for both sides.
     lag: int = 0
 

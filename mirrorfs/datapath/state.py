@@ -67,9 +67,9 @@ class State:
         # with its safety net (control.group), until its commit or revert.
         self.reader = reader
         # How the disk is served until its end: a mirror (changes to both sides), or an evacuation
-        # (--switch-first: changes to the destination alone, the source read-only; datapath.evacuee).
+        # (--switch-first: changes to the destination alone, the source read-only; datapath.evacuation.evacuee).
         self.switch_first = switch_first
-        # An evacuation hydrating in place (datapath.evacuee): the destination holds every change,
+        # An evacuation hydrating in place (datapath.evacuation.evacuee): the destination holds every change,
         # also in regions not hydrated; only this mode may resume it.
         self.in_place = in_place
         self.copy = copy                # "full": copy everything first; "none": sides start equal

@@ -1,7 +1,7 @@
 """A state directory as a whole: which files it holds, and whose they are.
 
     owner.json      written once, first, when the state is made: the owner and the files it keeps
-    hydration.map   an evacuation's (--switch-first) hydration map (datapath.hydration), next
+    hydration.map   an evacuation's (--switch-first) hydration map (datapath.evacuation.hydration), next
     state.json      the state journal (datapath.state; the dirty map is saved in it), last
 
 The **owner** is the same in every file: the migration (a random id made once, with the state), the
@@ -50,7 +50,7 @@ from pathlib import Path
 
 from mirrorfs.common.phases import Phase
 from mirrorfs.datapath.errors import StateError
-from mirrorfs.datapath.hydration import FILE as HYDRATION, HydrationError, HydrationMap
+from mirrorfs.datapath.evacuation.hydration import FILE as HYDRATION, HydrationError, HydrationMap
 from mirrorfs.datapath.state import FILE as STATE, State, write_atomically
 
 OWNER = "owner.json"

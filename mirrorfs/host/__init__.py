@@ -1,5 +1,9 @@
-"""The host's view of all its mirrorfs processes: the run directory where each registers (rundir), the
-bandwidth budget their copies share (budget), and the metrics a Prometheus server scrapes (metrics).
+"""The host's view of all its mirrorfs processes:
+
+    rundir.py      the run directory where each process and each copy registers (stale ones ignored)
+    budget.py      the bandwidth budget the copies share, max-min fair, and the concurrent-copy limit
+    view.py        what `mirrorfs list` and `top` show
+    metrics.py     the metrics a Prometheus server scrapes (`mirrorfs metrics`)
 
 No daemon holds this view: every process writes its own entries into the run directory and reads the
 others', so any of them may start, stop or crash without the rest noticing more than a missing file.

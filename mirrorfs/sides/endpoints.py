@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 from mirrorfs.system import access
 from mirrorfs.sides import images
 from mirrorfs.sides import rbd
-from mirrorfs.datapath import backend
+from mirrorfs.datapath.sides import backend
 from mirrorfs.errors import BackendError, UsageError
 
 URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")

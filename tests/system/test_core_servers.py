@@ -15,11 +15,11 @@ import pytest
 
 from lib.nbdservers import wait_for_pidfile
 from lib.statefiles import new_state, saved
-from mirrorfs.datapath import copier as copier_module
-from mirrorfs.datapath.backend import NbdBackend
-from mirrorfs.datapath.copier import Copier
-from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.disk import Disk
+from mirrorfs.datapath.mirror import copier as copier_module
+from mirrorfs.datapath.sides.backend import NbdBackend
+from mirrorfs.datapath.mirror.copier import Copier
+from mirrorfs.datapath.mirror.dirtymap import DirtyMap
+from mirrorfs.datapath.mirror.disk import Disk
 from mirrorfs.datapath.errors import RequestError, SwitchRefused
 
 MiB = 1 << 20

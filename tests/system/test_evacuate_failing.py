@@ -29,7 +29,7 @@ from lib.evacuation import STRIPE, raw_bytes, serve_switch_first
 from lib.images import MiB, make_full_pair, sha256
 from lib.nbdservers import FuseFile, NbdkitFilter
 from lib.waits import wait_until
-from mirrorfs.datapath.disk import RESEND_FOR
+from mirrorfs.datapath.sides.resend import RESEND_FOR
 
 SIZE = 64 * MiB
 REGION = MiB

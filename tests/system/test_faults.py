@@ -128,7 +128,7 @@ def test_destination_disconnects_and_comes_back(pair, workdir, serve):
     export = QemuNbd(dst, workdir / "dst-export.sock")   # back, same address
     s = wait_for(disk, "synchronized")
     # It noticed (the writes and the copy failed there), waited for the destination to settle
-    # (mirrorfs.datapath.copier.SETTLE_FIRST), and came back.
+    # (mirrorfs.datapath.mirror.copier.SETTLE_FIRST), and came back.
     assert s["datapath"]["sides"]["destination"]["errors"] > 0
     assert disk.stop() == 0
     export.stop()

@@ -22,7 +22,7 @@ def test_an_installed_copy_serves_a_disk(workdir):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--disable-pip-version-check", "--target", target, ROOT],
                    check=True, capture_output=True)
-    assert (target / "mirrorfs" / "datapath" / "nbdkit_script.py").is_file()
+    assert (target / "mirrorfs" / "datapath" / "nbdkit" / "script.py").is_file()
     (workdir / "src").mkdir()
     (workdir / "dst").mkdir()
     base = make_base(workdir / "src" / "base.qcow2", 16 * MiB)
@@ -40,7 +40,7 @@ def test_an_installed_copy_serves_a_disk(workdir):
             assert time.monotonic() < deadline, "not serving after 30 s"
             time.sleep(0.05)
         nbdkit = next(p for p in proc.children() if p.name() == "nbdkit")
-        script = next(a for a in nbdkit.cmdline() if a.endswith("nbdkit_script.py"))
+        script = next(a for a in nbdkit.cmdline() if a.endswith("nbdkit/script.py"))
         assert Path(script).is_relative_to(target), script
         qemu_io(f"nbd+unix:///?socket={sock}", "write -P 0x3c 1M 64k", "read -P 0x3c 1M 64k")
     finally:

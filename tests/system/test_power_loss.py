@@ -3,7 +3,7 @@ a raw file behind a volatile write cache in nbdkit's python plugin; kill -9 of i
 loss). A raw file served by a storage daemon keeps every write across kill -9, so only such a
 destination tells a state saved after the destination's flush from one saved before it.
 
-The rule (datapath/hydration.py): a region is saved as hydrated only after the destination was
+The rule (datapath/evacuation/hydration.py): a region is saved as hydrated only after the destination was
 flushed with its copy on it. An evacuation through nbdkit hydrates at a limited rate while a
 client writes with FUA at odd offsets; the destination and mirrorfs are killed at once; every
 region the saved map names hydrated must hold, in the destination's file, the source's bytes and

@@ -111,7 +111,7 @@ def test_sigkill_of_mirrorfs_takes_its_children_along(chains, serve):
     disk.proc.kill()
     disk.proc.wait(GONE_TIMEOUT)
     # The kernel sends the storage daemons SIGTERM (PR_SET_PDEATHSIG) and nbdkit SIGKILL (its death
-    # signal set back by mirrorfs/datapath/lifeline.py).
+    # signal set back by mirrorfs/datapath/nbdkit/lifeline.py).
     left = still_running(kids.values(), timeout=GONE_TIMEOUT)
     assert not left, f"orphans: {[' '.join(p.cmdline()) for p in left]}"
     # SIGTERM let each storage daemon close its image properly: both are consistent and identical.

@@ -1,4 +1,4 @@
-"""Python thread states kept across requests (mirrorfs/datapath/threadstate.py): deleted when their client
+"""Python thread states kept across requests (mirrorfs/datapath/nbdkit/threadstate.py): deleted when their client
 leaves, and nbdkit survives its connections whether requests run on worker threads or not."""
 
 import hashlib
@@ -107,6 +107,6 @@ def test_one_worker_thread_per_connection(chains, qemu_nbd, workdir):
         assert proc.poll() is None, proc.stderr.read()
         assert len(digests) == 5    # each pass saw the previous writes
     finally:
-        proc.kill()             # nbdkit ignores SIGTERM (mirrorfs.datapath.callbacks.after_fork)
+        proc.kill()             # nbdkit ignores SIGTERM (mirrorfs.datapath.nbdkit.callbacks.after_fork)
         proc.wait(30)
         proc.stderr.close()

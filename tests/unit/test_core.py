@@ -1,6 +1,6 @@
 """The data path's core, driven in this process, the way libnbd tests itself: range locks, the
 dirty map's write-intent rule, the state journal, the options, and `Disk` plus the copier on two
-memory backends (mirrorfs.datapath.memory: the same verbs, failures to order), and the Evacuee
+memory backends (mirrorfs.datapath.sides.memory: the same verbs, failures to order), and the Evacuee
 on them. No process is started (tests/unit/conftest.py refuses one): the same rules against two
 real `nbdkit memory` servers are tests/system/test_core_servers.py.
 
@@ -19,15 +19,15 @@ import time
 import pytest
 
 from lib.statefiles import new_state, saved
-from mirrorfs.datapath import copier as copier_module
-from mirrorfs.datapath import disk as disk_module
-from mirrorfs.datapath.copier import Copier
-from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.disk import Disk
+from mirrorfs.datapath.mirror import copier as copier_module
+from mirrorfs.datapath.mirror import disk as disk_module
+from mirrorfs.datapath.mirror.copier import Copier
+from mirrorfs.datapath.mirror.dirtymap import DirtyMap
+from mirrorfs.datapath.mirror.disk import Disk
 from mirrorfs.datapath.errors import DataPathError, DrainTimeout, RequestError, SwitchRefused
 from mirrorfs.datapath.inflight import InFlight
-from mirrorfs.datapath.compare import CHUNK, compare
-from mirrorfs.datapath.memory import MemoryBackend
+from mirrorfs.datapath.mirror.compare import CHUNK, compare
+from mirrorfs.datapath.sides.memory import MemoryBackend
 from mirrorfs.datapath.options import DataPathOptions
 from mirrorfs.datapath.state import State, StateError
 
@@ -504,10 +504,10 @@ def test_every_exception_of_the_data_path_has_one_root():
     import mirrorfs.errors
     supervisor = {n for n, c in vars(mirrorfs.errors).items() if isinstance(c, type)}
     found = {}
-    for info in pkgutil.iter_modules(mirrorfs.datapath.__path__):
-        if info.name in ("callbacks", "nbdkit_script"):
+    for info in pkgutil.walk_packages(mirrorfs.datapath.__path__, "mirrorfs.datapath."):
+        if info.name.endswith((".callbacks", ".script")):
             continue                                # need nbdkit's own module
-        module = importlib.import_module(f"mirrorfs.datapath.{info.name}")
+        module = importlib.import_module(info.name)
         for name, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, BaseException) and cls.__module__.startswith("mirrorfs."):
                 found[name] = cls
@@ -522,8 +522,8 @@ def test_every_exception_of_the_data_path_has_one_root():
 def evacuee(tmp_path):
     """evacuee(**kw): an Evacuee on two MemoryBackends, the source full of a pattern, its map in
     tmp_path; ev.reopen() is the map as a restart would load it."""
-    from mirrorfs.datapath.evacuee import Evacuee
-    from mirrorfs.datapath.hydration import HydrationMap
+    from mirrorfs.datapath.evacuation.evacuee import Evacuee
+    from mirrorfs.datapath.evacuation.hydration import HydrationMap
     made = []
 
     def make(in_place=False, **kw):
@@ -587,7 +587,7 @@ def test_holes_in_place_are_saved_before_and_refused_elsewhere(tmp_path):
     """Holes (the rare path in place) survive a reopen, a commit that fills part of one keeps the
     rest, hydrating the region drops them; a map with holes is refused by a hydration through
     nbdkit (which would read the destination's zeros) and when its ranges are not the region's."""
-    from mirrorfs.datapath.hydration import HydrationError, HydrationMap
+    from mirrorfs.datapath.evacuation.hydration import HydrationError, HydrationMap
     m = HydrationMap.open(tmp_path, SIZE, REGION, in_place=True)
     lo = 6 * REGION
     m.add_holes({6: [(lo + 100, lo + 65536), (lo, lo + 10)]})
@@ -733,7 +733,7 @@ def test_in_place_a_failed_read_of_a_region_not_hydrated_is_the_sources(evacuee)
 # serve's pivot compares the sides (tests/system/test_serve_pivot.py runs it for real).
 
 def test_compare_finds_the_first_difference_skips_zeros_and_stops_at_its_deadline():
-    """datapath.compare on two in-memory sides: the exact first differing byte (in a chunk after
+    """datapath.mirror.compare on two in-memory sides: the exact first differing byte (in a chunk after
     equal ones), zeros that both sides report skipped unread, and a deadline that stops it with
     what it compared (fewer bytes than the disk: not "identical")."""
     size = 16 * MiB

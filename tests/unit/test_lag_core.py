@@ -1,4 +1,4 @@
-"""The bounded lag (mirrorfs.datapath.lag) in this process, on memory backends (the same verbs as
+"""The bounded lag (mirrorfs.datapath.mirror.lag) in this process, on memory backends (the same verbs as
 NbdBackend, a destination held on purpose): the order of changes per cluster on the destination,
 one change per cluster at a time on it, the bound, the write intent kept until the destination has
 a change, and the lag becoming the resync when the destination fails. The same rules with real
@@ -11,11 +11,11 @@ import time
 import pytest
 
 from lib.waits import wait_until
-from mirrorfs.datapath import lag as lag_module
-from mirrorfs.datapath.copier import Copier
-from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.disk import Disk
-from mirrorfs.datapath.memory import MemoryBackend
+from mirrorfs.datapath.mirror import lag as lag_module
+from mirrorfs.datapath.mirror.copier import Copier
+from mirrorfs.datapath.mirror.dirtymap import DirtyMap
+from mirrorfs.datapath.mirror.disk import Disk
+from mirrorfs.datapath.sides.memory import MemoryBackend
 from mirrorfs.datapath.statedir import open_for
 
 MiB = 1 << 20

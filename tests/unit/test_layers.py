@@ -30,7 +30,7 @@ for name in {modules!r}:
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 OFFERED_BY_DATAPATH = {"mirrorfs.datapath", "mirrorfs.datapath.options", "mirrorfs.datapath.state",
-                       "mirrorfs.datapath.statedir", "mirrorfs.datapath.backend"}
+                       "mirrorfs.datapath.statedir", "mirrorfs.datapath.sides.backend"}
 
 
 def family(module):
@@ -85,13 +85,49 @@ def test_every_module_imports_only_downward():
     assert wrong == []
 
 
+# The data path's rooms, lowest first; a module imports from its own room and those below, and the
+# two modes (`mirror`, `evacuation`) never from each other. The shared pieces are its top-level
+# modules; `statedir` stands above both modes (it reads every file of the state directory, the
+# evacuation's hydration map included), `nbdkit` (the process: script, callbacks, service) above all.
+DATAPATH_ROOMS = {"shared": 0, "sides": 1, "mirror": 2, "evacuation": 2, "statedir": 3, "nbdkit": 4}
+
+
+def room(module):
+    """'mirrorfs.datapath.mirror.disk' -> 'mirror'; 'mirrorfs.datapath.errors' -> 'shared'."""
+    parts = module.split(".")
+    if len(parts) < 3:
+        return "shared"
+    if (PACKAGE / "datapath" / parts[2]).is_dir():
+        return parts[2]
+    return "statedir" if parts[2] == "statedir" else "shared"
+
+
+def test_every_datapath_room_is_placed():
+    rooms = {p.name for p in (PACKAGE / "datapath").iterdir() if (p / "__init__.py").is_file()}
+    assert rooms == set(DATAPATH_ROOMS) - {"shared", "statedir"}, rooms
+
+
+def test_the_datapath_rooms_import_only_downward_and_the_modes_never_each_other():
+    wrong = []
+    for name, path in modules():
+        if family(name) != "datapath":
+            continue
+        mine = room(name)
+        for target in imports_of(path):
+            theirs = room(target)
+            if family(target) == "datapath" and theirs != mine and \
+                    DATAPATH_ROOMS[theirs] >= DATAPATH_ROOMS[mine]:
+                wrong.append(f"{name} ({mine}) imports {target} ({theirs})")
+    assert wrong == []
+
+
 def test_the_datapath_imports_only_the_standard_library_and_libnbd():
     """In a clean interpreter (Debian's, as nbdkit embeds it; -I: no PYTHONPATH, no user site),
     import every module of the data path and of common (found in the tree) and look at what came
     along."""
     names = [n for n, _ in modules() if family(n) in ("common", "datapath") and n != "mirrorfs"
-             and not n.endswith("nbdkit_script") and not n.endswith(".callbacks")]
-    assert "mirrorfs.datapath.disk" in names and "mirrorfs.common.jsonlines" in names, names
+             and not n.endswith(".nbdkit.script") and not n.endswith(".callbacks")]
+    assert "mirrorfs.datapath.mirror.disk" in names and "mirrorfs.common.jsonlines" in names, names
     res = run("/usr/bin/python3", "-I", "-c", PROBE.format(root=str(ROOT), modules=names))
     loaded = json.loads(res.stdout)
     ours = [m for m in loaded if m.split(".")[0] == "mirrorfs"]
@@ -134,3 +170,19 @@ def test_every_test_file_is_in_one_of_the_two_suites():
     assert placed and [str(p) for p in placed if p.parts[0] not in ("unit", "system") or len(p.parts) != 2] == []
     names = [p.name for p in placed]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_every_module_is_named_in_its_packages_map():
+    """The module map is written once, in the docstrings (docs/DESIGN.md points there): every module
+    and subpackage is named, as `name.py` or `name/`, in its package's `__init__.py` docstring."""
+    missing = []
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        if init.parent == PACKAGE:
+            continue
+        text = ast.get_docstring(ast.parse(init.read_text())) or ""
+        for child in sorted(init.parent.iterdir()):
+            if child.suffix == ".py" and child.name != "__init__.py" and child.name not in text:
+                missing.append(str(child.relative_to(ROOT)))
+            elif (child / "__init__.py").is_file() and f"{child.name}/" not in text:
+                missing.append(str(child.relative_to(ROOT)) + "/")
+    assert missing == [], "name these in their package's __init__.py docstring"

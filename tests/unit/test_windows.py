@@ -20,14 +20,14 @@ import time
 import pytest
 
 from lib.statefiles import new_state, saved
-from mirrorfs.datapath import copier as copier_module
-from mirrorfs.datapath.copier import Copier
-from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.disk import Disk
+from mirrorfs.datapath.mirror import copier as copier_module
+from mirrorfs.datapath.mirror.copier import Copier
+from mirrorfs.datapath.mirror.dirtymap import DirtyMap
+from mirrorfs.datapath.mirror.disk import Disk
 from mirrorfs.datapath.errors import SwitchRefused
-from mirrorfs.datapath.evacuee import Evacuee
-from mirrorfs.datapath.hydration import HydrationMap
-from mirrorfs.datapath.memory import MemoryBackend
+from mirrorfs.datapath.evacuation.evacuee import Evacuee
+from mirrorfs.datapath.evacuation.hydration import HydrationMap
+from mirrorfs.datapath.sides.memory import MemoryBackend
 
 MiB = 1 << 20
 SIZE = 16 * MiB

@@ -4,7 +4,7 @@ daemons are told to stop.
 The supervisor starts nbdkit with PR_SET_PDEATHSIG=SIGKILL (mirrorfs.system.children), but nbdkit
 1.32 sets its own parent-death signal, SIGTERM, at start-up (strace shows the prctl without
 --exit-with-parent on its command line), and the data path ignores SIGTERM (on it nbdkit answers the requests it holds
-with ESHUTDOWN; see mirrorfs.datapath.callbacks). So `arm()` sets SIGKILL again, from nbdkit's main
+with ESHUTDOWN; see mirrorfs.datapath.nbdkit.callbacks). So `arm()` sets SIGKILL again, from nbdkit's main
 thread (the kernel keeps the setting per thread, and this one lives as long as the process).
 
 Why SIGKILL, and why at that instant: when the supervisor dies, the kernel signals all its children

@@ -45,8 +45,8 @@ import logging
 import threading
 import time
 
-from mirrorfs.datapath.backend import describe
-from mirrorfs.datapath.commands import FLUSH, Trim, Write, Zero
+from mirrorfs.datapath.sides.backend import describe
+from mirrorfs.datapath.sides.commands import FLUSH, Trim, Write, Zero
 from mirrorfs.datapath.errors import DrainTimeout, SideError, side_error
 from mirrorfs.datapath.options import LAG_CONVERGE_MAX
 

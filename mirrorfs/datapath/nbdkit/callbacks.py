@@ -1,4 +1,4 @@
-"""nbdkit's callbacks, mapped onto the data path (`mirrorfs.datapath`, `mirrorfs.datapath.disk`).
+"""nbdkit's callbacks, mapped onto the data path (`mirrorfs.datapath`, `mirrorfs.datapath.mirror.disk`).
 
 `plugin/mirrorfs_nbdkit.py` is the script nbdkit loads; it imports everything from here. nbdkit calls
 these functions by name, so this module holds the only state nbdkit needs between callbacks: one
@@ -11,9 +11,9 @@ import sys
 
 import nbdkit
 
-from mirrorfs.datapath.service import DataPath
+from mirrorfs.datapath.nbdkit.service import DataPath
 from mirrorfs.datapath.errors import RequestError
-from mirrorfs.datapath.threadstate import ThreadStates
+from mirrorfs.datapath.nbdkit.threadstate import ThreadStates
 
 API_VERSION = 2
 
@@ -49,7 +49,7 @@ def get_ready():
 def after_fork():
     # nbdkit ends only by SIGKILL: its supervisor's once the data path is quiesced, or the kernel's
     # when the supervisor dies (start_threads sets it back as nbdkit's death signal, see
-    # mirrorfs.datapath.lifeline). SIGTERM, which nbdkit asks the kernel for at start-up, would make
+    # mirrorfs.datapath.nbdkit.lifeline). SIGTERM, which nbdkit asks the kernel for at start-up, would make
     # nbdkit answer the requests it holds with ESHUTDOWN: a reconnecting client passes that to its
     # guest, where an unanswered request is simply sent again. (Here, not earlier: nbdkit installs
     # its own handlers after config_complete.)

@@ -1,12 +1,12 @@
-"""What an evacuation (datapath.evacuee, datapath.hydrator) asks of a side, on the backends' verbs:
+"""What an evacuation (evacuation.evacuee, evacuation.hydrator) asks of a side, on the backends' verbs:
 read, write, zero, trim, flush, cache, extents, and the extent-aware copy of a range from one side
 to another.
 
 Each function takes a backend and offsets, splits what the side does not take in one request (reads
-and writes above its maximum, zeroes and trims above 1 GiB: datapath.commands' `pieces`), and
+and writes above its maximum, zeroes and trims above 1 GiB: datapath.sides.commands' `pieces`), and
 raises `SideFailure` naming the side, the operation and the range, with the errno the client gets.
 A request whose connection was lost (not refused: SideError.lost) is sent again on a new connection
-for up to RESEND_FOR seconds, as the mirror's authoritative side does (datapath.disk): the side may
+for up to RESEND_FOR seconds, as the mirror's authoritative side does (datapath.mirror.disk): the side may
 be restarting, or the whole tree is going down, and then the client must get no answer rather than
 an error. Callers hold the range lock of every change, so sending a change twice is harmless.
 
@@ -16,9 +16,9 @@ This module runs inside nbdkit's embedded interpreter: standard library only (th
 import logging
 import time
 
-from mirrorfs.datapath.backend import describe
-from mirrorfs.datapath.commands import FLUSH, Read, Trim, Write, Zero
-from mirrorfs.datapath.disk import MAX_EFFECT, RESEND_EVERY, RESEND_FOR
+from mirrorfs.datapath.sides.backend import describe
+from mirrorfs.datapath.sides.commands import FLUSH, Read, Trim, Write, Zero
+from mirrorfs.datapath.sides.resend import MAX_EFFECT, RESEND_EVERY, RESEND_FOR
 from mirrorfs.datapath.errors import DataPathError, SideError, lost_again
 
 log = logging.getLogger("mirrorfs")

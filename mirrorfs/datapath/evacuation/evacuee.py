@@ -1,9 +1,9 @@
 """The served disk of an evacuation (--switch-first): what happens to each request when the
 destination is authoritative from the first second and the source is only read. Read this file to
-know what happens to a write in that mode (datapath.disk is the mirror's).
+know what happens to a write in that mode (datapath.mirror.disk is the mirror's).
 
 - write, zero, trim → the destination alone. A change to a region that is not hydrated
-  (datapath.hydration) first copies the rest of that region from the source, under the range lock
+  (datapath.evacuation.hydration) first copies the rest of that region from the source, under the range lock
   of the whole region, unless the change covers the region whole; then the change; then the
   region is committed (destination flushed, map saved, group commit) and only then is the client
   answered. A partial write therefore never leaves the destination's zeros where the source had
@@ -22,7 +22,7 @@ know what happens to a write in that mode (datapath.disk is the mirror's).
   hold. It is counted, with its offset (status: `source_read_errors`); the bytes at risk are the
   ones the destination does not hold. In place, a failed read of a region not hydrated is counted
   the same way (the destination's daemon read the source for it).
-- With copy-on-read (datapath.copyonread), a read of a region not hydrated also hands it to be
+- With copy-on-read (datapath.evacuation.copyonread), a read of a region not hydrated also hands it to be
   hydrated, after the client's answer.
 
 Range locks (InFlight) order every change and every hydration copy on the same bytes: a copy never
@@ -42,7 +42,7 @@ drops the backing (tree.release_source).
 The rare path in place: while the source fails, QEMU cannot fill the rest of a cluster a write
 touches, and the write fails. It is then written around (`_write_around`): each partial cluster
 at its ends whole, with what the destination holds of it, what the source still reads, and zeros
-for the rest, which the map saves as **holes** before the write (datapath.hydration); reads of
+for the rest, which the map saves as **holes** before the write (datapath.evacuation.hydration); reads of
 holes go to the source, a later change fills them (committed before its answer), hydration copies
 them through nbdkit.
 
@@ -55,12 +55,12 @@ import logging
 import threading
 import time
 
-from mirrorfs.datapath import sideio
-from mirrorfs.datapath.copyonread import CopyOnRead
-from mirrorfs.datapath.disk import SideStats
+from mirrorfs.datapath.sides import sideio
+from mirrorfs.datapath.evacuation.copyonread import CopyOnRead
+from mirrorfs.datapath.sides.stats import SideStats
 from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideRefused,
                                       SwitchRefused)
-from mirrorfs.datapath.hydration import HydrationError, subtract
+from mirrorfs.datapath.evacuation.hydration import HydrationError, subtract
 from mirrorfs.datapath.inflight import InFlight
 
 log = logging.getLogger("mirrorfs")

@@ -23,8 +23,8 @@ import collections
 import logging
 import threading
 
-from mirrorfs.datapath import sideio
-from mirrorfs.datapath.hydration import HydrationError
+from mirrorfs.datapath.sides import sideio
+from mirrorfs.datapath.evacuation.hydration import HydrationError
 
 log = logging.getLogger("mirrorfs")
 

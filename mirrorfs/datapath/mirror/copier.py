@@ -21,8 +21,8 @@ import threading
 import time
 
 from mirrorfs.common.pacing import Paced, Pacer
-from mirrorfs.datapath.backend import describe
-from mirrorfs.datapath.commands import Read, Write, Zero
+from mirrorfs.datapath.sides.backend import describe
+from mirrorfs.datapath.sides.commands import Read, Write, Zero
 from mirrorfs.datapath.errors import CopyFailed, SideError
 
 log = logging.getLogger("mirrorfs")

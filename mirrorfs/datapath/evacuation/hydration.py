@@ -22,7 +22,7 @@ Regions go through three states, only the last one saved:
 
 An unhydrated region may also have **held** byte ranges: parts the destination holds because a
 change covering only part of the region was made while the source could not be read (the rare
-path, datapath.evacuee). They follow the same rule (saved only after the destination was flushed
+path, datapath.evacuation.evacuee). They follow the same rule (saved only after the destination was flushed
 with the change, and before the change is acknowledged), and reads of the region take them from
 the destination and the rest from the source. Copying the region later copies only what is not
 held; once it is hydrated its held ranges are dropped from the file. Unsaved held ranges (the
@@ -37,7 +37,7 @@ fails and its regions go back to unhydrated (their copy may not have survived).
 In place (the destination's daemon reads what it does not hold from its runtime backing, the
 source), a region not hydrated may have **holes** instead: ranges the destination's image holds
 zeros for although the source has the data there. They come from the rare path in place
-(datapath.evacuee): a write into part of a qcow2 cluster the destination does not hold, while the
+(datapath.evacuation.evacuee): a write into part of a qcow2 cluster the destination does not hold, while the
 source cannot be read, is written as the whole cluster (the client's bytes, zeros around them).
 The rule is the other way round from held ranges: holes are saved *before* that write (a crash
 after it must not leave the zeros readable), and reads of them go to the source. A change that

@@ -1,5 +1,5 @@
 """The background hydration of an evacuation (--switch-first): every region not hydrated yet is
-copied from the source to the destination and committed (datapath.hydration), then the source is
+copied from the source to the destination and committed (datapath.evacuation.hydration), then the source is
 released (Evacuee.finish).
 
 - In region order from the first unhydrated one, several workers at once, each copying a batch of
@@ -23,7 +23,7 @@ released (Evacuee.finish).
 - A region that cannot be copied is retried with backoff (RETRY_FIRST doubling to RETRY_MAX) and
   listed in status with the error and **the side that failed** (the SideFailure's, which in place
   already tells the source's failure through the destination's backing from the destination's
-  own, datapath.evacuee): `unreadable` when the source could not read it (its data is at risk),
+  own, datapath.evacuation.evacuee): `unreadable` when the source could not read it (its data is at risk),
   `unwritable` when the destination could not take it (full: ENOSPC; failing). The others go on
   meanwhile. A commit whose flush or save fails is the destination's too (`commit_failures`).
 
@@ -36,8 +36,8 @@ import threading
 import time
 
 from mirrorfs.common.pacing import Paced, Pacer
-from mirrorfs.datapath import sideio
-from mirrorfs.datapath.hydration import HydrationError
+from mirrorfs.datapath.sides import sideio
+from mirrorfs.datapath.evacuation.hydration import HydrationError
 from mirrorfs.datapath.errors import DrainTimeout
 
 log = logging.getLogger("mirrorfs")

@@ -16,7 +16,7 @@ The control socket (the supervisor is its only client) takes:
                                                         and the sides change (Disk.switch)
     {"cmd": "quiesce"}                                  before the process stops
     {"cmd": "compare", "seconds": 580}                  a mirror's sides, byte by byte (serve's
-                                                        pivot with --copy none: datapath.compare)
+                                                        pivot with --copy none: datapath.mirror.compare)
     {"cmd": "set-rate", "rate": N}                      the limit of the copier or the hydrator
                                                         (the host budget's share)
 
@@ -31,16 +31,18 @@ import socket
 import threading
 import time
 
-from mirrorfs.datapath import compare, lifeline, sideio
+from mirrorfs.datapath.mirror import compare
+from mirrorfs.datapath.nbdkit import lifeline
+from mirrorfs.datapath.sides import sideio
 from mirrorfs.common import jsonlines
-from mirrorfs.datapath.backend import NbdBackend
-from mirrorfs.datapath.copier import Copier
-from mirrorfs.datapath.dirtymap import DirtyMap
-from mirrorfs.datapath.disk import Disk
+from mirrorfs.datapath.sides.backend import NbdBackend
+from mirrorfs.datapath.mirror.copier import Copier
+from mirrorfs.datapath.mirror.dirtymap import DirtyMap
+from mirrorfs.datapath.mirror.disk import Disk
 from mirrorfs.datapath.errors import DrainTimeout, SideUnreachable, StateError, SwitchRefused
-from mirrorfs.datapath.evacuee import Evacuee
-from mirrorfs.datapath.hydration import HydrationError, HydrationMap
-from mirrorfs.datapath.hydrator import Hydrator
+from mirrorfs.datapath.evacuation.evacuee import Evacuee
+from mirrorfs.datapath.evacuation.hydration import HydrationError, HydrationMap
+from mirrorfs.datapath.evacuation.hydrator import Hydrator
 from mirrorfs.datapath.options import DataPathOptions
 from mirrorfs.datapath.state import ENDS
 from mirrorfs.datapath import statedir

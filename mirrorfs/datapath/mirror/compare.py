@@ -21,7 +21,7 @@ This module runs inside nbdkit's embedded interpreter: standard library only.
 
 import time
 
-from mirrorfs.datapath import sideio
+from mirrorfs.datapath.sides import sideio
 from mirrorfs.datapath.errors import SideError
 
 CHUNK = 4 * 1024 * 1024

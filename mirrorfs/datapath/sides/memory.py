@@ -23,7 +23,7 @@ import os
 import threading
 import time
 
-from mirrorfs.datapath.commands import STATE_HOLE, STATE_ZERO, Verbs
+from mirrorfs.datapath.sides.commands import STATE_HOLE, STATE_ZERO, Verbs
 from mirrorfs.datapath.errors import SideError, SideUnreachable, side_error
 
 MiB = 1 << 20

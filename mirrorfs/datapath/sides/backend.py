@@ -1,8 +1,8 @@
 """One side of the mirror: an NBD export reached with libnbd, its capabilities, and its verbs.
 
-The verbs are every backend's (mirrorfs.datapath.memory has the same): by offset, `pread`, `pwrite`,
+The verbs are every backend's (mirrorfs.datapath.sides.memory has the same): by offset, `pread`, `pwrite`,
 `zero`, `trim`, `flush`, `cache`, `extents`; for the hot path, a command
-(mirrorfs.datapath.commands) is `run` synchronously or `start`ed, returning a `Pending` to `wait()`
+(mirrorfs.datapath.sides.commands) is `run` synchronously or `start`ed, returning a `Pending` to `wait()`
 for; `run_all` puts several on one connection at once (the copier's chunk); `reserve` sets a
 connection aside for a `run` or `start` to come (a request that needs both sides at once takes their
 connections in one order). Each verb borrows a connection from the pool and gives it back, and turns
@@ -35,7 +35,7 @@ import time
 
 import nbd
 
-from mirrorfs.datapath.commands import Verbs
+from mirrorfs.datapath.sides.commands import Verbs
 from mirrorfs.datapath.errors import SideError, SideUnreachable, side_error
 
 # QEMU's metadata context saying which layer of a chain holds each byte (Backend.allocation_depth).
@@ -310,7 +310,7 @@ class NbdBackend(Verbs):
             _close_quietly(h)
         return [(a, min(n, end - a), d) for a, n, d in found if a < end]
 
-    # Commands (mirrorfs.datapath.commands): the forms the hot path needs.
+    # Commands (mirrorfs.datapath.sides.commands): the forms the hot path needs.
 
     # reserve(): set a connection aside for the next `run` or `start` (pass it as `reserved`),
     # which gives it back. A caller that needs a connection of several sides at once reserves them
@@ -354,7 +354,7 @@ class NbdBackend(Verbs):
 
     def run_each(self, cmds):
         """Run `cmds` at once on one connection, as `run_all`, but return the outcome of each: None
-        or its SideError (the lag's batches, datapath.lag: one failure must not hide which
+        or its SideError (the lag's batches, datapath.mirror.lag: one failure must not hide which
         commands succeeded)."""
         h = self._acquire()
         results = []

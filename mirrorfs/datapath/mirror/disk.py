@@ -7,109 +7,40 @@
 - flush → every write side, at once.
 - A failure on any side fails the client's request with that side's errno (the source's first), and is
   counted and logged with the side, the offset and the length.
-- With --lag (datapath.lag): a write, zero or trim runs on the source under its range lock and
+- With --lag (datapath.mirror.lag): a write, zero or trim runs on the source under its range lock and
   write intent, is queued for the destination, and is answered once the lag has room for it (at
   most SIZE bytes acknowledged that the destination lacks) or the destination has it. A flush is
   answered by the source; the destination is flushed behind the lag. The switch drains the lag
   first (`_change_lagged`, `switch`, `quiesce`).
 
-Each request becomes one command (mirrorfs.datapath.commands: `Write(buf, offset, fua)`, ...) that
+Each request becomes one command (mirrorfs.datapath.sides.commands: `Write(buf, offset, fua)`, ...) that
 every side's backend runs with its verbs (`start` / `run`); this module never sees a connection.
 
 This module runs inside nbdkit's embedded interpreter: standard library only (the sides are backends).
 """
 
-import collections
 import errno
 import itertools
 import logging
 import threading
 import time
 
-from mirrorfs.datapath.backend import describe, error_errno, wait_all
-from mirrorfs.datapath.commands import FLUSH, Read, Trim, Write, Zero
-from mirrorfs.datapath.dirtymap import DirtyMap
+from mirrorfs.datapath.sides.backend import describe, wait_all
+from mirrorfs.datapath.sides.resend import MAX_EFFECT, RESEND_EVERY, RESEND_FOR
+from mirrorfs.datapath.sides.stats import SideStats
+from mirrorfs.datapath.sides.commands import FLUSH, Read, Trim, Write, Zero
+from mirrorfs.datapath.mirror.dirtymap import DirtyMap
 from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideUnreachable,
                                       SwitchRefused, lost_again)
-from mirrorfs.datapath.histogram import Histogram
 from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.common.sizes import human_size
 from mirrorfs.datapath.inflight import InFlight
-from mirrorfs.datapath.lag import Lag
+from mirrorfs.datapath.mirror.lag import Lag
 
 log = logging.getLogger("mirrorfs")
 
 # Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
 SEQUENTIAL_WAIT_MAX = 128 * 1024
-# Zeroes and trims carry no payload: the advertised maximum (a payload limit, nbdkit's blocksize
-# filter's "maxdata" as against "maxlen") does not bind them, qemu-storage-daemon takes them at any
-# 32-bit length, and QEMU's own NBD client sends discards of up to 2 GiB, which pieces of 32 MiB would
-# turn into 64 round trips. They are split at this larger unit instead.
-MAX_EFFECT = 1 << 30
-# A request whose authoritative side lost its connection (not: refused the request) is sent again on
-# a new connection for this long before the client hears of it. The side may be restarting; or the
-# whole process tree is going down (a restart), and then the client must get
-# no answer at all rather than an error: a reconnecting client sends the request again to whatever
-# serves the socket next (QEMU's reconnect-delay), but passes an error on to its guest.
-RESEND_FOR = 30.0
-RESEND_EVERY = 0.2
-# Latencies kept per side for status percentiles.
-LATENCY_SAMPLES = 2048
-
-
-class SideStats:
-    """Per-side counters for status: errors, the last error, and recent latencies.
-
-    The last error (what, where, when) is kept because an operator looking at a failing side
-    needs the reason ("No space left on device"), not just a count; the log has every one."""
-
-    def __init__(self, name):
-        self.name = name
-        self.errors = 0
-        self.degraded = 0               # changes acknowledged without this side (degrade policy)
-        self.latencies = collections.deque(maxlen=LATENCY_SAMPLES)   # append is atomic
-        self.histogram = Histogram()    # the same samples, counted for good (host metrics)
-        self.errors_by_op = collections.Counter()       # counted under _lock
-        self.last_error = None          # a dict, replaced whole (readers never see half of one)
-        self._lock = threading.Lock()
-        self._logged_at = 0.0
-        self._unlogged = 0
-
-    def failed(self, op, offset, length, exc):
-        """Count a failure and log it: every one, unless they come faster than one a second (a
-        dead side would fill the log), then one a second with the number left out."""
-        now = time.monotonic()
-        number = error_errno(exc)
-        self.last_error = {"op": op, "offset": offset, "length": length, "error": describe(exc),
-                           "errno": errno.errorcode.get(number, str(number)), "time": time.time()}
-        with self._lock:
-            self.errors += 1
-            self.errors_by_op[op] += 1
-            if now - self._logged_at < 1.0:
-                self._unlogged += 1
-                return
-            self._logged_at, skipped, self._unlogged = now, self._unlogged, 0
-        more = f" ({skipped} more failures not logged)" if skipped else ""
-        log.error("%s %s failed at offset %d length %d: %s%s", self.name, op, offset, length,
-                  describe(exc), more)
-
-    def degrade(self):
-        """A change acknowledged to the client without this side (degrade policy)."""
-        with self._lock:
-            self.degraded += 1
-
-    def snapshot(self):
-        recent = sorted(self.latencies)
-
-        def pct(p):
-            return round(recent[min(len(recent) - 1, int(len(recent) * p))] * 1000, 3) if recent else None
-
-        return {"errors": self.errors, "degraded": self.degraded, "last_error": self.last_error,
-                "errors_by_op": dict(self.errors_by_op), "histogram": self.histogram.snapshot(),
-                "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0),
-                               "samples": len(recent)}}
-
-
 class Disk:
     def __init__(self, source, dest=None, dirty=None, policy="fail", granularity=LOCK_GRANULARITY,
                  net=False, lag=0):
@@ -136,7 +67,7 @@ class Disk:
         # (see _change_in_pieces), and one comparison is all they cost a request of ordinary size.
         self.max_request = self.block_size()[2]
         self.max_effect = max(MAX_EFFECT, self.max_request)
-        # --lag: changes reach the destination in the background (datapath.lag); its threads are
+        # --lag: changes reach the destination in the background (datapath.mirror.lag); its threads are
         # started with the data path's (after nbdkit's fork).
         self.lag = (Lag(dest, lag, granularity, self.dirty, self.stats[dest.name], policy)
                     if lag and dest is not None else None)
@@ -443,7 +374,7 @@ class Disk:
             self.inflight.leave(token)
 
     def _change_lagged(self, cmd, token):
-        """`_change` with a lag (datapath.lag): the source runs the change under its range lock
+        """`_change` with a lag (datapath.mirror.lag): the source runs the change under its range lock
         and intent; the destination gets a copy in the background. The client is answered once
         the lag has room for it, or once the destination has it."""
         ranged = True
