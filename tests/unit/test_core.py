@@ -209,16 +209,20 @@ def test_options_round_trip_through_nbdkit_parameters():
     assert DataPathOptions.from_params(alone.to_params()) == alone
 
 
+# The operator's options (--copy, --rate, --region, --io-timeout...) are ServeOptions' to refuse,
+# once: tests/unit/test_options.py. What comes into the data path is parsed here, and the
+# parameters only the process tree sets are checked.
 @pytest.mark.parametrize("params,problem", [
     ({"dest": "d"}, "missing parameter: source"),
     ({"source": "s", "mode": "full"}, "unknown parameter 'mode'"),
-    ({"source": "s", "dest": "d", "copy": "mirror"}, "--copy 'mirror'"),
-    ({"source": "s", "copy": "full"}, "need a destination"),
-    ({"source": "s", "dest": "d", "region": "3000000"}, "power of two"),
-    ({"source": "s", "dest": "d", "io_timeout": "inf"}, "--io-timeout"),
     ({"source": "s", "dest": "d", "rate": "fast"}, "expected a int"),
+    ({"source": "s", "dest": "d", "switch_first": "yes"}, "expected a boolean"),
+    ({"source": "s", "source_label": "left"}, "source_label 'left'"),
+    ({"source": "s", "dest": "d", "granularity": "1000"}, "granularity 1000: expected a power of two"),
+    ({"source": "s", "dest": "d", "in_place": "True"}, "in_place hydrates an evacuation"),
+    ({"source": "s", "net": "True"}, "net: a mirror's destination serves reads"),
 ])
-def test_bad_options_are_refused(params, problem):
+def test_bad_parameters_are_refused(params, problem):
     with pytest.raises(ValueError, match=problem.replace("(", r"\(")):
         DataPathOptions.from_params(params)
 
