@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mirrorfs.common.sizes import rate_value
 from mirrorfs.system import sockets
 from mirrorfs.system.access import Access
 from mirrorfs.datapath.options import (COPY_MODES, DEFAULT_HYDRATION_REGION, DEFAULT_IO_TIMEOUT,
@@ -108,8 +109,10 @@ class ServeOptions:
         if self.readonly and self.copy == "full":
             raise UsageError("--copy full copies the source to a destination; --readonly serves "
                              "the source alone")
-        if self.rate is not None and (not _whole(self.rate) or self.rate <= 0):
-            raise UsageError(f"--rate {self.rate!r}: expected a positive number of bytes per second")
+        try:
+            self.rate = rate_value(self.rate, "--rate", unlimited="None")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if self.region is not None and (not _whole(self.region) or self.region < MIN_REGION or
                                         self.region & (self.region - 1)):
             raise UsageError(f"--region {self.region!r}: expected a power of two of at least 1 MiB")

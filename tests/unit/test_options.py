@@ -22,10 +22,12 @@ M = 1 << 20
 BAD = [
     ({"copy": "mirror"}, "--copy 'mirror': expected one of none, full"),
     ({"policy": "sometimes"}, "--on-dest-error 'sometimes': expected one of fail, degrade"),
-    ({"rate": 0, "copy": "full"}, "--rate 0: expected a positive number of bytes per second"),
-    ({"rate": -M, "copy": "full"}, f"--rate {-M}: expected a positive number"),
-    ({"rate": True, "copy": "full"}, "--rate True: expected a positive number"),
-    ({"rate": "100M", "copy": "full"}, "--rate '100M': expected a positive number"),
+    ({"rate": 0, "copy": "full"}, "--rate 0: expected a whole number of bytes per second, at "
+                                  "least 1 (None: no limit)"),
+    ({"rate": -M, "copy": "full"}, f"--rate {-M}: expected a whole number"),
+    ({"rate": 0.5, "copy": "full"}, "--rate 0.5: expected a whole number"),
+    ({"rate": True, "copy": "full"}, "--rate True: expected a whole number"),
+    ({"rate": "100M", "copy": "full"}, "--rate '100M': expected a whole number"),
     ({"region": 3000000}, "--region 3000000: expected a power of two of at least 1 MiB"),
     ({"region": M // 2}, f"--region {M // 2}: expected a power of two"),
     ({"io_timeout": float("inf")}, "--io-timeout inf: expected seconds, 0 for none"),
@@ -104,7 +106,7 @@ def test_a_group_refuses_rate_from_the_python_api_too(tmp_path):
 
 # The words of every rule above, each written once in the package (a rule written in two places
 # drifts: "--switch-first needs --state-dir" once was, in ServeOptions and in DataPathOptions).
-RULES = ["expected a positive number of bytes per second", "expected a power of two of at least 1 MiB",
+RULES = ["expected a whole number of bytes per second", "expected a power of two of at least 1 MiB",
          "--switch-first needs --state-dir", "copies the whole source in the background", "--copy-on-read hydrates",
          "--lag needs --state-dir", "nothing to lag", "expected seconds, 0 for none",
          "--rate limits the hydration of --switch-first", "a group's base copies take",
