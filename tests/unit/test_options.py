@@ -90,6 +90,19 @@ def test_a_migration_refuses_rate_from_the_python_api_too(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_evacuation_is_switch_first_and_what_that_needs_is_refused_once(tmp_path):
+    """Evacuation adds only that its options are switch-first ones: without --copy full or with
+    --readonly, ServeOptions has refused them already, in its own words."""
+    from mirrorfs.control.evacuation import Evacuation
+    sock, state = str(tmp_path / "d.sock"), str(tmp_path / "state")
+    with pytest.raises(UsageError, match="an evacuation is --switch-first"):
+        Evacuation(tmp_path / "vm1.qcow2", tmp_path / "b", socket=sock, state_dir=state, copy="full")
+    with pytest.raises(UsageError, match="--switch-first copies the whole source in the background"):
+        Evacuation(tmp_path / "vm1.qcow2", tmp_path / "b", socket=sock, state_dir=state,
+                   switch_first=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_group_refuses_rate_from_the_python_api_too(tmp_path):
     """A group's --rate was refused by the CLI alone (and dropped by the member options it made):
     Group refuses it, and leaves no state directory behind."""
