@@ -599,6 +599,21 @@ def test_every_exception_of_the_supervisor_has_one_root():
     assert "common's tree" in jsonlines.ControlError.__doc__
 
 
+def test_the_supervisors_client_of_the_data_path_raises_its_own_tree(tmp_path):
+    """The protocol's ControlError becomes the supervisor's Error at its one client of the data
+    path's socket (ProcessTree.datapath), so no caller above meets common's exception."""
+    from mirrorfs.common.jsonlines import ControlError
+    from mirrorfs.daemons.tree import ProcessTree
+    from mirrorfs.errors import Error
+    tree = ProcessTree.__new__(ProcessTree)             # not started: no data path listens
+    tree.rundir = tmp_path
+    with pytest.raises(Error) as e:
+        tree.datapath("status", timeout=1)
+    assert not isinstance(e.value, ControlError)
+    assert str(e.value) == f"no control socket at {tmp_path / 'datapath.ctl'} (is mirrorfs running?)"
+    assert tree.datapath_status() == {"error": str(e.value)}
+
+
 # An evacuation's Evacuee (switch first) on memory backends: held ranges, copy-on-read, in place.
 
 @pytest.fixture
