@@ -164,7 +164,7 @@ class ServeOptions:
 
 
 def _whole(value):
-    """An int, not a bool (True is 1 to Python, and --rate True is no rate)."""
+    """An int, not a bool (True is 1 to Python, and --lag True is no size)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
