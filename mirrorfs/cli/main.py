@@ -155,15 +155,14 @@ def cmd_start(args):
     disk = lender.name if lender else None
     control_path = (args.control or named.migration_control(rundir, disk)) if disk \
         else _control_path(args)
-    common = {"take_over": args.take_over, "disk": disk, "hold_copy": True}
+    # The options go to the class as given: what each may not take (--rate without
+    # --switch-first, say) is refused there, for the Python API too.
+    common = {"take_over": args.take_over, "disk": disk, "hold_copy": True, "rate": args.rate}
     if args.switch_first:
         migration = Evacuation(source_top, args.dest_dir,
-                               _serve_options(args, copy="full", rate=args.rate, **common),
+                               _serve_options(args, copy="full", **common),
                                overlay_name=args.overlay_name, lender=lender, control=control_path)
     else:
-        if args.rate is not None:
-            raise UsageError("--rate limits the hydration of --switch-first; a migration's base "
-                             "copy takes 'mirrorfs copy --rate'")
         migration = Migration(source_top, args.dest_dir, _serve_options(args, **common),
                               overlay_name=args.overlay_name, lender=lender, control=control_path)
     return _run_controller(migration, control_path, lambda: migration.tree.uris, rundir)
@@ -172,18 +171,18 @@ def cmd_start(args):
 def _start_group(args):
     """`mirrorfs start NAME NAME... --dest-dir DIR --state-dir DIR`: one group (control.group)."""
     names = [args.source_top, *args.members]
+    # Arguments of `start` that a group's command has no use for (Group takes no such thing):
+    # refused here. What a member's options may not be is Group's to refuse (its --rate, --lag).
     if args.take_over or args.switch_first or args.overlay_name or args.socket or args.listen:
         raise UsageError("a group moves named disks: no --take-over, --switch-first, "
                          "--overlay-name, --socket or --listen")
-    if args.rate is not None:
-        raise UsageError("a group's base copies take 'mirrorfs copy --rate'")
     rundir = host.run_dir(args)
     lenders = [named.group_lender(args, rundir, name) for name in names]
     control_path = args.control or named.group_control(rundir, names[0])
 
     def member_options(name, state_dir):
         args.state_dir = str(state_dir)
-        return _serve_options(args, disk=name, hold_copy=True)
+        return _serve_options(args, disk=name, hold_copy=True, rate=args.rate)
 
     group = Group(names, lenders, args.dest_dir, member_options, args.state_dir, control_path)
     return _run_controller(group, control_path, lambda: group.uris, rundir)

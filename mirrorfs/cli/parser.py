@@ -3,9 +3,10 @@
 Each option is spelled here once, in the group it belongs to, and the subcommands that take it add
 the group: `serve` and `start` share where they serve, how they mirror, how they use storage and who
 may connect. Parsing only turns text into values (a number, a size); what a value may be is checked
-once, by the object it becomes part of (control.options.ServeOptions, datapath.options
-.DataPathOptions, daemons.storage.check_cache), so the CLI and the Python API refuse the same things
-with the same words.
+once, by the object it becomes part of (control.options.ServeOptions, with the data path's allowed
+values from datapath.options; what a migration or a group may not take, control.migration.Migration
+and control.group.Group; daemons.storage.check_cache), so the CLI and the Python API refuse the
+same things with the same words.
 """
 
 import argparse

@@ -23,7 +23,20 @@ log = logging.getLogger("mirrorfs")
 
 
 class ControlError(Exception):
-    """The other end refused a request, or could not be reached."""
+    """The other end refused a request (its words are the message), could not be reached, or
+    answered something that is not this protocol.
+
+    The protocol's own exception, and the whole of common's tree. Both processes run this module
+    (the data path's control socket inside nbdkit, every control socket of the supervisor), so the
+    class can sit under neither process's root: common imports nothing above it, and the data path
+    never imports the supervisor's tree. Like libnbd's nbd.Error, it is converted where it crosses
+    into a process, and both trees draw where:
+    - a request handler raises it as its refusal, which `Server` sends as {"ok": false, "error"};
+    - a caller of `call`, `call_with_fds` or `stream` turns it into its own tree's class: the data
+      path into SwitchRefused (mirrorfs.datapath.errors), the supervisor into an Error
+      (mirrorfs.errors: the data path's socket in daemons.tree.ProcessTree.datapath, the others
+      where they are asked).
+    """
 
 
 class Server:

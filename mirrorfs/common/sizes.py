@@ -58,8 +58,9 @@ def parse_rate(text, *, unlimited=False):
         raise
 
 
-def rate_value(value, what="rate"):
-    """A rate from a control request (JSON): null → None (no limit), else a whole number of bytes
+def rate_value(value, what="rate", unlimited="null"):
+    """A rate given as a number, from a control request (JSON) or the Python API: None (JSON's
+    null; `unlimited` is how the caller spells it) → None (no limit), else a whole number of bytes
     per second, at least 1. 0, fractions, negatives, booleans and strings are refused: a number
     sent as 0.5 once became 0, "no limit"."""
     if value is None:
@@ -67,7 +68,7 @@ def rate_value(value, what="rate"):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 1 or value != int(value):
         raise ValueError(f"{what} {value!r}: expected a whole number of bytes per second, at least "
-                         "1 (null: no limit)")
+                         f"1 ({unlimited}: no limit)")
     return int(value)
 
 

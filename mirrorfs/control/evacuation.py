@@ -82,8 +82,9 @@ class Evacuation(Hydrating, Migration):
     datapath_copies = (Phase.HYDRATING,)
 
     def _check_options(self):
-        o = self.options
-        if not o.switch_first or o.copy != "full" or o.readonly:
+        """An evacuation's options are switch-first ones; what those need (--copy full, a state
+        directory, not --readonly) ServeOptions has refused already."""
+        if not self.options.switch_first:
             raise UsageError("an evacuation is --switch-first with --copy full, not --readonly")
 
     def _locate(self, source_top):

@@ -52,6 +52,17 @@ ENDS = {Phase.SWITCHED: "switched", Phase.CANCELLED: "cancelled"}
 GATE_TIMEOUT = 30.0
 
 
+def _check_member(o):
+    """The rules a group adds to its members' options (ServeOptions), past a migration's: the CLI
+    and the Python API both come through here."""
+    if o.rate is not None:
+        raise UsageError("a group's base copies take 'mirrorfs copy --rate'")
+    if o.lag:
+        # The net after the pivot writes both sides synchronously; a lag writes one behind.
+        raise UsageError("--lag: a group keeps a safety net after its pivot, which writes "
+                         "both sides at once; a group has no lag")
+
+
 class Group(Controller):
     """Several Migrations of named disks, with one copy, one switch, one cancel and one hand-back.
 
@@ -79,15 +90,17 @@ class Group(Controller):
         except OSError as e:
             raise UsageError(f"--state-dir {self.state_dir}: {e.strerror or e}") from None
         self.control = str(control)
-        self.members = {name: Migration(None, dest_dir, options(name, self.state_dir / name),
-                                        lender=lender, control=control)
-                        for name, lender in zip(names, lenders_)}
-        if any(m.options.lag for m in self.members.values()):
-            if created:
+        try:
+            made = {name: options(name, self.state_dir / name) for name in names}
+            for o in made.values():
+                _check_member(o)
+            self.members = {name: Migration(None, dest_dir, made[name], lender=lender,
+                                            control=control)
+                            for name, lender in zip(names, lenders_)}
+        except UsageError:
+            if created:                         # refused before anything was put in it
                 self.state_dir.rmdir()
-            # The net after the pivot writes both sides synchronously; a lag writes one behind.
-            raise UsageError("--lag: a group keeps a safety net after its pivot, which writes "
-                             "both sides at once; a group has no lag")
+            raise
         first = self.members[names[0]]
         self.options = first.options          # where the CLI finds the access rules
         self.end = None                         # the group's end, as its record says

@@ -100,9 +100,14 @@ class Migration(Controller):
         self._running = (False, False)  # (base copy, data path's copy) at the budget's last look
 
     def _check_options(self):
+        """What a migration's options may not be (an evacuation's own rules replace these): the
+        CLI and the Python API both come through here."""
         if self.options.copy != "none" or self.options.readonly or self.options.switch_first:
             raise UsageError("a migration mirrors two overlays that start equal: no --copy, no "
                              "--readonly, no --switch-first (that is control.evacuation's)")
+        if self.options.rate is not None:
+            raise UsageError("--rate limits the hydration of --switch-first; a migration's base "
+                             "copy takes 'mirrorfs copy --rate'")
 
     def _locate(self, source_top):
         """Where the migration's files are, from the top of the source chain."""

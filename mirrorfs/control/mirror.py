@@ -15,7 +15,6 @@ The first two are the data path's to tell (the controller's own phase is "mirror
 only the data path knows, under its drain, whether anything may differ.
 """
 
-from mirrorfs.common import jsonlines
 from mirrorfs.common.pacing import eta_seconds
 from mirrorfs.common.phases import Phase
 from mirrorfs.control.controller import Controller, PhaseError
@@ -140,7 +139,7 @@ class Mirror(Hydrating, Controller):
         try:
             reply = self.tree.datapath("compare", timeout=COMPARE_TIMEOUT + 10,
                                        seconds=COMPARE_TIMEOUT)
-        except jsonlines.ControlError as e:
+        except Error as e:
             raise Error(f"cannot compare the sides: {e}") from None
         if reply["identical"]:
             return True, (f"the destination holds the same {human_size(reply['bytes'])} as the "

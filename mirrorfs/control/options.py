@@ -1,18 +1,24 @@
 """What the operator asks of a served disk: one object from the CLI (or the Python API) to the
-process tree, validated once, when it is made.
+process tree, validated once, when it is made, on the values the operator gave.
 
-The options the data path shares with it (copy mode, policy, rate, region, I/O timeout) are checked by
-the data path's own `DataPathOptions` (mirrorfs.datapath.options), which holds their allowed values:
-`ServeOptions.datapath()` builds that object, whose `to_params()` become nbdkit's parameters.
+Every rule of an operator's option lives here, in `ServeOptions`, the class that defines the
+option (the data path's allowed values, COPY_MODES, POLICIES, MIN_REGION, are stated once in
+mirrorfs.datapath.options and used here). The two rules that need what only the sides can say run
+once too, when the process tree knows it: `check_sides` (is there a destination) and `datapath()`
+(the destination's cluster size, against an evacuation's --region). `datapath()` builds the data
+path's options (`DataPathOptions`) from the real URIs; its `to_params()` become nbdkit's
+parameters, which the data path parses without checking the operator's rules again.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mirrorfs.common.sizes import rate_value
 from mirrorfs.system import sockets
 from mirrorfs.system.access import Access
-from mirrorfs.datapath.options import (DEFAULT_HYDRATION_REGION, DEFAULT_IO_TIMEOUT,
-                                       DEFAULT_REGION, DataPathOptions)
+from mirrorfs.datapath.options import (COPY_MODES, DEFAULT_HYDRATION_REGION, DEFAULT_IO_TIMEOUT,
+                                       DEFAULT_REGION, MIN_REGION, POLICIES, DataPathOptions)
 from mirrorfs.errors import UsageError
 from mirrorfs.daemons.storage import check_cache
 
@@ -91,10 +97,46 @@ class ServeOptions:
         self.state_path = Path(self.state_dir).absolute() if self.state_dir else None
         if self.state_path is not None:
             check_state_dir(self.state_path)
-        # The data path's own checks (copy mode, policy, rate, region, I/O timeout: they are stated
-        # once, in DataPathOptions), on placeholder URIs: a mistake is found here, before anything
-        # starts, not by nbdkit later.
-        self.datapath("-", "-" if not self.readonly else None, None, 4096)
+        self._check_copying()
+
+    def _check_copying(self):
+        """The rules of what the data path copies, and how: the copy mode, the policy, the rate,
+        the region, the lag, the I/O timeout, and what an evacuation needs."""
+        if self.copy not in COPY_MODES:
+            raise UsageError(f"--copy {self.copy!r}: expected one of {', '.join(COPY_MODES)}")
+        if self.policy not in POLICIES:
+            raise UsageError(f"--on-dest-error {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.readonly and self.copy == "full":
+            raise UsageError("--copy full copies the source to a destination; --readonly serves "
+                             "the source alone")
+        try:
+            self.rate = rate_value(self.rate, "--rate", unlimited="None")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if self.region is not None and (not _whole(self.region) or self.region < MIN_REGION or
+                                        self.region & (self.region - 1)):
+            raise UsageError(f"--region {self.region!r}: expected a power of two of at least 1 MiB")
+        if self.copy_on_read and not self.switch_first:
+            raise UsageError("--copy-on-read hydrates the regions a client reads in an "
+                             "evacuation: it needs --switch-first")
+        if self.switch_first and self.copy != "full":
+            raise UsageError("--switch-first copies the whole source in the background: give "
+                             "--copy full")
+        if not _whole(self.lag) or self.lag < 0:
+            raise UsageError(f"--lag {self.lag!r}: expected a size, 0 for none")
+        if self.lag and self.switch_first:
+            raise UsageError("--lag lets the destination fall behind the source; with "
+                             "--switch-first the destination takes every write first: there is "
+                             "nothing to lag")
+        if self.lag and not self.state_dir:
+            raise UsageError("--lag needs --state-dir: the changes acknowledged before the "
+                             "destination has them are known only to the dirty map there, and "
+                             "must survive a crash")
+        if self.io_timeout is not None and (isinstance(self.io_timeout, bool) or
+                                            not isinstance(self.io_timeout, (int, float)) or
+                                            not math.isfinite(self.io_timeout) or
+                                            self.io_timeout < 0):
+            raise UsageError(f"--io-timeout {self.io_timeout!r}: expected seconds, 0 for none")
 
     def check_sides(self, has_dest):
         if self.readonly and has_dest:
@@ -105,19 +147,25 @@ class ServeOptions:
             raise UsageError("--state-dir keeps a mirror's state; it needs a destination")
 
     def datapath(self, source, dest, control, granularity):
-        """The data path's options for these sides (NBD URIs) and lock granularity."""
-        try:
-            return DataPathOptions(
-                source=source, dest=dest, control=control and str(control), copy=self.copy,
-                state=str(self.state_path) if self.state_path and dest else None,
-                policy=self.policy, rate=self.rate, region=self.region or (
-                    DEFAULT_HYDRATION_REGION if self.switch_first else DEFAULT_REGION),
-                granularity=granularity, switch_first=self.switch_first,
-                copy_on_read=self.copy_on_read,
-                io_timeout=DEFAULT_IO_TIMEOUT if self.io_timeout is None else self.io_timeout,
-                hold=True if self.hold_copy else None, lag=self.lag)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        """The data path's options for these sides (NBD URIs) and lock granularity: built once,
+        by the process tree, from the real sides. An evacuation's regions are whole clusters of
+        the destination (`granularity`), the one rule that needs it."""
+        region = self.region or (DEFAULT_HYDRATION_REGION if self.switch_first else DEFAULT_REGION)
+        if self.switch_first and region % granularity:
+            raise UsageError(f"--region {region}: with --switch-first, a multiple of the "
+                             f"destination's cluster size ({granularity})")
+        return DataPathOptions(
+            source=source, dest=dest, control=control and str(control), copy=self.copy,
+            state=str(self.state_path) if self.state_path and dest else None,
+            policy=self.policy, rate=self.rate, region=region, granularity=granularity,
+            switch_first=self.switch_first, copy_on_read=self.copy_on_read,
+            io_timeout=DEFAULT_IO_TIMEOUT if self.io_timeout is None else float(self.io_timeout),
+            hold=True if self.hold_copy else None, lag=self.lag)
+
+
+def _whole(value):
+    """An int, not a bool (True is 1 to Python, and --lag True is no size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_state_dir(path):

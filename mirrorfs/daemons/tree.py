@@ -317,11 +317,10 @@ class ProcessTree:
             dead = any(d.died() for d in self.daemons.values())
             drain = DRAIN_AFTER_A_DEATH if dead else DRAIN
             try:
-                jsonlines.call(self.datapath_socket, {"cmd": "quiesce", "timeout": drain},
-                               timeout=drain + 110)
+                self._ask({"cmd": "quiesce", "timeout": drain}, timeout=drain + 110)
                 # Nothing is in flight now: what may differ between the sides is final.
                 self.final_status = self.datapath("status")["status"]
-            except jsonlines.ControlError as e:
+            except Error as e:
                 log.warning("could not quiesce the data path before stopping: %s", e)
         self.nbdkit.stop(timeout=10, sig=signal.SIGKILL)
 
@@ -354,8 +353,17 @@ class ProcessTree:
         return self.rundir / "datapath.ctl"
 
     def datapath(self, cmd, timeout=120, **args):
-        """A request to the data path inside nbdkit (status, switch, quiesce); raises ControlError."""
-        return jsonlines.call(self.datapath_socket, {"cmd": cmd, **args}, timeout=timeout)
+        """A request to the data path inside nbdkit (status, set-rate, compare, quiesce); its
+        refusal, or its absence, raises Error with the reason. The supervisor's one client of the
+        data path's socket, where the protocol's ControlError becomes the supervisor's own tree
+        (mirrorfs.errors): no caller above sees common's exception."""
+        return self._ask({"cmd": cmd, **args}, timeout)
+
+    def _ask(self, request, timeout):
+        try:
+            return jsonlines.call(self.datapath_socket, request, timeout=timeout)
+        except jsonlines.ControlError as e:
+            raise Error(str(e)) from None
 
     def datapath_status(self):
         """The data path's status, or {"error": why} when it cannot be asked."""
@@ -363,7 +371,7 @@ class ProcessTree:
             return {"error": "not running"}
         try:
             return self.datapath("status", timeout=10)["status"]
-        except jsonlines.ControlError as e:
+        except Error as e:
             return {"error": str(e)}
 
     def daemon_pids(self):
@@ -412,10 +420,7 @@ class ProcessTree:
             request["commit"] = str(path)
             wait += 30
         try:
-            return jsonlines.call(self.datapath_socket,
-                                  {"cmd": cmd, "to": to, "timeout": timeout, **request}, timeout=wait)
-        except jsonlines.ControlError as e:
-            raise Error(str(e)) from None
+            return self._ask({"cmd": cmd, "to": to, "timeout": timeout, **request}, wait)
         finally:
             if server is not None:
                 server.stop()

@@ -14,7 +14,7 @@ Its rooms, each with its module map in its own docstring:
 
 and the pieces both modes share, beside them:
 
-    options.py         the data path's parameters: validated once, to_params / from_params side by side
+    options.py         the data path's parameters: to_params / from_params side by side, each rule checked once
     errors.py          the data path's exception tree (DataPathError: SideError, RequestError, ...)
     inflight.py        requests in flight: counted, range-locked, holdable for a switch
     histogram.py       a latency histogram, no lock on the request path (metrics)

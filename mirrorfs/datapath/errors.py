@@ -1,23 +1,39 @@
-"""The data path's exception tree: one root, and the difference between a side's failure and a
-client's.
+"""The data path's exception tree: one root, drawn here, where every class of it is defined.
 
     DataPathError
     ├── SideError           a side failed a command; `errno` and `reason` say how
     │   ├── SideUnreachable     no connection to it: connect failed, backing off, closed
     │   ├── ConnectionLost      the connection went away under the command (it may have run or not)
     │   └── SideRefused         the side answered the command with an error (ENOSPC, EIO, ENOTSUP...)
+    ├── SideFailure         an evacuation's request to a side failed (sides.sideio): the side, the
+    │                       operation and the range named, `errno` what the client gets, `cause`
+    │                       the SideError
     ├── RequestError        what the client's request gets: `errno` (mirrorfs.datapath.mirror.disk decides)
     ├── SwitchRefused       a switch that must not happen; nothing changed
     ├── DrainTimeout        requests still in flight when a pause gave up
     ├── CopyFailed          a copier chunk failed; it is tried again
+    │   └── Stopped             the copier stopped while a chunk waited for its rate: not copied
+    ├── HydrationError      an evacuation's hydration map that cannot be used (corrupt, another
+    │                       disk's), or a commit whose flush or save failed
     └── StateError          a state directory that cannot be used
+
+Every class is defined in this module (tests/unit/test_core.py checks that no other module of the
+data path defines one, and that each is drawn above); the modules that raise them re-export the
+names they always offered (`sideio.SideFailure`, `hydration.HydrationError`, `copier.Stopped`).
 
 The backends raise only SideError (never libnbd's nbd.Error): `Disk` and the copier decide what a
 side's failure means for the client from its class alone. SideUnreachable and ConnectionLost are the
 failures worth sending the command again for (see disk.RESEND_FOR); SideRefused is the side's answer.
 
+Outside the tree, on purpose, are the exceptions of what the process shares with others, each
+converted where it comes in: libnbd's `nbd.Error` (the sides turn it into a SideError), and
+`mirrorfs.common.jsonlines.ControlError`, the control protocol's own (common's tree, drawn there).
+The data path raises a ControlError only into its control server, as the refusal the supervisor
+reads (nbdkit.service's handler), and takes one only from its one client call, the switch's
+commit (nbdkit.service._committer), which turns it into SwitchRefused at once.
+
 The supervisor has its own tree (mirrorfs.errors); it turns a SideUnreachable from the one connect
-path (backend.open_handle) into its BackendError.
+path (backend.open_handle) into its BackendError, and a StateError into its UsageError.
 
 This module runs inside nbdkit's embedded interpreter: standard library only.
 """
@@ -79,6 +95,17 @@ def side_error(err, reason):
     return (ConnectionLost if err in CONNECTION_LOST else SideRefused)(reason, err)
 
 
+class SideFailure(DataPathError):
+    """An evacuation's request to a side failed (the side refused it, or lost its connection for
+    longer than a resend waits); `errno` is what the client gets, `cause` the SideError. `side` is
+    the backend (its `name` starts the message)."""
+
+    def __init__(self, side, op, offset, length, exc):
+        self.side, self.op, self.offset, self.length, self.cause = side, op, offset, length, exc
+        self.errno = exc.errno
+        super().__init__(f"{side.name} {op} at {offset} length {length}: {exc}")
+
+
 class RequestError(DataPathError):
     """A client's request failed; `errno` is what the client gets: for a lost connection, EIO
     (NBD has no ENOTCONN and friends, and nbdkit sends them as EINVAL, "you asked wrong")."""
@@ -99,6 +126,14 @@ class DrainTimeout(DataPathError):
 
 class CopyFailed(DataPathError):
     """A copier chunk failed on either side; it is copied again later."""
+
+
+class Stopped(CopyFailed):
+    """The copier was stopped while a chunk waited for its rate: the chunk was not copied."""
+
+
+class HydrationError(DataPathError):
+    """A map that cannot be used (corrupt, another disk's), or a commit whose flush or save failed."""
 
 
 class StateError(DataPathError):

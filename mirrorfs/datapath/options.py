@@ -1,15 +1,23 @@
 """The data path's options: one object from the supervisor to nbdkit's `key=value` parameters and
-back, validated once, with the allowed values stated here and nowhere else.
+back, with the allowed values stated here and nowhere else.
 
-The supervisor builds `DataPathOptions` from what the operator asked for (mirrorfs.daemons.tree), turns it into
-nbdkit's parameters with `to_params()`; inside nbdkit, `from_params()` rebuilds the same object from
-them. Both directions sit side by side so a new option cannot be added to one and forgotten in the
-other (tests/unit/test_core.py round-trips every field).
+The supervisor builds `DataPathOptions` from what the operator asked for (ServeOptions.datapath in
+mirrorfs.control.options, called by mirrorfs.daemons.tree once the sides are known), and turns it
+into nbdkit's parameters with `to_params()`; inside nbdkit, `from_params()` rebuilds the same
+object from them. Both directions sit side by side so a new option cannot be added to one and
+forgotten in the other (tests/unit/test_core.py round-trips every field).
+
+Each rule is checked once, by the class that defines the option: the operator's options (copy
+mode, policy, rate, region, lag, I/O timeout, what an evacuation needs) by ServeOptions, when the
+operator gives them, using the values stated here (COPY_MODES, POLICIES, MIN_REGION); the
+parameters only the process tree sets (which side the source is, the lock granularity, hydrating
+in place, a group's net) by `from_params`, where they come into the data path. Building the object
+checks nothing: the supervisor does not run the operator's rules a second time on its own output,
+nor the data path a third.
 
 This module runs inside nbdkit's embedded interpreter: standard library only.
 """
 
-import math
 from dataclasses import dataclass, fields
 
 # What `--copy` may be: none, the sides start equal (the Mirrored-Snapshot overlays, or a destination
@@ -71,41 +79,15 @@ class DataPathOptions:
     # source only; 0: every change waits for both sides.
     lag: int = 0
 
-    def __post_init__(self):
-        problem = self.problem()
-        if problem:
-            raise ValueError(problem)
-
     def problem(self):
-        """What is wrong with these options, in the operator's words; None if nothing."""
+        """What is wrong with the parameters the process tree sets (not the operator's options:
+        ServeOptions checked those); None if nothing."""
         if not self.source:
             return "a source is required"
         if self.source_label not in ("source", "destination"):
             return f"source_label {self.source_label!r}: expected source or destination"
-        if self.copy not in COPY_MODES:
-            return f"--copy {self.copy!r}: expected one of {', '.join(COPY_MODES)}"
-        if self.policy not in POLICIES:
-            return f"--on-dest-error {self.policy!r}: expected one of {', '.join(POLICIES)}"
-        if self.dest is None and (self.copy == "full" or self.state is not None):
-            return "--copy full and --state-dir need a destination"
-        if self.rate is not None and self.rate <= 0:
-            return f"--rate {self.rate}: expected a positive number of bytes per second"
-        if self.region < MIN_REGION or self.region & (self.region - 1):
-            return "--region: expected a power of two of at least 1 MiB"
         if self.granularity < 512 or self.granularity & (self.granularity - 1):
             return f"granularity {self.granularity}: expected a power of two of at least 512"
-        if self.copy_on_read and not self.switch_first:
-            return ("--copy-on-read hydrates the regions a client reads in an evacuation: it "
-                    "needs --switch-first")
-        if self.switch_first:
-            if self.copy != "full":
-                return "--switch-first copies the whole source in the background: give --copy full"
-            if self.dest is None or self.state is None:
-                return ("--switch-first needs --state-dir: the hydration map says which regions "
-                        "the destination holds, and must survive a crash")
-            if self.region % self.granularity:
-                return (f"--region {self.region}: with --switch-first, a multiple of the "
-                        f"destination's cluster size ({self.granularity})")
         if self.net and (self.dest is None or self.switch_first):
             return "net: a mirror's destination serves reads: it needs a destination, no --switch-first"
         if self.in_place and not self.switch_first:
@@ -115,16 +97,6 @@ class DataPathOptions:
                                    self.granularity % self.in_place_unit):
             return (f"in_place_unit {self.in_place_unit}: expected, in place, a power of two of "
                     f"at least 512 dividing the granularity ({self.granularity})")
-        if self.lag < 0:
-            return f"--lag {self.lag}: expected a size, 0 for none"
-        if self.lag and self.switch_first:
-            return ("--lag lets the destination fall behind the source; with --switch-first the "
-                    "destination takes every write first: there is nothing to lag")
-        if self.lag and (self.dest is None or self.state is None):
-            return ("--lag needs --state-dir: the changes acknowledged before the destination has "
-                    "them are known only to the dirty map there, and must survive a crash")
-        if not math.isfinite(self.io_timeout) or self.io_timeout < 0:
-            return f"--io-timeout {self.io_timeout}: expected seconds, 0 for none"
         return None
 
     def to_params(self):
@@ -134,7 +106,8 @@ class DataPathOptions:
 
     @classmethod
     def from_params(cls, params):
-        """The options from nbdkit's parameters (a dict); ValueError names what is wrong."""
+        """The options from nbdkit's parameters (a dict); ValueError names what is wrong: an
+        unknown or missing parameter, a value of the wrong kind, or a `problem()`."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(params) - set(known))
         if unknown:
@@ -148,7 +121,11 @@ class DataPathOptions:
                 raise ValueError(f"parameter {name}={text!r}: expected a {kind.__name__}") from None
         if "source" not in values:
             raise ValueError("missing parameter: source=URI")
-        return cls(**values)
+        options = cls(**values)
+        problem = options.problem()
+        if problem:
+            raise ValueError(problem)
+        return options
 
     def alone(self, uri, label):
         """The same disk served from one side alone (after a switch or a cancel): nothing to mirror,

@@ -67,7 +67,7 @@ import threading
 import zlib
 from pathlib import Path
 
-from mirrorfs.datapath.errors import DataPathError
+from mirrorfs.datapath.errors import HydrationError
 from mirrorfs.datapath.state import write_atomically
 
 FILE = "hydration.map"
@@ -84,10 +84,6 @@ FORMAT_IN_PLACE_HOLES = 4
 # "holes" in the file).
 FORMATS = {False: (FORMAT, FORMAT_HELD, "held"), True: (FORMAT_IN_PLACE, FORMAT_IN_PLACE_HOLES,
                                                        "holes")}
-
-
-class HydrationError(DataPathError):
-    """A map that cannot be used (corrupt, another disk's), or a commit whose flush or save failed."""
 
 
 def _checksum(fields):

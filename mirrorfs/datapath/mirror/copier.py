@@ -23,7 +23,7 @@ import time
 from mirrorfs.common.pacing import Paced, Pacer
 from mirrorfs.datapath.sides.backend import describe
 from mirrorfs.datapath.sides.commands import Read, Write, Zero
-from mirrorfs.datapath.errors import CopyFailed, SideError
+from mirrorfs.datapath.errors import CopyFailed, SideError, Stopped
 
 log = logging.getLogger("mirrorfs")
 
@@ -46,10 +46,6 @@ RETRY_DELAY = 1.0
 # long without a failure, doubling after each failed chunk, back to the first value after a success.
 SETTLE_FIRST = 2.0
 SETTLE_MAX = 60.0
-
-
-class Stopped(CopyFailed):
-    """The copier was stopped while a chunk waited for its rate: the chunk was not copied."""
 
 
 class Copier(Paced):

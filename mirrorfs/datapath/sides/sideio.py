@@ -16,23 +16,13 @@ This module runs inside nbdkit's embedded interpreter: standard library only (th
 import logging
 import time
 
-from mirrorfs.datapath.sides.backend import describe
 from mirrorfs.datapath.sides.commands import FLUSH, Read, Trim, Write, Zero
 from mirrorfs.datapath.sides.resend import MAX_EFFECT, RESEND_EVERY, RESEND_FOR
-from mirrorfs.datapath.errors import DataPathError, SideError, lost_again
+from mirrorfs.datapath.errors import SideError, SideFailure, lost_again
 
 log = logging.getLogger("mirrorfs")
 
 PIECE = 1024 * 1024             # a copy reads and writes in pieces of this size
-
-
-class SideFailure(DataPathError):
-    """A side refused or failed a request; `errno` is what the client gets, `cause` the SideError."""
-
-    def __init__(self, side, op, offset, length, exc):
-        self.side, self.op, self.offset, self.length, self.cause = side, op, offset, length, exc
-        self.errno = exc.errno
-        super().__init__(f"{side.name} {op} at {offset} length {length}: {describe(exc)}")
 
 
 def _again(side, op, offset, length, attempt):
