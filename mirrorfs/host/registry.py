@@ -382,9 +382,10 @@ class Registry:
             return self._save(record, "switched", migration=migration, chain=paths(record["chain"]))
 
     def reverted(self, name, migration):
-        """A group's revert (control.group): reads come from the source again, which holds every
-        write since the pivot: the disk is the source's chain again, the loan goes on. Nothing
-        changes (and nothing is written) when the record says so already."""
+        """A revert under the safety net (a named disk's, or a group's: control.group): reads
+        come from the source again, which holds every write since the pivot: the disk is the
+        source's chain again, the loan goes on. Nothing changes (and nothing is written) when the
+        record says so already."""
         with self.locked():
             record, lent = self._loan(name, migration, "reverted")
             if lent["serving"] == "source" and record["chain"] == lent["source"]:
