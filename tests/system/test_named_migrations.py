@@ -258,6 +258,33 @@ def test_a_named_disk_pivots_to_a_safety_net(workdir, patient_host):
     check_base_data(sock, writer)
 
 
+def test_a_source_that_fails_under_the_net_degrades_the_disk(workdir, host):
+    """The source's storage daemon killed under a named disk's net: no write of the writer
+    fails, the disk commits on its own to its destination alone and says so (status: the
+    retired source is not the disk at the commit), and hand-back serves every write."""
+    base, sock = named_disk(host, workdir, "qcow2")
+    writer = ReconnectingWriter(sock)
+    m = host.background("m", "start", "vm1", "--dest-dir", workdir / "b",
+                        "--state-dir", workdir / "state")
+    host.mirrorfs("copy", "vm1")
+    host.mirrorfs("pivot", "vm1")
+    writer.wait_sent(writer.sent + 30)
+    victim = next(p for p in m.children(recursive=True) if p.name() == "qemu-storage-daemon"
+                  and str(workdir / "a" / "vm1-snap.qcow2") in " ".join(p.cmdline()))
+    victim.send_signal(signal.SIGKILL)
+    status = wait_until(lambda: (s := json.loads(host.mirrorfs("status", "vm1", "--json").stdout))
+                        ["phase"] == "switched" and s, "the disk degraded", timeout=60)
+    assert "NOT the disk at the commit" in status["snapshot"]["what"], status["snapshot"]
+    assert "NOT the disk at the commit" in host.mirrorfs("status", "vm1").stdout
+    writer.wait_sent(writer.sent + 30)
+    host.mirrorfs("hand-back", "vm1")
+    assert m.wait(60) == 0, m.err.read_text()
+    assert host.record("vm1")["chain"][0]["path"] == str(workdir / "b" / "vm1-snap.qcow2")
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+
+
 def test_a_migration_of_an_image_path_has_no_net(workdir, host):
     """`start SOURCE_TOP` (no name): its pivot is final, as the oVirt flow expects; revert and
     commit are refused in one line that says where a net exists."""
