@@ -117,6 +117,11 @@ def status_text(status):
     if switch:
         rebase = f" (backing change {switch['rebase_ms']:.1f} ms)" if "rebase_ms" in switch else ""
         lines.append(f"switch:       clients held {switch['stall_ms']:.1f} ms{rebase}")
+    net = status.get("net")
+    if net:
+        lines += _net_lines(net, {"": net}, "destination")
+    if status.get("snapshot"):
+        lines.append(f"snapshot:     {status['snapshot']['what']}")
     lines += _datapath_lines(status.get("datapath"))
     return "\n".join(lines)
 
@@ -152,6 +157,23 @@ def _datapath_lines(dp):
     return lines
 
 
+def _net_lines(net, costs, where):
+    """The safety net (a named disk's, or a group's): how long it is up, and what each disk's
+    writes pay for it (`costs`: name -> control.migration.net_cost; name "" for one disk)."""
+    up = duration(net["up_seconds"]) if net.get("up_seconds") is not None else "?"
+    lines = [f"safety net:   up for {up}: reads from the {where}, every write to both sides "
+             "(mirrorfs commit ends it, mirrorfs revert goes back)"]
+    for name, m in costs.items():
+        src = (m.get("source_latency_ms") or {}).get("p50")
+        dst = (m.get("destination_latency_ms") or {}).get("p50")
+        lines.append(f"  cost{' ' + name if name else ''}: write p50 source {src} ms, "
+                     f"destination {dst} ms; {m['source_degraded']} degraded on the source"
+                     + ("" if m["revert_possible"] else
+                        f"; revert refused until {human_size(m['may_differ_bytes'] or 0)} "
+                        "are copied back"))
+    return lines
+
+
 def group_text(status):
     """A group migration (control.group): the group's phase and record, then each member."""
     group = status["group"]
@@ -165,17 +187,7 @@ def group_text(status):
                      + ", ".join(f"{n} {ms:.1f}" for n, ms in switch["members_ms"].items()) + ")")
     net = status.get("net")
     if net:
-        up = duration(net["up_seconds"]) if net.get("up_seconds") is not None else "?"
-        lines.append(f"safety net:   up for {up}: reads from the destinations, every write to both "
-                     "sides (mirrorfs commit ends it, mirrorfs revert goes back)")
-        for name, m in net["members"].items():
-            src = (m.get("source_latency_ms") or {}).get("p50")
-            dst = (m.get("destination_latency_ms") or {}).get("p50")
-            lines.append(f"  cost {name}: write p50 source {src} ms, destination {dst} ms; "
-                         f"{m['source_degraded']} degraded on the source"
-                         + ("" if m["revert_possible"] else
-                            f"; revert refused until {human_size(m['may_differ_bytes'] or 0)} "
-                            "are copied back"))
+        lines += _net_lines(net, net["members"], "destinations")
     snapshot = status.get("snapshot")
     if snapshot:
         lines.append(f"snapshot:     {snapshot['what']}")
@@ -185,5 +197,6 @@ def group_text(status):
                      f"({copy_line(copy)})")
     for name, member in status["members"].items():
         lines.append(f"--- {name}")
+        member = {k: v for k, v in member.items() if k not in ("net", "snapshot")}    # above
         lines += ["  " + line for line in status_text(member).splitlines()]
     return "\n".join(lines)

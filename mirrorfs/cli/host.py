@@ -171,7 +171,8 @@ def cmd_host(args):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    service = HostService(registry, rundir, cache=args.cache, take_back_after=args.take_back_after)
+    service = HostService(registry, rundir, cache=args.cache, take_back_after=args.take_back_after,
+                          socket_group=args.group)
     service.start()
     print(f"host service: {len(service.disks)} disks from {registry.path}; control "
           f"{service.control_path}", flush=True)

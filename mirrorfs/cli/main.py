@@ -259,10 +259,14 @@ def cmd_pivot(args):
                   f"{_then(args, 'revert', 'every member back on its source').removeprefix('next: ')}",
                   flush=True)
             return 0
-    elif args.commit:
-        raise UsageError("pivot --commit is for a group (its safety net); a disk's pivot commits")
     else:
         print(f"switched to the destination; clients held {reply['stall_ms']:.1f} ms", flush=True)
+        if reply.get("net"):
+            print("the safety net is up: reads from the destination, writes to both sides; "
+                  f"{_then(args, 'commit', 'end it')} or "
+                  f"{_then(args, 'revert', 'back on the source').removeprefix('next: ')}",
+                  flush=True)
+            return 0
     if reply.get("lent"):
         print(_then(args, "hand-back", f"{reply['lent']} serves the destination chain again"),
               flush=True)
@@ -271,18 +275,27 @@ def cmd_pivot(args):
 
 def cmd_revert(args):
     reply = _call(args, "revert")
-    print(f"reverted: every member of the group reads from its source again; clients held "
-          f"{reply['stall_ms']:.1f} ms at most; the group mirrors", flush=True)
-    print(_then(args, "cancel", "end on the sources") + " (or pivot again)", flush=True)
+    if "members_ms" in reply:
+        print(f"reverted: every member of the group reads from its source again; clients held "
+              f"{reply['stall_ms']:.1f} ms at most; the group mirrors", flush=True)
+    else:
+        print(f"reverted: the disk reads from its source again; clients held "
+              f"{reply['stall_ms']:.1f} ms; it mirrors", flush=True)
+    print(_then(args, "cancel", "end on the source") + " (or pivot again)", flush=True)
     return 0
 
 
 def cmd_commit(args):
     reply = _call(args, "commit")
-    print(f"committed: every member serves its destination alone; clients held "
-          f"{reply['stall_ms']:.1f} ms at most; the sources are a crash-consistent image of the "
-          f"group at the commit (kept: {', '.join(reply['sources'])})", flush=True)
-    print(_then(args, "hand-back", "the host service serves the destinations again"), flush=True)
+    if "members_ms" in reply:
+        print(f"committed: every member serves its destination alone; clients held "
+              f"{reply['stall_ms']:.1f} ms at most; the sources are a crash-consistent image of "
+              f"the group at the commit (kept: {', '.join(reply['sources'])})", flush=True)
+    else:
+        print(f"committed: the disk serves its destination alone; clients held "
+              f"{reply['stall_ms']:.1f} ms; the source is the disk as it was at the commit "
+              f"(kept: {', '.join(reply['sources'])})", flush=True)
+    print(_then(args, "hand-back", "the host service serves the destination again"), flush=True)
     return 0
 
 

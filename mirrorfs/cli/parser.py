@@ -18,7 +18,7 @@ from mirrorfs.control.options import DEFAULT_THREADS
 from mirrorfs.datapath.options import COPY_MODES, DEFAULT_IO_TIMEOUT, POLICIES
 from mirrorfs.daemons.storage import CACHE_MODES
 from mirrorfs.errors import UsageError
-from mirrorfs.system.access import TLS_MODES, Access
+from mirrorfs.system.access import OPTION, TLS_MODES, Access
 
 
 class Parser(argparse.ArgumentParser):
@@ -153,9 +153,11 @@ def access(p):
     group(g)
 
 
-def group(p):
-    p.add_argument("--group", metavar="NAME",
-                   help="unix sockets (disk and control) are 0660 and owned by this group, not 0600")
+def group(p, what="unix sockets (disk and control)"):
+    """The sockets' group (system.access.OPTION; `--group` is its older spelling)."""
+    p.add_argument(OPTION, "--group", dest="group", metavar="GROUP",
+                   help=f"{what} are 0660 and owned by this group, not 0600 (a hypervisor's, "
+                        "e.g. libvirt-qemu's, so that its QEMU can connect)")
 
 
 def access_of(args):
@@ -236,7 +238,7 @@ def _start(p):
 def _export(p):
     p.add_argument("disk", metavar="DISK", help="the image (raw or qcow2) at the top of the chain")
     p.add_argument("--socket", required=True, metavar="PATH",
-                   help="the disk's unix socket (mode 0600, or 0660 with --group)")
+                   help="the disk's unix socket (mode 0600, or 0660 with --socket-group)")
     p.add_argument("--control", metavar="PATH",
                    help="control socket (default: the --socket path + .ctl)")
     storage(p, io_timeout=False)
@@ -264,7 +266,8 @@ def _pivot(p):
     controlling(p)
     p.add_argument("--force", action="store_true", help="switch without verifying the base")
     p.add_argument("--commit", action="store_true",
-                   help="a group: commit at once (no safety net; see mirrorfs commit)")
+                   help="a named disk or a group: commit at once, no safety net (see mirrorfs "
+                        "commit); a migration of an image path always does")
 
 
 def _list(p, watch=True):
@@ -324,6 +327,7 @@ def _host(p):
     hosting(p)
     p.add_argument("--cache", default="auto", metavar=_one_of(CACHE_MODES),
                    help="how the disks' storage daemons use the host page cache (default: auto)")
+    group(p, "every named disk's socket (bound by the service, kept through every loan)")
     p.add_argument("--take-back-after", type=seconds, default=10.0, metavar="SECONDS",
                    help="serve a disk again this long after the migration that borrowed it died "
                         "without being resumed (default: 10)")
@@ -332,7 +336,9 @@ def _host(p):
 def _add(p):
     p.add_argument("name", metavar="NAME", help="the disk's name: letters, digits, '.', '_', '-'")
     p.add_argument("image", metavar="IMAGE", help="the top of the disk's chain (raw or qcow2)")
-    p.add_argument("--socket", required=True, metavar="PATH", help="the disk's unix socket (mode 0600)")
+    p.add_argument("--socket", required=True, metavar="PATH",
+                   help="the disk's unix socket (mode 0600, or 0660 with the host service's "
+                        "--socket-group)")
     hosting(p)
 
 
@@ -366,7 +372,9 @@ SUBCOMMANDS = (
      "latencies."),
     ("pivot", _pivot, "Step 5: switch the disk to the destination chain",
      "Verify that the destination base matches the source base, then switch reads and writes to the "
-     "destination chain without disconnecting clients."),
+     "destination chain without disconnecting clients. A named disk or a group keeps a safety net "
+     "(reads from the destination, writes to both sides) until commit or revert; --commit ends it "
+     "at once."),
     ("hand-back", controlling, "after pivot or cancel: give the disk back to its export",
      "Give the disk back to the `mirrorfs export` it was taken over from, on the chain that now holds "
      "it (the destination after pivot, the source after cancel); the migration then exits. Clients "
@@ -375,14 +383,16 @@ SUBCOMMANDS = (
      "Serve DISK over NBD with a plain qemu-storage-daemon on --socket, and keep that socket for the "
      "disk's life: `mirrorfs start --take-over` borrows it for a migration, and `mirrorfs hand-back` "
      "returns the disk. Runs until SIGINT/SIGTERM."),
-    ("revert", controlling, "a group after pivot: every member reads from its source again",
-     "Undo a group's pivot while its safety net is up: every member reads from its source again, "
-     "at one instant, with nothing to copy (every change since the pivot reached both sides). "
-     "The group mirrors again: pivot again later, or cancel."),
-    ("commit", controlling, "a group after pivot: end the safety net, the destinations alone",
-     "End a group's safety net: every member serves its destination alone. The members hold at "
-     "one instant, so the retired sources form a crash-consistent image of the whole group at "
-     "the commit; they are kept (retired in the disks' records) until the operator removes them."),
+    ("revert", controlling, "after a named disk's or a group's pivot: back on the source",
+     "Undo the pivot of a named disk or a group while its safety net is up: every member reads "
+     "from its source again, at one instant, with nothing to copy (every change since the pivot "
+     "reached both sides). It mirrors again: pivot again later, or cancel. A migration of an image "
+     "path has no net (its pivot is final)."),
+    ("commit", controlling, "after a named disk's or a group's pivot: end the safety net",
+     "End the safety net of a named disk or a group: every member serves its destination alone. "
+     "The members hold at one instant, so the retired sources form a crash-consistent image of "
+     "the disk or the whole group at the commit; they are kept (retired in the disks' records) "
+     "until the operator removes them."),
     ("cancel", controlling, "stop mirroring; the source stays authoritative",
      "Stop mirroring, keep serving the source chain, and remove the destination overlay (and a base "
      "copy mirrorfs made)."),

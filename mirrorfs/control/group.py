@@ -38,7 +38,7 @@ from pathlib import Path
 from mirrorfs.common.phases import Phase
 from mirrorfs.control import lender as lenders
 from mirrorfs.control.controller import Controller, PhaseError, rate
-from mirrorfs.control.migration import Migration
+from mirrorfs.control.migration import Migration, net_cost
 from mirrorfs.datapath.state import State, StateError
 from mirrorfs.errors import Error, ProcessError, UsageError
 from mirrorfs.host import grouprecord
@@ -84,7 +84,7 @@ class Group(Controller):
         self.names = list(names)
         self.state_dir = Path(state_dir).absolute()
         self.record = GroupRecord(self.state_dir / RECORD)
-        created = not self.state_dir.exists()
+        created = self._made_state_dir = not self.state_dir.exists()
         try:
             self.state_dir.mkdir(mode=0o700, exist_ok=True)
         except OSError as e:
@@ -128,6 +128,7 @@ class Group(Controller):
             if saved is not None:
                 self._apply_record(saved)
             started = []
+            created = saved is None and not self.record.path.exists()
             try:
                 for name in self.names:
                     self.members[name].start()
@@ -139,7 +140,7 @@ class Group(Controller):
                 for name, m in self.members.items():
                     m.lender.registry.join_group(name, m.migration_id, self.record.path)
             except BaseException:
-                self._undo_start(started, resumed=saved is not None)
+                self._undo_start(started, resumed=saved is not None, created=created)
                 raise
             self.end = saved["end"] if saved else None
             self.serving = (saved or {}).get("serving") or "source"
@@ -209,18 +210,26 @@ class Group(Controller):
         raise UsageError(f"the group {' '.join(self.names)} was cancelled: every member is on its "
                          "source; the host service takes the disks back (mirrorfs list)")
 
-    def _undo_start(self, started, resumed):
-        """A member failed to start: the members started already give their disks back (a new
-        group: cancelled first, so each ends on its source) or stop (a resume: the state is
-        there to resume again)."""
+    def _undo_start(self, started, resumed, created):
+        """A member failed to start. A new group is undone whole: each member started already
+        is returned exactly as it was (control.migration.Migration.undo: the same chain, its
+        overlays and state removed, what its clients wrote meanwhile committed into that chain,
+        its record as before the loan), and so is the group's own record. A resume only stops:
+        its state is there to resume again."""
         for m in started:
             try:
                 if not resumed:
-                    m.cancel()
-                    m.hand_back()
+                    m.undo()
             except Error as e:
                 self.log.add("error", what="undoing the start", detail=str(e))
             m.stop()
+        if created and not resumed:
+            self.record.path.unlink(missing_ok=True)
+            if self._made_state_dir:
+                try:
+                    self.state_dir.rmdir()
+                except OSError:
+                    pass                # something else is there: not ours to remove
 
     # Copy.
 
@@ -521,16 +530,7 @@ class Group(Controller):
         """How long the safety net is up and what it costs: every write waits for the slower of
         both sides; the source's latency (and its failures, degraded) is that cost."""
         net = {"up_seconds": round(time.time() - self.net_since, 3) if self.net_since else None,
-               "members": {}}
-        for name, m in self.members.items():
-            dp = m.tree.datapath_status() if m.tree is not None else {"error": "not running"}
-            sides = dp.get("sides") or {}
-            net["members"][name] = {
-                "source_latency_ms": (sides.get("source") or {}).get("latency_ms"),
-                "destination_latency_ms": (sides.get("destination") or {}).get("latency_ms"),
-                "source_degraded": (sides.get("source") or {}).get("degraded", 0),
-                "may_differ_bytes": dp.get("dirty_bytes"),
-                "revert_possible": dp.get("synchronized", False)}
+               "members": {name: net_cost(m.tree) for name, m in self.members.items()}}
         return net
 
     def commands(self):

@@ -60,7 +60,7 @@ class ExportLender:
     def ready(self):
         """An export that is gone fails the give-back itself (as it always did)."""
 
-    def give_back(self, chain):
+    def give_back(self, chain, undone=False):
         return export.give_back(self.control, chain[0]["path"])
 
     @property
@@ -128,9 +128,11 @@ class HostLender:
                              "start it (mirrorfs host, or the mirrorfs-host unit), then hand back "
                              "again; the migration serves the disk meanwhile")
 
-    def give_back(self, chain):
-        """The service records the end of the loan (`returned`) and serves `chain` again."""
-        return hostctl.give_back(self.run_dir, self.name, migration=self.migration, chain=chain)
+    def give_back(self, chain, undone=False):
+        """The service records the end of the loan (`returned`, or `undone`: a start undone, the
+        chain from before the loan) and serves `chain` again."""
+        return hostctl.give_back(self.run_dir, self.name, migration=self.migration, chain=chain,
+                                 undone=undone)
 
     @property
     def who(self):

@@ -7,6 +7,15 @@
                     then [dst/base] <- [dst/snap] <= reads and writes; the source is released
     or      cancel  [src/base] <- [src/snap] <= reads and writes; dst/snap is removed
 
+A named disk (`start NAME`, lent by the host service) keeps a **safety net** after its pivot, as a
+group does (control.group): reads come from the destination, every change still goes to both sides
+(the destination first), so `revert` puts it back on the source with nothing to copy, and `commit`
+ends the net (the source retired, kept as the disk was at the commit). `pivot --commit` switches at
+once, and `hand-back` after a pivot commits first. A migration of an image path (`start
+SOURCE_TOP`, `--take-over`) has no net: its pivot is final, as the oVirt flow it follows expects
+(its manager knows no revert), and `revert`/`commit` are refused in one line; so is a disk with
+`--lag` (the net writes both sides at once, a lag one behind) or `--switch-first`.
+
 "src/base" is the top of the chain as it was before the migration (`source_top`); it may itself have
 backing files, and the copy flattens them into one dst/base.
 
@@ -18,6 +27,7 @@ Backed by src/base, the fill is the right data; at the switch the backing is cha
 copy, whose content is the same, so nothing the overlay holds changes meaning.
 """
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -34,7 +44,7 @@ from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.control.options import ServeOptions
 from mirrorfs.daemons.tree import ProcessTree
 
-__all__ = ["Migration", "PhaseError"]
+__all__ = ["Migration", "PhaseError", "net_cost"]
 
 
 class Migration(Controller):
@@ -89,7 +99,8 @@ class Migration(Controller):
         self._before = None             # the disk's chain before the migration (from the lender)
         self.stopped_in = None          # the phase `stop` found (control.stopreport.next_step)
         self._rebased = False           # the destination overlay is on the destination base
-        self.net_since = None           # a group's safety net: up since (time.time())
+        self.net_since = None           # the safety net: up since (time.time())
+        self.snapshot = None            # the commit of the net: when, the retired source chain
         self._loan_serving = None       # the side the disk's record said at the borrow
         self.chains = None              # {"before", "source", "destination"}: top first, formats
         # The copies' own limit: `mirrorfs copy --rate` (or `mirrorfs rate`); an evacuation's --rate.
@@ -108,6 +119,20 @@ class Migration(Controller):
         if self.options.rate is not None:
             raise UsageError("--rate limits the hydration of --switch-first; a migration's base "
                              "copy takes 'mirrorfs copy --rate'")
+
+    @property
+    def has_net(self):
+        """Does a bare `pivot` keep the safety net (see the module's docstring)?"""
+        return (self.lender is not None and self.lender.named and not self.options.lag
+                and not self.options.switch_first)
+
+    def _need_net(self, command):
+        if not self.has_net:
+            why = ("a disk with --lag" if self.options.lag else
+                   "a migration of an image path" if not (self.lender and self.lender.named) else
+                   "this migration")
+            raise UsageError(f"{command}: {why} has no safety net: its pivot is final (a named "
+                             "disk keeps one: mirrorfs start NAME, or a group of them)")
 
     def _locate(self, source_top):
         """Where the migration's files are, from the top of the source chain."""
@@ -151,7 +176,33 @@ class Migration(Controller):
         self._listener = None
         top = self._authoritative_top(saved)
         if top is not None:
-            self.lender.give_back(self._chain_of(top))
+            chain = self._chain_of(top)
+            # Nothing of the loan is left (the overlays removed): the record as before the loan.
+            self.lender.give_back(chain, undone=chain is self.chains["before"])
+
+    def undo(self):
+        """Undo this migration's start as if it had never happened (a group whose other member
+        failed to start: control.group). The data path stops (requests in flight finish; held
+        ones are sent again by the clients once the lender serves), what clients wrote meanwhile
+        into the source overlay is committed into the chain below it (qemu-img commit; nothing is
+        opened for writing when they wrote nothing), both overlays and the state are removed, and
+        the lender serves the chain from before the loan again, its record as before the loan
+        (registry.undone: nothing retired)."""
+        with self.internal_change():
+            if self.tree is not None:
+                self.tree.stop()
+            if self.source_overlay.exists():
+                images.commit_own_data(images.info(self.source_overlay))
+            for path in (self.source_overlay, self.dest_overlay):
+                path.unlink(missing_ok=True)
+            self._created.clear()
+            if self.state_dir is not None:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            self.lender.give_back(self.chains["before"], undone=True)
+            self.enter(Phase.CANCELLED, undone=True)
 
     def _chain_of(self, top):
         """The chain (top first, with formats) whose top is `top`: one of the loan's."""
@@ -430,6 +481,12 @@ class Migration(Controller):
             self.enter(Phase.PIVOTED, **self.last_switch)
             return stall
 
+    def pivot_net(self, force=False, timeout=10.0):
+        """A named disk's bare `pivot`: verified, rebased, then the safety net (`net_pivot`)."""
+        self._need_net("pivot")
+        self.prepare_pivot(force)
+        return self.net_pivot(timeout)
+
     def revert(self, timeout=10.0, gate=None):
         """Read from the source again: every change since the pivot is there already."""
         with self.changing("revert", Phase.PIVOTED):
@@ -444,10 +501,12 @@ class Migration(Controller):
             self.enter(Phase.MIRRORING, reverted=True, stall_ms=round(stall * 1000, 3))
             return stall
 
-    def commit_net(self, timeout=10.0, gate=None):
+    def commit_net(self, timeout=10.0, gate=None, degraded=None):
         """End the net: the destination alone; the source's daemon flushes and closes its images,
-        which stay as they were at the commit's hold."""
+        which stay as they were at the commit's hold. `degraded`: why the disk commits on its
+        own (its source failed): then the retired source is not the disk at the commit."""
         with self.changing("commit", Phase.PIVOTED):
+            net = round(time.time() - self.net_since, 3) if self.net_since else None
             commit = self._commit(Phase.SWITCHED)
             try:
                 stall = self.tree.switch("destination", Phase.SWITCHED, timeout,
@@ -456,8 +515,18 @@ class Migration(Controller):
                 raise Error(f"commit failed, the net is still up: {e}") from None
             self._created.clear()
             self.net_since = None
-            self.enter(Phase.SWITCHED, committed=True, stall_ms=round(stall * 1000, 3))
+            self.snapshot = {"time": time.time(), "consistent": degraded is None,
+                             "sources": {self._name: self.chains["source"] if self.chains else
+                                         [{"path": str(self.source_overlay)}]},
+                             **({"degraded": degraded} if degraded else {})}
+            self.enter(Phase.SWITCHED, committed=True, stall_ms=round(stall * 1000, 3),
+                       net_seconds=net)
             return stall
+
+    @property
+    def _name(self):
+        return self.lender.name if self.lender is not None and self.lender.named else \
+            str(self.source_top)
 
     def prepare_pivot(self, force=False):
         """A pivot's checks, and the rebase of the destination overlay onto the destination base,
@@ -523,7 +592,10 @@ class Migration(Controller):
         unanswered; clients send them again to the lender), the storage daemons flush and close
         the images, then the lender records the chain (a named disk's `returned`) and serves it on
         the same socket. The chain does not grow from one migration to the next: the base copy
-        flattens the source's chain, so the destination is always its copy plus one overlay."""
+        flattens the source's chain, so the destination is always its copy plus one overlay.
+        Under the safety net, the net is committed first (the destination alone)."""
+        if self.phase == Phase.PIVOTED and self.has_net:
+            self.commit_net()
         with self.changing("hand-back", *self.ENDED):
             if self.lender is None:
                 raise UsageError("this migration did not take the disk over (start NAME, or start "
@@ -600,7 +672,42 @@ class Migration(Controller):
                                                 and self.phase == Phase.MIRRORING)
         if self.last_switch:
             status["switch"] = self.last_switch
+        if self.phase == Phase.PIVOTED and self.tree is not None:
+            status["net"] = {"up_seconds": round(time.time() - self.net_since, 3)
+                             if self.net_since else None, **net_cost(self.tree)}
+        if self.snapshot:
+            status["snapshot"] = {**self.snapshot, "what": (
+                "the retired source: the disk as it was at the commit (it stopped receiving "
+                "writes at the commit's hold); kept until removed"
+                if self.snapshot.get("consistent", True) else
+                f"degraded to the destination alone: {self.snapshot.get('degraded')}; the retired "
+                "source is NOT the disk at the commit")}
         return status
+
+    # Running: under the net, a source that fails degrades the disk to its destination.
+
+    def run(self, stop, interval=0.5):
+        seen = {}
+        while not stop.wait(interval) and not self.finished.is_set():
+            if self.phase == Phase.PIVOTED and self.has_net:
+                self._degrade_if_the_source_died()
+            self.check(seen)
+
+    def _degrade_if_the_source_died(self):
+        """The source's storage daemon died under the net: the data is safe on the destination,
+        which serves reads and takes every write first; the source can no longer be reverted
+        to. The disk commits on its own and says so (a group does this for all its members at
+        once: control.group)."""
+        daemon = self.tree.daemon("source")
+        if daemon is None or not daemon.died():
+            return
+        why = "the source failed (its storage daemon died)"
+        self.log.add("degraded", why=why)
+        self.tree.drop_source()
+        try:
+            self.commit_net(degraded=why)
+        except PhaseError:
+            return                      # a command runs: the next look commits
 
     def commands(self):
         table = super().commands()
@@ -610,11 +717,23 @@ class Migration(Controller):
             **self.switch_commands(),
             "hand-back": lambda r: self.hand_back(),
             # Who the disk goes back to (the CLI says the next step): pivot's and cancel's replies.
-            "pivot": lambda r: {"stall_ms": round(self.pivot(force=r.get("force") is True) * 1000, 3),
-                                "lent": self.lender and self.lender.who},
+            "pivot": self._pivot_command,
+            "revert": lambda r: self._need_net("revert") or {
+                "stall_ms": round(self.revert() * 1000, 3)},
+            "commit": lambda r: self._need_net("commit") or {
+                "stall_ms": round(self.commit_net() * 1000, 3),
+                "sources": [str(self.source_overlay)]},
             "cancel": lambda r: {**self.cancel(), "lent": self.lender and self.lender.who},
         })
         return table
+
+    def _pivot_command(self, request):
+        """`pivot`: the safety net of a named disk, or (`commit`, or no net) the final switch."""
+        force = request.get("force") is True
+        net = self.has_net and request.get("commit") is not True
+        stall = self.pivot_net(force) if net else self.pivot(force=force)
+        return {"stall_ms": round(stall * 1000, 3), "net": net,
+                "lent": self.lender and self.lender.who}
 
     def stop(self):
         """Stop serving. Images stay as they are: both chains are consistent at every phase."""
@@ -630,3 +749,16 @@ class Migration(Controller):
             if self.phase != Phase.NEW:
                 self.enter(Phase.STOPPED)
             self.log.close()
+
+
+def net_cost(tree):
+    """What the safety net costs one disk now: every write waits for the slower of both sides, so
+    the source's latency (and its failures, degraded) is that cost; and whether a revert is
+    possible (the sides synchronized)."""
+    dp = tree.datapath_status() if tree is not None else {"error": "not running"}
+    sides = dp.get("sides") or {}
+    return {"source_latency_ms": (sides.get("source") or {}).get("latency_ms"),
+            "destination_latency_ms": (sides.get("destination") or {}).get("latency_ms"),
+            "source_degraded": (sides.get("source") or {}).get("degraded", 0),
+            "may_differ_bytes": dp.get("dirty_bytes"),
+            "revert_possible": dp.get("synchronized", False)}

@@ -49,7 +49,9 @@ def next_step(migration, command):
             line += ", then hand the disk back (mirrorfs hand-back)"
         return line
     if lender is not None and lender.named:
-        side = "destination" if phase in (Phase.SWITCHED, Phase.HYDRATED) else "source"
+        # Under the safety net (pivoted) the record says destination, which holds every write.
+        side = "destination" if phase in (Phase.SWITCHED, Phase.HYDRATED, Phase.PIVOTED) \
+            else "source"
         return (f"mirrorfs: stopped while {phase} without a state directory: the host service takes "
                 f"the disk {lender.name} back on its {side} chain; to move it, start a new "
                 f"migration (mirrorfs start {lender.name} --dest-dir DIR --state-dir DIR)")

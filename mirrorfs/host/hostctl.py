@@ -62,6 +62,8 @@ def borrow(rundir, name, *, pid, migration, control, state_dir, source, destinat
     return sockets.received_listener(fds, f"the host service at {path}"), reply
 
 
-def give_back(rundir, name, *, migration, chain):
-    """The migration ends on `chain`: the service records it and serves it again."""
-    return call(rundir, "give-back", disk=name, migration=migration, chain=chain)
+def give_back(rundir, name, *, migration, chain, undone=False):
+    """The migration ends on `chain`: the service records it and serves it again. `undone`: the
+    migration's start was undone, `chain` is the disk's from before the loan."""
+    return call(rundir, "give-back", disk=name, migration=migration, chain=chain,
+                **({"undone": True} if undone else {}))

@@ -382,9 +382,10 @@ class Registry:
             return self._save(record, "switched", migration=migration, chain=paths(record["chain"]))
 
     def reverted(self, name, migration):
-        """A group's revert (control.group): reads come from the source again, which holds every
-        write since the pivot: the disk is the source's chain again, the loan goes on. Nothing
-        changes (and nothing is written) when the record says so already."""
+        """A revert under the safety net (a named disk's, or a group's: control.group): reads
+        come from the source again, which holds every write since the pivot: the disk is the
+        source's chain again, the loan goes on. Nothing changes (and nothing is written) when the
+        record says so already."""
         with self.locked():
             record, lent = self._loan(name, migration, "reverted")
             if lent["serving"] == "source" and record["chain"] == lent["source"]:
@@ -415,6 +416,23 @@ class Registry:
             self._refuse_owned(chain, name)
             self._end_loan(record, lent, chain, "handed back")
             return self._save(record, "handed-back", migration=migration, chain=paths(chain))
+
+    def undone(self, name, migration, chain):
+        """The loan's start was undone (a group whose other member failed to start, control.group):
+        the disk is `chain` again, the chain from before the loan, and nothing of the loan
+        remains (its overlays were removed, what its clients wrote was committed into the chain
+        first), so nothing is retired: the record is as it was before the loan but for its
+        history."""
+        chain = check_chain(chain, "undone: chain")
+        with self.locked():
+            record, lent = self._loan(name, migration, "undone")
+            before = lent["source"][0 if lent["evacuation"] else 1:]
+            if lent["serving"] != "source" or paths(chain) != paths(before):
+                raise UsageError(f"undone: the disk {name} serves the {lent['serving']} of "
+                                 f"migration {migration}, not {' <- '.join(paths(chain))}")
+            record["chain"] = chain
+            record["lent"] = None
+            return self._save(record, "start-undone", migration=migration, chain=paths(chain))
 
     def taken_back(self, name, migration):
         """The borrower died: the loan ends on the side it was serving (the source's overlay if it

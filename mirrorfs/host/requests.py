@@ -8,7 +8,8 @@ apart so that each file holds one concern: what a client may ask, and what each 
     status      one disk: the same, its last events, its retired images, its daemon's log
     lend        {"disk", "pid", "migration", "control", "state_dir", "source", "destination",
                 "evacuation"}: recorded, then the daemon stopped; the socket passed (SCM_RIGHTS)
-    give-back   {"disk", "migration", "chain"}: recorded (returned), then the chain served
+    give-back   {"disk", "migration", "chain", "undone"}: recorded (returned; undone: a start
+                undone, the chain from before the loan, nothing retired), then the chain served
     shutdown    every disk's daemon stopped, then the service
 """
 
@@ -67,7 +68,7 @@ class Requests:
             disk.socket = socket_path
         with disk.lock:
             try:
-                listener = sockets.bind_unix(socket_path)
+                listener = self.bind(socket_path)
                 try:
                     record = self.registry.add(name, image, socket_path)
                 except BaseException:
@@ -131,7 +132,8 @@ class Requests:
         with disk.lock:
             record = self.registry.get(disk.name)
             if record["lent"] and record["lent"]["migration"] == migration:
-                record = self.registry.returned(disk.name, migration, chain)
+                end = self.registry.undone if request.get("undone") else self.registry.returned
+                record = end(disk.name, migration, chain)
             elif record["lent"] or reg.paths(record["chain"]) != reg.paths(reg.check_chain(chain, "give-back")):
                 raise UsageError(f"give-back: the disk {disk.name} is not lent to migration {migration}")
             if disk.phase != Phase.LENT and disk.daemon is not None:

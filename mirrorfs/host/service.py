@@ -13,7 +13,11 @@ stops the disks (each daemon flushed and closed), then the service.
 The listening sockets. The service binds each disk's socket (0600) and keeps a copy of it for the
 disk's life, as `mirrorfs export` does: a daemon gets it by fd, a migration gets it on `lend`
 (SCM_RIGHTS); a daemon or a borrower that dies leaves it open, so clients wait in its backlog
-instead of being refused.
+instead of being refused. With `--socket-group GROUP` every disk's socket is 0660 and GROUP's (a
+system libvirt's QEMU runs as libvirt-qemu, not as root): set when the service binds it, and again
+on every socket it adopts at its start. Nothing else binds a named disk's socket (a migration
+serves the very socket it borrowed), so the ownership holds through lend, switch, take-back and
+hand-back. An unknown group is refused before the service binds anything.
 
 Control socket RUN_DIR/host.ctl (JSON lines, 0600), one request {"cmd": ..., "disk": NAME}:
     add (image, socket), remove, list, status, lend, give-back, shutdown (mirrorfs.host.requests)
@@ -54,6 +58,7 @@ from mirrorfs.host.rundir import DISKS
 from mirrorfs.sides import images, rbd
 from mirrorfs.system import notify, sockets
 from mirrorfs.system import pidfd as pidfds
+from mirrorfs.system.access import Access
 
 log = logging.getLogger("mirrorfs")
 
@@ -71,8 +76,12 @@ class HostService(Requests):
 
     The control socket's commands are its base class's (mirrorfs.host.requests)."""
 
-    def __init__(self, registry, rundir, cache="auto", take_back_after=TAKE_BACK_AFTER):
+    def __init__(self, registry, rundir, cache="auto", take_back_after=TAKE_BACK_AFTER,
+                 socket_group=None):
         self.registry = registry
+        # Who may connect to the disks' sockets: the group is looked up now, before anything starts.
+        self.access = Access(group=socket_group)
+        self.access.check()
         self.rundir = rundir
         self.cache = cache
         self.take_back_after = take_back_after
@@ -193,6 +202,7 @@ class HostService(Requests):
                 daemon = DiskDaemon.adopt(self.directory, disk.name, entry)
                 if daemon is not None:
                     disk.listener = daemon.listener(entry.get("inode"))
+                    self._share_adopted(disk)
                     if (not record["lent"] and disk.listener is not None
                             and daemon.chain == reg.paths(record["chain"])):
                         disk.daemon = daemon
@@ -228,8 +238,24 @@ class HostService(Requests):
                                      f"{e.strerror}") from None
                 finally:
                     os.umask(old)
-            disk.listener = sockets.bind_unix(disk.socket)
+            disk.listener = self.bind(disk.socket)
         return disk.listener
+
+    def _share_adopted(self, disk):
+        """A socket bound by an earlier service: this one's --socket-group (it may have changed)."""
+        if disk.listener is not None and os.path.exists(disk.socket):
+            self.access.share(disk.socket)
+
+    def bind(self, path):
+        """A disk's listening socket, bound anew: 0600, or 0660 and the --socket-group's."""
+        listener = sockets.bind_unix(path)
+        try:
+            self.access.share(path)
+        except UsageError:
+            listener.close()
+            Path(path).unlink(missing_ok=True)
+            raise
+        return listener
 
     def _serve(self, disk, record):
         """Serve the record's chain on the disk's socket with a new daemon (checked first: the chain
@@ -257,6 +283,7 @@ class HostService(Requests):
                 disk.borrower = (lent["pid"], pidfd)
                 disk.listener = disk.listener or self._socket_from_borrower(lent["pid"], disk.socket,
                                                                             inode)
+                self._share_adopted(disk)
                 disk_daemons.write_entry(self.directory, disk.name, disk.inode, None)
                 return
         disk.dead_since = time.monotonic()

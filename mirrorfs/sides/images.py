@@ -133,6 +133,21 @@ def is_empty(image):
     return not any(extent.get("present") for extent in json.loads(out))
 
 
+def commit_own_data(image):
+    """Write what the overlay `image` (ImageInfo) holds itself into its backing file, if it holds
+    anything (qemu-img commit; -d: the overlay is removed by the caller anyway). An overlay
+    holding nothing leaves its backing file untouched: not even opened for writing. Returns
+    whether anything was committed."""
+    out = _run(["qemu-img", "map", "--output=json", "-f", image.format, os.fspath(image.path)],
+               str(image.path))
+    if not any(extent.get("depth") == 0 and extent.get("present", extent.get("data"))
+               for extent in json.loads(out)):
+        return False
+    _run(["qemu-img", "commit", "-q", "-d", "-f", image.format, os.fspath(image.path)],
+         f"commit {image.path}")
+    return True
+
+
 # A new overlay holds whatever the guest writes from now on: readable by its owner alone (the user
 # running mirrorfs and its storage daemons), whatever the umask. An operator can share it afterwards.
 OVERLAY_MODE = 0o600

@@ -9,7 +9,8 @@
 - **A TCP address other machines can reach** (`--listen` on anything but loopback) is refused without
   `--tls require`, unless the operator says `--insecure`.
 - **Unix sockets** (the disk's and the control socket) are 0600: only the user running mirrorfs can
-  connect. `--group NAME` makes them 0660 and owned by that group.
+  connect. `--socket-group NAME` (`--group` is its older spelling) makes them 0660 and owned by
+  that group; the host service's `--socket-group` does it for every named disk's socket.
 - **Export names**: the disk is the default export (""). nbdkit's exportname filter refuses every
   other name and lists only that one, so a client's name cannot select anything.
 
@@ -28,6 +29,9 @@ from mirrorfs.errors import UsageError
 
 TLS_MODES = ("off", "on", "require")
 CERTIFICATE_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+# The option that names the sockets' group. Not `--group`, its older spelling (still accepted): next
+# to a group migration (`start sys data`), "--group" reads as the migration's group.
+OPTION = "--socket-group"
 _PSK_LINE = re.compile(r"^[^:\s]+:[0-9a-fA-F]{2,}$")
 
 # The exportname filter's parameters: only "" exists, and only "" is listed. nbdkit hands the
@@ -130,10 +134,10 @@ class Access:
             pass
         if group.isdigit():
             return int(group)
-        raise UsageError(f"--group {group}: no such group")
+        raise UsageError(f"{OPTION} {group}: no such group")
 
     def share(self, path):
-        """A unix socket we bound (0600): with --group, 0660 and owned by the group."""
+        """A unix socket we bound (0600): with --socket-group, 0660 and owned by the group."""
         if self.group is None:
             return
         if self.gid is None:
@@ -142,7 +146,8 @@ class Access:
             os.chown(path, -1, self.gid)
             os.chmod(path, 0o660)
         except OSError as e:
-            raise UsageError(f"--group {self.group}: cannot give {path} to it: {e.strerror}") from None
+            raise UsageError(f"{OPTION} {self.group}: cannot give {path} to it: {e.strerror}") \
+                from None
 
     @property
     def tls_required(self):

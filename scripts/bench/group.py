@@ -102,7 +102,8 @@ def move(bench, names, group, state):
     holds = []
     for name in (names[:1] if group else names):
         bench.mirrorfs("copy", name)
-        out = bench.mirrorfs("pivot", name)
+        # One disk: its final switch (a named disk's bare pivot keeps a net, as a group's does).
+        out = bench.mirrorfs("pivot", name, *(() if group else ("--commit",)))
         holds.append(float(out.split("clients held ")[1].split(" ms")[0]))
     commit = None
     if group:

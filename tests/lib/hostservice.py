@@ -20,8 +20,9 @@ class HostService:
            host.kill(signal.SIGKILL); host.start()   # the next service adopts the daemons
     """
 
-    def __init__(self, workdir, take_back_after=2):
+    def __init__(self, workdir, take_back_after=2, options=()):
         self.workdir = workdir
+        self.options = list(options)            # more of `mirrorfs host`'s options
         self.registry = workdir / "registry"
         self.run_dir = workdir / "run"
         self.take_back_after = take_back_after
@@ -38,7 +39,7 @@ class HostService:
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(
                 self.argv("host", "--registry", self.registry, "--run-dir", self.run_dir,
-                          "--take-back-after", self.take_back_after),
+                          "--take-back-after", self.take_back_after, *self.options),
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + timeout
         while "host service:" not in self.out.read_text():

@@ -5,8 +5,9 @@ Debian 12's libvirt (9.0) run as root always uses the host's /etc/libvirt, /run/
 /var/lib/libvirt. A test must not touch those, so the daemon runs in *session* mode instead: as an
 unprivileged user of its own (`mfsvirt`, made once with useradd), with HOME and the XDG directories
 pointing into the test's directory. Its QEMU runs as that user under TCG (no KVM here). The guest's
-disks are NBD unix sockets: mirrorfs is started with `--group mfsvirt`, so the sockets are 0660 and
-the user's QEMU may connect; the images themselves are opened only by mirrorfs's storage daemons.
+disks are NBD unix sockets: mirrorfs (or its host service) is started with `--socket-group mfsvirt`,
+so the sockets are 0660 and the user's QEMU may connect; the images themselves are opened only by
+mirrorfs's storage daemons.
 
     with LibvirtDaemon(workdir) as lv:
         lv.define(domain_xml(...)); lv.virsh("start", "vm1")

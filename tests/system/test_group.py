@@ -20,6 +20,7 @@ from lib import dependent
 from lib.commands import EXIT_USAGE, MIRRORFS, run
 from lib.hosted import Host
 from lib.images import MiB
+from lib.reconnecting import ReconnectingWriter
 from lib.waits import wait_until
 
 NAMES = ["sys", "data", "log"]
@@ -442,3 +443,85 @@ def test_pivot_commit_and_hand_back_after_a_pivot(workdir, host, how):
         assert disk["lent"] is None
         assert disk["chain"][0]["path"] == str(workdir / "b" / f"{n}-snap.qcow2")
         assert str(workdir / "a" / f"{n}-snap.qcow2") in [r["path"] for r in disk["retired"]]
+
+
+def test_a_member_that_fails_to_start_leaves_the_others_as_they_were(workdir, host):
+    """`start sys data log` where log's start fails after sys and data started (log's image is in
+    a directory that refuses new files, chattr +i: its source overlay cannot be made): every
+    member is returned exactly as it was. The same chain and record (no loan, nothing retired),
+    no overlay left in the source or destination directories, no group state, every disk still
+    served with its bytes; a client that wrote sys throughout finds every acknowledged write
+    (what it wrote while the group held sys is committed into sys's chain)."""
+    names = ["sys", "data", "log"]
+    socks = make_disks(host, workdir, names[:2])
+    (workdir / "c").mkdir()
+    image = workdir / "c" / "log.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", image, str(SIZE))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x3c 0 8M", image)
+    socks.append(workdir / "log.sock")
+    host.mirrorfs("add", "log", image, "--socket", socks[-1])
+    wait_until(lambda: host.disks().get("log", {}).get("phase") == "exporting", "log served",
+               timeout=60)
+    fields = ("chain", "lent", "retired", "socket", "size")
+    records = {n: {k: host.record(n)[k] for k in fields} for n in names}
+    files = {d: sorted(os.listdir(workdir / d)) for d in ("a", "b", "c")}
+    for n, s in zip(names[1:], socks[1:]):
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", dependent.uri(s), workdir / f"{n}.raw")
+    writer = ReconnectingWriter(socks[0])
+    writer.wait_sent(20)
+    run("chattr", "+i", workdir / "c")
+    try:
+        res = host.mirrorfs("start", *names, "--dest-dir", workdir / "b", "--state-dir",
+                            workdir / "state", check=False)
+    finally:
+        run("chattr", "-i", workdir / "c")
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res
+    assert "log-snap.qcow2" in res.stderr, res.stderr
+    wait_until(lambda: all(host.disks().get(n, {}).get("phase") == "exporting" for n in names),
+               "every disk served by the host again", timeout=60)
+    writer.wait_sent(writer.sent + 20)
+    writer.stop()
+    assert {n: {k: host.record(n)[k] for k in fields} for n in names} == records
+    assert {d: sorted(os.listdir(workdir / d)) for d in ("a", "b", "c")} == files
+    assert not (workdir / "state").exists()
+    writer.check(dependent.uri(socks[0]))
+    for n, s in zip(names[1:], socks[1:]):
+        same = run("qemu-img", "compare", "-f", "raw", "-F", "raw", workdir / f"{n}.raw",
+                   dependent.uri(s), check=False)
+        assert same.returncode == 0, (n, same.stdout + same.stderr)
+
+
+def test_revert_after_a_restart_under_the_net_with_writes_in_flight(workdir, host):
+    """A group of two, pivoted (the net up), the dependent writer running with no pause; kill -9
+    of the group's process in the middle of its writes; the same command line resumes under the
+    net; `revert`: every member reads from its source again, every acknowledged write and every
+    dependency is on the sources (through the sockets, and in the source images themselves), and
+    at the revert each source equals its destination byte for byte (qemu-img compare)."""
+    names = NAMES[:2]
+    socks = make_disks(host, workdir, names)
+    g = start_group(host, workdir, names)
+    writer = dependent.DependentWriter(socks, spacing=0)
+    host.mirrorfs("copy", "sys")
+    host.mirrorfs("pivot", "sys")
+    writer.wait_steps(writer.steps + 300)
+    _kill_group(g)
+    wait_until(lambda: writer.error is not None, "the writer's connections lost", timeout=60)
+    writer.stop()
+    print(f"writer: {writer.steps} steps, then {writer.error}")
+    start_group(host, workdir, names, name="g2")
+    status = json.loads(host.mirrorfs("status", "data", "--json").stdout)
+    assert status["phase"] == "pivoted" and status["group"]["serving"] == "destination", status
+    assert set(sides(host, names).values()) == {"destination"}
+    out = host.mirrorfs("revert", "data").stdout
+    assert "reverted" in out, out
+    for n in names:
+        res = run("qemu-img", "compare", "-U", workdir / "a" / f"{n}-snap.qcow2",
+                  workdir / "b" / f"{n}-snap.qcow2", check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+    status = json.loads(host.mirrorfs("status", "sys", "--json").stdout)
+    assert {m["datapath"]["reader"] for m in status["members"].values()} == {"source"}
+    assert set(sides(host, names).values()) == {"source"}
+    assert group_record(workdir)["serving"] == "source"
+    check_served(socks, writer)
+    dependent.check(snapshot_slots(workdir, names), writer.acked)
+    assert "cancelled every member" in host.mirrorfs("cancel", "data").stdout

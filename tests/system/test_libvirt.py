@@ -110,9 +110,9 @@ def test_libvirt_guest_writes_while_its_disk_migrates(guest_image, workdir, libv
     run("qemu-img", "create", "-q", "-f", "qcow2", source, str(128 * MiB))
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 32M", source)      # data for the copy
     sock = workdir / "vm.sock"
-    # --group: the sockets 0660 for the group of the daemon's user, whose QEMU connects.
+    # --socket-group: the sockets 0660 for the group of the daemon's user, whose QEMU connects.
     migration = Process(workdir, "start", "start", source, "--dest-dir", workdir / "dst",
-                        "--socket", sock, "--group", USER)
+                        "--socket", sock, "--socket-group", USER)
     try:
         guest = LibvirtGuest(libvirtd, "mfs-vm1", "disk", [nbd_disk(sock, "vda")])
         with guest:
@@ -153,7 +153,9 @@ def test_libvirt_guest_on_a_group_of_two_disks(guest_image, workdir, libvirtd):
     reconnect: docs/OPERATING.md)."""
     for d in ("a", "b"):
         (workdir / d).mkdir()
-    host = Host(workdir, take_back_after=600).start()
+    # --socket-group: the disks' sockets 0660 for the group of the daemon's user, whose QEMU
+    # connects, through the loan, every switch and the hand-back.
+    host = Host(workdir, take_back_after=600, options=["--socket-group", USER]).start()
     try:
         socks = []
         for name, byte in (("sys", 0x5a), ("data", 0x5b)):
@@ -165,10 +167,6 @@ def test_libvirt_guest_on_a_group_of_two_disks(guest_image, workdir, libvirtd):
             socks.append(sock)
         group = host.background("g", "start", "sys", "data", "--dest-dir", workdir / "b",
                                 "--state-dir", workdir / "state")
-        for sock in socks:
-            # The host service binds the sockets 0600 for root; the session daemon's QEMU runs
-            # as USER (the service has no --group yet).
-            os.chmod(sock, 0o666)
         guest = LibvirtGuest(libvirtd, "mfs-vm2", "group",
                              [nbd_disk(socks[0], "vda"), nbd_disk(socks[1], "vdb")])
         steps = []

@@ -137,7 +137,8 @@ def test_everything_killed_after_the_switch_serves_the_destination(workdir, host
     m = host.background("m", "start", "vm1", "--dest-dir", workdir / "b",
                         "--state-dir", workdir / "state")
     host.mirrorfs("copy", "vm1")
-    host.mirrorfs("pivot", "vm1")
+    out = host.mirrorfs("pivot", "vm1", "--commit").stdout
+    assert "switched" in out and "safety net" not in out, out
     writer.wait_sent(writer.sent + 60)          # these are on the destination alone
     host.reboot(also=[psutil.Process(m.pid)])
     served = wait_served(host)
@@ -183,6 +184,123 @@ def test_a_borrower_that_dies_is_taken_back(workdir, host, how, state):
     writer.check(uri(sock))
     check_base_data(sock, writer)
     check_every_chain(workdir / "a", workdir / "b")
+
+
+@pytest.fixture
+def patient_host(workdir):
+    """A host service that does not take a killed migration's disk back (it is resumed)."""
+    h = Host(workdir, take_back_after=600).start()
+    yield h
+    h.close()
+
+
+def test_a_named_disk_pivots_to_a_safety_net(workdir, patient_host):
+    """A single named disk behaves like a group of one (issue #27): a bare pivot keeps the net
+    (reads from the destination, writes to both; status says for how long and what it costs);
+    revert needs no copy (the two overlays are equal, byte for byte, at the revert); a kill -9
+    under the net resumes under the net with the same command line; commit ends it (the source
+    stops receiving writes); revert after commit is refused in one line; hand-back serves the
+    destination with every acknowledged write."""
+    host = patient_host
+    base, sock = named_disk(host, workdir, "qcow2")
+    writer = ReconnectingWriter(sock)
+    argv = ("start", "vm1", "--dest-dir", workdir / "b", "--state-dir", workdir / "state")
+    m = host.background("m", *argv)
+    src, dst = workdir / "a" / "vm1-snap.qcow2", workdir / "b" / "vm1-snap.qcow2"
+    res = host.mirrorfs("commit", "vm1", check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res
+    assert "cannot commit while mirroring" in res.stderr, res.stderr
+    host.mirrorfs("copy", "vm1")
+    out = host.mirrorfs("pivot", "vm1").stdout
+    assert "switched" in out and "safety net is up" in out and "mirrorfs revert vm1" in out, out
+    assert host.record("vm1")["lent"]["serving"] == "destination"
+    writer.wait_sent(writer.sent + 50)
+    status = json.loads(host.mirrorfs("status", "vm1", "--json").stdout)
+    assert status["phase"] == "pivoted" and status["net"]["revert_possible"], status.get("net")
+    assert status["datapath"]["reader"] == "destination"
+    assert status["datapath"]["writers"] == ["destination", "source"]
+    text = host.mirrorfs("status", "vm1").stdout
+    assert "safety net:   up for" in text and "cost: write p50 source" in text, text
+    out = host.mirrorfs("revert", "vm1").stdout
+    assert "reverted" in out, out
+    res = run("qemu-img", "compare", "-U", src, dst, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert host.record("vm1")["lent"]["serving"] == "source"
+    host.mirrorfs("pivot", "vm1")
+    writer.wait_sent(writer.sent + 30)
+    kids = m.children(recursive=True)
+    m.kill()
+    psutil.wait_procs([m, *kids], timeout=30)
+    m = host.background("m2", *argv)
+    status = json.loads(host.mirrorfs("status", "vm1", "--json").stdout)
+    assert status["phase"] == "pivoted" and status["datapath"]["reader"] == "destination", status
+    assert host.record("vm1")["lent"]["serving"] == "destination"
+    writer.wait_sent(writer.sent + 30)
+    out = host.mirrorfs("commit", "vm1").stdout
+    assert "committed" in out and str(src) in out, out
+    status = json.loads(host.mirrorfs("status", "vm1", "--json").stdout)
+    assert status["phase"] == "switched" and status["snapshot"]["consistent"], status
+    res = host.mirrorfs("revert", "vm1", check=False)
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res
+    assert "cannot revert while switched" in res.stderr, res.stderr
+    qemu_io(uri(sock), f"write -P 0xee {SIZE - MiB} {MiB}")
+    # The retired source is closed (flushed) at the commit; the disk is read where it is served.
+    assert run("qemu-img", "compare", "-U", "-F", "raw", src, uri(sock),
+               check=False).returncode == 1, "the source took writes after the commit"
+    host.mirrorfs("hand-back", "vm1")
+    assert m.wait(60) == 0, m.err.read_text()
+    record = host.record("vm1")
+    assert record["chain"][0]["path"] == str(dst)
+    assert str(src) in [r["path"] for r in record["retired"]]
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+    check_base_data(sock, writer)
+
+
+def test_a_source_that_fails_under_the_net_degrades_the_disk(workdir, host):
+    """The source's storage daemon killed under a named disk's net: no write of the writer
+    fails, the disk commits on its own to its destination alone and says so (status: the
+    retired source is not the disk at the commit), and hand-back serves every write."""
+    base, sock = named_disk(host, workdir, "qcow2")
+    writer = ReconnectingWriter(sock)
+    m = host.background("m", "start", "vm1", "--dest-dir", workdir / "b",
+                        "--state-dir", workdir / "state")
+    host.mirrorfs("copy", "vm1")
+    host.mirrorfs("pivot", "vm1")
+    writer.wait_sent(writer.sent + 30)
+    victim = next(p for p in m.children(recursive=True) if p.name() == "qemu-storage-daemon"
+                  and str(workdir / "a" / "vm1-snap.qcow2") in " ".join(p.cmdline()))
+    victim.send_signal(signal.SIGKILL)
+    status = wait_until(lambda: (s := json.loads(host.mirrorfs("status", "vm1", "--json").stdout))
+                        ["phase"] == "switched" and s, "the disk degraded", timeout=60)
+    assert "NOT the disk at the commit" in status["snapshot"]["what"], status["snapshot"]
+    assert "NOT the disk at the commit" in host.mirrorfs("status", "vm1").stdout
+    writer.wait_sent(writer.sent + 30)
+    host.mirrorfs("hand-back", "vm1")
+    assert m.wait(60) == 0, m.err.read_text()
+    assert host.record("vm1")["chain"][0]["path"] == str(workdir / "b" / "vm1-snap.qcow2")
+    writer.wait_sent(writer.sent + 30)
+    writer.stop()
+    writer.check(uri(sock))
+
+
+def test_a_migration_of_an_image_path_has_no_net(workdir, host):
+    """`start SOURCE_TOP` (no name): its pivot is final, as the oVirt flow expects; revert and
+    commit are refused in one line that says where a net exists."""
+    (workdir / "a").mkdir()
+    (workdir / "b").mkdir()
+    base = make_base(workdir / "a" / "img.qcow2", SIZE)
+    ctl = workdir / "img.ctl"
+    host.background("p", "start", base, "--dest-dir", workdir / "b", "--socket",
+                    workdir / "img.sock", "--control", ctl)
+    host.mirrorfs("copy", "--control", ctl)
+    out = host.mirrorfs("pivot", "--control", ctl).stdout
+    assert "switched" in out and "safety net" not in out, out
+    for cmd in ("revert", "commit"):
+        res = host.mirrorfs(cmd, "--control", ctl, check=False)
+        assert res.returncode != 0 and res.stderr.count("\n") == 1, res
+        assert "no safety net" in res.stderr and "mirrorfs start NAME" in res.stderr, res.stderr
 
 
 def test_commands_by_name_say_what_the_disk_does(workdir, host):

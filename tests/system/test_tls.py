@@ -176,7 +176,8 @@ BAD = {
     "no_verify_peer_with_psk": lambda w: (["--tls-psk", _psk(w), "--tls-no-verify-peer"],
                                           ["--tls-no-verify-peer", "needs --tls-certificates"]),
     "no_verify_peer_without_tls": lambda w: (["--tls-no-verify-peer"], ["--tls-no-verify-peer"]),
-    "group_unknown": lambda w: (["--group", "no-such-group-here"], ["--group no-such-group-here"]),
+    "group_unknown": lambda w: (["--group", "no-such-group-here"],
+                                ["--socket-group no-such-group-here: no such group"]),
 }
 
 
