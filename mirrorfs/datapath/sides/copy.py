@@ -20,7 +20,7 @@ The range is copied in chunks, one after the other; each chunk:
    - data is read, every piece in flight at once on one source connection, then written, every
      piece at once on one destination connection: the servers see a queue, not one request at a
      time. Pieces are PIECE bytes, or less where a side's maximum is smaller; one buffer per
-     copy, reused by its chunks;
+     copy, reused by its chunks, as large as the most data in one;
    - zeros (a hole, or allocated zeros) become zero requests that may trim, sent with the writes
      and split at MAX_EFFECT; skipped where the destination is known to read zeros there
      (`dest_zero`: a new image). Not fast zeros: the copy must zero those bytes whatever it costs,
@@ -70,7 +70,7 @@ def copy_range(source, dest, start, end, chunk=None, smallest=None, pacer=None, 
     if stop is None:
         stop = threading.Event()
     piece = _piece(source, dest)
-    buf = None
+    buf = []                    # the copy's one buffer, as large as the most data in a chunk
     read = zeroed = 0
     pos = start
     while pos < end:
@@ -80,8 +80,6 @@ def copy_range(source, dest, start, end, chunk=None, smallest=None, pacer=None, 
                 break
         elif stop.is_set():
             break
-        if buf is None or len(buf) < hi - pos:
-            buf = memoryview(bytearray(hi - pos))
         got = (0, 0)
         try:
             with guard(pos, hi) if guard is not None else contextlib.nullcontext():
@@ -97,15 +95,20 @@ def copy_range(source, dest, start, end, chunk=None, smallest=None, pacer=None, 
 
 
 def _chunk(source, dest, lo, hi, buf, piece, dest_zero, resend):
-    """Copy [lo, hi), its data through `buf`: (bytes read, bytes zeroed)."""
+    """Copy [lo, hi), its data through `buf` (a list holding the buffer, or empty: made here, only
+    as large as the data, which a new bytearray must fill with zeros first): (bytes read, bytes
+    zeroed)."""
     try:
         spans = list(source.allocation(lo, hi))
     except SideError as e:
         raise SideFailure(source, "extents", lo, hi - lo, e) from None
+    data = sum(length for _, length, zero in spans if not zero)
+    if data and (not buf or len(buf[0]) < data):
+        buf[:] = [memoryview(bytearray(data))]
     reads, zeroes, used = [], [], 0
     for offset, length, zero in spans:
         if not zero:
-            reads += Read(buf[used:used + length], offset).pieces(piece)
+            reads += Read(buf[0][used:used + length], offset).pieces(piece)
             used += length
         elif not dest_zero:
             zeroes += Zero(length, offset, may_trim=True).pieces(MAX_EFFECT)
