@@ -25,7 +25,7 @@ import threading
 import time
 
 BURST = 0.5                     # seconds of unused rate a copy may catch up on (after a stall)
-HOLD_POLL = 0.5                 # a held copy looks at its stop event this often
+HOLD_POLL = 0.5                 # a held or waiting copy looks at its stop event this often
 
 
 class Pacer:
@@ -33,7 +33,6 @@ class Pacer:
         self._rate = rate
         self._cond = threading.Condition(threading.Lock())
         self._due = time.monotonic()
-        self._generation = 0        # bumped by set(): a waiter recomputes its due time
         self.paid = 0
 
     @property
@@ -52,7 +51,6 @@ class Pacer:
             else:
                 self._due = now
             self._rate = rate
-            self._generation += 1
             self._cond.notify_all()
 
     def chunk(self, largest, smallest):
@@ -84,10 +82,9 @@ class Pacer:
                 if start <= now:
                     self._due = start + n / rate
                     return True
-                generation = self._generation
-                self._cond.wait(start - now)
-                if generation != self._generation:
-                    continue            # the rate changed: _due was rescaled, wait for it
+                # In slices of HOLD_POLL: a stop must end the wait of a copy far ahead of its rate
+                # (a base copy at a small share is cancelled within a second, not minutes).
+                self._cond.wait(min(start - now, HOLD_POLL))
             return False
 
     def settle(self, reserved, copied):

@@ -14,11 +14,14 @@ has no resume offset), and pausing it with SIGSTOP would copy in bursts of its w
 (mirrorfs.common.pacing, the same pacer as the data path's copier), so a new share applies within
 a sixteenth of a second, and its byte count is exact rather than qemu-img's whole percents.
 
-The copy stays sparse: the source's block status says where data is, and only data is read and
-written; zero and unallocated extents are skipped, as the new image reads as zeros there. The
-target is created in the source's format and written to `<target>.partial`, renamed on success, so
-a half-copied base is never mistaken for a whole one. The switch verifies it anyway
-(images.compare).
+The copy is the data path's one copy of a range (mirrorfs.datapath.sides.copy, on two of its NBD
+sides), the one the mirror's copier and an evacuation make: chunks sized by the pacer, each chunk's
+reads in flight together, then its writes. It stays sparse: the source's block status says where
+data is, and only data is read and written; zero and unallocated extents are skipped, as the new
+image reads as zeros there. What is this module's: the daemons, the progress (a sample after each
+chunk) and the rate from the host budget. The target is created in the source's format and
+written to `<target>.partial`, renamed on success, so a half-copied base is never mistaken for a
+whole one. The switch verifies it anyway (images.compare).
 """
 
 import collections
@@ -31,6 +34,8 @@ from pathlib import Path
 import nbd
 
 from mirrorfs.common.pacing import Pacer, eta_seconds
+from mirrorfs.datapath.sides.backend import NbdBackend, SideError
+from mirrorfs.datapath.sides.copy import SideFailure, copy_range
 from mirrorfs.daemons.storage import StorageDaemon
 from mirrorfs.daemons.tree import make_rundir
 from mirrorfs.errors import Error, ImageError, UsageError
@@ -38,8 +43,7 @@ from mirrorfs.sides import images
 
 # The rate shown is measured over the last this many seconds.
 RATE_WINDOW = 2.0
-PIECE = 1 << 20                 # one read or write request
-CHUNK = 8 << 20                 # requests in flight at once, at most (unlimited copy)
+CHUNK = 8 << 20                 # bytes in flight at once, at most (unlimited copy)
 PACED_CHUNK = 256 << 10         # the smallest chunk under a rate limit (see Pacer.chunk)
 
 
@@ -108,10 +112,12 @@ class BaseCopy:
             writer = StorageDaemon(images.info(self.partial), self._rundir, "base-dst")
             self._daemons.append(writer)
             writer.start()
-            src, dst = nbd.NBD(), nbd.NBD()
-            src.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-            src.connect_uri(reader.uri)
-            dst.connect_uri(writer.uri)
+            src = NbdBackend(reader.uri, "base-src")
+            dst = NbdBackend(writer.uri, "base-dst")
+        except SideError as e:
+            self._close()
+            self.partial.unlink(missing_ok=True)
+            raise ImageError(f"base copy: {e}") from None
         except BaseException:
             self._close()
             self.partial.unlink(missing_ok=True)
@@ -125,14 +131,11 @@ class BaseCopy:
             self._copy(src, dst)
             if not self._stop.is_set():
                 dst.flush()
-        except (nbd.Error, Error) as e:
+        except (nbd.Error, Error, SideError, SideFailure) as e:
             self.error = str(e)
         finally:
-            for h in (src, dst):
-                try:
-                    h.shutdown()
-                except nbd.Error:
-                    pass
+            src.close()
+            dst.close()
             self._close()
             if self._stop.is_set():
                 self.error = self.error or "cancelled"
@@ -145,26 +148,13 @@ class BaseCopy:
             self.finished = time.monotonic()
 
     def _copy(self, src, dst):
-        """Data extents only, in chunks sized by the pacer, each chunk's reads in flight together,
-        then its writes."""
-        size = self.source.virtual_size
-        pos = 0
-        while pos < size and not self._stop.is_set():
-            chunk = self.pacer.chunk(CHUNK, PACED_CHUNK)
-            end = min(pos + chunk, size)
-            if not self.pacer.reserve(end - pos, self._stop):   # held, or ahead of the rate
-                return
-            pieces = []
-            for offset, length in _data_extents(src, pos, end):
-                for p in range(offset, offset + length, PIECE):
-                    pieces.append((p, nbd.Buffer(min(PIECE, offset + length - p))))
-            if pieces:
-                _wait(src, [src.aio_pread(buf, p) for p, buf in pieces])
-                _wait(dst, [dst.aio_pwrite(buf, p) for p, buf in pieces])
-            copied = sum(len(buf) for _, buf in pieces)
-            self._samples.append((time.monotonic(), self.copied + copied))
-            self.pacer.settle(end - pos, copied)
-            pos = end
+        """The data extents, in chunks sized by the pacer; stopped between two chunks by cancel()."""
+        copy_range(src, dst, 0, self.source.virtual_size, chunk=CHUNK, smallest=PACED_CHUNK,
+                   pacer=self.pacer, stop=self._stop, after=self._sample, dest_zero=True)
+
+    def _sample(self, start, end, read, zeroed):
+        """After each chunk: the bytes done so far, for the rate progress() shows."""
+        self._samples.append((time.monotonic(), self.copied))
 
     def _close(self):
         for daemon in self._daemons[::-1]:
@@ -188,45 +178,3 @@ class BaseCopy:
             self._stop.set()
             self._thread.join(30)
         self.partial.unlink(missing_ok=True)
-
-
-def _data_extents(h, start, end):
-    """(offset, length) of the data in [start, end), from the block status (base:allocation)."""
-    found = []
-    pos = start
-    while pos < end:
-        before = len(found)
-        mark = [pos]
-
-        def extent_at(metacontext, offset, entries, err):
-            p = offset
-            for i in range(0, len(entries), 2):
-                length, flags = entries[i], entries[i + 1]
-                stop = min(p + length, end)
-                if stop > p and not flags & nbd.STATE_ZERO:
-                    found.append((p, stop - p))
-                p = stop
-                if p >= end:
-                    break
-            mark[0] = p
-            return 0
-
-        if not h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
-            return [(start, end - start)]
-        h.block_status(end - pos, pos, extent_at)
-        if mark[0] <= pos:
-            found[before:] = [(pos, end - pos)]     # no progress: copy the rest as data
-            break
-        pos = mark[0]
-    return found
-
-
-def _wait(h, cookies):
-    """Drive `h` until every command in `cookies` completes; raise the first failure."""
-    pending = set(cookies)
-    while pending:
-        for cookie in list(pending):
-            if h.aio_command_completed(cookie):     # raises nbd.Error when the command failed
-                pending.discard(cookie)
-        if pending:
-            h.poll(-1)

@@ -10,6 +10,7 @@ are read by the project's own parser (mirrorfs.common.sizes).
     named      300 named disks under `mirrorfs host`: memory, start, list, a scrape, a kill -9
     lag        --lag (issue #28): a slow destination with and without a bounded lag; the rate case
     group      a group's switch: its holds against one disk's, and what its safety net costs
+    copyloop   the one copy of a range: the base copy's and the copier's throughput and CPU
 
 and the pieces they share:
 

@@ -21,13 +21,13 @@ import pytest
 
 from lib.statefiles import new_state, saved
 from mirrorfs.datapath.mirror import copier as copier_module
-from mirrorfs.datapath.mirror import disk as disk_module
 from mirrorfs.datapath.mirror.copier import Copier
 from mirrorfs.datapath.mirror.dirtymap import DirtyMap
 from mirrorfs.datapath.mirror.disk import Disk
 from mirrorfs.datapath.errors import DataPathError, DrainTimeout, RequestError, SwitchRefused
 from mirrorfs.datapath.inflight import InFlight
 from mirrorfs.datapath.mirror.compare import CHUNK, compare
+from mirrorfs.datapath.sides import resend as resend_module
 from mirrorfs.datapath.sides.memory import MemoryBackend
 from mirrorfs.datapath.options import DataPathOptions
 from mirrorfs.datapath.state import State, StateError
@@ -325,7 +325,7 @@ def test_a_source_failure_fails_the_request_even_when_degrading(mem):
 
 
 def test_a_change_the_source_lost_with_its_connection_is_sent_again(mem, monkeypatch):
-    monkeypatch.setattr(disk_module, "RESEND_EVERY", 0.001)
+    monkeypatch.setattr(resend_module, "RESEND_EVERY", 0.001)
     disk = mem()
     disk.source.fail("write", errno.ECONNRESET, times=2)
     disk.pwrite(bytearray(b"\x66" * 4096), MiB, fua=False)

@@ -19,7 +19,9 @@ LAYERS = ("common", "datapath", "system", "sides", "daemons", "host", "control",
 TOP_LEVEL = {"errors": "system", "__init__": "common", "__main__": "cli"}
 ALLOWED_OUTSIDE_STDLIB = {"mirrorfs", "nbd", "libnbdmod"}
 # What the data path offers the supervisor: the script nbdkit loads, its parameters, the state file's
-# reader, the state directory's (every file of it, and whose it is) and the one connect path.
+# reader, the state directory's (every file of it, and whose it is), the one connect path and the
+# one copy of a range (the migration's base copy, control.basecopy, is the copy the data path's
+# copier and hydrator make, on two NBD sides: one loop, not a second walker of block status).
 # Everything else in it is private to the nbdkit process.
 PROBE = """
 import json, sys
@@ -30,7 +32,8 @@ for name in {modules!r}:
 print(json.dumps(sorted(set(sys.modules) - before)))
 """
 OFFERED_BY_DATAPATH = {"mirrorfs.datapath", "mirrorfs.datapath.options", "mirrorfs.datapath.state",
-                       "mirrorfs.datapath.statedir", "mirrorfs.datapath.sides.backend"}
+                       "mirrorfs.datapath.statedir", "mirrorfs.datapath.sides.backend",
+                       "mirrorfs.datapath.sides.copy"}
 
 
 def family(module):

@@ -56,6 +56,7 @@ import threading
 import time
 
 from mirrorfs.datapath.sides import sideio
+from mirrorfs.datapath.sides.copy import copy_range
 from mirrorfs.datapath.evacuation.copyonread import CopyOnRead
 from mirrorfs.datapath.sides.stats import SideStats
 from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideRefused,
@@ -460,16 +461,16 @@ class Evacuee:
             # leaves alone: copied from the source through here.
             for r in regions:
                 for a, b in self.map.holes_to_copy(r):
-                    done = sideio.copy(self.source, self.dest, a, b)
-                    read, zeroed = read + done[0], zeroed + done[1]
+                    done = copy_range(self.source, self.dest, a, b, resend=True)
+                    read, zeroed = read + done.read, zeroed + done.zeroed
         elif any(self.map.on_destination(r) for r in regions):
             read = zeroed = 0
             for r in regions:
                 for a, b in self.map.missing(r):
-                    done = sideio.copy(self.source, self.dest, a, b)
-                    read, zeroed = read + done[0], zeroed + done[1]
+                    done = copy_range(self.source, self.dest, a, b, resend=True)
+                    read, zeroed = read + done.read, zeroed + done.zeroed
         else:
-            read, zeroed = sideio.copy(self.source, self.dest, lo, hi)
+            read, zeroed, _ = copy_range(self.source, self.dest, lo, hi, resend=True)
         self.map.mark_copied(regions)
         return read, zeroed
 

@@ -5,7 +5,8 @@ released (Evacuee.finish).
 - In region order from the first unhydrated one, several workers at once, each copying a batch of
   regions (BATCH) under their range lock, so a client's change to those bytes waits for the copy or
   the copy for it (evacuee).
-- Allocation-aware (sideio.copy): zero and unallocated extents become zero requests.
+- Allocation-aware (Evacuee.copy_range, on the one copy of a range, datapath.sides.copy): zero and
+  unallocated extents become zero requests; a lost connection is sent again.
 - In place (evacuee, `in_place`): a batch is one NBD_CMD_CACHE to the destination, whose daemon
   copies it from the source (its runtime backing) itself; the bytes never cross nbdkit, so a
   batch is larger (BATCH_IN_PLACE). Measured (docs/PERFORMANCE.md, "Evacuation"): 1 GiB in about

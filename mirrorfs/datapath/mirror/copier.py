@@ -10,25 +10,29 @@ newest data: a write that came first is read back from the source by the copy, a
 after is mirrored over it. With write intent and the cursor (see dirtymap), this is why the copy always
 converges under any write load: writes are mirrored synchronously and never make more to copy.
 
-The copy is allocation-aware: the source's block status says where data is; data is read and
-written, zero and unallocated extents become zero requests (may trim) on the destination.
+The copy of a range is the one every copy makes (datapath.sides.copy): allocation-aware (the
+source's block status says where data is; data is read and written, zero and unallocated extents
+become zero requests that may trim), in chunks paced by the copier's pacer and stoppable between
+them. This module gives it the copier's policy: each chunk under the range lock and write intent
+(`_held`), the counters after each chunk, the cursor after a first-pass chunk, the region cleared
+after the whole region's copy (never before: the region differs until its last chunk is copied).
 
 This module runs inside nbdkit's embedded interpreter: standard library only (the sides are backends).
 """
 
+import contextlib
 import logging
 import threading
 import time
 
 from mirrorfs.common.pacing import Paced, Pacer
 from mirrorfs.datapath.sides.backend import describe
-from mirrorfs.datapath.sides.commands import Read, Write, Zero
-from mirrorfs.datapath.errors import CopyFailed, SideError, Stopped
+from mirrorfs.datapath.sides.copy import copy_range
+from mirrorfs.datapath.errors import CopyFailed, SideError, SideFailure, Stopped
 
 log = logging.getLogger("mirrorfs")
 
 CHUNK = 4 * 1024 * 1024         # held under the range lock at a time: what a client write may wait for
-PIECE = 1024 * 1024             # the requests a chunk's data is read and written in
 # Chunks copied at once. A chunk reads, then writes: with a remote destination the writes wait for
 # its latency, so too few chunks leave it idle between them (scripts/bench/remote.py, 1 GiB to RBD: 0.75x of
 # qemu-img convert with 3, 0.80-0.89x with 6, the same with 8; to a local export or a 1 ms NBD one,
@@ -183,11 +187,7 @@ class Copier(Paced):
         start = region * self.dirty.region_size
         end = min(start + self.dirty.region_size, self.disk.size)
         try:
-            pos = start
-            while pos < end:
-                stop = min(pos + self._chunk_size(), end)
-                self._copy(pos, stop)
-                pos = stop
+            self._copy(start, end)          # chunk by chunk, each under its range lock
         except CopyFailed:
             self.dirty.give_back(region)
             raise
@@ -229,14 +229,28 @@ class Copier(Paced):
         for side in self.disk.writers:
             side.flush()
 
-    # One chunk.
+    # The copy of a range (one first-pass chunk, or a region), on the one copy.
 
     def _copy(self, start, end):
-        # Outside the range lock: a chunk that waits for its rate holds no client write.
-        if not self.pacer.reserve(end - start, self._stop):
+        """Copy [start, end) from the read side to the other, in chunks of `_chunk_size()`, each
+        paid for outside its range lock (a chunk that waits for its rate holds no client write).
+        Raises CopyFailed: Stopped if stopped between two chunks."""
+        try:
+            done = copy_range(self.disk.reader, self._to, start, end, chunk=self.chunk,
+                              smallest=min(PACED_CHUNK, self.chunk), pacer=self.pacer,
+                              stop=self._stop, guard=self._held, after=self._copied)
+        except SideFailure as e:
+            log.warning("copy of [%d, %d) failed, will retry: %s", start, end, e)
+            raise CopyFailed() from None
+        if done.end < end:
             raise Stopped()
+
+    @contextlib.contextmanager
+    def _held(self, start, end):
+        """One chunk as a change: under its range lock (a client write to those bytes waits for
+        the chunk, or the chunk for it) and its write intent, which records whether both sides
+        took it."""
         disk = self.disk
-        copied = 0
         token = disk.inflight.enter_range("copy", start, end)
         try:
             if disk.lag is not None and disk.lag_in_force():
@@ -245,33 +259,13 @@ class Copier(Paced):
             intent = self.dirty.before_change(start, end)
             ok = False
             try:
-                copied = self._copy_extents(start, end)
+                yield
                 ok = True
-            except SideError as e:
-                log.warning("copy of [%d, %d) failed, will retry: %s", start, end, describe(e))
-                raise CopyFailed() from None
             finally:
                 self.dirty.after_change(intent, both_sides=ok)
         finally:
             disk.inflight.leave(token)
-            # Only data counts against the limit: zero extents cost the sides next to nothing.
-            self.pacer.settle(end - start, copied)
 
-    def _copy_extents(self, start, end):
-        """All the chunk's reads in flight at once on one source connection, then all its writes
-        and zeroes at once on one destination connection: the servers see a queue, not one
-        request at a time."""
-        source, dest = self.disk.reader, self._to
-        reads, zeroes = [], []
-        for offset, length, zero in source.allocation(start, end):
-            if zero:
-                zeroes.append(Zero(length, offset, may_trim=True))
-            else:
-                reads += Read(bytearray(length), offset).pieces(PIECE)
-        if reads:
-            source.run_all(reads)
-        dest.run_all([Write(r.buf, r.offset) for r in reads] + zeroes)
-        self.bytes_read += sum(r.length for r in reads)
-        self.bytes_zeroed += sum(z.length for z in zeroes)
-        return sum(r.length for r in reads)
-
+    def _copied(self, start, end, read, zeroed):
+        self.bytes_read += read
+        self.bytes_zeroed += zeroed

@@ -26,12 +26,13 @@ import threading
 import time
 
 from mirrorfs.datapath.sides.backend import describe, wait_all
-from mirrorfs.datapath.sides.resend import MAX_EFFECT, RESEND_EVERY, RESEND_FOR
+from mirrorfs.datapath.sides import resend
+from mirrorfs.datapath.sides.resend import MAX_EFFECT
 from mirrorfs.datapath.sides.stats import SideStats
 from mirrorfs.datapath.sides.commands import FLUSH, Read, Trim, Write, Zero
 from mirrorfs.datapath.mirror.dirtymap import DirtyMap
 from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideUnreachable,
-                                      SwitchRefused, lost_again)
+                                      SwitchRefused)
 from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.common.sizes import human_size
 from mirrorfs.datapath.inflight import InFlight
@@ -285,7 +286,7 @@ class Disk:
             except SideUnreachable as e:
                 raise RequestError(errno.EIO, str(e)) from None
             except SideError as e:
-                if not (e.lost and self._resend(side, Read(buf, offset))):
+                if not (e.lost and self._resend(side, Read(buf, offset), e)):
                     self.stats[side.name].failed("read", offset, len(buf), e)
                     raise RequestError(e.errno, describe(e)) from None
         finally:
@@ -382,7 +383,7 @@ class Disk:
             intent = self.dirty.before_change(cmd.offset, cmd.offset + cmd.length)
             source = self.reader
             failures = self._on_every_side(cmd, sides=(source,))
-            if failures and failures[0][1].lost and self._resend(source, cmd):
+            if failures and failures[0][1].lost and self._resend(source, cmd, failures[0][1]):
                 failures = []
             if failures:
                 if cmd.op == "zero" and cmd.fast and failures[0][1].errno == errno.ENOTSUP:
@@ -411,29 +412,20 @@ class Disk:
         sent again on a new one (see RESEND_FOR). Sending a write, zero or trim twice is harmless:
         the change still holds its range lock, so nothing else touched those bytes meanwhile."""
         for side, e in failures:
-            if side is self.reader and e.lost and self._resend(side, cmd):
+            if side is self.reader and e.lost and self._resend(side, cmd, e):
                 return [(s, x) for s, x in failures if s is not side]
         return failures
 
-    def _resend(self, side, cmd):
-        """Run `cmd` on `side` again, on a new connection, until it succeeds (True), the side
-        refuses it (False), or RESEND_FOR passes (False)."""
-        log.warning("%s: connection lost; sending the request again", side.name)
-        lost_at = time.monotonic()
-        deadline = lost_at + RESEND_FOR
-        while time.monotonic() < deadline:
-            time.sleep(max(RESEND_EVERY, side.down_until - time.monotonic()))
-            try:
-                side.run(cmd)
-                return True
-            except SideError as e:
-                if not e.lost:
-                    return False
-                if lost_again(e, lost_at):
-                    log.warning("%s: a new connection was lost under the request too: failing it",
-                                side.name)
-                    return False
-        return False
+    def _resend(self, side, cmd, lost):
+        """Run `cmd` on `side` again, on a new connection, after its first try failed with `lost`
+        (a SideError whose connection was lost): True once it succeeded, False if the side refused
+        it, lost a fresh connection too, or RESEND_FOR passed (the one resend loop,
+        datapath.sides.resend)."""
+        try:
+            resend.again(side, lambda: side.run(cmd), cmd.op, lost=lost)
+        except SideError:
+            return False
+        return True
 
     # Requests larger than the sides accept (max_request; max_effect for zero and trim): split into
     # pieces they accept. A change holds one range lock and one write intent over the whole of it,

@@ -4,7 +4,10 @@
     backend.py         one side over NBD: the verbs (pread, pwrite, ..., run/start a command) on a
                        pool of libnbd handles; the one connect path
     memory.py          one side in a bytearray, with the same verbs, and failures to order (tests)
-    resend.py          how long a lost connection is waited for; the largest payload-free change
-    sideio.py          a side's verbs with resend and splitting, and the extent-aware copy of a range
+    resend.py          the one loop that sends a command again on a new connection, and how long a
+                       lost connection is waited for; the largest payload-free change
+    sideio.py          a side's verbs with resend and splitting (the evacuation's requests)
+    copy.py            the one extent-aware copy of a range from one side to another: in chunks,
+                       paced, stoppable; for the copier, the hydrator and the base copy
     stats.py           per-side counters: errors, the last error, latencies (status, metrics)
 """

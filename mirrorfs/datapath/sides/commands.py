@@ -131,9 +131,7 @@ class Verbs:
         pos = start
         while pos < end:
             found = self.extents(end - pos, pos, req_one=False)
-            if not found:
-                yield pos, end - pos, False
-                return
+            before = pos
             for offset, length, flags in found:
                 stop = min(offset + length, end)
                 if stop > pos:
@@ -141,3 +139,8 @@ class Verbs:
                     pos = stop
                 if pos >= end:
                     break
+            if pos == before:
+                # Nothing said of `pos` (no extent, or none past it): the rest is data, rather
+                # than asking the same question forever.
+                yield pos, end - pos, False
+                return

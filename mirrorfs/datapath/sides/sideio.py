@@ -1,51 +1,37 @@
 """What an evacuation (evacuation.evacuee, evacuation.hydrator) asks of a side, on the backends' verbs:
-read, write, zero, trim, flush, cache, extents, and the extent-aware copy of a range from one side
-to another.
+read, write, zero, trim, flush, cache, extents. (Its copy of a range from one side to the other is
+every copier's: datapath.sides.copy.)
 
 Each function takes a backend and offsets, splits what the side does not take in one request (reads
 and writes above its maximum, zeroes and trims above 1 GiB: datapath.sides.commands' `pieces`), and
 raises `SideFailure` naming the side, the operation and the range, with the errno the client gets.
 A request whose connection was lost (not refused: SideError.lost) is sent again on a new connection
-for up to RESEND_FOR seconds, as the mirror's authoritative side does (datapath.mirror.disk): the side may
-be restarting, or the whole tree is going down, and then the client must get no answer rather than
-an error. Callers hold the range lock of every change, so sending a change twice is harmless.
+for up to RESEND_FOR seconds by the one resend loop (datapath.sides.resend), as the mirror's
+authoritative side's are (datapath.mirror.disk): the side may be restarting, or the whole tree is
+going down, and then the client must get no answer rather than an error. Callers hold the range
+lock of every change, so sending a change twice is harmless.
 
 This module runs inside nbdkit's embedded interpreter: standard library only (the sides are backends).
 """
 
-import logging
-import time
-
+from mirrorfs.datapath.sides import resend
 from mirrorfs.datapath.sides.commands import FLUSH, Read, Trim, Write, Zero
-from mirrorfs.datapath.sides.resend import MAX_EFFECT, RESEND_EVERY, RESEND_FOR
-from mirrorfs.datapath.errors import SideError, SideFailure, lost_again
-
-log = logging.getLogger("mirrorfs")
-
-PIECE = 1024 * 1024             # a copy reads and writes in pieces of this size
+from mirrorfs.datapath.sides.resend import MAX_EFFECT
+from mirrorfs.datapath.errors import SideError, SideFailure
 
 
-def _again(side, op, offset, length, attempt):
-    """attempt() until it succeeds; sent again while the connection was lost, for RESEND_FOR."""
-    deadline = lost_at = None
-    while True:
-        try:
-            return attempt()
-        except SideError as e:
-            if not e.lost or (lost_at is not None and lost_again(e, lost_at)):
-                raise SideFailure(side, op, offset, length, e) from None
-            now = time.monotonic()
-            if deadline is None:
-                lost_at, deadline = now, now + RESEND_FOR
-                log.warning("%s: connection lost; sending the %s again", side.name, op)
-            if now >= deadline:
-                raise SideFailure(side, op, offset, length, e) from None
-            time.sleep(max(RESEND_EVERY, min(side.down_until - now, deadline - now)))
+def again(side, op, offset, length, attempt):
+    """attempt() until it succeeds, sent again while the connection was lost (resend.again); its
+    failure as the SideFailure of `op` on [offset, offset + length) of `side`."""
+    try:
+        return resend.again(side, attempt, op)
+    except SideError as e:
+        raise SideFailure(side, op, offset, length, e) from None
 
 
 def _run(side, cmd, step):
     for piece in cmd.pieces(step) if cmd.length > step else [cmd]:
-        _again(side, cmd.op, piece.offset, piece.length, lambda piece=piece: side.run(piece))
+        again(side, cmd.op, piece.offset, piece.length, lambda piece=piece: side.run(piece))
 
 
 def read(side, buf, offset, maximum):
@@ -78,11 +64,11 @@ def trim(side, count, offset, fua=False):
 
 def flush(side):
     if side.can_flush:
-        _again(side, "flush", 0, 0, lambda: side.run(FLUSH))
+        again(side, "flush", 0, 0, lambda: side.run(FLUSH))
 
 
 def cache(side, count, offset):
-    _again(side, "cache", offset, count, lambda: side.cache(count, offset))
+    again(side, "cache", offset, count, lambda: side.cache(count, offset))
 
 
 def extents(side, count, offset, req_one):
@@ -91,25 +77,3 @@ def extents(side, count, offset, req_one):
         return side.extents(count, offset, req_one)
     except SideError as e:
         raise SideFailure(side, "extents", offset, count, e) from None
-
-
-def copy(source, dest, start, end):
-    """Copy [start, end) from `source` to `dest`, allocation-aware: data extents read (all in flight
-    at once on one source connection) and written (likewise on one destination connection), zero
-    extents sent as zero requests. Returns (bytes read, bytes zeroed)."""
-    reads, zeroes = [], []
-    try:
-        spans = list(source.allocation(start, end))
-    except SideError as e:
-        raise SideFailure(source, "extents", start, end - start, e) from None
-    for offset, length, zero_ in spans:
-        if zero_:
-            zeroes.append(Zero(length, offset, may_trim=True))
-        else:
-            reads += Read(bytearray(length), offset).pieces(PIECE)
-    if reads:
-        _again(source, "read", start, end - start, lambda: source.run_all(reads))
-    writes = [Write(r.buf, r.offset) for r in reads] + zeroes
-    if writes:
-        _again(dest, "write", start, end - start, lambda: dest.run_all(writes))
-    return sum(r.length for r in reads), sum(z.length for z in zeroes)
