@@ -28,6 +28,13 @@ know what happens to a write in that mode (datapath.mirror.disk is the mirror's)
 Range locks (InFlight) order every change and every hydration copy on the same bytes: a copy never
 puts the source's older data over a client's newer write.
 
+Each change is one command (datapath.sides.commands: `Write(buf, offset, fua)`, ...) from nbdkit's
+callback to the destination, as in the mirror. A request that fails (a side's SideFailure, or a
+commit's HydrationError) is converted once, in `_refused`: there the client's errno is decided and
+the failure counted against the side that failed. The Evacuee is a served disk like the mirror's
+(datapath.served: capabilities, in flight, statistics, the status skeleton; its status adds
+`hydration`); the hydration map flushes the destination itself (given the flush when opened).
+
 **In place** (`in_place`, when both sides are image files and the destination a qcow2 without a
 backing file of its own): the destination's storage daemon has the source chain as its runtime
 backing (daemons.storage, never written to the image's header). Then every request goes to the
