@@ -32,6 +32,10 @@ NBDKIT = Path(__file__).resolve().parents[2] / "mirrorfs" / "datapath" / "nbdkit
 DISK_SKELETON = {"mode", "size", "in_flight", "paused", "requests", "request_bytes", "reader",
                  "writers", "sides", "ended"}
 COPY_SKELETON = {"workers", "bytes_read", "bytes_zeroed", "rate_limit", "paid_bytes"}
+# Each mode's own keys, which the other mode never shows (an evacuation once showed the mirror's
+# "synchronized": False and "dirty_bytes": 0).
+MODE_KEYS = {"mirror": {"synchronized", "dirty_bytes", "policy", "net", "lag", "switch_stalls_ms"},
+             "evacuation": {"hydration"}}
 
 
 def mirror(tmp_path, src, dst):
@@ -87,6 +91,9 @@ def test_the_service_drives_either_mode_through_the_same_calls(served):
     status = dp.handle({"cmd": "status"})["status"]
     assert DISK_SKELETON <= set(status), DISK_SKELETON - set(status)
     assert status["size"] == SIZE and set(status["sides"]) == {"source", "destination"}
+    mine = status["mode"]
+    others = set().union(*(keys for mode, keys in MODE_KEYS.items() if mode != mine))
+    assert MODE_KEYS[mine] <= set(status) and not set(status) & others, status
     assert COPY_SKELETON <= set(status[dp.copier.section])
     assert status[dp.copier.section]["rate_limit"] == 0 and dp.copier.copying
 
