@@ -14,6 +14,11 @@ Its rooms, each with its module map in its own docstring:
 
 and the pieces both modes share, beside them:
 
+    served.py          the served disk's contract (Disk and Evacuee implement it): capabilities
+                       computed once, in flight, statistics, the status skeleton, quiesce, stop;
+                       above sides/ (its statistics are theirs), below both modes
+    background.py      the background copy's contract (Copier and Hydrator implement it):
+                       workers, pacer, rate, status, stop
     options.py         the data path's parameters: to_params / from_params side by side, each rule checked once
     errors.py          the data path's exception tree (DataPathError: SideError, RequestError, ...)
     inflight.py        requests in flight: counted, range-locked, holdable for a switch

@@ -125,7 +125,7 @@ def test_requests_take_the_sides_connections_in_one_order(memory, disk_on):
     would each hold one the other waits for, forever. One connection per side makes that happen
     within a few requests."""
     disk = disk_on(memory("src"), memory("dst"))
-    for side in disk.backends:
+    for side in disk.sides:
         side.max_handles = 1
     done = []
 

@@ -622,13 +622,15 @@ def evacuee(tmp_path):
     tmp_path; ev.reopen() is the map as a restart would load it."""
     from mirrorfs.datapath.evacuation.evacuee import Evacuee
     from mirrorfs.datapath.evacuation.hydration import HydrationMap
+    from mirrorfs.datapath.sides import sideio
     made = []
 
     def make(in_place=False, **kw):
         src = MemoryBackend("source", SIZE)
         src.data[:] = bytes(range(251)) * (SIZE // 251) + bytes(SIZE % 251)
         dst = MemoryBackend("destination", SIZE)
-        hmap = HydrationMap.open(tmp_path, SIZE, REGION, in_place=in_place)
+        hmap = HydrationMap.open(tmp_path, SIZE, REGION, in_place=in_place,
+                                 flush=lambda: sideio.flush(dst))
         ev = Evacuee(src, dst, hmap, in_place=in_place, **kw)
         ev.reopen = lambda: HydrationMap.open(tmp_path, SIZE, REGION, in_place=in_place)
         made.append(ev)
@@ -662,7 +664,7 @@ def test_a_partial_write_while_the_source_fails_is_held_then_copied_around(evacu
     assert bytes(buf) == expected[3 * REGION:4 * REGION]
     # Copying the region (the hydrator's verb) copies only what is not held.
     ev.copy_region(3)
-    ev.map.commit([3], ev._flush_dest)
+    ev.map.commit([3])
     assert ev.map.hydrated(3) and ev.map.held == {} and ev.reopen().held == {}
     assert ev.dest.data[3 * REGION:4 * REGION] == expected[3 * REGION:4 * REGION]
 
@@ -686,7 +688,7 @@ def test_holes_in_place_are_saved_before_and_refused_elsewhere(tmp_path):
     rest, hydrating the region drops them; a map with holes is refused by a hydration through
     nbdkit (which would read the destination's zeros) and when its ranges are not the region's."""
     from mirrorfs.datapath.evacuation.hydration import HydrationError, HydrationMap
-    m = HydrationMap.open(tmp_path, SIZE, REGION, in_place=True)
+    m = HydrationMap.open(tmp_path, SIZE, REGION, in_place=True, flush=lambda: None)
     lo = 6 * REGION
     m.add_holes({6: [(lo + 100, lo + 65536), (lo, lo + 10)]})
     assert HydrationMap.open(tmp_path, SIZE, REGION, in_place=True).holes == {
@@ -697,10 +699,10 @@ def test_holes_in_place_are_saved_before_and_refused_elsewhere(tmp_path):
         HydrationMap.open(tmp_path, SIZE, REGION)
     m.mark_filled(6, lo + 1000, lo + 2000)
     assert m.holes_to_copy(6) == ((lo, lo + 10), (lo + 100, lo + 1000), (lo + 2000, lo + 65536))
-    m.commit((), lambda: None, filled={6: (lo + 1000, lo + 2000)})
+    m.commit((), filled={6: (lo + 1000, lo + 2000)})
     assert HydrationMap.open(tmp_path, SIZE, REGION, in_place=True).holes[6] == m.holes[6] == (
         (lo, lo + 10), (lo + 100, lo + 1000), (lo + 2000, lo + 65536))
-    m.commit([6], lambda: None)
+    m.commit([6])
     assert m.holes == {} and HydrationMap.open(tmp_path, SIZE, REGION, in_place=True).holes == {}
     saved = json.loads((tmp_path / "hydration.map").read_text())
     assert saved["format"] == 2 and "holes" not in saved
@@ -737,7 +739,7 @@ def test_in_place_a_write_the_source_cannot_fill_is_written_around_it(evacuee):
     expected[1000:1500] = data
     assert whole == expected
     ev.copy_range(lo, lo + REGION)          # the hydrator's verb copies the holes
-    ev.map.commit([3], ev._flush_dest)
+    ev.map.commit([3])
     assert ev.map.holes == {} and ev.dest.data[lo:lo + UNIT] == expected
 
 
@@ -820,7 +822,7 @@ def test_in_place_a_failed_read_of_a_region_not_hydrated_is_the_sources(evacuee)
     assert s["sides"]["source"]["errors"] == 1 and s["sides"]["destination"]["errors"] == 0
     # A hydrated region's failure is the destination's own.
     ev.copy_region(6)
-    ev.map.commit([6], ev._flush_dest)
+    ev.map.commit([6])
     with pytest.raises(RequestError):
         ev.pread(bytearray(4096), 6 * REGION)
     s = ev.status()

@@ -90,9 +90,13 @@ def test_every_module_imports_only_downward():
 
 # The data path's rooms, lowest first; a module imports from its own room and those below, and the
 # two modes (`mirror`, `evacuation`) never from each other. The shared pieces are its top-level
-# modules; `statedir` stands above both modes (it reads every file of the state directory, the
-# evacuation's hydration map included), `nbdkit` (the process: script, callbacks, service) above all.
-DATAPATH_ROOMS = {"shared": 0, "sides": 1, "mirror": 2, "evacuation": 2, "statedir": 3, "nbdkit": 4}
+# modules; `served` (the served disk's contract, which both modes implement) stands above the sides
+# (its statistics are theirs) and below the modes; `statedir` above both modes (it reads every file
+# of the state directory, the evacuation's hydration map included), `nbdkit` (the process: script,
+# callbacks, service) above all.
+DATAPATH_ROOMS = {"shared": 0, "sides": 1, "served": 2, "mirror": 3, "evacuation": 3,
+                  "statedir": 4, "nbdkit": 5}
+PLACED_MODULES = {"served", "statedir"}         # top-level modules with a room of their own
 
 
 def room(module):
@@ -102,12 +106,12 @@ def room(module):
         return "shared"
     if (PACKAGE / "datapath" / parts[2]).is_dir():
         return parts[2]
-    return "statedir" if parts[2] == "statedir" else "shared"
+    return parts[2] if parts[2] in PLACED_MODULES else "shared"
 
 
 def test_every_datapath_room_is_placed():
     rooms = {p.name for p in (PACKAGE / "datapath").iterdir() if (p / "__init__.py").is_file()}
-    assert rooms == set(DATAPATH_ROOMS) - {"shared", "statedir"}, rooms
+    assert rooms == set(DATAPATH_ROOMS) - {"shared"} - PLACED_MODULES, rooms
 
 
 def test_the_datapath_rooms_import_only_downward_and_the_modes_never_each_other():

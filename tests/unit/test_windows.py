@@ -27,6 +27,7 @@ from mirrorfs.datapath.mirror.disk import Disk
 from mirrorfs.datapath.errors import SwitchRefused
 from mirrorfs.datapath.evacuation.evacuee import Evacuee
 from mirrorfs.datapath.evacuation.hydration import HydrationMap
+from mirrorfs.datapath.sides import sideio
 from mirrorfs.datapath.sides.memory import MemoryBackend
 
 MiB = 1 << 20
@@ -77,7 +78,8 @@ def test_a_hydrated_region_survives_the_destinations_power_loss(tmp_path):
     src, dst = MemoryBackend("source", SIZE), MemoryBackend("destination", SIZE)
     src.data[:] = pattern(SIZE)
     dst.volatile()
-    ev = Evacuee(src, dst, HydrationMap.open(tmp_path, SIZE, REGION))
+    ev = Evacuee(src, dst, HydrationMap.open(tmp_path, SIZE, REGION,
+                                                 flush=lambda: sideio.flush(dst)))
     offset, data = 3 * REGION + 4097, b"\x5a" * 3001
     ev.pwrite(data, offset, False)                   # acknowledged
     assert ev.map.hydrated(3)
@@ -202,7 +204,6 @@ def test_a_request_that_joins_during_a_commit_waits_for_its_own_batch(tmp_path):
     B's region is in the next batch, so B is answered only once that batch is flushed and saved.
     A request answered with the batch that was running when it came (the batch number taken as
     "the next to end", not the one it joined) returns before its region is saved."""
-    hmap = HydrationMap.open(tmp_path, SIZE, REGION)
     entered, release = [], [threading.Event(), threading.Event()]
 
     def flush():
@@ -210,9 +211,10 @@ def test_a_request_that_joins_during_a_commit_waits_for_its_own_batch(tmp_path):
         entered.append(n)
         assert release[n].wait(10), f"flush {n} never let go"
 
-    a = in_thread(hmap.commit, [1], flush)
+    hmap = HydrationMap.open(tmp_path, SIZE, REGION, flush=flush)
+    a = in_thread(hmap.commit, [1])
     wait_until(lambda: len(entered) == 1, "A's batch flushing")
-    b = in_thread(hmap.commit, [2], flush)
+    b = in_thread(hmap.commit, [2])
     wait_until(lambda: 2 in hmap._pending, "B waiting in the next batch")
     release[0].set()                                 # A's batch saved: region 1 only
     a.join(10)

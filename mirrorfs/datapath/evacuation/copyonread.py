@@ -132,7 +132,7 @@ class CopyOnRead:
 
     def _commit(self, regions):
         try:
-            self.map.commit(regions, self.disk._flush_dest)
+            self.map.commit(regions)
         except HydrationError as e:
             self.failed += len(regions)
             log.warning("copy-on-read of %d regions not saved, left to the hydrator: %s",

@@ -28,6 +28,13 @@ know what happens to a write in that mode (datapath.mirror.disk is the mirror's)
 Range locks (InFlight) order every change and every hydration copy on the same bytes: a copy never
 puts the source's older data over a client's newer write.
 
+Each change is one command (datapath.sides.commands: `Write(buf, offset, fua)`, ...) from nbdkit's
+callback to the destination, as in the mirror. A request that fails (a side's SideFailure, or a
+commit's HydrationError) is converted once, in `_refused`: there the client's errno is decided and
+the failure counted against the side that failed. The Evacuee is a served disk like the mirror's
+(datapath.served: capabilities, in flight, statistics, the status skeleton; its status adds
+`hydration`); the hydration map flushes the destination itself (given the flush when opened).
+
 **In place** (`in_place`, when both sides are image files and the destination a qcow2 without a
 backing file of its own): the destination's storage daemon has the source chain as its runtime
 backing (daemons.storage, never written to the image's header). Then every request goes to the
@@ -56,13 +63,12 @@ import threading
 import time
 
 from mirrorfs.datapath.sides import sideio
+from mirrorfs.datapath.sides.commands import Trim, Write, Zero
 from mirrorfs.datapath.sides.copy import copy_range
 from mirrorfs.datapath.evacuation.copyonread import CopyOnRead
-from mirrorfs.datapath.sides.stats import SideStats
-from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideRefused,
-                                      SwitchRefused)
+from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideRefused)
 from mirrorfs.datapath.evacuation.hydration import HydrationError, subtract
-from mirrorfs.datapath.inflight import InFlight
+from mirrorfs.datapath.served import ServedDisk
 
 log = logging.getLogger("mirrorfs")
 
@@ -70,27 +76,28 @@ log = logging.getLogger("mirrorfs")
 FAILED_READS_KEPT = 64
 
 
-class Evacuee:
+class Evacuee(ServedDisk):
+    """The evacuation's served disk (datapath.served: the contract the service holds it to)."""
+
+    mode = "evacuation"
+    no_switch = ("with --switch-first the destination serves the disk from the start and the "
+                 "source never had the writes made since; nothing to switch")
+
     def __init__(self, source, dest, hydration, state=None, granularity=64 * 1024, in_place=False,
                  copy_on_read=False, unit=0):
         if not dest.can_flush:
             raise ValueError("the destination cannot flush: hydration could never be made durable")
         if in_place and not dest.can_cache:
             raise ValueError("the destination cannot cache: it cannot hydrate in place")
+        if hydration.flush is None:
+            raise ValueError("the hydration map was opened without the destination's flush")
+        # Capabilities: writes are the destination's alone; reads need both sides.
+        super().__init__(source, dest, (dest,), granularity, state)
         self.in_place = in_place
         # In place: the destination image's allocation unit, what a write is widened to on the
         # rare path in place (0: none, such a write fails). It divides the range locks' unit.
         self.unit = unit if in_place and unit and granularity % unit == 0 else 0
-        self.size = source.size
-        self.source, self.dest = source, dest
-        self.backends = (source, dest)
         self.map = hydration
-        self.state = state
-        self.inflight = InFlight(granularity)
-        self.stats = {b.name: SideStats(b.name) for b in self.backends}
-        self.reader = dest              # what the request watchdog and status call authoritative
-        self.writers = (dest,)
-        self.ended = state.phase if state is not None and state.ended else None
         self.source_read_errors = 0
         self.held_changes = 0           # changes kept as held ranges: the source could not be read
         self.written_around = 0         # in place: changes written around holes (the rare path)
@@ -98,47 +105,15 @@ class Evacuee:
         self.failed_reads = collections.deque(maxlen=FAILED_READS_KEPT)
         self.last_client_request = 0.0  # monotonic: the hydrator yields to recent client I/O
         self._ending = threading.Lock()
-        sides = [b.block_size for b in self.backends]
-        minimum = max(s[0] for s in sides) or 1
-        maximums = [s[2] for s in sides if s[2]]
-        self.max_request = min(maximums) if maximums else 32 * 1024 * 1024
-        self._block_size = (minimum, min(max(max(s[1] for s in sides), minimum, 4096),
-                                         self.max_request), self.max_request)
 
-    # Capabilities: writes are the destination's; reads need both.
+    def start(self):
+        if self.copy_on_read is not None:
+            self.copy_on_read.start()
 
-    def can_write(self):
-        return not self.dest.read_only
-
-    def can_flush(self):
-        return True
-
-    def can_fua(self):
-        return self.dest.can_fua
-
-    def can_trim(self):
-        return self.dest.can_trim
-
-    def can_zero(self):
-        return self.dest.can_zero
-
-    def can_fast_zero(self):
-        return self.dest.can_fast_zero
-
-    def can_multi_conn(self):
-        return self.dest.multi_conn
-
-    def can_extents(self):
-        return self.dest.can_extents and self.source.can_extents
-
-    def can_cache(self):
-        return self.dest.can_cache and self.source.can_cache
-
-    def is_rotational(self):
-        return any(b.is_rotational for b in self.backends)
-
-    def block_size(self):
-        return self._block_size
+    def stop(self):
+        if self.copy_on_read is not None:
+            self.copy_on_read.stop()
+        super().stop()
 
     # Reads: each run of regions from the side that holds it.
 
@@ -157,16 +132,14 @@ class Evacuee:
 
     def pread(self, buf, offset):
         self.last_client_request = time.monotonic()
+        view = memoryview(buf)
         self.inflight.enter("read")
         try:
-            view = memoryview(buf)
             for pos, length, hydrated in self._runs(offset, offset + len(view)):
-                side = self._side(hydrated)
-                try:
-                    sideio.read(side, view[pos - offset:pos - offset + length], pos,
-                                self.max_request)
-                except sideio.SideFailure as e:
-                    self._failed(e)
+                sideio.read(self._side(hydrated), view[pos - offset:pos - offset + length], pos,
+                            self.max_request)
+        except sideio.SideFailure as e:
+            raise self._refused(e) from None
         finally:
             self.inflight.leave()
         if self.copy_on_read is not None and not self.ended:
@@ -177,13 +150,12 @@ class Evacuee:
         try:
             found = []
             for pos, length, hydrated in self._runs(offset, offset + count):
-                try:
-                    found += sideio.extents(self._side(hydrated), length, pos, req_one)
-                except sideio.SideFailure as e:
-                    self._failed(e)
+                found += sideio.extents(self._side(hydrated), length, pos, req_one)
                 if req_one and found:
                     break
             return found
+        except sideio.SideFailure as e:
+            raise self._refused(e) from None
         finally:
             self.inflight.leave()
 
@@ -191,17 +163,34 @@ class Evacuee:
         self.inflight.enter("cache")
         try:
             for pos, length, hydrated in self._runs(offset, offset + count):
-                try:
-                    sideio.cache(self._side(hydrated), length, pos)
-                except sideio.SideFailure as e:
-                    self._failed(e)
+                sideio.cache(self._side(hydrated), length, pos)
+        except sideio.SideFailure as e:
+            raise self._refused(e) from None
         finally:
             self.inflight.leave()
 
-    def _failed(self, e):
-        """A side failed a client's request: count it (a source read with its offset: that data
-        exists nowhere else), and fail the request with the side's errno. In place, a read of a
-        region not hydrated is the source's (the destination's daemon read it from its backing)."""
+    def flush(self):
+        self.last_client_request = time.monotonic()
+        self.inflight.enter("flush")
+        try:
+            sideio.flush(self.dest)
+        except sideio.SideFailure as e:
+            raise self._refused(e) from None
+        finally:
+            self.inflight.leave()
+
+    def _refused(self, e, cmd=None):
+        """A client's request failed with `e`: count it, and return the RequestError the client
+        gets. The one place a request's failure is converted, and its errno decided: a side's
+        failure (sideio.SideFailure) gives the side's errno, counted against the side that
+        failed (a source read with its offset: that data exists nowhere else; in place, a read
+        of a region not hydrated is the source's, which the destination's daemon read from its
+        backing); a hydration map that could not be saved (HydrationError: a change's commit,
+        its flush or its save; or the holes saved before a write around) gives EIO, counted
+        against the destination."""
+        if isinstance(e, HydrationError):
+            self.stats[self.dest.name].failed("flush", cmd.offset, cmd.length, e)
+            return RequestError(errno.EIO, str(e))
         side = e.side
         if side is self.dest and self._through_backing(e):
             side = self.source
@@ -211,7 +200,7 @@ class Evacuee:
             self.failed_reads.append({"offset": e.offset, "length": e.length,
                                       "errno": errno.errorcode.get(e.errno, str(e.errno)),
                                       "time": time.time()})
-        raise RequestError(e.errno, str(e)) from None
+        return RequestError(e.errno, str(e))
 
     def _through_backing(self, e):
         """Whether the destination's failure `e` is a read it served from its runtime backing (in
@@ -223,95 +212,82 @@ class Evacuee:
         return any(not self.map.hydrated(r)
                    for r in self.map.regions(e.offset, e.offset + max(e.length, 1)))
 
-    # Changes: the destination alone, after the regions they touch are complete there.
+    # Changes: the destination alone, after the regions they touch are complete there. Each is
+    # one command (datapath.sides.commands) from the client's callback to the side.
 
     def pwrite(self, buf, offset, fua):
-        self._change("write", offset, len(buf),
-                     lambda: sideio.write(self.dest, buf, offset, fua, self.max_request),
-                     data=buf, fua=fua)
+        # The command holds the client's buffer itself: no copy.
+        self._change(Write(buf, offset, fua))
 
     def zero(self, count, offset, may_trim, fua, fast):
-        self._change("zero", offset, count,
-                     lambda: sideio.zero(self.dest, count, offset, may_trim, fua, fast), fua=fua)
+        self._change(Zero(count, offset, may_trim, fua, fast))
 
     def trim(self, count, offset, fua):
-        self._change("trim", offset, count, lambda: sideio.trim(self.dest, count, offset, fua))
+        self._change(Trim(count, offset, fua))
 
-    def flush(self):
+    def _change(self, cmd):
         self.last_client_request = time.monotonic()
-        self.inflight.enter("flush")
         try:
-            sideio.flush(self.dest)
-        except sideio.SideFailure as e:
-            self._failed(e)
-        finally:
-            self.inflight.leave()
+            if self.in_place and not self.ended:
+                self._change_in_place(cmd)
+            else:
+                self._change_hydrating(cmd)
+        except (sideio.SideFailure, HydrationError) as e:
+            raise self._refused(e, cmd) from None
 
-    def _change(self, op, offset, length, apply, data=None, fua=False):
-        self.last_client_request = time.monotonic()
-        end = offset + length
-        if self.in_place and not self.ended:
-            return self._change_in_place(op, offset, end, apply, data, fua)
+    def _change_hydrating(self, cmd):
+        """A change through nbdkit (or once hydrated): the regions it touches completed on the
+        destination first, the change, then the regions committed before the answer. Raises
+        SideFailure or HydrationError."""
+        offset, end = cmd.offset, cmd.offset + cmd.length
         todo = [] if self.in_place else [r for r in self.map.regions(offset, end)
                                          if not self.map.hydrated(r)]
         if not todo:
-            token = self.inflight.enter_range(op, offset, end)
+            token = self.inflight.enter_range(cmd.op, offset, end)
             try:
-                apply()
-            except sideio.SideFailure as e:
-                self._failed(e)
+                sideio.run(self.dest, cmd, self.max_request)
             finally:
                 self.inflight.leave(token)
             return
         # The whole of every region touched is locked: its copy and this change must not
         # interleave with another change or with the hydrator.
         start = min(offset, self.map.span(todo[0])[0])
-        token = self.inflight.enter_range(op, start, max(end, self.map.span(todo[-1])[1]))
+        token = self.inflight.enter_range(cmd.op, start, max(end, self.map.span(todo[-1])[1]))
         held = {}                       # region -> the change's range, kept as held
         try:
             for r in todo:
                 if not self._prepare(r, offset, end):
                     lo, hi = self.map.span(r)
                     held[r] = (max(lo, offset), min(hi, end))
-            apply()
+            sideio.run(self.dest, cmd, self.max_request)
             for r, (a, b) in held.items():
                 self.map.mark_held(r, a, b)
             complete = [r for r in todo if r not in held]
             self.map.mark_copied(complete)
-        except sideio.SideFailure as e:
-            self._failed(e)
         finally:
             self.inflight.leave(token)
         if held:
             self.held_changes += 1
-        try:
-            self.map.commit(complete, self._flush_dest, held)
-        except HydrationError as e:
-            self.stats[self.dest.name].failed("flush", offset, length, e)
-            raise RequestError(errno.EIO, str(e)) from None
+        self.map.commit(complete, held)
 
     # In place: every change to the destination, whose daemon fills the rest of a cluster it
     # touches from the source (its runtime backing). The rare path: when the source cannot be read
     # for that, the write is widened to whole allocation units around the unreadable bytes, which
     # the map keeps as holes (read from the source).
 
-    def _change_in_place(self, op, offset, end, apply, data, fua):
-        token = self.inflight.enter_range(op, offset, end)
+    def _change_in_place(self, cmd):
+        """Raises SideFailure or HydrationError."""
+        offset, end = cmd.offset, cmd.offset + cmd.length
+        token = self.inflight.enter_range(cmd.op, offset, end)
         filled = {}
         try:
             try:
-                apply()
+                sideio.run(self.dest, cmd, self.max_request)
             except sideio.SideFailure as e:
-                if not self._may_write_around(e, op, offset, end):
-                    self._failed(e)
-                try:
-                    self._write_around(e, offset, end, data, fua)
-                except sideio.SideFailure as failure:
-                    self._failed(failure)
-                except HydrationError as failure:
-                    self.stats[self.dest.name].failed(op, offset, end - offset, failure)
-                    raise RequestError(errno.EIO, str(failure)) from None
-            if op != "trim":            # trimmed bytes are anyone's: the holes may stay
+                if not self._may_write_around(e, cmd):
+                    raise
+                self._write_around(e, cmd)
+            if cmd.op != "trim":        # trimmed bytes are anyone's: the holes may stay
                 for r in self.map.holes_in(offset, end):
                     lo, hi = self.map.span(r)
                     filled[r] = (max(lo, offset), min(hi, end))
@@ -319,36 +295,35 @@ class Evacuee:
         finally:
             self.inflight.leave(token)
         if filled:
-            try:
-                self.map.commit((), self._flush_dest, filled=filled)
-            except HydrationError as e:
-                self.stats[self.dest.name].failed("flush", offset, end - offset, e)
-                raise RequestError(errno.EIO, str(e)) from None
+            self.map.commit((), filled=filled)
 
-    def _may_write_around(self, e, op, offset, end):
+    def _may_write_around(self, e, cmd):
         """Whether the destination's failure `e` of a change in place may be the source's: a
         write or zero, not a full destination, into part of an allocation unit of a region not
         hydrated (the daemon then reads the rest of the unit from the source)."""
         u = self.unit
-        if not u or e.side is not self.dest or op not in ("write", "zero") or \
+        offset, end = cmd.offset, cmd.offset + cmd.length
+        if not u or e.side is not self.dest or cmd.op not in ("write", "zero") or \
                 e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOTSUP):
             return False
         if not offset % u and (not end % u or end == self.size):
             return False                # whole units: nothing was read from the source
         return any(not self.map.hydrated(r) for r in self.map.regions(offset, end))
 
-    def _write_around(self, failed, offset, end, data, fua):
-        """The rare path in place: the change [offset, end) (`data`, or zeros) failed with
-        `failed`, the destination's daemon could not read the rest of a unit it touches from the
-        source. Each partial unit at its ends is written whole instead: what the destination
-        holds of it (qemu:allocation-depth 1) read from there, what the source does read from the
-        source (once: QEMU's server drops the connection on a failed read, and sending it again
-        would only cost the client RESEND_EVERY), and where the source fails, zeros, saved as
-        holes *before* anything is written. The whole units between go as the change itself.
-        Called under the change's range lock (whole units: the lock's unit is a multiple).
-        Raises SideFailure (`failed` when the destination cannot say who holds a unit) or
+    def _write_around(self, failed, cmd):
+        """The rare path in place: the change `cmd` (a write, or zeros) failed with `failed`:
+        the destination's daemon could not read the rest of a unit it touches from the source.
+        Each partial unit at its ends is written whole instead: what the destination holds of it
+        (qemu:allocation-depth 1) read from there, what the source does read from the source
+        (once: QEMU's server drops the connection on a failed read, and sending it again would
+        only cost the client RESEND_EVERY), and where the source fails, zeros, saved as holes
+        *before* anything is written. The whole units between go as the change itself. Called
+        under the change's range lock (whole units: the lock's unit is a multiple). Raises
+        SideFailure (`failed` when the destination cannot say who holds a unit) or
         HydrationError."""
         u = self.unit
+        offset, end, fua = cmd.offset, cmd.offset + cmd.length, cmd.fua
+        data = cmd.buf if cmd.op == "write" else None
         head, tail = offset - offset % u, (end - 1) - (end - 1) % u
         edges = [head] if offset % u or (end < head + u and end != self.size) else []
         if tail != head and end % u and end != self.size:
@@ -474,9 +449,6 @@ class Evacuee:
         self.map.mark_copied(regions)
         return read, zeroed
 
-    def _flush_dest(self):
-        sideio.flush(self.dest)
-
     # The end: once every region is hydrated, the source is let go.
 
     def finish(self, timeout=10.0):
@@ -492,16 +464,11 @@ class Evacuee:
                 if self.state is not None:
                     self.state.record(end="switched")
                 self.ended = "switched"
-                self.backends = (self.dest,)
             finally:
                 self.inflight.resume()
         self.source.retire()
         log.info("hydrated: the destination holds the whole disk; source released")
         return True
-
-    def switch(self, to, end, timeout=10.0):
-        raise SwitchRefused("with --switch-first the destination serves the disk from the start "
-                            "and the source never had the writes made since; nothing to switch")
 
     def quiesce(self, timeout=10.0):
         """Before the process stops: hold new requests for good, drain, flush the destination."""
@@ -513,26 +480,18 @@ class Evacuee:
         except sideio.SideFailure as e:
             log.error("destination: flush before stopping failed: %s", e)
 
-    def status(self):
-        total = self.size
-        done = self.map.hydrated_bytes()
+    def reads_from(self):
+        if self.ended:
+            return "destination"
+        return "destination (the source as its backing)" if self.in_place else \
+            "destination and source"
+
+    def _mode_status(self):
         held = self.map.held
         return {
-            "size": self.size,
-            "in_flight": self.inflight.count,
-            "requests": dict(self.inflight.started),
-            "reader": "destination" if self.ended else (
-                "destination (the source as its backing)" if self.in_place
-                else "destination and source"),
-            "writers": ["destination"],
-            "sides": {b.name: {**self.stats[b.name].snapshot(), "timeouts": b.timeouts,
-                               "available": b.available} for b in (self.source, self.dest)},
-            "ended": self.ended,
-            "synchronized": False,
-            "dirty_bytes": 0,
             "hydration": {"region_size": self.map.region_size, "regions": self.map.count,
                           "hydrated_regions": self.map.hydrated_count,
-                          "bytes_hydrated": done, "bytes_total": total,
+                          "bytes_hydrated": self.map.hydrated_bytes(), "bytes_total": self.size,
                           "complete": self.map.complete, "commits": self.map.commits,
                           "bytes_held": self.map.held_bytes(), "held_regions": len(held),
                           "held_changes": self.held_changes,

@@ -28,8 +28,8 @@ the destination and the rest from the source. Copying the region later copies on
 held; once it is hydrated its held ranges are dropped from the file. Unsaved held ranges (the
 change applied, its commit not done yet) are kept in memory so a copy never goes over them.
 
-`commit(regions, flush)` makes regions hydrated with **group commit**: whoever finds no commit
-running flushes the destination once and saves the map once for every region handed in so far;
+`commit(regions)` makes regions hydrated with **group commit**: whoever finds no commit running
+flushes the destination once and saves the map once for every region handed in so far;
 the others wait for that batch (or the next). A commit costs one flush and one fsync'd save per
 batch, however many writes wait in it. If the flush or the save fails, every request of the batch
 fails and its regions go back to unhydrated (their copy may not have survived).
@@ -123,9 +123,14 @@ def subtract(lo, hi, ranges):
 
 class HydrationMap:
     def __init__(self, directory, size, region_size, bits=None, in_place=False, held=None,
-                 holes=None, owner=None):
+                 holes=None, owner=None, flush=None):
         self.directory = Path(directory) if directory is not None else None
         self.owner = owner              # whose the map is (datapath.statedir), saved with it
+        # How the destination is made durable before a save says it holds something: given at
+        # construction (the data path's service gives sideio.flush of the evacuation's
+        # destination), so a commit calls nothing above the map. None: a map opened to be read
+        # (datapath.statedir's checks), which cannot commit.
+        self.flush = flush
         self.format = FORMAT_IN_PLACE if in_place else FORMAT
         self.size = size
         self.region_size = region_size
@@ -157,9 +162,11 @@ class HydrationMap:
         self.commits = 0                # batches saved (status)
 
     @classmethod
-    def open(cls, directory, size, region_size, in_place=False, owner=None, create=True):
+    def open(cls, directory, size, region_size, in_place=False, owner=None, create=True,
+             flush=None):
         """The saved map; if the directory holds none, a new empty one owned by `owner` (saved at
-        once), or with `create` False, HydrationError: the map is missing."""
+        once), or with `create` False, HydrationError: the map is missing. `flush` flushes the
+        destination (see __init__)."""
         path = Path(directory) / FILE
         plain, ranged, field = FORMATS[in_place]
         try:
@@ -167,7 +174,8 @@ class HydrationMap:
         except FileNotFoundError:
             if not create:
                 raise HydrationError(f"{path} is missing") from None
-            found = cls(directory, size, region_size, in_place=in_place, owner=owner)
+            found = cls(directory, size, region_size, in_place=in_place, owner=owner,
+                        flush=flush)
             found._write(bytes(found.bits))
             return found
         except OSError as e:
@@ -188,7 +196,7 @@ class HydrationMap:
                                  f"{saved['region_size']}, not {size} in {region_size}")
             bits = zlib.decompress(base64.b64decode(saved["bits"]))
             found = cls(directory, size, region_size, bits, in_place=in_place,
-                        owner=saved.get("owner"))
+                        owner=saved.get("owner"), flush=flush)
             if len(bits) != len(found.bits) or found.hydrated_count != saved["hydrated"]:
                 raise ValueError("bitmap length or count mismatch")
             ranges = found._parse_ranges(field, saved.get(field, {}))
@@ -377,11 +385,14 @@ class HydrationMap:
         with self._cond:
             self._unsaved_filled.setdefault(r, []).append((start, end))
 
-    def commit(self, regions, flush, held=None, filled=None):
+    def commit(self, regions, held=None, filled=None):
         """Return once every one of `regions` is saved as hydrated, every range of `held`
         ({region: (start, end)}, marked with mark_held) is saved as held, and every range of
-        `filled` (likewise, marked with mark_filled) is no longer saved as a hole; `flush()`
-        flushes the destination. Raises HydrationError if the batch's flush or save failed."""
+        `filled` (likewise, marked with mark_filled) is no longer saved as a hole, each batch
+        saved after the map's `flush()` made the destination durable. Raises HydrationError if
+        the batch's flush or save failed, or the map was opened without a flush."""
+        if self.flush is None:
+            raise HydrationError("a hydration map opened to be read cannot commit")
         missing = {r for r in regions if not self.hydrated(r)}
         held = {r: span for r, span in (held or {}).items() if not self.hydrated(r)}
         filled = {r: span for r, span in (filled or {}).items() if not self.hydrated(r)}
@@ -396,14 +407,14 @@ class HydrationMap:
             mine = self._filling
             while self._done < mine:
                 if not self._committing:
-                    self._lead(flush)
+                    self._lead()
                 else:
                     self._cond.wait()
             failure = self._failures.get(mine)
         if failure is not None:
             raise HydrationError(f"the hydration map could not be saved: {failure}") from failure
 
-    def _lead(self, flush):
+    def _lead(self):
         """Commit the batch being filled (called and returning with the condition held)."""
         self._committing = True
         number, batch = self._filling, self._pending
@@ -413,7 +424,7 @@ class HydrationMap:
         self._cond.release()
         failure = None
         try:
-            flush()
+            self.flush()
             with self._save_lock:
                 bits = bytearray(self._file_bits)
                 for r in batch:

@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 
-from mirrorfs.common.pacing import Paced, Pacer
+from mirrorfs.datapath.background import BackgroundCopy
 from mirrorfs.datapath.sides import sideio
 from mirrorfs.datapath.evacuation.hydration import HydrationError
 from mirrorfs.datapath.errors import DrainTimeout
@@ -52,18 +52,17 @@ RETRY_MAX = 30.0
 IDLE = 0.5                      # how often an idle hydrator looks again (regions given back)
 
 
-class Hydrator(Paced):
+class Hydrator(BackgroundCopy):
+    """The evacuation's background copy (datapath.background: the contract the service drives)."""
+
+    section = "hydrator"
+    name = "hydrator"
+
     def __init__(self, disk, rate=None, workers=WORKERS, batch=None):
-        self.disk = disk
+        super().__init__(disk, rate, workers)
         self.map = disk.map
-        # The limit, bytes per second (None: none; 0: held, the host's copies are queued): the
-        # operator's --rate, then the host budget's share of it (set_rate).
-        self.pacer = Pacer(rate)
         # The most regions in a batch: in place, large ones unless rate-limited (see _batch_size).
         self.batch = batch or (BATCH_IN_PLACE if disk.in_place else BATCH)
-        self.bytes_read = 0
-        self.bytes_zeroed = 0
-        self.started = time.monotonic()
         self.finished_at = None
         self._lock = threading.Lock()
         self._next = 0                  # the next region to look at
@@ -74,24 +73,13 @@ class Hydrator(Paced):
         # the side's stats, as a client request's)
         self.commit_failures = 0
         self.last_commit_error = None
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"hydrator {i}",
-                                          daemon=True) for i in range(workers)]
-
-    def start(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
 
     @property
     def copying(self):
         """Is there anything left to hydrate?"""
         return not (self.map.complete or self.disk.ended)
 
-    def status(self):
+    def _own_status(self):
         elapsed = (self.finished_at or time.monotonic()) - self.started
         m = self.map
         with self._lock:
@@ -101,9 +89,7 @@ class Hydrator(Paced):
                        "attempts": info["attempts"],
                        "retry_in": round(max(0.0, info["retry_at"] - now), 1)}
                       for r, info in sorted(self._unreadable.items())]
-        return {"bytes_read": self.bytes_read, "bytes_zeroed": self.bytes_zeroed,
-                "rate": round((self.bytes_read + self.bytes_zeroed) / elapsed) if elapsed else 0,
-                "rate_limit": self.rate, "paid_bytes": self.pacer.paid,
+        return {"rate": round((self.bytes_read + self.bytes_zeroed) / elapsed) if elapsed else 0,
                 "unreadable": [f for f in failed if f["side"] != "destination"],
                 "unwritable": [f for f in failed if f["side"] == "destination"],
                 "commit_failures": self.commit_failures,
@@ -208,7 +194,7 @@ class Hydrator(Paced):
             self.pacer.settle(hi - lo, paid)
         if copied:
             try:
-                m.commit(copied, disk._flush_dest)
+                m.commit(copied)
             except HydrationError as e:
                 with self._lock:
                     self.commit_failures += 1

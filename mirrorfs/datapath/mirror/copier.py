@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 
-from mirrorfs.common.pacing import Paced, Pacer
+from mirrorfs.datapath.background import BackgroundCopy
 from mirrorfs.datapath.sides.backend import describe
 from mirrorfs.datapath.sides.copy import copy_range
 from mirrorfs.datapath.errors import CopyFailed, SideError, SideFailure, Stopped
@@ -52,21 +52,19 @@ SETTLE_FIRST = 2.0
 SETTLE_MAX = 60.0
 
 
-class Copier(Paced):
+class Copier(BackgroundCopy):
+    """The mirror's background copy (datapath.background: the contract the service drives)."""
+
+    section = "copy"
+    name = "copier"
+
     def __init__(self, disk, rate=None, chunk=CHUNK, workers=WORKERS):
-        self.disk = disk
+        super().__init__(disk, rate, workers)
         self.dirty = disk.dirty
-        # The limit, bytes per second (None: none; 0: held, the host's copies are queued): the
-        # operator's --rate, then the host budget's share of it (set_rate, every fraction of a second).
-        self.pacer = Pacer(rate)
         self.chunk = chunk              # the largest first-pass chunk; a limited copy takes smaller
-        self.bytes_read = 0             # data copied
-        self.bytes_zeroed = 0           # zero/unallocated extents written as zero requests
         self.failures = 0
-        self.started = time.monotonic()
         # Copy mode none starts synchronized: nothing to announce until something needs copying.
         self.synchronized_at = self.started if self.dirty.synchronized() else None
-        self._stop = threading.Event()
         self._settle = SETTLE_FIRST
         # Bumped each time _settle doubles: the workers' chunks that fail together (one outage
         # fails every chunk in flight) double it once, not once per worker (6 workers would
@@ -78,16 +76,8 @@ class Copier(Paced):
         self._next = self.dirty.cursor  # the next first-pass chunk to hand out
         self._retry = []                # first-pass chunks (start, end) whose copy failed
         self._finished = {}             # first-pass chunks done above the cursor: start -> end
-        self._threads = [threading.Thread(target=self._run, args=(i == 0,), name=f"copier {i}",
-                                          daemon=True) for i in range(workers)]
 
-    def start(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
+    def _wake(self):
         self.dirty.changed.set()
 
     @property
@@ -95,12 +85,11 @@ class Copier(Paced):
         """Is there anything to copy (the first pass, or regions to copy again)?"""
         return not (self.dirty.synchronized() or self.disk.ended)
 
-    def status(self):
+    def _own_status(self):
         elapsed = time.monotonic() - self.started
         return {"first_pass_bytes": self.dirty.cursor, "size": self.disk.size,
-                "bytes_read": self.bytes_read, "bytes_zeroed": self.bytes_zeroed,
                 "read_rate": round(self.bytes_read / elapsed) if elapsed else 0,
-                "rate_limit": self.rate, "paid_bytes": self.pacer.paid, "failures": self.failures,
+                "failures": self.failures,
                 "dest_available": self.disk.dest.available if self.disk.dest else None,
                 "synchronized_seconds": (round(self.synchronized_at - self.started, 3)
                                          if self.synchronized_at else None)}
@@ -118,7 +107,8 @@ class Copier(Paced):
         d = self.disk
         return d.source if d.reader is d.dest else d.dest
 
-    def _run(self, maintains):
+    def _run(self, index):
+        maintains = index == 0          # one worker saves the cursor and clears quiet regions
         next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
         while not self._stop.is_set() and self._mirroring():
             # Read before the settle check: a chunk started after it belongs to this generation

@@ -28,90 +28,68 @@ import time
 from mirrorfs.datapath.sides.backend import describe, wait_all
 from mirrorfs.datapath.sides import resend
 from mirrorfs.datapath.sides.resend import MAX_EFFECT
-from mirrorfs.datapath.sides.stats import SideStats
 from mirrorfs.datapath.sides.commands import FLUSH, Read, Trim, Write, Zero
+from mirrorfs.datapath.mirror import compare
 from mirrorfs.datapath.mirror.dirtymap import DirtyMap
 from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideUnreachable,
                                       SwitchRefused)
 from mirrorfs.datapath.options import DEFAULT_REGION, LOCK_GRANULARITY
 from mirrorfs.common.sizes import human_size
-from mirrorfs.datapath.inflight import InFlight
 from mirrorfs.datapath.mirror.lag import Lag
+from mirrorfs.datapath.served import ServedDisk
 
 log = logging.getLogger("mirrorfs")
 
 # Writes larger than this may not fit the socket buffer at once; both sides are then polled together.
 SEQUENTIAL_WAIT_MAX = 128 * 1024
-class Disk:
+
+
+class Disk(ServedDisk):
+    """The mirror's served disk (datapath.served: the contract the service holds it to)."""
+
+    mode = "mirror"
+
     def __init__(self, source, dest=None, dirty=None, policy="fail", granularity=LOCK_GRANULARITY,
                  net=False, lag=0):
-        self.size = source.size
-        self.inflight = InFlight(granularity)
-        # Every backend this disk may use, now or after a switch: capabilities are what all can do,
-        # because nbdkit tells a client its capabilities once, at connect time.
-        self.backends = (source, dest) if dest is not None else (source,)
-        self.source, self.dest = source, dest
+        dirty = dirty if dirty is not None else DirtyMap(source.size, DEFAULT_REGION)
+        # Every side this disk may write, now or after a switch (both: the one that serves after
+        # it is either); capabilities are what all can do (datapath.served).
+        super().__init__(source, dest, (source, dest) if dest is not None else (source,),
+                         granularity, dirty.state)
         self.reader = source            # the authoritative side: reads, and its errors fail requests
-        self.writers = self.backends
         if net:         # a group's safety net, restarted: the destination reads, both are written
             self.reader, self.writers = dest, (dest, source)
-        self.dirty = dirty if dirty is not None else DirtyMap(self.size, DEFAULT_REGION)
+        self.dirty = dirty
         self.policy = policy            # a destination failure: "fail" the request, or "degrade"
-        self.stats = {b.name: SideStats(b.name) for b in self.backends}
         self._turn = itertools.count()
         self.switches = []
-        self.ended = dirty.state.phase if dirty is not None and dirty.state is not None and \
-            dirty.state.ended else None
         self._switching = threading.Lock()
-        # The largest request every side accepts (the maximum clients are told). nbdkit 1.32 does
-        # not enforce it on clients that did not negotiate block sizes; larger requests are split
-        # (see _change_in_pieces), and one comparison is all they cost a request of ordinary size.
-        self.max_request = self.block_size()[2]
+        # The largest request every side accepts (max_request: the maximum clients are told).
+        # nbdkit 1.32 does not enforce it on clients that did not negotiate block sizes; larger
+        # requests are split (see _change_in_pieces), and one comparison is all they cost a
+        # request of ordinary size.
         self.max_effect = max(MAX_EFFECT, self.max_request)
         # --lag: changes reach the destination in the background (datapath.mirror.lag); its threads are
         # started with the data path's (after nbdkit's fork).
         self.lag = (Lag(dest, lag, granularity, self.dirty, self.stats[dest.name], policy)
                     if lag and dest is not None else None)
 
-    # Capabilities.
+    def start(self):
+        if self.lag is not None:
+            self.lag.start()
 
-    def can_write(self):
-        return all(not b.read_only for b in self.backends)
+    def watched_sides(self):
+        """The mirror sides: written, not read. A handle of the authoritative side is lent for
+        the whole request, so it looks as old as the slowest side; and a slow source is what the
+        client would wait for without mirrorfs too."""
+        return [side for side in self.writers if side is not self.reader]
 
-    def can_flush(self):
-        return all(b.can_flush for b in self.backends)
-
-    def can_fua(self):
-        return all(b.can_fua for b in self.backends)
-
-    def can_trim(self):
-        return all(b.can_trim for b in self.backends)
-
-    def can_zero(self):
-        return all(b.can_zero for b in self.backends)
-
-    def can_fast_zero(self):
-        return all(b.can_fast_zero for b in self.backends)
-
-    def can_multi_conn(self):
-        return all(b.multi_conn for b in self.backends)
-
-    def can_extents(self):
-        return all(b.can_extents for b in self.backends)
-
-    def can_cache(self):
-        return all(b.can_cache for b in self.backends)
-
-    def is_rotational(self):
-        return any(b.is_rotational for b in self.backends)
-
-    def block_size(self):
-        sides = [b.block_size for b in self.backends]
-        minimum = max(s[0] for s in sides) or 1
-        preferred = max(max(s[1] for s in sides), minimum, 4096)
-        maximums = [s[2] for s in sides if s[2]]
-        maximum = min(maximums) if maximums else 32 * 1024 * 1024
-        return minimum, min(preferred, maximum), maximum
+    def compare(self, seconds=None):
+        """The sides compared byte by byte under range locks (datapath.mirror.compare: serve's
+        pivot with --copy none); None once the mirror ended, or with one side."""
+        if self.dest is None or self.ended:
+            return None
+        return compare.compare(self, seconds)
 
     # Switching sides, without disconnecting clients.
 
@@ -132,7 +110,7 @@ class Disk:
           restarts on the right side; the sides change, and the held requests go on.
         The side no longer used is flushed and disconnected after requests resume. Returns the
         stall in seconds: how long new requests were held."""
-        side = {b.name: b for b in self.backends}.get(to)
+        side = {b.name: b for b in self.sides}.get(to)
         if side is None:
             raise ValueError(f"unknown side {to!r}")
         if not self._switching.acquire(blocking=False):
@@ -173,7 +151,7 @@ class Disk:
                         lag.stop()
                     ended = True
                     self.ended = end
-                    retired = [b for b in self.backends if b is not side]
+                    retired = [b for b in self.sides if b is not side]
                     self.reader, self.writers = side, (side,)
                 finally:
                     self.inflight.resume()
@@ -196,7 +174,7 @@ class Disk:
         the source again at a revert, which needs the sides synchronized (nothing to copy: every
         change since the pivot reached both). The same hold as `switch`: new requests wait, those
         in flight drain, `commit()` runs, the state records the reader, then the sides change."""
-        side = {b.name: b for b in self.backends}.get(to)
+        side = {b.name: b for b in self.sides}.get(to)
         if side is None or self.dest is None:
             raise ValueError(f"unknown side {to!r}")
         if self.lag is not None:
@@ -253,20 +231,13 @@ class Disk:
             except Exception as e:      # a dead side: nothing more can be done for it here
                 log.error("%s: flush before stopping failed: %s", b.name, describe(e))
 
-    def status(self):
+    def reads_from(self):
+        return self.reader.name
+
+    def _mode_status(self):
         return {
-            "size": self.size,
-            "in_flight": self.inflight.count,
-            "paused": self.inflight.paused,     # new requests held: a switch or a stop drains
-            "requests": dict(self.inflight.started),
-            "request_bytes": dict(self.inflight.bytes),
-            "reader": self.reader.name,
-            "writers": [b.name for b in self.writers],
-            "sides": {b.name: {**self.stats[b.name].snapshot(), "timeouts": b.timeouts,
-                               "available": b.available} for b in self.backends},
             "switch_stalls_ms": [round(s * 1000, 3) for s in self.switches],
             "policy": self.policy,
-            "ended": self.ended,
             "net": self.reader is self.dest and self.dest is not None and self.ended is None,
             "synchronized": self.dirty.synchronized(),
             "dirty_bytes": self.dirty.dirty_bytes(),

@@ -1,4 +1,5 @@
-"""nbdkit's callbacks, mapped onto the data path (`mirrorfs.datapath`, `mirrorfs.datapath.mirror.disk`).
+"""nbdkit's callbacks, mapped onto the served disk's contract (`mirrorfs.datapath.served`), which
+the mirror's Disk and the evacuation's Evacuee both implement.
 
 `plugin/mirrorfs_nbdkit.py` is the script nbdkit loads; it imports everything from here. nbdkit calls
 these functions by name, so this module holds the only state nbdkit needs between callbacks: one
@@ -85,50 +86,52 @@ def get_size(conn):
     return conn.disk.size
 
 
+# What the client is told at connect time: computed once by the disk (datapath.served).
+
 def block_size(conn):
-    return conn.disk.block_size()
+    return conn.disk.capabilities.block_size
 
 
 def is_rotational(conn):
-    return conn.disk.is_rotational()
+    return conn.disk.capabilities.rotational
 
 
 def can_write(conn):
-    return conn.disk.can_write()
+    return conn.disk.capabilities.write
 
 
 def can_flush(conn):
-    return conn.disk.can_flush()
+    return conn.disk.capabilities.flush
 
 
 def can_fua(conn):
-    if conn.disk.can_fua():
+    if conn.disk.capabilities.fua:
         return nbdkit.FUA_NATIVE
-    return nbdkit.FUA_EMULATE if conn.disk.can_flush() else nbdkit.FUA_NONE
+    return nbdkit.FUA_EMULATE if conn.disk.capabilities.flush else nbdkit.FUA_NONE
 
 
 def can_trim(conn):
-    return conn.disk.can_trim()
+    return conn.disk.capabilities.trim
 
 
 def can_zero(conn):
-    return conn.disk.can_zero()
+    return conn.disk.capabilities.zero
 
 
 def can_fast_zero(conn):
-    return conn.disk.can_fast_zero()
+    return conn.disk.capabilities.fast_zero
 
 
 def can_multi_conn(conn):
-    return conn.disk.can_multi_conn()
+    return conn.disk.capabilities.multi_conn
 
 
 def can_cache(conn):
-    return nbdkit.CACHE_NATIVE if conn.disk.can_cache() else nbdkit.CACHE_NONE
+    return nbdkit.CACHE_NATIVE if conn.disk.capabilities.cache else nbdkit.CACHE_NONE
 
 
 def can_extents(conn):
-    return conn.disk.can_extents()
+    return conn.disk.capabilities.extents
 
 
 # Data.

@@ -25,13 +25,13 @@ When the supervisor dies (`parent`), the kernel kills nbdkit at once (see lifeli
 This module runs inside nbdkit's embedded interpreter: standard library and libnbd only.
 """
 
+import functools
 import logging
 import os
 import socket
 import threading
 import time
 
-from mirrorfs.datapath.mirror import compare
 from mirrorfs.datapath.nbdkit import lifeline
 from mirrorfs.datapath.sides import sideio
 from mirrorfs.common import jsonlines
@@ -56,8 +56,11 @@ class DataPath:
     def __init__(self):
         self.params = {}
         self.options = None
+        # The served disk (datapath.served: a mirror's Disk or an evacuation's Evacuee) and its
+        # background copy (datapath.background: the mirror's Copier or the evacuation's
+        # Hydrator), chosen by connect(); from then on driven through their contracts alone.
         self.disk = None
-        self.copier = None              # the mirror's copier, or an evacuation's hydrator
+        self.copier = None
         self.control = None
 
     def configure(self, key, value):
@@ -105,7 +108,8 @@ class DataPath:
         try:
             in_place = self.options.in_place
             hydration = HydrationMap.open(state.directory, source.size, state.region_size,
-                                          in_place=in_place, create=False)
+                                          in_place=in_place, create=False,
+                                          flush=functools.partial(sideio.flush, dest))
             if hydration.owner != state.owner:
                 raise HydrationError(f"{state.directory / statedir.HYDRATION} is not migration "
                                      f"{state.migration}'s")
@@ -152,26 +156,21 @@ class DataPath:
             self.control = jsonlines.Server(sock, self.handle, "datapath control").start()
         if self.copier is not None:
             self.copier.start()
-        if getattr(self.disk, "lag", None) is not None:
-            self.disk.lag.start()
-        if getattr(self.disk, "copy_on_read", None) is not None:
-            self.disk.copy_on_read.start()
+        self.disk.start()
         timeout = self.options.io_timeout
-        if timeout > 0 and self.disk.dest is not None:
+        if timeout > 0 and self.disk.watched_sides():
             threading.Thread(target=self._watch, args=(timeout,), name="request watchdog",
                              daemon=True).start()
 
     def _watch(self, timeout):
-        """Cut the connections of a mirror side whose request has waited `timeout` seconds, waking
-        when the oldest request falls due rather than on a fixed period (once a second let a
-        request wait up to a second more, and more than that after a cut). Only mirror sides: a
-        handle of the authoritative side is lent for the whole request, so it looks as old as the
-        slowest side; and a slow source is what the client would wait for without mirrorfs too."""
+        """Cut the connections of a watched side (the disk's watched_sides: a mirror's mirror
+        sides) whose request has waited `timeout` seconds, waking when the oldest request falls
+        due rather than on a fixed period (once a second let a request wait up to a second more,
+        and more than that after a cut)."""
         while True:
             due = timeout
-            for side in self.disk.writers:
-                if side is not self.disk.reader:
-                    due = min(due, side.expire(timeout))
+            for side in self.disk.watched_sides():
+                due = min(due, side.expire(timeout))
             # Not less than WATCH_MIN: a handle due "now" is cut in this pass, and a busy side
             # must not turn the watchdog into a spinning thread that competes for the GIL.
             time.sleep(max(due, WATCH_MIN))
@@ -179,10 +178,7 @@ class DataPath:
     def status(self):
         status = self.disk.status()
         if self.copier is not None:
-            status["hydrator" if self.options.switch_first else "copy"] = self.copier.status()
-        state = self.disk.state if self.options.switch_first else self.disk.dirty.state
-        if state is not None:
-            status["state"] = {"directory": str(state.directory), "phase": state.phase}
+            status[self.copier.section] = self.copier.status()
         return status
 
     def handle(self, request):
@@ -249,13 +245,14 @@ class DataPath:
         (the whole disk, unless `seconds` ran out first) and whether the sides are
         identical; refused once the mirror ended, and in an evacuation (only the destination holds
         the changes there)."""
-        if self.options.switch_first or self.disk.dest is None or self.disk.ended:
-            raise jsonlines.ControlError("compare: only a mirror that has not ended compares its "
-                                         "sides")
         try:
-            offset, compared = compare.compare(self.disk, seconds)
+            found = self.disk.compare(seconds)
         except sideio.SideFailure as e:
             raise jsonlines.ControlError(f"compare: {e}") from None
+        if found is None:
+            raise jsonlines.ControlError("compare: only a mirror that has not ended compares its "
+                                         "sides")
+        offset, compared = found
         return {"identical": offset is None and compared >= self.disk.size, "offset": offset,
                 "bytes": compared, "size": self.disk.size}
 
@@ -275,13 +272,10 @@ class DataPath:
     def close(self):
         if self.copier is not None:
             self.copier.stop()
-        if getattr(self.disk, "copy_on_read", None) is not None:
-            self.disk.copy_on_read.stop()
         if self.control is not None:
             self.control.stop()
         if self.disk is not None:
-            for side in set(self.disk.writers):
-                side.retire()
+            self.disk.stop()
 
 
 def _committer(path, to, end, timeout):

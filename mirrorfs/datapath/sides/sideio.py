@@ -50,6 +50,12 @@ def read_once(side, buf, offset, maximum):
             raise SideFailure(side, "read", piece.offset, piece.length, e) from None
 
 
+def run(side, cmd, maximum):
+    """One command (datapath.sides.commands: a client's change as it came) on `side`: reads and
+    writes split above `maximum`, zeroes and trims above MAX_EFFECT."""
+    _run(side, cmd, maximum if cmd.op in ("read", "write") else MAX_EFFECT)
+
+
 def write(side, buf, offset, fua, maximum):
     _run(side, Write(buf, offset, fua), maximum)
 
