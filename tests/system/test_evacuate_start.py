@@ -131,10 +131,15 @@ def test_start_switch_first_with_clients_writing(workdir, started):
     clients = Clients(f"nbd+unix:///?socket={sock}", 3, model)
     try:
         wait_until(lambda: status(m.control)["hydration"]["percent"] > 20, "hydrating")
+        # Held at 1K/s while the four refusals run, so that hydration cannot end under them on a
+        # slow machine (each command is a process start: at 12M the rest took as little as 4 s).
+        ctl(m.control, "rate", "1K")
         for command, says in (("pivot", "switch-first"), ("cancel", "switch-first"),
                               ("copy", "nothing to copy"), ("hand-back", "while hydrating")):
             res = ctl(m.control, command, check=False)
             assert res.returncode == 1 and says in res.stderr, (command, res.stderr)
+        assert status(m.control)["phase"] == "hydrating"
+        ctl(m.control, "rate", "12M")
         wait_until(lambda: status(m.control)["phase"] == "hydrated", "hydrated", timeout=300)
     finally:
         clients.join()
