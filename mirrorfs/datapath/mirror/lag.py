@@ -129,6 +129,14 @@ class Lag:
         self.forced = False             # synchronous until the switch (converge)
         self._failed_at = -SETTLE       # monotonic time of the last destination failure
         self._stopped = False
+        # The mode in one number, for the hot path (one comparison a change instead of three
+        # property calls): lagging once time.monotonic() reaches it; infinite while forced or
+        # stopped, the end of SETTLE after a failure under `fail` (`_set_mode`).
+        self._lag_from = 0.0
+        # Who sleeps on each condition: a change, or a finished entry, wakes them only if someone
+        # does (a notify is a few Python calls under the lock, on every change and every entry).
+        self._idle = 0                  # workers waiting for work
+        self._watchers = 0              # clients, the copier and drains waiting for progress
         self._flush_due = threading.Event()     # the destination's flush is due (the flusher)
         self._threads = [threading.Thread(target=self._run, name=f"lag {i}", daemon=True)
                          for i in range(WORKERS)]
@@ -145,10 +153,16 @@ class Lag:
     def mode(self):
         if self._stopped:
             return "ended"
-        if self.forced or (self.policy == "fail" and
-                           time.monotonic() - self._failed_at < SETTLE):
-            return SYNCHRONOUS
-        return LAGGING
+        return LAGGING if self.lagging else SYNCHRONOUS
+
+    def _set_mode(self):
+        """`_lag_from` from the facts it stands for; called under the lock whenever one changes."""
+        if self.forced or self._stopped:
+            self._lag_from = float("inf")
+        elif self.policy == "fail":
+            self._lag_from = self._failed_at + SETTLE
+        else:
+            self._lag_from = 0.0
 
     @property
     def empty(self):
@@ -157,15 +171,19 @@ class Lag:
 
     @property
     def lagging(self):
-        return self.mode == LAGGING
+        return time.monotonic() >= self._lag_from
 
     # The client's side.
 
     def add(self, cmd, intent):
         """Queue `cmd` (already applied to the source) for the destination; `intent` is the dirty
-        map's token, ended (after_change) once the destination has it. Returns the Change to pass
-        to `admit`. The client's buffer is copied: the request is answered before it is sent."""
+        map's token, ended (after_change) once the destination has it. Returns the Change,
+        acknowledged already (`acked`) when the lag has room for it (one lock round trip for what
+        is most changes' whole stay here), else to pass to `admit`. The caller holds the change's
+        range lock: it is queued, in its clusters' order, before anything else may touch them.
+        The client's buffer is copied: the request is answered before it is sent."""
         change = Change(cmd.length, intent)
+        lagging = time.monotonic() >= self._lag_from
         g = self.granularity
         first, last = cmd.offset // g, (cmd.offset + cmd.length - 1) // g
         # The copy outside the lock: a 1 MiB copy would hold the workers for a tenth of a ms.
@@ -184,6 +202,8 @@ class Lag:
                     self._chains.setdefault(c, []).append(tail)
                 tail.last = max(tail.last, last)
                 self.coalesced += 1
+                if lagging and self.bytes + change.length <= self.limit:
+                    self._ack(change)
                 return change
             self._seq += 1
             if buf is not None:
@@ -202,6 +222,8 @@ class Lag:
             self._tail = entry
             if head:
                 self._make_ready(entry)
+            if lagging and self.bytes + change.length <= self.limit:
+                self._ack(change)
         return change
 
     def room_for(self, length):
@@ -237,7 +259,7 @@ class Lag:
                     if self.lagging and self.bytes + change.length <= self.limit:
                         self._ack(change)
                         return None
-                    self._moved.wait(CONVERGE_LOOK)
+                    self._watch(CONVERGE_LOOK)
             return change.error
 
     def _ack(self, change):
@@ -269,7 +291,7 @@ class Lag:
             if not self._pending:
                 return
             while any(self._chains.get(c) for c in clusters):
-                self._moved.wait()
+                self._watch()
 
     def drain(self, timeout):
         """Wait until the queue is empty, at most `timeout` seconds without progress; raises
@@ -283,16 +305,22 @@ class Lag:
                 if left <= 0:
                     raise DrainTimeout(f"the lag of {len(self._pending)} changes did not move "
                                        f"for {timeout:g}s")
-                self._moved.wait(min(left, CONVERGE_LOOK))
+                self._watch(min(left, CONVERGE_LOOK))
 
     def converge(self, timeout):
         """Before a pivot's hold: drain the lag while the clients go on, and turn synchronous
         while it does not shrink (a writer faster than the destination). Returns once nothing
         acknowledged is missing on the destination (what is still queued is the clients' requests
         in flight, which the hold waits for as it does without a lag), the mode synchronous until
-        `release()` or `stop()`; raises DrainTimeout after `timeout` seconds without progress."""
+        `release()` or `stop()`; raises DrainTimeout after `timeout` seconds without progress.
+
+        "Not shrinking" is seen two ways: a change found the lag full since the drain began (the
+        writer is at least as fast as the destination: known at the next write, not a look
+        later), or the lag has not shrunk in CONVERGE_LOOK. Until then the destination's bandwidth
+        is shared between the backlog and the writes that find no room, which go to both sides at
+        once: every look's wait adds about itself to the drain."""
         with self._lock:
-            before = self.bytes
+            before, waits = self.bytes, self.waits
             sent, since = self.sent, time.monotonic()
             look = since + CONVERGE_LOOK
             give_up = since + LAG_CONVERGE_MAX
@@ -304,26 +332,31 @@ class Lag:
                     raise DrainTimeout(f"the lag of {len(self._pending)} changes did not drain "
                                        f"(no progress for {timeout:g}s, or {LAG_CONVERGE_MAX:g}s "
                                        "in all)")
+                if not self.forced and (self.waits != waits or
+                                        (now >= look and self.bytes >= before)):
+                    self.forced = True
+                    self._set_mode()
+                    log.info("the lag (%d bytes) does not shrink: synchronous until the switch",
+                             self.bytes)
                 if now >= look:
-                    if not self.forced and self.bytes >= before and self.bytes:
-                        self.forced = True
-                        log.info("the lag (%d bytes) does not shrink: synchronous until the "
-                                 "switch", self.bytes)
                     before, look = self.bytes, now + CONVERGE_LOOK
-                self._moved.wait(CONVERGE_LOOK / 5)
+                self._watch(CONVERGE_LOOK / 5)
             # Drained: from here to the switch every change waits for the destination, so the
             # switch's hold finds nothing queued.
             self.forced = True
+            self._set_mode()
 
     def release(self):
         """The switch was refused: lag again."""
         with self._lock:
             self.forced = False
+            self._set_mode()
 
     def stop(self):
         """The mirror ended: nothing is lagged any more; the workers end once the queue is empty."""
         with self._lock:
             self._stopped = True
+            self._set_mode()
             self._work.notify_all()
             self._moved.notify_all()
 
@@ -338,12 +371,23 @@ class Lag:
 
     # The destination's side.
 
+    def _watch(self, timeout=None):
+        """Wait (under the lock) until an entry finished or the lag stopped, or `timeout`."""
+        self._watchers += 1
+        try:
+            self._moved.wait(timeout)
+        finally:
+            self._watchers -= 1
+
     def _make_ready(self, entry):
         entry.ready = True
         self._ready.append(entry)
-        self._work.notify()
+        if self._idle:
+            self._work.notify()
 
     def _first_everywhere(self, entry):
+        if entry.first == entry.last:           # most changes: one cluster
+            return self._chains[entry.first][0] is entry
         return all(self._chains[c][0] is entry for c in range(entry.first, entry.last + 1))
 
     def _take(self):
@@ -363,12 +407,16 @@ class Lag:
                         batch.append(entry)
                         size += entry.cmd.length
                 if batch:
-                    if self._ready:
+                    if self._ready and self._idle:
                         self._work.notify()             # more for another worker
                     return batch
                 if self._stopped and not self._pending:
                     return []
-                self._work.wait(1.0)
+                self._idle += 1
+                try:
+                    self._work.wait(1.0)
+                finally:
+                    self._idle -= 1
 
     def _run(self):
         while True:
@@ -387,55 +435,67 @@ class Lag:
             except Exception as e:          # never leave a batch started and unfinished
                 log.exception("the lag's destination batch failed unexpectedly")
                 results = [side_error(errno.EIO, f"{self.dest.name}: {e}")] * len(batch)
-            for entry, error in zip(batch, results):
-                self._finish(entry, error)
+            self._finish(batch, results)
 
-    def _finish(self, entry, error):
-        if error is not None:
-            self.stats.failed(entry.cmd.op, entry.cmd.offset, entry.cmd.length, error)
-        for change in entry.changes:
-            # The regions stay in the intent until here; a failure marks them to copy again.
-            self.dirty.after_change(change.intent, both_sides=error is None)
-        flush = False
-        with self._lock:
-            del self._pending[entry.seq]
-            self.sent += entry.cmd.length
-            for c in range(entry.first, entry.last + 1):
-                chain = self._chains[c]
-                chain.pop(0)
-                if chain:
-                    head = chain[0]
-                    if not head.ready and not head.started and self._first_everywhere(head):
-                        self._make_ready(head)
-                else:
-                    del self._chains[c]
+    def _finish(self, batch, results):
+        """The destination answered the entries of `batch` (`results`: None or the error of
+        each): the regions leave the intent, the chains move on, waiters wake; one lock round
+        trip and one wake-up for the whole batch."""
+        for entry, error in zip(batch, results):
             if error is not None:
-                self.failures += 1
-                self._failed_at = time.monotonic()
+                self.stats.failed(entry.cmd.op, entry.cmd.offset, entry.cmd.length, error)
             for change in entry.changes:
-                change.done = True
-                if change.acked:
-                    self.bytes -= change.length
-                    if error is not None:
-                        self.stats.degrade()        # acknowledged without the destination
-                else:
-                    change.error = error
-                    if error is not None and self.policy == "degrade":
-                        self.stats.degrade()
-            if self._flush_after is not None and (
-                    not self._pending or next(iter(self._pending)) > self._flush_after):
-                # One flush covers every barrier passed by now.
-                later = self._flush_later
-                if later is not None and self._pending and next(iter(self._pending)) <= later:
-                    self._flush_after, self._flush_later = later, None
-                else:
-                    self._flush_after = self._flush_later = None
-                flush = True
+                # The regions stay in the intent until here; a failure marks them to copy again.
+                self.dirty.after_change(change.intent, both_sides=error is None)
+        with self._lock:
+            flush = False
+            for entry, error in zip(batch, results):
+                flush = self._finished(entry, error) or flush
             if self._stopped and not self._pending:
                 self._work.notify_all()
-            self._moved.notify_all()
+            if self._watchers:
+                self._moved.notify_all()
         if flush:
             self._flush_due.set()
+
+    def _finished(self, entry, error):
+        """`_finish` for one entry, under the lock; returns whether the destination's flush is due."""
+        flush = False
+        del self._pending[entry.seq]
+        self.sent += entry.cmd.length
+        for c in range(entry.first, entry.last + 1):
+            chain = self._chains[c]
+            chain.pop(0)
+            if chain:
+                head = chain[0]
+                if not head.ready and not head.started and self._first_everywhere(head):
+                    self._make_ready(head)
+            else:
+                del self._chains[c]
+        if error is not None:
+            self.failures += 1
+            self._failed_at = time.monotonic()
+            self._set_mode()
+        for change in entry.changes:
+            change.done = True
+            if change.acked:
+                self.bytes -= change.length
+                if error is not None:
+                    self.stats.degrade()        # acknowledged without the destination
+            else:
+                change.error = error
+                if error is not None and self.policy == "degrade":
+                    self.stats.degrade()
+        if self._flush_after is not None and (
+                not self._pending or next(iter(self._pending)) > self._flush_after):
+            # One flush covers every barrier passed by now.
+            later = self._flush_later
+            if later is not None and self._pending and next(iter(self._pending)) <= later:
+                self._flush_after, self._flush_later = later, None
+            else:
+                self._flush_after = self._flush_later = None
+            flush = True
+        return flush
 
     def _flusher(self):
         """One thread flushes the destination when a client's flush asked for it: the client
@@ -455,3 +515,4 @@ class Lag:
             self.dirty.mark_all()
             with self._lock:
                 self._failed_at = time.monotonic()
+                self._set_mode()
