@@ -7,11 +7,13 @@ What a change does with a lag (Disk._change_lagged):
    regions it touches are in the saved dirty map *before* the source is written, and stay there
    (`DirtyMap.active`) until the destination has it, so after kill -9 everything the destination
    may lack is in the map and a restart copies it;
-2. the source runs it; a copy of it is queued here for the destination (`add`);
-3. the range lock is let go (other changes to those clusters may start on the source), and the
-   client is answered in `admit` as soon as the lag has room for its bytes (it is acknowledged:
-   "acked"), or once the destination has it: the acknowledged bytes the destination lacks
-   (`bytes`) never exceed the limit.
+2. the source runs it; a copy of it is queued here for the destination (`add`), and acknowledged
+   there at once ("acked") if the lag has room for its bytes: most changes' whole stay here is
+   that one lock round trip, and the client is answered;
+3. otherwise the range lock is let go (other changes to those clusters may start on the source),
+   and the client is answered in `admit` as soon as the lag has room for it, or once the
+   destination has it: the acknowledged bytes the destination lacks (`bytes`) never exceed the
+   limit.
 A change that finds the lag full, or is larger than it, is not queued (`room_for`): it waits for
 the queued changes of its range and goes to both sides at once, as without a lag. That is the
 backpressure: the guest goes at the destination's pace only while the lag is full.
@@ -23,13 +25,20 @@ cluster reach the destination in the order the source got them, and never run on
 threads. A write queued right behind a contiguous write that has not started yet is appended to it
 (coalesced: one request to the destination instead of many, only ever when the destination is behind).
 
+The hot path is counted in calls: Python calls, lock round trips and libnbd calls (each of which
+releases and retakes the GIL) are what a small write costs on a CPU-bound machine, and the workers
+run beside the clients on the same interpreter. So a change takes the lag's lock once when there is
+room, a worker is woken only when one is idle and a waiter only when one watches, and a batch is
+finished under one lock (docs/PERFORMANCE.md has the counts).
+
 Whatever else changes the destination first waits for the queued changes of its range
 (`wait_range`, under its range lock so nothing new is queued there meanwhile): the copier's
 chunks, a change too large for the lag, every change while the mode is synchronous.
 
 Modes: "lagging", or "synchronous" (every change waits for the destination, as without a lag):
-- at a pivot (`converge`): the lag is drained before the switch's hold; while it does not shrink,
-  the mode is synchronous until the switch (or until the switch is refused);
+- at a pivot (`converge`): the lag is drained before the switch's hold; once it does not shrink
+  (a change found it full, or it did not shrink in CONVERGE_LOOK), the mode is synchronous until
+  the switch (or until the switch is refused);
 - with --on-dest-error fail, for SETTLE seconds after the destination failed a change: a change the
   destination failed after it was acknowledged can no longer fail its request; it is marked to copy
   again as under degrade, and the requests after it fail as a synchronous mirror's do.
@@ -71,6 +80,9 @@ SETTLE = 2.0
 # A pivot's drain: how often it looks whether the lag shrinks (the longest it may take in all is
 # options.LAG_CONVERGE_MAX).
 CONVERGE_LOOK = 0.25
+# How often a waiter looks again without being woken (a change that finds the lag full counts a
+# wait without waking anyone: the drain sees it within this).
+POLL = 0.05
 
 LAGGING, SYNCHRONOUS = "lagging", "synchronous"
 
@@ -259,7 +271,7 @@ class Lag:
                     if self.lagging and self.bytes + change.length <= self.limit:
                         self._ack(change)
                         return None
-                    self._watch(CONVERGE_LOOK)
+                    self._watch(POLL)
             return change.error
 
     def _ack(self, change):
@@ -305,7 +317,7 @@ class Lag:
                 if left <= 0:
                     raise DrainTimeout(f"the lag of {len(self._pending)} changes did not move "
                                        f"for {timeout:g}s")
-                self._watch(min(left, CONVERGE_LOOK))
+                self._watch(min(left, POLL))
 
     def converge(self, timeout):
         """Before a pivot's hold: drain the lag while the clients go on, and turn synchronous
@@ -340,7 +352,7 @@ class Lag:
                              self.bytes)
                 if now >= look:
                     before, look = self.bytes, now + CONVERGE_LOOK
-                self._watch(CONVERGE_LOOK / 5)
+                self._watch(POLL)
             # Drained: from here to the switch every change waits for the destination, so the
             # switch's hold finds nothing queued.
             self.forced = True
