@@ -73,6 +73,12 @@ BATCH = 16
 # ... and at most this many bytes a batch (one change at least): a batch holds its connection until
 # its last change is done, and --io-timeout cuts a connection held longer than that.
 BATCH_BYTES = 4 << 20
+# A small change made ready while a worker has a batch out waits for that worker (it takes what
+# is ready when its batch is done) rather than waking another, until a batch of them is ready: a
+# wake-up is a thread switch, about what sending a 4 KiB write costs, and at one write at a time a
+# worker woke for every write. A change of this size or more, or one a client waits for (not
+# lagging), wakes an idle worker at once.
+WAKE_BYTES = 64 << 10
 # The largest write coalescing builds (the destinations' usual maximum request is 32 MiB).
 COALESCE_MAX = 1 << 20
 # With --on-dest-error fail: how long after a destination failure the mirror stays synchronous.
@@ -148,6 +154,7 @@ class Lag:
         # Who sleeps on each condition: a change, or a finished entry, wakes them only if someone
         # does (a notify is a few Python calls under the lock, on every change and every entry).
         self._idle = 0                  # workers waiting for work
+        self._sending = 0               # workers with a batch out
         self._watchers = 0              # clients, the copier and drains waiting for progress
         self._flush_due = threading.Event()     # the destination's flush is due (the flusher)
         self._threads = [threading.Thread(target=self._run, name=f"lag {i}", daemon=True)
@@ -394,7 +401,9 @@ class Lag:
     def _make_ready(self, entry):
         entry.ready = True
         self._ready.append(entry)
-        if self._idle:
+        if self._idle and (not self._sending or len(self._ready) >= BATCH
+                           or entry.cmd.length >= WAKE_BYTES
+                           or time.monotonic() < self._lag_from):
             self._work.notify()
 
     def _first_everywhere(self, entry):
@@ -421,6 +430,7 @@ class Lag:
                 if batch:
                     if self._ready and self._idle:
                         self._work.notify()             # more for another worker
+                    self._sending += 1
                     return batch
                 if self._stopped and not self._pending:
                     return []
@@ -463,6 +473,8 @@ class Lag:
             flush = False
             for entry, error in zip(batch, results):
                 flush = self._finished(entry, error) or flush
+            # Counted until here: what the batch made ready is this worker's to take next.
+            self._sending -= 1
             if self._stopped and not self._pending:
                 self._work.notify_all()
             if self._watchers:
