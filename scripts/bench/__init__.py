@@ -10,6 +10,7 @@ are read by the project's own parser (mirrorfs.common.sizes).
     named      300 named disks under `mirrorfs host`: memory, start, list, a scrape, a kill -9
     lag        --lag (issue #28): a slow destination with and without a bounded lag; the rate case
     group      a group's switch: its holds against one disk's, and what its safety net costs
+    lagcost    what a 4 KiB write costs the interpreter with and without --lag, counted: calls, locks, libnbd calls
 
 and the pieces they share:
 
