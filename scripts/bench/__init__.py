@@ -11,6 +11,7 @@ are read by the project's own parser (mirrorfs.common.sizes).
     lag        --lag (issue #28): a slow destination with and without a bounded lag; the rate case
     group      a group's switch: its holds against one disk's, and what its safety net costs
     copyloop   the one copy of a range: the base copy's and the copier's throughput and CPU
+    lagcost    what a 4 KiB write costs the interpreter with and without --lag, counted: calls, locks, libnbd calls
 
 and the pieces they share:
 

@@ -207,3 +207,34 @@ def test_a_flush_waits_for_the_source_alone_and_the_destination_is_flushed_behin
     disk.flush()
     wait_until(lambda: not disk.dirty.synchronized(), "the written regions marked")
     assert 3 in disk.dirty.needs_copy
+
+
+def test_a_pivot_turns_synchronous_as_soon_as_a_change_finds_the_lag_full(lagged, monkeypatch):
+    """A pivot's drain under a writer faster than the destination: the first change that finds
+    the lag full says it does not shrink, and the mode turns synchronous then (the backlog gets
+    the destination to itself), not a look later. The look is an hour here, so only the full lag
+    can say it; without that rule (converge's `self.waits != waits`) the mode stays lagging."""
+    monkeypatch.setattr(lag_module, "CONVERGE_LOOK", 3600.0)
+    limit = 16 * 4096
+    disk = lagged(limit)
+    disk.dest.hold()
+    for i in range(16):
+        disk.pwrite(bytes([i + 1]) * 4096, i * CLUSTER, False)
+    assert disk.lag.bytes == limit
+    switched = []
+    pivot = threading.Thread(target=lambda: switched.append(
+        disk.switch("destination", "switched", timeout=30)))
+    pivot.start()
+    # The drain is watching (its count of waits taken): the next change that finds no room is
+    # the writer's.
+    wait_until(lambda: disk.lag._watchers == 1, "the pivot's drain")
+    writer = threading.Thread(target=disk.pwrite, args=(b"\xff" * 4096, 20 * CLUSTER, False))
+    writer.start()                  # finds the lag full
+    try:
+        wait_until(lambda: disk.lag.mode == lag_module.SYNCHRONOUS, "the synchronous mode")
+    finally:
+        disk.dest.let_go()
+        writer.join(30)
+        pivot.join(30)
+    assert switched, "the switch did not happen"
+    assert disk.dest.data == disk.source.data

@@ -365,6 +365,8 @@ class Disk(ServedDisk):
                 self._settle(cmd, failures)
                 return
             change = self.lag.add(cmd, intent)
+            if change.acked:
+                return          # the lag had room: answered now (the range lock ends below)
             # Other changes to these clusters may start on the source; on the destination the
             # lag keeps their order.
             self.inflight.release_range(token)

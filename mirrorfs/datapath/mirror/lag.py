@@ -7,11 +7,13 @@ What a change does with a lag (Disk._change_lagged):
    regions it touches are in the saved dirty map *before* the source is written, and stay there
    (`DirtyMap.active`) until the destination has it, so after kill -9 everything the destination
    may lack is in the map and a restart copies it;
-2. the source runs it; a copy of it is queued here for the destination (`add`);
-3. the range lock is let go (other changes to those clusters may start on the source), and the
-   client is answered in `admit` as soon as the lag has room for its bytes (it is acknowledged:
-   "acked"), or once the destination has it: the acknowledged bytes the destination lacks
-   (`bytes`) never exceed the limit.
+2. the source runs it; a copy of it is queued here for the destination (`add`), and acknowledged
+   there at once ("acked") if the lag has room for its bytes: most changes' whole stay here is
+   that one lock round trip, and the client is answered;
+3. otherwise the range lock is let go (other changes to those clusters may start on the source),
+   and the client is answered in `admit` as soon as the lag has room for it, or once the
+   destination has it: the acknowledged bytes the destination lacks (`bytes`) never exceed the
+   limit.
 A change that finds the lag full, or is larger than it, is not queued (`room_for`): it waits for
 the queued changes of its range and goes to both sides at once, as without a lag. That is the
 backpressure: the guest goes at the destination's pace only while the lag is full.
@@ -23,13 +25,20 @@ cluster reach the destination in the order the source got them, and never run on
 threads. A write queued right behind a contiguous write that has not started yet is appended to it
 (coalesced: one request to the destination instead of many, only ever when the destination is behind).
 
+The hot path is counted in calls: Python calls, lock round trips and libnbd calls (each of which
+releases and retakes the GIL) are what a small write costs on a CPU-bound machine, and the workers
+run beside the clients on the same interpreter. So a change takes the lag's lock once when there is
+room, a worker is woken only when one is idle and a waiter only when one watches, and a batch is
+finished under one lock (docs/PERFORMANCE.md has the counts).
+
 Whatever else changes the destination first waits for the queued changes of its range
 (`wait_range`, under its range lock so nothing new is queued there meanwhile): the copier's
 chunks, a change too large for the lag, every change while the mode is synchronous.
 
 Modes: "lagging", or "synchronous" (every change waits for the destination, as without a lag):
-- at a pivot (`converge`): the lag is drained before the switch's hold; while it does not shrink,
-  the mode is synchronous until the switch (or until the switch is refused);
+- at a pivot (`converge`): the lag is drained before the switch's hold; once it does not shrink
+  (a change found it full, or it did not shrink in CONVERGE_LOOK), the mode is synchronous until
+  the switch (or until the switch is refused);
 - with --on-dest-error fail, for SETTLE seconds after the destination failed a change: a change the
   destination failed after it was acknowledged can no longer fail its request; it is marked to copy
   again as under degrade, and the requests after it fail as a synchronous mirror's do.
@@ -64,6 +73,12 @@ BATCH = 16
 # ... and at most this many bytes a batch (one change at least): a batch holds its connection until
 # its last change is done, and --io-timeout cuts a connection held longer than that.
 BATCH_BYTES = 4 << 20
+# A small change made ready while a worker has a batch out waits for that worker (it takes what
+# is ready when its batch is done) rather than waking another, until a batch of them is ready: a
+# wake-up is a thread switch, about what sending a 4 KiB write costs, and at one write at a time a
+# worker woke for every write. A change of this size or more, or one a client waits for (not
+# lagging), wakes an idle worker at once.
+WAKE_BYTES = 64 << 10
 # The largest write coalescing builds (the destinations' usual maximum request is 32 MiB).
 COALESCE_MAX = 1 << 20
 # With --on-dest-error fail: how long after a destination failure the mirror stays synchronous.
@@ -71,6 +86,9 @@ SETTLE = 2.0
 # A pivot's drain: how often it looks whether the lag shrinks (the longest it may take in all is
 # options.LAG_CONVERGE_MAX).
 CONVERGE_LOOK = 0.25
+# How often a waiter looks again without being woken (a change that finds the lag full counts a
+# wait without waking anyone: the drain sees it within this).
+POLL = 0.05
 
 LAGGING, SYNCHRONOUS = "lagging", "synchronous"
 
@@ -129,6 +147,15 @@ class Lag:
         self.forced = False             # synchronous until the switch (converge)
         self._failed_at = -SETTLE       # monotonic time of the last destination failure
         self._stopped = False
+        # The mode in one number, for the hot path (one comparison a change instead of three
+        # property calls): lagging once time.monotonic() reaches it; infinite while forced or
+        # stopped, the end of SETTLE after a failure under `fail` (`_set_mode`).
+        self._lag_from = 0.0
+        # Who sleeps on each condition: a change, or a finished entry, wakes them only if someone
+        # does (a notify is a few Python calls under the lock, on every change and every entry).
+        self._idle = 0                  # workers waiting for work
+        self._sending = 0               # workers with a batch out
+        self._watchers = 0              # clients, the copier and drains waiting for progress
         self._flush_due = threading.Event()     # the destination's flush is due (the flusher)
         self._threads = [threading.Thread(target=self._run, name=f"lag {i}", daemon=True)
                          for i in range(WORKERS)]
@@ -145,10 +172,16 @@ class Lag:
     def mode(self):
         if self._stopped:
             return "ended"
-        if self.forced or (self.policy == "fail" and
-                           time.monotonic() - self._failed_at < SETTLE):
-            return SYNCHRONOUS
-        return LAGGING
+        return LAGGING if self.lagging else SYNCHRONOUS
+
+    def _set_mode(self):
+        """`_lag_from` from the facts it stands for; called under the lock whenever one changes."""
+        if self.forced or self._stopped:
+            self._lag_from = float("inf")
+        elif self.policy == "fail":
+            self._lag_from = self._failed_at + SETTLE
+        else:
+            self._lag_from = 0.0
 
     @property
     def empty(self):
@@ -157,15 +190,19 @@ class Lag:
 
     @property
     def lagging(self):
-        return self.mode == LAGGING
+        return time.monotonic() >= self._lag_from
 
     # The client's side.
 
     def add(self, cmd, intent):
         """Queue `cmd` (already applied to the source) for the destination; `intent` is the dirty
-        map's token, ended (after_change) once the destination has it. Returns the Change to pass
-        to `admit`. The client's buffer is copied: the request is answered before it is sent."""
+        map's token, ended (after_change) once the destination has it. Returns the Change,
+        acknowledged already (`acked`) when the lag has room for it (one lock round trip for what
+        is most changes' whole stay here), else to pass to `admit`. The caller holds the change's
+        range lock: it is queued, in its clusters' order, before anything else may touch them.
+        The client's buffer is copied: the request is answered before it is sent."""
         change = Change(cmd.length, intent)
+        lagging = time.monotonic() >= self._lag_from
         g = self.granularity
         first, last = cmd.offset // g, (cmd.offset + cmd.length - 1) // g
         # The copy outside the lock: a 1 MiB copy would hold the workers for a tenth of a ms.
@@ -184,6 +221,8 @@ class Lag:
                     self._chains.setdefault(c, []).append(tail)
                 tail.last = max(tail.last, last)
                 self.coalesced += 1
+                if lagging and self.bytes + change.length <= self.limit:
+                    self._ack(change)
                 return change
             self._seq += 1
             if buf is not None:
@@ -202,6 +241,8 @@ class Lag:
             self._tail = entry
             if head:
                 self._make_ready(entry)
+            if lagging and self.bytes + change.length <= self.limit:
+                self._ack(change)
         return change
 
     def room_for(self, length):
@@ -237,7 +278,7 @@ class Lag:
                     if self.lagging and self.bytes + change.length <= self.limit:
                         self._ack(change)
                         return None
-                    self._moved.wait(CONVERGE_LOOK)
+                    self._watch(POLL)
             return change.error
 
     def _ack(self, change):
@@ -269,7 +310,7 @@ class Lag:
             if not self._pending:
                 return
             while any(self._chains.get(c) for c in clusters):
-                self._moved.wait()
+                self._watch()
 
     def drain(self, timeout):
         """Wait until the queue is empty, at most `timeout` seconds without progress; raises
@@ -283,16 +324,22 @@ class Lag:
                 if left <= 0:
                     raise DrainTimeout(f"the lag of {len(self._pending)} changes did not move "
                                        f"for {timeout:g}s")
-                self._moved.wait(min(left, CONVERGE_LOOK))
+                self._watch(min(left, POLL))
 
     def converge(self, timeout):
         """Before a pivot's hold: drain the lag while the clients go on, and turn synchronous
         while it does not shrink (a writer faster than the destination). Returns once nothing
         acknowledged is missing on the destination (what is still queued is the clients' requests
         in flight, which the hold waits for as it does without a lag), the mode synchronous until
-        `release()` or `stop()`; raises DrainTimeout after `timeout` seconds without progress."""
+        `release()` or `stop()`; raises DrainTimeout after `timeout` seconds without progress.
+
+        "Not shrinking" is seen two ways: a change found the lag full since the drain began (the
+        writer is at least as fast as the destination: known at the next write, not a look
+        later), or the lag has not shrunk in CONVERGE_LOOK. Until then the destination's bandwidth
+        is shared between the backlog and the writes that find no room, which go to both sides at
+        once: every look's wait adds about itself to the drain."""
         with self._lock:
-            before = self.bytes
+            before, waits = self.bytes, self.waits
             sent, since = self.sent, time.monotonic()
             look = since + CONVERGE_LOOK
             give_up = since + LAG_CONVERGE_MAX
@@ -304,26 +351,31 @@ class Lag:
                     raise DrainTimeout(f"the lag of {len(self._pending)} changes did not drain "
                                        f"(no progress for {timeout:g}s, or {LAG_CONVERGE_MAX:g}s "
                                        "in all)")
+                if not self.forced and (self.waits != waits or
+                                        (now >= look and self.bytes >= before)):
+                    self.forced = True
+                    self._set_mode()
+                    log.info("the lag (%d bytes) does not shrink: synchronous until the switch",
+                             self.bytes)
                 if now >= look:
-                    if not self.forced and self.bytes >= before and self.bytes:
-                        self.forced = True
-                        log.info("the lag (%d bytes) does not shrink: synchronous until the "
-                                 "switch", self.bytes)
                     before, look = self.bytes, now + CONVERGE_LOOK
-                self._moved.wait(CONVERGE_LOOK / 5)
+                self._watch(POLL)
             # Drained: from here to the switch every change waits for the destination, so the
             # switch's hold finds nothing queued.
             self.forced = True
+            self._set_mode()
 
     def release(self):
         """The switch was refused: lag again."""
         with self._lock:
             self.forced = False
+            self._set_mode()
 
     def stop(self):
         """The mirror ended: nothing is lagged any more; the workers end once the queue is empty."""
         with self._lock:
             self._stopped = True
+            self._set_mode()
             self._work.notify_all()
             self._moved.notify_all()
 
@@ -338,12 +390,25 @@ class Lag:
 
     # The destination's side.
 
+    def _watch(self, timeout=None):
+        """Wait (under the lock) until an entry finished or the lag stopped, or `timeout`."""
+        self._watchers += 1
+        try:
+            self._moved.wait(timeout)
+        finally:
+            self._watchers -= 1
+
     def _make_ready(self, entry):
         entry.ready = True
         self._ready.append(entry)
-        self._work.notify()
+        if self._idle and (not self._sending or len(self._ready) >= BATCH
+                           or entry.cmd.length >= WAKE_BYTES
+                           or time.monotonic() < self._lag_from):
+            self._work.notify()
 
     def _first_everywhere(self, entry):
+        if entry.first == entry.last:           # most changes: one cluster
+            return self._chains[entry.first][0] is entry
         return all(self._chains[c][0] is entry for c in range(entry.first, entry.last + 1))
 
     def _take(self):
@@ -363,12 +428,17 @@ class Lag:
                         batch.append(entry)
                         size += entry.cmd.length
                 if batch:
-                    if self._ready:
+                    if self._ready and self._idle:
                         self._work.notify()             # more for another worker
+                    self._sending += 1
                     return batch
                 if self._stopped and not self._pending:
                     return []
-                self._work.wait(1.0)
+                self._idle += 1
+                try:
+                    self._work.wait(1.0)
+                finally:
+                    self._idle -= 1
 
     def _run(self):
         while True:
@@ -387,55 +457,69 @@ class Lag:
             except Exception as e:          # never leave a batch started and unfinished
                 log.exception("the lag's destination batch failed unexpectedly")
                 results = [side_error(errno.EIO, f"{self.dest.name}: {e}")] * len(batch)
-            for entry, error in zip(batch, results):
-                self._finish(entry, error)
+            self._finish(batch, results)
 
-    def _finish(self, entry, error):
-        if error is not None:
-            self.stats.failed(entry.cmd.op, entry.cmd.offset, entry.cmd.length, error)
-        for change in entry.changes:
-            # The regions stay in the intent until here; a failure marks them to copy again.
-            self.dirty.after_change(change.intent, both_sides=error is None)
-        flush = False
-        with self._lock:
-            del self._pending[entry.seq]
-            self.sent += entry.cmd.length
-            for c in range(entry.first, entry.last + 1):
-                chain = self._chains[c]
-                chain.pop(0)
-                if chain:
-                    head = chain[0]
-                    if not head.ready and not head.started and self._first_everywhere(head):
-                        self._make_ready(head)
-                else:
-                    del self._chains[c]
+    def _finish(self, batch, results):
+        """The destination answered the entries of `batch` (`results`: None or the error of
+        each): the regions leave the intent, the chains move on, waiters wake; one lock round
+        trip and one wake-up for the whole batch."""
+        for entry, error in zip(batch, results):
             if error is not None:
-                self.failures += 1
-                self._failed_at = time.monotonic()
+                self.stats.failed(entry.cmd.op, entry.cmd.offset, entry.cmd.length, error)
             for change in entry.changes:
-                change.done = True
-                if change.acked:
-                    self.bytes -= change.length
-                    if error is not None:
-                        self.stats.degrade()        # acknowledged without the destination
-                else:
-                    change.error = error
-                    if error is not None and self.policy == "degrade":
-                        self.stats.degrade()
-            if self._flush_after is not None and (
-                    not self._pending or next(iter(self._pending)) > self._flush_after):
-                # One flush covers every barrier passed by now.
-                later = self._flush_later
-                if later is not None and self._pending and next(iter(self._pending)) <= later:
-                    self._flush_after, self._flush_later = later, None
-                else:
-                    self._flush_after = self._flush_later = None
-                flush = True
+                # The regions stay in the intent until here; a failure marks them to copy again.
+                self.dirty.after_change(change.intent, both_sides=error is None)
+        with self._lock:
+            flush = False
+            for entry, error in zip(batch, results):
+                flush = self._finished(entry, error) or flush
+            # Counted until here: what the batch made ready is this worker's to take next.
+            self._sending -= 1
             if self._stopped and not self._pending:
                 self._work.notify_all()
-            self._moved.notify_all()
+            if self._watchers:
+                self._moved.notify_all()
         if flush:
             self._flush_due.set()
+
+    def _finished(self, entry, error):
+        """`_finish` for one entry, under the lock; returns whether the destination's flush is due."""
+        flush = False
+        del self._pending[entry.seq]
+        self.sent += entry.cmd.length
+        for c in range(entry.first, entry.last + 1):
+            chain = self._chains[c]
+            chain.pop(0)
+            if chain:
+                head = chain[0]
+                if not head.ready and not head.started and self._first_everywhere(head):
+                    self._make_ready(head)
+            else:
+                del self._chains[c]
+        if error is not None:
+            self.failures += 1
+            self._failed_at = time.monotonic()
+            self._set_mode()
+        for change in entry.changes:
+            change.done = True
+            if change.acked:
+                self.bytes -= change.length
+                if error is not None:
+                    self.stats.degrade()        # acknowledged without the destination
+            else:
+                change.error = error
+                if error is not None and self.policy == "degrade":
+                    self.stats.degrade()
+        if self._flush_after is not None and (
+                not self._pending or next(iter(self._pending)) > self._flush_after):
+            # One flush covers every barrier passed by now.
+            later = self._flush_later
+            if later is not None and self._pending and next(iter(self._pending)) <= later:
+                self._flush_after, self._flush_later = later, None
+            else:
+                self._flush_after = self._flush_later = None
+            flush = True
+        return flush
 
     def _flusher(self):
         """One thread flushes the destination when a client's flush asked for it: the client
@@ -455,3 +539,4 @@ class Lag:
             self.dirty.mark_all()
             with self._lock:
                 self._failed_at = time.monotonic()
+                self._set_mode()
