@@ -322,18 +322,21 @@ def test_commands_by_name_say_what_the_disk_does(workdir, host):
 def test_a_switch_the_record_cannot_take_is_refused(workdir, host):
     """The record is the switch's commit point, inside the switch's hold: when it cannot be
     written (the registry made immutable), the pivot is refused, nothing is served from the
-    destination, and the disk goes on mirroring; once it can, the same pivot switches."""
+    destination, and the disk goes on mirroring; once it can, the same pivot switches. Both
+    pivots: the bare one (to the safety net, `Migration.net_pivot`) and `--commit` (the
+    destination alone, `Migration.pivot`), each with its own commit."""
     base, sock = named_disk(host, workdir, "qcow2")
     writer = ReconnectingWriter(sock)
     host.background("m", "start", "vm1", "--dest-dir", workdir / "b", "--state-dir", workdir / "state")
     host.mirrorfs("copy", "vm1")
     run("chattr", "+i", host.registry)
     try:
-        res = host.mirrorfs("pivot", "vm1", check=False)
+        refused = [host.mirrorfs("pivot", "vm1", *extra, check=False) for extra in ([], ["--commit"])]
     finally:
         run("chattr", "-i", host.registry)
-    assert res.returncode != 0 and "still mirroring" in res.stderr, res.stderr
-    assert "cannot write" in res.stderr and "vm1.json" in res.stderr, res.stderr
+    for res in refused:
+        assert res.returncode != 0 and "still mirroring" in res.stderr, res.stderr
+        assert "cannot write" in res.stderr and "vm1.json" in res.stderr, res.stderr
     status = json.loads(host.mirrorfs("status", "vm1", "--json").stdout)
     assert status["phase"] == "mirroring" and status["datapath"]["writers"] == ["source", "destination"]
     assert host.record("vm1")["lent"]["serving"] == "source"

@@ -187,12 +187,45 @@ def test_after_the_switch_a_dead_borrower_is_taken_back_on_the_destination(tmp_p
     assert {r["path"] for r in record["retired"]} == {str(src), str(base)}
 
 
+# Each adder announces itself in `meeting` (arrived.PID), and holds the registry's critical
+# section (after the name's check, before the record is written: `_refuse_owned`) until every
+# other adder is either there too (inside.PID) or blocked on the registry's flock (/proc/locks's
+# `->` lines). With the lock, the first one in finds the others blocked and goes on; without it,
+# all four pass the name's check before any writes: the race is hit every run, not when the
+# scheduler happens to interleave them.
 ADD = """
-import sys
+import os, sys, time
+from pathlib import Path
 from mirrorfs.host.registry import Registry
 from mirrorfs.errors import Error
+path, image, socket, meeting, count = sys.argv[1:4] + [Path(sys.argv[4]), int(sys.argv[5])]
+me = os.getpid()
+real = Registry._refuse_owned
+
+
+def blocked():
+    with open("/proc/locks") as f:
+        return {int(line.split()[5]) for line in f if " -> FLOCK " in line}
+
+
+def meet(self, *args, **kwargs):
+    (meeting / f"inside.{me}").touch()
+    deadline = time.monotonic() + 120
+    while True:
+        names = os.listdir(meeting)
+        arrived = {int(n.split(".")[1]) for n in names if n.startswith("arrived.")}
+        inside = {int(n.split(".")[1]) for n in names if n.startswith("inside.")}
+        if len(arrived) == count and arrived - {me} <= inside | blocked():
+            return real(self, *args, **kwargs)
+        if time.monotonic() > deadline:
+            raise SystemExit("stuck: " + repr(names))
+        time.sleep(0.01)
+
+
+Registry._refuse_owned = meet
+(meeting / f"arrived.{me}").touch()
 try:
-    Registry(sys.argv[1]).add("vm1", sys.argv[2], sys.argv[3])
+    Registry(path).add("vm1", image, socket)
     print("added")
 except Error as e:
     print("refused:", e)
@@ -201,8 +234,11 @@ except Error as e:
 
 def test_two_processes_adding_one_name_one_wins(tmp_path, disks):
     images = [make_base(tmp_path / f"b{i}.qcow2", size=1 << 20) for i in range(4)]
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", ADD, str(disks.path), str(image),
-                               str(tmp_path / f"s{i}.sock")], stdout=subprocess.PIPE, text=True)
+                               str(tmp_path / f"s{i}.sock"), str(meeting), str(len(images))],
+                              stdout=subprocess.PIPE, text=True)
              for i, image in enumerate(images)]
     outs = [p.communicate()[0].strip() for p in procs]
     assert sorted(o.split(":")[0] for o in outs) == ["added", "refused", "refused", "refused"], outs
