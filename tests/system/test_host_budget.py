@@ -156,7 +156,11 @@ def test_four_copies_share_the_host_budget(workdir, processes):
     change = budgets[1][0] + WINDOW
     names = running(change)
     total = sum(rec.rate(pids[n], change, change + WINDOW) for n in names)
-    assert names and abs(total - 16 * MiB) <= 0.10 * 16 * MiB, (names, total)
+    when = {n: round(finished[n] - events[0], 2) for n in finished}
+    every = {n: round(rec.rate(pids[n], change, change + WINDOW) / MiB, 2) for n in copies}
+    assert names and abs(total - 16 * MiB) <= 0.10 * 16 * MiB, \
+        (names, total / MiB, f"changed at {budgets[1][0] - events[0]:.2f}s, finished {when}, "
+         f"MiB/s in the window {every}")
 
     # Complete and identical, by the destinations' bytes.
     for name, p in copies.items():
