@@ -45,10 +45,12 @@ def pytest_sessionstart(session):
 
 
 # The two passes of `make test`. The suite runs on parallel workers (pytest-xdist, `-n`), except
-# the tests marked `serial`: they measure time, rates or throughput (the host budget's shares, a
-# write held about --io-timeout, the benches), or boot a guest (QEMU's TCG is all CPU: beside the
-# parallel pass the guests took three times as long, and slowed it); they run afterwards, one at
-# a time, with the machine to themselves (`--pass=serial -p no:xdist`). Without --pass, all.
+# the tests marked `serial`: they assert a time, a rate or a share (the host budget's shares, a
+# write held about --io-timeout, Prometheus's rates), or their premise is that the test keeps up
+# with the disk (a kill -9 that must land mid-hydration); they run afterwards, one at a time, with
+# the machine to themselves (`--pass=serial -p no:xdist`). Without --pass, all. The guests and the
+# quick benches measure no time (the benches measure throughput, and assert none of it): they run
+# in the parallel pass, the guests on one worker (SHARE_A_WORKER, below).
 PASSES = ("parallel", "serial")
 
 
