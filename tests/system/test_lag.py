@@ -155,7 +155,6 @@ def children_by_role(disk):
 
 # A destination that stops answering for 5 s.
 
-@pytest.mark.serial     # on a 5 s clock: writes acknowledged in its last 2 s (failed at load 8-13)
 @pytest.mark.parametrize("cut", [False, True], ids=["held", "cut-degrade"])
 def test_a_destination_that_stops_answering_makes_writes_wait_not_fail(cut, workdir, serve):
     """SIGSTOP of the destination's storage daemon for 5 s under three writers, --lag 4M.
