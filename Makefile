@@ -31,8 +31,9 @@ PY := $(VENV)/bin/python
 PYSTAMP := $(VENV)/.python
 STAMP := $(VENV)/.installed
 # The system suite's parallel pass: its tests mostly wait on processes, so there can be more workers
-# than cores (tests/system/conftest.py; docs/TESTING.md has the times).
-TEST_WORKERS ?= 3
+# than cores; two of them hold the Ceph tests and the guests for most of the pass (their xdist
+# groups), the others take the rest (tests/system/conftest.py; docs/TESTING.md has the times).
+TEST_WORKERS ?= 4
 
 .PHONY: setup venv lint check test demo bench clean install
 

@@ -291,7 +291,13 @@ class Guest:
             if failed:
                 raise AssertionError(f"guest: {failed[0]}\n{self.transcript()}")
             if self.proc.poll() is not None:
-                out = self.qemu_log.read_text(errors="replace").strip()
+                # Its last lines may have come between the read above and its exit (a guest that
+                # prints DONE and powers off at once): read them once more before failing.
+                lines = self.lines()
+                if predicate(lines):
+                    return lines
+                out = (self.qemu_log.read_text(errors="replace").strip() if self.qemu_log.exists()
+                       else "")
                 raise AssertionError(f"QEMU exited ({self.proc.returncode}) before {what}: "
                                      f"{out}\n{self.transcript()}")
             if time.monotonic() > self.deadline:

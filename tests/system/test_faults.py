@@ -115,12 +115,15 @@ def test_fail_policy_returns_errors_and_nothing_diverges_silently(pair, workdir,
 def test_destination_disconnects_and_comes_back(pair, workdir, serve):
     src, dst = pair
     export = QemuNbd(dst, workdir / "dst-export.sock")
+    # 4M: the test must stop the destination before the copy's end, 14 s after it saw 8 MiB
+    # copied (at 16M, 3.5 s: at a load average of 8-13 the copy had ended first).
     disk = serve("--copy", "full", "--state-dir", workdir / "state", "--region", "1M",
-                 "--rate", "16M", src, export.uri)
+                 "--rate", "4M", src, export.uri)
     wait_until(lambda: status(disk)["datapath"]["copy"]["first_pass_bytes"] >= 8 * MiB,
                "8 MiB copied")
     export.stop()                                        # mid-copy: the destination is gone
     assert status(disk)["datapath"]["copy"]["first_pass_bytes"] < SIZE
+    run(*MIRRORFS, "rate", "none", "--control", disk.control)   # the rest may go at full speed
     errors = []
     write_load(disk.uri, 1.5, seed=3, errors=errors)
     assert errors == []                                  # degrade (default with a state dir)

@@ -20,9 +20,10 @@ from lib.readme import check_commands, guest_commands
 from lib.served import MigrationSetup, Process
 from lib.waits import wait_until
 
-# serial: QEMU under TCG is all CPU; beside the parallel pass (3 workers) the four guests took 250 s
-# instead of 80, and slowed the tests around them.
-pytestmark = [pytest.mark.guest, pytest.mark.serial]
+# Not serial: nothing here measures a time (the deadlines only turn a hang into a failure, and the
+# guest writes ~10 files a second where the tests need one during a copy of seconds). The marker
+# `guest` puts every guest on one xdist worker (tests/system/conftest.py), one QEMU at a time.
+pytestmark = [pytest.mark.guest]
 
 
 @pytest.fixture(scope="session")

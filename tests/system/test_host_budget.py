@@ -74,11 +74,14 @@ def test_four_copies_share_the_host_budget(workdir, processes):
     rundir = workdir / "run"
     run(*MIRRORFS, "budget", "set", "32M", "--run-dir", rundir)
     rec = Recorder(rundir)
-    for name, size in (("a", 192), ("b", 320), ("c", 256), ("d", 96)):
+    # Half of each disk is data (make_full_pair). D, capped at 4 MiB/s, must still run well after
+    # the live change's window (below): at 96 MiB it ended 0.7 s after that window, and when it
+    # ended inside it the check summed B and C alone (6 + 6 MiB/s of 16) and failed.
+    for name, size in (("a", 192), ("b", 320), ("c", 256), ("d", 128)):
         prepare(workdir, name, size * MiB)
     a = serve_copy(processes, workdir, "a", 192 * MiB)
     b = serve_copy(processes, workdir, "b", 320 * MiB)
-    d = serve_copy(processes, workdir, "d", 96 * MiB, "--rate", "4M")
+    d = serve_copy(processes, workdir, "d", 128 * MiB, "--rate", "4M")
     copies = {"a": a, "b": b, "d": d}
     events = [time.time()]              # times after which shares may take a second to settle
     budgets = [(0.0, BUDGET)]           # (from time, budget)
@@ -154,9 +157,17 @@ def test_four_copies_share_the_host_budget(workdir, processes):
     assert abs(rates["b"] - 14 * MiB) <= 0.2 * 14 * MiB, rates
     # The budget changed live took effect within a second.
     change = budgets[1][0] + WINDOW
+    # The window's premise: the same copies run through all of it (a copy that ends inside it
+    # leaves its share to the others only at their next tick, and is not summed).
+    ended = [n for n in copies if change < finished[n] < change + WINDOW]
+    assert not ended, f"{ended} ended inside the live change's window: the sizes no longer fit it"
     names = running(change)
     total = sum(rec.rate(pids[n], change, change + WINDOW) for n in names)
-    assert names and abs(total - 16 * MiB) <= 0.10 * 16 * MiB, (names, total)
+    when = {n: round(finished[n] - events[0], 2) for n in finished}
+    every = {n: round(rec.rate(pids[n], change, change + WINDOW) / MiB, 2) for n in copies}
+    assert names and abs(total - 16 * MiB) <= 0.10 * 16 * MiB, \
+        (names, total / MiB, f"changed at {budgets[1][0] - events[0]:.2f}s, finished {when}, "
+         f"MiB/s in the window {every}")
 
     # Complete and identical, by the destinations' bytes.
     for name, p in copies.items():

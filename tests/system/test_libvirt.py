@@ -27,7 +27,7 @@ from lib.images import MiB
 from lib.libvirt import USER, LibvirtDaemon, domain_xml, ensure_user, nbd_disk, open_path_to
 from lib.served import Process
 
-pytestmark = [pytest.mark.guest, pytest.mark.serial]
+pytestmark = [pytest.mark.guest]           # one worker for every guest (tests/system/conftest.py)
 
 
 class Domain:

@@ -6,6 +6,8 @@ import json
 import socket
 import subprocess
 
+import pytest
+
 from lib.commands import EXIT_ERROR, MIRRORFS, run
 from lib.control import status_of
 from lib.images import MiB, make_full_pair, qemu_io
@@ -67,6 +69,10 @@ def test_an_events_follower_that_goes_away_leaves_no_traceback(migration):
     assert "Traceback" not in disk.stderr, disk.stderr
 
 
+# serial: it asserts the copy's rate, and that a `mirrorfs status` started once 40 MiB are copied
+# still sees the last 8 MiB running (one second at the limit): in a parallel pass at a load average
+# of 8, the copy had ended by then.
+@pytest.mark.serial
 def test_copy_progress_counts_the_data_and_the_real_rate(workdir, serve):
     """A 128 MiB base holding 48 MiB of data, copied at --rate 8M. Progress is a share of the data
     (qemu-img convert -p's own measure), the rate is what the limit allows (measured over the last
