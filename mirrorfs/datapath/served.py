@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from mirrorfs.datapath.errors import SwitchRefused
 from mirrorfs.datapath.inflight import InFlight
+from mirrorfs.datapath.sides.commands import Trim, Write, Zero
 from mirrorfs.datapath.sides.stats import SideStats
 
 DEFAULT_MAX_REQUEST = 32 * 1024 * 1024  # when no side states a largest request
@@ -123,13 +124,20 @@ class ServedDisk:
     def pread(self, buf, offset):
         raise NotImplementedError
 
+    # A change is one command (datapath.sides.commands), built here once from the client's call;
+    # each mode's `_change` is where it goes (mirror/disk.py, evacuation/evacuee.py).
+
     def pwrite(self, buf, offset, fua):
-        raise NotImplementedError
+        # The command holds the client's buffer itself: no copy per side.
+        self._change(Write(buf, offset, fua))
 
     def zero(self, count, offset, may_trim, fua, fast):
-        raise NotImplementedError
+        self._change(Zero(count, offset, may_trim, fua, fast))
 
     def trim(self, count, offset, fua):
+        self._change(Trim(count, offset, fua))
+
+    def _change(self, cmd):
         raise NotImplementedError
 
     def flush(self):

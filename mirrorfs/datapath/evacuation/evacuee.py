@@ -63,7 +63,6 @@ import threading
 import time
 
 from mirrorfs.datapath.sides import sideio
-from mirrorfs.datapath.sides.commands import Trim, Write, Zero
 from mirrorfs.datapath.sides.copy import copy_range
 from mirrorfs.datapath.evacuation.copyonread import CopyOnRead
 from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideRefused)
@@ -212,18 +211,8 @@ class Evacuee(ServedDisk):
         return any(not self.map.hydrated(r)
                    for r in self.map.regions(e.offset, e.offset + max(e.length, 1)))
 
-    # Changes: the destination alone, after the regions they touch are complete there. Each is
-    # one command (datapath.sides.commands) from the client's callback to the side.
-
-    def pwrite(self, buf, offset, fua):
-        # The command holds the client's buffer itself: no copy.
-        self._change(Write(buf, offset, fua))
-
-    def zero(self, count, offset, may_trim, fua, fast):
-        self._change(Zero(count, offset, may_trim, fua, fast))
-
-    def trim(self, count, offset, fua):
-        self._change(Trim(count, offset, fua))
+    # Changes (pwrite, zero, trim: ServedDisk's, one command each): the destination alone, after
+    # the regions they touch are complete there.
 
     def _change(self, cmd):
         self.last_client_request = time.monotonic()

@@ -28,7 +28,7 @@ import time
 from mirrorfs.datapath.sides.backend import describe, wait_all
 from mirrorfs.datapath.sides import resend
 from mirrorfs.datapath.sides.resend import MAX_EFFECT
-from mirrorfs.datapath.sides.commands import FLUSH, Read, Trim, Write, Zero
+from mirrorfs.datapath.sides.commands import FLUSH, Read, Zero
 from mirrorfs.datapath.mirror import compare
 from mirrorfs.datapath.mirror.dirtymap import DirtyMap
 from mirrorfs.datapath.errors import (DrainTimeout, RequestError, SideError, SideUnreachable,
@@ -281,17 +281,8 @@ class Disk(ServedDisk):
         finally:
             self.inflight.leave()
 
-    # Changes: one command, to every write side at once, ordered against overlapping changes.
-
-    def pwrite(self, buf, offset, fua):
-        # The command holds the client's buffer itself: no copy per side.
-        self._change(Write(buf, offset, fua))
-
-    def zero(self, count, offset, may_trim, fua, fast):
-        self._change(Zero(count, offset, may_trim, fua, fast))
-
-    def trim(self, count, offset, fua):
-        self._change(Trim(count, offset, fua))
+    # Changes (pwrite, zero, trim: ServedDisk's, one command each): to every write side at once,
+    # ordered against overlapping changes.
 
     def flush(self):
         self.inflight.enter("flush")
