@@ -111,16 +111,17 @@ def cmd_budget(args):
         if args.max_copies is not None:
             if args.max_copies.lower() in ("none", "unlimited"):
                 changes["max_copies"] = None
-            elif not args.max_copies.isdigit() or int(args.max_copies) <= 0:
+            elif not args.max_copies.isdigit():
                 raise UsageError(f"--max-copies {args.max_copies!r}: expected a positive number")
             else:
-                changes["max_copies"] = int(args.max_copies)
+                changes["max_copies"] = int(args.max_copies)      # its rule: host_budget.check
         if args.floor is not None:
             changes["floor"] = _rate(args.floor, "--floor")
             changes["busy_writes"] = _rate(args.busy_writes or "64M", "--busy-writes")
     elif args.rate is not None:
         raise UsageError(f"budget {args.rate!r}: to change the budget, 'mirrorfs budget set "
                          f"{args.rate}'")
+    host_budget.check(changes)
     rundir = run_dir(args)              # after the arguments are checked: a mistake creates nothing
     budget = host_budget.save(rundir, **changes) if changes else host_budget.load(rundir)
     if args.json:
@@ -161,18 +162,16 @@ def cmd_metrics(args, stop=None):
 # named disks: the host service and its commands
 
 def cmd_host(args):
-    from mirrorfs.daemons.storage import check_cache
     from mirrorfs.host.registry import Registry
-    from mirrorfs.host.service import HostService
-    check_cache(args.cache)
+    from mirrorfs.host.service import HostOptions, HostService
+    options = HostOptions(args.cache, args.take_back_after, args.group)     # before anything is made
     registry = Registry(args.registry)
     rundir = run_dir(args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    service = HostService(registry, rundir, cache=args.cache, take_back_after=args.take_back_after,
-                          socket_group=args.group)
+    service = HostService(registry, rundir, options=options)
     service.start()
     print(f"host service: {len(service.disks)} disks from {registry.path}; control "
           f"{service.control_path}", flush=True)

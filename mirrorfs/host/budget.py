@@ -52,8 +52,25 @@ def load(rundir):
     return {k: data.get(k) for k in FIELDS}
 
 
+# How an operator spells each field (the CLI's options), for the one-line refusal of a bad value.
+SPELLING = {"rate": "budget rate", "max_copies": "--max-copies", "floor": "--floor",
+            "busy_writes": "--busy-writes"}
+
+
+def check(changes):
+    """The budget's rules, on values, once: every field a positive whole number (bytes a second,
+    or copies) or None (no limit). Both the CLI, which only parses the text, and the Python API
+    come through here before anything is written."""
+    for field, value in changes.items():
+        if field not in FIELDS:
+            raise UsageError(f"budget: no field {field!r} (one of {', '.join(FIELDS)})")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise UsageError(f"{SPELLING[field]} {value!r}: expected a positive number")
+
+
 def save(rundir, **changes):
     """Change some fields of the budget (None removes a limit); returns the new budget."""
+    check(changes)
     budget = load(rundir)
     budget.update(changes)
     write_atomically(rundir.file(BUDGET), budget)

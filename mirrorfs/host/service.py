@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 from mirrorfs.common import jsonlines
+from mirrorfs.daemons.storage import check_cache
 from mirrorfs.datapath import statedir
 from mirrorfs.errors import Error, UsageError
 from mirrorfs.host import daemons as disk_daemons
@@ -69,6 +70,22 @@ START_WORKERS = 8
 RESTARTS, RESTART_WINDOW = 3, 60.0
 
 
+class HostOptions:
+    """What the operator asks of the host service, checked once, here, on its values: the storage
+    daemons' cache mode, how long a dead borrower's disk waits for a resume, and the group the
+    disks' sockets are shared with (looked up now, before anything starts). The CLI only parses
+    the text; the Python API reaches the same rules."""
+
+    def __init__(self, cache="auto", take_back_after=TAKE_BACK_AFTER, socket_group=None):
+        check_cache(cache)
+        if isinstance(take_back_after, bool) or not isinstance(take_back_after, (int, float)) or \
+                not 0 <= take_back_after < 86400 * 365:
+            raise UsageError(f"--take-back-after {take_back_after!r}: expected 0 or more seconds")
+        self.cache, self.take_back_after = cache, float(take_back_after)
+        self.access = Access(group=socket_group)
+        self.access.check()
+
+
 class HostService(Requests):
     """    service = HostService(Registry(path), RunDir(path)).start()   # every disk up; READY=1
            service.run(stop)                    # until a signal or a `shutdown` request
@@ -77,14 +94,15 @@ class HostService(Requests):
     The control socket's commands are its base class's (mirrorfs.host.requests)."""
 
     def __init__(self, registry, rundir, cache="auto", take_back_after=TAKE_BACK_AFTER,
-                 socket_group=None):
+                 socket_group=None, options=None):
+        # `options` when the caller checked them before making the registry and the run
+        # directory (the CLI: a mistake creates nothing); otherwise they are checked here.
+        options = options or HostOptions(cache, take_back_after, socket_group)
         self.registry = registry
-        # Who may connect to the disks' sockets: the group is looked up now, before anything starts.
-        self.access = Access(group=socket_group)
-        self.access.check()
+        self.access = options.access
         self.rundir = rundir
-        self.cache = cache
-        self.take_back_after = take_back_after
+        self.cache = options.cache
+        self.take_back_after = options.take_back_after
         self.directory = rundir.path / disk_daemons.SUBDIR
         self.control_path = rundir.path / CONTROL
         self.disks = {}

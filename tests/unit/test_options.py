@@ -132,3 +132,45 @@ def test_each_rule_is_written_once():
     twice = {r: [str(p.name) for p, text in sources.items() for _ in range(text.count(r))]
              for r in RULES}
     assert {r: where for r, where in twice.items() if len(where) != 1} == {}
+
+
+# The host service's options and the host budget: the Python API reaches the rules the CLI does
+# (the CLI parses the text only), and a refusal makes nothing (checked before the registry, the
+# run directory or the budget file exist).
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"cache": "sometimes"}, "--cache 'sometimes'"),
+    ({"take_back_after": -1}, "--take-back-after -1: expected 0 or more seconds"),
+    ({"take_back_after": float("nan")}, "--take-back-after nan: expected 0 or more seconds"),
+    ({"take_back_after": "10"}, "--take-back-after '10': expected 0 or more seconds"),
+    ({"socket_group": "no-such-group-here"}, "no-such-group-here: no such group"),
+])
+def test_the_host_services_options_are_refused_by_the_python_api(kwargs, words, tmp_path):
+    from mirrorfs.host.registry import Registry
+    from mirrorfs.host.rundir import RunDir
+    from mirrorfs.host.service import HostOptions, HostService
+    with pytest.raises(UsageError) as e:
+        HostOptions(**kwargs)
+    assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+    registry, rundir = Registry(tmp_path / "registry"), RunDir(tmp_path / "run")
+    with pytest.raises(UsageError):
+        HostService(registry, rundir, **kwargs)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"max_copies": 0}, "--max-copies 0: expected a positive number"),
+    ({"max_copies": 1.5}, "--max-copies 1.5: expected a positive number"),
+    ({"rate": -5}, "budget rate -5: expected a positive number"),
+    ({"floor": True}, "--floor True: expected a positive number"),
+    ({"ceiling": 5}, "budget: no field 'ceiling'"),
+])
+def test_the_host_budget_refuses_a_bad_value_from_the_python_api_and_writes_nothing(changes, words,
+                                                                                    tmp_path):
+    from mirrorfs.host import budget
+    from mirrorfs.host.rundir import RunDir
+    rundir = RunDir(tmp_path / "run")
+    before = sorted(p.name for p in rundir.path.iterdir())
+    with pytest.raises(UsageError) as e:
+        budget.save(rundir, **changes)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert sorted(p.name for p in rundir.path.iterdir()) == before
