@@ -66,8 +66,9 @@ def check_cache(requested):
 
 
 def cache_mode(image, requested="auto"):
-    """The mode a daemon serving `image` (an ImageInfo) runs in: `requested`, with auto resolved."""
-    check_cache(requested)
+    """The mode a daemon serving `image` (an ImageInfo) runs in: `requested`, with auto resolved.
+    `requested` was checked where the operator gave it (check_cache: ServeOptions, the export,
+    HostOptions), once, not again at every daemon's start."""
     if requested != "auto":
         return requested
     if isinstance(image, rbd.RbdImage):
