@@ -4,9 +4,15 @@
 - write, zero, trim → every write side (source and destination while mirroring), issued to both at
   once; the client's request completes only when both have answered. Overlapping changes are ordered
   by `InFlight` so both sides apply them in the same order.
-- flush → every write side, at once.
+- flush → every write side, at once. FUA is passed through where every side supports it, otherwise
+  emulated with a flush.
 - A failure on any side fails the client's request with that side's errno (the source's first), and is
-  counted and logged with the side, the offset and the length.
+  counted and logged with the side, the offset and the length; under the degrade policy a
+  destination's failure is acknowledged and its regions marked to copy again instead.
+- A fast zero that only one side refuses is completed on that side the slow way, so the sides never
+  differ; if every side refuses, the client gets ENOTSUP, as the protocol intends.
+- The switch (`switch`, `read_from` for a group's net) holds new requests, waits for those in
+  flight to drain, changes sides and lets the held requests go.
 - With --lag (datapath.mirror.lag): a write, zero or trim runs on the source under its range lock and
   write intent, is queued for the destination, and is answered once the lag has room for it (at
   most SIZE bytes acknowledged that the destination lacks) or the destination has it. A flush is
