@@ -35,7 +35,7 @@ import nbd
 
 from mirrorfs.common.pacing import Pacer, eta_seconds
 from mirrorfs.datapath.sides.backend import NbdBackend, SideError
-from mirrorfs.datapath.sides.copy import SideFailure, copy_range
+from mirrorfs.datapath.sides.copy import copy_range
 from mirrorfs.daemons.storage import StorageDaemon
 from mirrorfs.daemons.tree import make_rundir
 from mirrorfs.errors import Error, ImageError, UsageError
@@ -131,7 +131,7 @@ class BaseCopy:
             self._copy(src, dst)
             if not self._stop.is_set():
                 dst.flush()
-        except (nbd.Error, Error, SideError, SideFailure) as e:
+        except (nbd.Error, Error, SideError) as e:     # a SideFailure is a SideError, placed
             self.error = str(e)
         finally:
             src.close()

@@ -4,10 +4,11 @@
     ├── SideError           a side failed a command; `errno` and `reason` say how
     │   ├── SideUnreachable     no connection to it: connect failed, backing off, closed
     │   ├── ConnectionLost      the connection went away under the command (it may have run or not)
-    │   └── SideRefused         the side answered the command with an error (ENOSPC, EIO, ENOTSUP...)
-    ├── SideFailure         an evacuation's request to a side failed (sides.sideio): the side, the
-    │                       operation and the range named, `errno` what the client gets, `cause`
-    │                       the SideError
+    │   ├── SideRefused         the side answered the command with an error (ENOSPC, EIO, ENOTSUP...)
+    │   └── SideFailure         the same failure placed (sides.sideio, sides.copy): the side, the
+    │                           operation and the range of the disk named, after any resend;
+    │                           `cause` the backend's SideError, whose errno, `lost` and
+    │                           `connected_at` it keeps
     ├── RequestError        what the client's request gets: `errno` (mirrorfs.datapath.mirror.disk decides)
     ├── SwitchRefused       a switch that must not happen; nothing changed
     ├── DrainTimeout        requests still in flight when a pause gave up
@@ -95,15 +96,19 @@ def side_error(err, reason):
     return (ConnectionLost if err in CONNECTION_LOST else SideRefused)(reason, err)
 
 
-class SideFailure(DataPathError):
-    """An evacuation's request to a side failed (the side refused it, or lost its connection for
-    longer than a resend waits); `errno` is what the client gets, `cause` the SideError. `side` is
-    the backend (its `name` starts the message)."""
+class SideFailure(SideError):
+    """A side's failure, placed: the side refused a request of the disk, or lost its connection
+    for longer than a resend waits. Not a new kind of failure, the backend's SideError (`cause`)
+    with where it happened: `side` (the backend; its `name` starts the message), `op`, `offset`,
+    `length`. It stays a SideError (the same errno, `lost`, `connected_at`); the one conversion is
+    to what the client gets, a RequestError, where the client's errno is decided
+    (evacuation.evacuee's `_refused`, the copier's and the service's handlers)."""
 
     def __init__(self, side, op, offset, length, exc):
+        super().__init__(f"{side.name} {op} at {offset} length {length}: {exc}", exc.errno,
+                         exc.reason)
         self.side, self.op, self.offset, self.length, self.cause = side, op, offset, length, exc
-        self.errno = exc.errno
-        super().__init__(f"{side.name} {op} at {offset} length {length}: {exc}")
+        self.lost, self.connected_at = exc.lost, exc.connected_at
 
 
 class RequestError(DataPathError):
