@@ -2,7 +2,10 @@
 a time: the life-of-a-disk tests ask whether any of its writes failed and whether each is on the disk
 afterwards (tests/system/test_lifecycle.py, tests/system/test_evacuate_start.py, the guest tests)."""
 
+import contextlib
+import os
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -22,11 +25,18 @@ class ReconnectingWriter:
 
     def __init__(self, socket_path, blocks=BLOCKS, spacing=0.01):
         self.blocks = blocks
-        self.proc = subprocess.Popen(
-            ["qemu-io", "--image-opts",
-             f"driver=nbd,server.type=unix,server.path={socket_path},reconnect-delay={RECONNECT_DELAY}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its answers go to a file (appended to, so reading it never moves the writer's offset):
+        # `paused()` counts them while it runs, and a long writer never fills a pipe nobody reads
+        # (qemu-io would stop taking commands).
+        fd, self._out = tempfile.mkstemp(prefix="mfs-reconnecting-", suffix=".out")
+        os.close(fd)
+        with open(self._out, "a") as out:
+            self.proc = subprocess.Popen(
+                ["qemu-io", "--image-opts",
+                 f"driver=nbd,server.type=unix,server.path={socket_path},reconnect-delay={RECONNECT_DELAY}"],
+                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, text=True)
         self.sent = 0
+        self._gate = threading.Lock()           # held by `paused()`: no write is sent meanwhile
         self._stop = threading.Event()
         self._spacing = spacing
         self._thread = threading.Thread(target=self._feed, daemon=True)
@@ -35,11 +45,27 @@ class ReconnectingWriter:
 
     def _feed(self):
         while not self._stop.is_set() and self.sent < self.blocks:
-            i = self.sent
-            self.proc.stdin.write(f"write -P {i % 250 + 1} {i * BLOCK} {BLOCK}\n")
-            self.proc.stdin.flush()
-            self.sent += 1
+            with self._gate:
+                i = self.sent
+                self.proc.stdin.write(f"write -P {i % 250 + 1} {i * BLOCK} {BLOCK}\n")
+                self.proc.stdin.flush()
+                self.sent += 1
             time.sleep(self._spacing)
+
+    def _answers(self):
+        with open(self._out) as f:
+            return f.read()
+
+    @contextlib.contextmanager
+    def paused(self, timeout=60):
+        """No write sent, and every write sent answered (qemu-io runs them one at a time), while
+        the block runs: for comparing two sides that the writer would otherwise be changing."""
+        with self._gate:
+            deadline = time.monotonic() + timeout
+            while self._answers().count("wrote ") < self.sent:
+                assert time.monotonic() < deadline, f"{self.sent} writes sent, not all answered"
+                time.sleep(0.01)
+            yield
 
     def wait_sent(self, n, timeout=60):
         deadline = time.monotonic() + timeout
@@ -50,7 +76,9 @@ class ReconnectingWriter:
     def stop(self):
         self._stop.set()
         self._thread.join(30)
-        out, _ = self.proc.communicate("quit\n", timeout=RECONNECT_DELAY + 60)
+        self.proc.communicate("quit\n", timeout=RECONNECT_DELAY + 60)
+        out = self._answers()
+        os.unlink(self._out)
         lines = [line.removeprefix("qemu-io> ") for line in out.splitlines()]
         failed = [line for line in lines if "failed" in line or "error" in line.lower()]
         assert failed == [], f"{len(failed)} writes failed, e.g. {failed[:3]}"

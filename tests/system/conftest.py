@@ -322,6 +322,7 @@ def no_writer_left():
         if writer.proc.poll() is None:
             writer.proc.kill()
             writer.proc.wait()
+        Path(writer._out).unlink(missing_ok=True)
     ReconnectingWriter.live.clear()
 
 
