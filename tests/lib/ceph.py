@@ -232,8 +232,10 @@ class CephCluster:
         """Start (or restart) the OSD; returns once the monitor sees it up."""
         self.daemons.pop("osd.0", None)
         self._daemon("osd.0")
+        # 180 s: a restarted OSD came up in 5-20 s on a quiet machine, and once not within 60 s
+        # in a parallel pass of four workers (which left the session's cluster unusable).
         self._wait(lambda: '"num_up_osds":1' in self.ceph("osd", "stat", "-f", "json")
-                   .replace(" ", ""), "the OSD up", 60)
+                   .replace(" ", ""), "the OSD up", 180)
 
     def stop_osd(self):
         """Stop the OSD the way an operator or a crash would take it away: its PGs become inactive,
