@@ -160,9 +160,14 @@ class CephCluster:
         raise CephError(f"no pool {pool}")
 
     def wait_pool(self, pool, full, timeout=60):
-        """Until the monitor has marked `pool` full (or, full=False, no longer full)."""
+        """Until the monitor has marked `pool` full (or, full=False, no longer full), and the OSD
+        has the map that says so: an OSD a map behind still takes writes into a pool the monitor
+        already calls full (a CI run's copy went through there, under load)."""
         self._wait(lambda: ("full" in self.pool_flags(pool)) == full,
                    f"pool {pool} {'full' if full else 'not full'}", timeout)
+        epoch = json.loads(self.ceph("osd", "dump", "-f", "json"))["epoch"]
+        self._wait(lambda: json.loads(self.ceph("tell", "osd.0", "status", "-f", "json"))
+                   ["newest_map"] >= epoch, f"the OSD at map {epoch}", timeout)
 
     def pids(self):
         return {child.pid for child in self.daemons.values() if child.alive()}
