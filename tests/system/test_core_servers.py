@@ -119,6 +119,40 @@ def test_a_failing_destination_fails_the_request_or_degrades(memory, disk_on):
     assert degrading.stats["destination"].degraded == 1
 
 
+def test_a_batch_answers_each_command_and_a_dead_server_fails_the_rest(memory):
+    """`run_each` (the lag's batches, the copier's chunks) starts its commands with libnbd's
+    completion callback and polls until each answered: each command's own outcome, in order; and
+    a server that dies with the batch in flight fails every command not answered, at once (a
+    lost answer would leave the caller polling forever)."""
+    from mirrorfs.datapath.sides.commands import Write, Zero
+    from mirrorfs.datapath.errors import SideError
+    picky = memory("picky", "--filter=error", "error-zero=EPERM", "error-zero-rate=100%")
+    side = NbdBackend(picky.uri, "destination")
+    try:
+        results = side.run_each([Write(bytearray(b"\x01" * 4096), 0, False),
+                                 Zero(4096, MiB, True, False, False),
+                                 Write(bytearray(b"\x03" * 4096), 2 * MiB, False)])
+        assert results[0] is None and results[2] is None, results
+        assert isinstance(results[1], SideError) and results[1].errno == errno.EPERM, results
+        assert picky.read(0, 4096) == b"\x01" * 4096 and picky.read(2 * MiB, 4096) == b"\x03" * 4096
+    finally:
+        side.close()
+
+    slow = memory("slow", "--filter=delay", "delay-write=30")
+    side = NbdBackend(slow.uri, "destination")
+    answered = []
+    batch = threading.Thread(target=lambda: answered.append(side.run_each(
+        [Write(bytearray(4096), i * MiB, False) for i in range(4)])))
+    batch.start()
+    time.sleep(1)                   # the writes are in flight, held by the delay filter
+    assert not answered
+    slow.kill()
+    batch.join(10)
+    assert not batch.is_alive(), "the batch still waits for a server that died"
+    assert len(answered[0]) == 4 and all(isinstance(r, SideError) for r in answered[0]), answered
+    side.close()
+
+
 def test_requests_take_the_sides_connections_in_one_order(memory, disk_on):
     """Each request holds a connection of each side at once, and the pools are bounded: requests
     that took them in different orders (the source's then the destination's, and the reverse)

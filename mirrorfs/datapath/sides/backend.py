@@ -32,6 +32,7 @@ import select
 import socket
 import threading
 import time
+from functools import partial
 
 import nbd
 
@@ -359,14 +360,15 @@ class NbdBackend(Verbs):
         h = self._acquire()
         results = []
         try:
-            cookies, error = [], None
-            for cmd in cmds:
+            answers, error = Answers(len(cmds)), None
+            for i, cmd in enumerate(cmds):
                 try:
-                    cookies.append(_START[cmd.op](h, cmd))
+                    _START[cmd.op](h, cmd, partial(answers.record, i))
                 except nbd.Error as e:
                     error = _side_error(e)      # the rest is not started: each fails with it
+                    answers.expected = i
                     break
-            results = [None if r is None else _side_error(r) for r in drive_one(h, cookies)]
+            results = [None if r is None else _side_error(r) for r in drive_answers(h, answers)]
             results += [error] * (len(cmds) - len(results))
         finally:
             self._release(h, len(results) < len(cmds) or any(results))
@@ -495,37 +497,38 @@ def _run_write(h, c):
     h.pwrite(c.buf, c.offset, flags=FUA if c.fua else 0)
 
 
-def _start_read(h, c):
-    return h.aio_pread(nbd.Buffer.from_buffer(c.buf), c.offset)
+def _start_read(h, c, completion=None):
+    return h.aio_pread(nbd.Buffer.from_buffer(c.buf), c.offset, completion)
 
 
-def _start_write(h, c):
+def _start_write(h, c, completion=None):
     # A view of the caller's buffer, not a copy.
-    return h.aio_pwrite(nbd.Buffer.from_buffer(c.buf), c.offset, flags=FUA if c.fua else 0)
+    return h.aio_pwrite(nbd.Buffer.from_buffer(c.buf), c.offset, completion,
+                        flags=FUA if c.fua else 0)
 
 
 def _run_zero(h, c):
     h.zero(c.length, c.offset, flags=_zero_flags(c))
 
 
-def _start_zero(h, c):
-    return h.aio_zero(c.length, c.offset, flags=_zero_flags(c))
+def _start_zero(h, c, completion=None):
+    return h.aio_zero(c.length, c.offset, completion, flags=_zero_flags(c))
 
 
 def _run_trim(h, c):
     h.trim(c.length, c.offset, flags=FUA if c.fua else 0)
 
 
-def _start_trim(h, c):
-    return h.aio_trim(c.length, c.offset, flags=FUA if c.fua else 0)
+def _start_trim(h, c, completion=None):
+    return h.aio_trim(c.length, c.offset, completion, flags=FUA if c.fua else 0)
 
 
 def _run_flush(h, c):
     h.flush()
 
 
-def _start_flush(h, c):
-    return h.aio_flush()
+def _start_flush(h, c, completion=None):
+    return h.aio_flush(completion)
 
 
 _RUN = {"read": _run_read, "write": _run_write, "zero": _run_zero, "trim": _run_trim,
@@ -604,29 +607,48 @@ def wait_one(h, cookie):
         h.poll(-1)
 
 
-def drive_one(h, cookies):
+class Answers:
+    """The outcomes of commands started with a completion callback (`record`, called by libnbd
+    from inside `poll`, in the thread that drives the handle): a command so started is retired by
+    libnbd as it completes, so no libnbd call asks about it afterwards (run_each)."""
+
+    __slots__ = ("expected", "got", "codes")
+
+    def __init__(self, expected):
+        self.expected = expected        # commands started: fewer if one could not be
+        self.got = 0
+        self.codes = [None] * expected  # each command's errno (0: done), None until answered
+
+    def record(self, i, error):
+        """libnbd's completion callback (`error`: a ctypes int, the errno or 0); returning 1
+        retires the command."""
+        self.codes[i] = error.value
+        self.got += 1
+        return 1
+
+
+def drive_answers(h, answers):
     """`drive` for commands on one handle that its caller alone holds (run_each: the lag's batches,
-    the copier's chunks): poll until nothing is in flight on it, then retire each command once.
-    `drive` asks every command after every poll, about n²/2 libnbd calls for a batch of n, each
-    of which releases and retakes the GIL: a lag's batch of 16 writes cost 10 calls a write, this
-    costs 1 a write and 2 a poll. Returns, as `drive`, None or the nbd.Error of each."""
+    the copier's chunks), started with `answers.record` as their completion callback: poll until
+    every one answered. One libnbd call a poll and none a command (each call releases and retakes
+    the GIL): `drive` asks every command after every poll, about n²/2 calls for a batch of n (10
+    a write in the lag's batches of 16); asking each once after polls until nothing was in flight
+    cost 4 calls a write; this costs 3 (the start, about one poll, and libnbd's call back into
+    Python). Returns, as `drive`, None or the nbd.Error of each."""
     lost = None
-    while True:
+    while answers.got < answers.expected:
         try:
-            if not h.aio_in_flight():
-                break
             h.poll(-1)      # one libnbd call, the GIL released while it waits
         except nbd.Error as e:
             if h.aio_is_dead() or h.aio_is_closed():
                 lost = e    # the connection died under the commands: see drive
                 break
     results = []
-    for cookie in cookies:
-        try:
-            results.append(None if h.aio_command_completed(cookie) else lost or nbd.Error(
-                "command not completed", errno.ENOTCONN))
-        except nbd.Error as e:
-            results.append(e)
+    for code in answers.codes[:answers.expected]:
+        if code is None:        # never answered: the connection's error
+            results.append(lost or nbd.Error("command not completed", errno.ENOTCONN))
+        else:
+            results.append(None if code == 0 else nbd.Error(os.strerror(code), code))
     return results
 
 
