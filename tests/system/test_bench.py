@@ -57,15 +57,20 @@ def test_quick_bench_measures_every_target():
                                 else "CPU-bound")
 
 
-def test_quick_lag_bench_measures_every_setup_and_the_pivot():
-    """`python -m scripts.bench.lag --quick --json` (issue #28): the four setups measured, the rate
-    case's lag within its bound and its pivot done (no speed asserted)."""
+@pytest.mark.parametrize("network, setups", [
+    ("inline", {"local", "2ms", "2ms lag 16M"}),
+    ("proxy", {"local", "2ms", "2ms lag 16M", "0ms front"})])
+def test_quick_lag_bench_measures_every_setup_and_the_pivot(network, setups):
+    """`python -m scripts.bench.lag --quick --json` (issue #28), both ways of emulating the
+    network: every setup measured, the rate case's lag within its bound and its pivot done (no
+    speed asserted)."""
     res = run(sys.executable, "-m", "scripts.bench.lag", "--quick", "--json", "--lag", "16M",
-              cwd=ROOT, check=False, timeout=300)
+              "--network", network, cwd=ROOT, check=False, timeout=300)
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
-    assert report["errors"] == []
-    assert set(report["results"]) == {"local", "2ms", "2ms lag 16M", "0ms front"}
+    assert report["errors"] == [] and report["config"]["network"] == network
+    assert set(report["results"]) == setups
+    assert {kind for r in report["ratios"].values() for kind in r} == {"lag", "sync", "kept"}
     for setup, rows in report["results"].items():
         assert len(rows) == 3 and all(row["iops"] > 0 for row in rows.values()), (setup, rows)
     rate = report["rate"]
