@@ -383,6 +383,19 @@ def test_a_request_larger_than_the_sides_accept_is_sent_in_pieces(mem):
     assert disk.dirty.needs_copy == {3}
 
 
+def test_a_piece_the_source_lost_with_its_connection_is_sent_again(mem, monkeypatch):
+    """A request cut into pieces is one change: a piece whose connection to the source was lost
+    is sent again as a whole request's would be, and the rest follows."""
+    monkeypatch.setattr(resend_module, "RESEND_EVERY", 0.001)
+    disk = mem(block_size=(1, 4096, 65536))
+    data = bytearray(bytes(range(256)) * 1024)                          # 256 KiB, 4 pieces
+    disk.source.fail("write", errno.ECONNRESET, times=1, start=MiB + 65536, end=MiB + 2 * 65536)
+    disk.pwrite(data, MiB, fua=False)
+    assert disk.source.data[MiB:MiB + len(data)] == disk.dest.data[MiB:MiB + len(data)] == data
+    assert disk.source.commands["write"] == 5 and disk.dest.commands["write"] == 4
+    assert disk.stats["source"].errors == 0 and not disk.dirty.needs_copy
+
+
 def test_a_switch_is_refused_while_the_sides_may_differ_then_allowed(mem, quick_copier):
     disk = mem(full=True)
     disk.source.data[:] = bytes(range(256)) * (SIZE // 256)

@@ -72,7 +72,7 @@ class Disk(ServedDisk):
         self._switching = threading.Lock()
         # The largest request every side accepts (max_request: the maximum clients are told).
         # nbdkit 1.32 does not enforce it on clients that did not negotiate block sizes; larger
-        # requests are split (see _change_in_pieces), and one comparison is all they cost a
+        # requests are split (see _change), and one comparison is all they cost a
         # request of ordinary size.
         self.max_effect = max(MAX_EFFECT, self.max_request)
         # --lag: changes reach the destination in the background (datapath.mirror.lag); its threads are
@@ -314,13 +314,16 @@ class Disk(ServedDisk):
         return lag is not None and not self.ended and self.reader is self.source
 
     def _change(self, cmd):
-        """Apply one change to every write side, holding its range lock and its write intent."""
+        """Apply one change to every write side, holding its range lock and its write intent. A
+        change larger than the sides accept (max_request; max_effect for zero and trim) is sent in
+        pieces they accept, under that one lock and intent: no other change gets in between its
+        pieces on either side, and the client's request completes once, after the last. After the
+        read side failed a piece the rest is not sent: the request fails anyway, and the region
+        is marked as possibly different."""
         step = self.max_request if cmd.op == "write" else self.max_effect
-        if cmd.length > step:
-            return self._change_in_pieces(cmd, step)
         token = self.inflight.enter_range(cmd.op, cmd.offset, cmd.offset + cmd.length)
         lagged = self.lag_in_force()
-        if lagged and self.lag.room_for(cmd.length):
+        if cmd.length <= step and lagged and self.lag.room_for(cmd.length):
             return self._change_lagged(cmd, token)
         try:
             if lagged:
@@ -329,11 +332,15 @@ class Disk(ServedDisk):
             intent = self.dirty.before_change(cmd.offset, cmd.offset + cmd.length)
             failures = []
             try:
-                failures = self._on_every_side(cmd)
-                if failures and cmd.op == "zero" and cmd.fast:
-                    failures = self._finish_fast_zero(cmd, failures)
-                if failures:
-                    failures = self._resend_lost(failures, cmd)
+                for piece in cmd.pieces(step) if cmd.length > step else (cmd,):
+                    failed = self._on_every_side(piece)
+                    if failed and piece.op == "zero" and piece.fast:
+                        failed = self._finish_fast_zero(piece, failed)
+                    if failed:
+                        failed = self._resend_lost(failed, piece)
+                    failures += failed
+                    if any(side is self.reader for side, _ in failed):
+                        break
             finally:
                 # Anything short of success on every side may leave the sides different.
                 self.dirty.after_change(intent, both_sides=not failures)
@@ -397,39 +404,12 @@ class Disk(ServedDisk):
             return False
         return True
 
-    # Requests larger than the sides accept (max_request; max_effect for zero and trim): split into
-    # pieces they accept. A change holds one range lock and one write intent over the whole of it,
-    # so no other change gets in between its pieces on either side, and the client's request
-    # completes once, after the last.
+    # Reads larger than the sides accept (max_request): split into pieces they accept (a change
+    # too large is split in `_change`).
 
     def _pread_in_pieces(self, buf, offset):
         for piece in Read(buf, offset).pieces(self.max_request):
             self.pread(piece.buf, piece.offset)
-
-    def _change_in_pieces(self, cmd, step):
-        """`_change` for a command larger than `step`. After the read side failed a piece, the
-        rest is not sent: the request fails anyway, and the region is marked as possibly
-        different."""
-        token = self.inflight.enter_range(cmd.op, cmd.offset, cmd.offset + cmd.length)
-        try:
-            if self.lag_in_force():
-                self.lag.wait_range(*token)     # too large to lag: after what is queued there
-            intent = self.dirty.before_change(cmd.offset, cmd.offset + cmd.length)
-            failures = []
-            try:
-                for piece in cmd.pieces(step):
-                    failed = self._on_every_side(piece)
-                    if failed and piece.op == "zero" and piece.fast:
-                        failed = self._finish_fast_zero(piece, failed)
-                    failures += failed
-                    if any(side is self.reader for side, _ in failed):
-                        break
-            finally:
-                self.dirty.after_change(intent, both_sides=not failures)
-            if failures:
-                self._settle(cmd, failures)
-        finally:
-            self.inflight.leave(token)
 
     def _settle(self, cmd, failures):
         """Decide what the client hears when some side failed `cmd`. The authoritative side's
