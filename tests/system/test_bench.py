@@ -70,7 +70,9 @@ def test_quick_lag_bench_measures_every_setup_and_the_pivot(network, setups):
     report = json.loads(res.stdout)
     assert report["errors"] == [] and report["config"]["network"] == network
     assert set(report["results"]) == setups
-    assert {kind for r in report["ratios"].values() for kind in r} == {"lag", "sync", "kept"}
+    assert {kind for r in report["ratios"].values() for kind in r} == {"lag", "sync"}
+    long = report["long"]
+    assert len(long["pairs"]) == 2 and all(p["ratio"] > 0 for p in long["pairs"]), long
     for setup, rows in report["results"].items():
         assert len(rows) == 3 and all(row["iops"] > 0 for row in rows.values()), (setup, rows)
     rate = report["rate"]
