@@ -49,7 +49,12 @@ class Served:
     def stop(self, sig=signal.SIGTERM, timeout=30):
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # The test's directory goes with its fixture: what the stop waited for is in the log.
+            raise AssertionError(f"mirrorfs did not exit {timeout} s after signal {sig!s}; its "
+                                 f"log ends:\n{self.stderr[-4000:]}") from None
 
     def __enter__(self):
         return self
