@@ -88,7 +88,7 @@ class Mirror:
     """`mirrorfs serve` on fresh images in `d`, the destination made as `network` says (the
     module's docstring), with an nbdkit filter if `front` (its filter and parameters)."""
 
-    def __init__(self, d, size, lag, front=(), network="proxy"):
+    def __init__(self, d, size, lag, front, network):
         self.d = d
         d.mkdir()
         src = d / "src.qcow2"
@@ -101,26 +101,15 @@ class Mirror:
             self.dst = d / "dst.raw"
             with open(self.dst, "wb") as f:
                 f.truncate(size)
-            sock = sockets.check_unix_path(d / "dest.sock")
-            pidfile = d / "dest.pid"
-            self.front = Child("nbdkit (destination)", [
-                "nbdkit", "--foreground", "--exit-with-parent", "--pidfile", pidfile,
-                "--threads", 16, "--unix", sock, *front[:1], "file", self.dst, *front[1:]],
-                d / "dest.log", pidfile=pidfile)
-            dest_uri = f"nbd+unix:///?socket={sock}"
+            self.front, dest_uri = _nbdkit(d, "dest", front, "file", self.dst)
         else:
             self.dst = d / "dst.qcow2"
             qemu_img("create", "-q", "-f", "qcow2", self.dst, size)
             self.export = StorageExport(d, "dest", [qcow2_node("dst", self.dst)], "dst")
             dest_uri = self.export.uri
             if front:
-                sock = sockets.check_unix_path(d / "front.sock")
-                pidfile = d / "front.pid"
-                self.front = Child("nbdkit (front)", [
-                    "nbdkit", "--foreground", "--exit-with-parent", "--pidfile", pidfile,
-                    "--threads", 16, "--unix", sock, *front[:1], "nbd",
-                    f"socket={self.export.socket}", *front[1:]], d / "front.log", pidfile=pidfile)
-                dest_uri = f"nbd+unix:///?socket={sock}"
+                self.front, dest_uri = _nbdkit(d, "front", front, "nbd",
+                                               f"socket={self.export.socket}")
         self.socket = sockets.check_unix_path(d / "m.sock")
         self.control = f"{self.socket}.ctl"
         argv = [*MIRRORFS, "serve", src, dest_uri, "--socket", self.socket, "--cache",
@@ -160,10 +149,22 @@ class Mirror:
         return jsonlines.call(self.control, {"cmd": "status"}, timeout=30)["status"]["datapath"]
 
 
+def _nbdkit(d, name, front, plugin, *params):
+    """nbdkit serving `plugin` with `params` on a socket in `d`, behind `front` (a filter and its
+    parameters, or nothing): (its Child, its URI)."""
+    sock = sockets.check_unix_path(d / f"{name}.sock")
+    pidfile = d / f"{name}.pid"
+    child = Child(f"nbdkit ({name})", [
+        "nbdkit", "--foreground", "--exit-with-parent", "--pidfile", pidfile, "--threads", 16,
+        "--unix", sock, *front[:1], plugin, *params, *front[1:]], d / f"{name}.log",
+        pidfile=pidfile)
+    return child, f"nbd+unix:///?socket={sock}"
+
+
 def setups(config):
-    """(name, lag, front): the local destination, the slow one without and with the lag, and the
-    local one through the same nbdkit front at 0 ms (the front's own CPU, on a machine whose cores
-    it shares, without its latency)."""
+    """(name, lag, front): the local destination, the slow one without and with the lag, and with
+    --network proxy the local one through the same nbdkit front at 0 ms (the front's own CPU, on a
+    machine whose cores it shares, without its latency)."""
     delay = [f"delay-{k}={config.delay}ms" for k in ("write", "zero", "trim")]
     found = [("local", 0, ()),
              (f"{config.delay}ms", 0, ("--filter=delay", *delay)),
@@ -364,13 +365,12 @@ def goals(report, config):
     found = []
     lag_setup = f"{config.delay}ms lag {config.lag_text}"
     for job in config.jobs:
-        ratios = report.get("ratios", {}).get(job.label, {})
-        ratio = ratios.get("lag", {})
+        ratio = report.get("ratios", {}).get(job.label, {}).get("lag", {})
         median, goal = ratio.get("median"), GOALS[job.label]
         spread = f" ({ratio['min']:.2f}-{ratio['max']:.2f})" if len(ratio) == 3 and \
             config.runs > 1 else ""
-        found.append((f"{job.label}: {lag_setup} / local{spread}", median,
-                      f">= {goal:.2f}", median is not None and median >= goal))
+        found.append((f"{job.label}: {lag_setup} / local{spread}", median, f">= {goal:.2f}",
+                      median is not None and median >= goal))
     long = report.get("long")
     if long:
         found.append((f"4k randwrite qd16 for {long['seconds']} s: {lag_setup} / local "

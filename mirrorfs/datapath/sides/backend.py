@@ -506,8 +506,7 @@ def _start_read(h, c, completion=None):
 
 
 def _start_write(h, c, completion=None):
-    return h.aio_pwrite(c.buf, c.offset, completion,
-                        flags=FUA if c.fua else 0)
+    return h.aio_pwrite(c.buf, c.offset, completion, flags=FUA if c.fua else 0)
 
 
 def _run_zero(h, c):
