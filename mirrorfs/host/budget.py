@@ -131,8 +131,13 @@ class Share:
         self.disk = str(disk)
         self.probe, self.apply = probe, apply
         self.cap = cap
-        self.share = None               # what was applied last (see _applied)
-        self._applied = False
+        self.share = None               # what was applied last
+        # A count of the copies that started held (renew), and how many of them the last apply
+        # covered. A count, not a flag: a renew that lands while apply() runs on the tick's thread
+        # must survive that apply's end (a flag set back to "applied" after the call lost it, and
+        # a group's third base copy stayed held at rate 0 forever).
+        self._renewals = 0
+        self._covered = -1
         self.queued = False
         self.registered = None          # the "since" of the current entry
         self._samples = []              # (time, done) over the last second
@@ -147,7 +152,7 @@ class Share:
         """A copy that starts held began under this process's entry (a migration's base copy while
         its resync keeps the entry registered): give it the share at the next tick, even though
         the share itself did not change."""
-        self._applied = False
+        self._renewals += 1
 
     def stop(self):
         self._stop.set()
@@ -184,7 +189,7 @@ class Share:
         writes = round((written - w0) / (now - t0)) if now > t0 else 0
         if self.registered is None:
             self.registered = time.time()
-            self._applied = False           # a new copy (held until it gets its share)
+            self.renew()                    # a new copy (held until it gets its share)
         self.rundir.register(COPIES, {"disk": self.disk, "cap": self.cap, "since": self.registered,
                                       "time": time.time(), "done": info["done"], "rate": rate,
                                       "writes": writes, "share": self.share})
@@ -194,7 +199,8 @@ class Share:
         self._give(mine)
 
     def _give(self, rate):
-        if rate != self.share or not self._applied:
+        renewals = self._renewals         # read before apply(): a renew during it is seen next tick
+        if rate != self.share or renewals != self._covered:
             self.apply(rate)
             self.share = rate
-            self._applied = True
+            self._covered = renewals

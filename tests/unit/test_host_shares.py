@@ -1,10 +1,12 @@
 """The host budget's division (mirrorfs.host.budget.shares), case by case: water-filling, caps,
-the concurrent-copy limit and the guest-aware floor. The processes that apply it are tested in
+the concurrent-copy limit and the guest-aware floor; and how one process's Share hands its share
+to copies that start held. The processes that apply it are tested in
 tests/system/test_host_budget.py."""
 
 import pytest
 
-from mirrorfs.host.budget import shares
+from mirrorfs.host.budget import Share, save, shares
+from mirrorfs.host.rundir import RunDir
 
 M = 1 << 20
 
@@ -39,3 +41,24 @@ def test_shares(b, entries, expected):
     got = shares(b, entries)
     assert [got[e["pid"]] for e in entries] == [x if x is None else pytest.approx(x, abs=1)
                                                 for x in expected]
+
+
+def test_a_copy_that_starts_held_while_the_share_is_being_applied_still_gets_it(tmp_path):
+    """A group starts its members' base copies one after another, each held (rate 0) until the
+    budget's thread applies the share again (Share.renew). If a member's copy starts while the
+    previous apply is still running on that thread, the renew must not be lost with it: CI once
+    saw the third member's copy held forever, the share unchanged and marked applied."""
+    rundir = RunDir(tmp_path / "run")
+    save(rundir, rate=8 * M)
+    applied = []
+
+    def apply(rate):
+        applied.append(rate)
+        if len(applied) == 1:
+            share.renew()           # the next member's copy starts, held, during this apply
+
+    share = Share(rundir, "/run/vm.sock", lambda: {"done": 0}, apply)
+    share.tick()
+    share.tick()                    # the same share: given again, to the copy that started held
+    share.tick()                    # nothing new: not given again
+    assert applied == [8 * M, 8 * M]
