@@ -31,6 +31,7 @@ state to that end before serving anything (`_apply_end`); the host service, taki
 disks back, reads it too (registry.serving_side: each loan names the record, `join_group`).
 """
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -320,12 +321,15 @@ class Group(Controller):
         module's docstring). Returns {name: what run returned}."""
         cond = threading.Condition()
         gate_state = {"held": 0, "go": None}
-        results, failures = {}, {}
+        results, failures, complete = {}, {}, {}
         later = []
 
-        def gate(commit):
+        def gate(commit, name):
             def inside():
                 with cond:
+                    # What the member's data path said of its retired side, just before this
+                    # call (ProcessTree's commit handler): the commit's snapshot needs it.
+                    complete[name] = self.members[name].tree.retired_complete
                     gate_state["held"] += 1
                     cond.notify_all()
                     cond.wait_for(lambda: gate_state["go"] is not None, GATE_TIMEOUT)
@@ -342,7 +346,7 @@ class Group(Controller):
 
         def member(name, m):
             try:
-                results[name] = run(m, gate)
+                results[name] = run(m, functools.partial(gate, name=name))
             except Exception as e:          # noqa: BLE001 -- reported as the group's failure
                 failures[name] = e
             with cond:
@@ -358,6 +362,8 @@ class Group(Controller):
             if go:
                 try:
                     saved = self.record.load()
+                    if "snapshot" in fields:
+                        fields = {**fields, "snapshot": _kept(fields["snapshot"], complete)}
                     self.record.write({**saved, **fields, "time": time.time(),
                                        "generation": saved.get("generation", 0) + 1})
                     self.end = fields.get("end")
@@ -576,3 +582,16 @@ def _merge(results):
 
 
 _ = PhaseError
+
+
+def _kept(snapshot, complete):
+    """The commit's snapshot as the members' data paths found their sources inside the hold:
+    consistent only if every one was flushed whole there (Disk._kept_whole); otherwise degraded,
+    naming those that were not. A source daemon killed just before the hold, or just after it
+    before its flush, made the record call a source consistent that had lost changes."""
+    missing = sorted(name for name in snapshot["sources"] if complete.get(name) is not True)
+    if not missing or not snapshot["consistent"]:
+        return snapshot
+    return {**snapshot, "consistent": False,
+            "degraded": f"the source of {', '.join(missing)} did not hold every change at the "
+                        "commit (a write to it failed, or it did not answer the commit's flush)"}

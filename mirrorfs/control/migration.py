@@ -46,6 +46,11 @@ from mirrorfs.daemons.tree import ProcessTree
 
 __all__ = ["Migration", "PhaseError", "net_cost"]
 
+# Why a net's commit keeps a source that is not the disk at the commit, when no source died
+# before it (datapath.mirror.disk.Disk._kept_whole said so, inside the hold).
+INCOMPLETE_SOURCE = ("its source did not hold every change at the commit (a write to it failed, "
+                     "or it did not answer the commit's flush)")
+
 
 class Migration(Controller):
     """One migration of one disk. The CLI and the control socket are thin layers over this class.
@@ -515,6 +520,8 @@ class Migration(Controller):
                 raise Error(f"commit failed, the net is still up: {e}") from None
             self._created.clear()
             self.net_since = None
+            if degraded is None and self.tree.retired_complete is not True:
+                degraded = INCOMPLETE_SOURCE
             self.snapshot = {"time": time.time(), "consistent": degraded is None,
                              "sources": {self._name: self.chains["source"] if self.chains else
                                          [{"path": str(self.source_overlay)}]},

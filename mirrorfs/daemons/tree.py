@@ -112,6 +112,9 @@ class ProcessTree:
         self.in_place = False           # an evacuation hydrating in place (datapath.evacuation.evacuee)
         self.serving = None
         self.reader = "source"          # while mirroring: the side reads come from (a group's net)
+        # The last switch's word on the side it retired: True when it holds every change, flushed
+        # inside the hold (the commit of a net); False when it may not; None: not asked.
+        self.retired_complete = None
         self.rundir = None
         self.daemons = {}               # side -> StorageDaemon, for image sides
         self._shared = None             # with --one-daemon: the SharedStorageDaemon behind both
@@ -395,6 +398,7 @@ class ProcessTree:
         directory; raising refuses the switch."""
         reply = self._held("switch", to, end, timeout, commit, timeout + LAG_CONVERGE_MAX + 60,
                            end=end)
+        self.retired_complete = reply.get("retired_complete")
         self.serving = to
         self._retire_daemon(SIDES[1 - SIDES.index(to)])
         return reply["stall_ms"] / 1000
@@ -415,7 +419,7 @@ class ProcessTree:
         if commit is not None:
             path = self.rundir / "commit.ctl"
             path.unlink(missing_ok=True)
-            server = jsonlines.Server(sockets.bind_unix(path), _commit_handler(commit, to, what),
+            server = jsonlines.Server(sockets.bind_unix(path), _commit_handler(commit, to, what, self),
                                       "switch commit").start()
             request["commit"] = str(path)
             wait += 30
@@ -445,11 +449,13 @@ class ProcessTree:
                 raise child.failure("exited unexpectedly")
 
 
-def _commit_handler(commit, to, end):
-    """The one-shot socket's handler: the data path's {"cmd": "commit"} runs `commit()` once."""
+def _commit_handler(commit, to, end, tree):
+    """The one-shot socket's handler: the data path's {"cmd": "commit"} runs `commit()` once,
+    with the tree's `retired_complete` set from it first (a group's commit reads it there)."""
     def handle(request):
         if request.get("cmd") != "commit" or request.get("to") != to or request.get("end") != end:
             raise jsonlines.ControlError(f"expected the commit of the switch to {to} ({end})")
+        tree.retired_complete = request.get("retired_complete")
         try:
             commit()
         except Error as e:

@@ -106,6 +106,9 @@ class ServedDisk:
     mode = None                     # "mirror" or "evacuation": the status says which
     # Why this mode has no switch (switch, read_from): SwitchRefused with these words.
     no_switch = "this disk has no switch"
+    # What the last switch found of the side it retired (mirror.disk.Disk._kept_whole): True when
+    # it was flushed whole inside the hold; None when the switch did not look (or there was none).
+    retired_complete = None
 
     def __init__(self, source, dest, written, granularity, state=None):
         self.size = source.size

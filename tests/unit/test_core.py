@@ -424,6 +424,32 @@ def test_a_switch_to_a_destination_that_does_not_answer_is_refused_in_process(me
     assert disk.reader is disk.source and disk.ended is None
 
 
+@pytest.mark.parametrize("source_fault", [None, "flush", "write"])
+def test_the_commit_of_a_net_flushes_the_kept_source_inside_the_hold_and_says_if_it_is_whole(
+        mem, source_fault):
+    """A group's commit keeps the retired sources as the disks at one instant, and its record says
+    whether they are consistent. So the commit point must come after the source's flush (its
+    daemon could be killed right after the hold, with qcow2's metadata in its memory), and must
+    learn whether the source holds every change: False when its flush failed, or when a write to
+    it failed (the net degrades the source's failures: the client got success). The switch goes
+    on either way: the destination has everything."""
+    disk = mem()
+    disk.read_from("destination")
+    disk.source.volatile()
+    if source_fault:
+        disk.source.fail(source_fault, errno.EIO)
+    disk.pwrite(bytearray(b"\x42" * 4096), MiB, fua=False)
+    seen = []
+    disk.switch("destination", "switched", timeout=1,
+                commit=lambda complete: seen.append((complete, bytes(disk.source._stable[MiB:MiB + 4096]))))
+    if source_fault is None:
+        assert seen == [(True, b"\x42" * 4096)]
+    else:
+        assert [complete for complete, _ in seen] == [False]
+    assert disk.retired_complete is seen[0][0]
+    assert disk.reader is disk.dest and disk.ended == "switched"
+
+
 def test_the_intent_is_saved_before_a_change_is_sent_to_either_side(tmp_path, mem):
     """While a write has reached the source and is held at the destination, the saved state names
     its region. Saving the intent after issuing the write (or not at all) fails this."""

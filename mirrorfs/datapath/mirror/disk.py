@@ -109,9 +109,12 @@ class Disk(ServedDisk):
         - to the destination: refused unless the sides are synchronized, and unless the destination
           answers on the connections it will serve with (a dead destination keeps the source
           serving);
-        - `commit()`, when given, is called: the supervisor records the end where the host looks
-          (a named disk's record, mirrorfs.host.registry). It is the switch's commit point for
-          the host: an exception from it refuses the switch, nothing changed here;
+        - at the commit of a safety net, the source (kept as the disk at this instant) is flushed,
+          and `retired_complete` says whether it holds every change (_kept_whole; else None);
+        - `commit(retired_complete)`, when given, is called: the supervisor records the end where
+          the host looks (a named disk's record, mirrorfs.host.registry; a group's record, with
+          its snapshot). It is the switch's commit point for the host: an exception from it
+          refuses the switch, nothing changed here;
         - the end is saved in the state *before* the sides change, so a crash at any point
           restarts on the right side; the sides change, and the held requests go on.
         The side no longer used is flushed and disconnected after requests resume. Returns the
@@ -149,8 +152,11 @@ class Disk(ServedDisk):
                         except SideError as e:
                             raise SwitchRefused(f"the destination does not answer ({e}); still "
                                                 "serving the source") from None
+                    self.retired_complete = None
+                    if side is self.dest and self.reader is side:
+                        self.retired_complete = self._kept_whole(self.source, timeout)
                     if commit is not None:
-                        commit()
+                        commit(self.retired_complete)
                     if self.dirty.state is not None:
                         self.dirty.state.record(end=end)
                     if lag is not None:
@@ -172,6 +178,23 @@ class Disk(ServedDisk):
             b.retire()
             log.info("%s released", b.name)
         return stall
+
+    def _kept_whole(self, source, timeout):
+        """The commit of a safety net (reads from the destination, changes to both) keeps the
+        retired source as the disk at this instant: a group's crash-consistent snapshot. True
+        only if it holds every change: none of its writes failed (degraded, left to copy again)
+        and it flushed them, on every connection, within `timeout`. Flushed here, inside the
+        hold, not after it (Backend.retire): a source daemon killed after the hold lost the
+        changes it had not yet flushed (qcow2's metadata is in its memory), and the record
+        already called the source consistent."""
+        if not self.dirty.synchronized():
+            return False
+        try:
+            source.check(timeout)
+        except SideError as e:
+            log.error("%s: not flushed at the commit, kept incomplete: %s", source.name, describe(e))
+            return False
+        return True
 
     def read_from(self, to, timeout=10.0, commit=None):
         """A group's safety net (control.group): read from side `to` from now on, and go on
@@ -206,7 +229,7 @@ class Disk(ServedDisk):
                 except SideError as e:
                     raise SwitchRefused(f"the {to} does not answer ({e})") from None
                 if commit is not None:
-                    commit()
+                    commit(None)
                 if self.dirty.state is not None:
                     self.dirty.state.record(reader=to)
                 other = self.source if side is self.dest else self.dest

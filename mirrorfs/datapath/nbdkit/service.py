@@ -11,9 +11,10 @@ The control socket (the supervisor is its only client) takes:
     {"cmd": "switch", "to": "destination", "end": "switched", "timeout": 10}
     {"cmd": "switch", "to": "source", "end": "cancelled"}
                                                         with "commit": PATH, the data path asks
-                                                        PATH {"cmd": "commit", "to", "end"} while
-                                                        it holds the requests, before the state
-                                                        and the sides change (Disk.switch)
+                                                        PATH {"cmd": "commit", "to", "end",
+                                                        "retired_complete"} while it holds the
+                                                        requests, before the state and the sides
+                                                        change (Disk.switch)
     {"cmd": "quiesce"}                                  before the process stops
     {"cmd": "compare", "seconds": 580}                  a mirror's sides, byte by byte (serve's
                                                         pivot with --copy none: datapath.mirror.compare)
@@ -206,7 +207,7 @@ class DataPath:
             if self.copier is not None:
                 self.copier.stop()
             log.info("%s: serving the %s alone; clients held %.1f ms", end, to, stall * 1000)
-            return {"stall_ms": stall * 1000}
+            return {"stall_ms": stall * 1000, "retired_complete": self.disk.retired_complete}
         if cmd == "read-from":
             # A group's safety net (Disk.read_from): reads from `to`, changes still to both.
             try:
@@ -281,9 +282,10 @@ class DataPath:
 def _committer(path, to, end, timeout):
     """The switch's commit: the supervisor's answer on `path` (a one-shot socket it serves for the
     length of the switch). No answer, or a refusal, refuses the switch."""
-    def commit():
+    def commit(retired_complete):
         try:
-            jsonlines.call(path, {"cmd": "commit", "to": to, "end": end}, timeout=timeout)
+            jsonlines.call(path, {"cmd": "commit", "to": to, "end": end,
+                                  "retired_complete": retired_complete}, timeout=timeout)
         except jsonlines.ControlError as e:
             raise SwitchRefused(f"the end was not recorded ({e}); nothing changed") from None
     return commit
