@@ -34,6 +34,11 @@ STAMP := $(VENV)/.installed
 # than cores; two of them hold the Ceph tests and the guests for most of the pass (their xdist
 # groups), the others take the rest (tests/system/conftest.py; docs/TESTING.md has the times).
 TEST_WORKERS ?= 4
+# Each pass's limit, in seconds (normally ~8 and ~2.5 min): pytest-timeout fails a hung test after
+# 15 min (pyproject.toml); these end a pass that hangs anyway (a worker stuck where SIGALRM cannot
+# reach), its whole process group, within CI's 90 minutes, as a failed step (status 124).
+PARALLEL_LIMIT ?= 2700
+SERIAL_LIMIT ?= 1200
 
 .PHONY: setup venv lint check test demo bench clean install
 
@@ -91,10 +96,11 @@ test: lint setup
 	    if [ $$s -ne 5 ]; then ran=1; fi; \
 	    if [ $$s -ne 0 ] && [ $$s -ne 5 ]; then failed=1; echo "make test: that step failed ($$s)"; fi; }; \
 	step $(PY) -m pytest tests/unit $(PYTEST_ARGS); \
-	step env MIRRORFS_SUITE=full $(PY) -m pytest tests/system --pass=parallel \
-	    -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); \
+	step timeout -k 60 $(PARALLEL_LIMIT) env MIRRORFS_SUITE=full $(PY) -m pytest tests/system \
+	    --pass=parallel -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); \
 	sync; \
-	step env MIRRORFS_SUITE=full $(PY) -m pytest tests/system --pass=serial -p no:xdist $(PYTEST_ARGS); \
+	step timeout -k 60 $(SERIAL_LIMIT) env MIRRORFS_SUITE=full $(PY) -m pytest tests/system \
+	    --pass=serial -p no:xdist $(PYTEST_ARGS); \
 	if [ $$ran -eq 0 ]; then echo "make test: no test ran"; exit 1; fi; \
 	exit $$failed
 
