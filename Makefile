@@ -96,11 +96,11 @@ test: lint setup
 	    if [ $$s -ne 5 ]; then ran=1; fi; \
 	    if [ $$s -ne 0 ] && [ $$s -ne 5 ]; then failed=1; echo "make test: that step failed ($$s)"; fi; }; \
 	step $(PY) -m pytest tests/unit $(PYTEST_ARGS); \
-	step timeout -k 60 $(PARALLEL_LIMIT) env MIRRORFS_SUITE=full $(PY) -m pytest tests/system \
-	    --pass=parallel -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); \
+	step timeout -k 60 $(PARALLEL_LIMIT) env MIRRORFS_SUITE=full \
+	    $(PY) -m pytest tests/system --pass=parallel -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); \
 	sync; \
-	step timeout -k 60 $(SERIAL_LIMIT) env MIRRORFS_SUITE=full $(PY) -m pytest tests/system \
-	    --pass=serial -p no:xdist $(PYTEST_ARGS); \
+	step timeout -k 60 $(SERIAL_LIMIT) env MIRRORFS_SUITE=full \
+	    $(PY) -m pytest tests/system --pass=serial -p no:xdist $(PYTEST_ARGS); \
 	if [ $$ran -eq 0 ]; then echo "make test: no test ran"; exit 1; fi; \
 	exit $$failed
 
