@@ -87,17 +87,17 @@ class HostOptions:
 
 
 class HostService(Requests):
-    """    service = HostService(Registry(path), RunDir(path)).start()   # every disk up; READY=1
+    """    service = HostService(Registry(path), RunDir(path), HostOptions(cache="none"))
+           service.start()                      # every disk up; READY=1
            service.run(stop)                    # until a signal or a `shutdown` request
            service.close(shutdown=service.shutdown_requested)
 
     The control socket's commands are its base class's (mirrorfs.host.requests)."""
 
-    def __init__(self, registry, rundir, cache="auto", take_back_after=TAKE_BACK_AFTER,
-                 socket_group=None, options=None):
-        # `options` when the caller checked them before making the registry and the run
-        # directory (the CLI: a mistake creates nothing); otherwise they are checked here.
-        options = options or HostOptions(cache, take_back_after, socket_group)
+    def __init__(self, registry, rundir, options=None):
+        # `options` (HostOptions) are checked when made: the CLI makes them before the registry
+        # and the run directory, so that a mistake creates nothing. None: the defaults.
+        options = options if options is not None else HostOptions()
         self.registry = registry
         self.access = options.access
         self.rundir = rundir
