@@ -39,7 +39,7 @@ from pathlib import Path
 from mirrorfs.common.phases import Phase
 from mirrorfs.control import lender as lenders
 from mirrorfs.control.controller import Controller, PhaseError, rate
-from mirrorfs.control.migration import Migration, net_cost
+from mirrorfs.control.migration import INCOMPLETE_SOURCE, Migration, net_cost
 from mirrorfs.datapath.state import State, StateError
 from mirrorfs.errors import Error, ProcessError, UsageError
 from mirrorfs.host import grouprecord
@@ -593,5 +593,4 @@ def _kept(snapshot, complete):
     if not missing or not snapshot["consistent"]:
         return snapshot
     return {**snapshot, "consistent": False,
-            "degraded": f"the source of {', '.join(missing)} did not hold every change at the "
-                        "commit (a write to it failed, or it did not answer the commit's flush)"}
+            "degraded": f"the source of {', '.join(missing)} {INCOMPLETE_SOURCE}"}

@@ -44,12 +44,13 @@ from mirrorfs.errors import Error, ImageError, UsageError
 from mirrorfs.control.options import ServeOptions
 from mirrorfs.daemons.tree import ProcessTree
 
-__all__ = ["Migration", "PhaseError", "net_cost"]
+__all__ = ["INCOMPLETE_SOURCE", "Migration", "PhaseError", "net_cost"]
 
 # Why a net's commit keeps a source that is not the disk at the commit, when no source died
-# before it (datapath.mirror.disk.Disk._kept_whole said so, inside the hold).
-INCOMPLETE_SOURCE = ("its source did not hold every change at the commit (a write to it failed, "
-                     "or it did not answer the commit's flush)")
+# before it (datapath.mirror.disk.Disk._kept_whole said so, inside the hold); after "its source"
+# here, after "the source of A, B" in a group's record.
+INCOMPLETE_SOURCE = ("did not hold every change at the commit (a write to it failed, or it did not "
+                     "answer the commit's flush)")
 
 
 class Migration(Controller):
@@ -521,7 +522,7 @@ class Migration(Controller):
             self._created.clear()
             self.net_since = None
             if degraded is None and self.tree.retired_complete is not True:
-                degraded = INCOMPLETE_SOURCE
+                degraded = f"its source {INCOMPLETE_SOURCE}"
             self.snapshot = {"time": time.time(), "consistent": degraded is None,
                              "sources": {self._name: self.chains["source"] if self.chains else
                                          [{"path": str(self.source_overlay)}]},
