@@ -646,10 +646,6 @@ class Migration(Controller):
         base = copier is not None and copier.running
         resync, paid, written = (self._datapath_copy() if self.phase in self.datapath_copies
                                  else (False, 0, 0))
-        if (base, resync) != self._running and self.host_share is not None:
-            # copy_apply divides the share between the copies running (and a group between its
-            # members): when one starts or ends, the same share is divided anew.
-            self.host_share.renew()
         self._running = (base, resync)
         if not (base or resync):
             return None

@@ -36,16 +36,15 @@ def host(workdir):
     h.close()
 
 
-def make_disks(host, workdir, names=NAMES, data=None):
-    """Named disks on workdir/a/NAME.qcow2, each with 8 MiB of its own data at the start (or
-    data[NAME] MiB)."""
+def make_disks(host, workdir, names=NAMES):
+    """Named disks on workdir/a/NAME.qcow2, each with 8 MiB of its own data at the start."""
     (workdir / "a").mkdir()
     (workdir / "b").mkdir()
     socks = []
     for i, name in enumerate(names):
         image = workdir / "a" / f"{name}.qcow2"
         run("qemu-img", "create", "-q", "-f", "qcow2", image, str(SIZE))
-        run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x30 + i} 0 {(data or {}).get(name, 8)}M", image)
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P {0x30 + i} 0 8M", image)
         sock = workdir / f"{name}.sock"
         host.mirrorfs("add", name, image, "--socket", sock)
         socks.append(sock)
@@ -320,34 +319,6 @@ def test_kill_during_the_group_switch(workdir, host, victim, ending):
             # Only a storage daemon's death may cost the sources their consistency: any other
             # victim leaves them whole, and calling them degraded then would be a needless loss.
             assert victim == "daemon" and snapshot.get("degraded"), snapshot
-
-
-def test_a_member_whose_base_copy_ends_gives_its_part_of_the_budget_to_the_others(workdir, host):
-    """Under a host budget a group is one copy of the host, its share divided between the members
-    copying. When one member's base copy ends, the others take its part at once, although the
-    host's share did not change: before, they kept their half until it did, and half the budget
-    went unused for the rest of the copy."""
-    names = ["small", "big"]
-    # 2M/s for the group: 1M/s each, so the small one's 8 MiB take 8 s, long enough for a status
-    # (a process of its own, a second or more on a loaded machine) to see the division.
-    make_disks(host, workdir, names, data={"big": 40})
-    host.mirrorfs("budget", "set", "2M")
-    start_group(host, workdir, names)
-    host.mirrorfs("copy", "big", "--background")
-
-    def copies():
-        members = json.loads(host.mirrorfs("status", "big", "--json").stdout)["members"]
-        return {n: members[n].get("copy") or {} for n in names}
-
-    wait_until(lambda: copies()["big"].get("share") == 1 * MiB, "the budget divided in two")
-    wait_until(lambda: copies()["small"].get("running") is False, "the small base copied",
-               timeout=60)
-    wait_until(lambda: copies()["big"].get("share") == 2 * MiB or not copies()["big"]["running"],
-               "the big copy's share", timeout=30)
-    big = copies()["big"]
-    assert big["running"] and big["share"] == 2 * MiB, big
-    wait_until(lambda: copies()["big"]["running"] is False, "the big base copied", timeout=90)
-    assert all(c["error"] is None for c in copies().values())
 
 
 def test_a_dead_group_is_taken_back_on_one_side(workdir, host):
